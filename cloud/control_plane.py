@@ -1,0 +1,244 @@
+"""The control plane's MQTT side: announce updates, ingest status, telemetry and errors.
+
+Ingest never runs on paho's network thread: messages go into a bounded queue and one writer
+thread stores them in batches (telemetry deduplicated on (device_id, seq)). Telemetry and
+errors are consumed through MQTT 5 shared subscriptions (``$share/edgeloop-ingest/...``), so
+several control-plane processes split the stream; status is a plain subscription because
+it is retained and shared subscriptions do not receive retained messages.
+
+Malformed payloads (not JSON, wrong schema, over the size bound, or naming a device other
+than the topic's) are logged, counted in :attr:`IngestStats.malformed`, and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from contracts import topics
+from contracts.errors import ContractError
+from contracts.messages import Announce, DeviceState, ErrorReport, Status, Telemetry, as_dict, encode, parse
+from cloud.block_server import BlockServer
+from cloud.errors import ServiceUnavailable, UserError
+from cloud.registry import Registry
+
+log = logging.getLogger("edgeloop.control_plane")
+
+SHARE_GROUP = "edgeloop-ingest"
+BATCH_MAX = 500
+BATCH_WAIT_S = 0.05
+
+__all__ = ["ControlPlane", "IngestStats"]
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    telemetry_stored: int = 0
+    telemetry_duplicates: int = 0
+    statuses: int = 0
+    errors: int = 0
+    malformed: int = 0
+    dropped_queue_full: int = 0
+    store_failures: int = 0
+
+
+class ControlPlane:
+    def __init__(self, registry: Registry, host: str, port: int, client_id: str | None = None,
+                 queue_max: int = 100_000, repositories: dict[str, Path] | None = None,
+                 session: str | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
+                 tls_key: Path | None = None) -> None:
+        """``session``: a stable name for a persistent MQTT session, so the broker keeps this
+        ingest worker's QoS 1 messages while it is down (telemetry is not lost across restarts).
+        ``tls_ca``: connect over TLS, trusting this CA; with ``tls_cert`` and ``tls_key``, mutual
+        TLS as the identity they hold (an edgeloop broker's ACL gives ``edgeloop-control-plane``
+        the control plane's rights). Raises UserError for TLS files that cannot be used."""
+        self.registry = registry
+        self.host, self.port = host, port
+        self.stats = IngestStats()
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=queue_max)
+        self._connected = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._idle = threading.Event()
+        self.session = session
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                                  client_id=session or client_id or f"edgeloop-cp-{uuid.uuid4().hex[:8]}")
+        if tls_ca or tls_cert or tls_key:
+            self._tls(tls_ca, tls_cert, tls_key)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self._connected.clear()
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self._subscribe_mid: int | None = None
+        # with repositories, this control plane also serves their files over MQTT in blocks
+        self.blocks = BlockServer(repositories, lambda t, p: self.client.publish(t, p, qos=1)) \
+            if repositories else None
+
+    def _tls(self, ca: Path | None, cert: Path | None, key: Path | None) -> None:
+        if ca is None or (cert is None) != (key is None):
+            raise UserError("TLS needs the CA certificate, and a client certificate always with its key")
+        try:
+            self.client.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None,
+                                keyfile=str(key) if key else None, cert_reqs=ssl.CERT_REQUIRED,
+                                tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (OSError, ValueError) as e:   # ssl.SSLError is an OSError
+            raise UserError(f"cannot load the control plane's TLS files ({ca}, {cert}, {key}): {e}") from None
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> ControlPlane:
+        self._writer = threading.Thread(target=self._write_loop, name="edgeloop-ingest", daemon=True)
+        self._writer.start()
+        try:
+            if self.session:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = 24 * 3600
+                self.client.connect(self.host, self.port, keepalive=30, clean_start=False, properties=props)
+            else:
+                self.client.connect(self.host, self.port, keepalive=30)
+        except OSError as e:
+            raise ServiceUnavailable(f"cannot reach MQTT broker at {self.host}:{self.port}: {e}") from None
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.client.loop_stop()
+            raise ServiceUnavailable(f"MQTT broker at {self.host}:{self.port} did not accept the connection")
+        return self
+
+    def stop(self) -> None:
+        if self.blocks is not None:
+            self.blocks.stop()
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.drain()
+        self._inbox.put(None)
+        if self._writer:
+            self._writer.join(10)
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Wait until every message received so far is stored."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self._inbox.empty() and self._idle.is_set():
+                return
+            time.sleep(0.01)
+
+    # -- commands -----------------------------------------------------------------------
+    def announce(self, announce: Announce, timeout: float = 10.0) -> None:
+        info = self.client.publish(topics.announce(announce.tier), encode(announce), qos=1, retain=True)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise ServiceUnavailable("the broker did not acknowledge the announcement")
+
+    def clear_announce(self, tier: str, timeout: float = 10.0) -> None:
+        """Remove the retained announcement of a tier (an empty retained message)."""
+        self.client.publish(topics.announce(tier), b"", qos=1, retain=True).wait_for_publish(timeout)
+
+    # -- ingest -------------------------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            log.error("broker refused the control plane: %s", reason_code)
+            return
+        # one SUBSCRIBE; the control plane counts as started once the broker has acknowledged it
+        subscriptions = [(topics.status_all(), 1),
+                         (f"$share/{SHARE_GROUP}/{topics.telemetry_all()}", 1),
+                         (f"$share/{SHARE_GROUP}/{topics.errors_all()}", 1)]
+        if self.blocks is not None:
+            subscriptions.append((f"$share/{SHARE_GROUP}-blocks/{topics.block_requests_all()}", 1))
+        _, self._subscribe_mid = client.subscribe(subscriptions)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        if mid != self._subscribe_mid:
+            return
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("broker refused a control-plane subscription: %s", reason_codes)
+            return
+        self._connected.set()
+
+    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
+        if self.blocks is not None and message.topic.endswith("/blocks/req"):
+            self.blocks.submit(message.topic, bytes(message.payload))
+            return
+        try:
+            self._inbox.put_nowait((message.topic, bytes(message.payload)))
+        except queue.Full:
+            self.stats.dropped_queue_full += 1
+
+    def _write_loop(self) -> None:
+        while True:
+            self._idle.set()
+            item = self._inbox.get()
+            self._idle.clear()
+            if item is None:
+                return
+            batch = [item]
+            deadline = time.time() + BATCH_WAIT_S
+            while len(batch) < BATCH_MAX and time.time() < deadline:
+                try:
+                    nxt = self._inbox.get(timeout=max(0.0, deadline - time.time()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._store_safely(batch)
+                    return
+                batch.append(nxt)
+            self._store_safely(batch)
+
+    def _store_safely(self, batch: list[tuple[str, bytes]]) -> None:
+        """A storage failure loses this batch's work but never the ingest thread."""
+        try:
+            self._store(batch)
+        except Exception:  # noqa: BLE001 - logged and counted; the next batch is tried
+            self.stats.store_failures += 1
+            log.exception("could not store a batch of %d messages", len(batch))
+
+    def _store(self, batch: list[tuple[str, bytes]]) -> None:
+        telemetry = []
+        for topic, payload in batch:
+            self.stats.received += 1
+            msg = self._parse(topic, payload)
+            if isinstance(msg, Telemetry):
+                telemetry.append(as_dict(msg))
+            elif isinstance(msg, Status):
+                self.stats.statuses += 1
+                self.registry.record_status({"device_id": msg.device_id, "tier": msg.tier, "state": str(msg.state),
+                                             "model_version": msg.model_version, "update_id": msg.update_id,
+                                             "reason": msg.reason})
+                if msg.state == DeviceState.COMMITTED and msg.update_id:
+                    self.registry.add_edge(f"update:{msg.update_id}", f"device:{msg.device_id}", "installed")
+            elif isinstance(msg, ErrorReport):
+                self.stats.errors += 1
+                self.registry.add_device_error(as_dict(msg))
+        if telemetry:
+            for row in telemetry:
+                row.pop("extra", None)
+            new = self.registry.add_telemetry(telemetry)
+            self.stats.telemetry_stored += new
+            self.stats.telemetry_duplicates += len(telemetry) - new
+
+    def _parse(self, topic: str, payload: bytes) -> Status | Telemetry | ErrorReport | None:
+        device = topics.device_from_topic(topic)
+        if not payload:
+            return None  # a cleared retained status
+        try:
+            msg = parse(payload)
+        except ContractError as e:
+            self.stats.malformed += 1
+            log.warning("dropped malformed message on %s: %s", topic, e)
+            return None
+        kind = topic.rsplit("/", 1)[-1]
+        expected = {"status": Status, "telemetry": Telemetry, "errors": ErrorReport}.get(kind)
+        if device is None or not isinstance(msg, expected or ()) or getattr(msg, "device_id", None) != device:
+            self.stats.malformed += 1
+            log.warning("dropped %s on %s: wrong topic or device id", msg.SCHEMA, topic)
+            return None
+        return msg  # type: ignore[return-value]

@@ -1,0 +1,151 @@
+"""Running a training job: in-process for one process, through torchrun for more.
+
+:class:`DistConfig` carries torchrun's own options (``--nproc-per-node``, ``--nnodes``,
+``--node-rank``, ``--rdzv-endpoint``, ``--max-restarts``); :func:`run_job` launches
+``python -m torch.distributed.run`` with them and the worker :mod:`cloud.train_worker`,
+follows its progress file, and returns the result that global rank 0 wrote, or raises
+:class:`TrainingFailed` with the reason. On one machine, restarts are relaunches of the whole
+job with a fresh rendezvous (each resuming from the last checkpoint); across machines they are
+torchrun's own elastic restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from contracts.features import FeatureSpec
+from cloud.datasets import Dataset
+from cloud.training import ProbabilityModel, TrainParams, TrainResult, TrainingFailed, build_model, train
+
+__all__ = ["DistConfig", "run_job"]
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    nproc_per_node: int = 1
+    nnodes: str = "1"                   # "N" or "MIN:MAX" (elastic)
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None    # HOST:PORT of the rendezvous; None: standalone on this machine
+    max_restarts: int = 0
+
+    @property
+    def in_process(self) -> bool:
+        return self.nproc_per_node == 1 and self.nnodes == "1" and self.max_restarts == 0
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * int(self.nnodes.split(":")[-1])
+
+    def to_obj(self) -> dict:
+        return asdict(self)
+
+
+def _torchrun_args(cfg: DistConfig) -> list[str]:
+    args = ["--nproc-per-node", str(cfg.nproc_per_node), "--monitor-interval", "0.5"]
+    if cfg.rdzv_endpoint:
+        args += ["--nnodes", cfg.nnodes, "--node-rank", str(cfg.node_rank), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", cfg.rdzv_endpoint, "--max-restarts", str(cfg.max_restarts)]
+    else:
+        # One machine: a c10d rendezvous on a fresh local port per launch, and restarts done by
+        # relaunching (see run_job). torch 2.13's in-place restart of gloo workers was seen to hang
+        # (--standalone) or fail to reconnect ("connectFullMesh failed") here.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        args += ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                 "--max-restarts", "0"]
+    return args
+
+
+def run_job(dataset: Dataset, params: TrainParams, cfg: DistConfig, run_dir: Path,
+            on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train; returns rank 0's result. Raises TrainingFailed with the reason on failure.
+
+    On one machine a failed job is relaunched up to ``max_restarts`` times; every launch
+    resumes from the last checkpoint. Across machines torchrun's own elastic agent restarts.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.in_process:
+        return train(dataset, params, on_epoch)
+    job = {"dataset_path": str(dataset.path.resolve()), "dataset_sha256": dataset.sha256,
+           "params": params.to_obj(), "run_dir": str(run_dir.resolve())}
+    (run_dir / "job.json").write_text(json.dumps(job))
+    launches = 1 if cfg.rdzv_endpoint else 1 + cfg.max_restarts
+    seen = 0
+    for attempt in range(launches):
+        code, seen = _launch(cfg, run_dir, attempt, seen, on_epoch)
+        if code == 0 or (run_dir / "failure.json").exists():
+            break    # done, or a failure that a restart cannot fix (diverged, data changed)
+    if cfg.node_rank != 0 and code == 0:
+        raise TrainingFailed("this node's workers finished; node 0 holds the result")
+    result_path = run_dir / "result.pt"
+    if code != 0 or not result_path.exists():
+        raise TrainingFailed(_failure_reason(run_dir, code, cfg))
+    return _load_result(result_path, dataset, params)
+
+
+def _launch(cfg: DistConfig, run_dir: Path, attempt: int, seen: int,
+            on_epoch: Callable[[int, dict[str, float]], None] | None) -> tuple[int, int]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *_torchrun_args(cfg), "-m", "cloud.train_worker",
+           str((run_dir / "job.json").resolve())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGELOOP_LAUNCH_ATTEMPT": str(attempt),
+           "PYTHONPATH": _source_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(run_dir / "torchrun.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            seen = _follow(run_dir / "progress.jsonl", seen, on_epoch)
+            time.sleep(0.2)
+    return proc.returncode, _follow(run_dir / "progress.jsonl", seen, on_epoch)
+
+
+def _source_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def _follow(progress: Path, seen: int, on_epoch: Callable[[int, dict[str, float]], None] | None) -> int:
+    """Report epochs appended to the progress file since line ``seen``."""
+    if not progress.exists():
+        return seen
+    lines = progress.read_text().splitlines()
+    for line in lines[seen:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return seen   # a line still being written
+        if on_epoch:
+            on_epoch(int(row["epoch"]), row)
+        seen += 1
+    return seen
+
+
+def _failure_reason(run_dir: Path, code: int | None, cfg: DistConfig) -> str:
+    failure = run_dir / "failure.json"
+    if failure.exists():
+        return json.loads(failure.read_text())["reason"]
+    tail = ""
+    log = run_dir / "torchrun.log"
+    if log.exists():
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+        tail = (errors or lines or [""])[-1].strip()[:300]
+    return (f"training workers failed (exit code {code}) after up to {cfg.max_restarts} restarts"
+            + (f": {tail}" if tail else "") + f" (log: {log})")
+
+
+def _load_result(path: Path, dataset: Dataset, params: TrainParams) -> TrainResult:
+    saved = torch.load(path, weights_only=False)
+    model = build_model(dataset.x.shape[1], dataset.n_classes, params)
+    model.load_state_dict(saved["state_dict"])
+    return TrainResult(ProbabilityModel(model).eval(), FeatureSpec.from_obj(saved["features"]), params,
+                       saved["metrics"], saved["history"], saved["weights_sha256"], saved["world_size"],
+                       saved["resumed_from_step"])

@@ -1,0 +1,117 @@
+"""Model stages, the promotion gate, and lineage queries.
+
+Stages: ``candidate -> staging -> production -> archived``. Promotion to production passes
+an evaluation gate: the candidate and the current production version are both evaluated on
+the candidate's held-out test split (their ONNX artifacts, on onnxruntime, through their own
+feature contracts), and the candidate must score at least the production accuracy minus
+the tolerance. The version it replaces moves to ``archived``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contracts.features import FeatureSpec
+from cloud.errors import NotFound, UserError
+from cloud.registry import Registry
+
+STAGES = ("candidate", "staging", "production", "archived")
+ALLOWED = {("candidate", "staging"), ("candidate", "production"), ("staging", "production"),
+           ("candidate", "archived"), ("staging", "archived"), ("production", "archived"),
+           ("archived", "staging")}
+DEFAULT_TOLERANCE = 0.01
+
+__all__ = ["GateFailed", "Promotion", "promote", "lineage", "STAGES", "evaluate_version"]
+
+
+class GateFailed(UserError):
+    """The candidate scored below the gate; it was not promoted."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    model_version: str
+    from_stage: str
+    to_stage: str
+    candidate_accuracy: float | None = None
+    production_accuracy: float | None = None
+    replaced: str | None = None
+
+
+def evaluate_version(registry: Registry, model_version: str, x: np.ndarray, y: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    mv = registry.model_version(model_version)
+    session = ort.InferenceSession(Path(registry.artifact_path(mv["onnx_sha256"])).read_bytes(),
+                                   providers=["CPUExecutionProvider"])
+    features = FeatureSpec.from_obj(mv["features"])
+    probs = session.run(None, {session.get_inputs()[0].name: features.apply(x)})[0]
+    return float((probs.argmax(1) == y).mean())
+
+
+def promote(registry: Registry, model_version: str, to_stage: str, tolerance: float = DEFAULT_TOLERANCE) -> Promotion:
+    from cloud.pipeline import _training_data   # the candidate's own held-out split
+
+    if to_stage not in STAGES:
+        raise UserError(f"unknown stage {to_stage!r}; stages: {', '.join(STAGES)}")
+    mv = registry.model_version(model_version)
+    current = mv["stage"]
+    if (current, to_stage) not in ALLOWED:
+        raise UserError(f"{model_version} is {current}; it cannot move to {to_stage}")
+    if to_stage != "production":
+        registry.set_stage(model_version, to_stage)
+        return Promotion(model_version, current, to_stage)
+    incumbents = [v for v in registry.in_stage(mv["model"], "production") if v != model_version]
+    dataset, seed = _training_data(registry, mv["run_id"])
+    _, _, test = dataset.split(seed=seed)
+    cand = evaluate_version(registry, model_version, test.x, test.y)
+    prod_acc = None
+    if incumbents:
+        prod_acc = evaluate_version(registry, incumbents[-1], test.x, test.y)
+        if cand < prod_acc - tolerance:
+            raise GateFailed(f"{model_version} scores {cand:.4f} on held-out data, below production "
+                             f"{incumbents[-1]} at {prod_acc:.4f} minus tolerance {tolerance}: not promoted")
+    for old in incumbents:
+        registry.set_stage(old, "archived")
+    registry.set_stage(model_version, "production")
+    return Promotion(model_version, current, "production", cand, prod_acc, incumbents[-1] if incumbents else None)
+
+
+def lineage(registry: Registry, device_id: str) -> dict[str, Any]:
+    """What a device runs and where it came from: update, package, model version, run, data set."""
+    rows = [d for d in registry.devices() if d["device_id"] == device_id]
+    if not rows:
+        raise NotFound(f"no device {device_id!r} (see: edgeloop devices)")
+    device = rows[0]
+    chain: dict[str, Any] = {"device": {k: device[k] for k in ("device_id", "tier", "state", "model_version",
+                                                               "last_seen")}}
+    node = f"device:{device_id}"
+    updates = [p["src"] for p in registry.parents(node) if p["relation"] == "installed"]
+    if not updates:
+        chain["note"] = "no installed update is recorded for this device"
+        return chain
+    # the update that installed the version the device reports now
+    current = next((u for u in updates if _update_version(registry, u) == device["model_version"]), updates[0])
+    update_id = current.split(":", 1)[1]
+    update = next(u for u in registry.updates() if u["update_id"] == update_id)
+    chain["update"] = update
+    package = registry.parents(current)[0]["src"].split(":", 1)[1]
+    chain["package"] = next(dict(r) for r in registry.db.query("select * from packages where sha256 = ?", [package]))
+    mv = registry.model_version(update["model_version"])
+    chain["model_version"] = {k: mv[k] for k in ("model_version", "stage", "onnx_sha256", "metrics", "run_id")}
+    run = registry.run(mv["run_id"])
+    chain["run"] = {k: run[k] for k in ("run_id", "status", "params", "dist", "code", "environment", "hardware",
+                                        "weights_sha256", "started_at", "ended_at")}
+    ds = registry.dataset(run["dataset_id"])
+    chain["dataset"] = {k: ds[k] for k in ("dataset_id", "sha256", "path", "files", "schema")}
+    return chain
+
+
+def _update_version(registry: Registry, node: str) -> str | None:
+    uid = node.split(":", 1)[1]
+    rows = list(registry.db.query("select model_version from updates where update_id = ?", [uid]))
+    return rows[0]["model_version"] if rows else None

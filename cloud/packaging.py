@@ -1,0 +1,177 @@
+"""Packages: one model version made into a deployable bundle for a hardware tier.
+
+:func:`build_tier_package` is what the pipeline uses: it converts a model version for a tier
+profile (``cloud/tiers``), measures the artifact on the tier's runtime, checks its budgets and
+writes the package. :func:`build_package` is the plain primitive underneath for an fp32 ONNX
+package on onnxruntime, kept for tests, benchmarks and tools that need a package quickly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from contracts.bundle import Bundle, Manifest, TensorSpec, read_bundle, sha256_hex, write_bundle
+from contracts.features import FeatureSpec
+from cloud.errors import UserError
+from cloud.export import INPUT_NAME, OUTPUT_NAME
+from cloud.tiers import TierProfile
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from device_sdk.runtime import ModelRuntime
+
+__all__ = ["TIERS", "PackageResult", "build_package", "build_tier_package", "golden_vectors", "baseline_stats",
+           "store_blob", "GOLDEN_ATOL"]
+
+# tiers build_package accepts -> (runtime, numeric format, latency budget ms): fp32 ONNX only
+TIERS: dict[str, tuple[str, str, float]] = {
+    "edge-gateway": ("onnxruntime", "fp32", 50.0),
+}
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    data: bytes
+    sha256: str
+    manifest: Manifest
+
+    @property
+    def target_path(self) -> str:
+        """The package's name in the signed repository."""
+        return f"{self.manifest.model}/{self.manifest.version}/{self.manifest.tier}.elpkg"
+
+
+def golden_vectors(onnx_bytes: bytes, features: FeatureSpec, raw_inputs: np.ndarray) -> dict:
+    """Golden inputs (raw) and the outputs the exported graph gives on onnxruntime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {INPUT_NAME: features.apply(raw_inputs)})[0]
+    # 8 significant digits: exact enough for any golden tolerance, and short on the wire
+    return {"inputs": raw_inputs.astype(np.float32).tolist(),
+            "outputs": [[float(f"{v:.8g}") for v in row] for row in outputs.astype(np.float32).tolist()]}
+
+
+def build_package(model: str, version: int, tier: str, onnx_bytes: bytes, features: FeatureSpec,
+                  labels: list[str], golden_inputs: np.ndarray, lineage: dict) -> PackageResult:
+    if tier not in TIERS:
+        raise UserError(f"unknown tier {tier!r}; this build packages: {', '.join(TIERS)}")
+    runtime, numeric, latency_ms = TIERS[tier]
+    golden = golden_vectors(onnx_bytes, features, golden_inputs)
+    manifest = Manifest(
+        model=model, version=version, tier=tier, runtime=runtime, numeric_format=numeric,
+        entrypoint="model.onnx",
+        inputs=[TensorSpec(INPUT_NAME, [-1, features.n_features], "float32")],
+        outputs=[TensorSpec(OUTPUT_NAME, [-1, len(labels)], "float32")],
+        features=features, labels=labels, golden="golden.json", golden_atol=1e-4,
+        max_latency_ms=latency_ms, lineage=lineage,
+    )
+    data = write_bundle(manifest, {"model.onnx": onnx_bytes,
+                                   "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
+    return PackageResult(data, sha256_hex(data), read_bundle(data).manifest)
+
+
+def store_blob(artifacts_dir: Path, data: bytes) -> tuple[str, Path]:
+    """Content-addressed storage: returns (sha256, path). Writing the same bytes twice is a no-op."""
+    digest = sha256_hex(data)
+    path = artifacts_dir / digest[:2] / digest
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{digest}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return digest, path
+
+
+# -- per-tier packages ---------------------------------------------------------------------------
+BASELINE_BINS = 10
+
+
+def baseline_stats(train_raw: np.ndarray, train_probs: np.ndarray) -> dict:
+    """What drift is measured against: per raw input feature, fixed bin edges (equal width over
+    the training range, so every device bins the same way) and the training counts in them, plus
+    count/mean/std/min/max; and the float model's prediction and confidence distributions on the
+    training data."""
+    lo, hi = train_raw.min(axis=0), train_raw.max(axis=0)
+    hi = np.where(hi > lo, hi, lo + 1.0)                  # a constant feature still gets one real bin
+    edges = [np.linspace(a, b, BASELINE_BINS + 1) for a, b in zip(lo, hi)]
+    counts = [np.histogram(np.clip(col, e[0], e[-1]), bins=e)[0] for col, e in zip(train_raw.T, edges)]
+    preds = np.bincount(train_probs.argmax(1), minlength=train_probs.shape[1])
+    conf = np.histogram(train_probs.max(1), bins=10, range=(0.0, 1.0))[0]
+    return {"version": 1, "rows": int(len(train_raw)),
+            "features": [{"edges": [round(float(v), 6) for v in e], "counts": [int(c) for c in n],
+                          "mean": round(float(col.mean()), 6), "std": round(float(col.std()), 6),
+                          "min": float(col.min()), "max": float(col.max())}
+                         for e, n, col in zip(edges, counts, train_raw.T)],
+            "predictions": [int(v) for v in preds], "confidence_hist": [int(v) for v in conf]}
+# allowed |difference| on golden outputs at the device's health check, per numeric format: int8
+# outputs are probabilities in steps of 1/256 (TFLM softmax spec), and a device's int8 kernels may
+# round a layer one LSB differently from the packaging host's (docs/tiers.md)
+GOLDEN_ATOL = {"fp32": 1e-4, "int8": 2.0 / 256, "dynamic-int8": 1e-3}
+
+
+def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes, features: FeatureSpec,
+                       labels: list[str], name: str, version: int, calib_raw: np.ndarray, golden_raw: np.ndarray,
+                       test_x: np.ndarray, test_y: np.ndarray, lineage: dict,
+                       baseline: dict | None = None) -> PackageResult:
+    """Convert, check operators, measure on the tier's real runtime, check budgets, and
+    package. Raises UserError (bad input, failed conversion), UnsupportedOperator or
+    BudgetExceeded (does not fit the tier); nothing is written anywhere."""
+    import torch
+
+    from cloud.tier_packagers import (captured_output, check_budgets, check_operators, convert, measure,
+                                      tflm_arena_bytes)
+
+    artifact = convert(profile, model, onnx_bytes, features, calib_raw, name, version, len(labels))
+    check_operators(profile, artifact)
+    # the TFLM arena is measured first: the RAM budget is checked before the runtime is loaded,
+    # and the runtime is then given the arena a firmware build would give it
+    arena = tflm_arena_bytes(artifact.files[artifact.entrypoint]) if profile.runtime == "tflite-micro" else None
+    if arena is not None:
+        check_budgets(profile, {"ram_bytes": arena, "flash_bytes": 0, "device_latency_ms": 0.0})
+    draft = Manifest(model=name, version=version, tier=profile.name, runtime=profile.runtime,
+                     numeric_format=artifact.numeric_format, entrypoint=artifact.entrypoint,
+                     inputs=[], outputs=[], features=features, labels=labels, golden="golden.json",
+                     golden_atol=GOLDEN_ATOL[artifact.numeric_format], max_latency_ms=profile.latency_budget_ms,
+                     measured={"ram_bytes": arena} if arena is not None else {})
+    bundle = Bundle(draft, artifact.files)
+    with torch.no_grad():
+        float_probs = model(torch.from_numpy(features.apply(test_x))).numpy()
+    with captured_output():   # runtimes log to the file descriptors; the CLI stays clean
+        runtime = _load(bundle)
+        measured = {**measure(profile, bundle, runtime, float_probs, test_x, test_y), "ram_bytes": arena}
+    if artifact.operators is not None:
+        measured["operators"] = sorted({op.name for op in artifact.operators})
+    check_budgets(profile, measured)
+    golden = {"inputs": golden_raw.astype(np.float32).tolist(),
+              "outputs": [[float(f"{v:.8g}") for v in row] for row in runtime.predict(golden_raw).tolist()]}
+    in_q, out_q = getattr(runtime, "in_q", None), getattr(runtime, "out_q", None)
+    io = {"inputs": [_tensor(INPUT_NAME, features.n_features, runtime, in_q, "in_dtype")],
+          "outputs": [_tensor(OUTPUT_NAME, len(labels), runtime, out_q, "out_dtype")]}
+    manifest = Manifest(**{**draft.__dict__, **io, "lineage": lineage, "layout": artifact.layout,
+                           "baseline": baseline or {},
+                           "measured": {**measured, "input_quantization": in_q, "output_quantization": out_q}})
+    data = write_bundle(manifest, {**artifact.files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
+    return PackageResult(data, sha256_hex(data), read_bundle(data).manifest)
+
+
+def _tensor(name: str, width: int, runtime: object, q: tuple[float, int] | None, dtype_attr: str) -> TensorSpec:
+    dtype = np.dtype(getattr(runtime, dtype_attr, np.float32)).name if q else "float32"
+    return TensorSpec(name, [-1, width], dtype, q)
+
+
+def _load(bundle: Bundle) -> ModelRuntime:
+    from device_sdk.errors import UpdateRefused
+    from device_sdk.runtime import load_runtime
+
+    try:
+        return load_runtime(bundle)
+    except UpdateRefused as e:
+        raise UserError(f"the {bundle.manifest.tier} artifact does not load on {bundle.manifest.runtime}: "
+                        f"{e.message}") from e

@@ -1,0 +1,298 @@
+"""The registry: SQLite (through sqlite-utils) holding what the control plane knows.
+
+Tables: ``datasets`` (named, versioned, by content hash), ``runs`` (the full run record),
+``model_versions`` (with their stage), ``artifacts`` (content-addressed by sha256),
+``packages``, ``updates``, ``lineage`` (edges ``kind:id -> kind:id``: data set -> run ->
+model version -> package -> update -> device), ``devices``, ``telemetry`` (primary key
+``(device_id, seq)``, so a record delivered twice is stored once) and ``device_errors``.
+WAL mode, so readers never block the ingest writer. One :class:`Registry` may be shared by
+threads: every operation holds its lock.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlite_utils
+
+from cloud.errors import NotFound
+
+SCHEMA_VERSION = 1
+
+__all__ = ["Registry"]
+
+
+_RUN_JSON = ("params", "dist", "code", "environment", "hardware", "metrics", "history")
+
+
+def _j(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _decode(row: dict[str, Any], *keys: str) -> dict[str, Any]:
+    for k in keys:
+        if isinstance(row.get(k), str):
+            row[k] = json.loads(row[k])
+    return row
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        self.db = sqlite_utils.Database(conn)
+        with self._lock:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._create()
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    def _create(self) -> None:
+        t = self.db.table
+        t("meta", pk="key").create({"key": str, "value": str}, if_not_exists=True)
+        t("meta").upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+        t("datasets", pk="dataset_id").create({"dataset_id": str, "name": str, "version": int, "sha256": str,
+                                               "path": str, "files": str, "schema": str, "added_at": float},
+                                              if_not_exists=True)
+        t("runs", pk="run_id").create({"run_id": str, "model": str, "status": str, "reason": str,
+                                       "dataset_id": str, "dataset_sha256": str, "params": str, "dist": str,
+                                       "code": str, "environment": str, "hardware": str, "metrics": str,
+                                       "history": str, "weights_sha256": str, "reproduces": str,
+                                       "started_at": float, "ended_at": float}, if_not_exists=True)
+        t("lineage", pk=("src", "dst", "relation")).create({"src": str, "dst": str, "relation": str,
+                                                             "created_at": float}, if_not_exists=True)
+        t("model_versions", pk="model_version").create(
+            {"model_version": str, "model": str, "version": int, "run_id": str, "stage": str,
+             "onnx_sha256": str, "state_sha256": str, "arch": str, "features": str, "labels": str, "metrics": str,
+             "created_at": float},
+            if_not_exists=True)
+        t("artifacts", pk="sha256").create({"sha256": str, "kind": str, "length": int, "path": str,
+                                            "created_at": float}, if_not_exists=True)
+        t("packages", pk="sha256").create({"sha256": str, "model_version": str, "tier": str, "target": str,
+                                           "length": int, "created_at": float}, if_not_exists=True)
+        t("updates", pk="update_id").create({"update_id": str, "model_version": str, "tier": str,
+                                             "target": str, "sha256": str, "length": int, "issued_at": float},
+                                            if_not_exists=True)
+        t("devices", pk="device_id").create({"device_id": str, "tier": str, "state": str, "model_version": str,
+                                             "update_id": str, "reason": str, "first_seen": float,
+                                             "last_seen": float}, if_not_exists=True)
+        t("telemetry", pk=("device_id", "seq")).create(
+            {"device_id": str, "seq": int, "model_version": str, "window_start": float, "window_end": float,
+             "count": int, "labelled": int, "correct": int, "errors": int, "latency_ms_p50": float,
+             "latency_ms_max": float, "predictions": str, "confidence_hist": str, "features": str,
+             "received_at": float},
+            if_not_exists=True)
+        t("device_errors", pk="id").create({"id": int, "device_id": str, "update_id": str, "code": str,
+                                            "message": str, "ts": float, "received_at": float},
+                                           if_not_exists=True)
+        t("alerts", pk="id").create({"id": int, "kind": str, "cohort": str, "key": str, "model_version": str,
+                                     "detail": str, "created_at": float}, if_not_exists=True)
+        # columns added after a table first shipped: older registries gain them on open
+        for table, column in (("telemetry", "features"), ("model_versions", "state_sha256"),
+                              ("model_versions", "arch")):
+            if column not in t(table).columns_dict:
+                t(table).add_column(column, str)
+
+    # -- data sets and runs ----------------------------------------------------------------
+    def add_dataset(self, name: str, sha256: str, path: str, files: list, schema: dict) -> tuple[str, bool]:
+        """Register a data set version; the same content under the same name is not registered twice.
+        Returns (dataset_id, created)."""
+        with self._lock:
+            latest = list(self.db.query("select dataset_id, sha256 from datasets where name = ? "
+                                        "order by version desc limit 1", [name]))
+            if latest and latest[0]["sha256"] == sha256:
+                return latest[0]["dataset_id"], False
+            version = int(list(self.db.query("select coalesce(max(version), 0) as v from datasets where name = ?",
+                                             [name]))[0]["v"]) + 1
+            dataset_id = f"{name}:{version}"
+            self.db["datasets"].insert({"dataset_id": dataset_id, "name": name, "version": version,
+                                        "sha256": sha256, "path": path, "files": _j(files), "schema": _j(schema),
+                                        "added_at": time.time()}, pk="dataset_id")
+            return dataset_id, True
+
+    def dataset(self, ref: str) -> dict[str, Any]:
+        """A data set by ``name`` (latest version) or ``name:version``."""
+        name, _, version = ref.partition(":")
+        sql, args = "select * from datasets where name = ?", [name]
+        if version:
+            sql, args = sql + " and version = ?", args + [version]
+        with self._lock:
+            rows = list(self.db.query(sql + " order by version desc limit 1", args))
+        if not rows:
+            raise NotFound(f"no registered data set {ref!r} (register one: edgeloop data add NAME PATH)")
+        return _decode(rows[0], "files", "schema")
+
+    def datasets(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [_decode(r, "files", "schema") for r in self.db.query("select * from datasets order by name, version")]
+
+    def start_run(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self.db["runs"].insert({**row, "status": "running",
+                                    **{k: _j(row[k]) for k in _RUN_JSON if k in row}}, pk="run_id")
+
+    def finish_run(self, run_id: str, **fields: Any) -> None:
+        with self._lock:
+            self.db["runs"].update(run_id, {**fields, **{k: _j(fields[k]) for k in _RUN_JSON if k in fields},
+                                            "ended_at": time.time()})
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            rows = list(self.db.query("select * from runs where run_id = ?", [run_id]))
+        if not rows:
+            raise NotFound(f"no run {run_id!r} (see: edgeloop runs ls)")
+        return _decode(rows[0], *_RUN_JSON)
+
+    def runs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [_decode(r, *_RUN_JSON) for r in self.db.query("select * from runs order by started_at")]
+
+    # -- lineage ---------------------------------------------------------------------------
+    def add_edge(self, src: str, dst: str, relation: str) -> None:
+        with self._lock:
+            self.db["lineage"].upsert({"src": src, "dst": dst, "relation": relation, "created_at": time.time()},
+                                      pk=("src", "dst", "relation"))
+
+    def parents(self, node: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.query("select src, relation from lineage where dst = ? order by created_at desc",
+                                      [node]))
+
+    # -- models ----------------------------------------------------------------------------
+    def set_stage(self, model_version: str, stage: str) -> None:
+        with self._lock:
+            self.db["model_versions"].update(model_version, {"stage": stage})
+
+    def in_stage(self, model: str, stage: str) -> list[str]:
+        with self._lock:
+            return [r["model_version"] for r in self.db.query(
+                "select model_version from model_versions where model = ? and stage = ? order by version",
+                [model, stage])]
+
+    def next_version(self, model: str) -> int:
+        with self._lock:
+            rows = list(self.db.query("select max(version) as v from model_versions where model = ?", [model]))
+        return int(rows[0]["v"] or 0) + 1
+
+    def add_model_version(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self.db["model_versions"].insert(
+                {**row, **{k: _j(row[k]) for k in ("features", "labels", "metrics", "arch") if k in row},
+                 "created_at": time.time()}, pk="model_version")
+
+    def model_version(self, model_version: str) -> dict[str, Any]:
+        with self._lock:
+            rows = list(self.db.query("select * from model_versions where model_version = ?", [model_version]))
+        if not rows:
+            raise NotFound(f"no model version {model_version!r} (see: edgeloop models)")
+        return _decode(rows[0], "features", "labels", "metrics", "arch")
+
+    def latest_model_version(self) -> str | None:
+        with self._lock:
+            rows = list(self.db.query("select model_version from model_versions order by created_at desc limit 1"))
+        return rows[0]["model_version"] if rows else None
+
+    def model_versions(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.query("select model_version, model, version, stage, run_id, metrics, created_at "
+                                      "from model_versions order by created_at"))
+
+    def add_artifact(self, sha256: str, kind: str, length: int, path: str) -> None:
+        with self._lock:
+            self.db["artifacts"].upsert({"sha256": sha256, "kind": kind, "length": length, "path": path,
+                                         "created_at": time.time()}, pk="sha256")
+
+    def artifact_path(self, sha256: str) -> str:
+        with self._lock:
+            rows = list(self.db.query("select path from artifacts where sha256 = ?", [sha256]))
+        if not rows:
+            raise NotFound(f"no artifact {sha256[:12]}")
+        return rows[0]["path"]
+
+    def add_package(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self.db["packages"].upsert({**row, "created_at": time.time()}, pk="sha256")
+
+    def package_for(self, model_version: str, tier: str) -> dict[str, Any]:
+        with self._lock:
+            rows = list(self.db.query("select * from packages where model_version = ? and tier = ? "
+                                      "order by created_at desc limit 1", [model_version, tier]))
+        if not rows:
+            raise NotFound(f"no {tier} package for {model_version} (run: edgeloop package {model_version} --tier {tier})")
+        return rows[0]
+
+    def add_update(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self.db["updates"].insert(row, pk="update_id")
+
+    def updates(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.query("select * from updates order by issued_at"))
+
+    # -- fleet -----------------------------------------------------------------------------
+    def record_status(self, row: dict[str, Any]) -> None:
+        now = time.time()
+        with self._lock:
+            existing = list(self.db.query("select first_seen from devices where device_id = ?", [row["device_id"]]))
+            first = existing[0]["first_seen"] if existing else now
+            self.db["devices"].upsert({**row, "first_seen": first, "last_seen": now}, pk="device_id")
+
+    def devices(self, tier: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "select * from devices where 1=1", []
+        if tier:
+            sql, args = sql + " and tier = ?", args + [tier]
+        if state:
+            sql, args = sql + " and state = ?", args + [state]
+        with self._lock:
+            return list(self.db.query(sql + " order by device_id", args))
+
+    def add_telemetry(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Insert records, ignoring (device_id, seq) already stored. Returns how many were new."""
+        now = time.time()
+        prepared = [{**r, "predictions": _j(r["predictions"]), "confidence_hist": _j(r["confidence_hist"]),
+                     "features": _j(r["features"]) if r.get("features") else None, "received_at": now}
+                    for r in rows]
+        with self._lock:
+            before = self.db.conn.total_changes
+            self.db["telemetry"].insert_all(prepared, pk=("device_id", "seq"), ignore=True)
+            return self.db.conn.total_changes - before
+
+    def add_device_error(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self.db["device_errors"].insert({**row, "received_at": time.time()})
+
+    def add_alert(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self.db["alerts"].insert({**row, "created_at": time.time()})
+
+    def alerts(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.query("select * from alerts order by id"))
+
+    def device_errors(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "select * from device_errors", []
+        if device_id:
+            sql, args = sql + " where device_id = ?", [device_id]
+        with self._lock:
+            return list(self.db.query(sql + " order by id", args))
+
+    def telemetry_summary(self, model_version: str | None = None) -> dict[str, Any]:
+        sql = ("select count(*) as records, coalesce(sum(count),0) as inferences, "
+               "coalesce(sum(labelled),0) as labelled, coalesce(sum(correct),0) as correct, "
+               "coalesce(sum(errors),0) as errors from telemetry")
+        args: list[Any] = []
+        if model_version:
+            sql, args = sql + " where model_version = ?", [model_version]
+        with self._lock:
+            row = list(self.db.query(sql, args))[0]
+        row["accuracy"] = row["correct"] / row["labelled"] if row["labelled"] else None
+        return row

@@ -1,0 +1,63 @@
+"""The torchrun entry point of a training job: ``python -m torch.distributed.run ... -m
+cloud.train_worker JOB.json``.
+
+Every rank loads the data set and checks its sha256 against the job; global rank 0 writes
+progress (``progress.jsonl``), the checkpoint, and the result (``result.pt``) or the reason
+for failure (``failure.json``). Nothing else is written by any rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cloud.datasets import load_dataset
+from cloud.errors import CloudError
+from cloud.training import TrainParams, TrainingFailed, train
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    run_dir = Path(job["run_dir"])
+    dist.init_process_group("nccl" if torch.cuda.is_available() and job.get("cuda", True) else "gloo")
+    rank = dist.get_rank()
+    try:
+        dataset = load_dataset(Path(job["dataset_path"]))
+        if dataset.sha256 != job["dataset_sha256"]:
+            raise TrainingFailed(f"data set {job['dataset_path']} changed: sha256 {dataset.sha256[:12]} "
+                                 f"!= {job['dataset_sha256'][:12]} recorded for this job")
+        progress = run_dir / "progress.jsonl"
+
+        def on_epoch(epoch: int, row: dict) -> None:
+            with open(progress, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+        result = train(dataset, TrainParams.from_obj(job["params"]), on_epoch, checkpoint=run_dir / "checkpoint.pt")
+        if rank == 0:
+            torch.save({"state_dict": result.model.inner.state_dict(), "features": result.features.to_obj(),
+                        "metrics": result.metrics, "history": result.history,
+                        "weights_sha256": result.weights_sha256, "world_size": result.world_size,
+                        "resumed_from_step": result.resumed_from_step}, run_dir / "result.pt")
+        return 0
+    except CloudError as e:
+        if rank == 0:
+            _write_json(run_dir / "failure.json", {"reason": str(e)})
+        print(f"edgeloop train worker rank {rank}: {e}", file=sys.stderr)
+        return 3
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

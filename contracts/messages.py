@@ -1,0 +1,310 @@
+"""Every MQTT message edgeloop sends, version 1 (docs/contracts/mqtt.md).
+
+Messages are UTF-8 JSON objects whose ``schema`` field names the message and its version,
+for example ``"edgeloop.status/1"``. Parsing is strict about what a reader needs (required
+fields, types, ranges) and tolerant of extra fields, so a newer sender can add fields
+without breaking older readers. A payload over :data:`MAX_PAYLOAD_BYTES` is refused before
+it is parsed.
+
+``parse(payload)`` turns bytes into one of the dataclasses below or raises
+:class:`~contracts.errors.SchemaError` / :class:`~contracts.errors.PayloadTooLarge`;
+``encode(msg)`` is its inverse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from typing import Any, ClassVar, Union
+
+from contracts.errors import PayloadTooLarge, SchemaError
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_CLASSES = 1024
+MAX_TEXT = 1024
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "Announce",
+    "DeviceState",
+    "ErrorReport",
+    "Message",
+    "Status",
+    "Telemetry",
+    "encode",
+    "parse",
+]
+
+
+class DeviceState(StrEnum):
+    """The states a device reports on its status topic (stable wire names)."""
+
+    ONLINE = "online"            # connected, running its current model
+    OFFLINE = "offline"          # set by the broker from the device's last will
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    TESTING = "testing"
+    COMMITTED = "committed"      # the new model is installed and serving
+    FAILED = "failed"            # the update was refused; the previous model still serves
+    ROLLED_BACK = "rolled_back"  # the new model failed its health check; previous restored
+
+
+def _req(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in obj:
+        raise SchemaError(f"missing field {name!r}")
+    value = obj[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:  # JSON true is not an integer here
+        raise SchemaError(f"field {name!r} must be {_kind_name(kind)}, not a boolean")
+    if not isinstance(value, kind):
+        raise SchemaError(f"field {name!r} must be {_kind_name(kind)}")
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise SchemaError(f"field {name!r} is longer than {MAX_TEXT} characters")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SchemaError(f"field {name!r} must be finite")
+    if isinstance(value, int) and float in kinds and abs(value) > 2**53:
+        raise SchemaError(f"field {name!r} is too large")   # 1e400 written as an integer, say
+    return value
+
+
+def _opt(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    if obj.get(name) is None:
+        return default
+    return _req(obj, name, kind)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string", list: "a list",
+                        dict: "an object", bool: "a boolean"}.get(k, k.__name__) for k in kinds)
+
+
+def _non_negative(name: str, value: int | float) -> None:
+    if value < 0:
+        raise SchemaError(f"field {name!r} must not be negative")
+
+
+def _int_list(obj: dict[str, Any], name: str, max_len: int = MAX_CLASSES) -> list[int]:
+    values = _req(obj, name, list)
+    if len(values) > max_len:
+        raise SchemaError(f"field {name!r} has more than {max_len} entries")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise SchemaError(f"field {name!r} must be a list of non-negative integers")
+    return list(values)
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Cloud -> devices of a tier: an update is available (retained)."""
+
+    SCHEMA: ClassVar[str] = "edgeloop.announce/1"
+    update_id: str
+    model: str
+    model_version: str
+    tier: str
+    target: str          # TUF target path, e.g. "digits-mlp/3/edge-gateway.elpkg"
+    length: int
+    sha256: str
+    repository: str      # base URL of the image repository (metadata/ and targets/ under it)
+    director: str        # base URL of the director repository (metadata/ under it)
+    issued_at: float
+    delta: dict[str, Any] | None = None   # {"target", "base_sha256", "length"}: a delta from that base
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> Announce:
+        msg = cls(
+            update_id=_req(obj, "update_id", str), model=_req(obj, "model", str),
+            model_version=_req(obj, "model_version", str), tier=_req(obj, "tier", str),
+            target=_req(obj, "target", str), length=_req(obj, "length", int),
+            sha256=_req(obj, "sha256", str), repository=_req(obj, "repository", str),
+            director=_req(obj, "director", str), issued_at=float(_req(obj, "issued_at", (int, float))),
+            delta=_opt(obj, "delta", dict),
+        )
+        if msg.delta is not None:
+            _req(msg.delta, "target", str)
+            _req(msg.delta, "base_sha256", str)
+            _non_negative("delta.length", _req(msg.delta, "length", int))
+        _non_negative("length", msg.length)
+        if len(msg.sha256) != 64 or any(c not in "0123456789abcdef" for c in msg.sha256):
+            raise SchemaError("field 'sha256' must be 64 lowercase hex digits")
+        return msg
+
+
+@dataclass(frozen=True)
+class Status:
+    """Device -> cloud: the device's state (retained; the last will says ``offline``)."""
+
+    SCHEMA: ClassVar[str] = "edgeloop.status/1"
+    device_id: str
+    state: DeviceState
+    tier: str
+    model_version: str | None = None   # the version now serving inference
+    update_id: str | None = None       # the update this state is about, if any
+    reason: str | None = None          # why, for failed / rolled_back
+    ts: float = 0.0
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> Status:
+        state = _req(obj, "state", str)
+        try:
+            parsed_state = DeviceState(state)
+        except ValueError:
+            raise SchemaError(f"unknown device state {state!r}") from None
+        return cls(
+            device_id=_req(obj, "device_id", str), state=parsed_state, tier=_req(obj, "tier", str),
+            model_version=_opt(obj, "model_version", str), update_id=_opt(obj, "update_id", str),
+            reason=_opt(obj, "reason", str), ts=float(_opt(obj, "ts", (int, float), 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """Device -> cloud: one window of inference, summarised (docs/contracts/telemetry.md).
+
+    ``seq`` increases by one per record per device; (device_id, seq) identifies a record, so
+    a record delivered twice is stored once.
+    """
+
+    SCHEMA: ClassVar[str] = "edgeloop.telemetry/1"
+    device_id: str
+    seq: int
+    model_version: str | None
+    window_start: float
+    window_end: float
+    count: int                       # inferences in the window
+    labelled: int                    # of which had ground truth
+    correct: int                     # of the labelled, predicted right
+    predictions: list[int]           # count per class index
+    confidence_hist: list[int]       # 10 equal bins over [0, 1]
+    latency_ms_p50: float
+    latency_ms_max: float
+    errors: int = 0                  # inference errors in the window
+    extra: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, Any] | None = None   # per-feature summary on the package baseline's bin edges
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> Telemetry:
+        msg = cls(
+            device_id=_req(obj, "device_id", str), seq=_req(obj, "seq", int),
+            model_version=_opt(obj, "model_version", str),
+            window_start=float(_req(obj, "window_start", (int, float))),
+            window_end=float(_req(obj, "window_end", (int, float))),
+            count=_req(obj, "count", int), labelled=_req(obj, "labelled", int),
+            correct=_req(obj, "correct", int), predictions=_int_list(obj, "predictions"),
+            confidence_hist=_int_list(obj, "confidence_hist", 100),
+            latency_ms_p50=float(_req(obj, "latency_ms_p50", (int, float))),
+            latency_ms_max=float(_req(obj, "latency_ms_max", (int, float))),
+            errors=_opt(obj, "errors", int, 0), extra=_opt(obj, "extra", dict, {}),
+            features=_opt(obj, "features", dict),
+        )
+        if msg.features is not None:
+            _check_feature_summary(msg.features, msg.count)
+        for name in ("seq", "count", "labelled", "correct", "errors"):
+            _non_negative(name, getattr(msg, name))
+        if not msg.correct <= msg.labelled <= msg.count:
+            raise SchemaError("telemetry counts must satisfy correct <= labelled <= count")
+        if sum(msg.predictions) > msg.count:
+            raise SchemaError("telemetry predictions add up to more than count")
+        if msg.window_end < msg.window_start:
+            raise SchemaError("telemetry window ends before it starts")
+        return msg
+
+
+MAX_FEATURES = 1024
+MAX_BINS = 64
+
+
+def _check_feature_summary(summary: dict[str, Any], count: int) -> None:
+    """``{"hist": [[int]*bins]*f, "n", "missing": [int]*f, "sum", "sumsq", "min", "max": [num]*f}``:
+    every list one entry per feature, histograms on the baseline's bins; counts add up."""
+    hist = summary.get("hist")
+    if not isinstance(hist, list) or not 0 < len(hist) <= MAX_FEATURES:
+        raise SchemaError(f"features.hist must list 1-{MAX_FEATURES} histograms")
+    f = len(hist)
+    for row in hist:
+        if not isinstance(row, list) or not 0 < len(row) <= MAX_BINS or \
+                any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in row):
+            raise SchemaError(f"features.hist rows must be 1-{MAX_BINS} non-negative integers")
+    for key in ("n", "missing", "sum", "sumsq", "min", "max"):
+        values = summary.get(key)
+        if not isinstance(values, list) or len(values) != f or \
+                any(isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > 2**53
+                    or not math.isfinite(v) for v in values):
+            raise SchemaError(f"features.{key} must list {f} finite numbers")
+    for i, row in enumerate(hist):
+        n = summary["n"][i]
+        if sum(row) != n or n + summary["missing"][i] > count or n < 0:
+            raise SchemaError(f"features: feature {i} counts do not add up")
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """Device -> cloud: one failure, with a stable machine-readable code."""
+
+    SCHEMA: ClassVar[str] = "edgeloop.error/1"
+    device_id: str
+    code: str            # e.g. "verify.signature", "verify.hash", "health.golden"
+    message: str
+    update_id: str | None = None
+    ts: float = 0.0
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> ErrorReport:
+        return cls(
+            device_id=_req(obj, "device_id", str), code=_req(obj, "code", str),
+            message=_req(obj, "message", str), update_id=_opt(obj, "update_id", str),
+            ts=float(_opt(obj, "ts", (int, float), 0.0)),
+        )
+
+
+Message = Union[Announce, Status, Telemetry, ErrorReport]
+_BY_SCHEMA: dict[str, Any] = {c.SCHEMA: c for c in (Announce, Status, Telemetry, ErrorReport)}
+
+
+def parse(payload: bytes | str, expect: type | None = None) -> Message:
+    """Parse and validate one message.
+
+    Raises PayloadTooLarge if the payload is over MAX_PAYLOAD_BYTES, SchemaError for anything
+    else wrong (not UTF-8 JSON, not an object, unknown schema, not the ``expect``ed kind,
+    missing or mistyped fields).
+    """
+    raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"payload of {len(raw)} bytes is over the {MAX_PAYLOAD_BYTES} byte limit")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # ValueError: JSONDecodeError, huge ints
+        raise SchemaError(f"payload is not UTF-8 JSON: {str(e)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise SchemaError("payload is not a JSON object")
+    schema = obj.get("schema")
+    cls = _BY_SCHEMA.get(schema) if isinstance(schema, str) else None
+    if cls is None:
+        raise SchemaError(f"unknown message schema {schema!r}")
+    if expect is not None and cls is not expect:
+        raise SchemaError(f"expected {expect.SCHEMA}, got {schema}")
+    return cls.from_obj(obj)
+
+
+def encode(msg: Message) -> bytes:
+    """The wire form of a message: compact JSON with its ``schema`` field first."""
+    body = {"schema": msg.SCHEMA}
+    body.update({f.name: getattr(msg, f.name) for f in fields(msg)})
+    if isinstance(msg, Status):
+        body["state"] = str(msg.state)
+    raw = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"message of {len(raw)} bytes is over the {MAX_PAYLOAD_BYTES} byte limit")
+    return raw
+
+
+def as_dict(msg: Message) -> dict[str, Any]:
+    """A plain dict of the message's fields (for storage and printing)."""
+    d = asdict(msg)
+    if isinstance(msg, Status):
+        d["state"] = str(msg.state)
+    return d

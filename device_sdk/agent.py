@@ -1,0 +1,371 @@
+"""The device agent: listens for updates, installs them safely, serves inference, reports.
+
+The agent does not own a thread for its logic. Whoever runs it (a real device's main loop, or
+the fleet simulator) calls :meth:`Agent.step` to handle pending messages and :meth:`Agent.infer`
+to serve requests, from the same thread or from two (a serving thread and a control thread):
+the model switch and the telemetry window are guarded by one lock, held only for bookkeeping,
+never during inference. An install runs on one background worker thread; the new model is loaded
+and health-checked beside the serving one, and the switch happens between requests (in
+``step`` or ``infer``), so no request fails or waits on an install.
+
+Bad input never stops it: a malformed message is logged and dropped; a bad update is refused,
+reported on the status and errors topics, and the current model keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from contracts import topics
+from contracts.errors import ContractError
+from contracts.messages import Announce, DeviceState, ErrorReport, Status, encode, parse
+from device_sdk.errors import TransientError
+from device_sdk.mqtt import MqttLink
+from device_sdk.mqtt_fetcher import MqttBlockFetcher
+from device_sdk.outbox import PRIORITY_ERROR, PRIORITY_TELEMETRY, Outbox, OutboxConfig
+from device_sdk.ota import InstallResult, Installer, InstallState
+from device_sdk.runtime import ModelRuntime, load_runtime
+from device_sdk.telemetry import SequenceCounter, TelemetryWindow
+from device_sdk.tuf_fetch import UpdateClient
+
+log = logging.getLogger("edgeloop.agent")
+
+__all__ = ["Agent", "AgentConfig"]
+
+_OTA_STATUS = {
+    InstallState.DOWNLOADING: DeviceState.DOWNLOADING, InstallState.VERIFYING: DeviceState.VERIFYING,
+    InstallState.INSTALLING: DeviceState.INSTALLING, InstallState.TESTING: DeviceState.TESTING,
+}
+_FINAL_STATUS = {InstallState.COMMITTED: DeviceState.COMMITTED, InstallState.FAILED: DeviceState.FAILED,
+                 InstallState.ROLLED_BACK: DeviceState.ROLLED_BACK}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything an agent needs, with every bound in one place."""
+
+    device_id: str
+    tier: str
+    state_dir: Path
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    group: str | None = None            # director assignment group (default: the tier)
+    max_package_bytes: int = 64 * 1024 * 1024
+    download_timeout_s: float = 30.0    # a stalled download gives up after this, and resumes later
+    telemetry_window: int = 20          # inferences per telemetry record
+    inbox_max: int = 256                # queued MQTT messages before new ones are dropped
+    retry_delays_s: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)   # after transient download failures
+    transport: str = "http"             # how packages travel: "http" (Range resume) or "mqtt" (blocks)
+    outbox_max_bytes: int = 16 * 1024 * 1024     # store-and-forward bound while offline
+    outbox_max_age_s: float = 7 * 24 * 3600.0
+    max_in_flight: int = 64             # outbox messages published but not yet acknowledged
+    heartbeat_s: float = 60.0           # re-publish the last status after this long without one (0: never)
+    tls_ca: Path | None = None          # CA of the broker's certificate: TLS on (off without it)
+    tls_cert: Path | None = None        # this device's certificate and key: mutual TLS
+    tls_key: Path | None = None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        if not topics.valid_device_id(config.device_id):
+            raise ValueError(f"invalid device id {config.device_id!r}")
+        self.config = config
+        self.device_id = config.device_id
+        root = Path(config.state_dir)
+        offline = Status(self.device_id, DeviceState.OFFLINE, config.tier)
+        self.link = MqttLink(config.device_id, config.mqtt_host, config.mqtt_port,
+                             will=(topics.status(self.device_id), encode(offline)), queue_max=config.inbox_max,
+                             tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key)
+        self.link.on_acked = self._acked
+        if config.transport not in ("http", "mqtt"):
+            raise ValueError(f"unknown transport {config.transport!r}: use http or mqtt")
+        fetcher = MqttBlockFetcher(self.link, self.device_id, root / "tuf" / "partial",
+                                   timeout_s=config.download_timeout_s) if config.transport == "mqtt" else None
+        self.client = UpdateClient(root / "tuf", config.group or config.tier, config.max_package_bytes,
+                                   read_timeout_s=config.download_timeout_s, fetcher=fetcher)
+        self.installer = Installer(root, config.tier, config.max_package_bytes, on_state=self._report_ota)
+        self.seq = SequenceCounter(root / "telemetry.json")
+        self.outbox = Outbox(root / "outbox.db", OutboxConfig(config.outbox_max_bytes, config.outbox_max_age_s))
+        self._in_flight: dict[int, int] = {}      # paho mid -> outbox id
+        self._early_acks: set[int] = set()         # acknowledged before pump recorded the mid
+        self._ack_lock = threading.Lock()          # never held while calling into paho
+        self._sent_up_to = 0                       # highest outbox id handed to paho on this connection
+        self.runtime: ModelRuntime | None = None
+        self.window: TelemetryWindow | None = None
+        self.malformed = 0
+        self.last_result: InstallResult | None = None
+        self._retry: tuple[Announce, int, float] | None = None   # (update, attempts so far, due at)
+        self._worker: threading.Thread | None = None
+        self._done: queue.Queue[tuple[Announce, int, InstallResult | None, ModelRuntime | None, Exception | None]] = queue.Queue()
+        self._next: Announce | None = None                        # arrived while installing
+        self._lock = threading.RLock()                            # runtime switch + telemetry window
+        self._last_status: tuple[DeviceState, str | None, str | None] | None = None   # for heartbeats
+        self._status_at = 0.0
+        self._status_lock = threading.RLock()   # a heartbeat never re-sends a status older than the last one
+
+    @property
+    def model_version(self) -> str | None:
+        return self.installer.model_version
+
+    @property
+    def installing(self) -> bool:
+        return self._worker is not None
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover local state, load the active model, connect, announce ourselves online."""
+        resume = self.installer.recover()
+        bundle = self.installer.active_bundle()
+        if bundle is not None:
+            self._serve(load_runtime(bundle))
+        self.link.subscribe(topics.announce(self.config.tier))
+        self.link.subscribe(topics.command(self.device_id))
+        self.link.connect()
+        self._publish_status(DeviceState.ONLINE)
+        if resume is not None:
+            log.info("%s: resuming update %s", self.device_id, resume.update_id)
+            self._begin(resume, 0)
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.join(30)
+        self._collect()
+        self.flush_telemetry()
+        deadline = time.time() + 5
+        while len(self.outbox) and self.link.connected and time.time() < deadline:
+            self.pump()
+            time.sleep(0.01)
+        self._publish_status(DeviceState.OFFLINE).wait_for_publish(5)
+        self.link.close()
+
+    # -- work ---------------------------------------------------------------------------
+    def step(self, timeout: float = 0.0) -> bool:
+        """Finish a completed install, run a due retry, or handle one queued message (waiting up
+        to ``timeout``). True if work was done."""
+        self._heartbeat()
+        self.pump()
+        if self._collect():
+            return True
+        if self._retry is not None and time.time() >= self._retry[2] and not self.installing:
+            announce, attempts, _ = self._retry
+            self._retry = None
+            self._begin(announce, attempts)
+            return True
+        try:
+            topic, payload = self.link.inbox.get(timeout=timeout) if timeout else self.link.inbox.get_nowait()
+        except queue.Empty:
+            return False
+        self.handle(topic, payload)
+        return True
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One incoming message. Never raises for bad input."""
+        if not payload:
+            return  # a cleared retained message
+        try:
+            msg = parse(payload)
+        except ContractError as e:
+            self.malformed += 1
+            log.warning("%s: dropped malformed message on %s: %s", self.device_id, topic, e)
+            return
+        if isinstance(msg, Announce) and topic == topics.announce(self.config.tier):
+            self._on_announce(msg)
+        else:
+            self.malformed += 1
+            log.warning("%s: dropped unexpected %s on %s", self.device_id, msg.SCHEMA, topic)
+
+    def infer(self, raw: np.ndarray, label: int | None = None) -> tuple[int, float] | None:
+        """Serve one request. Returns (class, confidence), or None with no model installed."""
+        self._collect()                       # a finished install switches in between requests
+        with self._lock:
+            runtime = self.runtime
+        if runtime is None:
+            return None
+        start = time.perf_counter()
+        try:
+            probs = runtime.predict(raw)[0]
+        except Exception:  # noqa: BLE001 - a failed request is counted, never fatal
+            log.exception("%s: inference failed", self.device_id)
+            with self._lock:
+                if self.window is not None:
+                    self.window.record_error()
+            return None
+        pred = int(np.argmax(probs))
+        conf = float(probs[pred])
+        latency_ms = (time.perf_counter() - start) * 1000
+        with self._lock:
+            if self.runtime is not runtime:
+                # the model switched during this request: its record goes out under the old version
+                late = TelemetryWindow(len(runtime.manifest.labels), runtime.manifest.baseline)
+                late.record(pred, conf, latency_ms, label, raw)
+                self._publish_window(late, runtime)
+            elif self.window is not None:
+                self.window.record(pred, conf, latency_ms, label, raw)
+                if self.window.count >= self.config.telemetry_window:
+                    self._flush_locked(runtime)
+        return pred, conf
+
+    def flush_telemetry(self) -> None:
+        with self._lock:
+            self._flush_locked(self.runtime)
+
+    def _flush_locked(self, serving_runtime: ModelRuntime | None) -> None:
+        if self.window is not None:
+            self._publish_window(self.window, serving_runtime)
+
+    def _publish_window(self, window: TelemetryWindow, serving_runtime: ModelRuntime | None) -> None:
+        if window.count == 0 and window.errors == 0:
+            return
+        serving = serving_runtime.manifest.model_version if serving_runtime else None   # the model that answered
+        record = window.close(self.device_id, self.seq.take(), serving)
+        dropped = self.outbox.take_dropped()
+        if dropped:
+            record = replace(record, extra={**record.extra, "outbox_dropped": dropped})
+        self.outbox.put(topics.telemetry(self.device_id), encode(record), PRIORITY_TELEMETRY)
+        self.pump()
+
+    def pump(self) -> int:
+        """Publish what the outbox holds, in order, up to the in-flight bound. Returns how many."""
+        with self._lock:
+            if not self.link.connected:
+                with self._ack_lock:          # unacknowledged messages go again on the next connection
+                    self._in_flight.clear()
+                    self._early_acks.clear()
+                self._sent_up_to = 0
+                return 0
+            with self._ack_lock:
+                room = self.config.max_in_flight - len(self._in_flight)
+            if room <= 0:
+                return 0
+            batch = self.outbox.pending(room, after=self._sent_up_to)
+            for item in batch:
+                info = self.link.publish(item.topic, item.payload, qos=1)
+                self._sent_up_to = item.id
+                with self._ack_lock:
+                    acked = info.mid in self._early_acks
+                    if acked:
+                        self._early_acks.discard(info.mid)
+                    else:
+                        self._in_flight[info.mid] = item.id
+                if acked:
+                    self.outbox.ack(item.id)
+            return len(batch)
+
+    def _acked(self, mid: int) -> None:
+        """paho's network thread, holding paho's locks: take only the small ack lock."""
+        with self._ack_lock:
+            outbox_id = self._in_flight.pop(mid, None)
+            if outbox_id is None:
+                self._early_acks.add(mid)
+        if outbox_id is not None:
+            self.outbox.ack(outbox_id)
+
+    # -- updates ------------------------------------------------------------------------
+    def _on_announce(self, announce: Announce) -> None:
+        if announce.tier != self.config.tier or self.installer.already_handled(announce.update_id) \
+                or announce.model_version == self.model_version:
+            return
+        if self._retry is not None and self._retry[0].issued_at > announce.issued_at:
+            return   # older than the update waiting for a retry
+        self._retry = None
+        if announce.length > self.config.max_package_bytes:
+            msg = f"package of {announce.length} bytes is over this device's {self.config.max_package_bytes} byte limit"
+            self._publish_error(announce.update_id, "verify.package", msg)
+            self._publish_status(DeviceState.FAILED, announce.update_id, reason=msg)
+            return
+        if self.installing:
+            self._next = announce             # handled when the running install finishes
+            return
+        self._begin(announce, 0)
+
+    def _begin(self, announce: Announce, attempts: int) -> None:
+        def work() -> None:
+            try:
+                base = self.installer.active_package_bytes()
+                result, runtime = self.installer.install(announce, lambda a: self.client.fetch(a, base))
+                self._done.put((announce, attempts, result, runtime, None))
+            except Exception as e:  # noqa: BLE001 - reported by _collect on the serving thread
+                self._done.put((announce, attempts, None, None, e))
+
+        self._worker = threading.Thread(target=work, name=f"install-{self.device_id}", daemon=True)
+        self._worker.start()
+
+    def _collect(self) -> bool:
+        """Apply a finished install (between requests)."""
+        with self._lock:
+            return self._collect_locked()
+
+    def _collect_locked(self) -> bool:
+        try:
+            announce, attempts, result, runtime, error = self._done.get_nowait()
+        except queue.Empty:
+            return False
+        self._worker = None
+        if isinstance(error, TransientError):
+            self._postpone(announce, attempts, error)
+        elif error is not None:
+            log.error("%s: update %s failed unexpectedly: %s", self.device_id, announce.update_id, error)
+            self._publish_error(announce.update_id, "agent.internal", f"{type(error).__name__}: {error}")
+            self._publish_status(DeviceState.FAILED, announce.update_id, reason=f"internal: {error}")
+        elif result is not None:
+            self.last_result = result
+            if runtime is not None:
+                self._flush_locked(self.runtime)   # the old model's window closes under the old version
+                self._serve(runtime)
+            else:
+                self._publish_error(announce.update_id, result.code or "unknown", result.reason or "")
+            self._publish_status(_FINAL_STATUS[result.state], announce.update_id, reason=result.reason)
+        if self._next is not None:
+            nxt, self._next = self._next, None
+            self._on_announce(nxt)
+        return True
+
+    def _postpone(self, announce: Announce, attempts: int, error: Exception) -> None:
+        delays = self.config.retry_delays_s
+        if attempts < len(delays):
+            log.info("%s: update %s postponed (%s); retry in %ss", self.device_id, announce.update_id, error,
+                     delays[attempts])
+            self._retry = (announce, attempts + 1, time.time() + delays[attempts])
+            self._publish_status(DeviceState.ONLINE, announce.update_id, reason=f"retrying: {error}")
+            return
+        self._publish_error(announce.update_id, "transport.download", str(error))
+        self._publish_status(DeviceState.FAILED, announce.update_id,
+                             reason=f"download failed {attempts + 1} times: {error}")
+
+    @property
+    def pending_retry(self) -> Announce | None:
+        return self._retry[0] if self._retry else None
+
+    def _serve(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.window = TelemetryWindow(len(runtime.manifest.labels), runtime.manifest.baseline)
+
+    def _report_ota(self, state: InstallState, update_id: str) -> None:
+        if state in _OTA_STATUS:   # final states are published by _collect, with the model now serving
+            self._publish_status(_OTA_STATUS[state], update_id)
+
+    def _heartbeat(self) -> None:
+        """Re-publish the last status once ``heartbeat_s`` passed without one, so the control
+        plane's last-seen time stays fresh (a device whose last will was lost still turns offline)."""
+        with self._status_lock:
+            if self.config.heartbeat_s and self._last_status is not None and self.link.connected \
+                    and time.time() - self._status_at >= self.config.heartbeat_s:
+                self._publish_status(*self._last_status)
+
+    def _publish_status(self, state: DeviceState, update_id: str | None = None, reason: str | None = None):
+        status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason, time.time())
+        with self._status_lock:
+            self._last_status, self._status_at = (state, update_id, reason), status.ts
+            return self.link.publish(topics.status(self.device_id), encode(status), qos=1, retain=True)
+
+    def _publish_error(self, update_id: str | None, code: str, message: str) -> None:
+        report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time())
+        self.outbox.put(topics.errors(self.device_id), encode(report), PRIORITY_ERROR)
+        self.pump()

@@ -1,0 +1,232 @@
+"""Installing an update on the device: an explicit, persisted state machine over two slots.
+
+::
+
+    idle/committed/failed/rolled_back ──start──▶ downloading ──fetched──▶ verifying
+         verifying ──verified──▶ installing ──written──▶ testing ──passed──▶ committed
+         downloading/verifying/installing ──refused──▶ failed        (verification failed)
+         testing ──unhealthy──▶ rolled_back                           (health check failed)
+         any in-flight state ──postponed──▶ idle                      (network trouble: retry)
+
+The state (with the announcement being installed) is persisted in ``state.json`` by an
+atomic write before each step. The package is written to the *inactive* slot (fsynced,
+atomic rename); the new model is loaded and health-checked *beside* the serving one; the
+switch is the single atomic write of ``state.json`` that names the new active slot, so a
+power cut at any point leaves the device on its previous verified model or on the new one.
+
+On start-up :meth:`Installer.recover` looks at what it finds: an update cut off before
+``testing`` is resumed (downloads resume from their partial bytes), one cut off in
+``testing`` is rolled back, and one interrupted :data:`MAX_RESUMES` times is given up as
+failed (loop detection).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Callable
+
+from contracts.bundle import Bundle, read_bundle
+from contracts.errors import ContractError
+from contracts.messages import Announce, as_dict
+from device_sdk.errors import TransientError, UpdateRefused
+from device_sdk.runtime import HealthReport, ModelRuntime, health_check, load_runtime
+from device_sdk.storage import atomic_write, read_json, write_json
+
+STATE_SCHEMA = "edgeloop.agent-state/1"
+SLOTS = ("a", "b")
+MAX_RESUMES = 3
+
+__all__ = ["Installer", "InstallState", "InstallResult", "Fetch", "TRANSITIONS", "Event", "MAX_RESUMES"]
+
+Fetch = Callable[[Announce], bytes]
+
+
+class InstallState(StrEnum):
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    TESTING = "testing"
+    COMMITTED = "committed"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class Event(StrEnum):
+    START = "start"
+    FETCHED = "fetched"
+    VERIFIED = "verified"
+    WRITTEN = "written"
+    PASSED = "passed"
+    REFUSED = "refused"        # verification failed: this update is never installed
+    UNHEALTHY = "unhealthy"    # the new model failed its health check: back to the old slot
+    POSTPONED = "postponed"    # a transient failure: back to idle, the update may be retried
+
+
+S = InstallState
+_IN_FLIGHT = (S.DOWNLOADING, S.VERIFYING, S.INSTALLING, S.TESTING)
+_DONE = (S.IDLE, S.COMMITTED, S.FAILED, S.ROLLED_BACK)
+TRANSITIONS: dict[tuple[InstallState, Event], InstallState] = {
+    **{(s, Event.START): S.DOWNLOADING for s in _DONE},
+    # a resumed update starts again from the state it was cut off in
+    **{(s, Event.START): s for s in (S.DOWNLOADING, S.VERIFYING, S.INSTALLING)},
+    (S.DOWNLOADING, Event.FETCHED): S.VERIFYING,
+    (S.VERIFYING, Event.VERIFIED): S.INSTALLING,
+    (S.INSTALLING, Event.WRITTEN): S.TESTING,
+    (S.TESTING, Event.PASSED): S.COMMITTED,
+    **{(s, Event.REFUSED): S.FAILED for s in _IN_FLIGHT},
+    (S.TESTING, Event.UNHEALTHY): S.ROLLED_BACK,
+    **{(s, Event.POSTPONED): S.IDLE for s in _IN_FLIGHT},
+}
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    state: InstallState
+    update_id: str
+    model_version: str | None      # now serving
+    reason: str | None = None
+    code: str | None = None
+    health: HealthReport | None = None
+
+
+class Installer:
+    """Owns ``state.json`` and the two slots of one device."""
+
+    def __init__(self, root: Path, tier: str, max_package_bytes: int,
+                 on_state: Callable[[InstallState, str], None] | None = None) -> None:
+        self.root = Path(root)
+        self.tier = tier
+        self.max_package_bytes = max_package_bytes
+        self._on_state = on_state or (lambda state, update_id: None)
+        self._state = read_json(self.root / "state.json") or {
+            "schema": STATE_SCHEMA, "active_slot": None, "model_version": None,
+            "update": {"id": None, "state": str(S.IDLE), "reason": None}, "refused": [],
+        }
+
+    # -- queries --------------------------------------------------------------------------
+    @property
+    def state(self) -> InstallState:
+        return InstallState(self._state["update"]["state"])
+
+    @property
+    def model_version(self) -> str | None:
+        return self._state["model_version"]
+
+    @property
+    def update_id(self) -> str | None:
+        return self._state["update"]["id"]
+
+    def already_handled(self, update_id: str) -> bool:
+        """True if this update is installed or was refused (so it is not tried again)."""
+        return update_id in self._state["refused"] or (
+            self._state["update"]["id"] == update_id and self.state == S.COMMITTED)
+
+    def active_package_bytes(self) -> bytes | None:
+        slot = self._state["active_slot"]
+        if slot is None:
+            return None
+        return (self.root / "slots" / slot / "package.elpkg").read_bytes()
+
+    def active_bundle(self) -> Bundle | None:
+        data = self.active_package_bytes()
+        return None if data is None else read_bundle(data)
+
+    # -- the machine ----------------------------------------------------------------------
+    def recover(self) -> Announce | None:
+        """After a restart: the update to resume, if any. The active slot is never changed here."""
+        update = self._state["update"]
+        if self.state not in _IN_FLIGHT:
+            return None
+        if self.state == S.TESTING:
+            self._fire(Event.UNHEALTHY, update["id"], reason="interrupted while testing: rolled back")
+            return None
+        if update.get("resumes", 0) >= MAX_RESUMES or not update.get("announce"):
+            self._remember_refused(update["id"])
+            self._fire(Event.REFUSED, update["id"],
+                       reason=f"interrupted {update.get('resumes', 0)} times: given up")
+            return None
+        update["resumes"] = update.get("resumes", 0) + 1
+        write_json(self.root / "state.json", self._state)
+        return Announce.from_obj(update["announce"])
+
+    def install(self, announce: Announce, fetch: Fetch,
+                prepared: Callable[[ModelRuntime], None] | None = None) -> tuple[InstallResult, ModelRuntime | None]:
+        """Run one update to ``committed``, ``failed`` or ``rolled_back``.
+
+        ``prepared`` is called with the new, healthy runtime just before the switch is
+        persisted. Raises TransientError (state back to ``idle``) when the package could not
+        be fetched; the partial download is kept for the next attempt.
+        """
+        uid = announce.update_id
+        resumed = self._state["update"]["id"] == uid and self.state in _IN_FLIGHT
+        self._fire(Event.START, uid, announce=announce, keep_resumes=resumed)
+        try:
+            bundle, data = self._fetch_and_verify(announce, fetch)
+            slot = "b" if self._state["active_slot"] == "a" else "a"
+            if self.state == S.INSTALLING:
+                atomic_write(self.root / "slots" / slot / "package.elpkg", data)
+                self._fire(Event.WRITTEN, uid)
+        except UpdateRefused as e:
+            self._remember_refused(uid)
+            self._fire(Event.REFUSED, uid, reason=e.message, code=e.code)
+            return InstallResult(S.FAILED, uid, self.model_version, e.message, e.code), None
+        try:
+            runtime = load_runtime(bundle)
+            health = health_check(runtime, bundle)
+        except UpdateRefused as e:
+            self._remember_refused(uid)
+            self._fire(Event.UNHEALTHY, uid, reason=e.message, code=e.code)
+            return InstallResult(S.ROLLED_BACK, uid, self.model_version, e.message, e.code), None
+        if prepared:
+            prepared(runtime)
+        self._state["active_slot"] = slot
+        self._state["model_version"] = bundle.manifest.model_version
+        self._fire(Event.PASSED, uid)   # this write is the switch
+        return InstallResult(S.COMMITTED, uid, self.model_version, health=health), runtime
+
+    def _fetch_and_verify(self, announce: Announce, fetch: Fetch) -> tuple[Bundle, bytes]:
+        uid = announce.update_id
+        try:
+            data = fetch(announce)
+        except TransientError as e:
+            self._fire(Event.POSTPONED, uid, reason=str(e), code="transport.download", announce=announce)
+            raise
+        if self.state == S.DOWNLOADING:
+            self._fire(Event.FETCHED, uid)
+        bundle = self._verify(announce, data)
+        if self.state == S.VERIFYING:
+            self._fire(Event.VERIFIED, uid)
+        return bundle, data
+
+    def _verify(self, announce: Announce, data: bytes) -> Bundle:
+        try:
+            bundle = read_bundle(data)
+        except ContractError as e:
+            raise UpdateRefused("verify.package", str(e)) from e
+        m = bundle.manifest
+        if m.model_version != announce.model_version or m.tier != announce.tier or m.tier != self.tier:
+            raise UpdateRefused("verify.mismatch",
+                                f"package is {m.model_version} for {m.tier}, announced "
+                                f"{announce.model_version} for {announce.tier}, device tier {self.tier}")
+        return bundle
+
+    def _remember_refused(self, update_id: str) -> None:
+        self._state["refused"] = (self._state["refused"] + [update_id])[-32:]
+
+    def _fire(self, event: Event, update_id: str, reason: str | None = None, code: str | None = None,
+              announce: Announce | None = None, keep_resumes: bool = False) -> None:
+        key = (self.state, event)
+        if key not in TRANSITIONS:
+            raise RuntimeError(f"install state machine: no transition for {key}")
+        new = TRANSITIONS[key]
+        old = self._state["update"]
+        entry = {"id": update_id, "state": str(new), "reason": reason, "code": code, "at": time.time(),
+                 "announce": as_dict(announce) if announce else old.get("announce") if old.get("id") == update_id else None,
+                 "resumes": old.get("resumes", 0) if keep_resumes or event != Event.START else 0}
+        self._state["update"] = entry
+        write_json(self.root / "state.json", self._state)
+        self._on_state(new, update_id)

@@ -1,0 +1,48 @@
+"""Crash-safe files on the device.
+
+Every file the agent writes goes through :func:`atomic_write`: a temporary file in the same
+folder, fsync, ``os.replace``, then fsync of the folder, so a power cut leaves either the old
+or the new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from device_sdk.errors import StorageError
+
+__all__ = ["atomic_write", "read_json", "write_json"]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e}") from e
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return default
+    except (OSError, json.JSONDecodeError) as e:
+        raise StorageError(f"cannot read {path}: {e}") from e

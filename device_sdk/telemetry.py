@@ -1,0 +1,120 @@
+"""Telemetry windows: what the agent measures while serving, summarised per window.
+
+A window accumulates counts (inferences, labelled, correct), a prediction histogram, a
+confidence histogram (10 bins over [0, 1]) and latencies, then becomes one
+:class:`contracts.messages.Telemetry` record with the next per-device sequence number. The
+sequence counter is persisted before the record is handed to the transport, so a restart
+never reuses a number (the cloud deduplicates on (device_id, seq)).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from contracts.messages import Telemetry
+from device_sdk.storage import read_json, write_json
+
+CONFIDENCE_BINS = 10
+
+__all__ = ["TelemetryWindow", "SequenceCounter"]
+
+
+class SequenceCounter:
+    """A persisted, strictly increasing per-device record number."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._next = int((read_json(path) or {}).get("next_seq", 0))
+
+    @property
+    def issued(self) -> int:
+        """How many sequence numbers this device has ever handed out."""
+        return self._next
+
+    def take(self) -> int:
+        seq = self._next
+        self._next += 1
+        write_json(self.path, {"next_seq": self._next})
+        return seq
+
+
+class FeatureSummary:
+    """Raw inputs summarised per feature on the package baseline's fixed bin edges, plus count,
+    sum, sum of squares, min, max and missing (NaN) count: all merge exactly by addition
+    (min/max by min/max) across windows and devices."""
+
+    def __init__(self, baseline: dict) -> None:
+        feats = baseline["features"]
+        self.inner_edges = [np.asarray(f["edges"][1:-1], dtype=np.float64) for f in feats]
+        self.bins = [len(f["edges"]) - 1 for f in feats]
+        f = len(feats)
+        self.hist = [np.zeros(b, dtype=np.int64) for b in self.bins]
+        self.n, self.missing = np.zeros(f, np.int64), np.zeros(f, np.int64)
+        self.sum, self.sumsq = np.zeros(f), np.zeros(f)
+        self.min, self.max = np.full(f, np.inf), np.full(f, -np.inf)
+
+    def record(self, raw: np.ndarray) -> None:
+        x = np.asarray(raw, dtype=np.float64).reshape(-1)
+        ok = np.isfinite(x)
+        self.missing += ~ok
+        self.n += ok
+        xs = np.where(ok, x, 0.0)
+        self.sum += xs
+        self.sumsq += xs * xs
+        self.min = np.where(ok, np.minimum(self.min, x), self.min)
+        self.max = np.where(ok, np.maximum(self.max, x), self.max)
+        for i, (v, edges) in enumerate(zip(x, self.inner_edges)):
+            if ok[i]:
+                self.hist[i][int(np.searchsorted(edges, v, side="right"))] += 1
+
+    def to_obj(self) -> dict:
+        finite = lambda a: [float(v) if np.isfinite(v) else 0.0 for v in a]  # noqa: E731
+        return {"hist": [h.tolist() for h in self.hist], "n": self.n.tolist(), "missing": self.missing.tolist(),
+                "sum": [float(v) for v in self.sum], "sumsq": [float(v) for v in self.sumsq],
+                "min": finite(self.min), "max": finite(self.max)}
+
+
+class TelemetryWindow:
+    def __init__(self, n_classes: int, baseline: dict | None = None) -> None:
+        self.n_classes = n_classes
+        self.baseline = baseline if baseline and baseline.get("features") else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.summary = FeatureSummary(self.baseline) if self.baseline else None
+        self.start = time.time()
+        self.count = self.labelled = self.correct = self.errors = 0
+        self.predictions = [0] * self.n_classes
+        self.confidence = [0] * CONFIDENCE_BINS
+        self.latencies: list[float] = []
+
+    def record(self, prediction: int, confidence: float, latency_ms: float, label: int | None,
+               raw: np.ndarray | None = None) -> None:
+        self.count += 1
+        if self.summary is not None and raw is not None:
+            self.summary.record(raw)
+        if 0 <= prediction < self.n_classes:
+            self.predictions[prediction] += 1
+        self.confidence[min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))] += 1
+        self.latencies.append(latency_ms)
+        if label is not None:
+            self.labelled += 1
+            self.correct += int(label == prediction)
+
+    def record_error(self) -> None:
+        self.errors += 1
+
+    def close(self, device_id: str, seq: int, model_version: str | None) -> Telemetry:
+        lat = np.asarray(self.latencies or [0.0])
+        record = Telemetry(
+            device_id=device_id, seq=seq, model_version=model_version, window_start=self.start,
+            window_end=max(self.start, time.time()), count=self.count, labelled=self.labelled,
+            correct=self.correct, predictions=list(self.predictions), confidence_hist=list(self.confidence),
+            latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_max=float(lat.max()), errors=self.errors,
+            features=self.summary.to_obj() if self.summary is not None and self.count else None,
+        )
+        self.reset()
+        return record

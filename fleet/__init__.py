@@ -1,0 +1,1 @@
+"""The operator's side: the fleet, rollouts, and the ``edgeloop`` command line."""

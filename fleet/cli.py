@@ -1,0 +1,695 @@
+"""The ``edgeloop`` command line.
+
+Every command takes ``--json`` (one JSON object as the last line of output) and
+``--workspace`` (default ``$EDGELOOP_WORKSPACE`` or ``./edgeloop-workspace``). A user
+mistake is one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from cloud.errors import CloudError, ServiceUnavailable, UserError
+from cloud.workspace import DEFAULT_MQTT, Workspace
+from fleet._output import Output
+
+DEFAULT_WORKSPACE = "edgeloop-workspace"
+SERVE_FILE = "serve.json"
+EXIT_INTERNAL = 70
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _common(p: argparse.ArgumentParser, inherit: bool = False) -> None:
+    """The options every command takes. ``inherit``: an action under a command group (``models
+    ls``), whose unset options must not overwrite what was given before the action."""
+    def d(value):  # noqa: ANN001, ANN202
+        return argparse.SUPPRESS if inherit else value
+    p.add_argument("--workspace", "-w", type=Path,
+                   default=d(Path(os.environ.get("EDGELOOP_WORKSPACE", DEFAULT_WORKSPACE))),
+                   help="workspace folder (default: $EDGELOOP_WORKSPACE or ./edgeloop-workspace)")
+    p.add_argument("--json", action="store_true", default=d(False), help="print one JSON object as the last line")
+    p.add_argument("--mqtt", metavar="HOST:PORT", default=d(None),
+                   help="MQTT broker for this command (default: the workspace's)")
+    p.add_argument("--debug", action="store_true", default=d(False), help="log verbosely and show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgeloop", description="Train, package, sign and ship ML models to device fleets "
+                     "over MQTT, and watch them in the field.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def cmd(name: str, help_: str, fn: Callable[[argparse.Namespace, Output], int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = cmd("init", "create a workspace (registry, signing keys, update repository)", _init)
+    p.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:0",
+                   help="where `edgeloop serve` serves the update repository (port 0: any free port)")
+    p.add_argument("--fleet", default="default", help="fleet name")
+
+    p = cmd("train", "train a model (one process, or distributed with torchrun) and register a model version", _train)
+    p.add_argument("--data", metavar="NAME[:V]|PATH",
+                   help="registered data set, or a CSV file/folder (registered on the way); default: shipped digits")
+    p.add_argument("--model", default="digits-mlp", help="model name (default: digits-mlp)")
+    p.add_argument("--epochs", type=_positive, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=_positive, default=32, help="hidden layer width")
+    p.add_argument("--batch-size", type=_positive, default=64, help="global batch size")
+    p.add_argument("--lr", type=float, default=0.01)
+    _dist_args(p)
+
+    p = cmd("reproduce", "re-run a recorded training run and verify its weights are bit-identical", _reproduce)
+    p.add_argument("run_id", metavar="RUN")
+    p.add_argument("--nproc-per-node", type=_positive, help="default: the recorded world size")
+
+    runs = _group(sub, "runs", "list training runs, or show one's full record", _runs_ls)
+    _action(runs, "ls", "list runs", _runs_ls)
+    _action(runs, "show", "show a run record", _runs_show).add_argument("run_id", metavar="RUN")
+
+    data = _group(sub, "data", "register and list data sets", _data_ls)
+    p = _action(data, "add", "register a data set version (CSV file or folder)", _data_add)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("path", metavar="PATH", type=Path)
+    _action(data, "ls", "list data sets", _data_ls)
+
+    p = cmd("lineage", "what a device runs and where it came from, down to the data hash", _lineage)
+    p.add_argument("device_id", metavar="DEVICE")
+
+    p = cmd("package", "build a model version's package for a hardware tier, proven on its runtime", _package)
+    p.add_argument("model_version", metavar="MODEL_VERSION", help="for example digits-mlp:1")
+    p.add_argument("--tier", default="edge-gateway",
+                   help="gpu-server, edge-gateway, mobile, mcu (or a workspace tier), or all (default: edge-gateway)")
+    p.add_argument("--report", action="store_true", help="print each tier's accuracy, size and latency against fp32")
+    p.add_argument("--export-triton", metavar="DIR", type=Path,
+                   help="also write the gpu-server package as a Triton model repository in DIR")
+
+    p = cmd("publish", "sign a package into the update repository and announce it to the fleet", _publish)
+    p.add_argument("model_version", metavar="MODEL_VERSION")
+    p.add_argument("--tier", default="edge-gateway")
+    p.add_argument("--repository-url", help="URL devices download from (default: the running `edgeloop serve`)")
+
+    p = cmd("serve", "run the control plane: serve the update repository, ingest telemetry", _serve)
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+
+    _devices_commands(sub)
+    _broker_commands(sub)
+
+    models = _group(sub, "models", "list, show, promote and archive model versions", _models)
+    _action(models, "ls", "list model versions", _models)
+    _action(models, "show", "show a model version", _models_show).add_argument("model_version", metavar="MODEL_VERSION")
+    p = _action(models, "promote", "move a model version to staging or production (gated)", _models_promote)
+    p.add_argument("model_version", metavar="MODEL_VERSION")
+    p.add_argument("--to", dest="stage", choices=["staging", "production"], default="production")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="accuracy the candidate may lose against production (default 0.01)")
+    _action(models, "archive", "archive a model version", _models_archive).add_argument(
+        "model_version", metavar="MODEL_VERSION")
+    drift = _group(sub, "drift", "drift and skew against the training baseline, per cohort", _drift_report)
+    p = _action(drift, "report", "compare device telemetry with each model version's training baseline",
+                _drift_report)
+    p.add_argument("--cohort", choices=["device", "tier", "model_version", "fleet"], default="device")
+    from fleet.cli_keys import add_keys_commands
+    add_keys_commands(sub, _group, _action)
+    cmd("status", "summarize the fleet: models, updates, device states, telemetry", _status)
+
+    p = cmd("simulate", "run a simulated fleet of real agents against the broker", _simulate)
+    p.add_argument("--devices", type=_positive, default=20)
+    p.add_argument("--tier", default="edge-gateway")
+    p.add_argument("--samples", type=_positive, default=60, help="requests each device serves")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds to run at most")
+    p.add_argument("--prefix", default="sim", help="device id prefix")
+
+    p = cmd("demo", "run the whole loop once: train, package, sign, announce, install, report", _demo)
+    p.add_argument("--devices", type=_positive, default=20, help="simulated devices (default 20)")
+    p.add_argument("--samples", type=_positive, default=60, help="requests each device serves")
+    p.add_argument("--epochs", type=_positive, default=30)
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the fleet")
+    p.add_argument("--prefix", default="demo", help="device id prefix (default: demo)")
+    return parser
+
+
+def _group(sub, name: str, help_: str, default_fn) -> argparse._SubParsersAction:  # noqa: ANN001
+    """A command with actions (``models ls``); the bare command runs ``default_fn``."""
+    p = sub.add_parser(name, help=help_, description=help_)
+    _common(p)
+    p.set_defaults(fn=default_fn)
+    return p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+
+
+def _action(group, name: str, help_: str, fn) -> argparse.ArgumentParser:  # noqa: ANN001
+    p = group.add_parser(name, help=help_, description=help_)
+    _common(p, inherit=True)
+    p.set_defaults(fn=fn)
+    return p
+
+
+class _AnyName(dict):
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+class _ShowByDefault(argparse._SubParsersAction):
+    """Actions of ``edgeloop devices``: a first word that names no action is a device id, so
+    ``devices DEVICE`` stays ``devices show DEVICE``."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.choices = _AnyName()       # argparse checks the first word against choices first
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        if values[0] not in self._name_parser_map:
+            values = ["show", *values]
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _device_filters(p: argparse.ArgumentParser, inherit: bool = False) -> None:
+    d = argparse.SUPPRESS if inherit else None
+    p.add_argument("--tier", default=d)
+    p.add_argument("--state", default=d, help="filter by state (online, committed, failed, offline, ...)")
+    p.add_argument("--tag", action="append", default=d, metavar="KEY=VALUE", help="filter by tag (repeatable)")
+    p.add_argument("--group", default=d, help="filter by group")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--online", dest="online", action="store_const", const=True, default=d, help="only online devices")
+    g.add_argument("--offline", dest="online", action="store_const", const=False, default=d,
+                   help="only offline devices")
+
+
+def _devices_commands(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser("devices", help="list, show, enroll and revoke devices",
+                       description="list devices (the default), show one (`devices DEVICE`), enroll or revoke one")
+    _common(p)
+    _device_filters(p)
+    p.set_defaults(fn=_devices_ls)
+    devices = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser, action=_ShowByDefault)
+    _device_filters(_action(devices, "ls", "list devices, with filters", _devices_ls), inherit=True)
+    _action(devices, "show", "show one device in full", _devices_show).add_argument("device_id", metavar="DEVICE")
+    p = _action(devices, "enroll", "issue a device its certificate (or sign its CSR) and register it",
+                _devices_enroll)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--tier", help="its hardware tier, for example edge-gateway")
+    p.add_argument("--hardware", metavar="PROFILE", help="its hardware profile, for example rpi4-4gb")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable)")
+    p.add_argument("--group", action="append", default=[], metavar="GROUP", help="a group it belongs to (repeatable)")
+    p.add_argument("--csr", type=Path, metavar="FILE", help="sign this PEM CSR: the device keeps its own key")
+    p.add_argument("--out", type=Path, metavar="DIR", help="identity folder (default: WORKSPACE/devices/DEVICE_ID)")
+    p = _action(devices, "revoke", "revoke a device's certificate (CRL) and cut it off the broker", _devices_revoke)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+
+
+def _broker_commands(sub) -> None:  # noqa: ANN001
+    broker = _group(sub, "broker", "generate, start and stop the fleet's mutual-TLS Mosquitto broker", _broker_status)
+    p = _action(broker, "config", "write the Mosquitto configuration and ACL (certificates issued as needed)",
+                _broker_config)
+    p.add_argument("--port", type=int, help="TLS listener port (default: the last configured, else 8883)")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="where to write it (default: WORKSPACE/broker/mosquitto.conf)")
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--san", action="append", default=[], metavar="HOST",
+                   help="another name or IP devices dial, for the server certificate (repeatable)")
+    p = _action(broker, "up", "start Mosquitto in the background with the generated configuration", _broker_up)
+    p.add_argument("--port", type=int, help="TLS listener port (default: the last configured, else 8883)")
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    _action(broker, "down", "stop the workspace's broker", _broker_down)
+    _action(broker, "status", "is the workspace's broker running, and where", _broker_status)
+
+
+def _dist_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed training (torchrun semantics)")
+    g.add_argument("--nproc-per-node", type=_positive, default=1, help="worker processes on this machine")
+    g.add_argument("--nnodes", default="1", help="machines in the job: N or MIN:MAX")
+    g.add_argument("--node-rank", type=int, default=0, help="this machine's rank")
+    g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address for several machines")
+    g.add_argument("--max-restarts", type=int, default=0, help="restarts after a worker failure")
+    g.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps (0: never)")
+
+
+def _dist_config(args: argparse.Namespace):  # noqa: ANN202
+    from cloud.launcher import DistConfig
+    if args.nnodes != "1" and not args.rdzv_endpoint:
+        raise UserError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
+    return DistConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+                      rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+# -- commands ----------------------------------------------------------------------------------
+def _open(args: argparse.Namespace) -> Workspace:
+    return Workspace.open(args.workspace).with_mqtt(args.mqtt)
+
+
+def _registry(ws: Workspace):  # noqa: ANN202
+    from cloud.registry import Registry
+    return Registry(ws.registry_path)
+
+
+def _init(args: argparse.Namespace, out: Output) -> int:
+    from cloud.registry import Registry
+
+    existed = (args.workspace / "edgeloop.toml").exists()
+    ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT, http=args.http, fleet=args.fleet)
+    Registry(ws.registry_path).close()
+    ws.image_repository().init()
+    ws.director_repository().init()
+    out.result({"workspace": str(ws.root), "created": not existed, "mqtt": f"{ws.mqtt_host}:{ws.mqtt_port}"},
+               f"{'using existing' if existed else 'created'} workspace {ws.root} "
+               f"(broker {ws.mqtt_host}:{ws.mqtt_port})")
+    return 0
+
+
+def _train(args: argparse.Namespace, out: Output) -> int:
+    from cloud.pipeline import train_model
+    from cloud.training import TrainParams
+
+    ws = _open(args)
+    registry = _registry(ws)
+    params = TrainParams(seed=args.seed, epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size,
+                         lr=args.lr, checkpoint_every=args.checkpoint_every)
+    with out.progress() as progress:
+        result = train_model(ws, registry, params, args.data, args.model, _dist_config(args),
+                             on_epoch=lambda e, row: progress("train", e, args.epochs))
+    m = result["metrics"]
+    out.result(result, f"registered {result['model_version']} (run {result['run_id']}, data {result['dataset_id']}, "
+                       f"{result['world_size']} process(es)): validation accuracy {m['val_accuracy']:.3f}, "
+                       f"test accuracy {m['test_accuracy']:.3f}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace, out: Output) -> int:
+    from cloud.launcher import DistConfig
+    from cloud.pipeline import reproduce_run
+
+    ws = _open(args)
+    dist = DistConfig(nproc_per_node=args.nproc_per_node) if args.nproc_per_node else None
+    with out.progress() as progress:
+        r = reproduce_run(ws, _registry(ws), args.run_id, dist, on_epoch=lambda e, row: progress("train", e, 0))
+    if r["identical"]:
+        verdict = f"identical: weights sha256 {r['weights_sha256'][:16]} match run {args.run_id}"
+    elif r["bit_identity_expected"]:
+        verdict = (f"NOT identical: weights sha256 {r['weights_sha256'][:16]} != recorded "
+                   f"{r['original_weights_sha256'][:16]}")
+    else:
+        verdict = "bit-identical weights are not expected here; metric difference: " + ", ".join(
+            f"{k} {v:+.4f}" for k, v in r["metric_difference"].items() if k != "train_examples")
+    out.result(r, "\n".join([verdict, *r["notes"]]))
+    return 0 if r["identical"] or not r["bit_identity_expected"] else 1
+
+
+def _runs_ls(args: argparse.Namespace, out: Output) -> int:
+    rows = _registry(_open(args)).runs()
+    out.table("runs", ["run", "model", "status", "data", "world", "test accuracy", "weights"],
+              [[r["run_id"], r["model"], r["status"], r["dataset_id"], (r["dist"] or {}).get("world_size"),
+                f"{r['metrics']['test_accuracy']:.3f}" if r.get("metrics") else None,
+                (r["weights_sha256"] or "")[:12] or None] for r in rows],
+              {"runs": rows})
+    return 0
+
+
+def _runs_show(args: argparse.Namespace, out: Output) -> int:
+    r = _registry(_open(args)).run(args.run_id)
+    out.result(r, json.dumps(r, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _data_add(args: argparse.Namespace, out: Output) -> int:
+    from cloud.pipeline import register_dataset
+
+    dataset, dataset_id, created = register_dataset(_registry(_open(args)), args.name, args.path)
+    out.result({"dataset_id": dataset_id, "created": created, "sha256": dataset.sha256, "schema": dataset.schema},
+               f"{'registered' if created else 'already registered, unchanged:'} {dataset_id} "
+               f"({dataset.schema['rows']} rows, {dataset.schema['features']} features, sha256 {dataset.sha256[:16]})")
+    return 0
+
+
+def _data_ls(args: argparse.Namespace, out: Output) -> int:
+    rows = _registry(_open(args)).datasets()
+    out.table("data sets", ["data set", "rows", "features", "classes", "sha256", "path"],
+              [[r["dataset_id"], r["schema"]["rows"], r["schema"]["features"], r["schema"]["classes"],
+                r["sha256"][:16], r["path"]] for r in rows], {"datasets": rows})
+    return 0
+
+
+def _lineage(args: argparse.Namespace, out: Output) -> int:
+    from cloud.models import lineage
+
+    chain = lineage(_registry(_open(args)), args.device_id)
+    if "update" not in chain:
+        out.result(chain, f"{args.device_id}: {chain['note']}")
+        return 0
+    d, u, mv, run, ds = chain["device"], chain["update"], chain["model_version"], chain["run"], chain["dataset"]
+    code = run["code"]
+    out.result(chain, "\n".join([
+        f"device     {d['device_id']} ({d['tier']}, {d['state']}) runs {d['model_version']}",
+        f"update     {u['update_id']} ({u['tier']})",
+        f"package    sha256 {chain['package']['sha256'][:16]} ({chain['package']['length']} bytes)",
+        f"model      {mv['model_version']} [{mv['stage']}] onnx {mv['onnx_sha256'][:16]}",
+        f"run        {run['run_id']} seed {run['params']['seed']}, world size {run['dist']['world_size']}, "
+        f"weights {run['weights_sha256'][:16]}",
+        f"code       commit {(code['commit'] or 'n/a')[:12]}{' (dirty)' if code['dirty'] else ''}, "
+        f"training code {code['training_code_sha256'][:16]}",
+        f"data set   {ds['dataset_id']} sha256 {ds['sha256']}"]))
+    return 0
+
+
+def _package(args: argparse.Namespace, out: Output) -> int:
+    from fleet.cli_package import package_command
+
+    return package_command(args, out, _open(args), _registry)
+
+
+def _serve_url(ws: Workspace) -> str:
+    info = ws.root / SERVE_FILE
+    try:
+        return json.loads(info.read_text())["repository_url"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        raise UserError("no control plane is serving this workspace (start one: edgeloop serve), "
+                        "or pass --repository-url") from None
+
+
+def _publish(args: argparse.Namespace, out: Output) -> int:
+    from cloud.control_plane import ControlPlane
+    from cloud.pipeline import publish_update
+
+    ws = _open(args)
+    registry = _registry(ws)
+    url = args.repository_url or _serve_url(ws)
+    cp = ControlPlane(registry, ws.mqtt_host, ws.mqtt_port).start()
+    try:
+        msg = publish_update(ws, registry, url, args.model_version, args.tier, cp.announce)
+    finally:
+        cp.stop()
+    out.result({"update_id": msg.update_id, "model_version": msg.model_version, "tier": msg.tier,
+                "target": msg.target, "sha256": msg.sha256, "repository": msg.repository},
+               f"published {msg.model_version} to {msg.tier} devices as update {msg.update_id}")
+    return 0
+
+
+def _serve(args: argparse.Namespace, out: Output) -> int:
+    from cloud.control_plane import ControlPlane
+    from cloud.repo_server import RepositoryServer
+
+    ws = _open(args)
+    registry = _registry(ws)
+    server = RepositoryServer(ws.repository_dir, ws.http_host, ws.http_port, ws.director_dir).start()
+    cp = ControlPlane(registry, ws.mqtt_host, ws.mqtt_port, session=f"edgeloop-ingest-{ws.fleet}",
+                      repositories={"image": ws.repository_dir, "director": ws.director_dir}).start()
+    (ws.root / SERVE_FILE).write_text(json.dumps({"repository_url": server.url, "pid": os.getpid()}))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    out.info(f"serving {server.url}, ingesting from {ws.mqtt_host}:{ws.mqtt_port} (Ctrl-C to stop)")
+    try:
+        stop.wait(args.duration) if args.duration else stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        (ws.root / SERVE_FILE).unlink(missing_ok=True)
+        cp.stop()
+        server.stop()
+    out.result({"repository_url": server.url, **cp.stats.__dict__})
+    return 0
+
+
+def _fleet(ws: Workspace):  # noqa: ANN202
+    from cloud.fleet_registry import FleetRegistry
+    return FleetRegistry(_registry(ws))
+
+
+def _devices_ls(args: argparse.Namespace, out: Output) -> int:
+    from cloud.fleet_registry import DeviceFilter
+    from fleet.identity import parse_tags
+
+    where = DeviceFilter(tier=getattr(args, "tier", None), state=getattr(args, "state", None),
+                         tags=parse_tags(getattr(args, "tag", None) or []), group=getattr(args, "group", None),
+                         online=getattr(args, "online", None))
+    rows = _fleet(_open(args)).devices(where)
+    out.table("devices", ["device", "tier", "state", "online", "model", "target", "groups", "last seen",
+                          "reason / last error"],
+              [[d["device_id"] + (" (revoked)" if d["revoked"] else ""), d["tier"], d["state"],
+                "yes" if d["online"] else "no", d["model_version"], d["target_model_version"],
+                ",".join(d["groups"]) or None, _ago(d["last_seen"]) if d["last_seen"] else "never",
+                d["reason"] or d["last_error"]] for d in rows], {"devices": rows})
+    return 0
+
+
+def _devices_show(args: argparse.Namespace, out: Output) -> int:
+    ws = _open(args)
+    fleet = _fleet(ws)
+    device = fleet.device(args.device_id)
+    device["errors"] = fleet.registry.device_errors(args.device_id)[-10:]
+    device["telemetry"] = list(fleet.db.query(
+        "select count(*) as records, sum(count) as inferences, sum(correct) as correct, sum(labelled) as labelled "
+        "from telemetry where device_id = ?", [args.device_id]))[0]
+    out.result(device, "\n".join(f"{k:>20}: {v}" for k, v in device.items()))
+    return 0
+
+
+def _devices_enroll(args: argparse.Namespace, out: Output) -> int:
+    from fleet.identity import enroll, enrolment_from
+
+    ws = _open(args)
+    req = enrolment_from(args.device_id, args.tier, args.hardware, args.tag, args.group, args.csr)
+    r = enroll(ws, _fleet(ws), req, args.out)
+    note = "; move device.key onto the device and delete it here" if r.key_generated else ""
+    out.result({**r.__dict__, "folder": str(r.folder)},
+               f"enrolled {r.device_id}: certificate serial {r.serial[:16]}, valid until "
+               f"{time.strftime('%Y-%m-%d', time.gmtime(r.not_after))}; identity folder {r.folder}: "
+               f"{', '.join(r.files)}{note}")
+    return 0
+
+
+def _devices_revoke(args: argparse.Namespace, out: Output) -> int:
+    from fleet.broker import apply_revocations
+    from fleet.identity import revoke
+
+    ws = _open(args)
+    fleet = _fleet(ws)
+    r = revoke(ws, fleet, args.device_id)
+    broker = apply_revocations(ws, fleet)
+    out.result({**r.__dict__, "broker": broker},
+               f"{r.device_id}: certificate {r.serial[:16]} {'was already' if r.already_revoked else 'is now'} "
+               f"revoked; broker {broker}")
+    return 0
+
+
+def _broker_config(args: argparse.Namespace, out: Output) -> int:
+    from fleet.broker import describe, write_config
+
+    ws = _open(args)
+    cfg = write_config(ws, _fleet(ws), args.port, args.out, args.bind, args.san)
+    out.result(describe(cfg), f"wrote {cfg.conf} and {cfg.acl}: mutual-TLS listener on {cfg.address} "
+                              f"(start it: edgeloop broker up)")
+    return 0
+
+
+def _broker_up(args: argparse.Namespace, out: Output) -> int:
+    from fleet.broker import start
+
+    ws = _open(args)
+    st = start(ws, _fleet(ws), args.port, args.bind)
+    out.result({**st.__dict__, "conf": str(st.conf), "log": str(st.log)},
+               f"broker {'already ' if st.already_running else ''}running (pid {st.pid}) at mqtts://{st.address}; "
+               f"log {st.log}")
+    return 0
+
+
+def _broker_down(args: argparse.Namespace, out: Output) -> int:
+    from fleet.broker import stop
+
+    pid = stop(_open(args))
+    out.result({"stopped": pid}, f"stopped the broker (pid {pid})" if pid else "no broker was running")
+    return 0
+
+
+def _broker_status(args: argparse.Namespace, out: Output) -> int:
+    from fleet.broker import status
+
+    st = status(_open(args))
+    out.result(st, f"broker running (pid {st['pid']}) at mqtts://{st['address']}" if st["pid"]
+               else "no broker running for this workspace (start one: edgeloop broker up)")
+    return 0
+
+
+def _models(args: argparse.Namespace, out: Output) -> int:
+    rows = _registry(_open(args)).model_versions()
+    for r in rows:
+        r["metrics"] = json.loads(r["metrics"])
+    out.table("model versions", ["model version", "stage", "run", "test accuracy"],
+              [[r["model_version"], r["stage"], r["run_id"], f"{r['metrics'].get('test_accuracy', 0):.3f}"]
+               for r in rows], {"model_versions": rows})
+    return 0
+
+
+def _models_show(args: argparse.Namespace, out: Output) -> int:
+    registry = _registry(_open(args))
+    mv = registry.model_version(args.model_version)
+    mv["packages"] = list(registry.db.query("select tier, sha256, length, target from packages "
+                                            "where model_version = ?", [args.model_version]))
+    mv.pop("features", None)
+    out.result(mv, json.dumps(mv, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _models_promote(args: argparse.Namespace, out: Output) -> int:
+    from cloud.models import promote
+
+    p = promote(_registry(_open(args)), args.model_version, args.stage, args.tolerance)
+    extra = ""
+    if p.candidate_accuracy is not None:
+        extra = f" (held-out accuracy {p.candidate_accuracy:.4f}" + (
+            f" vs {p.replaced} {p.production_accuracy:.4f}, now archived)" if p.replaced else ")")
+    out.result(p.__dict__, f"{p.model_version}: {p.from_stage} -> {p.to_stage}{extra}")
+    return 0
+
+
+def _models_archive(args: argparse.Namespace, out: Output) -> int:
+    from cloud.models import promote
+
+    p = promote(_registry(_open(args)), args.model_version, "archived")
+    out.result(p.__dict__, f"{p.model_version}: {p.from_stage} -> archived")
+    return 0
+
+
+def _status(args: argparse.Namespace, out: Output) -> int:
+    registry = _registry(_open(args))
+    devices = registry.devices()
+    states: dict[str, int] = {}
+    for d in devices:
+        states[d["state"]] = states.get(d["state"], 0) + 1
+    updates = registry.updates()
+    summary = registry.telemetry_summary()
+    obj = {"devices": len(devices), "states": states, "latest_model_version": registry.latest_model_version(),
+           "latest_update": updates[-1] if updates else None, "telemetry_records": summary["records"],
+           "inferences": summary["inferences"], "accuracy": summary["accuracy"]}
+    acc = "n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"
+    human = (f"devices: {len(devices)} ({', '.join(f'{k} {v}' for k, v in sorted(states.items())) or 'none'})\n"
+             f"latest model version: {obj['latest_model_version'] or '-'}\n"
+             f"latest update: {updates[-1]['update_id'] + ' (' + updates[-1]['model_version'] + ')' if updates else '-'}\n"
+             f"telemetry: {summary['records']} records, {summary['inferences']} inferences, accuracy {acc}")
+    out.result(obj, human)
+    return 0
+
+
+def _simulate(args: argparse.Namespace, out: Output) -> int:
+    from cloud.datasets import load_dataset
+    from simulators.datastream import DataStream
+    from simulators.fleet import FleetSpec, SimulatedFleet
+
+    ws = _open(args)
+    _, _, test = load_dataset().split()
+    spec = FleetSpec(devices=args.devices, tier=args.tier, state_root=ws.fleet_dir, mqtt_host=ws.mqtt_host,
+                     mqtt_port=ws.mqtt_port, image_root=ws.image_repository().trusted_root(),
+                     director_root=ws.director_repository().trusted_root(),
+                     samples=args.samples, prefix=args.prefix)
+    fleet = SimulatedFleet(spec, DataStream(test.x, test.y)).start()
+    deadline = time.time() + args.duration
+    try:
+        with out.progress() as progress:
+            while time.time() < deadline and fleet.settled_count() < args.devices:
+                progress("devices", fleet.settled_count(), args.devices)
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop()
+    served = sum(r.served for r in fleet.runs)
+    versions = sorted({r.agent.model_version or "-" for r in fleet.runs})
+    out.result({"devices": args.devices, "served": served, "settled": fleet.settled_count(),
+                "model_versions": versions},
+               f"{args.devices} devices served {served} requests; running: {', '.join(versions)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace, out: Output) -> int:
+    from fleet.demo import DemoOptions, run_demo
+
+    ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT).with_mqtt(args.mqtt)
+    opts = DemoOptions(devices=args.devices, samples=args.samples, epochs=args.epochs, timeout_s=args.timeout,
+                       prefix=args.prefix)
+    out.info(f"edgeloop demo: {args.devices} devices, broker {ws.mqtt_host}:{ws.mqtt_port}, workspace {ws.root}")
+    with out.progress() as progress:
+        result = run_demo(ws, opts, progress)
+    acc = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.3f}"
+    out.result(result, (
+        f"model {result['model_version']} (run {result['run_id']}, data sha256 {result['dataset_sha256'][:12]}, "
+        f"test accuracy {result['test_accuracy']:.3f})\n"
+        f"update {result['update_id']}: {result['updated']}/{result['devices']} devices updated, "
+        f"{result['failed']} failed\n"
+        f"telemetry: {result['telemetry_records']} records, {result['inferences']} inferences, "
+        f"fleet accuracy {acc}\n"
+        f"done in {result['seconds']} s"))
+    return 0 if result["failed"] == 0 else 1
+
+
+def _drift_report(args: argparse.Namespace, out: Output) -> int:
+    from cloud.drift import drift_report
+
+    cohort = getattr(args, "cohort", "device")
+    report = drift_report(_registry(_open(args)), by=cohort)
+    out.table(f"drift by {cohort}", [cohort, "model", "status", "inferences", "accuracy", "max PSI",
+                                          "drifted features", "predictions drift"],
+              [[r["key"], r["model_version"], r["status"], r["inferences"],
+                None if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+                None if r.get("max_psi") is None else f"{r['max_psi']:.3f} (f{r['max_psi_feature']})",
+                ",".join(map(str, r["drifted_features"][:8])) + ("..." if len(r["drifted_features"]) > 8 else ""),
+                r.get("prediction_drift")] for r in report], {"report": report})
+    return 0
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0, int(time.time() - ts))
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    out = Output(args.json)
+    try:
+        return args.fn(args, out)
+    except CloudError as e:
+        sys.stderr.write(f"edgeloop: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("edgeloop: interrupted\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if args.debug:
+            raise
+        from device_sdk.errors import AgentError
+        code = ServiceUnavailable.exit_code if isinstance(e, AgentError) else EXIT_INTERNAL
+        sys.stderr.write(f"edgeloop: error: {type(e).__name__}: {e} (rerun with --debug for details)\n")
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

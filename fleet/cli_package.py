@@ -1,0 +1,103 @@
+"""``edgeloop package``: build per-tier packages, optionally report and export them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+from contracts.bundle import read_bundle
+from cloud.errors import UserError
+from cloud.tiers import load_tiers
+from cloud.workspace import Workspace
+from fleet._output import Output
+
+__all__ = ["package_command", "export_triton"]
+
+
+def export_triton(package: bytes, folder: Path) -> list[str]:
+    """Write a gpu-server package's Triton model repository layout into ``folder``."""
+    bundle = read_bundle(package)
+    layout = bundle.manifest.layout.get("triton")
+    if not layout:
+        raise UserError(f"the {bundle.manifest.tier} package has no Triton layout (only gpu-server packages do)")
+    written = []
+    for rel, member in sorted(layout.items()):
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bundle.files[member])
+        written.append(str(path))
+    return written
+
+
+SHIPPED_ORDER = ("gpu-server", "edge-gateway", "mobile", "mcu")   # fp32 first: the rest compare with it
+
+
+def _tier_order(name: str) -> tuple[int, str]:
+    return (SHIPPED_ORDER.index(name) if name in SHIPPED_ORDER else len(SHIPPED_ORDER), name)
+
+
+def package_command(args: argparse.Namespace, out: Output, ws: Workspace, registry_for: Callable) -> int:
+    """Package one tier, or every tier with ``--tier all``: there a tier whose artifact does not
+    fit is reported (and nothing registered for it) while the other tiers are still packaged,
+    and the command exits 2."""
+    from cloud.pipeline import package_model
+    from cloud.tier_packagers import DoesNotFit
+
+    registry = registry_for(ws)
+    tiers = sorted(load_tiers(ws.root), key=_tier_order) if args.tier == "all" else [args.tier]
+    rows: list[dict[str, Any]] = []
+    refused: list[dict[str, str]] = []
+    with out.progress() as progress:
+        for i, tier in enumerate(tiers):
+            progress("package", i, len(tiers))
+            try:
+                result = package_model(ws, registry, args.model_version, tier)
+            except DoesNotFit as e:
+                if args.tier != "all":
+                    raise
+                refused.append({"tier": tier, "reason": str(e)})
+                continue
+            m = result.manifest
+            rows.append({"tier": tier, "format": m.numeric_format, "runtime": m.runtime, "sha256": result.sha256,
+                         "bytes": len(result.data), "target": result.target_path, **m.measured})
+            if args.export_triton and tier == "gpu-server":
+                rows[-1]["triton_files"] = export_triton(result.data, args.export_triton)
+            progress("package", i + 1, len(tiers))
+    fp32 = registry.model_version(args.model_version)["metrics"].get("test_accuracy")
+    base_bytes = next((r["model_bytes"] for r in rows if r["tier"] == "gpu-server"), None)
+    for r in rows:
+        r["size_ratio_vs_fp32"] = round(r["model_bytes"] / base_bytes, 3) if base_bytes else None
+        r["accuracy_drop_points"] = round((fp32 - r["accuracy"]) * 100, 2) if fp32 is not None else None
+    obj = {"model_version": args.model_version, "fp32_accuracy": fp32, "packages": rows, "refused": refused}
+    status = 2 if refused else 0
+    if args.tier != "all" and not args.report:
+        r = rows[0]
+        obj.update({k: r[k] for k in ("tier", "sha256", "bytes", "target")})
+        out.result(obj, f"packaged {args.model_version} for {r['tier']}: {r['bytes']} bytes, sha256 {r['sha256'][:16]}, "
+                        f"held-out accuracy {r['accuracy']:.4f}")
+        return 0
+    if out.as_json:
+        out.result(obj)
+        return status
+    out.info(f"{args.model_version}: float (fp32 PyTorch) held-out accuracy {_fmt(fp32, '.4f')}; "
+             "each package measured on its own runtime")
+    out.table("packages", ["tier", "format", "runtime", "model bytes", "vs fp32", "accuracy", "drop (points)",
+                           "top-1 agree", "host p50 ms", "device ms", "RAM", "flash"],
+              [[r["tier"], r["format"], r["runtime"], r["model_bytes"], _fmt(r["size_ratio_vs_fp32"], ".3f"),
+                f"{r['accuracy']:.4f}", _fmt(r["accuracy_drop_points"], "+.2f"),
+                f"{r['top1_agreement_with_float']:.4f}", r["host_p50_ms"], r["device_latency_ms"],
+                _size(r["ram_bytes"]), _size(r["flash_bytes"])] for r in rows], obj)
+    for r in refused:
+        out.err.print(f"edgeloop: error: {r['tier']} not packaged: {r['reason']}")
+    return status
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MB"

@@ -1,0 +1,111 @@
+"""``edgeloop demo``: the whole loop once, end to end, on real components.
+
+train (PyTorch) -> export ONNX -> package for edge-gateway -> sign (TUF, Ed25519) -> announce
+(MQTT) -> N simulated agents download over HTTP, verify with python-tuf, install, serve, and
+report telemetry -> the control plane stores it in SQLite -> summary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cloud.datasets import load_dataset
+from cloud.pipeline import package_model, publish_update, train_model
+from cloud.registry import Registry
+from cloud.repo_server import RepositoryServer
+from cloud.control_plane import ControlPlane
+from cloud.training import TrainParams
+from cloud.workspace import Workspace
+from simulators.datastream import DataStream
+from simulators.fleet import FleetSpec, SimulatedFleet
+
+__all__ = ["DemoOptions", "run_demo"]
+
+TIER = "edge-gateway"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    devices: int = 20
+    samples: int = 60
+    epochs: int = 30
+    seed: int = 0
+    timeout_s: float = 120.0
+    prefix: str = "demo"          # device ids are <prefix>-edge-gateway-00000, ...
+
+
+Progress = Callable[[str, int, int], None]   # (stage, done, total)
+
+
+def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None) -> dict:
+    report = progress or (lambda stage, done, total: None)
+    t0 = time.time()
+    registry = Registry(ws.registry_path)
+    image, director = ws.image_repository(), ws.director_repository()
+    image.init()
+    director.init()
+    server = RepositoryServer(ws.repository_dir, ws.http_host, ws.http_port, ws.director_dir).start()
+    cp = ControlPlane(registry, ws.mqtt_host, ws.mqtt_port).start()
+    fleet: SimulatedFleet | None = None
+    try:
+        trained = train_model(ws, registry, TrainParams(seed=opts.seed, epochs=opts.epochs),
+                              on_epoch=lambda e, row: report("train", e, opts.epochs))
+        mv = trained["model_version"]
+        package_model(ws, registry, mv, TIER)
+        report("package", 1, 1)
+        dataset = load_dataset()
+        _, _, test = dataset.split()
+        spec = FleetSpec(devices=opts.devices, tier=TIER, state_root=ws.fleet_dir, mqtt_host=ws.mqtt_host,
+                         mqtt_port=ws.mqtt_port, image_root=image.trusted_root(),
+                         director_root=director.trusted_root(),
+                         samples=opts.samples, serve_version=mv, prefix=opts.prefix)
+        fleet = SimulatedFleet(spec, DataStream(test.x, test.y)).start()
+        announce = publish_update(ws, registry, server.url, mv, TIER, cp.announce)
+        deadline = time.time() + opts.timeout_s
+        while time.time() < deadline:
+            settled = fleet.settled_count()
+            report("fleet", settled, opts.devices)
+            if settled == opts.devices:
+                break
+            time.sleep(0.1)
+        cp.drain()
+        _wait_for_statuses(registry, fleet, mv, deadline)
+        cp.drain()
+        summary = registry.telemetry_summary(mv)
+        ids = {run.agent.device_id for run in fleet.runs}
+        rows = [d for d in registry.devices(tier=TIER) if d["device_id"] in ids]
+        updated = sum(1 for d in rows if d["model_version"] == mv)
+        return {
+            "devices": opts.devices, "updated": updated, "failed": opts.devices - updated,
+            "model_version": mv, "update_id": announce.update_id, "run_id": trained["run_id"],
+            "dataset_sha256": trained["dataset_sha256"], "test_accuracy": trained["metrics"]["test_accuracy"],
+            "telemetry_records": summary["records"], "inferences": summary["inferences"],
+            "accuracy": summary["accuracy"], "malformed_dropped": cp.stats.malformed,
+            "workspace": str(ws.root), "seconds": round(time.time() - t0, 2),
+        }
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        cp.clear_announce(TIER)   # its repository stops with the demo: don't leave a dead link retained
+        cp.stop()
+        server.stop()
+        registry.close()
+
+
+def _wait_for_statuses(registry: Registry, fleet: SimulatedFleet, mv: str, deadline: float) -> None:
+    """Until every device's latest status and every telemetry record it sent has been stored."""
+    ids = {run.agent.device_id for run in fleet.runs}
+    sent = sum(run.agent.seq.issued for run in fleet.runs)  # records ever numbered by these devices
+    while time.time() < deadline:
+        rows = {d["device_id"]: d for d in registry.devices() if d["device_id"] in ids}
+        final = all(r["state"] in ("committed", "failed") and
+                    (r["model_version"] == mv or r["state"] == "failed") for r in rows.values())
+        stored = list(registry.db.query(
+            "select count(*) as n from telemetry where device_id in (%s)" % ",".join("?" * len(ids)),
+            sorted(ids)))[0]["n"]
+        if len(rows) == len(ids) and final and stored >= sent:
+            return
+        time.sleep(0.05)

@@ -1,0 +1,5 @@
+"""Simulated devices, networks, faults and data streams for tests and demos.
+
+Simulated devices run the real :class:`device_sdk.Agent` against a real broker; only the
+hardware and the inputs are simulated.
+"""
