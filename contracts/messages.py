@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, ClassVar, Union
@@ -24,10 +25,12 @@ from contracts.errors import PayloadTooLarge, SchemaError
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_CLASSES = 1024
 MAX_TEXT = 1024
+_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
     "Announce",
+    "Command",
     "DeviceState",
     "ErrorReport",
     "Message",
@@ -113,6 +116,7 @@ class Announce:
     director: str        # base URL of the director repository (metadata/ under it)
     issued_at: float
     delta: dict[str, Any] | None = None   # {"target", "base_sha256", "length"}: a delta from that base
+    group: str | None = None   # director assignment group to check (None: the device's own group)
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> Announce:
@@ -122,13 +126,15 @@ class Announce:
             target=_req(obj, "target", str), length=_req(obj, "length", int),
             sha256=_req(obj, "sha256", str), repository=_req(obj, "repository", str),
             director=_req(obj, "director", str), issued_at=float(_req(obj, "issued_at", (int, float))),
-            delta=_opt(obj, "delta", dict),
+            delta=_opt(obj, "delta", dict), group=_opt(obj, "group", str),
         )
         if msg.delta is not None:
             _req(msg.delta, "target", str)
             _req(msg.delta, "base_sha256", str)
             _non_negative("delta.length", _req(msg.delta, "length", int))
         _non_negative("length", msg.length)
+        if msg.group is not None and not _GROUP.fullmatch(msg.group):
+            raise SchemaError("field 'group' must be 1-64 of [A-Za-z0-9_.-], starting alphanumeric")
         if len(msg.sha256) != 64 or any(c not in "0123456789abcdef" for c in msg.sha256):
             raise SchemaError("field 'sha256' must be 64 lowercase hex digits")
         return msg
@@ -261,8 +267,35 @@ class ErrorReport:
         )
 
 
-Message = Union[Announce, Status, Telemetry, ErrorReport]
-_BY_SCHEMA: dict[str, Any] = {c.SCHEMA: c for c in (Announce, Status, Telemetry, ErrorReport)}
+@dataclass(frozen=True)
+class Command:
+    """Cloud -> one device, on ``devices/<id>/cmd`` (QoS 1, not retained): what a rollout asks.
+
+    ``install``: install ``announce`` (an update this device's rollout wave reached; a rollback
+    is an install of the previous package). The device still checks everything it checks for
+    a tier-wide announcement, and the director assignment under ``announce.group``.
+    """
+
+    SCHEMA: ClassVar[str] = "edgeloop.command/1"
+    command: str                       # "install"
+    rollout_id: str
+    announce: Announce
+    issued_at: float = 0.0
+
+    COMMANDS: ClassVar[tuple[str, ...]] = ("install",)
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> Command:
+        command = _req(obj, "command", str)
+        if command not in cls.COMMANDS:
+            raise SchemaError(f"unknown command {command!r}; known: {', '.join(cls.COMMANDS)}")
+        inner = _req(obj, "announce", dict)
+        return cls(command=command, rollout_id=_req(obj, "rollout_id", str), announce=Announce.from_obj(inner),
+                   issued_at=float(_opt(obj, "issued_at", (int, float), 0.0)))
+
+
+Message = Union[Announce, Status, Telemetry, ErrorReport, Command]
+_BY_SCHEMA: dict[str, Any] = {c.SCHEMA: c for c in (Announce, Status, Telemetry, ErrorReport, Command)}
 
 
 def parse(payload: bytes | str, expect: type | None = None) -> Message:
@@ -296,6 +329,8 @@ def encode(msg: Message) -> bytes:
     body.update({f.name: getattr(msg, f.name) for f in fields(msg)})
     if isinstance(msg, Status):
         body["state"] = str(msg.state)
+    if isinstance(msg, Command):
+        body["announce"] = {"schema": Announce.SCHEMA, **asdict(msg.announce)}
     raw = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(f"message of {len(raw)} bytes is over the {MAX_PAYLOAD_BYTES} byte limit")

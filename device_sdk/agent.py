@@ -14,6 +14,7 @@ reported on the status and errors topics, and the current model keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -25,7 +26,7 @@ import numpy as np
 
 from contracts import topics
 from contracts.errors import ContractError
-from contracts.messages import Announce, DeviceState, ErrorReport, Status, encode, parse
+from contracts.messages import Announce, Command, DeviceState, ErrorReport, Status, encode, parse
 from device_sdk.errors import TransientError
 from device_sdk.mqtt import MqttLink
 from device_sdk.mqtt_fetcher import MqttBlockFetcher
@@ -176,7 +177,10 @@ class Agent:
             log.warning("%s: dropped malformed message on %s: %s", self.device_id, topic, e)
             return
         if isinstance(msg, Announce) and topic == topics.announce(self.config.tier):
-            self._on_announce(msg)
+            # a tier-wide announcement is checked against this device's own director group
+            self._on_announce(dataclasses.replace(msg, group=None) if msg.group else msg)
+        elif isinstance(msg, Command) and topic == topics.command(self.device_id) and msg.command == "install":
+            self._on_command(msg)
         else:
             self.malformed += 1
             log.warning("%s: dropped unexpected %s on %s", self.device_id, msg.SCHEMA, topic)
@@ -284,6 +288,19 @@ class Agent:
             self._next = announce             # handled when the running install finishes
             return
         self._begin(announce, 0)
+
+    def _on_command(self, command: Command) -> None:
+        """A rollout reached this device. Its announcement may name the rollout's director group;
+        only the control plane can publish on this device's command topic (broker ACL)."""
+        announce = command.announce
+        if announce.tier != self.config.tier:
+            self._publish_error(announce.update_id, "verify.tier",
+                                f"rollout {command.rollout_id} sent a {announce.tier} update to a {self.config.tier} device")
+            return
+        if announce.model_version == self.model_version and not self.installing:
+            self._publish_status(DeviceState.COMMITTED, announce.update_id)   # nothing to do: already there
+            return
+        self._on_announce(announce)
 
     def _begin(self, announce: Announce, attempts: int) -> None:
         def work() -> None:

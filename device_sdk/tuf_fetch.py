@@ -112,10 +112,11 @@ class UpdateClient:
         director = self._updater("director", "mqtt://director" if self.over_mqtt else announce.director,
                                  with_targets=False)
         director.refresh()
-        assigned = director.get_targetinfo(assignment_path(self.group, announce.target))
+        group = announce.group or self.group
+        assigned = director.get_targetinfo(assignment_path(group, announce.target))
         if assigned is None:
             raise UpdateRefused("verify.director", f"the director does not assign {announce.target} "
-                                                   f"to group {self.group} (stale or forged announcement)")
+                                                   f"to group {group} (stale or forged announcement)")
         custom = assigned.custom or {}
         if custom.get("update_id") != announce.update_id:
             raise UpdateRefused("verify.director", f"the director assigns update {custom.get('update_id')}, "
