@@ -12,6 +12,7 @@ torchrun's own elastic restarts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -28,6 +29,9 @@ from cloud.datasets import Dataset
 from cloud.training import ProbabilityModel, TrainParams, TrainResult, TrainingFailed, build_model, train
 
 __all__ = ["DistConfig", "run_job"]
+
+log = logging.getLogger("edgeloop.launcher")
+STARTUP_RETRIES = 2   # relaunches when the workers never formed a process group (not counted as restarts)
 
 
 @dataclass(frozen=True)
@@ -81,15 +85,31 @@ def run_job(dataset: Dataset, params: TrainParams, cfg: DistConfig, run_dir: Pat
            "params": params.to_obj(), "run_dir": str(run_dir.resolve())}
     (run_dir / "job.json").write_text(json.dumps(job))
     launches = 1 if cfg.rdzv_endpoint else 1 + cfg.max_restarts
-    seen = 0
-    for attempt in range(launches):
+    seen, attempt, startup_retries = 0, 0, 0
+    while True:
         code, seen = _launch(cfg, run_dir, attempt, seen, on_epoch)
-        if code == 0 or (run_dir / "failure.json").exists():
+        if code == 0 or (run_dir / "failure.json").exists() or (run_dir / "result.pt").exists():
             break    # done, or a failure that a restart cannot fix (diverged, data changed)
+        if not cfg.rdzv_endpoint and not _all_ranks_started(run_dir, attempt, cfg) \
+                and startup_retries < STARTUP_RETRIES:
+            # the workers never formed a process group (a rendezvous port taken, a gloo mesh that
+            # did not connect): nothing ran, so relaunching costs no restart from the budget
+            startup_retries += 1
+            log.warning("training workers did not start (exit code %s); relaunching (%d/%d)",
+                        code, startup_retries, STARTUP_RETRIES)
+            attempt += 1
+            continue
+        launches -= 1
+        attempt += 1
+        if launches <= 0:
+            break
     if cfg.node_rank != 0 and code == 0:
         raise TrainingFailed("this node's workers finished; node 0 holds the result")
     result_path = run_dir / "result.pt"
-    if code != 0 or not result_path.exists():
+    if code != 0 and result_path.exists():
+        # rank 0 wrote the result after the last collective; a failure in tear-down loses nothing
+        log.warning("training workers exited with code %s after rank 0 wrote the result; keeping it", code)
+    elif code != 0 or not result_path.exists():
         raise TrainingFailed(_failure_reason(run_dir, code, cfg))
     return _load_result(result_path, dataset, params)
 
@@ -100,12 +120,18 @@ def _launch(cfg: DistConfig, run_dir: Path, attempt: int, seen: int,
            str((run_dir / "job.json").resolve())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGELOOP_LAUNCH_ATTEMPT": str(attempt),
            "PYTHONPATH": _source_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(run_dir / "torchrun.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(run_dir / "torchrun.log", "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             seen = _follow(run_dir / "progress.jsonl", seen, on_epoch)
             time.sleep(0.2)
     return proc.returncode, _follow(run_dir / "progress.jsonl", seen, on_epoch)
+
+
+def _all_ranks_started(run_dir: Path, attempt: int, cfg: DistConfig) -> bool:
+    """Whether every local rank of this launch joined the process group (train_worker marks it)."""
+    started = run_dir / "started"
+    return all((started / f"{attempt}-{rank}").exists() for rank in range(cfg.nproc_per_node))
 
 
 def _source_root() -> str:
@@ -135,9 +161,10 @@ def _failure_reason(run_dir: Path, code: int | None, cfg: DistConfig) -> str:
     tail = ""
     log = run_dir / "torchrun.log"
     if log.exists():
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "Error" in ln or "error" in ln]
-        tail = (errors or lines or [""])[-1].strip()[:300]
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ("Error" in ln or "error" in ln or "Exception" in ln)
+                  and not ln.startswith("error_file")]
+        tail = " | ".join(dict.fromkeys((errors or lines or [""])[-3:]))[:600]
     return (f"training workers failed (exit code {code}) after up to {cfg.max_restarts} restarts"
             + (f": {tail}" if tail else "") + f" (log: {log})")
 

@@ -20,6 +20,8 @@ from cloud.datasets import load_dataset
 from cloud.errors import CloudError
 from cloud.training import TrainParams, TrainingFailed, train
 
+STARTUP_FAULT_ENV = "EDGELOOP_FAULT_BEFORE_INIT"   # set: every rank exits before joining, first launch only
+
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -30,8 +32,15 @@ def _write_json(path: Path, obj: dict) -> None:
 def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
     run_dir = Path(job["run_dir"])
+    if os.environ.get(STARTUP_FAULT_ENV) and os.environ.get("EDGELOOP_LAUNCH_ATTEMPT", "0") == "0":
+        print("edgeloop train worker: injected start-up failure", file=sys.stderr)
+        return 1   # a test's stand-in for a rendezvous or gloo mesh that did not form
     dist.init_process_group("nccl" if torch.cuda.is_available() and job.get("cuda", True) else "gloo")
     rank = dist.get_rank()
+    started = run_dir / "started"
+    started.mkdir(exist_ok=True)
+    local_rank = os.environ.get("LOCAL_RANK", str(rank))
+    (started / f"{os.environ.get('EDGELOOP_LAUNCH_ATTEMPT', '0')}-{local_rank}").touch()
     try:
         dataset = load_dataset(Path(job["dataset_path"]))
         if dataset.sha256 != job["dataset_sha256"]:

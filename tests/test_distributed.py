@@ -13,6 +13,7 @@ from cloud.launcher import DistConfig, run_job
 from cloud.datasets import load_dataset
 from cloud.pipeline import reproduce_run, train_model
 from cloud.registry import Registry
+from cloud.train_worker import STARTUP_FAULT_ENV
 from cloud.training import FAULT_ENV, TrainParams, TrainingFailed
 from cloud.workspace import Workspace
 
@@ -36,6 +37,15 @@ def test_killed_rank_resumes_from_checkpoint_to_the_same_weights(tmp_path, monke
     monkeypatch.setenv(FAULT_ENV, "1:13")          # rank 1 dies at step 13, after the step-8 checkpoint
     result = run_job(load_dataset(), PARAMS, DistConfig(nproc_per_node=2, max_restarts=1), tmp_path)
     assert result.resumed_from_step == 8
+    assert result.weights_sha256 == uninterrupted.weights_sha256
+
+
+def test_workers_that_never_form_a_process_group_are_relaunched_without_using_the_restart_budget(
+        tmp_path, monkeypatch, uninterrupted):
+    monkeypatch.setenv(STARTUP_FAULT_ENV, "1")
+    result = run_job(load_dataset(), PARAMS, DistConfig(nproc_per_node=2, max_restarts=0), tmp_path)
+    assert "injected start-up failure" in (tmp_path / "torchrun.log").read_text()
+    assert result.resumed_from_step is None
     assert result.weights_sha256 == uninterrupted.weights_sha256
 
 
