@@ -50,12 +50,17 @@ class Dataset:
         return {"features": int(self.x.shape[1]), "feature_dtype": "float32", "label": "int64",
                 "classes": self.n_classes, "rows": int(len(self.y))}
 
-    def split(self, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1) -> tuple[Split, Split, Split]:
-        """(train, validation, test), by a permutation fixed by ``seed``."""
+    def split_indices(self, seed: int = 0, test_fraction: float = 0.2,
+                      val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row indices of (train, validation, test), by a permutation fixed by ``seed``."""
         order = np.random.default_rng(seed).permutation(len(self.y))
         n_test = int(round(len(order) * test_fraction))
         n_val = int(round(len(order) * val_fraction))
-        test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+        return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
+
+    def split(self, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1) -> tuple[Split, Split, Split]:
+        """(train, validation, test), by a permutation fixed by ``seed``."""
+        train, val, test = self.split_indices(seed, test_fraction, val_fraction)
         return (Split(self.x[train], self.y[train]), Split(self.x[val], self.y[val]),
                 Split(self.x[test], self.y[test]))
 

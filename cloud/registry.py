@@ -89,15 +89,21 @@ class Registry:
             {"device_id": str, "seq": int, "model_version": str, "window_start": float, "window_end": float,
              "count": int, "labelled": int, "correct": int, "errors": int, "latency_ms_p50": float,
              "latency_ms_max": float, "predictions": str, "confidence_hist": str, "features": str,
-             "received_at": float},
+             "samples": str, "received_at": float},
             if_not_exists=True)
         t("device_errors", pk="id").create({"id": int, "device_id": str, "update_id": str, "code": str,
                                             "message": str, "ts": float, "received_at": float},
                                            if_not_exists=True)
         t("alerts", pk="id").create({"id": int, "kind": str, "cohort": str, "key": str, "model_version": str,
                                      "detail": str, "created_at": float}, if_not_exists=True)
+        t("telemetry_rejects", pk="id").create({"id": int, "device_id": str, "seq": int, "reason": str,
+                                                 "detail": str, "topic": str, "received_at": float},
+                                                if_not_exists=True)
+        t("label_feedback", pk=("device_id", "seq")).create({"device_id": str, "seq": int, "labelled": int,
+                                                             "correct": int, "source": str, "added_at": float},
+                                                            if_not_exists=True)
         # columns added after a table first shipped: older registries gain them on open
-        for table, column in (("telemetry", "features"), ("model_versions", "state_sha256"),
+        for table, column in (("telemetry", "features"), ("telemetry", "samples"), ("model_versions", "state_sha256"),
                               ("model_versions", "arch")):
             if column not in t(table).columns_dict:
                 t(table).add_column(column, str)
@@ -240,10 +246,18 @@ class Registry:
 
     # -- fleet -----------------------------------------------------------------------------
     def record_status(self, row: dict[str, Any]) -> None:
+        """Store a device's latest status. First seen is set by the first status (also for a device
+        enrolled before it ever spoke); an ``offline`` status without a model version (the last
+        will) keeps the last known model version and update."""
         now = time.time()
         with self._lock:
-            existing = list(self.db.query("select first_seen from devices where device_id = ?", [row["device_id"]]))
-            first = existing[0]["first_seen"] if existing else now
+            existing = list(self.db.query("select first_seen, model_version, update_id from devices "
+                                          "where device_id = ?", [row["device_id"]]))
+            old = existing[0] if existing else {}
+            if row.get("state") == "offline" and row.get("model_version") is None:
+                row = {**row, "model_version": old.get("model_version"),
+                       "update_id": row.get("update_id") or old.get("update_id")}
+            first = old.get("first_seen") or now
             self.db["devices"].upsert({**row, "first_seen": first, "last_seen": now}, pk="device_id")
 
     def devices(self, tier: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
@@ -259,16 +273,67 @@ class Registry:
         """Insert records, ignoring (device_id, seq) already stored. Returns how many were new."""
         now = time.time()
         prepared = [{**r, "predictions": _j(r["predictions"]), "confidence_hist": _j(r["confidence_hist"]),
-                     "features": _j(r["features"]) if r.get("features") else None, "received_at": now}
+                     "features": _j(r["features"]) if r.get("features") else None,
+                     "samples": _j(r["samples"]) if r.get("samples") else None, "received_at": now}
                     for r in rows]
         with self._lock:
             before = self.db.conn.total_changes
             self.db["telemetry"].insert_all(prepared, pk=("device_id", "seq"), ignore=True)
             return self.db.conn.total_changes - before
 
+    def device_samples(self, since: float | None = None, devices: Iterable[str] | None = None,
+                       labelled_only: bool = True) -> tuple[list[list[float]], list[int | None], list[str]]:
+        """Raw inputs that devices sampled into their telemetry (opt-in on the device), stored once
+        per record like the record itself: (rows, labels, device ids), in (device, seq) order."""
+        sql, args = "select device_id, samples from telemetry where samples is not null", []
+        if since is not None:
+            sql, args = sql + " and received_at >= ?", [since]
+        wanted = set(devices) if devices is not None else None
+        xs: list[list[float]] = []
+        ys: list[int | None] = []
+        ids: list[str] = []
+        with self._lock:
+            rows = list(self.db.query(sql + " order by device_id, seq", args))
+        for row in rows:
+            if wanted is not None and row["device_id"] not in wanted:
+                continue
+            s = json.loads(row["samples"])
+            for x, y in zip(s["x"], s["y"]):
+                if labelled_only and y is None:
+                    continue
+                xs.append(x)
+                ys.append(y)
+                ids.append(row["device_id"])
+        return xs, ys, ids
+
     def add_device_error(self, row: dict[str, Any]) -> None:
         with self._lock:
             self.db["device_errors"].insert({**row, "received_at": time.time()})
+
+    def add_telemetry_rejects(self, rows: list[dict[str, Any]]) -> None:
+        """Telemetry ingest refused (reason, detail; docs/contracts/telemetry.md): never stored as data."""
+        now = time.time()
+        with self._lock:
+            self.db["telemetry_rejects"].insert_all([{**r, "received_at": now} for r in rows])
+
+    def telemetry_rejects(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.query("select * from telemetry_rejects order by id"))
+
+    def add_label_feedback(self, rows: list[dict[str, Any]], source: str = "operator") -> int:
+        """Delayed ground truth for stored telemetry windows: per (device_id, seq), how many of the
+        window's inferences are now labelled and how many of those were right. Replaces the device's
+        own label counts for that window in accuracy (a later feedback for a window replaces an
+        earlier one). Returns how many windows it names that are stored."""
+        now = time.time()
+        with self._lock:
+            self.db["label_feedback"].upsert_all([{**r, "source": source, "added_at": now} for r in rows],
+                                                 pk=("device_id", "seq"))
+            known = 0
+            for r in rows:
+                known += bool(list(self.db.query("select 1 from telemetry where device_id = ? and seq = ?",
+                                                 [r["device_id"], r["seq"]])))
+            return known
 
     def add_alert(self, row: dict[str, Any]) -> None:
         with self._lock:

@@ -191,6 +191,7 @@ class Telemetry:
     errors: int = 0                  # inference errors in the window
     extra: dict[str, Any] = field(default_factory=dict)
     features: dict[str, Any] | None = None   # per-feature summary on the package baseline's bin edges
+    samples: dict[str, Any] | None = None    # sampled raw inputs {"x": [[num]*f], "y": [int|None]} (opt-in)
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> Telemetry:
@@ -205,10 +206,12 @@ class Telemetry:
             latency_ms_p50=float(_req(obj, "latency_ms_p50", (int, float))),
             latency_ms_max=float(_req(obj, "latency_ms_max", (int, float))),
             errors=_opt(obj, "errors", int, 0), extra=_opt(obj, "extra", dict, {}),
-            features=_opt(obj, "features", dict),
+            features=_opt(obj, "features", dict), samples=_opt(obj, "samples", dict),
         )
         if msg.features is not None:
             _check_feature_summary(msg.features, msg.count)
+        if msg.samples is not None:
+            _check_samples(msg.samples, msg.count)
         for name in ("seq", "count", "labelled", "correct", "errors"):
             _non_negative(name, getattr(msg, name))
         if not msg.correct <= msg.labelled <= msg.count:
@@ -222,6 +225,25 @@ class Telemetry:
 
 MAX_FEATURES = 1024
 MAX_BINS = 64
+MAX_SAMPLES = 32     # sampled raw inputs per telemetry record
+
+
+def _check_samples(samples: dict[str, Any], count: int) -> None:
+    """``{"x": [[num]*f]*k, "y": [int|None]*k}``: k <= MAX_SAMPLES and <= the window's count."""
+    xs, ys = samples.get("x"), samples.get("y")
+    if not isinstance(xs, list) or not isinstance(ys, list) or len(xs) != len(ys):
+        raise SchemaError("samples needs lists x and y of the same length")
+    if len(xs) > min(MAX_SAMPLES, count):
+        raise SchemaError(f"samples holds {len(xs)} rows: at most {MAX_SAMPLES} and not more than the window's count")
+    width = None
+    for row in xs:
+        if not isinstance(row, list) or not 0 < len(row) <= MAX_FEATURES or (width is not None and len(row) != width):
+            raise SchemaError("samples.x rows must be equal-length lists of 1-1024 numbers")
+        width = len(row)
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in row):
+            raise SchemaError("samples.x must hold finite numbers")
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0) for v in ys):
+        raise SchemaError("samples.y must hold non-negative integer labels or null")
 
 
 def _check_feature_summary(summary: dict[str, Any], count: int) -> None:

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,6 +72,8 @@ class AgentConfig:
     tls_ca: Path | None = None          # CA of the broker's certificate: TLS on (off without it)
     tls_cert: Path | None = None        # this device's certificate and key: mutual TLS
     tls_key: Path | None = None
+    sample_rate: float = 0.0            # share of requests whose raw input rides along in telemetry (off)
+    sample_max: int = 8                 # at most this many sampled inputs per telemetry window
 
 
 class Agent:
@@ -109,6 +112,8 @@ class Agent:
         self._lock = threading.RLock()                            # runtime switch + telemetry window
         self._last_status: tuple[DeviceState, str | None, str | None] | None = None   # for heartbeats
         self._status_at = 0.0
+        self._samples: list[tuple[list[float], int | None]] = []   # sampled raw inputs of this window
+        self._sample_rng = np.random.default_rng(zlib.crc32(config.device_id.encode()))
         self._status_lock = threading.RLock()   # a heartbeat never re-sends a status older than the last one
 
     @property
@@ -212,6 +217,9 @@ class Agent:
                 self._publish_window(late, runtime)
             elif self.window is not None:
                 self.window.record(pred, conf, latency_ms, label, raw)
+                if self.config.sample_rate > 0 and len(self._samples) < self.config.sample_max \
+                        and self._sample_rng.random() < self.config.sample_rate:
+                    self._samples.append(([round(float(v), 6) for v in np.asarray(raw).reshape(-1)], label))
                 if self.window.count >= self.config.telemetry_window:
                     self._flush_locked(runtime)
         return pred, conf
@@ -232,6 +240,9 @@ class Agent:
         dropped = self.outbox.take_dropped()
         if dropped:
             record = replace(record, extra={**record.extra, "outbox_dropped": dropped})
+        if self._samples and window is self.window:
+            record = replace(record, samples={"x": [x for x, _ in self._samples], "y": [y for _, y in self._samples]})
+            self._samples = []
         self.outbox.put(topics.telemetry(self.device_id), encode(record), PRIORITY_TELEMETRY)
         self.pump()
 
