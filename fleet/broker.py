@@ -11,21 +11,28 @@ Rules the generated configuration enforces (Mosquitto 2.0, mosquitto.conf(5)):
   2.0's ACL file does not refuse subscriptions (a SUBACK grants even ``#``); it checks every
   message against the receiver's ``read`` rules when it delivers it, and every publish
   (and last will) against the sender's ``write`` rules, dropping what fails.
-- The control plane (``edgeloop-control-plane``) reads and writes everything under
-  ``edgeloop/v1/``; that covers its shared subscriptions (``$share/edgeloop-ingest/...``),
-  because Mosquitto checks each delivery against the message's own topic.
+- The control plane's identities (``edgeloop-control-plane`` and one
+  ``edgeloop-control-plane-<worker>`` per process: serve, publish, demo, ...) read and write
+  everything under ``edgeloop/v1/``; that covers their shared subscriptions, because
+  Mosquitto checks each delivery against the message's own topic.
+- A client's id is its username, i.e. its certificate CN (``use_username_as_clientid``): a
+  device that connects claiming another device's client id gets its own id instead, so it can
+  neither disconnect the other device nor resume its session. Two connections with the same
+  certificate close each other, which is why every control-plane process has its own identity.
 - A revoked device id gets ``topic deny #``: it can neither publish nor receive, even on a
   connection opened before it was revoked (the CRL only stops new connections).
 - The configuration and ACL are regenerated, never edited by hand. :func:`apply_revocations`
   rewrites the ACL and sends the running broker SIGHUP, on which Mosquitto 2.0.11 re-reads
   ``acl_file`` and ``crlfile`` (tests/test_broker_acl.py proves both).
-
-Known gaps (docs/security.md): a device can join the control plane's shared-subscription group
-and make the broker drop part of the ingest stream (it reads none of it), and can take over
-another device's client id (it reads none of that device's messages either).
+- The control plane's ingest workers share the stream in a shared-subscription group whose
+  name is a per-workspace secret (:func:`share_group`, 128 random bits in
+  ``<workspace>/broker/share-group``, mode 0600). Mosquitto 2.0 cannot refuse a device's
+  SUBSCRIBE to ``$share/<group>/...``, and a message the broker routes to a group member that
+  may not read it is dropped, so a device that could name the group could swallow part of the
+  stream; it cannot name a group it cannot guess.
 
 Files (``<workspace>/broker/``): ``mosquitto.conf``, ``acl``, ``broker.json`` (the address),
-``mosquitto.pid``, ``mosquitto.log``, ``data/`` (persistence).
+``mosquitto.pid``, ``mosquitto.log``, ``data/`` (persistence), ``share-group`` (the secret).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -45,9 +53,9 @@ from typing import Sequence
 from cloud.errors import ServiceUnavailable, UserError
 from cloud.fleet_registry import DeviceFilter, FleetRegistry
 from cloud.signing import atomic_write
-from cloud.workspace import Workspace
+from cloud.workspace import Workspace, parse_host_port
 from contracts import topics
-from fleet.identity import CONTROL_PLANE, TlsFiles, control_plane_tls, ensure_services, pki_dir
+from fleet.identity import TlsFiles, control_plane_cn, control_plane_cns, control_plane_tls, ensure_services, pki_dir
 
 DEFAULT_PORT = 8883
 DEFAULT_BIND = "127.0.0.1"
@@ -64,8 +72,11 @@ DEVICE_RULES = (
     ("read", "edgeloop/v1/updates/#"),
 )
 
-__all__ = ["BrokerConfig", "BrokerStatus", "DEFAULT_PORT", "acl_text", "apply_revocations", "config_text",
-           "describe", "running_pid", "start", "status", "stop", "write_config"]
+__all__ = ["BrokerConfig", "BrokerStatus", "DEFAULT_PORT", "MqttLink", "acl_text", "apply_revocations",
+           "config_text", "control_plane_link", "describe", "running_pid", "share_group", "start", "status", "stop",
+           "write_config"]
+SHARE_GROUP_PREFIX = "edgeloop-ingest-"
+STANDARD_WORKERS = ("serve", "publish", "demo")    # control-plane identities issued with the configuration
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,77 @@ def broker_dir(ws: Workspace) -> Path:
     return ws.root / "broker"
 
 
+def share_group(ws: Workspace) -> str:
+    """The workspace's secret shared-subscription group for ingest workers, created on first use
+    (``edgeloop-ingest-`` + 32 hex digits). Every control-plane process of the workspace reads
+    the same file, so they split the stream between them."""
+    path = broker_dir(ws) / "share-group"
+    try:
+        name = path.read_text().strip()
+    except FileNotFoundError:
+        name = ""
+    if name.startswith(SHARE_GROUP_PREFIX) and all(c not in name for c in "/+#"):
+        return name
+    name = SHARE_GROUP_PREFIX + secrets.token_hex(16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".share-group.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(name + "\n")
+    os.replace(tmp, path)
+    return name
+
+
+@dataclass(frozen=True)
+class MqttLink:
+    """How one of the workspace's own processes reaches the broker: over mutual TLS as the
+    control plane when the workspace has a generated broker (``broker/broker.json``), else
+    plain TCP to the workspace's MQTT address."""
+
+    host: str
+    port: int
+    tls: TlsFiles | None
+
+    def control_plane_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for cloud.control_plane.ControlPlane (no TLS ones for plain TCP)."""
+        if self.tls is None:
+            return {}
+        return {"tls_ca": self.tls.ca, "tls_cert": self.tls.cert, "tls_key": self.tls.key}
+
+
+def control_plane_link(ws: Workspace, address: str | None = None, worker: str | None = None) -> MqttLink:
+    """Where and how a control-plane process connects. ``address`` (HOST:PORT, for example the
+    CLI's ``--mqtt``) overrides the broker's own address. ``worker``: the process's own identity
+    (:func:`fleet.identity.control_plane_tls`); a new one is added to the ACL and a running
+    broker reloads it. Raises UserError for a malformed broker.json or worker name."""
+    info_path = broker_dir(ws) / "broker.json"
+    if not info_path.exists():
+        host, port = parse_host_port(address, "broker address") if address else (ws.mqtt_host, ws.mqtt_port)
+        return MqttLink(host, port, None)
+    try:
+        info = json.loads(info_path.read_text())
+        host, port = (parse_host_port(address, "broker address") if address
+                      else (str(info["host"]), int(info["port"])))
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"malformed {info_path}: {e} (regenerate it: edgeloop broker config)") from None
+    known = control_plane_cn(worker) in control_plane_cns(ws)
+    tls = control_plane_tls(ws, worker)
+    if not known:
+        _reload_acl(ws)
+    return MqttLink(host, port, tls)
+
+
+def _reload_acl(ws: Workspace) -> None:
+    from cloud.registry import Registry
+
+    registry = Registry(ws.registry_path)
+    try:
+        if apply_revocations(ws, FleetRegistry(registry)) == "reloaded":
+            time.sleep(0.2)               # Mosquitto re-reads the ACL on its next loop turn
+    finally:
+        registry.close()
+
+
 def mosquitto_binary() -> str:
     found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if not found:
@@ -104,8 +186,9 @@ def mosquitto_binary() -> str:
 
 
 # -- configuration ----------------------------------------------------------------------------------
-def acl_text(revoked: Sequence[str] = ()) -> str:
-    """The ACL file: revoked identities first, then the control plane, then the device patterns."""
+def acl_text(revoked: Sequence[str] = (), control_planes: Sequence[str] = (control_plane_cn(),)) -> str:
+    """The ACL file: revoked identities first, then the control plane's identities (CNs), then
+    the device patterns."""
     lines = ["# edgeloop broker ACL, generated by `edgeloop broker config`: regenerate, do not edit.",
              "# Usernames are certificate CNs (use_identity_as_username).", ""]
     for device_id in sorted(revoked):
@@ -115,8 +198,12 @@ def acl_text(revoked: Sequence[str] = ()) -> str:
                   f"user {device_id}", "topic deny #", ""]
     lines += ["# the control plane: everything under edgeloop/v1/ (deliveries to its shared",
               "# subscriptions are checked against the message's topic, so they need no $share rule)",
-              f"user {CONTROL_PLANE}", "topic readwrite edgeloop/v1/#", "",
-              "# every device, on its own topics only (%u = its certificate CN = its device id);",
+              "# (one identity per control-plane process: a client id is its username here)"]
+    for cn in control_planes:
+        if not cn.startswith(control_plane_cn()):    # never grant these rights to a device id
+            raise UserError(f"{cn!r} is not a control-plane identity")
+        lines += [f"user {cn}", "topic readwrite edgeloop/v1/#", ""]
+    lines += ["# every device, on its own topics only (%u = its certificate CN = its device id);",
               "# the updates line has no %u: every device may read every tier's announcement"]
     lines += [f"pattern {access} {topic}" for access, topic in DEVICE_RULES]
     return "\n".join(lines) + "\n"
@@ -146,6 +233,8 @@ def config_text(ws: Workspace, acl: Path, port: int, bind: str = DEFAULT_BIND) -
         f"crlfile {pki / 'crl.pem'}",
         "require_certificate true",
         "use_identity_as_username true",
+        # the client id is the username, so no identity can take over another's connection or session
+        "use_username_as_clientid true",
         "tls_version tlsv1.2",
         ""])
 
@@ -169,7 +258,9 @@ def write_config(ws: Workspace, fleet: FleetRegistry, port: int | None = None, o
     conf = Path(out).resolve() if out else folder / "mosquitto.conf"
     acl = conf.with_suffix(".acl") if out else folder / "acl"
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    atomic_write(acl, acl_text(_revoked_ids(fleet)).encode())
+    for worker in STANDARD_WORKERS:
+        control_plane_tls(ws, worker)
+    atomic_write(acl, acl_text(_revoked_ids(fleet), control_plane_cns(ws)).encode())
     atomic_write(conf, config_text(ws, acl, port, bind).encode())
     connect_host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
     atomic_write(folder / "broker.json", json.dumps({"host": connect_host, "port": port, "conf": str(conf),
@@ -278,7 +369,7 @@ def apply_revocations(ws: Workspace, fleet: FleetRegistry) -> str:
     info_path = broker_dir(ws) / "broker.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        atomic_write(Path(info["acl"]), acl_text(_revoked_ids(fleet)).encode())
+        atomic_write(Path(info["acl"]), acl_text(_revoked_ids(fleet), control_plane_cns(ws)).encode())
     pid = running_pid(ws)
     if pid is None:
         return "not running"

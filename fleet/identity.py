@@ -29,7 +29,8 @@ Layout::
     <workspace>/pki/crl.pem                    the certificate revocation list
     <workspace>/pki/issued/<id>-<serial>.crt   every certificate issued (audit)
     <workspace>/pki/broker/server.{crt,key}    the broker's TLS server identity
-    <workspace>/pki/control-plane/client.{crt,key}   the control plane's client identity
+    <workspace>/pki/control-plane/client.{crt,key}   the control plane's default client identity
+    <workspace>/pki/control-plane/worker-<name>.{crt,key}   one per control-plane process (serve, publish, ...)
     <workspace>/devices/<id>/                  default identity folder: device.crt, device.key, ca.crt
 """
 
@@ -70,8 +71,8 @@ _TAG_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,128}$")
 _HARDWARE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
 
 __all__ = ["BROKER", "CONTROL_PLANE", "Enrolment", "EnrolResult", "FleetCA", "Issued", "RevokeResult",
-           "TlsFiles", "control_plane_tls", "enroll", "enrolment_from", "ensure_services", "parse_tags", "pki_dir",
-           "revoke"]
+           "TlsFiles", "agent_tls", "control_plane_cn", "control_plane_cns", "control_plane_tls", "enroll", "enrolment_from", "ensure_services", "parse_tags",
+           "pki_dir", "revoke", "simulated_device_tls"]
 
 
 @dataclass(frozen=True)
@@ -337,11 +338,36 @@ def ensure_services(ws: Workspace, server_hosts: Sequence[str] = ("127.0.0.1", "
     return ca
 
 
-def control_plane_tls(ws: Workspace) -> TlsFiles:
-    """The control plane's client identity (issued on first use, renewed when due)."""
+_WORKER = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def control_plane_cn(worker: str | None = None) -> str:
+    """The certificate CN of a control-plane process: ``edgeloop-control-plane`` for the default
+    identity, ``edgeloop-control-plane-<worker>`` for a named one. Raises UserError."""
+    if worker is None:
+        return CONTROL_PLANE
+    if not _WORKER.fullmatch(worker):
+        raise UserError(f"invalid control-plane worker name {worker!r}: use 1-32 of [a-z0-9-], starting alphanumeric")
+    return f"{CONTROL_PLANE}-{worker}"
+
+
+def control_plane_tls(ws: Workspace, worker: str | None = None) -> TlsFiles:
+    """A control-plane client identity (issued on first use, renewed when due). The broker makes
+    a client's certificate CN its client id (``use_username_as_clientid``), so two connections
+    with one identity close each other: every control-plane process that connects at the same
+    time as another needs its own ``worker`` name. The broker's ACL grants the control plane's
+    rights to every identity in ``<workspace>/pki/control-plane/`` (:func:`control_plane_cns`)."""
     folder = pki_dir(ws) / "control-plane"
-    _ensure(FleetCA.open(ws), folder / "client", CONTROL_PLANE)
-    return TlsFiles(pki_dir(ws) / "ca.crt", folder / "client.crt", folder / "client.key")
+    stem = folder / ("client" if worker is None else f"worker-{worker}")
+    _ensure(FleetCA.open(ws), stem, control_plane_cn(worker))
+    return TlsFiles(pki_dir(ws) / "ca.crt", stem.with_suffix(".crt"), stem.with_suffix(".key"))
+
+
+def control_plane_cns(ws: Workspace) -> list[str]:
+    """The CNs of every control-plane identity issued in this workspace (the default one first)."""
+    folder = pki_dir(ws) / "control-plane"
+    workers = sorted(p.name[len("worker-"):-len(".crt")] for p in folder.glob("worker-*.crt"))
+    return [CONTROL_PLANE, *(control_plane_cn(w) for w in workers if _WORKER.fullmatch(w))]
 
 
 # -- enrolment and revocation ---------------------------------------------------------------------
@@ -463,3 +489,24 @@ def revoke(ws: Workspace, fleet: FleetRegistry, device_id: str) -> RevokeResult:
     if not row["revoked"]:
         fleet.mark_revoked(device_id)
     return RevokeResult(device_id, serial, already)
+
+
+# -- simulated devices ------------------------------------------------------------------------------
+def simulated_device_tls(ws: Workspace, fleet: FleetRegistry, device_id: str, tier: str | None = None) -> TlsFiles:
+    """The identity of a simulated device, kept in its default folder ``<workspace>/devices/<id>``:
+    enrolled on first use (a real certificate from the fleet CA, like any device's), reused after.
+    Raises UserError if the device is enrolled but its key is not in that folder (it was
+    enrolled for real hardware, which holds its key)."""
+    folder = ws.root / "devices" / device_id
+    if fleet.enrolled(device_id) is None:
+        enroll(ws, fleet, Enrolment(device_id, tier=tier, tags={"simulated": "true"}))
+    files = TlsFiles(folder / "ca.crt", folder / "device.crt", folder / "device.key")
+    if not all(p.exists() for p in (files.ca, files.cert, files.key)):
+        raise UserError(f"device {device_id!r} is enrolled, but its identity is not in {folder}: "
+                        "simulate it under another --prefix")
+    return files
+
+
+def agent_tls(files: TlsFiles) -> dict[str, Path]:
+    """AgentConfig fields for mutual TLS with ``files``."""
+    return {"tls_ca": files.ca, "tls_cert": files.cert, "tls_key": files.key}

@@ -9,10 +9,12 @@ have arrived first. A control-plane client subscribed to everything watches.
 
 from __future__ import annotations
 
+import json
 import queue
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -35,6 +37,7 @@ from cloud.registry import Registry
 from cloud.workspace import Workspace
 from conftest import free_port, wait_for
 from contracts import topics
+from contracts.messages import ErrorReport, encode
 from device_sdk.agent import Agent, AgentConfig
 from device_sdk.tuf_fetch import provision
 from fleet import broker, identity
@@ -63,10 +66,13 @@ def env(tmp_path_factory):
         (folder / "device.key").write_bytes(csr_key.private_bytes(       # "on the device"
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         tls["dev-csr"] = _tls(folder)
+        # control-plane processes connected at the same time need identities of their own (the client id
+        # is the certificate CN); issued before the broker starts, so its ACL has them from the start
+        sender_tls, ingest_tls = identity.control_plane_tls(ws, "sender"), identity.control_plane_tls(ws, "ingest-t")
         status = broker.start(ws, fleet, port=free_port())
         host, port = status.address.rsplit(":", 1)
-        e = SimpleNamespace(ws=ws, fleet=fleet, registry=registry, host=host, port=int(port), tls=tls, root=root,
-                            cp_tls=identity.control_plane_tls(ws))
+        e = SimpleNamespace(address=status.address, ws=ws, fleet=fleet, registry=registry, host=host, port=int(port), tls=tls, root=root,
+                            cp_tls=identity.control_plane_tls(ws), sender_tls=sender_tls, ingest_tls=ingest_tls)
         e.watcher = Client(e, e.cp_tls).connect_or_fail()
         e.watcher.subscribe("edgeloop/v1/#")
         try:
@@ -212,7 +218,7 @@ class Sub:
 
 
 def cp_sends(env, *messages: tuple[str, bytes]) -> None:  # noqa: ANN001
-    cp = Client(env, env.cp_tls).connect_or_fail()
+    cp = Client(env, env.sender_tls).connect_or_fail()
     try:
         for topic, payload in messages:
             assert cp.publish(topic, payload) == "Success"
@@ -245,17 +251,18 @@ def test_device_made_by_csr_connects_with_the_key_that_never_left_it(env):
 
 # -- reading what is not yours -------------------------------------------------------------------
 def test_device_cannot_read_another_devices_commands(env):
+    # one connection per identity (the client id is the certificate CN): paho as dev-b, mosquitto_sub as dev-c
     thief = device(env, "dev-b")
     thief.subscribe(topics.command("dev-a"), "edgeloop/v1/devices/+/cmd", "#", topics.command("dev-b"))
-    sub = Sub(env, env.tls["dev-b"], topics.command("dev-a"), "edgeloop/v1/devices/+/cmd", "#")
+    sub = Sub(env, env.tls["dev-c"], topics.command("dev-a"), "edgeloop/v1/devices/+/cmd", "#")
     try:
         assert sub.ready()
         secret, m = b"secret-for-dev-a", marker()
-        cp_sends(env, (topics.command("dev-a"), secret), (topics.command("dev-b"), m))
+        cp_sends(env, (topics.command("dev-a"), secret), (topics.command("dev-b"), m), (topics.command("dev-c"), m))
         got = thief.until(m)
         assert all(payload != secret for _, payload in got) and (topics.command("dev-b"), m) in got
         text = sub.output()                     # -C 1: mosquitto_sub exits with the first message it gets
-        assert secret.decode() not in text and f"{topics.command('dev-b')} {m.decode()}" in text
+        assert secret.decode() not in text and f"{topics.command('dev-c')} {m.decode()}" in text
     finally:
         thief.close()
         sub.proc.kill()
@@ -277,24 +284,27 @@ def test_device_cannot_read_other_devices_telemetry_even_from_the_ingest_share_g
         a.close()
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP (docs/security.md): Mosquitto 2.0's acl_file cannot refuse a "
-                   "SUBSCRIBE, and a shared-subscription message routed to a member that may not read it is "
-                   "dropped, so a device that joins the control plane's share group swallows part of the "
-                   "fleet's telemetry. Fix: a secret share-group name per workspace.")
-def test_device_joining_the_ingest_share_group_cannot_swallow_telemetry(env):
-    group = f"$share/edgeloop-ingest/{topics.telemetry('dev-c')}"
-    cp = Client(env, env.cp_tls).connect_or_fail()
+def test_device_joining_the_guessable_share_group_cannot_swallow_telemetry(env):
+    group = broker.share_group(env.ws)
+    assert group == broker.share_group(env.ws) != broker.share_group(Workspace.init(env.root / "other-ws"))
+    assert group.startswith("edgeloop-ingest-") and len(group) == len("edgeloop-ingest-") + 32
+    assert (env.ws.root / "broker" / "share-group").stat().st_mode & 0o077 == 0
+    cp_tls = env.ingest_tls
+    cp = ControlPlane(env.registry, env.host, env.port, tls_ca=cp_tls.ca, tls_cert=cp_tls.cert, tls_key=cp_tls.key,
+                      share_group=group).start()
     thief = device(env, "dev-b")
     c = device(env, "dev-c")
-    try:
-        cp.subscribe(group)
-        thief.subscribe(group)
-        for i in range(10):
-            c.publish(topics.telemetry("dev-c"), f"t{i}".encode())
-        time.sleep(0.5)
-        assert len(cp.drain()) == 10
+    try:                                          # the names a device could guess: the old fixed one, and ours
+        thief.subscribe(*(f"$share/{g}/{t}" for g in ("edgeloop-ingest", "edgeloop-ingest-0", "ingest")
+                          for t in (topics.telemetry_all(), topics.telemetry("dev-c"))))
+        for i in range(10):                       # not telemetry a device would send: each counts as malformed
+            assert c.publish(topics.telemetry("dev-c"), f"t{i}".encode()) == "Success"
+        wait_for(lambda: cp.stats.malformed >= 10, 10, "all 10 messages at the control plane")
+        cp.drain()
+        assert cp.stats.malformed == 10
     finally:
-        for client in (cp, thief, c):
+        cp.stop()
+        for client in (thief, c):
             client.close()
 
 
@@ -306,14 +316,14 @@ def test_device_cannot_publish_as_another_device(env, kind):
     b = device(env, "dev-b")
     try:
         assert b.publish(victim, b"forged by paho", retain=kind == "status") == "Not authorized"
-        out = mosquitto_pub(env, env.tls["dev-b"], victim, b"forged by mosquitto_pub", "-r")
+        out = mosquitto_pub(env, env.tls["dev-c"], victim, b"forged by mosquitto_pub", "-r")  # dev-b is connected
         assert "Not authorized" in out.stderr
         m = marker()
         assert b.publish(topics.telemetry("dev-b"), m) == "Success"
         assert [p for t, p in env.watcher.until(m) if t == victim] == []
     finally:
         b.close()
-    late = Client(env, env.cp_tls).connect_or_fail()          # nothing forged was retained either
+    late = Client(env, env.sender_tls).connect_or_fail()          # nothing forged was retained either
     try:
         late.subscribe(victim)
         time.sleep(0.3)
@@ -371,6 +381,50 @@ def test_device_taking_over_another_devices_client_id_reads_none_of_its_commands
         thief.close()
 
 
+def test_device_claiming_another_devices_client_id_cannot_disconnect_it(env):
+    victim = Client(env, env.tls["dev-a"], client_id="dev-a").connect_or_fail()
+    victim.subscribe(topics.command("dev-a"))
+    dropped = threading.Event()
+    victim.c.on_disconnect = lambda *a: dropped.set()
+    thief = Client(env, env.tls["dev-b"], client_id="dev-a").connect_or_fail(clean_start=False, session_s=300)
+    out = mosquitto_pub(env, env.tls["dev-c"], topics.telemetry("dev-c"), b"x", "-i", "dev-a")
+    try:
+        assert out.returncode == 0, out.stderr
+        thief.subscribe(topics.command("dev-b"))
+        m_a, m_b = marker(), marker()
+        cp_sends(env, (topics.command("dev-a"), m_a), (topics.command("dev-b"), m_b))
+        assert victim.until(m_a) == [(topics.command("dev-a"), m_a)]          # still connected, still served
+        assert [p for _, p in thief.until(m_b)] == [m_b]
+        assert not dropped.is_set()
+        log = (env.ws.root / "broker" / "mosquitto.log").read_text()
+        assert "as dev-b " in log and "as dev-c " in log                      # the broker renamed both thieves
+    finally:
+        thief.close()
+        victim.close()
+
+
+def test_several_control_plane_workers_split_the_ingest_stream(env):
+    group = broker.share_group(env.ws)
+    links = [broker.control_plane_link(env.ws, env.address, w) for w in ("ingest-a", "ingest-b")]   # new: ACL reload
+    acl = (env.ws.root / "broker" / "acl").read_text()
+    assert "user edgeloop-control-plane-ingest-a" in acl and "user edgeloop-control-plane-ingest-b" in acl
+    cps = [ControlPlane(env.registry, link.host, link.port, share_group=group, **link.control_plane_kwargs()).start()
+           for link in links]
+    c = device(env, "dev-c")
+    try:
+        for i in range(20):
+            assert c.publish(topics.telemetry("dev-c"), f"w{i}".encode()) == "Success"
+        wait_for(lambda: sum(cp.stats.malformed for cp in cps) >= 20, 10, "all 20 messages at the workers")
+        for cp in cps:
+            cp.drain()
+        assert sum(cp.stats.malformed for cp in cps) == 20 and all(cp.stats.malformed > 0 for cp in cps)
+        assert all(cp._connected.is_set() for cp in cps)          # neither closed the other's connection
+    finally:
+        c.close()
+        for cp in cps:
+            cp.stop()
+
+
 # -- who may connect at all ----------------------------------------------------------------------
 def test_client_without_a_certificate_is_refused(env):
     assert not Client(env, env.tls["dev-a"], ca_only=True).connect()
@@ -407,10 +461,10 @@ def test_revoked_device_is_refused_and_cut_off_once_the_broker_reloads(env, caps
     env.watcher.until(m)
     assert main(["devices", "revoke", "dev-revoked", "-w", str(env.ws.root), "--json"]) == 0
     assert '"broker": "reloaded"' in capsys.readouterr().out
-    wait_for(lambda: not Client(env, env.tls["dev-revoked"]).connect(), 10, "the broker to re-read its CRL")
-    assert mosquitto_pub(env, env.tls["dev-revoked"], topics.telemetry("dev-revoked"), b"x").returncode != 0
+    # (no new connection as dev-revoked until the old one is checked: one identity, one connection)
+    wait_for(lambda: old.publish(topics.telemetry("dev-revoked"), b"after") == "Not authorized", 10,
+             "the broker to re-read its ACL")
     try:
-        assert old.publish(topics.telemetry("dev-revoked"), b"after") == "Not authorized"
         m = marker()
         a = device(env, "dev-a")
         a.subscribe(topics.command("dev-a"))
@@ -421,7 +475,9 @@ def test_revoked_device_is_refused_and_cut_off_once_the_broker_reloads(env, caps
         assert old.drain() == []
     finally:
         old.close()
-    assert device(env, "dev-a")                      # everyone else still connects
+    assert not Client(env, env.tls["dev-revoked"]).connect()      # the CRL was re-read with the ACL
+    assert mosquitto_pub(env, env.tls["dev-revoked"], topics.telemetry("dev-revoked"), b"x").returncode != 0
+    device(env, "dev-a").close()                     # everyone else still connects
 
 
 # -- end to end: the real agent and control plane over mutual TLS ---------------------------------
@@ -429,7 +485,7 @@ def test_agent_over_mutual_tls_reports_to_a_tls_control_plane(env, tmp_path):
     repo, director = env.ws.image_repository(), env.ws.director_repository()
     repo.init()
     director.init()
-    cp_tls = env.cp_tls
+    cp_tls = env.ingest_tls
     cp = ControlPlane(env.registry, env.host, env.port, tls_ca=cp_tls.ca, tls_cert=cp_tls.cert,
                       tls_key=cp_tls.key).start()
     files = env.tls["dev-agent"]
@@ -456,3 +512,87 @@ def test_agent_over_mutual_tls_reports_to_a_tls_control_plane(env, tmp_path):
         assert cp.stats.malformed == 0
     finally:
         cp.stop()
+
+
+def test_demo_over_mutual_tls_enrolls_each_simulated_device_and_connects_it_as_itself(env, capsys):
+    # the workspace has a generated broker (broker.json): the CLI's control plane and devices use mutual TLS
+    code = main(["demo", "-w", str(env.ws.root), "--devices", "3", "--samples", "20", "--epochs", "3",
+                 "--prefix", "tlsdemo", "--timeout", "120", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert (result["devices"], result["updated"], result["failed"]) == (3, 3, 0)
+    ids = [f"tlsdemo-{TIER}-{i:05d}" for i in range(3)]
+    log = (env.ws.root / "broker" / "mosquitto.log").read_text()
+    for device_id in ids:
+        enrolled = env.fleet.enrolled(device_id)
+        assert enrolled is not None and not enrolled["revoked"]
+        assert f"u'{device_id}'" in log                 # the broker saw the device's own certificate CN
+        assert env.fleet.device(device_id)["model_version"] == result["model_version"]
+    assert "u'edgeloop-control-plane-demo'" in log
+    again = main(["demo", "-w", str(env.ws.root), "--devices", "1", "--samples", "20", "--epochs", "3",
+                  "--prefix", "tlsdemo", "--timeout", "120", "--json"])       # the same ids: identities reused
+    assert again == 0, capsys.readouterr().err
+    code = main(["publish", result["model_version"], "--tier", TIER, "--repository-url",
+                 "http://127.0.0.1:9/repository", "-w", str(env.ws.root), "--json"])     # signs and announces over TLS
+    assert code == 0, capsys.readouterr().err
+    published = json.loads(capsys.readouterr().out.splitlines()[-1])
+    try:
+        assert "as edgeloop-control-plane-publish " in (env.ws.root / "broker" / "mosquitto.log").read_text()
+        c = device(env, "dev-c")
+        c.subscribe(topics.announce(TIER))
+        topic, payload = c.messages.get(timeout=5)               # the retained announcement, as a device reads it
+        c.close()
+        assert topic == topics.announce(TIER) and json.loads(payload)["update_id"] == published["update_id"]
+    finally:
+        clear = Client(env, env.sender_tls).connect_or_fail()    # no dead announcement left for later tests
+        clear.publish(topics.announce(TIER), b"", retain=True)
+        clear.close()
+
+
+def test_serve_ingests_over_mutual_tls_and_serves_the_api(env, capsys):
+    from cloud.api import TokenStore
+
+    secret = TokenStore(env.registry).create("serve-test", "viewer")[1]
+    serve_file = env.ws.root / "serve.json"
+    serve_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "-w", str(env.ws.root), "--duration", "60",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: serve_file.exists() or proc.poll() is not None, 30, "serve to start")
+        assert proc.poll() is None, proc.communicate()[1]
+        api_url = json.loads(serve_file.read_text())["api_url"]
+        assert main(["devices", "--server", api_url, "--token", secret, "--json"]) == 0
+        listed = {d["device_id"] for d in json.loads(capsys.readouterr().out.splitlines()[-1])["devices"]}
+        assert {"dev-a", "dev-b"} <= listed
+        log = env.ws.root / "broker" / "mosquitto.log"
+        wait_for(lambda: "as edgeloop-control-plane-serve " in log.read_text(), 10, "serve's TLS session")
+        m = marker().decode()
+        a = device(env, "dev-a")
+        try:
+            report = encode(ErrorReport("dev-a", "test.serve", m, ts=time.time()))
+            assert a.publish(topics.errors("dev-a"), report) == "Success"
+        finally:
+            a.close()
+        wait_for(lambda: any(e["message"] == m for e in env.registry.device_errors("dev-a")), 15,
+                 "serve to store the error report it ingested over TLS")
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    stats = json.loads(out.splitlines()[-1])
+    assert stats["api_url"] == api_url and stats["errors"] >= 1
+
+
+def test_simulate_over_mutual_tls_connects_each_device_with_its_own_certificate(env, capsys):
+    env.ws.image_repository().init()                 # the devices are provisioned with its roots
+    env.ws.director_repository().init()
+    code = main(["simulate", "-w", str(env.ws.root), "--devices", "2", "--duration", "2", "--prefix", "tlssim",
+                 "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["devices"] == 2
+    log = (env.ws.root / "broker" / "mosquitto.log").read_text()
+    for device_id in (f"tlssim-{TIER}-00000", f"tlssim-{TIER}-00001"):
+        assert env.fleet.enrolled(device_id) is not None and env.fleet.device(device_id)["tags"] == {"simulated": "true"}
+        assert f"as {device_id} " in log and f"u'{device_id}'" in log

@@ -216,6 +216,30 @@ def test_online_needs_a_recent_status_that_is_not_the_last_will(ws, fleet):
     assert [d["device_id"] for d in fleet.devices(DeviceFilter(online=True), now=later)] == []
 
 
+def test_enrolled_device_gets_its_first_seen_time_from_its_first_status(ws, fleet):
+    identity.enroll(ws, fleet, Enrolment("dev-first", tier="mcu"))
+    assert fleet.device("dev-first")["first_seen"] is None
+    before = time.time()
+    fleet.registry.record_status({"device_id": "dev-first", "tier": "mcu", "state": "online"})
+    first = fleet.device("dev-first")["first_seen"]
+    assert first is not None and first >= before
+    fleet.registry.record_status({"device_id": "dev-first", "tier": "mcu", "state": "committed"})
+    assert fleet.device("dev-first")["first_seen"] == first
+
+
+def test_last_will_does_not_erase_the_last_known_model_version(ws, fleet):
+    fleet.registry.record_status({"device_id": "d-will", "tier": "mcu", "state": "committed",
+                                  "model_version": "digits-mlp:4", "update_id": "u4", "reason": None})
+    will = {"device_id": "d-will", "tier": "mcu", "state": "offline", "model_version": None, "update_id": None,
+            "reason": None}                          # what the agent's last will carries
+    fleet.registry.record_status(will)
+    row = fleet.device("d-will")
+    assert (row["state"], row["model_version"], row["update_id"], row["online"]) == \
+        ("offline", "digits-mlp:4", "u4", False)
+    fleet.registry.record_status({**will, "state": "committed", "model_version": "digits-mlp:5"})
+    assert fleet.device("d-will")["model_version"] == "digits-mlp:5"
+
+
 def test_last_error_and_target_version_are_shown(ws, fleet):
     fleet.registry.record_status({"device_id": "d1", "tier": "mcu", "state": "failed"})
     fleet.registry.add_device_error({"device_id": "d1", "update_id": "u1", "code": "verify.hash",
@@ -296,11 +320,26 @@ def test_broker_config_lets_devices_touch_only_their_own_topics(ws, fleet, capsy
     assert sum(ln.startswith("listener") for ln in conf) == 1          # no plaintext listener
     acl = Path(info["acl"]).read_text().splitlines()
     rules = [ln for ln in acl if ln and not ln.startswith("#")]
-    assert rules == ["user dev-bad", "topic deny #", "user edgeloop-control-plane", "topic readwrite edgeloop/v1/#",
+    control_planes = ["edgeloop-control-plane", *(f"edgeloop-control-plane-{w}" for w in ("demo", "publish", "serve"))]
+    assert rules == ["user dev-bad", "topic deny #", *(x for cn in control_planes for x in
+                                                       (f"user {cn}", "topic readwrite edgeloop/v1/#")),
                      *(f"pattern {a} {t}" for a, t in broker.DEVICE_RULES)]
+    assert "use_username_as_clientid true" in conf                     # no client-id takeover
     assert all("%u" in t for a, t in broker.DEVICE_RULES if a == "write")   # writes only ever under one's own id
     server = x509.load_pem_x509_certificate((ws.root / "pki" / "broker" / "server.crt").read_bytes())
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"localhost", "broker.example"} <= set(names.get_values_for_type(x509.DNSName))
     cp = x509.load_pem_x509_certificate(Path(info["control_plane_tls"]["cert"]).read_bytes())
     assert cp.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == identity.CONTROL_PLANE
+
+
+def test_control_plane_worker_names_cannot_reach_outside_the_reserved_prefix(ws, fleet):
+    files = identity.control_plane_tls(ws, "ingest-2")
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "edgeloop-control-plane-ingest-2"
+    assert identity.control_plane_cns(ws) == ["edgeloop-control-plane", "edgeloop-control-plane-ingest-2"]
+    for bad in ("", "../x", "Ingest", "a b", "x" * 33, "dev-1/#"):
+        with pytest.raises(UserError):
+            identity.control_plane_tls(ws, bad)
+    with pytest.raises(UserError, match="not a control-plane identity"):
+        broker.acl_text(control_planes=["dev-1"])
