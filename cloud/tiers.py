@@ -33,6 +33,7 @@ class TierProfile:
     latency_budget_ms: float
     host_to_device: float
     supported_ops: tuple[str, ...] = field(default_factory=tuple)   # empty: no operator restriction
+    in_progress_timeout_s: float = 600.0   # a rollout counts a device silent this long as failed (timed_out)
 
     @classmethod
     def from_toml(cls, path: Path) -> TierProfile:
@@ -43,9 +44,12 @@ class TierProfile:
                           flash_bytes=int(raw["flash_bytes"]), runtime_flash_bytes=int(raw["runtime_flash_bytes"]),
                           latency_budget_ms=float(raw["latency_budget_ms"]),
                           host_to_device=float(raw["host_to_device"]),
-                          supported_ops=tuple(str(op) for op in raw.get("supported_ops", ())))
+                          supported_ops=tuple(str(op) for op in raw.get("supported_ops", ())),
+                          in_progress_timeout_s=float(raw.get("in_progress_timeout_s", 600.0)))
         except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"malformed tier profile {path}: {e}") from None
+        if not profile.in_progress_timeout_s > 0:
+            raise UserError(f"tier profile {path}: in_progress_timeout_s must be positive")
         if profile.runtime not in RUNTIMES or profile.format not in FORMATS:
             raise UserError(f"tier profile {path}: runtime must be one of {RUNTIMES}, format one of {FORMATS}")
         return profile

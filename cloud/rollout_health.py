@@ -1,0 +1,88 @@
+"""Model health for rollouts: the new version's telemetry against the previous version's, on
+the same devices (docs/rollouts.md, "Abort criteria").
+
+:func:`compare` is pure: it takes telemetry rows (``new`` 1 for the new version, 0 for the
+previous one; ``count``, ``errors``, ``latency_ms_p50``, and the ``predictions`` and
+``confidence_hist`` histograms as JSON text or lists) and thresholds, and returns the
+measures and the thresholds they break. Nothing is judged below ``min_inferences``
+inferences on either side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable
+
+__all__ = ["MEASURES", "compare", "js_distance"]
+
+# measure -> how a breach reads
+MEASURES = {"error_rate_increase": "error rate up", "latency_p95_increase_ms": "latency p95 up (ms)",
+            "prediction_js": "prediction JS distance", "confidence_drop": "mean confidence down"}
+
+
+def js_distance(p: Iterable[float], q: Iterable[float]) -> float:
+    """Jensen-Shannon distance (base 2, 0..1) between two histograms (the shorter is zero-padded)."""
+    a, b = [float(x) for x in p], [float(x) for x in q]
+    n = max(len(a), len(b))
+    a, b = a + [0.0] * (n - len(a)), b + [0.0] * (n - len(b))
+    sa, sb = sum(a), sum(b)
+    if sa <= 0 or sb <= 0:
+        return 0.0
+    a, b = [x / sa for x in a], [x / sb for x in b]
+    m = [(x + y) / 2 for x, y in zip(a, b)]
+
+    def kl(x: list[float]) -> float:
+        return sum(xi * math.log2(xi / mi) for xi, mi in zip(x, m) if xi > 0)
+    return math.sqrt(max(0.0, (kl(a) + kl(b)) / 2))
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Linear-interpolated percentile; 0.0 for no values."""
+    values = sorted(values)
+    if not values:
+        return 0.0
+    k = (len(values) - 1) * pct / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def _hist(value: Any) -> list[float]:
+    return json.loads(value) if isinstance(value, str) else list(value)
+
+
+def _side(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = sum(row["count"] for row in rows)
+    preds: list[float] = []
+    conf: list[float] = []
+    for row in rows:
+        for acc, hist in ((preds, _hist(row["predictions"])), (conf, _hist(row["confidence_hist"]))):
+            acc.extend([0.0] * (len(hist) - len(acc)))
+            for i, v in enumerate(hist):
+                acc[i] += v
+    total_conf = sum(conf)
+    return {"inferences": n, "records": len(rows),
+            "error_rate": sum(row["errors"] for row in rows) / n if n else 0.0,
+            "latency_p95_ms": percentile([row["latency_ms_p50"] for row in rows if row["count"]], 95),
+            "mean_confidence": sum((i + 0.5) / len(conf) * v for i, v in enumerate(conf)) / total_conf
+            if total_conf else 0.0,
+            "predictions": preds}
+
+
+def compare(rows: list[dict[str, Any]], limits: dict[str, float | None], min_inferences: int) -> dict[str, Any]:
+    """``{"new", "previous", "evaluated", the MEASURES, "breaches"}``; a limit of None is not checked."""
+    new = _side([row for row in rows if row["new"]])
+    old = _side([row for row in rows if not row["new"]])
+    out: dict[str, Any] = {"new": new, "previous": old, "breaches": [], "evaluated": False}
+    if new["inferences"] < min_inferences or old["inferences"] < min_inferences:
+        return out
+    out["evaluated"] = True
+    out["error_rate_increase"] = new["error_rate"] - old["error_rate"]
+    out["latency_p95_increase_ms"] = new["latency_p95_ms"] - old["latency_p95_ms"]
+    out["prediction_js"] = js_distance(new["predictions"], old["predictions"])
+    out["confidence_drop"] = old["mean_confidence"] - new["mean_confidence"]
+    for key, label in MEASURES.items():
+        limit = limits.get(key)
+        if limit is not None and out[key] > limit:
+            out["breaches"].append(f"{label} {out[key]:.4g} > {limit:g}")
+    return out

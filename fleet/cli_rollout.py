@@ -1,0 +1,165 @@
+"""``edgeloop rollout start|ls|status|pause|resume|abort``: staged rollouts (cloud/rollouts.py).
+
+Against the local workspace, ``start`` validates, signs and records the rollout; the running
+``edgeloop serve`` drives it (its step loop sends the commands). With ``--server`` every
+action goes through the control plane's HTTP API instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Callable
+
+from cloud.errors import UserError
+from cloud.registry import Registry
+from cloud.rollouts import DEVICE_STATES, RolloutController, RolloutSpec, STRATEGIES
+from cloud.workspace import Workspace
+from fleet._output import Output
+from fleet.remote import client, remote_ok
+
+__all__ = ["add_rollout_commands"]
+
+SERVE_FILE = "serve.json"     # written by `edgeloop serve` (fleet/cli.py)
+
+
+def _number(kind: type, low: float, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {low:g}")
+        return value
+    return parse
+
+
+def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
+    rollouts = group(sub, "rollout", "staged rollouts: canary, waves, abort criteria, automatic rollback", _ls)
+    p = action(rollouts, "start", "start rolling a model version out to the devices a selector matches", _start)
+    p.add_argument("model_version", metavar="MODEL_VERSION")
+    p.add_argument("--target", required=True, metavar="SEL",
+                   help="tier=T, tag=K=V, group=G, device=ID; commas combine with AND")
+    p.add_argument("--strategy", choices=STRATEGIES, default="all")
+    p.add_argument("--canary", metavar="N|P%", help="canary devices (count or share); needed by --strategy canary")
+    p.add_argument("--bake-s", type=_number(float, 0, "a number"), default=0.0,
+                   help="seconds to watch the canary before the waves (default 0)")
+    p.add_argument("--rate", type=_number(float, 0.001, "a number"), metavar="PER_MIN",
+                   help="devices per minute at most (default: no limit)")
+    p.add_argument("--growth", type=_number(float, 1, "a number"), default=2.0,
+                   help="each wave this many times the previous one (default 2)")
+    p.add_argument("--wave-size", type=_number(int, 1, "an integer"),
+                   help="first wave (default: the canary's size, or 1)")
+    p.add_argument("--max-failure-pct", type=_number(float, 0, "a number"), default=10.0,
+                   help="abort when failed devices exceed this share of the finished ones (default 10)")
+    p.add_argument("--min-devices", type=_number(int, 1, "an integer"), default=1,
+                   help="finished devices before the failure share counts (default 1)")
+    p.add_argument("--retries", type=_number(int, 0, "an integer"), default=2,
+                   help="extra attempts after a download failure or a timeout (default 2)")
+    p.add_argument("--timeout-s", type=_number(float, 0.001, "a number"),
+                   help="per-device deadline (default: the tier's in_progress_timeout_s)")
+    p.add_argument("--max-error-rate", type=_number(float, 0, "a number"),
+                   help="abort if the inference error rate rises by more than this (0.01 = 1 point)")
+    p.add_argument("--max-latency-p95-ms", type=_number(float, 0, "a number"),
+                   help="abort if p95 latency rises by more than this many ms")
+    p.add_argument("--max-prediction-js", type=_number(float, 0, "a number"),
+                   help="abort if the prediction histogram moves further than this JS distance (0..1)")
+    p.add_argument("--max-confidence-drop", type=_number(float, 0, "a number"),
+                   help="abort if mean confidence drops by more than this")
+    p.add_argument("--repository-url", help="URL devices download from (default: the running `edgeloop serve`)")
+    action(rollouts, "ls", "list rollouts", _ls)
+    action(rollouts, "status", "one rollout: devices per state, progress, health", _status).add_argument(
+        "rollout_id", metavar="ID")
+    for name, help_ in (("pause", "stop sending (devices in flight still report)"),
+                        ("resume", "carry on from where it paused"),
+                        ("abort", "stop, and roll the updated devices back to their previous version")):
+        p = action(rollouts, name, help_, _act)
+        p.add_argument("rollout_id", metavar="ID")
+        if name == "abort":
+            p.add_argument("--reason", default="aborted by the operator")
+
+
+def _controller(args: argparse.Namespace, url: str | None = None) -> RolloutController:
+    ws = Workspace.open(args.workspace)
+    return RolloutController(ws, Registry(ws.registry_path), _no_sender, repository_url=url)
+
+
+def _no_sender(device_id: str, command: Any) -> None:
+    raise UserError("this command does not send; the running `edgeloop serve` does")
+
+
+def _serve_url(args: argparse.Namespace) -> str:
+    ws = Workspace.open(args.workspace)
+    try:
+        return json.loads((ws.root / SERVE_FILE).read_text())["repository_url"]
+    except (FileNotFoundError, KeyError, ValueError):
+        raise UserError("no control plane is serving this workspace (start one: edgeloop serve), "
+                        "or pass --repository-url") from None
+
+
+@remote_ok
+def _start(args: argparse.Namespace, out: Output) -> int:
+    spec = RolloutSpec(model_version=args.model_version, target=args.target, strategy=args.strategy,
+                       canary=args.canary, bake_s=args.bake_s, rate_per_min=args.rate, growth=args.growth,
+                       wave_size=args.wave_size, max_failure_pct=args.max_failure_pct, min_devices=args.min_devices,
+                       retries=args.retries, timeout_s=args.timeout_s, max_error_rate=args.max_error_rate,
+                       max_latency_p95_ms=args.max_latency_p95_ms, max_prediction_js=args.max_prediction_js,
+                       max_confidence_drop=args.max_confidence_drop)
+    if args.server:
+        status = client(args).start_rollout(spec.to_obj())
+    else:
+        spec.validate()
+        ctl = _controller(args, args.repository_url or _serve_url(args))
+        status = ctl.status(ctl.create(spec))
+    out.result(status, f"rollout {status['rollout_id']}: {status['model_version']} to {status['total']} devices "
+                       f"({args.strategy}); follow it with: edgeloop rollout status {status['rollout_id']}")
+    return 0
+
+
+@remote_ok
+def _ls(args: argparse.Namespace, out: Output) -> int:
+    rows = client(args).rollouts() if args.server else _controller(args).list()
+    out.table("rollouts", ["rollout", "model", "target", "strategy", "state", "devices", "committed", "failed",
+                           "progress", "created"],
+              [[r["rollout_id"], r["model_version"], r["target"], r["spec"]["strategy"], r["state"], r["total"],
+                r["counts"]["committed"], r["counts"]["failed"] + r["counts"]["timed_out"],
+                f"{100 * r['progress']:.0f}%", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"]))]
+               for r in rows], {"rollouts": rows})
+    return 0
+
+
+@remote_ok
+def _status(args: argparse.Namespace, out: Output) -> int:
+    r = client(args).rollout(args.rollout_id) if args.server else _controller(args).status(args.rollout_id)
+    if out.as_json:
+        out.result(r)
+        return 0
+    out.info(f"rollout {r['rollout_id']}: {r['model_version']} to {r['target']} ({r['spec']['strategy']}), "
+             f"{r['state']}, {100 * r['progress']:.0f}% done, failures {r['failure_pct']:.1f}%"
+             + (f"; reason: {r['reason']}" if r.get("reason") else ""))
+    out.table("devices per state", ["state", "devices"],
+              [[s, r["counts"][s]] for s in DEVICE_STATES if r["counts"][s]], r)
+    health = r.get("health")
+    if health and health.get("evaluated"):
+        out.info(f"health: error rate {health['error_rate_increase']:+.4f}, latency p95 "
+                 f"{health['latency_p95_increase_ms']:+.2f} ms, prediction JS {health['prediction_js']:.3f}, "
+                 f"confidence {-health['confidence_drop']:+.3f}")
+    return 0
+
+
+@remote_ok
+def _act(args: argparse.Namespace, out: Output) -> int:
+    name = args.action
+    if args.server:
+        r = client(args).rollout_action(args.rollout_id, name, getattr(args, "reason", None))
+    else:
+        ctl = _controller(args)
+        if name == "abort":
+            ctl.abort(args.rollout_id, reason=args.reason)
+        else:
+            getattr(ctl, name)(args.rollout_id)
+        r = ctl.status(args.rollout_id)
+    out.result(r, f"rollout {r['rollout_id']} is now {r['state']}")
+    return 0
