@@ -1,0 +1,184 @@
+"""``edgeloop swarm``: thousands of simulated devices on one event loop (simulators/swarm.py).
+
+Unlike ``edgeloop simulate`` (a few real agents, one thread each, serving real inference), a
+swarm is for fleet-scale rollouts: every device is its own MQTT connection and really
+downloads and checks its packages, but inference, install and health check are simulated.
+It runs until ``--duration`` passes or it is interrupted (Ctrl-C, SIGTERM), then prints what
+every device ended in; ``--report FILE`` also writes each device's commit time. A workspace
+with its own broker (``edgeloop broker up``) gets mutual TLS: every device connects with its
+own certificate, enrolled on first use as ``edgeloop simulate`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cloud.errors import ServiceUnavailable, UserError
+from cloud.workspace import Workspace
+from fleet._output import Output
+
+__all__ = ["add_swarm_command"]
+
+
+def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    help_ = "run thousands of simulated devices (one event loop) against the broker, for fleet-scale rollouts"
+    p = sub.add_parser("swarm", help=help_, description=help_)
+    common(p)
+    p.set_defaults(fn=_swarm)
+    p.add_argument("--devices", type=_count, default=100, help="how many devices (default 100)")
+    p.add_argument("--tier-mix", default="edge-gateway:1", metavar="TIER:SHARE,...",
+                   help="tiers and their shares, e.g. edge-gateway:0.7,mcu:0.3 (default: all edge-gateway)")
+    p.add_argument("--initial-version", metavar="MODEL_VERSION",
+                   help="the model every device starts with, as if factory-installed (default: none)")
+    p.add_argument("--fail-pct", type=_pct, default=0.0, help="%% of devices whose health check fails on a new model")
+    p.add_argument("--bad-model-pct", type=_pct, default=0.0,
+                   help="%% of devices that install fine but report high error rates and latency on a new model")
+    p.add_argument("--latency-ms", type=_non_negative, default=0.0, help="one-way network latency per device")
+    p.add_argument("--bandwidth-kbps", type=_non_negative, default=0.0,
+                   help="download rate per device, kB/s (default: unlimited)")
+    p.add_argument("--drop-pct", type=_pct, default=0.0, help="%% of downloads dropped mid-transfer (retried)")
+    p.add_argument("--disconnect-pct", type=_pct, default=0.0,
+                   help="%% of connected devices that lose their connection each minute")
+    p.add_argument("--install-s", type=_non_negative, default=0.05, help="simulated install time per device")
+    p.add_argument("--telemetry-s", type=_non_negative, default=0.0,
+                   help="seconds between telemetry windows per device (default 0: none)")
+    p.add_argument("--heartbeat-s", type=_non_negative, default=60.0, help="status heartbeat period (0: none)")
+    p.add_argument("--download-concurrency", type=_count, default=64, help="HTTP downloads at once, swarm-wide")
+    p.add_argument("--duration", type=_non_negative, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--prefix", default="swarm", help="device id prefix (ids: PREFIX-TIER-00042)")
+    p.add_argument("--seed", type=int, default=0, help="picks which devices are faulty")
+    p.add_argument("--report", type=Path, metavar="FILE", help="also write every device's result as JSON to FILE")
+
+
+def _swarm(args: argparse.Namespace, out: Output) -> int:
+    from fleet.broker import control_plane_link
+    from simulators.swarm import NetworkProfile, Swarm, SwarmConfig, parse_tier_mix
+
+    ws = Workspace.open(args.workspace).with_mqtt(args.mqtt)
+    link = control_plane_link(ws, args.mqtt)      # only where, and whether over TLS
+    try:
+        mix = parse_tier_mix(args.tier_mix)
+        network = NetworkProfile(latency_ms=args.latency_ms, bandwidth_kbps=args.bandwidth_kbps,
+                                 drop_pct=args.drop_pct, disconnect_pct_per_min=args.disconnect_pct)
+        config = SwarmConfig(
+            devices=args.devices, mqtt_host=link.host, mqtt_port=link.port, tier_mix=mix,
+            image_root=ws.image_repository().trusted_root(), director_root=ws.director_repository().trusted_root(),
+            state_dir=ws.root / "swarm", prefix=args.prefix, initial_version=args.initial_version,
+            fail_pct=args.fail_pct, bad_model_pct=args.bad_model_pct, network=network, install_s=args.install_s,
+            telemetry_s=args.telemetry_s, heartbeat_s=args.heartbeat_s,
+            download_concurrency=args.download_concurrency, seed=args.seed,
+            tls_dir=ws.root / "devices" if link.tls else None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    _reachable(link.host, link.port)
+    if link.tls:
+        _identities(ws, config, out)
+    _raise_fd_limit(args.devices)
+    swarm = Swarm(config)
+    report = asyncio.run(_run(swarm, args.duration, out))
+    if args.report:
+        args.report.write_text(json.dumps(report, sort_keys=True))
+    summary = {k: v for k, v in report.items() if k != "per_device"}
+    states = ", ".join(f"{n} {s}" for s, n in sorted(report["states"].items()))
+    times = "" if report["command_to_commit_p50_s"] is None else \
+        f"; command to commit p50 {report['command_to_commit_p50_s']} s, p99 {report['command_to_commit_p99_s']} s"
+    out.result(summary, f"{report['devices']} devices ({', '.join(f'{n} {t}' for t, n in report['tiers'].items())})"
+                        f": {states}{times}")
+    return 0
+
+
+async def _run(swarm: Any, duration: float | None, out: Output) -> dict[str, Any]:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    began = time.time()
+    try:
+        await swarm.start()
+    except TimeoutError as e:
+        await swarm.stop()
+        raise ServiceUnavailable(str(e)) from None
+    out.info(f"{len(swarm.devices)} devices connected in {time.time() - began:.1f} s; waiting for rollouts "
+             f"({'Ctrl-C' if duration is None else f'{duration:.0f} s'} to stop)")
+    try:
+        await asyncio.wait_for(stop.wait(), duration)
+    except asyncio.TimeoutError:
+        pass
+    report = swarm.report(per_device=True)
+    await swarm.stop()
+    return report
+
+
+def _identities(ws: Workspace, config: Any, out: Output) -> None:
+    """The workspace runs its own mutual-TLS broker: every simulated device connects as itself,
+    with a certificate from the fleet CA (enrolled on first use, tagged simulated=true)."""
+    from cloud.fleet_registry import FleetRegistry
+    from cloud.registry import Registry
+    from fleet.identity import simulated_device_tls
+    from simulators.swarm import plan
+
+    registry = Registry(ws.registry_path)
+    try:
+        fleet = FleetRegistry(registry)
+        devices = plan(config)
+        with out.progress() as progress:
+            for i, (device_id, tier) in enumerate(devices):
+                simulated_device_tls(ws, fleet, device_id, tier)
+                progress("identities", i + 1, len(devices))
+    finally:
+        registry.close()
+
+
+def _reachable(host: str, port: int) -> None:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise ServiceUnavailable(f"cannot reach MQTT broker at {host}:{port}: {e}") from None
+
+
+def _raise_fd_limit(devices: int) -> None:
+    """One socket per device: raise the soft open-files limit up to the hard one if needed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = devices + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            raise UserError(f"{devices} devices need {want} open files; this process may open {hard} "
+                            f"(raise it: ulimit -n)")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number, 0 or more")
+    return value
+
+
+def _pct(text: str) -> float:
+    value = _non_negative(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a percentage (0-100)")
+    return value
