@@ -2,12 +2,17 @@
 
 Ingest never runs on paho's network thread: messages go into a bounded queue and one writer
 thread stores them in batches (telemetry deduplicated on (device_id, seq)). Telemetry and
-errors are consumed through MQTT 5 shared subscriptions (``$share/edgeloop-ingest/...``), so
+errors are consumed through MQTT 5 shared subscriptions (``$share/<share_group>/...``; the
+default group ``edgeloop-ingest``, a per-workspace secret under ``edgeloop serve``), so
 several control-plane processes split the stream; status is a plain subscription because
 it is retained and shared subscriptions do not receive retained messages.
 
 Malformed payloads (not JSON, wrong schema, over the size bound, or naming a device other
-than the topic's) are logged, counted in :attr:`IngestStats.malformed`, and dropped.
+than the topic's) are logged, counted in :attr:`IngestStats.malformed`, and dropped. Telemetry
+that parses but is not good data (unknown or revoked device, sequence number or time from the
+future, counted on other bin edges: cloud/ingest_checks.py) is refused and counted by reason in
+:attr:`IngestStats.rejects`; every refusal, malformed ones included, gets a ``telemetry_rejects``
+row. Messages are acknowledged to the broker only after their batch was stored (manual acks).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import ssl
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -28,16 +33,16 @@ from paho.mqtt.properties import Properties
 
 from contracts import topics
 from contracts.errors import ContractError
-from contracts.messages import Announce, DeviceState, ErrorReport, Status, Telemetry, as_dict, encode, parse
+from contracts.messages import Announce, Command, DeviceState, ErrorReport, Status, Telemetry, as_dict, encode, parse
 from cloud.block_server import BlockServer
 from cloud.errors import ServiceUnavailable, UserError
+from cloud.ingest_checks import Reject, TelemetryGate
 from cloud.registry import Registry
 
 log = logging.getLogger("edgeloop.control_plane")
 
 SHARE_GROUP = "edgeloop-ingest"
 BATCH_MAX = 500
-BATCH_WAIT_S = 0.05
 
 __all__ = ["ControlPlane", "IngestStats"]
 
@@ -52,14 +57,19 @@ class IngestStats:
     malformed: int = 0
     dropped_queue_full: int = 0
     store_failures: int = 0
+    rejected: int = 0                   # telemetry refused as data (cloud/ingest_checks.py), by reason:
+    rejects: dict[str, int] = field(default_factory=dict)
 
 
 class ControlPlane:
     def __init__(self, registry: Registry, host: str, port: int, client_id: str | None = None,
                  queue_max: int = 100_000, repositories: dict[str, Path] | None = None,
                  session: str | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
-                 tls_key: Path | None = None) -> None:
-        """``session``: a stable name for a persistent MQTT session, so the broker keeps this
+                 tls_key: Path | None = None, share_group: str = SHARE_GROUP) -> None:
+        """``share_group``: the MQTT 5 shared-subscription group ingest workers split the stream
+        in; give every worker of a fleet the workspace's secret name (fleet.broker.share_group), so a
+        device cannot join the group and make the broker drop part of the stream.
+        ``session``: a stable name for a persistent MQTT session, so the broker keeps this
         ingest worker's QoS 1 messages while it is down (telemetry is not lost across restarts).
         ``tls_ca``: connect over TLS, trusting this CA; with ``tls_cert`` and ``tls_key``, mutual
         TLS as the identity they hold (an edgeloop broker's ACL gives ``edgeloop-control-plane``
@@ -72,6 +82,7 @@ class ControlPlane:
         self._writer: threading.Thread | None = None
         self._idle = threading.Event()
         self.session = session
+        self.share_group = share_group
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=session or client_id or f"edgeloop-cp-{uuid.uuid4().hex[:8]}")
         if tls_ca or tls_cert or tls_key:
@@ -79,6 +90,11 @@ class ControlPlane:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self._connected.clear()
         self.client.on_message = self._on_message
+        # a message is acknowledged to the broker only once its batch was stored: an ingest worker
+        # that dies mid-batch gets it again from its persistent session
+        self.client.manual_ack_set(True)
+        self.gate = TelemetryGate(registry)
+        self._rejects: list[tuple[Reject, str]] = []
         self.client.on_subscribe = self._on_subscribe
         self._subscribe_mid: int | None = None
         # with repositories, this control plane also serves their files over MQTT in blocks
@@ -143,6 +159,11 @@ class ControlPlane:
         """Remove the retained announcement of a tier (an empty retained message)."""
         self.client.publish(topics.announce(tier), b"", qos=1, retain=True).wait_for_publish(timeout)
 
+    def send_command(self, device_id: str, command: Command) -> mqtt.MQTTMessageInfo:
+        """Publish a rollout command to one device (QoS 1, not retained); does not wait for the
+        broker's acknowledgement (paho queues it while reconnecting)."""
+        return self.client.publish(topics.command(device_id), encode(command), qos=1, retain=False)
+
     # -- ingest -------------------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
@@ -150,10 +171,10 @@ class ControlPlane:
             return
         # one SUBSCRIBE; the control plane counts as started once the broker has acknowledged it
         subscriptions = [(topics.status_all(), 1),
-                         (f"$share/{SHARE_GROUP}/{topics.telemetry_all()}", 1),
-                         (f"$share/{SHARE_GROUP}/{topics.errors_all()}", 1)]
+                         (f"$share/{self.share_group}/{topics.telemetry_all()}", 1),
+                         (f"$share/{self.share_group}/{topics.errors_all()}", 1)]
         if self.blocks is not None:
-            subscriptions.append((f"$share/{SHARE_GROUP}-blocks/{topics.block_requests_all()}", 1))
+            subscriptions.append((f"$share/{self.share_group}-blocks/{topics.block_requests_all()}", 1))
         _, self._subscribe_mid = client.subscribe(subscriptions)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
@@ -167,11 +188,17 @@ class ControlPlane:
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
         if self.blocks is not None and message.topic.endswith("/blocks/req"):
             self.blocks.submit(message.topic, bytes(message.payload))
+            self._ack([(message.mid, message.qos)])
             return
         try:
-            self._inbox.put_nowait((message.topic, bytes(message.payload)))
+            self._inbox.put_nowait((message.topic, bytes(message.payload), message.mid, message.qos))
         except queue.Full:
-            self.stats.dropped_queue_full += 1
+            self.stats.dropped_queue_full += 1      # not acknowledged: sent again after a reconnect
+
+    def _ack(self, acks: list[tuple[int, int]]) -> None:
+        for mid, qos in acks:
+            if qos > 0:
+                self.client.ack(mid, qos)
 
     def _write_loop(self) -> None:
         while True:
@@ -181,10 +208,11 @@ class ControlPlane:
             if item is None:
                 return
             batch = [item]
-            deadline = time.time() + BATCH_WAIT_S
-            while len(batch) < BATCH_MAX and time.time() < deadline:
+            # group commit: take what is queued now (up to BATCH_MAX) and store it; a busy stream
+            # makes big batches by itself, and a quiet one is not held back waiting for more
+            while len(batch) < BATCH_MAX:
                 try:
-                    nxt = self._inbox.get(timeout=max(0.0, deadline - time.time()))
+                    nxt = self._inbox.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
@@ -193,37 +221,59 @@ class ControlPlane:
                 batch.append(nxt)
             self._store_safely(batch)
 
-    def _store_safely(self, batch: list[tuple[str, bytes]]) -> None:
-        """A storage failure loses this batch's work but never the ingest thread."""
+    def _store_safely(self, batch: list[tuple[str, bytes, int, int]]) -> None:
+        """A storage failure loses this batch's work but never the ingest thread. The batch's
+        messages are acknowledged to the broker after the attempt."""
         try:
-            self._store(batch)
+            self._store([(topic, payload) for topic, payload, _, _ in batch])
         except Exception:  # noqa: BLE001 - logged and counted; the next batch is tried
             self.stats.store_failures += 1
             log.exception("could not store a batch of %d messages", len(batch))
+        self._ack([(mid, qos) for _, _, mid, qos in batch])
 
     def _store(self, batch: list[tuple[str, bytes]]) -> None:
         telemetry = []
+        statuses: list[dict] = []
+        installed: list[tuple[str, str]] = []
         for topic, payload in batch:
             self.stats.received += 1
             msg = self._parse(topic, payload)
             if isinstance(msg, Telemetry):
-                telemetry.append(as_dict(msg))
+                telemetry.append(msg)
             elif isinstance(msg, Status):
                 self.stats.statuses += 1
-                self.registry.record_status({"device_id": msg.device_id, "tier": msg.tier, "state": str(msg.state),
-                                             "model_version": msg.model_version, "update_id": msg.update_id,
-                                             "reason": msg.reason})
+                statuses.append({"device_id": msg.device_id, "tier": msg.tier, "state": str(msg.state),
+                                 "model_version": msg.model_version, "update_id": msg.update_id, "reason": msg.reason})
                 if msg.state == DeviceState.COMMITTED and msg.update_id:
-                    self.registry.add_edge(f"update:{msg.update_id}", f"device:{msg.device_id}", "installed")
+                    installed.append((msg.update_id, msg.device_id))
             elif isinstance(msg, ErrorReport):
                 self.stats.errors += 1
                 self.registry.add_device_error(as_dict(msg))
-        if telemetry:
-            for row in telemetry:
+        self.registry.record_statuses(statuses, installed)   # one transaction for the batch's statuses
+        good, refused = self.gate.check(telemetry)
+        self._rejects += [(r, topics.telemetry(r.device_id)) for r in refused]
+        self._flush_rejects()
+        if good:
+            # shallow: dataclasses.asdict would deep-copy every histogram (9 ms a record)
+            rows = [{f.name: getattr(msg, f.name) for f in fields(msg)} for msg in good]
+            for row in rows:
                 row.pop("extra", None)
-            new = self.registry.add_telemetry(telemetry)
+            new = self.registry.add_telemetry(rows)
             self.stats.telemetry_stored += new
-            self.stats.telemetry_duplicates += len(telemetry) - new
+            self.stats.telemetry_duplicates += len(rows) - new
+
+    def _flush_rejects(self) -> None:
+        """Count refusals by reason and keep one row each (telemetry_rejects)."""
+        if not self._rejects:
+            return
+        pending, self._rejects = self._rejects, []
+        for reject, _ in pending:
+            self.stats.rejected += 1
+            self.stats.rejects[reject.reason] = self.stats.rejects.get(reject.reason, 0) + 1
+            log.warning("refused telemetry from %s (seq %s): %s: %s", reject.device_id, reject.seq,
+                        reject.reason, reject.detail)
+        self.registry.add_telemetry_rejects([{"device_id": r.device_id, "seq": r.seq, "reason": r.reason,
+                                              "detail": r.detail[:500], "topic": topic} for r, topic in pending])
 
     def _parse(self, topic: str, payload: bytes) -> Status | Telemetry | ErrorReport | None:
         device = topics.device_from_topic(topic)
@@ -234,11 +284,14 @@ class ControlPlane:
         except ContractError as e:
             self.stats.malformed += 1
             log.warning("dropped malformed message on %s: %s", topic, e)
+            self._rejects.append((Reject(device, None, "schema", str(e)), topic))
             return None
         kind = topic.rsplit("/", 1)[-1]
         expected = {"status": Status, "telemetry": Telemetry, "errors": ErrorReport}.get(kind)
         if device is None or not isinstance(msg, expected or ()) or getattr(msg, "device_id", None) != device:
             self.stats.malformed += 1
             log.warning("dropped %s on %s: wrong topic or device id", msg.SCHEMA, topic)
+            self._rejects.append((Reject(device, None, "wrong-topic", f"{msg.SCHEMA} naming another device "
+                                         "or on another kind of topic"), topic))
             return None
         return msg  # type: ignore[return-value]

@@ -260,6 +260,33 @@ class Registry:
             first = old.get("first_seen") or now
             self.db["devices"].upsert({**row, "first_seen": first, "last_seen": now}, pk="device_id")
 
+    _STATUS_UPSERT = (
+        "insert into devices (device_id, tier, state, model_version, update_id, reason, first_seen, last_seen) "
+        "values (:device_id, :tier, :state, :model_version, :update_id, :reason, :now, :now) "
+        "on conflict(device_id) do update set tier = excluded.tier, state = excluded.state, "
+        "model_version = case when excluded.state = 'offline' and excluded.model_version is null "
+        "then devices.model_version else excluded.model_version end, "
+        "update_id = case when excluded.state = 'offline' and excluded.model_version is null "
+        "then coalesce(excluded.update_id, devices.update_id) else excluded.update_id end, "
+        "reason = excluded.reason, first_seen = coalesce(devices.first_seen, excluded.first_seen), "
+        "last_seen = excluded.last_seen")
+
+    def record_statuses(self, rows: list[dict[str, Any]], installed: Iterable[tuple[str, str]] = ()) -> None:
+        """:meth:`record_status` for many statuses, applied in order, and the ``installed`` lineage
+        edges of (update_id, device_id) pairs, all in one transaction: what the control plane's
+        ingest stores per batch (one commit per status costs the fleet-scale ingest its time)."""
+        installed = list(installed)
+        if not rows and not installed:
+            return
+        now = time.time()
+        keys = ("device_id", "tier", "state", "model_version", "update_id", "reason")
+        with self._lock, self.db.conn:
+            self.db.conn.executemany(self._STATUS_UPSERT, [{**{k: r.get(k) for k in keys}, "now": now} for r in rows])
+            self.db.conn.executemany(
+                "insert into lineage (src, dst, relation, created_at) values (?, ?, 'installed', ?) "
+                "on conflict(src, dst, relation) do update set created_at = excluded.created_at",
+                [(f"update:{u}", f"device:{d}", now) for u, d in installed])
+
     def devices(self, tier: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         sql, args = "select * from devices where 1=1", []
         if tier:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contracts.baseline_digest import edges_digest
 from contracts.messages import Telemetry
 from device_sdk.storage import read_json, write_json
 
@@ -48,6 +49,7 @@ class FeatureSummary:
 
     def __init__(self, baseline: dict) -> None:
         feats = baseline["features"]
+        self.edges = edges_digest(feats)
         self.inner_edges = [np.asarray(f["edges"][1:-1], dtype=np.float64) for f in feats]
         self.bins = [len(f["edges"]) - 1 for f in feats]
         f = len(feats)
@@ -70,11 +72,27 @@ class FeatureSummary:
             if ok[i]:
                 self.hist[i][int(np.searchsorted(edges, v, side="right"))] += 1
 
+    def record_batch(self, raw: np.ndarray) -> None:
+        """Record ``n`` inputs at once (rows of ``raw``): the same counts as ``n`` calls of
+        :meth:`record`, for simulators and batch inference."""
+        x = np.asarray(raw, dtype=np.float64).reshape(len(raw), -1)
+        ok = np.isfinite(x)
+        self.missing += (~ok).sum(axis=0)
+        self.n += ok.sum(axis=0)
+        xs = np.where(ok, x, 0.0)
+        self.sum += xs.sum(axis=0)
+        self.sumsq += (xs * xs).sum(axis=0)
+        self.min = np.minimum(self.min, np.where(ok, x, np.inf).min(axis=0, initial=np.inf))
+        self.max = np.maximum(self.max, np.where(ok, x, -np.inf).max(axis=0, initial=-np.inf))
+        for i, edges in enumerate(self.inner_edges):
+            col = x[ok[:, i], i]
+            self.hist[i] += np.bincount(np.searchsorted(edges, col, side="right"), minlength=self.bins[i])
+
     def to_obj(self) -> dict:
         finite = lambda a: [float(v) if np.isfinite(v) else 0.0 for v in a]  # noqa: E731
         return {"hist": [h.tolist() for h in self.hist], "n": self.n.tolist(), "missing": self.missing.tolist(),
                 "sum": [float(v) for v in self.sum], "sumsq": [float(v) for v in self.sumsq],
-                "min": finite(self.min), "max": finite(self.max)}
+                "min": finite(self.min), "max": finite(self.max), "edges": self.edges}
 
 
 class TelemetryWindow:

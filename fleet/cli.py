@@ -20,7 +20,9 @@ from typing import Any, Callable, NoReturn
 
 from cloud.errors import CloudError, ServiceUnavailable, UserError
 from cloud.workspace import DEFAULT_MQTT, Workspace
+from fleet import remote
 from fleet._output import Output
+from fleet.remote import remote_ok
 
 DEFAULT_WORKSPACE = "edgeloop-workspace"
 SERVE_FILE = "serve.json"
@@ -47,6 +49,9 @@ def _common(p: argparse.ArgumentParser, inherit: bool = False) -> None:
     p.add_argument("--mqtt", metavar="HOST:PORT", default=d(None),
                    help="MQTT broker for this command (default: the workspace's)")
     p.add_argument("--debug", action="store_true", default=d(False), help="log verbosely and show tracebacks")
+    p.add_argument("--server", metavar="URL", default=d(None),
+                   help="a remote control plane's API (devices, models, rollout); needs --token or $EDGELOOP_TOKEN")
+    p.add_argument("--token", default=d(None), help="API token for --server (default: $EDGELOOP_TOKEN)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("serve", "run the control plane: serve the update repository, ingest telemetry", _serve)
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--api", metavar="HOST:PORT", default="127.0.0.1:0",
+                   help="where to serve the authenticated HTTP API (default 127.0.0.1, any free port)")
+    p.add_argument("--worker", default="serve", metavar="NAME",
+                   help="this process's broker identity and session, when several serve one fleet (default: serve)")
 
     _devices_commands(sub)
     _broker_commands(sub)
@@ -126,10 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     drift = _group(sub, "drift", "drift and skew against the training baseline, per cohort", _drift_report)
     p = _action(drift, "report", "compare device telemetry with each model version's training baseline",
                 _drift_report)
-    p.add_argument("--cohort", choices=["device", "tier", "model_version", "fleet"], default="device")
+    p.add_argument("--cohort", choices=["device", "tier", "tag", "site", "model_version", "fleet"], default="device")
+    from fleet.cli_labels import add_labels_commands
+    add_labels_commands(sub, _group, _action)
     from fleet.cli_keys import add_keys_commands
     add_keys_commands(sub, _group, _action)
+    from fleet.cli_tokens import add_tokens_commands
+    add_tokens_commands(sub, _group, _action)
+    from fleet.cli_rollout import add_rollout_commands
+    add_rollout_commands(sub, _group, _action)
+    from fleet.cli_pipeline import add_pipeline_commands
+    add_pipeline_commands(sub, _group, _action)
     cmd("status", "summarize the fleet: models, updates, device states, telemetry", _status)
+    from fleet.cli_swarm import add_swarm_command
+    add_swarm_command(sub, _common)
 
     p = cmd("simulate", "run a simulated fleet of real agents against the broker", _simulate)
     p.add_argument("--devices", type=_positive, default=20)
@@ -144,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive, default=30)
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the fleet")
     p.add_argument("--prefix", default="demo", help="device id prefix (default: demo)")
+    p.add_argument("--loop", action="store_true",
+                   help="the closed loop: deploy v1, inject sensor drift, detect it, retrain on device data, "
+                        "canary and promote v2, and print fleet accuracy before drift, after drift, after v2")
     return parser
 
 
@@ -397,10 +419,13 @@ def _publish(args: argparse.Namespace, out: Output) -> int:
     from cloud.control_plane import ControlPlane
     from cloud.pipeline import publish_update
 
+    from fleet.broker import control_plane_link
+
     ws = _open(args)
     registry = _registry(ws)
     url = args.repository_url or _serve_url(ws)
-    cp = ControlPlane(registry, ws.mqtt_host, ws.mqtt_port).start()
+    link = control_plane_link(ws, args.mqtt, "publish")   # mutual TLS when the workspace has a generated broker
+    cp = ControlPlane(registry, link.host, link.port, **link.control_plane_kwargs()).start()
     try:
         msg = publish_update(ws, registry, url, args.model_version, args.tier, cp.announce)
     finally:
@@ -415,24 +440,37 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     from cloud.control_plane import ControlPlane
     from cloud.repo_server import RepositoryServer
 
+    from cloud.api import ApiServer
+    from cloud.workspace import parse_host_port
+    from fleet.broker import control_plane_link, share_group
+
     ws = _open(args)
     registry = _registry(ws)
+    api_host, api_port = parse_host_port(args.api, "API address", allow_zero=True)
+    link = control_plane_link(ws, args.mqtt, args.worker)  # mutual TLS when the workspace has a generated broker
     server = RepositoryServer(ws.repository_dir, ws.http_host, ws.http_port, ws.director_dir).start()
-    cp = ControlPlane(registry, ws.mqtt_host, ws.mqtt_port, session=f"edgeloop-ingest-{ws.fleet}",
-                      repositories={"image": ws.repository_dir, "director": ws.director_dir}).start()
-    (ws.root / SERVE_FILE).write_text(json.dumps({"repository_url": server.url, "pid": os.getpid()}))
+    cp = ControlPlane(registry, link.host, link.port, session=f"edgeloop-ingest-{ws.fleet}" + ("" if args.worker == "serve" else f"-{args.worker}"),
+                      repositories={"image": ws.repository_dir, "director": ws.director_dir},
+                      share_group=share_group(ws), **link.control_plane_kwargs()).start()
+    from cloud.rollouts import RolloutController
+    rollouts = RolloutController(ws, registry, cp.send_command, repository_url=server.url)
+    api = ApiServer(registry, api_host, api_port, rollouts=rollouts).start()
+    (ws.root / SERVE_FILE).write_text(json.dumps({"repository_url": server.url, "api_url": api.url,
+                                                  "pid": os.getpid()}))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    out.info(f"serving {server.url}, ingesting from {ws.mqtt_host}:{ws.mqtt_port} (Ctrl-C to stop)")
+    out.info(f"serving {server.url}, API {api.url}, ingesting from {link.host}:{link.port}"
+             f"{' (mutual TLS)' if link.tls else ''} (Ctrl-C to stop)")
     try:
-        stop.wait(args.duration) if args.duration else stop.wait()
+        rollouts.run(stop, until=time.time() + args.duration if args.duration else None)
     except KeyboardInterrupt:
         pass
     finally:
         (ws.root / SERVE_FILE).unlink(missing_ok=True)
+        api.stop()
         cp.stop()
         server.stop()
-    out.result({"repository_url": server.url, **cp.stats.__dict__})
+    out.result({"repository_url": server.url, "api_url": api.url, **cp.stats.__dict__})
     return 0
 
 
@@ -441,6 +479,7 @@ def _fleet(ws: Workspace):  # noqa: ANN202
     return FleetRegistry(_registry(ws))
 
 
+@remote_ok
 def _devices_ls(args: argparse.Namespace, out: Output) -> int:
     from cloud.fleet_registry import DeviceFilter
     from fleet.identity import parse_tags
@@ -448,7 +487,8 @@ def _devices_ls(args: argparse.Namespace, out: Output) -> int:
     where = DeviceFilter(tier=getattr(args, "tier", None), state=getattr(args, "state", None),
                          tags=parse_tags(getattr(args, "tag", None) or []), group=getattr(args, "group", None),
                          online=getattr(args, "online", None))
-    rows = _fleet(_open(args)).devices(where)
+    rows = remote.client(args).devices(where.tier, where.state, where.tags, where.group, where.online) \
+        if args.server else _fleet(_open(args)).devices(where)
     out.table("devices", ["device", "tier", "state", "online", "model", "target", "groups", "last seen",
                           "reason / last error"],
               [[d["device_id"] + (" (revoked)" if d["revoked"] else ""), d["tier"], d["state"],
@@ -458,14 +498,12 @@ def _devices_ls(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+@remote_ok
 def _devices_show(args: argparse.Namespace, out: Output) -> int:
-    ws = _open(args)
-    fleet = _fleet(ws)
-    device = fleet.device(args.device_id)
-    device["errors"] = fleet.registry.device_errors(args.device_id)[-10:]
-    device["telemetry"] = list(fleet.db.query(
-        "select count(*) as records, sum(count) as inferences, sum(correct) as correct, sum(labelled) as labelled "
-        "from telemetry where device_id = ?", [args.device_id]))[0]
+    from cloud.api import device_detail
+
+    device = remote.client(args).device(args.device_id) if args.server \
+        else device_detail(_fleet(_open(args)), args.device_id)
     out.result(device, "\n".join(f"{k:>20}: {v}" for k, v in device.items()))
     return 0
 
@@ -536,10 +574,11 @@ def _broker_status(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+@remote_ok
 def _models(args: argparse.Namespace, out: Output) -> int:
-    rows = _registry(_open(args)).model_versions()
+    rows = remote.client(args).models() if args.server else _registry(_open(args)).model_versions()
     for r in rows:
-        r["metrics"] = json.loads(r["metrics"])
+        r["metrics"] = json.loads(r["metrics"]) if isinstance(r["metrics"], str) else r["metrics"] or {}
     out.table("model versions", ["model version", "stage", "run", "test accuracy"],
               [[r["model_version"], r["stage"], r["run_id"], f"{r['metrics'].get('test_accuracy', 0):.3f}"]
                for r in rows], {"model_versions": rows})
@@ -603,10 +642,11 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
 
     ws = _open(args)
     _, _, test = load_dataset().split()
-    spec = FleetSpec(devices=args.devices, tier=args.tier, state_root=ws.fleet_dir, mqtt_host=ws.mqtt_host,
-                     mqtt_port=ws.mqtt_port, image_root=ws.image_repository().trusted_root(),
+    link, own = _device_link(ws, args.mqtt, args.tier)
+    spec = FleetSpec(devices=args.devices, tier=args.tier, state_root=ws.fleet_dir, mqtt_host=link.host,
+                     mqtt_port=link.port, image_root=ws.image_repository().trusted_root(),
                      director_root=ws.director_repository().trusted_root(),
-                     samples=args.samples, prefix=args.prefix)
+                     samples=args.samples, prefix=args.prefix, device_overrides=own)
     fleet = SimulatedFleet(spec, DataStream(test.x, test.y)).start()
     deadline = time.time() + args.duration
     try:
@@ -626,15 +666,35 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _device_link(ws: Workspace, mqtt: str | None, tier: str):  # noqa: ANN202
+    """The broker link, and for a workspace with a generated broker each simulated device's own
+    mutual-TLS identity (enrolled on first use)."""
+    from fleet.broker import control_plane_link
+    from fleet.identity import agent_tls, simulated_device_tls
+
+    link = control_plane_link(ws, mqtt, "demo")
+    if link.tls is None:
+        return link, None
+    fleet = _fleet(ws)
+    return link, lambda device_id: agent_tls(simulated_device_tls(ws, fleet, device_id, tier))
+
+
 def _demo(args: argparse.Namespace, out: Output) -> int:
+    if args.loop:
+        return _loop_demo(args, out)
     from fleet.demo import DemoOptions, run_demo
 
     ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT).with_mqtt(args.mqtt)
     opts = DemoOptions(devices=args.devices, samples=args.samples, epochs=args.epochs, timeout_s=args.timeout,
                        prefix=args.prefix)
-    out.info(f"edgeloop demo: {args.devices} devices, broker {ws.mqtt_host}:{ws.mqtt_port}, workspace {ws.root}")
+    out.info(f"edgeloop demo: {args.devices} devices, broker {ws.mqtt_host}:{ws.mqtt_port}, workspace {ws.root}"
+             if not (ws.root / "broker" / "broker.json").exists() else
+             f"edgeloop demo: {args.devices} devices, the workspace's mutual-TLS broker, workspace {ws.root}")
+    from fleet.demo import TIER
+
+    link, own = _device_link(ws, args.mqtt, TIER)
     with out.progress() as progress:
-        result = run_demo(ws, opts, progress)
+        result = run_demo(ws, opts, progress, link, own)
     acc = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.3f}"
     out.result(result, (
         f"model {result['model_version']} (run {result['run_id']}, data sha256 {result['dataset_sha256'][:12]}, "
@@ -645,6 +705,29 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
         f"fleet accuracy {acc}\n"
         f"done in {result['seconds']} s"))
     return 0 if result["failed"] == 0 else 1
+
+
+def _loop_demo(args: argparse.Namespace, out: Output) -> int:
+    from fleet.loop_demo import LoopOptions, run_loop_demo
+
+    devices = args.devices if args.devices != 20 else 10     # the loop's default fleet is smaller
+    ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT).with_mqtt(args.mqtt)
+    out.info(f"edgeloop demo --loop: {devices} devices, broker {ws.mqtt_host}:{ws.mqtt_port}, workspace {ws.root}")
+    r = run_loop_demo(ws, LoopOptions(devices=devices, epochs=args.epochs, timeout_s=args.timeout,
+                                      prefix=args.prefix if args.prefix != "demo" else "loop"),
+                      lambda stage, msg: out.info(f"{stage}: {msg}"))
+
+    def acc(phase: dict) -> str:
+        return f"{phase['fleet']:.3f} (drifted devices {phase['drifted_devices']:.3f}, others {phase['other_devices']:.3f})"
+
+    out.result(r, "\n".join([
+        f"fleet accuracy before drift: {acc(r['accuracy_before_drift'])}",
+        f"fleet accuracy after drift:  {acc(r['accuracy_after_drift'])}",
+        f"fleet accuracy after {r['v2']}: {acc(r['accuracy_after_v2'])}",
+        f"drift flagged on {r['flagged_drifted']}/{r['drifted_devices']} drifted devices, "
+        f"{r['flagged_clean']} false alarms; pipeline {r['pipeline_run']} {r['pipeline_status']}, "
+        f"rollout {r['rollout_id']}; done in {r['seconds']} s"]))
+    return 0 if r["pipeline_status"] == "succeeded" else 1
 
 
 def _drift_report(args: argparse.Namespace, out: Output) -> int:
@@ -675,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Output(args.json)
     try:
+        if getattr(args, "server", None) and not remote.allows_remote(args.fn):
+            raise UserError("--server works with: devices [ls|show], models [ls], rollout; run other commands "
+                            "on the control plane's workspace")
         return args.fn(args, out)
     except CloudError as e:
         sys.stderr.write(f"edgeloop: error: {e}\n")

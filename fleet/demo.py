@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from cloud.datasets import load_dataset
 from cloud.pipeline import package_model, publish_update, train_model
@@ -21,6 +22,9 @@ from cloud.training import TrainParams
 from cloud.workspace import Workspace
 from simulators.datastream import DataStream
 from simulators.fleet import FleetSpec, SimulatedFleet
+
+if TYPE_CHECKING:
+    from fleet.broker import MqttLink
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -40,15 +44,23 @@ class DemoOptions:
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 
 
-def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None) -> dict:
+def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None, link: MqttLink | None = None,
+             device_overrides: Callable[[str], dict[str, Any]] | None = None) -> dict:
+    """``link``: how to reach the broker (default: plain TCP to the workspace's); with mutual TLS,
+    ``device_overrides`` gives each simulated device its own identity (AgentConfig TLS fields)."""
     report = progress or (lambda stage, done, total: None)
+    host, port = (link.host, link.port) if link else (ws.mqtt_host, ws.mqtt_port)
     t0 = time.time()
     registry = Registry(ws.registry_path)
     image, director = ws.image_repository(), ws.director_repository()
     image.init()
     director.init()
     server = RepositoryServer(ws.repository_dir, ws.http_host, ws.http_port, ws.director_dir).start()
-    cp = ControlPlane(registry, ws.mqtt_host, ws.mqtt_port).start()
+    if link is not None:
+        from fleet.broker import share_group
+        cp = ControlPlane(registry, host, port, share_group=share_group(ws), **link.control_plane_kwargs()).start()
+    else:
+        cp = ControlPlane(registry, host, port).start()
     fleet: SimulatedFleet | None = None
     try:
         trained = train_model(ws, registry, TrainParams(seed=opts.seed, epochs=opts.epochs),
@@ -58,10 +70,10 @@ def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None)
         report("package", 1, 1)
         dataset = load_dataset()
         _, _, test = dataset.split()
-        spec = FleetSpec(devices=opts.devices, tier=TIER, state_root=ws.fleet_dir, mqtt_host=ws.mqtt_host,
-                         mqtt_port=ws.mqtt_port, image_root=image.trusted_root(),
-                         director_root=director.trusted_root(),
-                         samples=opts.samples, serve_version=mv, prefix=opts.prefix)
+        spec = FleetSpec(devices=opts.devices, tier=TIER, state_root=ws.fleet_dir, mqtt_host=host,
+                         mqtt_port=port, image_root=image.trusted_root(),
+                         director_root=director.trusted_root(), samples=opts.samples, serve_version=mv,
+                         prefix=opts.prefix, device_overrides=device_overrides)
         fleet = SimulatedFleet(spec, DataStream(test.x, test.y)).start()
         announce = publish_update(ws, registry, server.url, mv, TIER, cp.announce)
         deadline = time.time() + opts.timeout_s

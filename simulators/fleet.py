@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from device_sdk.agent import Agent, AgentConfig
 from device_sdk.tuf_fetch import provision
@@ -38,6 +39,8 @@ class FleetSpec:
     prefix: str = "sim"
     serve_version: str | None = None   # serve only once this version is installed (None: any)
     agent_overrides: dict = field(default_factory=dict)   # extra AgentConfig fields (timeouts, ...)
+    # extra AgentConfig fields for one device, by device id (its own TLS identity, for example)
+    device_overrides: Callable[[str], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -63,9 +66,10 @@ class SimulatedFleet:
         for i in range(self.spec.devices):
             state = self.spec.state_root / self.device_id(i)
             provision(state / "tuf", self.spec.image_root, self.spec.director_root)
+            own = self.spec.device_overrides(self.device_id(i)) if self.spec.device_overrides else {}
             agent = Agent(AgentConfig(device_id=self.device_id(i), tier=self.spec.tier, state_dir=state,
                                       mqtt_host=self.spec.mqtt_host, mqtt_port=self.spec.mqtt_port,
-                                      **self.spec.agent_overrides))
+                                      **{**self.spec.agent_overrides, **own}))
             agent.start()
             self.runs.append(DeviceRun(agent))
         for i, run in enumerate(self.runs):

@@ -3,6 +3,7 @@ per test session, so they never collide with a broker already running on the mac
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,10 @@ class Broker:
         conf = self.root / "mosquitto.conf"
         persistence = (f"persistence true\npersistence_location {self.root}/\n" if self.persistent
                        else "persistence false\n")
+        if self.persistent and hasattr(os, "geteuid") and os.geteuid() == 0:
+            # started as root, Mosquitto drops to the `mosquitto` user, which cannot write its
+            # persistence file into root's pytest folders: persistence would silently be off
+            persistence += "user root\n"
         conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\n{persistence}"
                         f"log_dest file {self.root / 'mosquitto.log'}\nmax_queued_messages 10000\n")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
@@ -64,6 +69,16 @@ class Broker:
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory):
     b = Broker(tmp_path_factory.mktemp("broker"))
+    b.start()
+    yield b
+    b.stop()
+
+
+def own_broker(tmp_path_factory: pytest.TempPathFactory):
+    """A module's own broker, for tests that select devices from what the broker retains
+    (rollouts): on the session broker, other modules' devices' retained statuses would be
+    ingested too, and selected. Use: ``broker = pytest.fixture(scope="module")(own_broker)``."""
+    b = Broker(tmp_path_factory.mktemp("own-broker"))
     b.start()
     yield b
     b.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -105,3 +106,129 @@ def test_feature_summaries_that_do_not_add_up_are_refused(fleet):
     body["features"]["sum"] = body["features"]["sum"][:-1]   # wrong length
     with pytest.raises(SchemaError, match="features.sum"):
         parse(json.dumps(body))
+
+
+# -- the streaming detector and its targets (bench/drift_detection.py measures them at length) -------
+from cloud.drift import DriftConfig, DriftMonitor, holm  # noqa: E402
+from cloud.ingest_checks import TelemetryGate  # noqa: E402
+from device_sdk.telemetry import FeatureSummary  # noqa: E402
+from simulators.datastream import Drift, drifted_windows  # noqa: E402
+
+
+def _summaries(baseline, x, y, drift, windows, rng, size=200):
+    out = []
+    for batch, labels in drifted_windows(x, y, drift, windows, size, rng):
+        s = FeatureSummary(baseline)
+        s.record_batch(batch)
+        out.append((s.to_obj(), np.bincount(labels, minlength=10).tolist()))
+    return out
+
+
+def test_holm_rejects_step_down_and_stops_at_the_first_failure():
+    assert holm([0.001, 0.04, 0.03, 0.5], 0.05) == [True, False, False, False]
+    assert holm([0.001, 0.02, 0.012, 0.5], 0.05) == [True, True, True, False]
+
+
+def test_a_quarter_sd_shift_on_one_feature_is_found_by_the_mean_test_where_histograms_miss_it(fleet):
+    """All 64 features tested together, two windows of 200 inputs, a 0.25 sd shift on one feature,
+    once for every mean-tested feature: the mean test finds most of them, the binned KS alone (with
+    its PSI floor) few; and 30 calm windows of the streaming monitor raise at most one alarm."""
+    _, _, _, baseline, _ = fleet
+    train_split = load_dataset().split()[0]
+    rows = baseline["rows"]
+    eligible = [i for i, f in enumerate(baseline["features"])
+                if f["std"] > 0 and max(f["counts"]) / rows < DriftConfig().mean_max_mode_share]
+    assert len(eligible) >= 40
+    per_look = DriftConfig(alpha=0.025)                           # the monitor's alpha per look
+    ks_only = DriftConfig(alpha=0.025, mean_max_mode_share=0.0)    # no feature mean-tested
+    found = {"mean": 0, "ks": 0}
+    for seed, feature in enumerate(eligible):
+        two = _summaries(baseline, train_split.x, train_split.y, Drift("mean_shift", feature, 0.25), 2,
+                         np.random.default_rng(seed))
+        merged = merge([w[0] for w in two])
+        verdict = compare(baseline, merged, None, per_look)
+        found["mean"] += verdict.drifted_features == [feature]
+        found["ks"] += compare(baseline, merged, None, ks_only).drifted
+    assert found["mean"] >= 0.6 * len(eligible) and found["mean"] >= found["ks"] + 10, found
+    calm = _summaries(baseline, train_split.x, train_split.y, Drift(), 30, np.random.default_rng(7))
+    monitor = DriftMonitor(baseline)
+    # inputs only (labels are not the model's predictions); the monitor alarms on ~0.4% of calm
+    # windows (bench/drift_detection.py), so one alarm in 30 is tolerated, a careless test's many are not
+    assert sum(monitor.add(w[0], None).drifted for w in calm) <= 1
+
+
+def test_stuck_sensor_and_label_shift_are_found_in_one_window(fleet):
+    _, _, _, baseline, _ = fleet
+    train_split = load_dataset().split()[0]
+    rng = np.random.default_rng(3)
+    stuck = _summaries(baseline, train_split.x, train_split.y, Drift("stuck", 20, 6.0), 1, rng)[0]
+    verdict = DriftMonitor(baseline).add(*stuck)
+    assert verdict.drifted and 20 in verdict.drifted_features and "ks" in verdict.features[20].tests
+    shift = _summaries(baseline, train_split.x, train_split.y, Drift("label_shift", 0, 4.0, classes=(0, 1)), 1, rng)[0]
+    verdict = DriftMonitor(baseline).add(None, shift[1])        # predictions only
+    assert verdict.drifted is False and verdict.note                # no inputs: no verdict
+    verdict = DriftMonitor(baseline).add(*shift)
+    assert verdict.drifted and verdict.predictions is not None and verdict.predictions.drifted
+
+
+def test_record_batch_counts_exactly_like_one_record_at_a_time(fleet):
+    _, _, _, baseline, test = fleet
+    x = test.x[:120].copy()
+    x[3, 5], x[7, 0], x[8, 1] = np.nan, -5.0, 99.0             # missing, under and over the range
+    one, many = FeatureSummary(baseline), FeatureSummary(baseline)
+    for row in x:
+        one.record(row)
+    many.record_batch(x[:50])
+    many.record_batch(x[50:])
+    assert one.to_obj() == many.to_obj()
+
+
+def test_a_summary_counted_on_other_bin_edges_is_refused_at_ingest(fleet):
+    """Same shape, other edges (a device running another package's baseline): the digest differs."""
+    _, registry, mv, baseline, test = fleet
+    good = windows(baseline, test.x[:60], mv, "edges-dev", [0], 60)[0]
+    other = json.loads(json.dumps(baseline))
+    for f in other["features"]:
+        f["edges"] = [v * 1.5 for v in f["edges"]]
+    bad = windows(other, test.x[:60], mv, "edges-dev", [1], 60)[0]
+    reshaped = json.loads(encode(good))
+    reshaped["seq"] = 2
+    reshaped["features"]["hist"][0] = reshaped["features"]["hist"][0][:5]
+    reshaped["features"]["hist"][0][0] += 60 - sum(reshaped["features"]["hist"][0])
+    reshaped["features"].pop("edges")
+    kept, refused = TelemetryGate(registry).check([good, bad, parse(json.dumps(reshaped))])
+    assert kept == [good]
+    assert [(r.seq, r.reason) for r in refused] == [(1, "baseline-mismatch"), (2, "baseline-mismatch")]
+
+
+def test_operator_labels_become_live_accuracy_per_site_cohort(fleet, tmp_path, capsys):
+    from cloud.fleet_registry import EnrolledDevice, FleetRegistry
+    from fleet.cli import main
+
+    ws, registry, mv, baseline, test = fleet
+    fleet_registry = FleetRegistry(registry)
+    for name, site in (("lab-berlin", "berlin"), ("lab-oslo", "oslo")):
+        fleet_registry.enroll(EnrolledDevice(name, f"s-{name}", "e" * 64, time.time() + 3600, tier="edge-gateway",
+                                             tags={"site": site}))
+    rows = [as_dict(r) for r in windows(baseline, test.x, mv, "lab-berlin", range(2), 100)
+            + windows(baseline, test.x, mv, "lab-oslo", range(2), 100)]
+    for r in rows:
+        r.pop("extra")
+        r["labelled"] = r["correct"] = 0                  # the devices never learn ground truth
+    registry.add_telemetry(rows)
+    before = {r["key"]: r for r in drift_report(registry, by="site", store_alerts=False)}
+    assert before["berlin"]["accuracy"] is None and before["oslo"]["accuracy"] is None
+    feedback = tmp_path / "labels.csv"
+    feedback.write_text("device_id,seq,labelled,correct\nlab-berlin,0,100,90\nlab-berlin,1,100,70\n"
+                        "lab-oslo,0,50,50\nlab-oslo,7,10,0\n")
+    assert main(["labels", "add", str(feedback), "--workspace", str(ws.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == \
+        {"rows": 4, "windows_known": 3, "windows_unknown": 1}
+    after = {r["key"]: r for r in drift_report(registry, by="site", store_alerts=False)}
+    assert after["berlin"]["accuracy"] == pytest.approx(0.8) and after["oslo"]["accuracy"] == 1.0
+    assert after["berlin"]["records"] == 2 and after["berlin"]["status"] == "ok"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("device_id,seq,labelled,correct\nlab-oslo,1,5,9\n")
+    assert main(["labels", "add", str(bad), "--workspace", str(ws.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.csv:2" in err

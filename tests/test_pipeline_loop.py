@@ -22,6 +22,11 @@ from cloud.training import TrainParams
 from cloud.workspace import Workspace
 from fleet.loop_demo import LoopOptions, run_loop_demo
 
+from conftest import own_broker  # noqa: E402
+
+# this module's own broker: rollouts select devices from the statuses a broker retains
+broker = pytest.fixture(scope="module", name="broker")(own_broker)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PIPE = """

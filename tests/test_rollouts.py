@@ -388,6 +388,11 @@ def test_selector_terms_combine_with_and():
 # -- integration: real Mosquitto, real agents (simulators/fleet.py), real TUF, real onnxruntime ----
 from conftest import make_live  # noqa: E402
 
+from conftest import own_broker  # noqa: E402
+
+# this module's own broker: rollouts select devices from the statuses a broker retains
+broker = pytest.fixture(scope="module", name="broker")(own_broker)
+
 DEVICES = 8
 
 

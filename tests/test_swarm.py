@@ -19,6 +19,11 @@ from contracts.messages import Announce, Command, DeviceState
 from simulators.swarm import (TRANSITIONS, NetworkProfile, SimEvent, SwarmConfig, SwarmThread, _tiers,
                               parse_tier_mix)
 
+from conftest import own_broker  # noqa: E402
+
+# this module's own broker: rollouts select devices from the statuses a broker retains
+broker = pytest.fixture(scope="module", name="broker")(own_broker)
+
 TIER = "edge-gateway"
 
 

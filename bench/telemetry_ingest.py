@@ -1,0 +1,207 @@
+"""Telemetry ingest throughput: simulated devices -> real Mosquitto -> control plane -> SQLite.
+
+``--devices`` devices (real paho clients, each its own client id, QoS 1), spread over
+``--procs`` publisher processes, each send ``--records`` telemetry records with sequence numbers
+0.. and a 64-feature summary (the digits baseline's bins, about 3 KB of JSON, as real devices
+send). Run twice on the same private broker and the same publishers:
+
+- raw: ``mosquitto_sub -q 1`` subscribed to every device's telemetry topic, writing to /dev/null,
+  exits after the last record: what the broker and a consumer that does nothing deliver;
+- ingest: ``--workers`` control-plane processes (``cloud.control_plane.ControlPlane``) splitting
+  the stream through one MQTT 5 shared subscription, each with manual
+  acks after each batch is stored, the ingest checks, batched ``INSERT OR IGNORE`` into SQLite in
+  WAL mode, synchronous=NORMAL) until every record is in the ``telemetry`` table.
+
+Rates are records over the time from the first publish to the last record received (raw) or
+stored (ingest). Prints one JSON object as its last line: records, stored, lost, duplicates,
+records_per_s, raw_per_s, ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TOPIC = "edgeloop/v1/devices/+/telemetry"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _features() -> dict:
+    import numpy as np
+
+    from cloud.datasets import load_dataset
+    from cloud.packaging import baseline_stats
+    from device_sdk.telemetry import FeatureSummary
+    train = load_dataset().split()[0]
+    summary = FeatureSummary(baseline_stats(train.x, np.eye(10)[train.y]))
+    summary.record_batch(train.x[:20])
+    return summary.to_obj()
+
+
+def publisher(port: int, devices: list[str], records: int, features: dict, start: mp.Event, tag: str) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from contracts import topics
+    from contracts.messages import Telemetry, encode
+    clients = []
+    for d in devices:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=f"{d}-{tag}")
+        c.max_queued_messages_set(0)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        clients.append(c)
+    start.wait()
+    infos = []
+    for seq in range(records):
+        for d, c in zip(devices, clients):
+            now = time.time()
+            msg = Telemetry(device_id=d, seq=seq, model_version="digits-mlp:1", window_start=now, window_end=now,
+                            count=20, labelled=20, correct=19, predictions=[2] * 10, confidence_hist=[0] * 9 + [20],
+                            latency_ms_p50=0.2, latency_ms_max=0.5, features=features)
+            infos.append(c.publish(topics.telemetry(d), encode(msg), qos=1))
+    for info in infos:
+        info.wait_for_publish(120)
+    for c in clients:
+        c.loop_stop()
+        c.disconnect()
+
+
+def _run_publishers(port: int, args: argparse.Namespace, features: dict, tag: str) -> tuple[list, mp.Event]:
+    names = [f"bench-dev-{i:05d}" for i in range(args.devices)]
+    start = mp.Event()
+    procs = [mp.Process(target=publisher, args=(port, names[i::args.procs], args.records, features, start, tag))
+             for i in range(args.procs)]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)                 # every client connected before the clock starts
+    return procs, start
+
+
+def raw_rate(port: int, args: argparse.Namespace, features: dict) -> float:
+    total = args.devices * args.records
+    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", TOPIC,
+                            "-C", str(total), "-i", "bench-raw"], stdout=subprocess.DEVNULL)
+    time.sleep(1.0)
+    procs, start = _run_publishers(port, args, features, "raw")
+    t0 = time.time()
+    start.set()
+    sub.wait(600)
+    elapsed = time.time() - t0
+    for p in procs:
+        p.join(60)
+    return total / elapsed
+
+
+def ingest_worker(port: int, db: str, name: str, ready: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
+    """One ingest worker process: a control plane in the shared subscription group."""
+    from cloud.control_plane import ControlPlane
+    from cloud.registry import Registry
+    registry = Registry(Path(db))
+    cp = ControlPlane(registry, "127.0.0.1", port, session=name).start(30)
+    ready.set()
+    stop.wait()
+    cp.drain(30)
+    s = cp.stats
+    out.put({"received": s.received, "duplicates": s.telemetry_duplicates, "rejected": s.rejected,
+             "dropped_queue_full": s.dropped_queue_full, "store_failures": s.store_failures})
+    cp.stop()
+    registry.close()
+
+
+def _stored(db: Path) -> int:
+    import sqlite3
+    with sqlite3.connect(str(db), timeout=30) as conn:
+        return conn.execute("select count(*) from telemetry").fetchone()[0]
+
+
+def ingest_rate(port: int, args: argparse.Namespace, features: dict, workdir: Path) -> dict:
+    from cloud.registry import Registry
+    db = workdir / "registry.db"
+    Registry(db).close()
+    stop, out = mp.Event(), mp.Queue()
+    workers = []
+    for k in range(args.workers):
+        ready = mp.Event()
+        w = mp.Process(target=ingest_worker, args=(port, str(db), f"bench-ingest-{k}", ready, stop, out))
+        w.start()
+        ready.wait(60)
+        workers.append(w)
+    total = args.devices * args.records
+    procs, start = _run_publishers(port, args, features, "ingest")
+    t0 = time.time()
+    start.set()
+    deadline = t0 + 600
+    while _stored(db) < total and time.time() < deadline:
+        time.sleep(0.02)
+    elapsed = time.time() - t0
+    for p in procs:
+        p.join(60)
+    time.sleep(1.0)                 # anything redelivered late is counted too
+    stop.set()
+    stats = [out.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(30)
+    summed = {k: sum(s[k] for s in stats) for k in stats[0]}
+    return {**summed, "stored": _stored(db), "records_per_s": total / elapsed,
+            "per_worker_received": [s["received"] for s in stats]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=200)
+    ap.add_argument("--records", type=int, default=50, help="records per device")
+    ap.add_argument("--procs", type=int, default=4, help="publisher processes")
+    ap.add_argument("--workers", type=int, default=2, help="ingest worker processes (one shared subscription)")
+    args = ap.parse_args()
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    features = _features()
+    with tempfile.TemporaryDirectory() as d:
+        workdir = Path(d)
+        os.chmod(workdir, 0o755)
+        port = _free_port()
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        "max_queued_messages 1000000\nmax_inflight_messages 0\n")
+        broker = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            raw = raw_rate(port, args, features)
+            print(f"raw (mosquitto_sub): {raw:.0f} records/s", file=sys.stderr)
+            ingest = ingest_rate(port, args, features, workdir)
+            print(f"ingest: {ingest['records_per_s']:.0f} records/s", file=sys.stderr)
+        finally:
+            broker.terminate()
+            broker.wait(10)
+    total = args.devices * args.records
+    print(json.dumps({
+        "devices": args.devices, "publisher_procs": args.procs, "ingest_workers": args.workers,
+        "per_worker_received": ingest["per_worker_received"], "records": total, "stored": ingest["stored"],
+        "lost": total - ingest["stored"], "duplicates": ingest["duplicates"], "rejected": ingest["rejected"],
+        "dropped_queue_full": ingest["dropped_queue_full"], "store_failures": ingest["store_failures"],
+        "payload_bytes": len(json.dumps(features)) + 300,
+        "records_per_s": round(ingest["records_per_s"]), "raw_per_s": round(raw),
+        "ratio": round(ingest["records_per_s"] / raw, 3),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "python": platform.python_version()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Which telemetry records are good data: the checks ingest runs on every batch.
+
+A record that passed the wire schema (``contracts.messages.Telemetry``) is still refused when:
+
+===================== ==========================================================================
+reason                rule
+===================== ==========================================================================
+``unknown-device``    the fleet has enrolled devices (certificate serials in ``devices``) and
+                      this id is not one of them
+``revoked``           the device's certificate was revoked
+``future-seq``        ``seq`` is more than ``max_seq_jump`` past the highest stored for the device
+``future-time``       the window ends more than ``max_clock_skew_s`` after the control plane's now
+``baseline-mismatch`` the feature summary was counted on other bin edges than the baseline of the
+                      record's model version (``features.edges`` digest, or the histogram shape)
+===================== ==========================================================================
+
+Refused records are never stored as telemetry; ingest counts them and keeps one row per refusal
+in ``telemetry_rejects`` (reason and detail), so an operator sees what was refused and why. The
+checks read the registry once per batch, never per record.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from contracts.baseline_digest import edges_digest
+from contracts.messages import Telemetry
+from cloud.registry import Registry
+
+__all__ = ["IngestLimits", "Reject", "TelemetryGate"]
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    max_seq_jump: int = 1_000_000       # an outbox holds ~5,000 records; gaps come from its drops
+    max_clock_skew_s: float = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Reject:
+    device_id: str | None
+    seq: int | None
+    reason: str
+    detail: str
+
+
+class TelemetryGate:
+    def __init__(self, registry: Registry, limits: IngestLimits = IngestLimits(),
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.clock = clock
+        self._baselines: dict[str, tuple[str, list[int]]] = {}   # model version -> (digest, bins per feature)
+        self._missing: set[str] = set()                           # looked up in vain during this batch
+
+    def check(self, records: list[Telemetry]) -> tuple[list[Telemetry], list[Reject]]:
+        """Split a batch into records to store and refusals."""
+        self._missing: set[str] = set()
+        if not records:
+            return [], []
+        ids = sorted({r.device_id for r in records})
+        enrolled, revoked = self._enrolment(ids)
+        last = self._last_seq(ids)
+        good, rejects = [], []
+        now = self.clock()
+        for r in records:
+            reason = self._reason(r, enrolled, revoked, last, now)
+            if reason:
+                rejects.append(Reject(r.device_id, r.seq, *reason))
+            else:
+                good.append(r)
+                last[r.device_id] = max(last.get(r.device_id, -1), r.seq)
+        return good, rejects
+
+    def _reason(self, r: Telemetry, enrolled: set[str] | None, revoked: set[str], last: dict[str, int],
+                now: float) -> tuple[str, str] | None:
+        if r.device_id in revoked:
+            return "revoked", "the device's certificate is revoked"
+        if enrolled is not None and r.device_id not in enrolled:
+            return "unknown-device", "not enrolled in this fleet"
+        if r.device_id in last and r.seq > last[r.device_id] + self.limits.max_seq_jump:
+            return "future-seq", f"seq {r.seq} is far past the last stored {last[r.device_id]}"
+        if r.window_end > now + self.limits.max_clock_skew_s:
+            return "future-time", f"window ends {r.window_end - now:.0f} s in the future"
+        if r.features is not None and r.model_version:
+            expected = self._baseline(r.model_version)
+            if expected is not None:
+                digest, bins = expected
+                got = r.features.get("edges")
+                if (got is not None and got != digest) or [len(h) for h in r.features["hist"]] != bins:
+                    return "baseline-mismatch", f"feature summary not on {r.model_version}'s baseline bins"
+        return None
+
+    def _enrolment(self, ids: list[str]) -> tuple[set[str] | None, set[str]]:
+        """(enrolled ids among ``ids``, or None when the fleet enrols no one; revoked ids)."""
+        columns = self.registry.db["devices"].columns_dict
+        if "cert_serial" not in columns:
+            return None, set()
+        marks = ",".join("?" * len(ids))
+        with self.registry._lock:
+            any_enrolled = list(self.registry.db.query(
+                "select 1 from devices where cert_serial is not null and cert_serial != '' limit 1"))
+            rows = list(self.registry.db.query(
+                f"select device_id, cert_serial, coalesce(revoked, 0) as revoked from devices "
+                f"where device_id in ({marks})", ids))
+        revoked = {r["device_id"] for r in rows if r["revoked"]}
+        if not any_enrolled:
+            return None, revoked
+        return {r["device_id"] for r in rows if r["cert_serial"]}, revoked
+
+    def _last_seq(self, ids: list[str]) -> dict[str, int]:
+        marks = ",".join("?" * len(ids))
+        with self.registry._lock:
+            rows = self.registry.db.query(
+                f"select device_id, max(seq) as seq from telemetry where device_id in ({marks}) group by device_id", ids)
+            return {r["device_id"]: int(r["seq"]) for r in rows}
+
+    def _baseline(self, model_version: str) -> tuple[str, list[int]] | None:
+        """Known baselines are kept; an unknown one is looked up again (at most once per batch)."""
+        if model_version in self._missing:
+            return None
+        if model_version not in self._baselines:
+            found = self._load_baseline(model_version)
+            if found is None:
+                self._missing.add(model_version)
+                return None
+            self._baselines[model_version] = found
+        return self._baselines[model_version]
+
+    def _load_baseline(self, model_version: str) -> tuple[str, list[int]] | None:
+        """The baseline every tier's package of this model version carries; None if unknown here."""
+        from contracts.bundle import read_bundle
+        with self.registry._lock:
+            rows = list(self.registry.db.query(
+                "select a.path from packages p join artifacts a on a.sha256 = p.sha256 "
+                "where p.model_version = ? order by p.created_at desc limit 1", [model_version]))
+        if not rows:
+            return None
+        try:
+            baseline: dict[str, Any] = read_bundle(Path(rows[0]["path"]).read_bytes()).manifest.baseline
+        except Exception:  # noqa: BLE001 - an unreadable package: no bins to check against
+            return None
+        if not baseline or not baseline.get("features"):
+            return None
+        return edges_digest(baseline["features"]), [len(f["counts"]) for f in baseline["features"]]
