@@ -150,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fleet.cli_swarm import add_swarm_command
     add_swarm_command(sub, _common)
 
-    p = cmd("simulate", "run a simulated fleet of real agents against the broker", _simulate)
+    p = cmd("simulate", "run a simulated fleet against the broker: full agents (thread each) up to "
+                        f"{FULL_AGENTS_MAX} devices, the asyncio swarm beyond (see: edgeloop swarm --help)", _simulate)
     p.add_argument("--devices", type=_positive, default=20)
+    p.add_argument("--engine", choices=["auto", "agents", "swarm"], default="auto",
+                   help=f"agents: full device agents; swarm: thousands on one event loop; auto: agents up to "
+                        f"{FULL_AGENTS_MAX} devices")
     p.add_argument("--tier", default="edge-gateway")
     p.add_argument("--samples", type=_positive, default=60, help="requests each device serves")
     p.add_argument("--duration", type=float, default=60.0, help="seconds to run at most")
@@ -635,7 +639,17 @@ def _status(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+FULL_AGENTS_MAX = 200   # thread-per-device full agents; beyond this the asyncio swarm
+
+
 def _simulate(args: argparse.Namespace, out: Output) -> int:
+    if args.engine == "swarm" or (args.engine == "auto" and args.devices > FULL_AGENTS_MAX):
+        argv = ["swarm", "--devices", str(args.devices), "--tier-mix", f"{args.tier}:1", "--prefix", args.prefix,
+                "--duration", str(args.duration), "--workspace", str(args.workspace)]
+        argv += ["--json"] if args.json else []
+        argv += ["--mqtt", args.mqtt] if args.mqtt else []
+        swarm_args = build_parser().parse_args(argv)
+        return swarm_args.fn(swarm_args, out)
     from cloud.datasets import load_dataset
     from simulators.datastream import DataStream
     from simulators.fleet import FleetSpec, SimulatedFleet

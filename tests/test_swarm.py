@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import json
+
 import pytest
 
 from conftest import wait_for
@@ -317,3 +319,15 @@ def test_batched_status_ingest_stores_exactly_what_one_status_at_a_time_stores(t
         [("m:2", "u1"), (None, "u2"), (None, None), ("m:1", "u0")]   # d's last will kept its model
     assert all(d["first_seen"] and d["last_seen"] >= d["first_seen"] for d in many.devices())
     assert many.parents("device:a") and many.parents("device:a")[0]["src"] == "update:u1"
+
+
+def test_simulate_beyond_the_full_agent_limit_runs_the_swarm(broker, tmp_path, capsys):
+    from fleet.cli import FULL_AGENTS_MAX, main
+
+    ws = tmp_path / "ws"
+    assert main(["init", "-w", str(ws), "--mqtt", broker.address]) == 0
+    capsys.readouterr()
+    n = FULL_AGENTS_MAX + 1
+    assert main(["simulate", "-w", str(ws), "--devices", str(n), "--duration", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["devices"] == n and result["connected"] == n and result["internal_errors"] == 0
