@@ -65,10 +65,14 @@ class ControlPlane:
     def __init__(self, registry: Registry, host: str, port: int, client_id: str | None = None,
                  queue_max: int = 100_000, repositories: dict[str, Path] | None = None,
                  session: str | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, share_group: str = SHARE_GROUP) -> None:
+                 tls_key: Path | None = None, share_group: str = SHARE_GROUP, shared: bool = True) -> None:
         """``share_group``: the MQTT 5 shared-subscription group ingest workers split the stream
         in; give every worker of a fleet the workspace's secret name (fleet.broker.share_group), so a
         device cannot join the group and make the broker drop part of the stream.
+        ``shared=False``: one ingest worker takes the whole stream on plain subscriptions. Mosquitto
+        2.0 restores a persistent session's plain subscriptions after a broker restart but not its
+        shared ones, so with ``shared=False`` and ``session`` nothing is lost even when devices
+        reconnect to a restarted broker before this worker does (docs/contracts/telemetry.md).
         ``session``: a stable name for a persistent MQTT session, so the broker keeps this
         ingest worker's QoS 1 messages while it is down (telemetry is not lost across restarts).
         ``tls_ca``: connect over TLS, trusting this CA; with ``tls_cert`` and ``tls_key``, mutual
@@ -83,6 +87,7 @@ class ControlPlane:
         self._idle = threading.Event()
         self.session = session
         self.share_group = share_group
+        self.shared = shared
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=session or client_id or f"edgeloop-cp-{uuid.uuid4().hex[:8]}")
         if tls_ca or tls_cert or tls_key:
@@ -170,9 +175,10 @@ class ControlPlane:
             log.error("broker refused the control plane: %s", reason_code)
             return
         # one SUBSCRIBE; the control plane counts as started once the broker has acknowledged it
+        prefix = f"$share/{self.share_group}/" if self.shared else ""
         subscriptions = [(topics.status_all(), 1),
-                         (f"$share/{self.share_group}/{topics.telemetry_all()}", 1),
-                         (f"$share/{self.share_group}/{topics.errors_all()}", 1)]
+                         (f"{prefix}{topics.telemetry_all()}", 1),
+                         (f"{prefix}{topics.errors_all()}", 1)]
         if self.blocks is not None:
             subscriptions.append((f"$share/{self.share_group}-blocks/{topics.block_requests_all()}", 1))
         _, self._subscribe_mid = client.subscribe(subscriptions)

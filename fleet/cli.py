@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to serve the authenticated HTTP API (default 127.0.0.1, any free port)")
     p.add_argument("--worker", default="serve", metavar="NAME",
                    help="this process's broker identity and session, when several serve one fleet (default: serve)")
+    p.add_argument("--ingest", choices=["shared", "exclusive"], default="shared",
+                   help="shared: several workers split the stream (MQTT 5 shared subscription); exclusive: this "
+                        "one worker takes it all, and loses nothing across a broker restart even if devices "
+                        "return first (docs/contracts/telemetry.md)")
 
     _devices_commands(sub)
     _broker_commands(sub)
@@ -455,7 +459,8 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     server = RepositoryServer(ws.repository_dir, ws.http_host, ws.http_port, ws.director_dir).start()
     cp = ControlPlane(registry, link.host, link.port, session=f"edgeloop-ingest-{ws.fleet}" + ("" if args.worker == "serve" else f"-{args.worker}"),
                       repositories={"image": ws.repository_dir, "director": ws.director_dir},
-                      share_group=share_group(ws), **link.control_plane_kwargs()).start()
+                      share_group=share_group(ws), shared=args.ingest == "shared",
+                      **link.control_plane_kwargs()).start()
     from cloud.rollouts import RolloutController
     rollouts = RolloutController(ws, registry, cp.send_command, repository_url=server.url)
     api = ApiServer(registry, api_host, api_port, rollouts=rollouts).start()
