@@ -39,6 +39,11 @@ from cloud.errors import ServiceUnavailable, UserError
 from cloud.ingest_checks import Reject, TelemetryGate
 from cloud.registry import Registry
 
+try:
+    from orjson import loads as _loads   # ~3x faster than json on telemetry records
+except ImportError:  # pragma: no cover - orjson is in the cloud extra
+    _loads = None
+
 log = logging.getLogger("edgeloop.control_plane")
 
 SHARE_GROUP = "edgeloop-ingest"
@@ -286,7 +291,7 @@ class ControlPlane:
         if not payload:
             return None  # a cleared retained status
         try:
-            msg = parse(payload)
+            msg = parse(payload, loads=_loads)
         except ContractError as e:
             self.stats.malformed += 1
             log.warning("dropped malformed message on %s: %s", topic, e)

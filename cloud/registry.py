@@ -30,8 +30,14 @@ __all__ = ["Registry"]
 _RUN_JSON = ("params", "dist", "code", "environment", "hardware", "metrics", "history")
 
 
-def _j(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+try:   # the ingest path stores a few KB of JSON per telemetry record: orjson is ~10x faster
+    import orjson
+
+    def _j(value: Any) -> str:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+except ImportError:  # pragma: no cover - orjson is in the cloud extra
+    def _j(value: Any) -> str:
+        return json.dumps(value, sort_keys=True)
 
 
 def _decode(row: dict[str, Any], *keys: str) -> dict[str, Any]:
