@@ -36,13 +36,13 @@ import json
 import logging
 import re
 import secrets
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 
+from cloud.http_thread import ThreadedHttpServer
 from cloud.errors import CloudError, NotFound, ServiceUnavailable, UserError
 from cloud.fleet_registry import DeviceFilter, FleetRegistry
 from cloud.registry import Registry
@@ -400,55 +400,21 @@ def create_app(registry: Registry, rollouts: RolloutService | None = None) -> we
     return app
 
 
-class ApiServer:
-    """The API on its own event-loop thread (as cloud.repo_server.RepositoryServer).
+class ApiServer(ThreadedHttpServer):
+    """The API on its own event-loop thread (cloud/http_thread.py).
     ``port`` 0 picks a free port; :attr:`url` is known once :meth:`start` returned."""
+
+    thread_name = "edgeloop-api"
+    what = "API"
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0,
                  rollouts: RolloutService | None = None) -> None:
+        super().__init__(host, port)
         self.registry, self.rollouts = registry, rollouts
-        self.host, self.port = host, port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> ApiServer:
-        """Raises ServiceUnavailable if the address cannot be served."""
-        started, errors = threading.Event(), []
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            try:
-                self._loop.run_until_complete(self._start())
-            except BaseException as e:  # noqa: BLE001 - handed to the starting thread
-                errors.append(e)
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="edgeloop-api", daemon=True)
-        self._thread.start()
-        started.wait(10)
-        if errors:
-            raise ServiceUnavailable(f"cannot serve the API on {self.host}:{self.port}: {errors[0]}")
-        return self
-
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(create_app(self.registry, self.rollouts), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def stop(self) -> None:
-        if self._loop is None or self._runner is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread:
-            self._thread.join(10)
+    def make_app(self) -> web.Application:
+        return create_app(self.registry, self.rollouts)
