@@ -156,6 +156,7 @@ class RolloutSpec:
     max_confidence_drop: float | None = None
     health_min_inferences: int = 20
     health_interval_s: float = 5.0
+    include_offline: bool = False      # also select devices whose last word was "offline" (they time out)
 
     def validate(self) -> None:
         """Raises UserError naming the first bad field."""
@@ -296,6 +297,14 @@ class RolloutController:
         devices = [d for d in fleet.devices() if _matches(d, terms) and not d["revoked"] and d.get("tier")]
         if not devices:
             raise UserError(f"selector {spec.target!r} matches no devices (see: edgeloop devices)")
+        # a device whose last will said "offline" cannot answer before its deadline: selected, it
+        # would count as a failure and could abort the rollout for everyone else
+        skipped = [] if spec.include_offline else sorted(d["device_id"] for d in devices if d.get("state") == "offline")
+        if skipped:
+            devices = [d for d in devices if d.get("state") != "offline"]
+            if not devices:
+                raise UserError(f"all {len(skipped)} devices {spec.target!r} matches are offline; "
+                                "roll out when they are back, or select them anyway with --include-offline")
         tiers = sorted({d["tier"] for d in devices})
         for tier in tiers:
             try:
@@ -327,6 +336,7 @@ class RolloutController:
                  "ord": sha256(f"{rid}/{d['device_id']}".encode()).hexdigest()[:16]} for d in devices]
         obj = spec.to_obj()
         obj["timeouts"] = {t: spec.timeout_s or p.in_progress_timeout_s for t, p in profiles.items()}
+        obj["skipped_offline"] = skipped
         with self._lock, self.db.conn:
             busy = self._busy(ids)                 # checked again inside the transaction
             if busy:
@@ -484,6 +494,7 @@ class RolloutController:
             attempts = list(self.db.query("select count(*) as n from rollout_attempts where rollout_id = ?",
                                           [rollout_id]))[0]["n"]
         return {**r, "counts": counts, "total": total, "progress": done / total if total else 1.0,
+                "skipped_offline": len(r["spec"].get("skipped_offline", [])),
                 "failure_pct": 100.0 * failed / finished if finished else 0.0, "commands_sent": attempts}
 
     def list(self) -> list[dict[str, Any]]:

@@ -58,6 +58,8 @@ def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
                    help="finished devices before the failure share counts (default 1)")
     p.add_argument("--retries", type=_number(int, 0, "an integer"), default=2,
                    help="extra attempts after a download failure or a timeout (default 2)")
+    p.add_argument("--include-offline", action="store_true",
+                   help="also select devices whose last status is offline (they count as failed at their deadline)")
     p.add_argument("--timeout-s", type=_number(float, 0.001, "a number"),
                    help="per-device deadline (default: the tier's in_progress_timeout_s)")
     p.add_argument("--max-error-rate", type=_number(float, 0, "a number"),
@@ -106,7 +108,7 @@ def _start(args: argparse.Namespace, out: Output) -> int:
                        wave_size=args.wave_size, max_failure_pct=args.max_failure_pct, min_devices=args.min_devices,
                        retries=args.retries, timeout_s=args.timeout_s, max_error_rate=args.max_error_rate,
                        max_latency_p95_ms=args.max_latency_p95_ms, max_prediction_js=args.max_prediction_js,
-                       max_confidence_drop=args.max_confidence_drop)
+                       max_confidence_drop=args.max_confidence_drop, include_offline=args.include_offline)
     if args.server:
         status = client(args).start_rollout(spec.to_obj())
     else:

@@ -359,6 +359,23 @@ def test_bad_selector_is_refused_and_nothing_changes(unit, target, message):
     assert ctl.list() == [] and not unit.sent.commands
 
 
+def test_devices_offline_at_the_start_are_skipped_not_failed(unit):
+    ids = fleet(unit, 4)
+    unit.device(ids[3], state="offline")           # its last will
+    ctl = unit.controller()
+    rid = ctl.create(RolloutSpec("m:2", f"tier={TIER}"))
+    status = ctl.status(rid)
+    assert status["total"] == 3 and status["skipped_offline"] == 1
+    ctl.step()
+    assert sorted(d for d, _ in unit.sent.commands) == sorted(ids[:3])
+    for g in ("g0", "g1"):                           # another tier, every device offline
+        unit.device(g, state="offline", tier="gpu-server")
+    with pytest.raises(UserError, match="all 2 devices .* are offline"):
+        ctl.create(RolloutSpec("m:2", "tier=gpu-server"))
+    rid2 = ctl.create(RolloutSpec("m:2", "tier=gpu-server", include_offline=True))
+    assert ctl.status(rid2)["total"] == 2 and ctl.status(rid2)["skipped_offline"] == 0
+
+
 def test_version_not_packaged_for_a_targeted_tier_is_refused(unit):
     fleet(unit, 1)
     unit.device("g0", tier="mobile")
