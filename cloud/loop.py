@@ -271,14 +271,14 @@ def _base_dataset(registry: Registry, pipe: PipelineFile) -> dict[str, Any]:
     if source is None:
         raise UserError(f"no base data set: name one in [collect] base, or train {pipe.model} first")
     dataset = registry.dataset(registry.run(registry.model_version(source)["run_id"])["dataset_id"])
+    with registry._lock:   # noqa: SLF001
+        rows = list(registry.db.query("select output from pipeline_steps where step = 'collect'"))
+    bases = {o["dataset_id"]: o["base_dataset_id"] for o in map(json.loads, (r["output"] for r in rows))
+             if "base_dataset_id" in o}
     for _ in range(100):
-        with registry._lock:   # noqa: SLF001
-            rows = list(registry.db.query("select output from pipeline_steps where step = 'collect'"))
-        earlier = [json.loads(r["output"]) for r in rows]
-        back = [o["base_dataset_id"] for o in earlier if o.get("dataset_id") == dataset["dataset_id"]]
-        if not back:
+        if dataset["dataset_id"] not in bases:
             return dataset
-        dataset = registry.dataset(back[0])
+        dataset = registry.dataset(bases[dataset["dataset_id"]])
     raise UserError("the collected data sets' bases form a cycle; name [collect] base explicitly")
 
 

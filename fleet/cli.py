@@ -21,6 +21,7 @@ from typing import Any, Callable, NoReturn
 from cloud.errors import CloudError, ServiceUnavailable, UserError
 from cloud.workspace import DEFAULT_MQTT, Workspace
 from fleet import remote
+from fleet._args import positive_int as _positive
 from fleet._output import Output
 from fleet.remote import remote_ok
 
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="sim", help="device id prefix")
 
     p = cmd("demo", "run the whole loop once: train, package, sign, announce, install, report", _demo)
-    p.add_argument("--devices", type=_positive, default=20, help="simulated devices (default 20)")
+    p.add_argument("--devices", type=_positive, help="simulated devices (default 20; 10 with --loop)")
     p.add_argument("--samples", type=_positive, default=60, help="requests each device serves")
     p.add_argument("--epochs", type=_positive, default=30)
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the fleet")
@@ -278,16 +279,6 @@ def _dist_config(args: argparse.Namespace):  # noqa: ANN202
         raise UserError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
     return DistConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                       rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -703,6 +694,7 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
         return _loop_demo(args, out)
     from fleet.demo import DemoOptions, run_demo
 
+    args.devices = args.devices or DemoOptions.devices
     ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT).with_mqtt(args.mqtt)
     opts = DemoOptions(devices=args.devices, samples=args.samples, epochs=args.epochs, timeout_s=args.timeout,
                        prefix=args.prefix)
@@ -729,7 +721,7 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
 def _loop_demo(args: argparse.Namespace, out: Output) -> int:
     from fleet.loop_demo import LoopOptions, run_loop_demo
 
-    devices = args.devices if args.devices != 20 else 10     # the loop's default fleet is smaller
+    devices = args.devices or LoopOptions.devices
     ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT).with_mqtt(args.mqtt)
     out.info(f"edgeloop demo --loop: {devices} devices, broker {ws.mqtt_host}:{ws.mqtt_port}, workspace {ws.root}")
     r = run_loop_demo(ws, LoopOptions(devices=devices, epochs=args.epochs, timeout_s=args.timeout,

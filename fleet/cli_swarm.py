@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from cloud.errors import ServiceUnavailable, UserError
 from cloud.workspace import Workspace
+from fleet._args import positive_int
 from fleet._output import Output
 
 __all__ = ["add_swarm_command"]
@@ -32,7 +33,7 @@ def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None
     p = sub.add_parser("swarm", help=help_, description=help_)
     common(p)
     p.set_defaults(fn=_swarm)
-    p.add_argument("--devices", type=_count, default=100, help="how many devices (default 100)")
+    p.add_argument("--devices", type=positive_int, default=100, help="how many devices (default 100)")
     p.add_argument("--tier-mix", default="edge-gateway:1", metavar="TIER:SHARE,...",
                    help="tiers and their shares, e.g. edge-gateway:0.7,mcu:0.3 (default: all edge-gateway)")
     p.add_argument("--initial-version", metavar="MODEL_VERSION",
@@ -50,7 +51,7 @@ def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None
     p.add_argument("--telemetry-s", type=_non_negative, default=0.0,
                    help="seconds between telemetry windows per device (default 0: none)")
     p.add_argument("--heartbeat-s", type=_non_negative, default=60.0, help="status heartbeat period (0: none)")
-    p.add_argument("--download-concurrency", type=_count, default=64, help="HTTP downloads at once, swarm-wide")
+    p.add_argument("--download-concurrency", type=positive_int, default=64, help="HTTP downloads at once, swarm-wide")
     p.add_argument("--duration", type=_non_negative, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--prefix", default="swarm", help="device id prefix (ids: PREFIX-TIER-00042)")
     p.add_argument("--seed", type=int, default=0, help="picks which devices are faulty")
@@ -155,16 +156,6 @@ def _raise_fd_limit(devices: int) -> None:
         if new < want:
             raise UserError(f"{devices} devices need {want} open files; this process may open {hard} "
                             f"(raise it: ulimit -n)")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _non_negative(text: str) -> float:

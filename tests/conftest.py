@@ -212,3 +212,15 @@ def assert_refused_and_still_serving(env, msg, code: str, model_version: str | N
             r["state"] in ("failed", "rolled_back") and r["model_version"] == keep and
             r["update_id"] == msg.update_id and r["reason"] for r in rows.values())
     wait_for(reported, what="the refusals to reach the control plane")
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001
+    """``edgeloop ARGV`` in this process: (exit code, stdout, stderr)."""
+    from fleet.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -21,9 +21,8 @@ from cloud.errors import NotFound, UserError
 from cloud.fleet_registry import FleetRegistry
 from cloud.registry import Registry
 from cloud.workspace import Workspace
-from conftest import free_port
+from conftest import free_port, run_cli
 from fleet import identity
-from fleet.cli import main
 from fleet.identity import Enrolment
 
 ENDPOINTS = [("GET", "/api/v1/devices"), ("GET", "/api/v1/devices/gw-1"), ("GET", "/api/v1/models"),
@@ -114,13 +113,7 @@ def call(env, method: str, path: str, token: str | None = None, body: Any = None
         return e.code, json.loads(e.read())
 
 
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+cli = run_cli
 
 
 # -- who may call what -----------------------------------------------------------------------------

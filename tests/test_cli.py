@@ -19,6 +19,7 @@ import pytest
 
 from contracts.bundle import read_bundle
 from fleet.cli import main
+from conftest import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = ["init", "train", "package", "publish", "serve", "devices", "models", "status", "simulate", "demo"]
@@ -32,13 +33,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def last_json(out: str) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fleet.cli import build_parser, main
+from conftest import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,13 +36,7 @@ def test_every_command_has_help(argv, capsys):
     assert "usage: edgeloop" in capsys.readouterr().out
 
 
-def run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def assert_one_line_error(code, err, needle):

@@ -21,8 +21,8 @@ from cloud.fleet_registry import DeviceFilter, FleetRegistry
 from cloud.registry import Registry
 from cloud.workspace import Workspace
 from fleet import broker, identity
-from fleet.cli import main
 from fleet.identity import Enrolment, FleetCA
+from conftest import run_cli  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -252,13 +252,7 @@ def test_last_error_and_target_version_are_shown(ws, fleet):
         ("health.golden: wrong outputs", 6.0, "digits-mlp:3")
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def test_cli_lists_shows_and_filters_devices_and_keeps_the_old_forms(ws, fleet, capsys):
