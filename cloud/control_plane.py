@@ -12,7 +12,11 @@ than the topic's) are logged, counted in :attr:`IngestStats.malformed`, and drop
 that parses but is not good data (unknown or revoked device, sequence number or time from the
 future, counted on other bin edges: cloud/ingest_checks.py) is refused and counted by reason in
 :attr:`IngestStats.rejects`; every refusal, malformed ones included, gets a ``telemetry_rejects``
-row. Messages are acknowledged to the broker only after their batch was stored (manual acks).
+row. Messages are acknowledged to the broker only after their batch was stored (manual acks),
+and then each device whose telemetry was in the batch gets an ``edgeloop.telemetry_ack/1`` naming
+the records the store now has (or refused): only that lets the device delete them from its
+outbox (device_sdk/delivery.py), so a record the broker took but delivered to nobody (a broker
+restarted before the ingest subscribed again) is sent again, and stored exactly once.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from paho.mqtt.properties import Properties
 
 from contracts import topics
 from contracts.errors import ContractError
-from contracts.messages import Announce, Command, DeviceState, ErrorReport, Status, Telemetry, as_dict, encode, parse
+from contracts.messages import MAX_ACK_SEQS
+from contracts.messages import (Announce, Command, DeviceState, ErrorReport, Status, Telemetry, TelemetryAck, as_dict,
+                                encode, parse)
 from cloud.block_server import BlockServer
 from cloud.errors import ServiceUnavailable, UserError
 from cloud.ingest_checks import Reject, TelemetryGate
@@ -64,13 +70,15 @@ class IngestStats:
     store_failures: int = 0
     rejected: int = 0                   # telemetry refused as data (cloud/ingest_checks.py), by reason:
     rejects: dict[str, int] = field(default_factory=dict)
+    confirmations: int = 0              # edgeloop.telemetry_ack/1 messages sent to devices
 
 
 class ControlPlane:
     def __init__(self, registry: Registry, host: str, port: int, client_id: str | None = None,
                  queue_max: int = 100_000, repositories: dict[str, Path] | None = None,
                  session: str | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, share_group: str = SHARE_GROUP, shared: bool = True) -> None:
+                 tls_key: Path | None = None, share_group: str = SHARE_GROUP, shared: bool = True,
+                 confirm: bool = True) -> None:
         """``share_group``: the MQTT 5 shared-subscription group ingest workers split the stream
         in; give every worker of a fleet the workspace's secret name (fleet.broker.share_group), so a
         device cannot join the group and make the broker drop part of the stream.
@@ -82,7 +90,9 @@ class ControlPlane:
         ingest worker's QoS 1 messages while it is down (telemetry is not lost across restarts).
         ``tls_ca``: connect over TLS, trusting this CA; with ``tls_cert`` and ``tls_key``, mutual
         TLS as the identity they hold (an edgeloop broker's ACL gives ``edgeloop-control-plane``
-        the control plane's rights). Raises UserError for TLS files that cannot be used."""
+        the control plane's rights). ``confirm``: tell each device which of its records are stored
+        (``edgeloop.telemetry_ack/1``, QoS 0) after every batch. Raises UserError for TLS files that
+        cannot be used."""
         self.registry = registry
         self.host, self.port = host, port
         self.stats = IngestStats()
@@ -93,6 +103,7 @@ class ControlPlane:
         self.session = session
         self.share_group = share_group
         self.shared = shared
+        self.confirm = confirm
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=session or client_id or f"edgeloop-cp-{uuid.uuid4().hex[:8]}")
         if tls_ca or tls_cert or tls_key:
@@ -272,6 +283,25 @@ class ControlPlane:
             new = self.registry.add_telemetry(rows)
             self.stats.telemetry_stored += new
             self.stats.telemetry_duplicates += len(rows) - new
+        if self.confirm:
+            self._confirm(good, refused)
+
+    def _confirm(self, good: list[Telemetry], refused: list[Reject]) -> None:
+        """After the commit: tell each device which of its records the store is done with."""
+        done: dict[str, tuple[list[int], list[int]]] = {}
+        for msg in good:
+            done.setdefault(msg.device_id, ([], []))[0].append(msg.seq)
+        for r in refused:
+            if r.seq is not None and r.device_id is not None and topics.valid_device_id(r.device_id):
+                seqs, bad = done.setdefault(r.device_id, ([], []))
+                seqs.append(r.seq)
+                bad.append(r.seq)
+        for device, (seqs, bad) in done.items():
+            for i in range(0, len(seqs), MAX_ACK_SEQS):
+                chunk = seqs[i:i + MAX_ACK_SEQS]
+                ack = TelemetryAck(device, chunk, [s for s in bad if s in set(chunk)] if bad else [])
+                self.client.publish(topics.telemetry_ack(device), encode(ack), qos=0)
+                self.stats.confirmations += 1
 
     def _flush_rejects(self) -> None:
         """Count refusals by reason and keep one row each (telemetry_rejects)."""

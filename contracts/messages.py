@@ -38,6 +38,7 @@ __all__ = [
     "Message",
     "Status",
     "Telemetry",
+    "TelemetryAck",
     "encode",
     "parse",
 ]
@@ -323,8 +324,36 @@ class Command:
                    issued_at=float(_opt(obj, "issued_at", (int, float), 0.0)))
 
 
-Message = Union[Announce, Status, Telemetry, ErrorReport, Command]
-_BY_SCHEMA: dict[str, Any] = {c.SCHEMA: c for c in (Announce, Status, Telemetry, ErrorReport, Command)}
+MAX_ACK_SEQS = 4096
+
+
+@dataclass(frozen=True)
+class TelemetryAck:
+    """Cloud -> one device, on ``devices/<id>/telemetry/ack`` (QoS 0): the ingest has finished
+    with these telemetry records, so the device may delete them from its outbox.
+
+    Sent only after the records' batch is committed to the store. ``seqs`` lists every record
+    the ingest is done with: stored now, stored before (a duplicate), or ``refused`` (not good
+    data, kept in the cloud's ``telemetry_rejects``; sending it again would not change that).
+    A lost acknowledgement costs one resend, which the store deduplicates on (device, seq).
+    """
+
+    SCHEMA: ClassVar[str] = "edgeloop.telemetry_ack/1"
+    device_id: str
+    seqs: list[int]
+    refused: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> TelemetryAck:
+        seqs = _int_list(obj, "seqs", MAX_ACK_SEQS)
+        refused = _int_list(obj, "refused", MAX_ACK_SEQS) if obj.get("refused") is not None else []
+        if not set(refused) <= set(seqs):
+            raise SchemaError("telemetry ack lists refused records that are not among its seqs")
+        return cls(device_id=_req(obj, "device_id", str), seqs=seqs, refused=refused)
+
+
+Message = Union[Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck]
+_BY_SCHEMA: dict[str, Any] = {c.SCHEMA: c for c in (Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck)}
 
 
 def parse(payload: bytes | str, expect: type | None = None,

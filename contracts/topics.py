@@ -2,7 +2,7 @@
 
 Every topic starts with ``edgeloop/v1/``. Devices publish only under their own
 ``devices/<device_id>/`` prefix and subscribe only to ``updates/<tier>`` and their own
-``devices/<device_id>/cmd``, which is what a per-device broker ACL on the client's identity
+``devices/<device_id>/cmd``, ``.../blocks`` and ``.../telemetry/ack``, which is what a per-device broker ACL on the client's identity
 can enforce.
 """
 
@@ -29,6 +29,7 @@ __all__ = [
     "status",
     "status_all",
     "telemetry",
+    "telemetry_ack",
     "telemetry_all",
     "valid_device_id",
     "valid_tier",
@@ -74,6 +75,11 @@ def status(device_id: str) -> str:
 def telemetry(device_id: str) -> str:
     """Device -> cloud: telemetry windows (QoS 1, not retained)."""
     return f"{ROOT}/devices/{_check_device(device_id)}/telemetry"
+
+
+def telemetry_ack(device_id: str) -> str:
+    """Cloud -> device: which telemetry records the ingest has stored (QoS 0, not retained)."""
+    return f"{ROOT}/devices/{_check_device(device_id)}/telemetry/ack"
 
 
 def errors(device_id: str) -> str:

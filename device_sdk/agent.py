@@ -27,10 +27,11 @@ import numpy as np
 
 from contracts import topics
 from contracts.errors import ContractError
-from contracts.messages import Announce, Command, DeviceState, ErrorReport, Status, encode, parse
+from contracts.messages import Announce, Command, DeviceState, ErrorReport, Status, TelemetryAck, encode, parse
 from device_sdk.errors import TransientError
 from device_sdk.mqtt import MqttLink
 from device_sdk.mqtt_fetcher import MqttBlockFetcher
+from device_sdk.delivery import Delivery
 from device_sdk.outbox import PRIORITY_ERROR, PRIORITY_TELEMETRY, Outbox, OutboxConfig
 from device_sdk.ota import InstallResult, Installer, InstallState
 from device_sdk.runtime import ModelRuntime, load_runtime
@@ -68,6 +69,8 @@ class AgentConfig:
     outbox_max_bytes: int = 16 * 1024 * 1024     # store-and-forward bound while offline
     outbox_max_age_s: float = 7 * 24 * 3600.0
     max_in_flight: int = 64             # outbox messages published but not yet acknowledged
+    confirm_timeout_s: float | None = 60.0   # telemetry the ingest has not confirmed is sent again after
+                                             # this (None: delete on the broker's PUBACK; device_sdk/delivery.py)
     heartbeat_s: float = 60.0           # re-publish the last status after this long without one (0: never)
     tls_ca: Path | None = None          # CA of the broker's certificate: TLS on (off without it)
     tls_cert: Path | None = None        # this device's certificate and key: mutual TLS
@@ -87,7 +90,7 @@ class Agent:
         self.link = MqttLink(config.device_id, config.mqtt_host, config.mqtt_port,
                              will=(topics.status(self.device_id), encode(offline)), queue_max=config.inbox_max,
                              tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key)
-        self.link.on_acked = self._acked
+        self.link.on_acked = lambda mid: self.delivery.puback(mid)
         if config.transport not in ("http", "mqtt"):
             raise ValueError(f"unknown transport {config.transport!r}: use http or mqtt")
         fetcher = MqttBlockFetcher(self.link, self.device_id, root / "tuf" / "partial",
@@ -97,10 +100,10 @@ class Agent:
         self.installer = Installer(root, config.tier, config.max_package_bytes, on_state=self._report_ota)
         self.seq = SequenceCounter(root / "telemetry.json")
         self.outbox = Outbox(root / "outbox.db", OutboxConfig(config.outbox_max_bytes, config.outbox_max_age_s))
-        self._in_flight: dict[int, int] = {}      # paho mid -> outbox id
-        self._early_acks: set[int] = set()         # acknowledged before pump recorded the mid
-        self._ack_lock = threading.Lock()          # never held while calling into paho
-        self._sent_up_to = 0                       # highest outbox id handed to paho on this connection
+        self.delivery = Delivery(self.outbox, lambda topic, payload: self.link.publish(topic, payload, qos=1),
+                                 lambda: self.link.connected, max_in_flight=config.max_in_flight,
+                                 confirm_timeout_s=config.confirm_timeout_s)
+        self.link.on_connection_change = self.delivery.reset
         self.runtime: ModelRuntime | None = None
         self.window: TelemetryWindow | None = None
         self.malformed = 0
@@ -133,6 +136,9 @@ class Agent:
             self._serve(load_runtime(bundle))
         self.link.subscribe(topics.announce(self.config.tier))
         self.link.subscribe(topics.command(self.device_id))
+        if self.config.confirm_timeout_s is not None:
+            self.link.route(topics.telemetry_ack(self.device_id), self._on_telemetry_ack)
+            self.link.subscribe(topics.telemetry_ack(self.device_id), qos=0)
         self.link.connect()
         self._publish_status(DeviceState.ONLINE)
         if resume is not None:
@@ -145,7 +151,8 @@ class Agent:
         self._collect()
         self.flush_telemetry()
         deadline = time.time() + 5
-        while len(self.outbox) and self.link.connected and time.time() < deadline:
+        while self.outbox.unsent() and self.link.connected and time.time() < deadline:   # the broker has it;
+            # what the ingest has not confirmed yet is sent again on the next start
             self.pump()
             time.sleep(0.01)
         self._publish_status(DeviceState.OFFLINE).wait_for_publish(5)
@@ -243,44 +250,29 @@ class Agent:
         if self._samples and window is self.window:
             record = replace(record, samples={"x": [x for x, _ in self._samples], "y": [y for _, y in self._samples]})
             self._samples = []
-        self.outbox.put(topics.telemetry(self.device_id), encode(record), PRIORITY_TELEMETRY)
+        self.outbox.put(topics.telemetry(self.device_id), encode(record), PRIORITY_TELEMETRY, seq=record.seq)
         self.pump()
 
     def pump(self) -> int:
         """Publish what the outbox holds, in order, up to the in-flight bound. Returns how many."""
         with self._lock:
-            if not self.link.connected:
-                with self._ack_lock:          # unacknowledged messages go again on the next connection
-                    self._in_flight.clear()
-                    self._early_acks.clear()
-                self._sent_up_to = 0
-                return 0
-            with self._ack_lock:
-                room = self.config.max_in_flight - len(self._in_flight)
-            if room <= 0:
-                return 0
-            batch = self.outbox.pending(room, after=self._sent_up_to)
-            for item in batch:
-                info = self.link.publish(item.topic, item.payload, qos=1)
-                self._sent_up_to = item.id
-                with self._ack_lock:
-                    acked = info.mid in self._early_acks
-                    if acked:
-                        self._early_acks.discard(info.mid)
-                    else:
-                        self._in_flight[info.mid] = item.id
-                if acked:
-                    self.outbox.ack(item.id)
-            return len(batch)
+            return self.delivery.pump()
 
-    def _acked(self, mid: int) -> None:
-        """paho's network thread, holding paho's locks: take only the small ack lock."""
-        with self._ack_lock:
-            outbox_id = self._in_flight.pop(mid, None)
-            if outbox_id is None:
-                self._early_acks.add(mid)
-        if outbox_id is not None:
-            self.outbox.ack(outbox_id)
+    def _on_telemetry_ack(self, payload: bytes) -> None:
+        """paho's network thread: the ingest stored (or refused) these records."""
+        try:
+            ack = parse(payload, expect=TelemetryAck)
+        except ContractError as e:
+            self.malformed += 1
+            log.warning("%s: dropped malformed telemetry acknowledgement: %s", self.device_id, e)
+            return
+        if ack.device_id != self.device_id:
+            self.malformed += 1
+            return
+        if ack.refused:
+            log.warning("%s: the cloud refused telemetry records %s as data (its telemetry_rejects says why)",
+                        self.device_id, ack.refused[:10])
+        self.delivery.confirm(ack.seqs, ack.refused)
 
     # -- updates ------------------------------------------------------------------------
     def _on_announce(self, announce: Announce) -> None:

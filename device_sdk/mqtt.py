@@ -67,6 +67,7 @@ class MqttLink:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
         self.on_acked: Callable[[int], None] | None = None   # called with the mid of each acknowledged publish
+        self.on_connection_change: Callable[[], None] | None = None   # connected (subscribed) or disconnected
         self._subscribe_mid: int | None = None
 
     def connect(self, timeout: float = 10.0) -> None:
@@ -105,7 +106,7 @@ class MqttLink:
             log.warning("broker refused connection: %s", reason_code)
             return
         if not self._subscriptions:
-            self._connected.set()
+            self._up()
             return
         # connected counts from the broker's acknowledgement of our subscriptions, so nothing
         # published after connect() returns can be missed
@@ -123,10 +124,17 @@ class MqttLink:
         if mid == self._subscribe_mid:
             if any(rc.is_failure for rc in reason_codes):
                 log.warning("broker refused a subscription: %s", reason_codes)
-            self._connected.set()
+            self._up()
+
+    def _up(self) -> None:
+        self._connected.set()
+        if self.on_connection_change is not None:
+            self.on_connection_change()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self._connected.clear()
+        if self.on_connection_change is not None:
+            self.on_connection_change()
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
         handler = self._routes.get(message.topic)

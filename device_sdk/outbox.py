@@ -1,8 +1,14 @@
 """Store-and-forward: what a device must send survives disconnects and restarts.
 
 Telemetry records and error reports go into a bounded SQLite outbox first (WAL, one row per
-message, in order) and leave it only when the broker acknowledges them (QoS 1 PUBACK). While
-offline the outbox grows up to ``max_bytes`` and ``max_age_s``; beyond that the oldest
+message, in order). A message without a sequence number (an error report) leaves it when the
+broker acknowledges it (QoS 1 PUBACK). A telemetry record (it has ``seq``) is kept after the
+PUBACK, marked with when the broker took it, until the ingest confirms it stored it
+(:meth:`Outbox.confirm`, from an ``edgeloop.telemetry_ack/1``): the broker taking a message is not
+the store having it (a broker restarted before any ingest worker subscribed again delivers it
+to nobody). :mod:`device_sdk.delivery` sends, resends and deletes.
+
+While offline the outbox grows up to ``max_bytes`` and ``max_age_s``; beyond that the oldest
 lowest-priority messages are dropped first, and the number dropped is kept so the next
 telemetry record can report it. On reconnect, or after a restart, the outbox is flushed in
 order. A message may be sent twice (acknowledgement lost); receivers deduplicate on
@@ -34,6 +40,8 @@ class Pending:
     id: int
     topic: str
     payload: bytes
+    seq: int | None = None        # a telemetry record's sequence number (waits for the ingest's confirmation)
+    resend: bool = False          # taken by the broker before, never confirmed: this is a resend
 
 
 class Outbox:
@@ -47,26 +55,60 @@ class Outbox:
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT, "
                          "payload BLOB, priority INTEGER, created REAL, size INTEGER)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        for name, kind in (("seq", "INTEGER"), ("taken_at", "REAL")):   # outboxes from before confirmations
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS outbox_seq ON outbox (seq) WHERE seq IS NOT NULL")
 
-    def put(self, topic: str, payload: bytes, priority: int = PRIORITY_TELEMETRY) -> None:
+    def put(self, topic: str, payload: bytes, priority: int = PRIORITY_TELEMETRY, seq: int | None = None) -> None:
+        """Keep a message to send; ``seq``: a telemetry record's sequence number, which makes it
+        wait for the ingest's confirmation after the broker has taken it."""
         with self._lock:
-            self._db.execute("INSERT INTO outbox (topic, payload, priority, created, size) VALUES (?, ?, ?, ?, ?)",
-                             (topic, payload, priority, time.time(), len(payload)))
+            self._db.execute("INSERT INTO outbox (topic, payload, priority, created, size, seq) VALUES "
+                             "(?, ?, ?, ?, ?, ?)", (topic, payload, priority, time.time(), len(payload), seq))
             self._enforce_bounds()
 
-    def pending(self, limit: int, after: int = 0) -> list[Pending]:
+    def pending(self, limit: int, after: int = 0, resend_before: float | None = None) -> list[Pending]:
+        """In order: messages after id ``after`` (not yet sent on this connection), and, with
+        ``resend_before``, messages the broker took before that time that are still unconfirmed."""
+        sql = "SELECT id, topic, payload, seq, taken_at IS NOT NULL AND id <= ? FROM outbox WHERE id > ?"
+        args: list[float | int] = [after, after]
+        if resend_before is not None:
+            sql += " OR (taken_at IS NOT NULL AND taken_at < ?)"
+            args.append(resend_before)
         with self._lock:
-            rows = self._db.execute("SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                                    (after, limit)).fetchall()
-        return [Pending(*r) for r in rows]
+            rows = self._db.execute(sql + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+        return [Pending(i, t, p, s, bool(r)) for i, t, p, s, r in rows]
 
     def ack(self, message_id: int) -> None:
+        """The message is done with: delete it."""
         with self._lock:
             self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
+
+    def taken(self, message_id: int) -> None:
+        """The broker took the message (or it is being sent again): it waits for confirmation
+        from now on (the resend clock restarts)."""
+        with self._lock:
+            self._db.execute("UPDATE outbox SET taken_at = ? WHERE id = ?", (time.time(), message_id))
+
+    def confirm(self, seqs: list[int]) -> int:
+        """The ingest stored these telemetry records: delete them. Returns how many were here."""
+        if not seqs:
+            return 0
+        with self._lock:
+            before = self._db.total_changes
+            self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+            return self._db.total_changes - before
 
     def __len__(self) -> int:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    def unsent(self) -> int:
+        """Messages the broker has not taken yet (not counting those waiting for confirmation)."""
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM outbox WHERE taken_at IS NULL").fetchone()[0]
 
     def take_dropped(self) -> int:
         """How many messages were dropped since the last call (and reset the count)."""

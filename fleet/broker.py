@@ -69,6 +69,7 @@ DEVICE_RULES = (
     ("write", "edgeloop/v1/devices/%u/blocks/req"),
     ("read", "edgeloop/v1/devices/%u/cmd"),
     ("read", "edgeloop/v1/devices/%u/blocks"),
+    ("read", "edgeloop/v1/devices/%u/telemetry/ack"),
     ("read", "edgeloop/v1/updates/#"),
 )
 

@@ -268,6 +268,20 @@ def test_device_cannot_read_another_devices_commands(env):
         sub.proc.kill()
 
 
+def test_device_reads_its_own_telemetry_confirmations_and_no_one_elses(env):
+    a, b = device(env, "dev-a"), device(env, "dev-b")
+    a.subscribe(topics.telemetry_ack("dev-a"))
+    b.subscribe(topics.telemetry_ack("dev-a"), "edgeloop/v1/devices/+/telemetry/ack", topics.telemetry_ack("dev-b"))
+    try:
+        secret, m = b"confirmation-for-dev-a", marker()
+        cp_sends(env, (topics.telemetry_ack("dev-a"), secret), (topics.telemetry_ack("dev-b"), m))
+        assert a.until(secret) == [(topics.telemetry_ack("dev-a"), secret)]
+        assert b.until(m) == [(topics.telemetry_ack("dev-b"), m)]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_device_cannot_read_other_devices_telemetry_even_from_the_ingest_share_group(env):
     thief = device(env, "dev-b")
     thief.subscribe(f"$share/edgeloop-ingest/{topics.telemetry_all()}", "edgeloop/v1/devices/+/telemetry",

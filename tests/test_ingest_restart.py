@@ -7,13 +7,18 @@ killed with SIGKILL (no chance to drain) while it holds received but unstored me
 store is slowed down to 0.2 s a batch) and started again, then the broker is stopped and
 started again. Every record must be stored exactly once.
 
-What makes it hold: devices delete a record from the outbox only on the broker's PUBACK and send
-everything unacknowledged again after a reconnect (duplicates are dropped on (device, seq));
-the worker acknowledges a message to the broker only after its batch is stored (manual acks),
-so messages a killed worker had received but not stored are delivered again to its session; the
-worker subscribes again on every connect. Known limit (docs/contracts/telemetry.md): Mosquitto
-2.0.11 does not restore a persistent session's *shared* subscription after a broker restart, so
-here devices reconnect after the worker has subscribed again.
+Then, the hard case: the broker comes back while no ingest worker runs, and devices reconnect
+and flush first.
+
+What makes it hold: devices delete a record from the outbox only when the ingest confirms it
+stored it (``edgeloop.telemetry_ack/1``, device_sdk/delivery.py), send again what stays
+unconfirmed for CONFIRM_S, and send everything again after a reconnect (duplicates are dropped
+on (device, seq)); the worker acknowledges a message to the broker only after its batch is
+stored (manual acks), so messages a killed worker had received but not stored are delivered
+again to its session. With shared ingest, Mosquitto 2.0.11 does not restore a persistent
+session's *shared* subscription after a broker restart, so what devices flush before the worker
+subscribes again is taken by the broker and delivered to nobody: the confirmations are what
+bring it back. With exclusive ingest the restored plain subscription queues it instead.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cloud.registry import Registry
 from conftest import Broker, wait_for
 from contracts import topics
-from contracts.messages import Telemetry, encode
+from contracts.messages import Telemetry, TelemetryAck, encode, parse
+from device_sdk.delivery import Delivery
 from device_sdk.outbox import Outbox
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 8
 RECORDS = 40            # per device
+CONFIRM_S = 2.0         # a record the ingest has not confirmed is sent again after this
 
 WORKER = """
 import sys, time
@@ -86,21 +93,28 @@ class Worker:
 
 
 class Device:
-    """A device's telemetry path: outbox first, QoS 1, deleted on PUBACK, resent after reconnect."""
+    """A device's telemetry path as the agent runs it: the SDK's outbox and delivery (QoS 1, a
+    record deleted only when the ingest confirms it stored it, resent after CONFIRM_S without)."""
 
     def __init__(self, device_id: str, root: Path, port: int) -> None:
         self.device_id, self.port = device_id, port
         self.outbox = Outbox(root / f"{device_id}.db")
         self.seq = 0
-        self._lock = threading.Lock()
-        self._in_flight: dict[int, int] = {}      # mid -> outbox id, on this connection
-        self._early: set[int] = set()             # mids acknowledged before pump() recorded them
-        self._epoch = 0                           # +1 per (dis)connect
-        self._sent_up_to = 0
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=device_id)
-        self.client.on_publish = self._on_publish
-        self.client.on_connect = lambda *a: self._reset()
-        self.client.on_disconnect = lambda *a: self._reset()
+        self.delivery = Delivery(self.outbox, lambda t, p: self.client.publish(t, p, qos=1),
+                                 self.client.is_connected, confirm_timeout_s=CONFIRM_S)
+        self.client.on_publish = lambda c, u, mid, rc, props: self.delivery.puback(mid)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.delivery.reset()
+        self.client.on_message = self._on_message
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        client.subscribe(topics.telemetry_ack(self.device_id), qos=0)
+        self.delivery.reset()
+
+    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
+        ack = parse(message.payload, expect=TelemetryAck)
+        self.delivery.confirm(ack.seqs, ack.refused)
 
     def connect(self) -> None:
         self.client.connect("127.0.0.1", self.port)
@@ -110,51 +124,17 @@ class Device:
     def disconnect(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-        self._reset()
-
-    def _reset(self) -> None:
-        with self._lock:            # unacknowledged records go again; late PUBACKs delete nothing
-            self._in_flight.clear()
-            self._early.clear()
-            self._sent_up_to = 0
-            self._epoch += 1
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
-        with self._lock:
-            outbox_id = self._in_flight.pop(mid, None)
-            if outbox_id is None:
-                self._early.add(mid)      # acknowledged before pump() recorded the mid
-        if outbox_id is not None:
-            self.outbox.ack(outbox_id)
+        self.delivery.reset()
 
     def produce(self) -> None:
         record = Telemetry(device_id=self.device_id, seq=self.seq, model_version="m:1", window_start=time.time(),
                            window_end=time.time(), count=10, labelled=10, correct=9, predictions=[5, 5],
                            confidence_hist=[0] * 9 + [10], latency_ms_p50=1.0, latency_ms_max=2.0)
         self.seq += 1
-        self.outbox.put(topics.telemetry(self.device_id), encode(record))
+        self.outbox.put(topics.telemetry(self.device_id), encode(record), seq=record.seq)
 
     def pump(self) -> None:
-        if not self.client.is_connected():
-            return
-        with self._lock:
-            epoch, room, after = self._epoch, 64 - len(self._in_flight), self._sent_up_to
-        for item in self.outbox.pending(room, after=after):
-            info = self.client.publish(item.topic, item.payload, qos=1)   # never under our lock
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                return
-            with self._lock:
-                if epoch != self._epoch:          # reconnected meanwhile: everything goes again
-                    return
-                self._sent_up_to = item.id
-                if info.mid in self._early:
-                    self._early.discard(info.mid)
-                    acked = True
-                else:
-                    self._in_flight[info.mid] = item.id
-                    acked = False
-            if acked:
-                self.outbox.ack(item.id)
+        self.delivery.pump()
 
 
 def _stored(db: Path) -> dict[str, list[int]]:
@@ -197,39 +177,32 @@ def test_killed_worker_and_restarted_broker_store_every_record_exactly_once(tmp_
         worker = Worker(db, broker.port, mode)
         assert worker.subscribed.wait(60), "the restarted worker never subscribed"
         stream(10)
-        if mode == "exclusive":
-            worker.kill()                                # and the worker is not there when it returns
+        worker.kill()                                    # and the worker is not there when the broker returns
         broker.stop()                                    # the broker goes down mid-stream
         for d in devices:
             d.disconnect()
         stream(5)                                        # held in the devices' outboxes
         broker.start()
-        if mode == "shared":
-            # Mosquitto 2.0.11 does not restore a shared subscription from persistence: devices that
-            # publish before the worker subscribes again would lose records (the documented limit)
-            assert worker.subscribed.wait(60), "the worker did not subscribe again after the broker restart"
-            for d in devices:
-                d.connect()
-        else:
-            # exclusive ingest: the restored plain subscription queues for the worker's session, so
-            # devices reconnect and flush (the broker acknowledges, outboxes empty) with no worker
-            # running at all; the worker started afterwards gets every record from its session
-            for d in devices:
-                d.connect()
-            stream(3)
-            for d in devices:
-                wait_for(lambda d=d: (d.pump(), len(d.outbox) == 0)[1], timeout=60, what=f"{d.device_id} flushed early")
-            worker = Worker(db, broker.port, mode)
-            assert worker.subscribed.wait(60), "the worker did not subscribe after the broker restart"
-            stream(RECORDS - 38)
-        if mode == "shared":
-            stream(RECORDS - 35)
+        # devices reconnect and flush (the broker takes every record) with no worker running at all.
+        # exclusive: the restored plain subscription queues them for the worker's session.
+        # shared: Mosquitto 2.0.11 does not restore a shared subscription from persistence, so the
+        # broker delivers them to nobody; only the missing confirmations make the devices resend
+        for d in devices:
+            d.connect()
+        stream(3)
+        for d in devices:
+            wait_for(lambda d=d: (d.pump(), d.outbox.unsent() == 0)[1], timeout=60, what=f"{d.device_id} flushed early")
+        worker = Worker(db, broker.port, mode)
+        assert worker.subscribed.wait(60), "the worker did not subscribe after the broker restart"
+        stream(RECORDS - 38)
         for d in devices:
             wait_for(lambda d=d: (d.pump(), len(d.outbox) == 0)[1], timeout=60, what=f"{d.device_id} flushed")
         expected = {d.device_id: list(range(RECORDS)) for d in devices}
         wait_for(lambda: _stored(db) == expected, timeout=60, what="every record stored")
         time.sleep(1.0)                                  # late redeliveries must not add rows
         assert _stored(db) == expected
+        if mode == "shared":        # the records the broker dropped came back only as resends
+            assert sum(d.delivery.resent for d in devices) > 0
     finally:
         for d in devices:
             d.disconnect()

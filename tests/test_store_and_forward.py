@@ -66,19 +66,20 @@ def test_broker_agent_and_ingest_restarts_lose_and_duplicate_nothing(tmp_path, p
         agent.link.client.loop_stop()
         agent.outbox.close()                                     # and the agent restarts, too
         broker.start()
-        # Mosquitto 2.0.11 does not restore shared subscriptions from its persistence file: the
-        # ingest worker must be subscribed again before devices flush (see docs/contracts/telemetry.md)
+        # (devices flushing before the ingest subscribes again: tests/test_ingest_restart.py)
         wait_for(lambda: cp.client.is_connected() and cp._connected.is_set(), timeout=60, what="ingest back")
         time.sleep(0.5)
         agent = _agent(tmp_path / "dev", broker, package)
         wait_for(lambda: (agent.pump(), registry.telemetry_summary()["records"] == 10)[1], what="10 records")
         cp.stop()                                                # the ingest worker goes down
         _serve(agent, test, 5)
-        wait_for(lambda: (agent.pump(), len(agent.outbox) == 0)[1], what="the broker to take them")
+        wait_for(lambda: (agent.pump(), agent.outbox.unsent() == 0)[1], what="the broker to take them")
+        assert len(agent.outbox) == 5                            # kept until the ingest confirms them
         cp = ControlPlane(registry, broker.host, broker.port, session="ingest-saf").start()   # and comes back
         wait_for(lambda: registry.telemetry_summary()["records"] == 15, what="all 15 records")
         time.sleep(0.5)
         cp.drain()
+        wait_for(lambda: len(agent.outbox) == 0, what="the ingest's confirmations")
         seqs = [r["seq"] for r in registry.db.query("select seq from telemetry order by seq")]
         assert seqs == list(range(15))                           # every record exactly once
         assert registry.telemetry_summary()["inferences"] == 150
@@ -114,7 +115,7 @@ def test_unknown_revoked_future_and_malformed_telemetry_is_refused_and_counted(t
 
     from cloud.fleet_registry import EnrolledDevice, FleetRegistry
     from contracts import topics
-    from contracts.messages import encode
+    from contracts.messages import TelemetryAck, encode, parse
 
     registry = Registry(tmp_path / "registry.db")
     fleet = FleetRegistry(registry)
@@ -123,8 +124,11 @@ def test_unknown_revoked_future_and_malformed_telemetry_is_refused_and_counted(t
     fleet.mark_revoked("bad-in-revoked")
     cp = ControlPlane(registry, broker.host, broker.port).start()
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id="bad-in-publisher")
+    confirmations: list[TelemetryAck] = []
+    pub.on_message = lambda c, u, m: confirmations.append(parse(m.payload, expect=TelemetryAck))
     pub.connect(broker.host, broker.port)
     pub.loop_start()
+    pub.subscribe(topics.telemetry_ack("bad-in-ok"), qos=0)
     try:
         sends = [("bad-in-ok", _record("bad-in-ok", 0)),                          # good
                  ("bad-in-stranger", _record("bad-in-stranger", 0)),              # unknown-device
@@ -145,6 +149,11 @@ def test_unknown_revoked_future_and_malformed_telemetry_is_refused_and_counted(t
         reasons = sorted(r["reason"] for r in registry.telemetry_rejects())
         assert reasons == sorted(cp.stats.rejects)
         assert cp._writer is not None and cp._writer.is_alive()            # never a crash
+        # the device is told what the store is done with (stored or refused: no use sending again);
+        # the unparseable record and the one naming another device carry no seq it could be told of
+        wait_for(lambda: len({s for a in confirmations for s in a.seqs}) == 4, what="confirmations")
+        assert sorted(s for a in confirmations for s in a.seqs) == [0, 1, 2, 5_000_000]
+        assert sorted(s for a in confirmations for s in a.refused) == [1, 5_000_000]
     finally:
         pub.loop_stop()
         pub.disconnect()
