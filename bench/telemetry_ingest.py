@@ -2,19 +2,26 @@
 
 ``--devices`` devices (real paho clients, each its own client id, QoS 1), spread over
 ``--procs`` publisher processes, each send ``--records`` telemetry records with sequence numbers
-0.. and a 64-feature summary (the digits baseline's bins, about 3 KB of JSON, as real devices
-send). Run twice on the same private broker and the same publishers:
+0.. and a 64-feature summary (the digits baseline's bins, about 3.5 KB of JSON, as real devices
+send). Each measured run has its own private broker and the same publishers:
 
 - raw: ``mosquitto_sub -q 1`` subscribed to every device's telemetry topic, writing to /dev/null,
   exits after the last record: what the broker and a consumer that does nothing deliver;
-- ingest: ``--workers`` control-plane processes (``cloud.control_plane.ControlPlane``) splitting
-  the stream through one MQTT 5 shared subscription, each with manual
-  acks after each batch is stored, the ingest checks, batched ``INSERT OR IGNORE`` into SQLite in
-  WAL mode, synchronous=NORMAL) until every record is in the ``telemetry`` table.
+- ingest: N control-plane processes (``cloud.control_plane.ControlPlane``, N from ``--workers``)
+  splitting the stream through one MQTT 5 shared subscription, each with manual acks after each
+  batch is stored, the ingest checks, batched ``INSERT OR IGNORE`` into SQLite in WAL mode
+  (synchronous=NORMAL), and a confirmation to each device after each batch
+  (``edgeloop.telemetry_ack/1``), until every record is in the ``telemetry`` table.
 
-Rates are records over the time from the first publish to the last record received (raw) or
-stored (ingest). Prints one JSON object as its last line: records, stored, lost, duplicates,
-records_per_s, raw_per_s, ratio.
+Everything (publishers, broker, consumers) shares this machine's cores, so rates move with
+whatever else runs: each round measures raw and then every worker count back to back, the ratio
+is taken within a round, and the median over ``--repeats`` rounds is reported. Rates are records
+over the time from the first publish to the last record received (raw) or stored (ingest).
+``ingest_cpu_ms_per_record``: the workers' own CPU time (all threads) per record.
+
+Prints one JSON object as its last line: records, stored, lost, duplicates, records_per_s,
+raw_per_s and ratio for the worker count with the best median ratio (``ingest_workers``), and
+``by_workers`` with every count's ratios.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -116,12 +124,14 @@ def ingest_worker(port: int, db: str, name: str, ready: mp.Event, stop: mp.Event
     from cloud.registry import Registry
     registry = Registry(Path(db))
     cp = ControlPlane(registry, "127.0.0.1", port, session=name).start(30)
+    cpu0 = time.process_time()
     ready.set()
     stop.wait()
     cp.drain(30)
     s = cp.stats
     out.put({"received": s.received, "duplicates": s.telemetry_duplicates, "rejected": s.rejected,
-             "dropped_queue_full": s.dropped_queue_full, "store_failures": s.store_failures})
+             "dropped_queue_full": s.dropped_queue_full, "store_failures": s.store_failures,
+             "cpu_s": time.process_time() - cpu0})
     cp.stop()
     registry.close()
 
@@ -132,13 +142,13 @@ def _stored(db: Path) -> int:
         return conn.execute("select count(*) from telemetry").fetchone()[0]
 
 
-def ingest_rate(port: int, args: argparse.Namespace, features: dict, workdir: Path) -> dict:
+def ingest_rate(port: int, args: argparse.Namespace, workers_n: int, features: dict, workdir: Path) -> dict:
     from cloud.registry import Registry
     db = workdir / "registry.db"
     Registry(db).close()
     stop, out = mp.Event(), mp.Queue()
     workers = []
-    for k in range(args.workers):
+    for k in range(workers_n):
         ready = mp.Event()
         w = mp.Process(target=ingest_worker, args=(port, str(db), f"bench-ingest-{k}", ready, stop, out))
         w.start()
@@ -161,7 +171,29 @@ def ingest_rate(port: int, args: argparse.Namespace, features: dict, workdir: Pa
         w.join(30)
     summed = {k: sum(s[k] for s in stats) for k in stats[0]}
     return {**summed, "stored": _stored(db), "records_per_s": total / elapsed,
+            "ingest_cpu_ms_per_record": round(summed["cpu_s"] * 1000 / total, 3),
             "per_worker_received": [s["received"] for s in stats]}
+
+
+class _Broker:
+    """A private Mosquitto per measured run, so no session or shared subscription of one run
+    (a worker's persistent session stays in the share group after it leaves) touches the next."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        conf = workdir / f"mosquitto-{self.port}.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        "max_queued_messages 1000000\nmax_inflight_messages 0\n")
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def __enter__(self) -> int:
+        return self.port
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def main() -> None:
@@ -169,36 +201,51 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--records", type=int, default=50, help="records per device")
     ap.add_argument("--procs", type=int, default=4, help="publisher processes")
-    ap.add_argument("--workers", type=int, default=2, help="ingest worker processes (one shared subscription)")
+    ap.add_argument("--workers", default="1,2",
+                    help="ingest worker process counts to measure, comma-separated (one shared subscription)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of raw + each worker count, back to back; ratios are per round, medians reported")
     args = ap.parse_args()
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    counts = [int(w) for w in args.workers.split(",")]
     features = _features()
+    total = args.devices * args.records
+    rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
         workdir = Path(d)
         os.chmod(workdir, 0o755)
-        port = _free_port()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 1000000\nmax_inflight_messages 0\n")
-        broker = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.5)
-            raw = raw_rate(port, args, features)
-            print(f"raw (mosquitto_sub): {raw:.0f} records/s", file=sys.stderr)
-            ingest = ingest_rate(port, args, features, workdir)
-            print(f"ingest: {ingest['records_per_s']:.0f} records/s", file=sys.stderr)
-        finally:
-            broker.terminate()
-            broker.wait(10)
-    total = args.devices * args.records
+        for r in range(args.repeats):
+            with _Broker(workdir) as port:
+                raw = raw_rate(port, args, features)
+            print(f"round {r + 1}: raw (mosquitto_sub) {raw:.0f} records/s", file=sys.stderr)
+            for n in counts:
+                run_dir = workdir / f"round{r}-workers{n}"
+                run_dir.mkdir()
+                with _Broker(workdir) as port:
+                    ingest = ingest_rate(port, args, n, features, run_dir)
+                print(f"round {r + 1}: ingest, {n} worker(s): {ingest['records_per_s']:.0f} records/s, "
+                      f"ratio {ingest['records_per_s'] / raw:.3f}", file=sys.stderr)
+                rounds.append({"round": r, "workers": n, "raw_per_s": raw, **ingest})
+    by_workers = {}
+    for n in counts:
+        runs = [x for x in rounds if x["workers"] == n]
+        by_workers[str(n)] = {
+            "ratio_median": round(statistics.median(x["records_per_s"] / x["raw_per_s"] for x in runs), 3),
+            "ratios": [round(x["records_per_s"] / x["raw_per_s"], 3) for x in runs],
+            "records_per_s_median": round(statistics.median(x["records_per_s"] for x in runs)),
+            "ingest_cpu_ms_per_record_median": round(statistics.median(x["ingest_cpu_ms_per_record"] for x in runs), 3),
+            "lost": sum(total - x["stored"] for x in runs), "duplicates": sum(x["duplicates"] for x in runs)}
+    best = max(counts, key=lambda n: by_workers[str(n)]["ratio_median"])
+    head = [x for x in rounds if x["workers"] == best]
     print(json.dumps({
-        "devices": args.devices, "publisher_procs": args.procs, "ingest_workers": args.workers,
-        "per_worker_received": ingest["per_worker_received"], "records": total, "stored": ingest["stored"],
-        "lost": total - ingest["stored"], "duplicates": ingest["duplicates"], "rejected": ingest["rejected"],
-        "dropped_queue_full": ingest["dropped_queue_full"], "store_failures": ingest["store_failures"],
+        "devices": args.devices, "publisher_procs": args.procs, "repeats": args.repeats, "ingest_workers": best,
+        "records": total, "stored": min(x["stored"] for x in head),
+        "lost": sum(total - x["stored"] for x in rounds), "duplicates": sum(x["duplicates"] for x in rounds),
+        "rejected": sum(x["rejected"] for x in rounds), "store_failures": sum(x["store_failures"] for x in rounds),
+        "dropped_queue_full": sum(x["dropped_queue_full"] for x in rounds),
         "payload_bytes": len(json.dumps(features)) + 300,
-        "records_per_s": round(ingest["records_per_s"]), "raw_per_s": round(raw),
-        "ratio": round(ingest["records_per_s"] / raw, 3),
+        "records_per_s": by_workers[str(best)]["records_per_s_median"],
+        "raw_per_s": round(statistics.median(x["raw_per_s"] for x in head)),
+        "ratio": by_workers[str(best)]["ratio_median"], "by_workers": by_workers,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version()}}))
 

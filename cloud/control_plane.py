@@ -1,7 +1,8 @@
 """The control plane's MQTT side: announce updates, ingest status, telemetry and errors.
 
-Ingest never runs on paho's network thread: messages go into a bounded queue and one writer
-thread stores them in batches (telemetry deduplicated on (device_id, seq)). Telemetry and
+The connection is cloud/mqtt_session.py: one thread reads what the socket holds, cuts out the
+messages, and stores them here as one batch (telemetry deduplicated on (device_id, seq)) before
+acknowledging them; while it stores, new messages wait in the socket and the broker. Telemetry and
 errors are consumed through MQTT 5 shared subscriptions (``$share/<share_group>/...``; the
 default group ``edgeloop-ingest``, a per-workspace secret under ``edgeloop serve``), so
 several control-plane processes split the stream; status is a plain subscription because
@@ -22,18 +23,12 @@ restarted before the ingest subscribed again) is sent again, and stored exactly 
 from __future__ import annotations
 
 import logging
-import queue
 import ssl
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from contracts import topics
 from contracts.errors import ContractError
@@ -43,6 +38,7 @@ from contracts.messages import (Announce, Command, DeviceState, ErrorReport, Sta
 from cloud.block_server import BlockServer
 from cloud.errors import ServiceUnavailable, UserError
 from cloud.ingest_checks import Reject, TelemetryGate
+from cloud.mqtt_session import ConnectRefused, Incoming, MqttSession, Publication
 from cloud.registry import Registry
 
 try:
@@ -66,7 +62,7 @@ class IngestStats:
     statuses: int = 0
     errors: int = 0
     malformed: int = 0
-    dropped_queue_full: int = 0
+    dropped_queue_full: int = 0         # always 0 now: nothing is queued in the process (kept for readers)
     store_failures: int = 0
     rejected: int = 0                   # telemetry refused as data (cloud/ingest_checks.py), by reason:
     rejects: dict[str, int] = field(default_factory=dict)
@@ -75,7 +71,7 @@ class IngestStats:
 
 class ControlPlane:
     def __init__(self, registry: Registry, host: str, port: int, client_id: str | None = None,
-                 queue_max: int = 100_000, repositories: dict[str, Path] | None = None,
+                 repositories: dict[str, Path] | None = None,
                  session: str | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
                  tls_key: Path | None = None, share_group: str = SHARE_GROUP, shared: bool = True,
                  confirm: bool = True) -> None:
@@ -96,78 +92,70 @@ class ControlPlane:
         self.registry = registry
         self.host, self.port = host, port
         self.stats = IngestStats()
-        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=queue_max)
         self._connected = threading.Event()
-        self._writer: threading.Thread | None = None
-        self._idle = threading.Event()
+        self._busy = threading.Lock()              # held while a batch is being stored
         self.session = session
         self.share_group = share_group
         self.shared = shared
         self.confirm = confirm
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
-                                  client_id=session or client_id or f"edgeloop-cp-{uuid.uuid4().hex[:8]}")
-        if tls_ca or tls_cert or tls_key:
-            self._tls(tls_ca, tls_cert, tls_key)
+        tls = self._tls(tls_ca, tls_cert, tls_key) if tls_ca or tls_cert or tls_key else None
+        self.client = MqttSession(session or client_id or f"edgeloop-cp-{uuid.uuid4().hex[:8]}", host, port,
+                                  keepalive=30, clean_start=not session,
+                                  session_expiry_s=24 * 3600 if session else 0, tls=tls, batch_max=BATCH_MAX)
         self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *a: self._connected.clear()
-        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._connected.clear
+        self.client.on_subscribed = self._on_subscribe
         # a message is acknowledged to the broker only once its batch was stored: an ingest worker
         # that dies mid-batch gets it again from its persistent session
-        self.client.manual_ack_set(True)
+        self.client.on_messages = self._on_messages
         self.gate = TelemetryGate(registry)
         self._rejects: list[tuple[Reject, str]] = []
-        self.client.on_subscribe = self._on_subscribe
         self._subscribe_mid: int | None = None
         # with repositories, this control plane also serves their files over MQTT in blocks
         self.blocks = BlockServer(repositories, lambda t, p: self.client.publish(t, p, qos=1)) \
             if repositories else None
 
-    def _tls(self, ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    @staticmethod
+    def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
         if ca is None or (cert is None) != (key is None):
             raise UserError("TLS needs the CA certificate, and a client certificate always with its key")
         try:
-            self.client.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None,
-                                keyfile=str(key) if key else None, cert_reqs=ssl.CERT_REQUIRED,
-                                tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)      # verifies the broker and its host name
+            context.load_verify_locations(cafile=str(ca))
+            if cert and key:
+                context.load_cert_chain(str(cert), str(key))
+            return context
         except (OSError, ValueError) as e:   # ssl.SSLError is an OSError
             raise UserError(f"cannot load the control plane's TLS files ({ca}, {cert}, {key}): {e}") from None
 
+    @property
+    def alive(self) -> bool:
+        """The ingest thread is running (a bad message or a failed store never ends it)."""
+        return self.client.alive
+
     # -- life cycle ---------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> ControlPlane:
-        self._writer = threading.Thread(target=self._write_loop, name="edgeloop-ingest", daemon=True)
-        self._writer.start()
         try:
-            if self.session:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = 24 * 3600
-                self.client.connect(self.host, self.port, keepalive=30, clean_start=False, properties=props)
-            else:
-                self.client.connect(self.host, self.port, keepalive=30)
-        except OSError as e:
+            self.client.start()
+        except (OSError, ConnectRefused) as e:
             raise ServiceUnavailable(f"cannot reach MQTT broker at {self.host}:{self.port}: {e}") from None
-        self.client.loop_start()
         if not self._connected.wait(timeout):
-            self.client.loop_stop()
-            raise ServiceUnavailable(f"MQTT broker at {self.host}:{self.port} did not accept the connection")
+            self.client.close()
+            raise ServiceUnavailable(f"MQTT broker at {self.host}:{self.port} did not accept the subscriptions")
         return self
 
     def stop(self) -> None:
         if self.blocks is not None:
             self.blocks.stop()
-        self.client.disconnect()
-        self.client.loop_stop()
-        self.drain()
-        self._inbox.put(None)
-        if self._writer:
-            self._writer.join(10)
+        self.client.close()
 
     def drain(self, timeout: float = 10.0) -> None:
-        """Wait until every message received so far is stored."""
+        """Wait until the batch being stored (if any) is stored, and briefly for what the socket
+        still holds."""
         deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self._inbox.empty() and self._idle.is_set():
-                return
-            time.sleep(0.01)
+        time.sleep(0.05)
+        if self._busy.acquire(timeout=max(0.0, deadline - time.time())):
+            self._busy.release()
 
     # -- commands -----------------------------------------------------------------------
     def announce(self, announce: Announce, timeout: float = 10.0) -> None:
@@ -180,16 +168,13 @@ class ControlPlane:
         """Remove the retained announcement of a tier (an empty retained message)."""
         self.client.publish(topics.announce(tier), b"", qos=1, retain=True).wait_for_publish(timeout)
 
-    def send_command(self, device_id: str, command: Command) -> mqtt.MQTTMessageInfo:
+    def send_command(self, device_id: str, command: Command) -> Publication:
         """Publish a rollout command to one device (QoS 1, not retained); does not wait for the
-        broker's acknowledgement (paho queues it while reconnecting)."""
+        broker's acknowledgement (sent again after a reconnect until it comes)."""
         return self.client.publish(topics.command(device_id), encode(command), qos=1, retain=False)
 
     # -- ingest -------------------------------------------------------------------------
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
-        if reason_code.is_failure:
-            log.error("broker refused the control plane: %s", reason_code)
-            return
+    def _on_connect(self) -> None:
         # one SUBSCRIBE; the control plane counts as started once the broker has acknowledged it
         prefix = f"$share/{self.share_group}/" if self.shared else ""
         subscriptions = [(topics.status_all(), 1),
@@ -197,61 +182,40 @@ class ControlPlane:
                          (f"{prefix}{topics.errors_all()}", 1)]
         if self.blocks is not None:
             subscriptions.append((f"$share/{self.share_group}-blocks/{topics.block_requests_all()}", 1))
-        _, self._subscribe_mid = client.subscribe(subscriptions)
+        self._subscribe_mid = self.client.subscribe(subscriptions)
 
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+    def _on_subscribe(self, mid: int, reason_codes: list[int]) -> None:
         if mid != self._subscribe_mid:
             return
-        if any(rc.is_failure for rc in reason_codes):
-            log.error("broker refused a control-plane subscription: %s", reason_codes)
+        if any(rc >= 0x80 for rc in reason_codes):
+            log.error("broker refused a control-plane subscription: %s", [hex(rc) for rc in reason_codes])
             return
         self._connected.set()
 
-    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
-        if self.blocks is not None and message.topic.endswith("/blocks/req"):
-            self.blocks.submit(message.topic, bytes(message.payload))
-            self._ack([(message.mid, message.qos)])
-            return
-        try:
-            self._inbox.put_nowait((message.topic, bytes(message.payload), message.mid, message.qos))
-        except queue.Full:
-            self.stats.dropped_queue_full += 1      # not acknowledged: sent again after a reconnect
+    def _on_messages(self, batch: list[Incoming]) -> None:
+        """The connection's thread: store the batch, then acknowledge it to the broker."""
+        with self._busy:
+            rest, served = [], []
+            for m in batch:
+                if self.blocks is not None and m.topic.endswith("/blocks/req"):
+                    self.blocks.submit(m.topic, m.payload)      # its own thread answers
+                    served.append(m.packet_id)
+                else:
+                    rest.append(m)
+            self.client.ack([p for p in served if p])
+            self._store_safely(rest)
 
-    def _ack(self, acks: list[tuple[int, int]]) -> None:
-        for mid, qos in acks:
-            if qos > 0:
-                self.client.ack(mid, qos)
-
-    def _write_loop(self) -> None:
-        while True:
-            self._idle.set()
-            item = self._inbox.get()
-            self._idle.clear()
-            if item is None:
-                return
-            batch = [item]
-            # group commit: take what is queued now (up to BATCH_MAX) and store it; a busy stream
-            # makes big batches by itself, and a quiet one is not held back waiting for more
-            while len(batch) < BATCH_MAX:
-                try:
-                    nxt = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._store_safely(batch)
-                    return
-                batch.append(nxt)
-            self._store_safely(batch)
-
-    def _store_safely(self, batch: list[tuple[str, bytes, int, int]]) -> None:
+    def _store_safely(self, batch: list[Incoming]) -> None:
         """A storage failure loses this batch's work but never the ingest thread. The batch's
-        messages are acknowledged to the broker after the attempt."""
+        messages are acknowledged to the broker after the attempt (a device resends telemetry
+        that was never confirmed)."""
         try:
-            self._store([(topic, payload) for topic, payload, _, _ in batch])
+            if batch:
+                self._store([(m.topic, m.payload) for m in batch])
         except Exception:  # noqa: BLE001 - logged and counted; the next batch is tried
             self.stats.store_failures += 1
             log.exception("could not store a batch of %d messages", len(batch))
-        self._ack([(mid, qos) for _, _, mid, qos in batch])
+        self.client.ack([m.packet_id for m in batch if m.qos])
 
     def _store(self, batch: list[tuple[str, bytes]]) -> None:
         telemetry = []

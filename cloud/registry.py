@@ -40,6 +40,13 @@ except ImportError:  # pragma: no cover - orjson is in the cloud extra
         return json.dumps(value, sort_keys=True)
 
 
+_TELEMETRY_COLUMNS = ("device_id", "seq", "model_version", "window_start", "window_end", "count", "labelled", "correct",
+                      "errors", "latency_ms_p50", "latency_ms_max", "predictions", "confidence_hist", "features",
+                      "samples", "received_at")
+_INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) "
+                     f"VALUES ({', '.join('?' * len(_TELEMETRY_COLUMNS))})")
+
+
 def _decode(row: dict[str, Any], *keys: str) -> dict[str, Any]:
     for k in keys:
         if isinstance(row.get(k), str):
@@ -303,16 +310,20 @@ class Registry:
             return list(self.db.query(sql + " order by device_id", args))
 
     def add_telemetry(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Insert records, ignoring (device_id, seq) already stored. Returns how many were new."""
+        """Insert records, ignoring (device_id, seq) already stored, in one transaction. Returns how
+        many were new. (Plain executemany: the ingest's hot path, ~3x cheaper than insert_all.)"""
         now = time.time()
-        prepared = [{**r, "predictions": _j(r["predictions"]), "confidence_hist": _j(r["confidence_hist"]),
-                     "features": _j(r["features"]) if r.get("features") else None,
-                     "samples": _j(r["samples"]) if r.get("samples") else None, "received_at": now}
-                    for r in rows]
+        values = [(r["device_id"], r["seq"], r.get("model_version"), r.get("window_start"), r.get("window_end"),
+                   r.get("count"), r.get("labelled"), r.get("correct"), r.get("errors", 0), r.get("latency_ms_p50"),
+                   r.get("latency_ms_max"), _j(r.get("predictions")), _j(r.get("confidence_hist")),
+                   _j(r["features"]) if r.get("features") else None,
+                   _j(r["samples"]) if r.get("samples") else None, now) for r in rows]
         with self._lock:
-            before = self.db.conn.total_changes
-            self.db["telemetry"].insert_all(prepared, pk=("device_id", "seq"), ignore=True)
-            return self.db.conn.total_changes - before
+            conn = self.db.conn
+            before = conn.total_changes
+            with conn:
+                conn.executemany(_INSERT_TELEMETRY, values)
+            return conn.total_changes - before
 
     def device_samples(self, since: float | None = None, devices: Iterable[str] | None = None,
                        labelled_only: bool = True) -> tuple[list[list[float]], list[int | None], list[str]]:

@@ -148,7 +148,7 @@ def test_unknown_revoked_future_and_malformed_telemetry_is_refused_and_counted(t
                                     "schema": 1, "wrong-topic": 1}
         reasons = sorted(r["reason"] for r in registry.telemetry_rejects())
         assert reasons == sorted(cp.stats.rejects)
-        assert cp._writer is not None and cp._writer.is_alive()            # never a crash
+        assert cp.alive                                                    # never a crash
         # the device is told what the store is done with (stored or refused: no use sending again);
         # the unparseable record and the one naming another device carry no seq it could be told of
         wait_for(lambda: len({s for a in confirmations for s in a.seqs}) == 4, what="confirmations")
