@@ -9,6 +9,13 @@ cohort, the fleet) merge by addition, and are compared with the training baselin
   sampling error is counted). Only on features whose baseline is not concentrated in one
   value (most common value under ``mean_max_mode_share`` of the rows): on a feature that is
   almost always 0 the window mean is far from normal, and the histogram test covers it.
+- **residual mean test** per feature, the same z-test on the feature's residual given all the
+  others (the package baseline's ``residuals`` model; devices send residual sums ``rn``,
+  ``rsum``, ``rsumsq``): a shift of one feature moves its residual by the whole shift while
+  the residual spreads only by what the other features cannot explain, so on correlated inputs
+  (neighbouring pixels, redundant sensors) it sees in one window what the feature's own mean
+  needs several for. A whole-input change (gain on every feature) hardly moves residuals; the
+  plain mean test and KS cover it;
 - **KS** (Kolmogorov-Smirnov) on the binned CDFs, with its asymptotic p-value and the
   effective sample size n*m/(n+m), with **PSI** as its effect size (1e-4 floor on empty bins);
 - **chi-square** on the prediction distribution (classes are categories, not an order);
@@ -53,6 +60,7 @@ class DriftConfig:
     looks: tuple[int, ...] = (1, 2, 4, 8)   # DriftMonitor: newest windows merged per look
     look_weights: tuple[float, ...] = ()     # DriftMonitor: share of alpha per look (empty: equal)
     mean_weight: float = 1.0     # Holm weight of one mean test; a KS or chi-square test weighs 1
+    resid_weight: float = 1.0    # Holm weight of one residual-mean test (when summaries carry residuals)
 
     def look_alphas(self) -> tuple[float, ...]:
         """``alpha`` split over :attr:`looks` in proportion to :attr:`look_weights` (Bonferroni)."""
@@ -67,10 +75,10 @@ class DriftConfig:
 # the training population: the mean tests, calibrated against the baseline's own sampling error,
 # then spend nearly all of it (measured 0.4-1.0% on drawn digits baselines; the normal tail of a
 # skewed pixel's window mean is a little light; bench/drift_detection.py, docs/drift.md). Most of
-# alpha goes to the 2-window look and, within a look, to the mean tests (weight 8 each against 1
-# for a KS or chi-square test: 48 mean tests hold 86% of it on the digits baseline), which are
-# what sees a small shift of one feature; KS and chi-square keep the rest for large shape changes.
-MONITOR_CONFIG = DriftConfig(alpha=0.007, look_weights=(0.15, 0.75, 0.05, 0.05), mean_weight=8.0)
+# alpha goes to the 2-window look and, within a look, to the mean and residual tests (weight 8 each
+# against 1 for a KS or chi-square test: the 48 + 48 hold 92% of it on the digits baseline), which
+# are what sees a small shift of one feature; KS and chi-square keep the rest for shape changes.
+MONITOR_CONFIG = DriftConfig(alpha=0.007, look_weights=(0.15, 0.75, 0.05, 0.05), mean_weight=8.0, resid_weight=8.0)
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -158,6 +166,10 @@ def merge(summaries: Iterable[dict[str, Any] | None]) -> dict[str, Any] | None:
             out[k] = out[k] + np.array(s[k])
         out["min"] = np.minimum(out["min"], s["min"])
         out["max"] = np.maximum(out["max"], s["max"])
+    if all("rsum" in s for s in summaries):      # residual sums, only if every part has them
+        out["rn"] = sum(int(s["rn"]) for s in summaries)
+        for k in ("rsum", "rsumsq"):
+            out[k] = np.sum([np.asarray(s[k], dtype=np.float64) for s in summaries], axis=0)
     return out
 
 
@@ -180,7 +192,9 @@ class FeatureDrift:
     mean_z: float = 0.0
     mean_p: float = 1.0
     shift_sd: float = 0.0
-    tests: tuple[str, ...] = ()     # which tests found it: "mean", "ks", "chi2"
+    tests: tuple[str, ...] = ()     # which tests found it: "mean", "resid", "ks", "chi2"
+    resid_z: float = 0.0            # z of the feature's residual mean (given the other features)
+    resid_shift_sd: float = 0.0     # that shift, in residual standard deviations
 
 
 @dataclass
@@ -245,8 +259,19 @@ def _feature_tests(baseline: dict[str, Any], summary: dict[str, Any]) -> dict[st
     usable = (n > 0) & (sd > 0)
     shift = np.where(usable, (mean - mu) / np.where(sd > 0, sd, 1), 0.0)
     z = shift / np.sqrt(1.0 / np.maximum(n, 1) + 1.0 / max(base_rows, 1))
+    res = baseline.get("residuals")
+    if res and "rsum" in summary and int(summary["rn"]) > 0 and len(summary["rsum"]) == len(feats):
+        rn = float(summary["rn"])
+        rmu, rsd = np.asarray(res["mean"], dtype=np.float64), np.asarray(res["std"], dtype=np.float64)
+        rshift = np.where(rsd > 0, (np.asarray(summary["rsum"], dtype=np.float64) / rn - rmu) / np.where(rsd > 0, rsd, 1), 0.0)
+        rz = rshift / np.sqrt(1.0 / rn + 1.0 / max(base_rows, 1))
+        rp = np.where(rsd > 0, 2 * stats.norm.sf(np.abs(rz)), 1.0)
+    else:
+        rshift = rz = np.zeros(len(feats))
+        rp = None
     return {**{k: np.asarray(v, dtype=np.float64) for k, v in out.items()}, "mean": mean, "base_mean": mu,
-            "shift": shift, "z": z, "mean_p": np.where(usable, 2 * stats.norm.sf(np.abs(z)), 1.0)}
+            "shift": shift, "z": z, "mean_p": np.where(usable, 2 * stats.norm.sf(np.abs(z)), 1.0),
+            "rshift": rshift, "rz": rz, "resid_p": rp}
 
 
 def _mean_testable(baseline: dict[str, Any], cfg: DriftConfig) -> list[int]:
@@ -265,9 +290,13 @@ def compare(baseline: dict[str, Any], summary: dict[str, Any] | None, prediction
     rows = int(np.max(summary["n"]))
     t = _feature_tests(baseline, summary)
     count = len(baseline["features"])
-    slots = [(i, "ks") for i in range(count)] + [(i, "mean") for i in _mean_testable(baseline, cfg)]
-    pvals = [float(t["ks_p"][i]) if test == "ks" else float(t["mean_p"][i]) for i, test in slots]
-    weights = [cfg.mean_weight if test == "mean" else 1.0 for _, test in slots]
+    testable = _mean_testable(baseline, cfg)
+    slots = [(i, "ks") for i in range(count)] + [(i, "mean") for i in testable]
+    if t["resid_p"] is not None:       # one feature against the others: sees a shift its spread hides
+        slots += [(i, "resid") for i in testable]
+    column = {"ks": "ks_p", "mean": "mean_p", "resid": "resid_p"}
+    pvals = [float(t[column[test]][i]) for i, test in slots]
+    weights = [{"mean": cfg.mean_weight, "resid": cfg.resid_weight}.get(test, 1.0) for _, test in slots]
     pred_measured = None
     if predictions is not None and sum(predictions) > 0 and baseline.get("predictions"):
         expected = np.array(baseline["predictions"], dtype=np.float64)
@@ -279,13 +308,15 @@ def compare(baseline: dict[str, Any], summary: dict[str, Any] | None, prediction
     found: dict[int, list[str]] = {}
     for (i, test), rejected in zip(slots, holm(pvals, cfg.alpha, weights)):
         if rejected and (test == "mean" and abs(t["shift"][i]) >= cfg.min_shift_sd or
+                         test == "resid" and abs(t["rshift"][i]) >= cfg.min_shift_sd or
                          test == "ks" and t["psi"][i] >= cfg.min_psi or
                          test == "chi2" and pred_measured is not None and pred_measured[0] >= cfg.min_psi):
             found.setdefault(i, []).append(test)
     results = [FeatureDrift(i, round(float(t["psi"][i]), 5), round(float(t["ks_d"][i]), 5), float(t["ks_p"][i]),
                             round(float(t["js"][i]), 5), round(float(t["mean"][i]), 5),
                             round(float(t["base_mean"][i]), 5), i in found, round(float(t["z"][i]), 3),
-                            float(t["mean_p"][i]), round(float(t["shift"][i]), 4), tuple(found.get(i, ())))
+                            float(t["mean_p"][i]), round(float(t["shift"][i]), 4), tuple(found.get(i, ())),
+                            round(float(t["rz"][i]), 3), round(float(t["rshift"][i]), 4))
                for i in range(count)]
     pred = None
     if pred_measured is not None:

@@ -104,12 +104,51 @@ def baseline_stats(train_raw: np.ndarray, train_probs: np.ndarray) -> dict:
     counts = [np.histogram(np.clip(col, e[0], e[-1]), bins=e)[0] for col, e in zip(train_raw.T, edges)]
     preds = np.bincount(train_probs.argmax(1), minlength=train_probs.shape[1])
     conf = np.histogram(train_probs.max(1), bins=10, range=(0.0, 1.0))[0]
-    return {"version": 1, "rows": int(len(train_raw)),
-            "features": [{"edges": [round(float(v), 6) for v in e], "counts": [int(c) for c in n],
-                          "mean": round(float(col.mean()), 6), "std": round(float(col.std()), 6),
-                          "min": float(col.min()), "max": float(col.max())}
-                         for e, n, col in zip(edges, counts, train_raw.T)],
-            "predictions": [int(v) for v in preds], "confidence_hist": [int(v) for v in conf]}
+    out = {"version": 1, "rows": int(len(train_raw)),
+           "features": [{"edges": [round(float(v), 6) for v in e], "counts": [int(c) for c in n],
+                         "mean": round(float(col.mean()), 6), "std": round(float(col.std()), 6),
+                         "min": float(col.min()), "max": float(col.max())}
+                        for e, n, col in zip(edges, counts, train_raw.T)],
+           "predictions": [int(v) for v in preds], "confidence_hist": [int(v) for v in conf]}
+    residuals = residual_model(train_raw)
+    if residuals is not None:
+        out["residuals"] = residuals
+    return out
+
+
+RESIDUAL_MAX_FEATURES = 256     # the device multiplies each input by an f x f matrix
+RESIDUAL_FOLDS = 5
+
+
+def residual_model(train_raw: np.ndarray, ridge: float = 1e-2) -> dict | None:
+    """Each feature's residual given all the others: ``e = (x - center) @ weights``, column ``j``
+    being feature ``j`` minus its (ridge) linear prediction from the rest. A shift in one feature
+    moves its residual by the full shift while the residual's spread is only what the other
+    features cannot explain, so a drift test on residual means sees a one-feature shift that the
+    feature's own mean hides in its spread (docs/drift.md). ``mean``/``std``: the residuals'
+    mean and spread on rows the model was not fitted on (``RESIDUAL_FOLDS``-fold cross-fitting),
+    so drift tests compare with what unseen data give. None for one feature, or too many."""
+    x = np.asarray(train_raw, dtype=np.float64)
+    n, f = x.shape
+    if f < 2 or f > RESIDUAL_MAX_FEATURES or n < 5 * RESIDUAL_FOLDS:
+        return None
+
+    def fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        center = rows.mean(axis=0)
+        cov = np.cov(rows - center, rowvar=False, bias=True)
+        precision = np.linalg.inv(cov + ridge * max(float(np.trace(cov)) / f, 1e-12) * np.eye(f))
+        return center, precision / np.diag(precision)            # column j: residual of feature j
+
+    folds = np.arange(n) % RESIDUAL_FOLDS
+    held = np.empty_like(x)
+    for k in range(RESIDUAL_FOLDS):
+        center, weights = fit(x[folds != k])
+        held[folds == k] = (x[folds == k] - center) @ weights
+    center, weights = fit(x)
+    return {"center": [round(float(v), 6) for v in center],
+            "weights": [[round(float(v), 6) for v in row] for row in weights],
+            "mean": [round(float(v), 6) for v in held.mean(axis=0)],
+            "std": [round(float(v), 6) for v in held.std(axis=0)]}
 # allowed |difference| on golden outputs at the device's health check, per numeric format: int8
 # outputs are probabilities in steps of 1/256 (TFLM softmax spec), and a device's int8 kernels may
 # round a layer one LSB differently from the packaging host's (docs/tiers.md)

@@ -253,8 +253,9 @@ _INT, _NUMBER = {int}, {int, float}      # exact types: a JSON true/false is not
 
 
 def _check_feature_summary(summary: dict[str, Any], count: int) -> None:
-    """``{"hist": [[int]*bins]*f, "n", "missing": [int]*f, "sum", "sumsq", "min", "max": [num]*f}``:
-    every list one entry per feature, histograms on the baseline's bins; counts add up."""
+    """``{"hist": [[int]*bins]*f, "n", "missing": [int]*f, "sum", "sumsq", "min", "max": [num]*f}``
+    and optionally ``"rn": int, "rsum", "rsumsq": [num]*f`` (residual sums): every list one entry
+    per feature, histograms on the baseline's bins; counts add up."""
     hist = summary.get("hist")
     if not isinstance(hist, list) or not 0 < len(hist) <= MAX_FEATURES:
         raise SchemaError(f"features.hist must list 1-{MAX_FEATURES} histograms")
@@ -270,6 +271,15 @@ def _check_feature_summary(summary: dict[str, Any], count: int) -> None:
         if not isinstance(values, list) or len(values) != f or not set(map(type, values)) <= _NUMBER or \
                 max(map(abs, values)) > 2**53 or not all(map(math.isfinite, values)):
             raise SchemaError(f"features.{key} must list {f} finite numbers")
+    if "rn" in summary or "rsum" in summary or "rsumsq" in summary:      # residual sums (optional)
+        rn = summary.get("rn")
+        if type(rn) is not int or not 0 <= rn <= count:
+            raise SchemaError("features.rn must be an integer between 0 and count")
+        for key in ("rsum", "rsumsq"):
+            values = summary.get(key)
+            if not isinstance(values, list) or len(values) != f or not set(map(type, values)) <= _NUMBER or \
+                    not all(map(math.isfinite, values)):
+                raise SchemaError(f"features.{key} must list {f} finite numbers")
     n, missing = summary["n"], summary["missing"]
     sums = list(map(sum, hist))
     if sums != n or min(n) < 0 or max(map(add, n, missing)) > count:

@@ -57,6 +57,12 @@ class FeatureSummary:
         self.n, self.missing = np.zeros(f, np.int64), np.zeros(f, np.int64)
         self.sum, self.sumsq = np.zeros(f), np.zeros(f)
         self.min, self.max = np.full(f, np.inf), np.full(f, -np.inf)
+        # residuals (each feature minus its linear prediction from the others), when the package
+        # baseline carries their model: rn complete rows, their residuals' sums and sums of squares
+        res = baseline.get("residuals")
+        self.res_center = np.asarray(res["center"], dtype=np.float64) if res else None
+        self.res_weights = np.asarray(res["weights"], dtype=np.float64) if res else None
+        self.rn, self.rsum, self.rsumsq = 0, np.zeros(f), np.zeros(f)
 
     def record(self, raw: np.ndarray) -> None:
         x = np.asarray(raw, dtype=np.float64).reshape(-1)
@@ -71,6 +77,8 @@ class FeatureSummary:
         for i, (v, edges) in enumerate(zip(x, self.inner_edges)):
             if ok[i]:
                 self.hist[i][int(np.searchsorted(edges, v, side="right"))] += 1
+        if self.res_weights is not None and ok.all():
+            self._residuals(x[None, :])
 
     def record_batch(self, raw: np.ndarray) -> None:
         """Record ``n`` inputs at once (rows of ``raw``): the same counts as ``n`` calls of
@@ -87,12 +95,24 @@ class FeatureSummary:
         for i, edges in enumerate(self.inner_edges):
             col = x[ok[:, i], i]
             self.hist[i] += np.bincount(np.searchsorted(edges, col, side="right"), minlength=self.bins[i])
+        if self.res_weights is not None:
+            self._residuals(x[ok.all(axis=1)])
+
+    def _residuals(self, rows: np.ndarray) -> None:
+        if len(rows):
+            e = (rows - self.res_center) @ self.res_weights
+            self.rn += len(rows)
+            self.rsum += e.sum(axis=0)
+            self.rsumsq += (e * e).sum(axis=0)
 
     def to_obj(self) -> dict:
         finite = lambda a: [float(v) if np.isfinite(v) else 0.0 for v in a]  # noqa: E731
-        return {"hist": [h.tolist() for h in self.hist], "n": self.n.tolist(), "missing": self.missing.tolist(),
-                "sum": [float(v) for v in self.sum], "sumsq": [float(v) for v in self.sumsq],
-                "min": finite(self.min), "max": finite(self.max), "edges": self.edges}
+        out = {"hist": [h.tolist() for h in self.hist], "n": self.n.tolist(), "missing": self.missing.tolist(),
+               "sum": [float(v) for v in self.sum], "sumsq": [float(v) for v in self.sumsq],
+               "min": finite(self.min), "max": finite(self.max), "edges": self.edges}
+        if self.res_weights is not None:
+            out.update(rn=self.rn, rsum=[float(v) for v in self.rsum], rsumsq=[float(v) for v in self.rsumsq])
+        return out
 
 
 class TelemetryWindow:
