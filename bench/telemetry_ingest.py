@@ -175,6 +175,16 @@ def ingest_rate(port: int, args: argparse.Namespace, workers_n: int, features: d
             "per_worker_received": [s["received"] for s in stats]}
 
 
+def _record_bytes(features: dict) -> int:
+    """The wire size of one record as the publishers send it."""
+    from contracts.messages import Telemetry, encode
+    now = time.time()
+    return len(encode(Telemetry(device_id="bench-dev-00000", seq=0, model_version="digits-mlp:1", window_start=now,
+                                window_end=now, count=20, labelled=20, correct=19, predictions=[2] * 10,
+                                confidence_hist=[0] * 9 + [20], latency_ms_p50=0.2, latency_ms_max=0.5,
+                                features=features)))
+
+
 class _Broker:
     """A private Mosquitto per measured run, so no session or shared subscription of one run
     (a worker's persistent session stays in the share group after it leaves) touches the next."""
@@ -242,7 +252,7 @@ def main() -> None:
         "lost": sum(total - x["stored"] for x in rounds), "duplicates": sum(x["duplicates"] for x in rounds),
         "rejected": sum(x["rejected"] for x in rounds), "store_failures": sum(x["store_failures"] for x in rounds),
         "dropped_queue_full": sum(x["dropped_queue_full"] for x in rounds),
-        "payload_bytes": len(json.dumps(features)) + 300,
+        "payload_bytes": _record_bytes(features),
         "records_per_s": by_workers[str(best)]["records_per_s_median"],
         "raw_per_s": round(statistics.median(x["raw_per_s"] for x in head)),
         "ratio": by_workers[str(best)]["ratio_median"], "by_workers": by_workers,

@@ -304,10 +304,15 @@ class MqttSession:
             self._last_heard = time.monotonic()
             buf += data
             self._parse(buf, batch)
+            if self._last_heard - self._last_sent >= self.keepalive / 2:
+                self._idle_tick()                  # a stream we only read still needs our pings
             if len(batch) >= self.batch_max:
                 break
         if batch and self.on_messages is not None:
-            self.on_messages(batch)
+            try:
+                self.on_messages(batch)
+            except Exception:  # noqa: BLE001 - the owner's bug must not end the connection thread
+                log.exception("the handler of %d messages failed; they stay unacknowledged", len(batch))
 
     def _idle_tick(self) -> None:
         now = time.monotonic()
