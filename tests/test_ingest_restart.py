@@ -1,6 +1,6 @@
 """Exactly once in the store across a killed ingest worker and a restarted broker.
 
-Eight devices (real paho clients, each with the device SDK's SQLite outbox and per-device
+Sixteen devices (real paho clients, each with the device SDK's SQLite outbox and per-device
 sequence numbers) stream telemetry through a real Mosquitto (persistence on) into an ingest
 worker that runs in its own process with a persistent MQTT session. Mid-stream the worker is
 killed with SIGKILL (no chance to drain) while it holds received but unstored messages (its
@@ -44,7 +44,7 @@ from device_sdk.delivery import Delivery
 from device_sdk.outbox import Outbox
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICES = 8
+DEVICES = 16
 RECORDS = 40            # per device
 CONFIRM_S = 2.0         # a record the ingest has not confirmed is sent again after this
 
