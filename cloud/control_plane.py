@@ -219,6 +219,7 @@ class ControlPlane:
 
     def _store(self, batch: list[tuple[str, bytes]]) -> None:
         telemetry = []
+        reports: list[ErrorReport] = []
         statuses: list[dict] = []
         installed: list[tuple[str, str]] = []
         for topic, payload in batch:
@@ -233,8 +234,8 @@ class ControlPlane:
                 if msg.state == DeviceState.COMMITTED and msg.update_id:
                     installed.append((msg.update_id, msg.device_id))
             elif isinstance(msg, ErrorReport):
-                self.stats.errors += 1
-                self.registry.add_device_error(as_dict(msg))
+                self.stats.errors += self.registry.add_device_error(as_dict(msg))
+                reports.append(msg)
         self.registry.record_statuses(statuses, installed)   # one transaction for the batch's statuses
         good, refused = self.gate.check(telemetry)
         self._rejects += [(r, topics.telemetry(r.device_id)) for r in refused]
@@ -248,22 +249,27 @@ class ControlPlane:
             self.stats.telemetry_stored += new
             self.stats.telemetry_duplicates += len(rows) - new
         if self.confirm:
-            self._confirm(good, refused)
+            self._confirm(good, refused, reports)
 
-    def _confirm(self, good: list[Telemetry], refused: list[Reject]) -> None:
-        """After the commit: tell each device which of its records the store is done with."""
-        done: dict[str, tuple[list[int], list[int]]] = {}
+    def _confirm(self, good: list[Telemetry], refused: list[Reject], reports: list[ErrorReport]) -> None:
+        """After the commit: tell each device which of its records (and error reports, by
+        report_id) the store is done with."""
+        done: dict[str, tuple[list[int], list[int], list[str]]] = {}
         for msg in good:
-            done.setdefault(msg.device_id, ([], []))[0].append(msg.seq)
+            done.setdefault(msg.device_id, ([], [], []))[0].append(msg.seq)
         for r in refused:
             if r.seq is not None and r.device_id is not None and topics.valid_device_id(r.device_id):
-                seqs, bad = done.setdefault(r.device_id, ([], []))
+                seqs, bad, _ = done.setdefault(r.device_id, ([], [], []))
                 seqs.append(r.seq)
                 bad.append(r.seq)
-        for device, (seqs, bad) in done.items():
-            for i in range(0, len(seqs), MAX_ACK_SEQS):
+        for report in reports:
+            if report.report_id is not None:
+                done.setdefault(report.device_id, ([], [], []))[2].append(report.report_id)
+        for device, (seqs, bad, errors) in done.items():
+            for i in range(0, max(len(seqs), len(errors)), MAX_ACK_SEQS):
                 chunk = seqs[i:i + MAX_ACK_SEQS]
-                ack = TelemetryAck(device, chunk, [s for s in bad if s in set(chunk)] if bad else [])
+                ack = TelemetryAck(device, chunk, [s for s in bad if s in set(chunk)] if bad else [],
+                                   errors[i:i + MAX_ACK_SEQS])
                 self.client.publish(topics.telemetry_ack(device), encode(ack), qos=0)
                 self.stats.confirmations += 1
 

@@ -117,9 +117,11 @@ class Registry:
                                                             if_not_exists=True)
         # columns added after a table first shipped: older registries gain them on open
         for table, column in (("telemetry", "features"), ("telemetry", "samples"), ("model_versions", "state_sha256"),
-                              ("model_versions", "arch")):
+                              ("model_versions", "arch"), ("device_errors", "report_id")):
             if column not in t(table).columns_dict:
                 t(table).add_column(column, str)
+        # an error report sent again (its confirmation was lost) is stored once
+        t("device_errors").create_index(["report_id"], unique=True, if_not_exists=True)
 
     # -- data sets and runs ----------------------------------------------------------------
     def add_dataset(self, name: str, sha256: str, path: str, files: list, schema: dict) -> tuple[str, bool]:
@@ -350,9 +352,13 @@ class Registry:
                 ids.append(row["device_id"])
         return xs, ys, ids
 
-    def add_device_error(self, row: dict[str, Any]) -> None:
+    def add_device_error(self, row: dict[str, Any]) -> bool:
+        """Store an error report; one whose ``report_id`` is already stored is not stored again.
+        Returns whether it was new."""
         with self._lock:
-            self.db["device_errors"].insert({**row, "received_at": time.time()})
+            before = self.db.conn.total_changes
+            self.db["device_errors"].insert({**row, "received_at": time.time()}, ignore=True)
+            return self.db.conn.total_changes > before
 
     def add_telemetry_rejects(self, rows: list[dict[str, Any]]) -> None:
         """Telemetry ingest refused (reason, detail; docs/contracts/telemetry.md): never stored as data."""

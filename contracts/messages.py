@@ -297,13 +297,17 @@ class ErrorReport:
     message: str
     update_id: str | None = None
     ts: float = 0.0
+    report_id: str | None = None   # the device's name for this report: stored once, confirmed by it
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> ErrorReport:
+        report_id = _opt(obj, "report_id", str)
+        if report_id is not None and not _GROUP.fullmatch(report_id):
+            raise SchemaError("report_id must be 1-64 of [A-Za-z0-9_.-], starting alphanumeric")
         return cls(
             device_id=_req(obj, "device_id", str), code=_req(obj, "code", str),
             message=_req(obj, "message", str), update_id=_opt(obj, "update_id", str),
-            ts=float(_opt(obj, "ts", (int, float), 0.0)),
+            ts=float(_opt(obj, "ts", (int, float), 0.0)), report_id=report_id,
         )
 
 
@@ -340,7 +344,8 @@ MAX_ACK_SEQS = 4096
 @dataclass(frozen=True)
 class TelemetryAck:
     """Cloud -> one device, on ``devices/<id>/telemetry/ack`` (QoS 0): the ingest has finished
-    with these telemetry records, so the device may delete them from its outbox.
+    with these telemetry records (and error reports, by ``report_id``), so the device may delete
+    them from its outbox.
 
     Sent only after the records' batch is committed to the store. ``seqs`` lists every record
     the ingest is done with: stored now, stored before (a duplicate), or ``refused`` (not good
@@ -352,6 +357,7 @@ class TelemetryAck:
     device_id: str
     seqs: list[int]
     refused: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)    # report_ids of error reports now stored
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> TelemetryAck:
@@ -359,7 +365,10 @@ class TelemetryAck:
         refused = _int_list(obj, "refused", MAX_ACK_SEQS) if obj.get("refused") is not None else []
         if not set(refused) <= set(seqs):
             raise SchemaError("telemetry ack lists refused records that are not among its seqs")
-        return cls(device_id=_req(obj, "device_id", str), seqs=seqs, refused=refused)
+        errors = _opt(obj, "errors", list, [])
+        if len(errors) > MAX_ACK_SEQS or not all(isinstance(e, str) and _GROUP.fullmatch(e) for e in errors):
+            raise SchemaError("telemetry ack errors must list report ids")
+        return cls(device_id=_req(obj, "device_id", str), seqs=seqs, refused=refused, errors=list(errors))
 
 
 Message = Union[Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck]

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -272,7 +273,7 @@ class Agent:
         if ack.refused:
             log.warning("%s: the cloud refused telemetry records %s as data (its telemetry_rejects says why)",
                         self.device_id, ack.refused[:10])
-        self.delivery.confirm(ack.seqs, ack.refused)
+        self.delivery.confirm(ack.seqs, ack.refused, ack.errors)
 
     # -- updates ------------------------------------------------------------------------
     def _on_announce(self, announce: Announce) -> None:
@@ -386,6 +387,6 @@ class Agent:
             return self.link.publish(topics.status(self.device_id), encode(status), qos=1, retain=True)
 
     def _publish_error(self, update_id: str | None, code: str, message: str) -> None:
-        report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time())
-        self.outbox.put(topics.errors(self.device_id), encode(report), PRIORITY_ERROR)
+        report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time(), uuid.uuid4().hex[:16])
+        self.outbox.put(topics.errors(self.device_id), encode(report), PRIORITY_ERROR, ref=report.report_id)
         self.pump()

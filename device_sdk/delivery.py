@@ -9,9 +9,9 @@ A message's life, per outbox row::
                         unsent               sent again (same seq)
 
 - Messages leave the outbox in id order, at most ``max_in_flight`` without a PUBACK.
-- Error reports (no ``seq``) are deleted on their PUBACK.
-- Telemetry records are deleted only when the ingest confirms that their batch is stored
-  (``edgeloop.telemetry_ack/1`` on ``devices/<id>/telemetry/ack``). A record the broker took but
+- Telemetry records (``seq``) and error reports (``ref``: their report_id) are deleted only when
+  the ingest confirms that their batch is stored (``edgeloop.telemetry_ack/1`` on
+  ``devices/<id>/telemetry/ack``); a message with neither is deleted on its PUBACK. A record the broker took but
   never delivered (a broker restarted before any ingest worker subscribed again, an ingest
   worker that failed to store) is sent again after ``confirm_timeout_s``; the store deduplicates
   on (device_id, seq), so a lost confirmation costs one resend and nothing else.
@@ -54,7 +54,7 @@ class Delivery:
         self.confirmed = 0                            # records the ingest confirmed that were still here
         self.refused: list[int] = []                  # seqs the ingest refused as data (newest last, bounded)
         self._lock = threading.Lock()
-        self._in_flight: dict[int, tuple[int, int | None]] = {}   # paho mid -> (outbox id, seq)
+        self._in_flight: dict[int, tuple[int, bool]] = {}   # paho mid -> (outbox id, waits for confirmation)
         self._early: set[int] = set()                 # PUBACKed before pump recorded the mid
         self._sent_up_to = 0                          # highest outbox id sent on this connection
         self._epoch = 0                               # +1 per reset: a pump from before stops
@@ -103,9 +103,9 @@ class Delivery:
                 if early:
                     self._early.discard(info.mid)
                 else:
-                    self._in_flight[info.mid] = (item.id, item.seq)
+                    self._in_flight[info.mid] = (item.id, item.seq is not None or item.ref is not None)
             if early:
-                self._taken(item.id, item.seq)
+                self._taken(item.id, item.seq is not None or item.ref is not None)
             sent += 1
         return sent
 
@@ -118,14 +118,15 @@ class Delivery:
         if entry is not None:
             self._taken(*entry)
 
-    def confirm(self, seqs: list[int], refused: list[int] | None = None) -> None:
-        """The ingest is done with these telemetry records (stored, duplicates, or refused)."""
-        self.confirmed += self.outbox.confirm(seqs)
+    def confirm(self, seqs: list[int], refused: list[int] | None = None, errors: list[str] | None = None) -> None:
+        """The ingest is done with these telemetry records (stored, duplicates, or refused) and
+        error reports (by report_id)."""
+        self.confirmed += self.outbox.confirm(seqs, errors)
         if refused:
             self.refused = (self.refused + list(refused))[-100:]
 
-    def _taken(self, outbox_id: int, seq: int | None) -> None:
-        if seq is None or self.confirm_timeout_s is None:
+    def _taken(self, outbox_id: int, waits: bool) -> None:
+        if not waits or self.confirm_timeout_s is None:
             self.outbox.ack(outbox_id)
         else:
             self.outbox.taken(outbox_id)

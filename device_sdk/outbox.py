@@ -1,9 +1,10 @@
 """Store-and-forward: what a device must send survives disconnects and restarts.
 
 Telemetry records and error reports go into a bounded SQLite outbox first (WAL, one row per
-message, in order). A message without a sequence number (an error report) leaves it when the
-broker acknowledges it (QoS 1 PUBACK). A telemetry record (it has ``seq``) is kept after the
-PUBACK, marked with when the broker took it, until the ingest confirms it stored it
+message, in order). A message with neither a sequence number nor a report id leaves it when
+the broker acknowledges it (QoS 1 PUBACK). A telemetry record (it has ``seq``) or an error
+report (it has ``ref``, its report_id) is kept after the PUBACK, marked with when the broker
+took it, until the ingest confirms it stored it
 (:meth:`Outbox.confirm`, from an ``edgeloop.telemetry_ack/1``): the broker taking a message is not
 the store having it (a broker restarted before any ingest worker subscribed again delivers it
 to nobody). :mod:`device_sdk.delivery` sends, resends and deletes.
@@ -41,6 +42,7 @@ class Pending:
     topic: str
     payload: bytes
     seq: int | None = None        # a telemetry record's sequence number (waits for the ingest's confirmation)
+    ref: str | None = None        # an error report's report_id (waits for confirmation too)
     resend: bool = False          # taken by the broker before, never confirmed: this is a resend
 
 
@@ -56,30 +58,32 @@ class Outbox:
                          "payload BLOB, priority INTEGER, created REAL, size INTEGER)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
-        for name, kind in (("seq", "INTEGER"), ("taken_at", "REAL")):   # outboxes from before confirmations
+        for name, kind in (("seq", "INTEGER"), ("taken_at", "REAL"), ("ref", "TEXT")):   # older outboxes
             if name not in columns:
                 self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
         self._db.execute("CREATE INDEX IF NOT EXISTS outbox_seq ON outbox (seq) WHERE seq IS NOT NULL")
+        self._db.execute("CREATE INDEX IF NOT EXISTS outbox_ref ON outbox (ref) WHERE ref IS NOT NULL")
 
-    def put(self, topic: str, payload: bytes, priority: int = PRIORITY_TELEMETRY, seq: int | None = None) -> None:
-        """Keep a message to send; ``seq``: a telemetry record's sequence number, which makes it
-        wait for the ingest's confirmation after the broker has taken it."""
+    def put(self, topic: str, payload: bytes, priority: int = PRIORITY_TELEMETRY, seq: int | None = None,
+            ref: str | None = None) -> None:
+        """Keep a message to send. ``seq`` (a telemetry record's sequence number) or ``ref`` (an
+        error report's id) makes it wait for the ingest's confirmation after the broker took it."""
         with self._lock:
-            self._db.execute("INSERT INTO outbox (topic, payload, priority, created, size, seq) VALUES "
-                             "(?, ?, ?, ?, ?, ?)", (topic, payload, priority, time.time(), len(payload), seq))
+            self._db.execute("INSERT INTO outbox (topic, payload, priority, created, size, seq, ref) VALUES "
+                             "(?, ?, ?, ?, ?, ?, ?)", (topic, payload, priority, time.time(), len(payload), seq, ref))
             self._enforce_bounds()
 
     def pending(self, limit: int, after: int = 0, resend_before: float | None = None) -> list[Pending]:
         """In order: messages after id ``after`` (not yet sent on this connection), and, with
         ``resend_before``, messages the broker took before that time that are still unconfirmed."""
-        sql = "SELECT id, topic, payload, seq, taken_at IS NOT NULL AND id <= ? FROM outbox WHERE id > ?"
+        sql = "SELECT id, topic, payload, seq, ref, taken_at IS NOT NULL AND id <= ? FROM outbox WHERE id > ?"
         args: list[float | int] = [after, after]
         if resend_before is not None:
             sql += " OR (taken_at IS NOT NULL AND taken_at < ?)"
             args.append(resend_before)
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
-        return [Pending(i, t, p, s, bool(r)) for i, t, p, s, r in rows]
+        return [Pending(i, t, p, s, ref, bool(r)) for i, t, p, s, ref, r in rows]
 
     def ack(self, message_id: int) -> None:
         """The message is done with: delete it."""
@@ -92,13 +96,15 @@ class Outbox:
         with self._lock:
             self._db.execute("UPDATE outbox SET taken_at = ? WHERE id = ?", (time.time(), message_id))
 
-    def confirm(self, seqs: list[int]) -> int:
-        """The ingest stored these telemetry records: delete them. Returns how many were here."""
-        if not seqs:
+    def confirm(self, seqs: list[int], refs: list[str] | None = None) -> int:
+        """The ingest stored these telemetry records (and error reports): delete them. Returns how
+        many were here."""
+        if not seqs and not refs:
             return 0
         with self._lock:
             before = self._db.total_changes
             self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+            self._db.executemany("DELETE FROM outbox WHERE ref = ?", [(r,) for r in refs or ()])
             return self._db.total_changes - before
 
     def __len__(self) -> int:

@@ -69,6 +69,18 @@ def test_telemetry_stays_after_the_puback_until_the_ingest_confirms_it(rig):
     assert len(outbox) == 1 and delivery.confirmed == 2
 
 
+def test_an_error_report_with_a_report_id_waits_for_its_confirmation_too(rig):
+    outbox, link, delivery = rig
+    outbox.put("e", b"error-1", PRIORITY_ERROR, ref="rep-1")
+    outbox.put("e", b"error-2", PRIORITY_ERROR)                  # no report id: done at its PUBACK
+    delivery.pump()
+    for mid, _, _ in link.sent:
+        delivery.puback(mid)
+    assert [p.ref for p in outbox.pending(10)] == ["rep-1"]
+    delivery.confirm([], None, ["rep-1"])
+    assert len(outbox) == 0
+
+
 def test_in_flight_bound_and_order(rig):
     outbox, link, delivery = rig
     _telemetry(outbox, range(6))

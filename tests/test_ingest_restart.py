@@ -5,7 +5,8 @@ sequence numbers) stream telemetry through a real Mosquitto (persistence on) int
 worker that runs in its own process with a persistent MQTT session. Mid-stream the worker is
 killed with SIGKILL (no chance to drain) while it holds received but unstored messages (its
 store is slowed down to 0.2 s a batch) and started again, then the broker is stopped and
-started again. Every record must be stored exactly once.
+started again. Every record, and every error report the devices send among them, must be
+stored exactly once.
 
 Then, the hard case: the broker comes back while no ingest worker runs, and devices reconnect
 and flush first.
@@ -39,9 +40,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cloud.registry import Registry
 from conftest import Broker, wait_for
 from contracts import topics
-from contracts.messages import Telemetry, TelemetryAck, encode, parse
+from contracts.messages import ErrorReport, Telemetry, TelemetryAck, encode, parse
 from device_sdk.delivery import Delivery
-from device_sdk.outbox import Outbox
+from device_sdk.outbox import PRIORITY_ERROR, Outbox
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 16
@@ -114,7 +115,7 @@ class Device:
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
         ack = parse(message.payload, expect=TelemetryAck)
-        self.delivery.confirm(ack.seqs, ack.refused)
+        self.delivery.confirm(ack.seqs, ack.refused, ack.errors)
 
     def connect(self) -> None:
         self.client.connect("127.0.0.1", self.port)
@@ -130,11 +131,22 @@ class Device:
         record = Telemetry(device_id=self.device_id, seq=self.seq, model_version="m:1", window_start=time.time(),
                            window_end=time.time(), count=10, labelled=10, correct=9, predictions=[5, 5],
                            confidence_hist=[0] * 9 + [10], latency_ms_p50=1.0, latency_ms_max=2.0)
+        if record.seq % 10 == 3:                 # now and then an error report, confirmed by its id
+            report = ErrorReport(self.device_id, "health.golden", "x", None, time.time(), f"{self.device_id}-r{self.seq}")
+            self.outbox.put(topics.errors(self.device_id), encode(report), PRIORITY_ERROR, ref=report.report_id)
         self.seq += 1
         self.outbox.put(topics.telemetry(self.device_id), encode(record), seq=record.seq)
 
     def pump(self) -> None:
         self.delivery.pump()
+
+
+def _reports(db: Path) -> list[str]:
+    registry = Registry(db)
+    try:
+        return [r["report_id"] for r in registry.db.query("select report_id from device_errors order by report_id")]
+    finally:
+        registry.close()
 
 
 def _stored(db: Path) -> dict[str, list[int]]:
@@ -201,6 +213,8 @@ def test_killed_worker_and_restarted_broker_store_every_record_exactly_once(tmp_
         wait_for(lambda: _stored(db) == expected, timeout=60, what="every record stored")
         time.sleep(1.0)                                  # late redeliveries must not add rows
         assert _stored(db) == expected
+        reports = _reports(db)                           # error reports: each stored once as well
+        assert reports == sorted(f"{d.device_id}-r{s}" for d in devices for s in range(RECORDS) if s % 10 == 3)
         if mode == "shared":        # the records the broker dropped came back only as resends
             assert sum(d.delivery.resent for d in devices) > 0
     finally:
