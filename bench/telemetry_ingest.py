@@ -2,8 +2,8 @@
 
 ``--devices`` devices (real paho clients, each its own client id, QoS 1), spread over
 ``--procs`` publisher processes, each send ``--records`` telemetry records with sequence numbers
-0.. and a 64-feature summary (the digits baseline's bins, about 3.5 KB of JSON, as real devices
-send). Each measured run has its own private broker and the same publishers:
+0.. and a 64-feature summary (the digits baseline's bins and residual sums, about 5.8 KB of
+JSON, as real devices send). Each measured run has its own private broker and the same publishers:
 
 - raw: ``mosquitto_sub -q 1`` subscribed to every device's telemetry topic, writing to /dev/null,
   exits after the last record: what the broker and a consumer that does nothing deliver;
