@@ -3,7 +3,7 @@
 Rules:
 
 - Every ``/api/v1/`` request carries ``Authorization: Bearer <token>``. No token, or one that is
-  unknown or revoked: 401. A token whose role ranks below the endpoint's: 403. Roles rank
+  unknown, revoked or expired: 401. A token whose role ranks below the endpoint's: 403. Roles rank
   ``viewer < operator < admin``; a higher role may do everything a lower one may.
 - Tokens are 256 random bits (``edgeloop_`` + base64url). The registry keeps only their sha256,
   so a copy of the database grants nothing; the token itself is shown once, when created.
@@ -20,7 +20,7 @@ Endpoints (role needed)::
     GET  /api/v1/rollouts              GET /api/v1/rollouts/{id}                            viewer
     POST /api/v1/rollouts              body: cloud.rollouts.RolloutSpec fields              operator
     POST /api/v1/rollouts/{id}/pause|resume|abort   body: {"reason": ...} (optional)        operator
-    GET  /api/v1/tokens   POST /api/v1/tokens {"name", "role"}   DELETE /api/v1/tokens/{id}   admin
+    GET  /api/v1/tokens   POST /api/v1/tokens {"name", "role", "expires_in_s"?}   DELETE /api/v1/tokens/{id}   admin
     GET  /healthz                      no token
 
 Rollouts are run by :class:`RolloutService` (cloud.rollouts.RolloutController satisfies it),
@@ -86,6 +86,11 @@ class Token:
     created_at: float
     revoked_at: float | None = None
     last_used_at: float | None = None
+    expires_at: float | None = None      # None: until revoked
+
+
+_COLUMNS = "token_id, name, role, created_at, revoked_at, last_used_at, expires_at"
+MAX_LIFETIME_S = 10 * 365 * 86400.0
 
 
 def _hash(token: str) -> str:
@@ -100,35 +105,44 @@ class TokenStore:
         with self._lock:
             self.db.table("api_tokens", pk="token_id").create(
                 {"token_id": str, "name": str, "role": str, "sha256": str, "created_at": float,
-                 "revoked_at": float, "last_used_at": float}, if_not_exists=True)
+                 "revoked_at": float, "last_used_at": float, "expires_at": float}, if_not_exists=True)
+            if "expires_at" not in self.db.table("api_tokens").columns_dict:    # stores from before expiry
+                self.db.table("api_tokens").add_column("expires_at", float)
             self.db.table("api_tokens").create_index(["sha256"], unique=True, if_not_exists=True)
 
-    def create(self, name: str, role: str) -> tuple[Token, str]:
+    def create(self, name: str, role: str, expires_in_s: float | None = None) -> tuple[Token, str]:
         """A new token; returns its record and the token, which is not stored and cannot be
-        shown again. Raises UserError for a bad name or role, or a name an active token has."""
+        shown again. ``expires_in_s``: it stops working that many seconds from now (None: only
+        when revoked). Raises UserError for a bad name, role or lifetime, or a name an active
+        token has."""
         if not _NAME.fullmatch(name):
             raise UserError(f"invalid token name {name!r}: use 1-64 of [A-Za-z0-9_.-], starting alphanumeric")
         role = Role.parse(role).value
+        if expires_in_s is not None and not 0 < expires_in_s <= MAX_LIFETIME_S:
+            raise UserError(f"a token's lifetime must be more than 0 s and at most 10 years, not {expires_in_s!r}")
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        token = Token(f"tok-{secrets.token_hex(6)}", name, role, time.time())
+        now = time.time()
+        token = Token(f"tok-{secrets.token_hex(6)}", name, role, now,
+                      expires_at=now + expires_in_s if expires_in_s is not None else None)
         with self._lock, self.db.conn:
-            if list(self.db.query("select 1 from api_tokens where name = ? and revoked_at is null", [name])):
+            if list(self.db.query("select 1 from api_tokens where name = ? and revoked_at is null "
+                                  "and (expires_at is null or expires_at > ?)", [name, now])):
                 raise UserError(f"an active token is already named {name!r} (revoke it first, or pick another name)")
-            self.db.execute("insert into api_tokens (token_id, name, role, sha256, created_at) values (?, ?, ?, ?, ?)",
-                            [token.token_id, name, role, _hash(secret), token.created_at])
+            self.db.execute("insert into api_tokens (token_id, name, role, sha256, created_at, expires_at) "
+                            "values (?, ?, ?, ?, ?, ?)",
+                            [token.token_id, name, role, _hash(secret), token.created_at, token.expires_at])
         return token, secret
 
     def list(self) -> list[Token]:
         with self._lock:
-            rows = list(self.db.query("select token_id, name, role, created_at, revoked_at, last_used_at "
-                                      "from api_tokens order by created_at"))
+            rows = list(self.db.query(f"select {_COLUMNS} from api_tokens order by created_at"))
         return [Token(**r) for r in rows]
 
     def revoke(self, ref: str) -> tuple[Token, bool]:
         """Revoke the active token with this id or name. Returns (token, was it already revoked).
         Raises NotFound."""
         with self._lock, self.db.conn:
-            rows = list(self.db.query("select token_id, name, role, created_at, revoked_at, last_used_at from "
+            rows = list(self.db.query(f"select {_COLUMNS} from "
                                       "api_tokens where token_id = ? or name = ? order by revoked_at is null desc, "
                                       "created_at desc limit 1", [ref, ref]))
             if not rows:
@@ -141,12 +155,12 @@ class TokenStore:
         return Token(**{**asdict(token), "revoked_at": now}), False
 
     def authenticate(self, secret: str) -> Token | None:
-        """The active token ``secret`` is, or None."""
+        """The active token ``secret`` is (not revoked, not expired), or None."""
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 256:
             return None
         with self._lock:
-            rows = list(self.db.query("select token_id, name, role, created_at, revoked_at, last_used_at "
-                                      "from api_tokens where sha256 = ? and revoked_at is null", [_hash(secret)]))
+            rows = list(self.db.query(f"select {_COLUMNS} from api_tokens where sha256 = ? and revoked_at is null "
+                                      "and (expires_at is null or expires_at > ?)", [_hash(secret), time.time()]))
             if not rows:
                 return None
             with self.db.conn:
@@ -363,7 +377,11 @@ async def _token_list(request: web.Request) -> web.Response:
 @_needs(Role.ADMIN)
 async def _token_create(request: web.Request) -> web.Response:
     body = await _body(request)
-    token, secret = request.app[_STATE]["tokens"].create(str(body.get("name", "")), str(body.get("role", "")))
+    lifetime = body.get("expires_in_s")
+    if lifetime is not None and (isinstance(lifetime, bool) or not isinstance(lifetime, (int, float))):
+        raise UserError("expires_in_s must be a number of seconds")
+    token, secret = request.app[_STATE]["tokens"].create(str(body.get("name", "")), str(body.get("role", "")),
+                                                         None if lifetime is None else float(lifetime))
     return _json({**asdict(token), "token": secret}, 201)
 
 

@@ -8,6 +8,7 @@ sha256.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from dataclasses import asdict
 from typing import Any, Callable
@@ -26,9 +27,23 @@ def add_tokens_commands(sub: Any, group: Callable, action: Callable) -> None:
     p.add_argument("--name", required=True, help="who or what uses it, for example ci-pipeline")
     p.add_argument("--role", required=True, choices=[r.value for r in Role],
                    help="viewer: read; operator: also start and steer rollouts; admin: also manage tokens")
+    p.add_argument("--expires-in", type=_duration, metavar="DURATION",
+                   help="it stops working after this long: 3600s, 90m, 12h or 30d (default: only when revoked)")
     action(tokens, "ls", "list tokens (never the tokens themselves)", _ls)
     p = action(tokens, "revoke", "revoke a token, by id or name; it stops working at once", _revoke)
     p.add_argument("ref", metavar="TOKEN_ID|NAME")
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(text: str) -> float:
+    m = _DURATION.fullmatch(text.strip())
+    if m is None or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use a positive number with s, m, h or d, "
+                                         "for example 12h)")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
 def _store(args: argparse.Namespace) -> TokenStore:
@@ -36,9 +51,10 @@ def _store(args: argparse.Namespace) -> TokenStore:
 
 
 def _create(args: argparse.Namespace, out: Output) -> int:
-    token, secret = _store(args).create(args.name, args.role)
+    token, secret = _store(args).create(args.name, args.role, args.expires_in)
+    until = f", valid until {_when(token.expires_at)} UTC" if token.expires_at else ""
     out.result({**asdict(token), "token": secret},
-               f"created {token.role} token {token.token_id} ({token.name}); it is shown only this once:\n{secret}")
+               f"created {token.role} token {token.token_id} ({token.name}{until}); it is shown only this once:\n{secret}")
     return 0
 
 
@@ -48,9 +64,10 @@ def _when(ts: float | None) -> str | None:
 
 def _ls(args: argparse.Namespace, out: Output) -> int:
     tokens = _store(args).list()
-    out.table("API tokens", ["id", "name", "role", "created (UTC)", "last used (UTC)", "revoked (UTC)"],
-              [[t.token_id, t.name, t.role, _when(t.created_at), _when(t.last_used_at), _when(t.revoked_at)]
-               for t in tokens], {"tokens": [asdict(t) for t in tokens]})
+    out.table("API tokens", ["id", "name", "role", "created (UTC)", "last used (UTC)", "expires (UTC)",
+                             "revoked (UTC)"],
+              [[t.token_id, t.name, t.role, _when(t.created_at), _when(t.last_used_at), _when(t.expires_at),
+                _when(t.revoked_at)] for t in tokens], {"tokens": [asdict(t) for t in tokens]})
     return 0
 
 

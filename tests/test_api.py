@@ -9,6 +9,7 @@ public API (cloud.api.RolloutService): these tests are about who may call them.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -217,6 +218,27 @@ def test_cli_prints_a_token_once_and_lists_none(api, capsys):
                        capsys)
     assert code == 2 and "already named" in err
     assert cli(["tokens", "create", "--name", "x", "--role", "god", "-w", str(api.ws.root)], capsys)[0] == 2
+
+
+def test_a_token_with_a_lifetime_stops_working_when_it_ends(api, capsys):
+    status, made = call(api, "POST", "/api/v1/tokens", api.secrets["admin"],
+                        body={"name": "short", "role": "viewer", "expires_in_s": 1.5})
+    assert status == 201 and made["expires_at"] == pytest.approx(made["created_at"] + 1.5)
+    assert call(api, "GET", "/api/v1/devices", made["token"])[0] == 200
+    time.sleep(1.7)
+    assert call(api, "GET", "/api/v1/devices", made["token"])[0] == 401        # expired: like revoked
+    for bad in (0, -5, "soon", True):
+        assert call(api, "POST", "/api/v1/tokens", api.secrets["admin"],
+                    body={"name": "bad", "role": "viewer", "expires_in_s": bad})[0] == 400
+    code, out, _ = cli(["tokens", "create", "--name", "month", "--role", "viewer", "--expires-in", "30d",
+                        "-w", str(api.ws.root), "--json"], capsys)
+    made = json.loads(out.splitlines()[-1])
+    assert code == 0 and made["expires_at"] - made["created_at"] == pytest.approx(30 * 86400)
+    code, out, _ = cli(["tokens", "ls", "-w", str(api.ws.root)], capsys)
+    assert code == 0 and "expires (UTC)" in out
+    code, _, err = cli(["tokens", "create", "--name", "x", "--role", "viewer", "--expires-in", "2 weeks",
+                        "-w", str(api.ws.root)], capsys)
+    assert code == 2 and "not a duration" in err and "Traceback" not in err
 
 
 # -- reading the fleet ------------------------------------------------------------------------------
