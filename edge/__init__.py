@@ -1,0 +1,1 @@
+"""The edge-gateway runtime (edge/gateway.py): the device agent plus local inference."""

@@ -8,6 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RULES = {
     "device_sdk": {"cloud", "fleet", "edge", "simulators"},
+    "edge": {"cloud", "fleet", "simulators"},
     "contracts": {"cloud", "fleet", "device_sdk", "simulators", "edge", "kernels"},
     "cloud": {"device_sdk", "fleet", "simulators"},
 }

@@ -1,0 +1,197 @@
+"""The edge-gateway runtime: the device agent, plus local inference for the devices behind it.
+
+A gateway runs one :class:`device_sdk.agent.Agent` (OTA updates, telemetry, store-and-forward,
+exactly as on any device) and serves the model the agent has installed to sensors and
+controllers on its local network, over plain HTTP/JSON (stdlib only, no extra dependency)::
+
+    POST /v1/infer   {"inputs": [[raw features], ...], "labels": [int | null, ...]?}
+                     -> 200 {"model_version", "predictions": [int], "confidences": [float]}
+    GET  /v1/health  -> 200 {"device_id", "tier", "model_version", "installing", "outbox"}
+
+Every request goes through the agent, so it is in the gateway's telemetry (inputs summarised
+for drift, predictions, latency, and accuracy where ``labels`` are given), and an update
+switches models between two requests, never during one. Requests are served one at a time
+(an interpreter is not assumed to be thread-safe). Errors are one JSON line: 400 for a bad
+request (not JSON, wrong shape, wrong number of features, too many rows), 503 while no model
+is installed yet.
+
+Run it: ``edgeloop-gateway --device-id gw-7 --tier edge-gateway --state-dir /var/lib/edgeloop
+--mqtt broker:8883 --tls-ca ca.pem --tls-cert gw-7.pem --tls-key gw-7.key --listen 0.0.0.0:8480``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_sdk.agent import Agent, AgentConfig
+
+log = logging.getLogger("edgeloop.gateway")
+
+__all__ = ["GatewayServer", "main", "MAX_ROWS", "MAX_BODY_BYTES"]
+
+MAX_ROWS = 256                  # inputs per request
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class RequestError(Exception):
+    """A bad request: its message is the one line the client gets (HTTP 400)."""
+
+
+class GatewayServer:
+    """Local inference for an agent's installed model; :meth:`start` serves on a thread."""
+
+    def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 8480) -> None:
+        self.agent = agent
+        self._infer_lock = threading.Lock()
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                if self.path != "/v1/infer":
+                    return self._reply(404, {"error": f"no such endpoint: POST {self.path}"})
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    if not 0 < length <= MAX_BODY_BYTES:
+                        raise RequestError(f"the body must be 1 to {MAX_BODY_BYTES} bytes of JSON")
+                    status, body = gateway.infer(self.rfile.read(length))
+                except RequestError as e:
+                    status, body = 400, {"error": str(e)}
+                self._reply(status, body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path != "/v1/health":
+                    return self._reply(404, {"error": f"no such endpoint: GET {self.path}"})
+                self._reply(200, gateway.health())
+
+            def _reply(self, status: int, body: dict[str, Any]) -> None:
+                raw = json.dumps(body, separators=(",", ":")).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("%s %s", self.address_string(), fmt % args)
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> GatewayServer:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="edgeloop-gateway", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def health(self) -> dict[str, Any]:
+        return {"device_id": self.agent.device_id, "tier": self.agent.config.tier,
+                "model_version": self.agent.model_version, "installing": self.agent.installing,
+                "outbox": len(self.agent.outbox)}
+
+    def infer(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """One request's (status, JSON body). Raises RequestError for a bad request."""
+        inputs, labels = _parse(body)
+        runtime = self.agent.runtime
+        if runtime is None:
+            return 503, {"error": "no model is installed yet on this gateway"}
+        width = runtime.manifest.features.n_features
+        if inputs.shape[1] != width:
+            raise RequestError(f"each input needs {width} features, got {inputs.shape[1]}")
+        predictions, confidences = [], []
+        with self._infer_lock:
+            version = self.agent.model_version
+            for row, label in zip(inputs, labels):
+                result = self.agent.infer(row[None, :], label)
+                if result is None:
+                    return 503, {"error": "inference failed or no model is installed (see the gateway's log)"}
+                predictions.append(result[0])
+                confidences.append(round(result[1], 6))
+        return 200, {"model_version": version, "predictions": predictions, "confidences": confidences}
+
+
+def _parse(body: bytes) -> tuple[np.ndarray, list[int | None]]:
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError("the body is not JSON") from None
+    rows = obj.get("inputs") if isinstance(obj, dict) else None
+    if not isinstance(rows, list) or not 0 < len(rows) <= MAX_ROWS:
+        raise RequestError(f'"inputs" must list 1 to {MAX_ROWS} inputs')
+    if not all(isinstance(r, list) and r and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in r) for r in rows) or len({len(r) for r in rows}) != 1:
+        raise RequestError('"inputs" must be lists of numbers, all the same length')
+    labels = obj.get("labels")
+    if labels is None:
+        labels = [None] * len(rows)
+    elif not isinstance(labels, list) or len(labels) != len(rows) or not all(
+            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in labels):
+        raise RequestError('"labels" must give one non-negative integer or null per input')
+    x = np.asarray(rows, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise RequestError('"inputs" must be finite numbers')
+    return x, labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="edgeloop-gateway", description=__doc__.splitlines()[0])
+    ap.add_argument("--device-id", required=True)
+    ap.add_argument("--tier", default="edge-gateway")
+    ap.add_argument("--state-dir", type=Path, required=True, help="where the agent keeps its slots and outbox")
+    ap.add_argument("--mqtt", default="127.0.0.1:1883", metavar="HOST:PORT")
+    ap.add_argument("--tls-ca", type=Path)
+    ap.add_argument("--tls-cert", type=Path)
+    ap.add_argument("--tls-key", type=Path)
+    ap.add_argument("--listen", default="127.0.0.1:8480", metavar="HOST:PORT", help="local inference address")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        mqtt_host, mqtt_port = _address(args.mqtt, "--mqtt")
+        host, port = _address(args.listen, "--listen")
+        agent = Agent(AgentConfig(device_id=args.device_id, tier=args.tier, state_dir=args.state_dir,
+                                  mqtt_host=mqtt_host, mqtt_port=mqtt_port, tls_ca=args.tls_ca,
+                                  tls_cert=args.tls_cert, tls_key=args.tls_key))
+        agent.start()
+        server = GatewayServer(agent, host, port).start()
+    except (ValueError, OSError) as e:
+        print(f"edgeloop-gateway: error: {e}", file=sys.stderr)
+        return 2
+    print(f"edgeloop-gateway: {args.device_id} serving {agent.model_version or 'no model yet'} on {server.url}",
+          flush=True)
+    try:
+        while True:
+            agent.step(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        agent.stop()
+    return 0
+
+
+def _address(text: str, flag: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{flag} needs HOST:PORT, not {text!r}")
+    return host, int(port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
