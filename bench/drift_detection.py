@@ -189,7 +189,8 @@ def main() -> None:
     print(json.dumps({
         "window": args.window, "features": len(baseline["features"]), "mean_tested_features": len(eligible),
         "alpha": cfg.alpha, "looks": list(cfg.looks), "look_alphas": [round(a, 6) for a in cfg.look_alphas()],
-        "mean_weight": cfg.mean_weight, "resid_weight": cfg.resid_weight, "null_windows": per * args.baselines, "baselines": args.baselines,
+        "mean_weight": cfg.mean_weight, "resid_weight": cfg.resid_weight,
+        "null_windows": per * args.baselines, "baselines": args.baselines,
         "false_alarm_rate": fa, "false_alarm_rate_worst_baseline": max(fa_fresh),
         "false_alarm_rate_training_rows": fa_train, "false_alarm_rate_heldout": fa_held,
         "delay_windows": delays, "detected_within_2": within2, "max_delay_windows": worst, "missed": missed,
