@@ -224,3 +224,17 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def edge_gateway_package(epochs: int = 1):
+    """A small digits model packaged for the edge-gateway tier (fp32 ONNX, no signing), with the
+    held-out test split: (PackageResult, test split). For tests that install it directly."""
+    from cloud.datasets import load_dataset
+    from cloud.export import export_onnx
+    from cloud.packaging import build_package
+    from cloud.training import TrainParams, train
+    ds = load_dataset()
+    _, _, test = ds.split()
+    r = train(ds, TrainParams(epochs=epochs))
+    return build_package("m", 1, "edge-gateway", export_onnx(r.model, 64), r.features, [str(i) for i in range(10)],
+                         test.x[:8], {}), test

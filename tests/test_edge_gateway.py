@@ -12,12 +12,8 @@ import numpy as np
 import pytest
 
 from cloud.control_plane import ControlPlane
-from cloud.datasets import load_dataset
-from cloud.export import export_onnx
-from cloud.packaging import build_package
 from cloud.registry import Registry
-from cloud.training import TrainParams, train
-from conftest import wait_for
+from conftest import edge_gateway_package, wait_for
 from contracts.messages import Announce
 from device_sdk.agent import Agent, AgentConfig
 from device_sdk.ota import Installer
@@ -26,11 +22,7 @@ from edge.gateway import MAX_ROWS, GatewayServer, main
 
 @pytest.fixture(scope="module")
 def package():
-    ds = load_dataset()
-    _, _, test = ds.split()
-    r = train(ds, TrainParams(epochs=2))
-    return build_package("m", 1, "edge-gateway", export_onnx(r.model, 64), r.features, [str(i) for i in range(10)],
-                         test.x[:8], {}), test
+    return edge_gateway_package(epochs=2)
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
