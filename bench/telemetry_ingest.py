@@ -42,6 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from contracts.messages import Telemetry, encode  # noqa: E402
+
 TOPIC = "edgeloop/v1/devices/+/telemetry"
 
 
@@ -63,12 +65,20 @@ def _features() -> dict:
     return summary.to_obj()
 
 
+def _record(device: str, seq: int, features: dict) -> bytes:
+    """One record as the publishers send it: a window of 20 inferences with the feature summary."""
+    now = time.time()
+    return encode(Telemetry(device_id=device, seq=seq, model_version="digits-mlp:1", window_start=now,
+                            window_end=now, count=20, labelled=20, correct=19, predictions=[2] * 10,
+                            confidence_hist=[0] * 9 + [20], latency_ms_p50=0.2, latency_ms_max=0.5,
+                            features=features))
+
+
 def publisher(port: int, devices: list[str], records: int, features: dict, start: mp.Event, tag: str) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     from contracts import topics
-    from contracts.messages import Telemetry, encode
     clients = []
     for d in devices:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=f"{d}-{tag}")
@@ -80,11 +90,7 @@ def publisher(port: int, devices: list[str], records: int, features: dict, start
     infos = []
     for seq in range(records):
         for d, c in zip(devices, clients):
-            now = time.time()
-            msg = Telemetry(device_id=d, seq=seq, model_version="digits-mlp:1", window_start=now, window_end=now,
-                            count=20, labelled=20, correct=19, predictions=[2] * 10, confidence_hist=[0] * 9 + [20],
-                            latency_ms_p50=0.2, latency_ms_max=0.5, features=features)
-            infos.append(c.publish(topics.telemetry(d), encode(msg), qos=1))
+            infos.append(c.publish(topics.telemetry(d), _record(d, seq, features), qos=1))
     for info in infos:
         info.wait_for_publish(120)
     for c in clients:
@@ -130,7 +136,7 @@ def ingest_worker(port: int, db: str, name: str, ready: mp.Event, stop: mp.Event
     cp.drain(30)
     s = cp.stats
     out.put({"received": s.received, "duplicates": s.telemetry_duplicates, "rejected": s.rejected,
-             "dropped_queue_full": s.dropped_queue_full, "store_failures": s.store_failures,
+             "store_failures": s.store_failures,
              "cpu_s": time.process_time() - cpu0})
     cp.stop()
     registry.close()
@@ -173,16 +179,6 @@ def ingest_rate(port: int, args: argparse.Namespace, workers_n: int, features: d
     return {**summed, "stored": _stored(db), "records_per_s": total / elapsed,
             "ingest_cpu_ms_per_record": round(summed["cpu_s"] * 1000 / total, 3),
             "per_worker_received": [s["received"] for s in stats]}
-
-
-def _record_bytes(features: dict) -> int:
-    """The wire size of one record as the publishers send it."""
-    from contracts.messages import Telemetry, encode
-    now = time.time()
-    return len(encode(Telemetry(device_id="bench-dev-00000", seq=0, model_version="digits-mlp:1", window_start=now,
-                                window_end=now, count=20, labelled=20, correct=19, predictions=[2] * 10,
-                                confidence_hist=[0] * 9 + [20], latency_ms_p50=0.2, latency_ms_max=0.5,
-                                features=features)))
 
 
 class _Broker:
@@ -251,8 +247,7 @@ def main() -> None:
         "records": total, "stored": min(x["stored"] for x in head),
         "lost": sum(total - x["stored"] for x in rounds), "duplicates": sum(x["duplicates"] for x in rounds),
         "rejected": sum(x["rejected"] for x in rounds), "store_failures": sum(x["store_failures"] for x in rounds),
-        "dropped_queue_full": sum(x["dropped_queue_full"] for x in rounds),
-        "payload_bytes": _record_bytes(features),
+        "payload_bytes": len(_record("bench-dev-00000", 0, features)),
         "records_per_s": by_workers[str(best)]["records_per_s_median"],
         "raw_per_s": round(statistics.median(x["raw_per_s"] for x in head)),
         "ratio": by_workers[str(best)]["ratio_median"], "by_workers": by_workers,

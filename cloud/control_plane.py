@@ -62,7 +62,6 @@ class IngestStats:
     statuses: int = 0
     errors: int = 0
     malformed: int = 0
-    dropped_queue_full: int = 0         # always 0 now: nothing is queued in the process (kept for readers)
     store_failures: int = 0
     rejected: int = 0                   # telemetry refused as data (cloud/ingest_checks.py), by reason:
     rejects: dict[str, int] = field(default_factory=dict)
@@ -266,10 +265,10 @@ class ControlPlane:
             if report.report_id is not None:
                 done.setdefault(report.device_id, ([], [], []))[2].append(report.report_id)
         for device, (seqs, bad, errors) in done.items():
+            refused = set(bad)
             for i in range(0, max(len(seqs), len(errors)), MAX_ACK_SEQS):
                 chunk = seqs[i:i + MAX_ACK_SEQS]
-                ack = TelemetryAck(device, chunk, [s for s in bad if s in set(chunk)] if bad else [],
-                                   errors[i:i + MAX_ACK_SEQS])
+                ack = TelemetryAck(device, chunk, [s for s in chunk if s in refused], errors[i:i + MAX_ACK_SEQS])
                 self.client.publish(topics.telemetry_ack(device), encode(ack), qos=0)
                 self.stats.confirmations += 1
 

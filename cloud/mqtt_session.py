@@ -97,7 +97,6 @@ class MqttSession:
         self.on_disconnect: Callable[[], None] | None = None
         self.on_subscribed: Callable[[int, list[int]], None] | None = None   # (packet id, reason codes)
         self.on_messages: Callable[[list[Incoming]], None] | None = None     # a batch (reader thread)
-        self.on_puback: Callable[[int], None] | None = None
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._ids_lock = threading.Lock()
@@ -388,5 +387,3 @@ class MqttSession:
             log.warning("the broker refused a publish (reason code 0x%02x)", reason)
             entry[1].rc = reason
         entry[1]._done.set()
-        if self.on_puback is not None:
-            self.on_puback(mid)

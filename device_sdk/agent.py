@@ -273,7 +273,7 @@ class Agent:
         if ack.refused:
             log.warning("%s: the cloud refused telemetry records %s as data (its telemetry_rejects says why)",
                         self.device_id, ack.refused[:10])
-        self.delivery.confirm(ack.seqs, ack.refused, ack.errors)
+        self.delivery.confirm(ack.seqs, ack.errors)
 
     # -- updates ------------------------------------------------------------------------
     def _on_announce(self, announce: Announce) -> None:

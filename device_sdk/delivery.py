@@ -52,7 +52,6 @@ class Delivery:
         self.confirm_timeout_s = confirm_timeout_s
         self.resent = 0                               # telemetry records sent again for lack of confirmation
         self.confirmed = 0                            # records the ingest confirmed that were still here
-        self.refused: list[int] = []                  # seqs the ingest refused as data (newest last, bounded)
         self._lock = threading.Lock()
         self._in_flight: dict[int, tuple[int, bool]] = {}   # paho mid -> (outbox id, waits for confirmation)
         self._early: set[int] = set()                 # PUBACKed before pump recorded the mid
@@ -103,9 +102,9 @@ class Delivery:
                 if early:
                     self._early.discard(info.mid)
                 else:
-                    self._in_flight[info.mid] = (item.id, item.seq is not None or item.ref is not None)
+                    self._in_flight[info.mid] = (item.id, item.awaits_confirmation)
             if early:
-                self._taken(item.id, item.seq is not None or item.ref is not None)
+                self._taken(item.id, item.awaits_confirmation)
             sent += 1
         return sent
 
@@ -118,12 +117,10 @@ class Delivery:
         if entry is not None:
             self._taken(*entry)
 
-    def confirm(self, seqs: list[int], refused: list[int] | None = None, errors: list[str] | None = None) -> None:
+    def confirm(self, seqs: list[int], errors: list[str] | None = None) -> None:
         """The ingest is done with these telemetry records (stored, duplicates, or refused) and
         error reports (by report_id)."""
         self.confirmed += self.outbox.confirm(seqs, errors)
-        if refused:
-            self.refused = (self.refused + list(refused))[-100:]
 
     def _taken(self, outbox_id: int, waits: bool) -> None:
         if not waits or self.confirm_timeout_s is None:

@@ -45,6 +45,11 @@ class Pending:
     ref: str | None = None        # an error report's report_id (waits for confirmation too)
     resend: bool = False          # taken by the broker before, never confirmed: this is a resend
 
+    @property
+    def awaits_confirmation(self) -> bool:
+        """Deleted only when the ingest confirms it (a telemetry record, or an error report with an id)."""
+        return self.seq is not None or self.ref is not None
+
 
 class Outbox:
     def __init__(self, path: Path, config: OutboxConfig = OutboxConfig()) -> None:

@@ -77,7 +77,7 @@ def test_an_error_report_with_a_report_id_waits_for_its_confirmation_too(rig):
     for mid, _, _ in link.sent:
         delivery.puback(mid)
     assert [p.ref for p in outbox.pending(10)] == ["rep-1"]
-    delivery.confirm([], None, ["rep-1"])
+    delivery.confirm([], ["rep-1"])
     assert len(outbox) == 0
 
 

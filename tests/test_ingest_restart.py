@@ -115,7 +115,7 @@ class Device:
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
         ack = parse(message.payload, expect=TelemetryAck)
-        self.delivery.confirm(ack.seqs, ack.refused, ack.errors)
+        self.delivery.confirm(ack.seqs, ack.errors)
 
     def connect(self) -> None:
         self.client.connect("127.0.0.1", self.port)
