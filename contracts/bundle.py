@@ -22,6 +22,7 @@ from typing import Any
 
 from contracts.errors import PayloadTooLarge, SchemaError
 from contracts.features import FeatureSpec
+from contracts.tasks import CLASSIFICATION, TaskSpec
 
 FORMAT = "edgeloop.bundle/1"
 MANIFEST = "manifest.json"
@@ -96,6 +97,7 @@ class Manifest:
     measured: dict[str, Any] = field(default_factory=dict)   # size, arena, latency, accuracy (packaging time)
     layout: dict[str, Any] = field(default_factory=dict)     # extra views: {"triton": {path: member}, "c_header": member}
     baseline: dict[str, Any] = field(default_factory=dict)   # training-data statistics for drift monitoring
+    task: TaskSpec = CLASSIFICATION                           # what an output row means (contracts/tasks.py)
 
     @property
     def model_version(self) -> str:
@@ -113,6 +115,7 @@ class Manifest:
             "files": {k: dict(v) for k, v in sorted(self.files.items())},
             "lineage": dict(self.lineage), "measured": dict(self.measured), "layout": dict(self.layout),
             "baseline": dict(self.baseline),
+            **({"task": self.task.to_obj()} if self.task != CLASSIFICATION else {}),
         }
 
     @classmethod
@@ -134,7 +137,7 @@ class Manifest:
                 golden_atol=float(health["atol"]), max_latency_ms=float(health["max_latency_ms"]),
                 files=dict(obj["files"]), lineage=dict(obj.get("lineage", {})),
                 measured=dict(obj.get("measured", {})), layout=dict(obj.get("layout", {})),
-                baseline=dict(obj.get("baseline", {})),
+                baseline=dict(obj.get("baseline", {})), task=TaskSpec.from_obj(obj.get("task")),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             if isinstance(e, SchemaError):
