@@ -86,7 +86,7 @@ def test_feature_spec_applies_its_steps_in_order():
     assert FeatureSpec.from_obj(SPEC.to_obj()) == SPEC
 
 
-@pytest.mark.parametrize("change", [{"version": 2}, {"n_features": 0}, {"names": ["only-one"]},
+@pytest.mark.parametrize("change", [{"version": 3}, {"n_features": 0}, {"names": ["only-one"]},
                                     {"steps": [{"op": "standardize", "mean": [0, 0], "std": [1, 0]}]},
                                     {"steps": [{"op": "standardize", "mean": [0], "std": [1]}]},
                                     {"steps": [{"op": "log"}]}, {"steps": [{"op": "scale"}]}])

@@ -551,7 +551,9 @@ def _std(values) -> dict:
 
 FEATURE_REFUSED = {
     "not-an-object": [1, 2],
-    "version-2": spec_obj(version=2),
+    "version-3": spec_obj(version=3),
+    "shape-product": spec_obj(version=2, input_shape=[3, 1], layout="flat"),
+    "shape-layout": spec_obj(version=2, input_shape=[1, 2], layout="NCHW"),
     "version-missing": {k: v for k, v in spec_obj().items() if k != "version"},
     "version-string": spec_obj(version="1"),
     "n-features-zero": spec_obj(n_features=0, names=[], steps=[]),
@@ -605,3 +607,34 @@ def test_manifest_number_too_large_for_a_float_is_refused(field):
     obj["health"][field] = 10 ** 400
     with pytest.raises(SchemaError):
         read_bundle(make_tar([(MANIFEST, json.dumps(obj).encode(), tarfile.REGTYPE), *members[1:]]))
+
+
+def test_shaped_feature_spec_round_trips_and_reshapes():
+    spec = FeatureSpec(6, [], [{"op": "scale", "factor": 2.0}], input_shape=(1, 2, 3), layout="NCHW")
+    obj = json.loads(json.dumps(spec.to_obj()))
+    assert obj["version"] == 2 and obj["input_shape"] == [1, 2, 3]
+    again = FeatureSpec.from_obj(obj)
+    assert again == spec and again.channels == 1
+    x = again.model_input(np.arange(12).reshape(2, 6))
+    assert x.shape == (2, 1, 2, 3) and x[1, 0, 1, 2] == 22.0
+    # a flat spec is written as version 1 exactly as before, so earlier devices read it
+    assert FeatureSpec(2).to_obj()["version"] == 1 and FeatureSpec(2).shape == (2,)
+
+
+def test_task_specs_decide_and_refuse():
+    from contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
+
+    reg = TaskSpec(TaskKind.REGRESSION, tolerance=5.0, bins=[0.0, 10.0, 20.0, 30.0])
+    assert TaskSpec.from_obj(json.loads(json.dumps(reg.to_obj()))) == reg
+    d = reg.decide(np.array([25.0]))
+    assert (d.prediction, d.bin) == (25.0, 2) and reg.correct(25.0, 21.0) and not reg.correct(25.0, 19.0)
+    assert reg.decide(np.array([-99.0])).bin == 0 and reg.decide(np.array([1e9])).bin == 2
+    assert reg.score(np.array([[1.0], [3.0]]), np.array([2.0, 2.0])) == 1.0
+    ano = TaskSpec(TaskKind.ANOMALY, threshold=0.5)
+    assert ano.decide(np.array([0.7])).bin == 1 and ano.decide(np.array([0.2])).prediction == 0.0
+    assert ano.n_bins(1) == 2 and CLASSIFICATION.decide(np.array([0.1, 0.9])).bin == 1
+    assert TaskSpec.from_obj(None) == CLASSIFICATION
+    for bad in ({"kind": "ranking"}, {"kind": "anomaly"}, {"kind": "regression", "tolerance": 1.0},
+                {"kind": "regression", "tolerance": 1.0, "bins": [2, 1]}, {"kind": "anomaly", "threshold": "x"}, []):
+        with pytest.raises(SchemaError):
+            TaskSpec.from_obj(bad)
