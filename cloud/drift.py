@@ -404,6 +404,7 @@ def _stored_rows(registry) -> list[dict[str, Any]]:  # noqa: ANN001
     with registry._lock:
         return list(registry.db.query(
             f"select t.device_id, t.seq, t.model_version, t.window_end, t.count, t.predictions, t.features, "
+            f"t.abs_err_sum, "
             f"{lab} as labelled, {cor} as correct, coalesce(d.tier, '?') as tier, {tags} as tags "
             f"from telemetry t left join devices d on d.device_id = t.device_id {join} "
             "where t.model_version is not null order by t.window_end, t.device_id, t.seq"))
@@ -455,6 +456,11 @@ def _judge_cohort(by: str, key: str, mv: str, members: list[dict[str, Any]], bas
     entry: dict[str, Any] = {"cohort": by, "key": key, "model_version": mv, "records": len(members),
                              "inferences": sum(r["count"] for r in members), "labelled": labelled,
                              "accuracy": sum(r["correct"] or 0 for r in members) / labelled if labelled else None}
+    regression = [r for r in members if r.get("abs_err_sum") is not None]
+    if regression:
+        # regression: "accuracy" is the share within the task's tolerance; the MAE says how far off
+        n = sum(r["labelled"] or 0 for r in regression)
+        entry["mae"] = sum(r["abs_err_sum"] for r in regression) / n if n else None
     if not baseline:
         return {**entry, "status": "no-baseline", "drifted_features": [], "tests": []}
     looks = [k for k in cfg.looks if k < len(members)]

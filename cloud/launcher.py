@@ -20,13 +20,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from contracts.features import FeatureSpec
 from cloud.datasets import Dataset
-from cloud.training import ProbabilityModel, TrainParams, TrainResult, TrainingFailed, build_model, train
+from contracts.tasks import TaskSpec
+from cloud.training import (TrainParams, TrainResult, TrainingFailed, build_model, dataset_shape, n_outputs_for,
+                            train, wrap_for_task)
+
+if TYPE_CHECKING:
+    from cloud.model_def import ModelDef
 
 __all__ = ["DistConfig", "run_job"]
 
@@ -72,7 +77,8 @@ def _torchrun_args(cfg: DistConfig) -> list[str]:
 
 
 def run_job(dataset: Dataset, params: TrainParams, cfg: DistConfig, run_dir: Path,
-            on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+            on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+            model_def: ModelDef | None = None) -> TrainResult:
     """Train; returns rank 0's result. Raises TrainingFailed with the reason on failure.
 
     On one machine a failed job is relaunched up to ``max_restarts`` times; every launch
@@ -80,9 +86,14 @@ def run_job(dataset: Dataset, params: TrainParams, cfg: DistConfig, run_dir: Pat
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.in_process:
-        return train(dataset, params, on_epoch)
+        return train(dataset, params, on_epoch, model_def=model_def)
     job = {"dataset_path": str(dataset.path.resolve()), "dataset_sha256": dataset.sha256,
            "params": params.to_obj(), "run_dir": str(run_dir.resolve())}
+    if model_def is not None:
+        # every rank builds the model from this exact source, checked against the recorded sha256
+        source_path = run_dir / "model_def.py"
+        source_path.write_bytes(model_def.source)
+        job["model_def"] = {"ref": model_def.ref, "source_path": str(source_path.resolve())}
     (run_dir / "job.json").write_text(json.dumps(job))
     launches = 1 if cfg.rdzv_endpoint else 1 + cfg.max_restarts
     seen, attempt, startup_retries = 0, 0, 0
@@ -111,7 +122,7 @@ def run_job(dataset: Dataset, params: TrainParams, cfg: DistConfig, run_dir: Pat
         log.warning("training workers exited with code %s after rank 0 wrote the result; keeping it", code)
     elif code != 0 or not result_path.exists():
         raise TrainingFailed(_failure_reason(run_dir, code, cfg))
-    return _load_result(result_path, dataset, params)
+    return _load_result(result_path, dataset, params, model_def)
 
 
 def _launch(cfg: DistConfig, run_dir: Path, attempt: int, seen: int,
@@ -169,10 +180,13 @@ def _failure_reason(run_dir: Path, code: int | None, cfg: DistConfig) -> str:
             + (f": {tail}" if tail else "") + f" (log: {log})")
 
 
-def _load_result(path: Path, dataset: Dataset, params: TrainParams) -> TrainResult:
+def _load_result(path: Path, dataset: Dataset, params: TrainParams, model_def: ModelDef | None) -> TrainResult:
     saved = torch.load(path, weights_only=False)
-    model = build_model(dataset.x.shape[1], dataset.n_classes, params)
+    task = TaskSpec.from_obj(saved.get("task"))
+    model = build_model(dataset_shape(dataset), n_outputs_for(task.kind, dataset.n_classes, dataset.x.shape[1]),
+                        params, model_def)
     model.load_state_dict(saved["state_dict"])
-    return TrainResult(ProbabilityModel(model).eval(), FeatureSpec.from_obj(saved["features"]), params,
+    target = tuple(saved.get("target", (0.0, 1.0)))
+    return TrainResult(wrap_for_task(model, task, target), FeatureSpec.from_obj(saved["features"]), params,
                        saved["metrics"], saved["history"], saved["weights_sha256"], saved["world_size"],
-                       saved["resumed_from_step"])
+                       saved["resumed_from_step"], task)

@@ -3,8 +3,10 @@
 Stages: ``candidate -> staging -> production -> archived``. Promotion to production passes
 an evaluation gate: the candidate and the current production version are both evaluated on
 the candidate's held-out test split (their ONNX artifacts, on onnxruntime, through their own
-feature contracts), and the candidate must score at least the production accuracy minus
-the tolerance. The version it replaces moves to ``archived``.
+feature contracts) with the task's metric (contracts/tasks.py): the candidate must score at
+least the production accuracy minus the tolerance (classification, anomaly detection), or an
+MAE at most the production MAE times (1 + tolerance) (regression). Versions of different tasks
+are not compared. The version it replaces moves to ``archived``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from contracts.features import FeatureSpec
+from contracts.tasks import TaskSpec
 from cloud.errors import NotFound, UserError
 from cloud.registry import Registry
 
@@ -40,6 +43,7 @@ class Promotion:
     candidate_accuracy: float | None = None
     production_accuracy: float | None = None
     replaced: str | None = None
+    metric: str = "accuracy"           # what the two figures are (mae for regression)
 
 
 def evaluate_version(registry: Registry, model_version: str, x: np.ndarray, y: np.ndarray) -> float:
@@ -49,8 +53,8 @@ def evaluate_version(registry: Registry, model_version: str, x: np.ndarray, y: n
     session = ort.InferenceSession(Path(registry.artifact_path(mv["onnx_sha256"])).read_bytes(),
                                    providers=["CPUExecutionProvider"])
     features = FeatureSpec.from_obj(mv["features"])
-    probs = session.run(None, {session.get_inputs()[0].name: features.apply(x)})[0]
-    return float((probs.argmax(1) == y).mean())
+    outputs = session.run(None, {session.get_inputs()[0].name: features.model_input(x)})[0]
+    return TaskSpec.from_obj(mv.get("task")).score(outputs.reshape(len(x), -1), y)
 
 
 def promote(registry: Registry, model_version: str, to_stage: str, tolerance: float = DEFAULT_TOLERANCE) -> Promotion:
@@ -68,17 +72,27 @@ def promote(registry: Registry, model_version: str, to_stage: str, tolerance: fl
     incumbents = [v for v in registry.in_stage(mv["model"], "production") if v != model_version]
     dataset, seed = _training_data(registry, mv["run_id"])
     _, _, test = dataset.split(seed=seed)
+    task = TaskSpec.from_obj(mv.get("task"))
     cand = evaluate_version(registry, model_version, test.x, test.y)
     prod_acc = None
     if incumbents:
+        other = TaskSpec.from_obj(registry.model_version(incumbents[-1]).get("task"))
+        if other.kind is not task.kind:
+            raise GateFailed(f"{model_version} is a {task.kind.value} model and production {incumbents[-1]} a "
+                             f"{other.kind.value} model: they cannot be compared; archive {incumbents[-1]} first")
         prod_acc = evaluate_version(registry, incumbents[-1], test.x, test.y)
-        if cand < prod_acc - tolerance:
-            raise GateFailed(f"{model_version} scores {cand:.4f} on held-out data, below production "
-                             f"{incumbents[-1]} at {prod_acc:.4f} minus tolerance {tolerance}: not promoted")
+        if task.higher_is_better and cand < prod_acc - tolerance:
+            raise GateFailed(f"{model_version} scores {task.metric if task.metric != 'anomaly_rate' else 'accuracy'} "
+                             f"{cand:.4f} on held-out data, below production {incumbents[-1]} at {prod_acc:.4f} "
+                             f"minus tolerance {tolerance}: not promoted")
+        if not task.higher_is_better and cand > prod_acc * (1 + tolerance):
+            raise GateFailed(f"{model_version} has MAE {cand:.4f} on held-out data, above production "
+                             f"{incumbents[-1]} at {prod_acc:.4f} plus {tolerance:.0%}: not promoted")
     for old in incumbents:
         registry.set_stage(old, "archived")
     registry.set_stage(model_version, "production")
-    return Promotion(model_version, current, "production", cand, prod_acc, incumbents[-1] if incumbents else None)
+    return Promotion(model_version, current, "production", cand, prod_acc, incumbents[-1] if incumbents else None,
+                     "mae" if task.kind.value == "regression" else "accuracy")
 
 
 def lineage(registry: Registry, device_id: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from contracts.bundle import Bundle, Manifest, TensorSpec, read_bundle, sha256_hex, write_bundle
 from contracts.features import FeatureSpec
+from contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
 from cloud.errors import UserError
 from cloud.export import INPUT_NAME, OUTPUT_NAME
 from cloud.tiers import TierProfile
@@ -93,23 +94,42 @@ def store_blob(artifacts_dir: Path, data: bytes) -> tuple[str, Path]:
 BASELINE_BINS = 10
 
 
-def baseline_stats(train_raw: np.ndarray, train_probs: np.ndarray) -> dict:
+BASELINE_MAX_FEATURES = 256    # beyond this, a shaped input is summarised per channel
+
+
+def baseline_stats(train_raw: np.ndarray, train_probs: np.ndarray, task: TaskSpec = CLASSIFICATION,
+                   features: FeatureSpec | None = None) -> dict:
     """What drift is measured against: per raw input feature, fixed bin edges (equal width over
     the training range, so every device bins the same way) and the training counts in them, plus
     count/mean/std/min/max; and the float model's prediction and confidence distributions on the
-    training data."""
+    training data, read by the task contract (class, regression bin or anomaly flag).
+
+    An input of more than ``BASELINE_MAX_FEATURES`` values with a channel axis (an image, a
+    multi-channel series) is summarised per channel instead: each example contributes the mean
+    of each channel (``"reduce"``), which devices apply the same way before summarising."""
+    reduce = None
+    if features is not None and train_raw.shape[1] > BASELINE_MAX_FEATURES and len(features.shape) > 1:
+        first = features.layout in ("NCHW", "NCL", "flat")
+        reduce = {"op": "channel_mean", "channels": features.channels if features.layout != "flat"
+                  else features.shape[0], "channels_first": first}
+        c = reduce["channels"]
+        train_raw = (train_raw.reshape(len(train_raw), c, -1).mean(axis=2) if first
+                     else train_raw.reshape(len(train_raw), -1, c).mean(axis=1))
     lo, hi = train_raw.min(axis=0), train_raw.max(axis=0)
     hi = np.where(hi > lo, hi, lo + 1.0)                  # a constant feature still gets one real bin
     edges = [np.linspace(a, b, BASELINE_BINS + 1) for a, b in zip(lo, hi)]
     counts = [np.histogram(np.clip(col, e[0], e[-1]), bins=e)[0] for col, e in zip(train_raw.T, edges)]
-    preds = np.bincount(train_probs.argmax(1), minlength=train_probs.shape[1])
-    conf = np.histogram(train_probs.max(1), bins=10, range=(0.0, 1.0))[0]
+    decisions = [task.decide(row) for row in train_probs]
+    preds = np.bincount([d.bin for d in decisions], minlength=task.n_bins(train_probs.shape[1]))
+    conf = np.histogram([d.confidence for d in decisions], bins=10, range=(0.0, 1.0))[0]
     out = {"version": 1, "rows": int(len(train_raw)),
            "features": [{"edges": [round(float(v), 6) for v in e], "counts": [int(c) for c in n],
                          "mean": round(float(col.mean()), 6), "std": round(float(col.std()), 6),
                          "min": float(col.min()), "max": float(col.max())}
                         for e, n, col in zip(edges, counts, train_raw.T)],
            "predictions": [int(v) for v in preds], "confidence_hist": [int(v) for v in conf]}
+    if reduce is not None:
+        out["reduce"] = reduce
     residuals = residual_model(train_raw)
     if residuals is not None:
         out["residuals"] = residuals
@@ -158,7 +178,7 @@ GOLDEN_ATOL = {"fp32": 1e-4, "int8": 2.0 / 256, "dynamic-int8": 1e-3}
 def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes, features: FeatureSpec,
                        labels: list[str], name: str, version: int, calib_raw: np.ndarray, golden_raw: np.ndarray,
                        test_x: np.ndarray, test_y: np.ndarray, lineage: dict,
-                       baseline: dict | None = None) -> PackageResult:
+                       baseline: dict | None = None, task: TaskSpec = CLASSIFICATION) -> PackageResult:
     """Convert, check operators, measure on the tier's real runtime, check budgets, and
     package. Raises UserError (bad input, failed conversion), UnsupportedOperator or
     BudgetExceeded (does not fit the tier); nothing is written anywhere."""
@@ -167,7 +187,8 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
     from cloud.tier_packagers import (captured_output, check_budgets, check_operators, convert, measure,
                                       tflm_arena_bytes)
 
-    artifact = convert(profile, model, onnx_bytes, features, calib_raw, name, version, len(labels))
+    n_outputs = len(labels) if task.kind is TaskKind.CLASSIFICATION else 1
+    artifact = convert(profile, model, onnx_bytes, features, calib_raw, name, version, n_outputs)
     check_operators(profile, artifact)
     # the TFLM arena is measured first: the RAM budget is checked before the runtime is loaded,
     # and the runtime is then given the arena a firmware build would give it
@@ -178,31 +199,86 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
                      numeric_format=artifact.numeric_format, entrypoint=artifact.entrypoint,
                      inputs=[], outputs=[], features=features, labels=labels, golden="golden.json",
                      golden_atol=GOLDEN_ATOL[artifact.numeric_format], max_latency_ms=profile.latency_budget_ms,
-                     measured={"ram_bytes": arena} if arena is not None else {})
+                     measured={"ram_bytes": arena} if arena is not None else {}, task=task)
     bundle = Bundle(draft, artifact.files)
     with torch.no_grad():
-        float_probs = model(torch.from_numpy(features.apply(test_x))).numpy()
+        float_probs = model(torch.from_numpy(features.model_input(test_x))).reshape(len(test_x), -1).numpy()
     with captured_output():   # runtimes log to the file descriptors; the CLI stays clean
         runtime = _load(bundle)
         measured = {**measure(profile, bundle, runtime, float_probs, test_x, test_y), "ram_bytes": arena}
+        measured.update(task_fidelity(task, runtime.predict(test_x), float_probs, test_y))
+    check_fidelity(profile, task, measured, artifact.numeric_format)
     if artifact.operators is not None:
         measured["operators"] = sorted({op.name for op in artifact.operators})
     check_budgets(profile, measured)
     golden = {"inputs": golden_raw.astype(np.float32).tolist(),
               "outputs": [[float(f"{v:.8g}") for v in row] for row in runtime.predict(golden_raw).tolist()]}
     in_q, out_q = getattr(runtime, "in_q", None), getattr(runtime, "out_q", None)
-    io = {"inputs": [_tensor(INPUT_NAME, features.n_features, runtime, in_q, "in_dtype")],
-          "outputs": [_tensor(OUTPUT_NAME, len(labels), runtime, out_q, "out_dtype")]}
-    manifest = Manifest(**{**draft.__dict__, **io, "lineage": lineage, "layout": artifact.layout,
+    io = {"inputs": [_tensor(INPUT_NAME, list(features.shape), runtime, in_q, "in_dtype")],
+          "outputs": [_tensor(OUTPUT_NAME, [n_outputs], runtime, out_q, "out_dtype")]}
+    atol = golden_atol(task, artifact.numeric_format, np.asarray(golden["outputs"], dtype=np.float64), out_q)
+    manifest = Manifest(**{**draft.__dict__, **io, "lineage": lineage, "layout": artifact.layout, "golden_atol": atol,
                            "baseline": baseline or {},
                            "measured": {**measured, "input_quantization": in_q, "output_quantization": out_q}})
     data = write_bundle(manifest, {**artifact.files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
     return PackageResult(data, sha256_hex(data), read_bundle(data).manifest)
 
 
-def _tensor(name: str, width: int, runtime: object, q: tuple[float, int] | None, dtype_attr: str) -> TensorSpec:
+def golden_atol(task: TaskSpec, fmt: str, outputs: np.ndarray, out_q: tuple[float, int] | None) -> float:
+    """The device health check's tolerance on golden outputs. Probabilities keep the fixed
+    per-format tolerance; outputs in the task's own units (a regression target, an anomaly score)
+    get it relative to their magnitude, or two steps of the int8 output scale."""
+    if task.kind is TaskKind.CLASSIFICATION:
+        return GOLDEN_ATOL[fmt]
+    if fmt == "int8" and out_q is not None:
+        return float(f"{2.0 * out_q[0]:.6g}")
+    return float(f"{GOLDEN_ATOL[fmt] * max(1.0, float(np.max(np.abs(outputs))) if outputs.size else 1.0):.6g}")
+
+
+def _tensor(name: str, dims: list[int], runtime: object, q: tuple[float, int] | None, dtype_attr: str) -> TensorSpec:
     dtype = np.dtype(getattr(runtime, dtype_attr, np.float32)).name if q else "float32"
-    return TensorSpec(name, [-1, width], dtype, q)
+    return TensorSpec(name, [-1, *dims], dtype, q)
+
+
+# the tier's artifact against the float model on held-out rows, per task: classification keeps
+# top-1 agreement, regression its error relative to the target's spread, anomaly its flags
+FIDELITY_MIN_AGREEMENT = {"fp32": 0.99, "dynamic-int8": 0.95, "int8": 0.90}
+FIDELITY_MAX_REL_ERROR = {"fp32": 0.01, "dynamic-int8": 0.05, "int8": 0.10}
+
+
+def task_fidelity(task: TaskSpec, outputs: np.ndarray, float_outputs: np.ndarray, labels: np.ndarray) -> dict:
+    """The task's metric on the artifact and on the float model, and their agreement."""
+    got = task.decide_all(outputs)
+    want = task.decide_all(float_outputs)
+    out = {"task": task.kind.value, "metric": task.metric, "metric_value": task.score(outputs, labels),
+           "metric_value_float": task.score(float_outputs, labels)}
+    if task.kind is TaskKind.REGRESSION:
+        spread = max(float(np.std(labels)), 1e-9)
+        out["mae_vs_float_relative"] = float(np.mean(np.abs(got - want)) / spread)
+        out["accuracy"] = float(np.mean(np.abs(got - labels) <= float(task.tolerance or 0.0)))
+        out["top1_agreement_with_float"] = float(np.mean(np.abs(got - want) <= float(task.tolerance or 0.0)))
+    else:
+        out["accuracy"] = task.score(outputs, labels)
+        out["top1_agreement_with_float"] = float(np.mean(got == want))
+    if task.kind is TaskKind.ANOMALY:
+        out["anomaly_rate"] = float(got.mean())
+    return out
+
+
+def check_fidelity(profile: TierProfile, task: TaskSpec, measured: dict, fmt: str) -> None:
+    """Refuse an artifact that does not stay within its tier's tolerance of the float model."""
+    from cloud.tier_packagers import OutOfTolerance as DoesNotFit
+
+    if task.kind is TaskKind.REGRESSION:
+        limit = FIDELITY_MAX_REL_ERROR.get(fmt, 0.10)
+        if measured["mae_vs_float_relative"] > limit:
+            raise DoesNotFit(f"the {profile.name} artifact's predictions differ from the float model's by "
+                             f"{measured['mae_vs_float_relative']:.3f} target sd on average (tier tolerance {limit})")
+        return
+    limit = FIDELITY_MIN_AGREEMENT.get(fmt, 0.90)
+    if measured["top1_agreement_with_float"] < limit:
+        raise DoesNotFit(f"the {profile.name} artifact agrees with the float model on "
+                         f"{measured['top1_agreement_with_float']:.3f} of held-out rows (tier tolerance {limit})")
 
 
 def _load(bundle: Bundle) -> ModelRuntime:

@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - orjson is in the cloud extra
 
 _TELEMETRY_COLUMNS = ("device_id", "seq", "model_version", "window_start", "window_end", "count", "labelled", "correct",
                       "errors", "latency_ms_p50", "latency_ms_max", "predictions", "confidence_hist", "features",
-                      "samples", "received_at")
+                      "samples", "abs_err_sum", "received_at")
 _INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) "
                      f"VALUES ({', '.join('?' * len(_TELEMETRY_COLUMNS))})")
 
@@ -117,9 +117,12 @@ class Registry:
                                                             if_not_exists=True)
         # columns added after a table first shipped: older registries gain them on open
         for table, column in (("telemetry", "features"), ("telemetry", "samples"), ("model_versions", "state_sha256"),
-                              ("model_versions", "arch"), ("device_errors", "report_id")):
+                              ("model_versions", "arch"), ("device_errors", "report_id"),
+                              ("model_versions", "task")):
             if column not in t(table).columns_dict:
                 t(table).add_column(column, str)
+        if "abs_err_sum" not in t("telemetry").columns_dict:
+            t("telemetry").add_column("abs_err_sum", float)
         # an error report sent again (its confirmation was lost) is stored once
         t("device_errors").create_index(["report_id"], unique=True, if_not_exists=True)
 
@@ -207,7 +210,7 @@ class Registry:
     def add_model_version(self, row: dict[str, Any]) -> None:
         with self._lock:
             self.db["model_versions"].insert(
-                {**row, **{k: _j(row[k]) for k in ("features", "labels", "metrics", "arch") if k in row},
+                {**row, **{k: _j(row[k]) for k in ("features", "labels", "metrics", "arch", "task") if k in row},
                  "created_at": time.time()}, pk="model_version")
 
     def model_version(self, model_version: str) -> dict[str, Any]:
@@ -215,7 +218,7 @@ class Registry:
             rows = list(self.db.query("select * from model_versions where model_version = ?", [model_version]))
         if not rows:
             raise NotFound(f"no model version {model_version!r} (see: edgeloop models)")
-        return _decode(rows[0], "features", "labels", "metrics", "arch")
+        return _decode(rows[0], "features", "labels", "metrics", "arch", "task")
 
     def latest_model_version(self) -> str | None:
         with self._lock:
@@ -319,7 +322,7 @@ class Registry:
                    r.get("count"), r.get("labelled"), r.get("correct"), r.get("errors", 0), r.get("latency_ms_p50"),
                    r.get("latency_ms_max"), _j(r.get("predictions")), _j(r.get("confidence_hist")),
                    _j(r["features"]) if r.get("features") else None,
-                   _j(r["samples"]) if r.get("samples") else None, now) for r in rows]
+                   _j(r["samples"]) if r.get("samples") else None, r.get("abs_err_sum"), now) for r in rows]
         with self._lock:
             conn = self.db.conn
             before = conn.total_changes
@@ -403,11 +406,26 @@ class Registry:
     def telemetry_summary(self, model_version: str | None = None) -> dict[str, Any]:
         sql = ("select count(*) as records, coalesce(sum(count),0) as inferences, "
                "coalesce(sum(labelled),0) as labelled, coalesce(sum(correct),0) as correct, "
-               "coalesce(sum(errors),0) as errors from telemetry")
+               "coalesce(sum(errors),0) as errors, sum(abs_err_sum) as abs_err_sum, "
+               "sum(case when abs_err_sum is not null then labelled else 0 end) as regression_labelled, "
+               "coalesce(sum(json_extract(predictions, '$[1]')), 0) as second_bin from telemetry")
         args: list[Any] = []
         if model_version:
             sql, args = sql + " where model_version = ?", [model_version]
         with self._lock:
             row = list(self.db.query(sql, args))[0]
         row["accuracy"] = row["correct"] / row["labelled"] if row["labelled"] else None
+        # regression: mean absolute error over the labelled rows of records that carry it
+        row["mae"] = (row["abs_err_sum"] / row["regression_labelled"]) if row["regression_labelled"] else None
+        share = row.pop("second_bin")
+        row["anomaly_rate"] = None
+        if model_version:
+            task = self._task_of(model_version)
+            if task.get("kind") == "anomaly":
+                row["anomaly_rate"] = share / row["inferences"] if row["inferences"] else None
         return row
+
+    def _task_of(self, model_version: str) -> dict[str, Any]:
+        with self._lock:
+            rows = list(self.db.query("select task from model_versions where model_version = ?", [model_version]))
+        return json.loads(rows[0]["task"]) if rows and rows[0].get("task") else {}

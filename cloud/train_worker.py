@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from cloud.datasets import load_dataset
 from cloud.errors import CloudError
-from cloud.training import TrainParams, TrainingFailed, train
+from cloud.model_def import model_def_from_source
+from cloud.training import TrainParams, TrainingFailed, train, RegressionModel
 
 STARTUP_FAULT_ENV = "EDGELOOP_FAULT_BEFORE_INIT"   # set: every rank exits before joining, first launch only
 
@@ -42,7 +43,8 @@ def main(argv: list[str]) -> int:
     local_rank = os.environ.get("LOCAL_RANK", str(rank))
     (started / f"{os.environ.get('EDGELOOP_LAUNCH_ATTEMPT', '0')}-{local_rank}").touch()
     try:
-        dataset = load_dataset(Path(job["dataset_path"]))
+        params = TrainParams.from_obj(job["params"])
+        dataset = load_dataset(Path(job["dataset_path"]), task=params.task)
         if dataset.sha256 != job["dataset_sha256"]:
             raise TrainingFailed(f"data set {job['dataset_path']} changed: sha256 {dataset.sha256[:12]} "
                                  f"!= {job['dataset_sha256'][:12]} recorded for this job")
@@ -52,12 +54,20 @@ def main(argv: list[str]) -> int:
             with open(progress, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-        result = train(dataset, TrainParams.from_obj(job["params"]), on_epoch, checkpoint=run_dir / "checkpoint.pt")
+        model_def = None
+        if job.get("model_def"):
+            source = Path(job["model_def"]["source_path"]).read_bytes()
+            model_def = model_def_from_source(job["model_def"]["ref"], source)
+            if model_def.sha256 != params.model_def_sha256:
+                raise TrainingFailed(f"model definition {model_def.ref} changed: sha256 {model_def.sha256[:12]} "
+                                     f"!= {str(params.model_def_sha256)[:12]} recorded for this job")
+        result = train(dataset, params, on_epoch, checkpoint=run_dir / "checkpoint.pt", model_def=model_def)
         if rank == 0:
             torch.save({"state_dict": result.model.inner.state_dict(), "features": result.features.to_obj(),
                         "metrics": result.metrics, "history": result.history,
                         "weights_sha256": result.weights_sha256, "world_size": result.world_size,
-                        "resumed_from_step": result.resumed_from_step}, run_dir / "result.pt")
+                        "resumed_from_step": result.resumed_from_step, "task": result.task.to_obj(),
+                        "target": _target(result.model)}, run_dir / "result.pt")
         return 0
     except CloudError as e:
         if rank == 0:
@@ -66,6 +76,11 @@ def main(argv: list[str]) -> int:
         return 3
     finally:
         dist.destroy_process_group()
+
+
+def _target(model: torch.nn.Module) -> list[float]:
+    """A regression model's target (mean, std), to rebuild the same wrapper from the state dict."""
+    return [model.mean, model.std] if isinstance(model, RegressionModel) else [0.0, 1.0]
 
 
 if __name__ == "__main__":

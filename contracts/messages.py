@@ -195,6 +195,7 @@ class Telemetry:
     extra: dict[str, Any] = field(default_factory=dict)
     features: dict[str, Any] | None = None   # per-feature summary on the package baseline's bin edges
     samples: dict[str, Any] | None = None    # sampled raw inputs {"x": [[num]*f], "y": [int|None]} (opt-in)
+    abs_err_sum: float | None = None         # regression: sum of |prediction - label| over the labelled
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> Telemetry:
@@ -210,6 +211,7 @@ class Telemetry:
             latency_ms_max=float(_req(obj, "latency_ms_max", (int, float))),
             errors=_opt(obj, "errors", int, 0), extra=_opt(obj, "extra", dict, {}),
             features=_opt(obj, "features", dict), samples=_opt(obj, "samples", dict),
+            abs_err_sum=_opt_finite(obj, "abs_err_sum"),
         )
         if msg.features is not None:
             _check_feature_summary(msg.features, msg.count)
@@ -223,7 +225,18 @@ class Telemetry:
             raise SchemaError("telemetry predictions add up to more than count")
         if msg.window_end < msg.window_start:
             raise SchemaError("telemetry window ends before it starts")
+        if msg.abs_err_sum is not None and msg.abs_err_sum < 0:
+            raise SchemaError("telemetry abs_err_sum must not be negative")
         return msg
+
+
+def _opt_finite(obj: dict[str, Any], key: str) -> float | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise SchemaError(f"telemetry {key!r} must be a finite number")
+    return float(v)
 
 
 MAX_FEATURES = 1024

@@ -29,6 +29,7 @@ import numpy as np
 from contracts import topics
 from contracts.errors import ContractError
 from contracts.messages import Announce, Command, DeviceState, ErrorReport, Status, TelemetryAck, encode, parse
+from contracts.tasks import TaskKind
 from device_sdk.errors import TransientError
 from device_sdk.mqtt import MqttLink
 from device_sdk.mqtt_fetcher import MqttBlockFetcher
@@ -198,8 +199,10 @@ class Agent:
             self.malformed += 1
             log.warning("%s: dropped unexpected %s on %s", self.device_id, msg.SCHEMA, topic)
 
-    def infer(self, raw: np.ndarray, label: int | None = None) -> tuple[int, float] | None:
-        """Serve one request. Returns (class, confidence), or None with no model installed."""
+    def infer(self, raw: np.ndarray, label: float | None = None) -> tuple[int | float, float] | None:
+        """Serve one request. Returns (prediction, confidence), or None with no model installed:
+        the class and its probability, the anomaly flag (0/1) and its score relative to twice the
+        threshold, or the regression value and 0.0 (the package's task contract decides)."""
         self._collect()                       # a finished install switches in between requests
         with self._lock:
             runtime = self.runtime
@@ -214,17 +217,19 @@ class Agent:
                 if self.window is not None:
                     self.window.record_error()
             return None
-        pred = int(np.argmax(probs))
-        conf = float(probs[pred])
+        task = runtime.manifest.task
+        decision = task.decide(probs)
+        pred: int | float = decision.prediction if task.kind is TaskKind.REGRESSION else int(decision.prediction)
+        conf = decision.confidence
         latency_ms = (time.perf_counter() - start) * 1000
         with self._lock:
             if self.runtime is not runtime:
                 # the model switched during this request: its record goes out under the old version
-                late = TelemetryWindow(len(runtime.manifest.labels), runtime.manifest.baseline)
-                late.record(pred, conf, latency_ms, label, raw)
+                late = TelemetryWindow.for_manifest(runtime.manifest)
+                late.record(pred, conf, latency_ms, label, raw, decision.bin)
                 self._publish_window(late, runtime)
             elif self.window is not None:
-                self.window.record(pred, conf, latency_ms, label, raw)
+                self.window.record(pred, conf, latency_ms, label, raw, decision.bin)
                 if self.config.sample_rate > 0 and len(self._samples) < self.config.sample_max \
                         and self._sample_rng.random() < self.config.sample_rate:
                     self._samples.append(([round(float(v), 6) for v in np.asarray(raw).reshape(-1)], label))
@@ -366,7 +371,7 @@ class Agent:
 
     def _serve(self, runtime: ModelRuntime) -> None:
         self.runtime = runtime
-        self.window = TelemetryWindow(len(runtime.manifest.labels), runtime.manifest.baseline)
+        self.window = TelemetryWindow.for_manifest(runtime.manifest)
 
     def _report_ota(self, state: InstallState, update_id: str) -> None:
         if state in _OTA_STATUS:   # final states are published by _collect, with the model now serving

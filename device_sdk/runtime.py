@@ -43,7 +43,8 @@ class ModelRuntime(Protocol):
     manifest: Manifest
 
     def predict(self, raw: np.ndarray) -> np.ndarray:
-        """Raw inputs (n, n_features) -> probabilities (n, n_classes)."""
+        """Raw inputs (n, n_features) -> outputs (n, k): class probabilities, or what the
+        package's task contract says (contracts/tasks.py)."""
         ...
 
 
@@ -78,8 +79,9 @@ class OnnxModel:
         self._dtype = np.float16 if first.type == "tensor(float16)" else np.float32
 
     def predict(self, raw: np.ndarray) -> np.ndarray:
-        x = self.manifest.features.apply(np.atleast_2d(raw)).astype(self._dtype)
-        return self._session.run(None, {self._input: x})[0].astype(np.float32)
+        x = self.manifest.features.model_input(raw).astype(self._dtype)
+        out = self._session.run(None, {self._input: x})[0].astype(np.float32)
+        return out.reshape(len(x), -1)
 
 
 class _PerSampleInt8:

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from contracts.baseline_digest import edges_digest
+from contracts.bundle import Manifest
 from contracts.messages import Telemetry
+from contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
 from device_sdk.storage import read_json, write_json
 
 CONFIDENCE_BINS = 10
@@ -49,6 +51,11 @@ class FeatureSummary:
 
     def __init__(self, baseline: dict) -> None:
         feats = baseline["features"]
+        # a shaped input with more values than a summary holds is summarised per channel: each
+        # example contributes its mean over the channel's values (docs/drift.md)
+        reduce = baseline.get("reduce") or {}
+        self.channels = int(reduce.get("channels", 0)) if reduce.get("op") == "channel_mean" else 0
+        self.channels_first = bool(reduce.get("channels_first", True))
         self.edges = edges_digest(feats)
         self.inner_edges = [np.asarray(f["edges"][1:-1], dtype=np.float64) for f in feats]
         self.bins = [len(f["edges"]) - 1 for f in feats]
@@ -64,8 +71,16 @@ class FeatureSummary:
         self.res_weights = np.asarray(res["weights"], dtype=np.float64) if res else None
         self.rn, self.rsum, self.rsumsq = 0, np.zeros(f), np.zeros(f)
 
+    def _reduce(self, x: np.ndarray) -> np.ndarray:
+        """Rows (n, n_features) -> what the baseline summarises: the rows, or channel means."""
+        if not self.channels:
+            return x
+        if self.channels_first:
+            return x.reshape(len(x), self.channels, -1).mean(axis=2)
+        return x.reshape(len(x), -1, self.channels).mean(axis=1)
+
     def record(self, raw: np.ndarray) -> None:
-        x = np.asarray(raw, dtype=np.float64).reshape(-1)
+        x = self._reduce(np.asarray(raw, dtype=np.float64).reshape(1, -1)).reshape(-1)
         ok = np.isfinite(x)
         self.missing += ~ok
         self.n += ok
@@ -83,7 +98,7 @@ class FeatureSummary:
     def record_batch(self, raw: np.ndarray) -> None:
         """Record ``n`` inputs at once (rows of ``raw``): the same counts as ``n`` calls of
         :meth:`record`, for simulators and batch inference."""
-        x = np.asarray(raw, dtype=np.float64).reshape(len(raw), -1)
+        x = self._reduce(np.asarray(raw, dtype=np.float64).reshape(len(raw), -1))
         ok = np.isfinite(x)
         self.missing += (~ok).sum(axis=0)
         self.n += ok.sum(axis=0)
@@ -116,31 +131,46 @@ class FeatureSummary:
 
 
 class TelemetryWindow:
-    def __init__(self, n_classes: int, baseline: dict | None = None) -> None:
-        self.n_classes = n_classes
+    """One window's counts. ``task`` (contracts/tasks.py) says how predictions are binned and
+    labels scored: classes (``n_bins`` of them), regression bins with the absolute error summed
+    (``abs_err_sum``), or the normal/anomaly flags."""
+
+    def __init__(self, n_bins: int, baseline: dict | None = None, task: TaskSpec = CLASSIFICATION) -> None:
+        self.task = task
+        self.n_classes = task.n_bins(n_bins)
         self.baseline = baseline if baseline and baseline.get("features") else None
         self.reset()
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> TelemetryWindow:
+        return cls(len(manifest.labels), manifest.baseline, manifest.task)
 
     def reset(self) -> None:
         self.summary = FeatureSummary(self.baseline) if self.baseline else None
         self.start = time.time()
         self.count = self.labelled = self.correct = self.errors = 0
+        self.abs_err_sum = 0.0
         self.predictions = [0] * self.n_classes
         self.confidence = [0] * CONFIDENCE_BINS
         self.latencies: list[float] = []
 
-    def record(self, prediction: int, confidence: float, latency_ms: float, label: int | None,
-               raw: np.ndarray | None = None) -> None:
+    def record(self, prediction: float, confidence: float, latency_ms: float, label: float | None,
+               raw: np.ndarray | None = None, bin: int | None = None) -> None:
+        """One inference. ``bin`` is the prediction's telemetry bin (the class index when omitted)."""
         self.count += 1
         if self.summary is not None and raw is not None:
             self.summary.record(raw)
-        if 0 <= prediction < self.n_classes:
-            self.predictions[prediction] += 1
-        self.confidence[min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))] += 1
+        k = int(prediction) if bin is None else bin
+        if 0 <= k < self.n_classes:
+            self.predictions[k] += 1
+        if self.task.kind is not TaskKind.REGRESSION:
+            self.confidence[min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))] += 1
         self.latencies.append(latency_ms)
         if label is not None:
             self.labelled += 1
-            self.correct += int(label == prediction)
+            self.correct += int(self.task.correct(prediction, label))
+            if self.task.kind is TaskKind.REGRESSION:
+                self.abs_err_sum += abs(float(prediction) - float(label))
 
     def record_error(self) -> None:
         self.errors += 1
@@ -153,6 +183,7 @@ class TelemetryWindow:
             correct=self.correct, predictions=list(self.predictions), confidence_hist=list(self.confidence),
             latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_max=float(lat.max()), errors=self.errors,
             features=self.summary.to_obj() if self.summary is not None and self.count else None,
+            abs_err_sum=round(self.abs_err_sum, 6) if self.task.kind is TaskKind.REGRESSION else None,
         )
         self.reset()
         return record

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from contracts.tasks import TaskKind
 from device_sdk.agent import Agent, AgentConfig
 
 log = logging.getLogger("edgeloop.gateway")
@@ -115,6 +117,10 @@ class GatewayServer:
         width = runtime.manifest.features.n_features
         if inputs.shape[1] != width:
             raise RequestError(f"each input needs {width} features, got {inputs.shape[1]}")
+        if runtime.manifest.task.kind is not TaskKind.REGRESSION and not all(
+                v is None or (float(v).is_integer() and v >= 0) for v in labels):
+            raise RequestError('"labels" must give one non-negative integer or null per input for a '
+                               f'{runtime.manifest.task.kind.value} model')
         predictions, confidences = [], []
         with self._infer_lock:
             version = self.agent.model_version
@@ -127,7 +133,7 @@ class GatewayServer:
         return 200, {"model_version": version, "predictions": predictions, "confidences": confidences}
 
 
-def _parse(body: bytes) -> tuple[np.ndarray, list[int | None]]:
+def _parse(body: bytes) -> tuple[np.ndarray, list[float | None]]:
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, ValueError):
@@ -142,8 +148,9 @@ def _parse(body: bytes) -> tuple[np.ndarray, list[int | None]]:
     if labels is None:
         labels = [None] * len(rows)
     elif not isinstance(labels, list) or len(labels) != len(rows) or not all(
-            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in labels):
-        raise RequestError('"labels" must give one non-negative integer or null per input')
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            for v in labels):
+        raise RequestError('"labels" must give one number (a class index, or a regression target) or null per input')
     x = np.asarray(rows, dtype=np.float64)
     if not np.isfinite(x).all():
         raise RequestError('"inputs" must be finite numbers')

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="NAME[:V]|PATH",
                    help="registered data set, or a CSV file/folder (registered on the way); default: shipped digits")
     p.add_argument("--model", default="digits-mlp", help="model name (default: digits-mlp)")
+    p.add_argument("--model-def", metavar="FILE.py:FUNCTION",
+                   help="your own PyTorch model: FUNCTION(input_shape, n_outputs) returns an nn.Module "
+                        "(docs/models.md); default: the built-in MLP")
+    p.add_argument("--task", choices=["classification", "regression", "anomaly"],
+                   help="what the model predicts; default: what the data set declares (classification for CSV)")
+    p.add_argument("--layers", type=_positive, default=2, help="hidden layers of the built-in MLP")
     p.add_argument("--epochs", type=_positive, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=_positive, default=32, help="hidden layer width")
@@ -175,7 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action="store_true",
                    help="the closed loop: deploy v1, inject sensor drift, detect it, retrain on device data, "
                         "canary and promote v2, and print fleet accuracy before drift, after drift, after v2")
+    p.add_argument("--example", metavar="NAME", choices=_example_names(),
+                   help="run a shipped example (your-own-model path) instead of the digits MLP: "
+                        + ", ".join(_example_names()))
     return parser
+
+
+def _example_names() -> list[str]:
+    from cloud.examples import EXAMPLES   # no heavy imports: a dict of names
+    return sorted(EXAMPLES)
 
 
 def _group(sub, name: str, help_: str, default_fn) -> argparse._SubParsersAction:  # noqa: ANN001
@@ -311,16 +325,29 @@ def _train(args: argparse.Namespace, out: Output) -> int:
 
     ws = _open(args)
     registry = _registry(ws)
-    params = TrainParams(seed=args.seed, epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size,
-                         lr=args.lr, checkpoint_every=args.checkpoint_every)
+    params = TrainParams(seed=args.seed, epochs=args.epochs, hidden=args.hidden, layers=args.layers,
+                         batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every)
     with out.progress() as progress:
         result = train_model(ws, registry, params, args.data, args.model, _dist_config(args),
-                             on_epoch=lambda e, row: progress("train", e, args.epochs))
-    m = result["metrics"]
+                             on_epoch=lambda e, row: progress("train", e, args.epochs),
+                             model_def=args.model_def, task=args.task)
     out.result(result, f"registered {result['model_version']} (run {result['run_id']}, data {result['dataset_id']}, "
-                       f"{result['world_size']} process(es)): validation accuracy {m['val_accuracy']:.3f}, "
-                       f"test accuracy {m['test_accuracy']:.3f}")
+                       f"{result['world_size']} process(es), {result['task']['kind']}): "
+                       f"{quality_line(result['metrics'])}")
     return 0
+
+
+def quality_line(m: dict) -> str:
+    """The task's figures of a run, validation then test: accuracy, MAE or anomaly rate."""
+    parts = []
+    for split, name in (("val", "validation"), ("test", "test")):
+        if f"{split}_mae" in m:
+            parts.append(f"{name} MAE {m[f'{split}_mae']:.3f} ({m[f'{split}_within_tolerance']:.1%} within tolerance)")
+        elif f"{split}_anomaly_rate" in m:
+            parts.append(f"{name} accuracy {m[f'{split}_accuracy']:.3f}, anomaly rate {m[f'{split}_anomaly_rate']:.3f}")
+        else:
+            parts.append(f"{name} accuracy {m[f'{split}_accuracy']:.3f}")
+    return ", ".join(parts)
 
 
 def _reproduce(args: argparse.Namespace, out: Output) -> int:
@@ -345,12 +372,20 @@ def _reproduce(args: argparse.Namespace, out: Output) -> int:
 
 def _runs_ls(args: argparse.Namespace, out: Output) -> int:
     rows = _registry(_open(args)).runs()
-    out.table("runs", ["run", "model", "status", "data", "world", "test accuracy", "weights"],
+    out.table("runs", ["run", "model", "status", "data", "world", "test metric", "weights"],
               [[r["run_id"], r["model"], r["status"], r["dataset_id"], (r["dist"] or {}).get("world_size"),
-                f"{r['metrics']['test_accuracy']:.3f}" if r.get("metrics") else None,
+                _test_metric(r.get("metrics")),
                 (r["weights_sha256"] or "")[:12] or None] for r in rows],
               {"runs": rows})
     return 0
+
+
+def _test_metric(m: dict | None) -> str | None:
+    if not m:
+        return None
+    if "test_mae" in m:
+        return f"MAE {m['test_mae']:.3f}"
+    return f"{m['test_accuracy']:.3f}" if "test_accuracy" in m else None
 
 
 def _runs_show(args: argparse.Namespace, out: Output) -> int:
@@ -601,7 +636,7 @@ def _models_promote(args: argparse.Namespace, out: Output) -> int:
     p = promote(_registry(_open(args)), args.model_version, args.stage, args.tolerance)
     extra = ""
     if p.candidate_accuracy is not None:
-        extra = f" (held-out accuracy {p.candidate_accuracy:.4f}" + (
+        extra = f" (held-out {p.metric} {p.candidate_accuracy:.4f}" + (
             f" vs {p.replaced} {p.production_accuracy:.4f}, now archived)" if p.replaced else ")")
     out.result(p.__dict__, f"{p.model_version}: {p.from_stage} -> {p.to_stage}{extra}")
     return 0
@@ -696,8 +731,10 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
 
     args.devices = args.devices or DemoOptions.devices
     ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT).with_mqtt(args.mqtt)
+    if args.example and args.loop:
+        raise UserError("--example and --loop are separate demos; choose one")
     opts = DemoOptions(devices=args.devices, samples=args.samples, epochs=args.epochs, timeout_s=args.timeout,
-                       prefix=args.prefix)
+                       prefix=args.prefix, example=args.example)
     out.info(f"edgeloop demo: {args.devices} devices, broker {ws.mqtt_host}:{ws.mqtt_port}, workspace {ws.root}"
              if not (ws.root / "broker" / "broker.json").exists() else
              f"edgeloop demo: {args.devices} devices, the workspace's mutual-TLS broker, workspace {ws.root}")
@@ -706,6 +743,9 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
     link, own = _device_link(ws, args.mqtt, TIER)
     with out.progress() as progress:
         result = run_demo(ws, opts, progress, link, own)
+    if args.example:
+        out.result(result, _example_text(result))
+        return 0 if result["failed"] == 0 else 1
     acc = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.3f}"
     out.result(result, (
         f"model {result['model_version']} (run {result['run_id']}, data sha256 {result['dataset_sha256'][:12]}, "
@@ -716,6 +756,23 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
         f"fleet accuracy {acc}\n"
         f"done in {result['seconds']} s"))
     return 0 if result["failed"] == 0 else 1
+
+
+def _example_text(r: dict) -> str:
+    lines = [f"example {r['example']} ({r['task']}): model {r['model_version']} (run {r['run_id']}, "
+             f"data sha256 {r['dataset_sha256'][:12]}): {quality_line(r['metrics'])}"]
+    for tier, t in sorted(r["tiers"].items()):
+        lines.append(f"  {tier:<13} " + (f"packaged, {t['metric']} {t['value']:.4f} (float {t['float_value']:.4f}), "
+                                         f"{t['bytes']} bytes" if t["packaged"] else f"refused: {t['reason']}"))
+    fleet = (f"fleet MAE {r['fleet_mae']:.3f}" if r.get("fleet_mae") is not None else
+             f"fleet anomaly rate {r['fleet_anomaly_rate']:.3f}" if r.get("fleet_anomaly_rate") is not None else
+             f"fleet accuracy {r['accuracy']:.3f}" if r.get("accuracy") is not None else "no labelled telemetry")
+    drifted = [f"{d['key']} ({d['model_version']})" for d in r["drift"] if d.get("status") in ("drift", "skew")]
+    lines += [f"update {r['update_id']}: {r['updated']}/{r['devices']} devices updated, {r['failed']} failed",
+              f"telemetry: {r['telemetry_records']} records, {r['inferences']} inferences, {fleet}",
+              f"drift: {'drift in ' + ', '.join(drifted) if drifted else 'no drift'} "
+              f"({len(r['drift'])} cohort(s) checked)", f"done in {r['seconds']} s"]
+    return "\n".join(lines)
 
 
 def _loop_demo(args: argparse.Namespace, out: Output) -> int:

@@ -1,5 +1,11 @@
 """``edgeloop demo``: the whole loop once, end to end, on real components.
 
+With ``--example NAME`` (cloud/examples) the demo runs a shipped example instead of the digits
+MLP: the example's data set is written into the workspace, its model definition trained for its
+task, packaged for every tier (each tier packages it or refuses it with its reason), and the
+edge-gateway package goes to the fleet; the summary adds the per-tier results, the task's
+fleet metric and the drift report.
+
 train (PyTorch) -> export ONNX -> package for edge-gateway -> sign (TUF, Ed25519) -> announce
 (MQTT) -> N simulated agents download over HTTP, verify with python-tuf, install, serve, and
 report telemetry -> the control plane stores it in SQLite -> summary.
@@ -39,6 +45,8 @@ class DemoOptions:
     seed: int = 0
     timeout_s: float = 120.0
     prefix: str = "demo"          # device ids are <prefix>-edge-gateway-00000, ...
+    example: str | None = None    # a shipped example (cloud/examples) instead of the digits MLP
+    model_version: str | None = None   # deploy this registered version (packaged for edge-gateway): no training
 
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
@@ -63,13 +71,27 @@ def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None,
         cp = ControlPlane(registry, host, port).start()
     fleet: SimulatedFleet | None = None
     try:
-        trained = train_model(ws, registry, TrainParams(seed=opts.seed, epochs=opts.epochs),
-                              on_epoch=lambda e, row: report("train", e, opts.epochs))
-        mv = trained["model_version"]
-        package_model(ws, registry, mv, TIER)
-        report("package", 1, 1)
-        dataset = load_dataset()
-        _, _, test = dataset.split()
+        tiers: dict[str, Any] = {}
+        if opts.model_version is not None:
+            from cloud.pipeline import _training_data
+
+            mv = opts.model_version
+            row = registry.model_version(mv)
+            run = registry.run(row["run_id"])
+            trained = {"model_version": mv, "run_id": row["run_id"], "dataset_sha256": run["dataset_sha256"],
+                       "metrics": row["metrics"], "task": row.get("task") or {"kind": "classification"}}
+            dataset, _ = _training_data(registry, row["run_id"])
+        elif opts.example is None:
+            trained = train_model(ws, registry, TrainParams(seed=opts.seed, epochs=opts.epochs),
+                                  on_epoch=lambda e, row: report("train", e, opts.epochs))
+            mv = trained["model_version"]
+            package_model(ws, registry, mv, TIER)
+            report("package", 1, 1)
+            dataset = load_dataset()
+        else:
+            trained, dataset, tiers = _train_example(ws, registry, opts, report)
+            mv = trained["model_version"]
+        _, _, test = dataset.split(seed=0)
         spec = FleetSpec(devices=opts.devices, tier=TIER, state_root=ws.fleet_dir, mqtt_host=host,
                          mqtt_port=port, image_root=image.trusted_root(),
                          director_root=director.trusted_root(), samples=opts.samples, serve_version=mv,
@@ -90,14 +112,23 @@ def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None,
         ids = {run.agent.device_id for run in fleet.runs}
         rows = [d for d in registry.devices(tier=TIER) if d["device_id"] in ids]
         updated = sum(1 for d in rows if d["model_version"] == mv)
-        return {
+        out = {
             "devices": opts.devices, "updated": updated, "failed": opts.devices - updated,
             "model_version": mv, "update_id": announce.update_id, "run_id": trained["run_id"],
-            "dataset_sha256": trained["dataset_sha256"], "test_accuracy": trained["metrics"]["test_accuracy"],
+            "dataset_sha256": trained["dataset_sha256"], "test_accuracy": trained["metrics"].get("test_accuracy"),
             "telemetry_records": summary["records"], "inferences": summary["inferences"],
             "accuracy": summary["accuracy"], "malformed_dropped": cp.stats.malformed,
             "workspace": str(ws.root), "seconds": round(time.time() - t0, 2),
         }
+        if opts.example is not None:
+            from cloud.drift import drift_report
+
+            out.update(example=opts.example, task=trained["task"]["kind"], metrics=trained["metrics"],
+                       tiers=tiers, fleet_mae=summary["mae"], fleet_anomaly_rate=summary["anomaly_rate"],
+                       drift=[{k: c.get(k) for k in ("key", "model_version", "status", "records", "drifted_features")}
+                              for c in drift_report(registry, by="fleet")])
+            out["seconds"] = round(time.time() - t0, 2)
+        return out
     finally:
         if fleet is not None:
             fleet.stop()
@@ -105,6 +136,40 @@ def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None,
         cp.stop()
         server.stop()
         registry.close()
+
+
+def _train_example(ws: Workspace, registry: Registry, opts: DemoOptions,
+                   report: Progress) -> tuple[dict, Any, dict[str, Any]]:
+    """Write the example's data into the workspace, train its model, package it for every tier."""
+    from cloud.example_data import write_example
+    from cloud.examples import EXAMPLES
+    from cloud.pipeline import resolve_dataset
+    from cloud.tier_packagers import DoesNotFit
+    from cloud.tiers import load_tiers
+
+    example = EXAMPLES[opts.example]
+    path = write_example(example.data, ws.root / "data")
+    trained = train_model(ws, registry, TrainParams(seed=opts.seed, epochs=example.epochs, lr=example.lr),
+                          data=str(path), model=example.name, model_def=example.model_def, task=example.task,
+                          on_epoch=lambda e, row: report("train", e, example.epochs))
+    mv = trained["model_version"]
+    tiers: dict[str, Any] = {}
+    names = sorted(load_tiers())
+    for i, tier in enumerate(names):
+        try:
+            result = package_model(ws, registry, mv, tier)
+        except DoesNotFit as e:
+            tiers[tier] = {"packaged": False, "reason": str(e)}
+        else:
+            m = result.manifest.measured
+            tiers[tier] = {"packaged": True, "metric": m.get("metric"), "value": m.get("metric_value"),
+                           "float_value": m.get("metric_value_float"), "bytes": m.get("model_bytes")}
+        report("package", i + 1, len(names))
+    if not tiers.get(TIER, {}).get("packaged"):
+        raise DoesNotFit(f"example {example.name} does not fit the {TIER} tier the demo fleet runs: "
+                         f"{tiers[TIER]['reason']}")
+    dataset, _ = resolve_dataset(registry, str(path))
+    return trained, dataset, tiers
 
 
 def _wait_for_statuses(registry: Registry, fleet: SimulatedFleet, mv: str, deadline: float) -> None:

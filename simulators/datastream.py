@@ -16,7 +16,7 @@ class DataStream:
     y: np.ndarray | None    # labels, or None where the device never learns ground truth
 
     def for_device(self, index: int, samples: int, label_rate: float = 1.0,
-                   seed: int = 0) -> Iterator[tuple[np.ndarray, int | None]]:
+                   seed: int = 0) -> Iterator[tuple[np.ndarray, int | float | None]]:
         """``samples`` inputs starting at a device-specific offset; labels with ``label_rate``."""
         rng = np.random.default_rng(seed * 1_000_003 + index)
         start = (index * 37) % len(self.x)
@@ -24,7 +24,8 @@ class DataStream:
             j = (start + i) % len(self.x)
             label = None
             if self.y is not None and rng.random() < label_rate:
-                label = int(self.y[j])
+                # class labels stay whole numbers; a regression target keeps its value
+                label = int(self.y[j]) if np.issubdtype(self.y.dtype, np.integer) else float(self.y[j])
             yield self.x[j:j + 1], label
 
 

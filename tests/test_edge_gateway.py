@@ -92,6 +92,8 @@ def test_bad_requests_get_one_line_and_a_gateway_without_a_model_says_so(tmp_pat
                json.dumps({"inputs": [row, row[:-1]]}).encode(),              # ragged
                json.dumps({"inputs": [[True] * 64]}).encode(),
                json.dumps({"inputs": [row], "labels": [1, 2]}).encode(),
+               json.dumps({"inputs": [row], "labels": [1.5]}).encode(),            # a classifier's label is a class
+               json.dumps({"inputs": [row], "labels": [-1]}).encode(),
                json.dumps({"inputs": [row] * (MAX_ROWS + 1)}).encode()]
         for body in bad:
             status, out = _post(server.url, body)

@@ -1,0 +1,36 @@
+"""The shipped examples: a user's model and real data for each task, runnable with no download.
+
+``edgeloop demo --example NAME`` runs one through the whole loop; ``bench/examples.py`` runs all
+of them through training and per-tier packaging. The data sets ship inside installed packages
+(scikit-learn's wheel, edgeloop's own digits) and are written into the workspace by
+:mod:`cloud.example_data`; the model definitions are in :mod:`cloud.examples.models`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Example", "EXAMPLES"]
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str
+    data: str               # cloud.example_data name
+    model_def: str          # MODULE:FUNCTION
+    task: str
+    epochs: int
+    description: str
+    lr: float = 0.01
+
+
+EXAMPLES: dict[str, Example] = {e.name: e for e in (
+    Example("digits-cnn", "digits-images", "cloud.examples.models:digits_cnn", "classification", 15,
+            "a CNN on the 8x8 handwritten digits read as 1x8x8 images (NCHW)"),
+    Example("diabetes-regression", "diabetes", "cloud.examples.models:regression_mlp", "regression", 80,
+            "regression of disease progression on scikit-learn's diabetes data (442 patients, 10 features)"),
+    Example("breast-cancer", "breast-cancer", "cloud.examples.models:binary_mlp", "classification", 40,
+            "a binary classifier on scikit-learn's breast cancer data (569 tumours, 30 features)"),
+    Example("digits-anomaly", "digits-anomaly", "cloud.examples.models:autoencoder", "anomaly", 40,
+            "an autoencoder anomaly detector: trained on digits 0-8, the digit 9 is the anomaly"),
+)}
