@@ -16,9 +16,17 @@ tflite_operators       the operators a .tflite runs and the types they compute i
 c_header               the model as a C byte array for firmware builds
 =====================  ===========================================================================
 
-Calibration data is always *model inputs*: raw training rows after the feature contract
-(:meth:`contracts.features.FeatureSpec.apply`), so the input scale and zero point are
-measured on exactly what devices will feed the model.
+Calibration data is always *model inputs*: raw training rows after the feature contract, in
+the model's input shape, ``(n, *shape)`` (:meth:`contracts.features.FeatureSpec.model_input`),
+so the input scale and zero point are measured on exactly what devices will feed the model. The
+quantizers calibrate one example at a time, each fed as a batch of one, ``(1, *shape)``: the
+shape the ``.tflite`` models are converted with and the ONNX graph's input with batch 1.
+
+Layout: PyTorch convolutions are channels-first (NCHW, NCL), LiteRT's are channels-last. The
+converter runs each convolution channels-last and inserts TRANSPOSE (or, where the channels or
+the spatial axes have size 1, an equivalent RESHAPE) to move between the two;
+:func:`tflite_operators` marks those operators (``Operator.inserted_for_layout``) so a tier
+that cannot run them can say where they came from.
 
 Why min/max: ai-edge-quantizer's own ``Quantizer.calibrate`` keeps an exponential moving
 average (factor 0.95) of each sample's min and max; fed one row at a time, the range follows the
@@ -42,6 +50,7 @@ from __future__ import annotations
 import re
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +65,12 @@ __all__ = ["onnx_int8_qdq", "onnx_fp16", "litert_fp32", "litert_dynamic_int8", "
 
 
 def onnx_int8_qdq(onnx_bytes: bytes, calib: np.ndarray) -> bytes:
-    """Static int8 QDQ, weights per channel, calibrated on ``calib`` (rows of model inputs)."""
+    """Static int8 QDQ, weights per channel, calibrated on ``calib``: model inputs ``(n, *shape)``,
+    fed one example at a time as ``(1, *shape)`` (the graph's input is ``(batch, *shape)``)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    rows = [{INPUT_NAME: row[None, :]} for row in calib.astype(np.float32)]
+    rows = [{INPUT_NAME: example[None]} for example in np.asarray(calib, dtype=np.float32)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -90,14 +100,16 @@ def onnx_fp16(onnx_bytes: bytes) -> bytes | None:
         return None
 
 
-def litert_fp32(model: nn.Module, n_features: int) -> bytes:
-    """PyTorch -> float32 .tflite with a (1, n_features) input (devices infer one sample at a time)."""
+def litert_fp32(model: nn.Module, input_shape: int | Sequence[int]) -> bytes:
+    """PyTorch -> float32 .tflite with a ``(1, *input_shape)`` input (devices infer one sample at a
+    time); ``input_shape`` is the model's input per example, an int for a flat vector."""
     import litert_torch
 
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(int(d) for d in input_shape)
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(d, "fp32.tflite")
-        litert_torch.convert(model.eval(), (torch.zeros(1, n_features),)).export(str(path))
+        litert_torch.convert(model.eval(), (torch.zeros(1, *shape),)).export(str(path))
         return path.read_bytes()
 
 
@@ -113,7 +125,9 @@ def litert_dynamic_int8(fp32: bytes) -> bytes:
 
 
 def litert_full_int8(fp32: bytes, calib: np.ndarray) -> bytes:
-    """Fully int8 (int8 in and out, int32 bias), activation ranges by running min/max over ``calib``."""
+    """Fully int8 (int8 in and out, int32 bias), activation ranges by running min/max over ``calib``:
+    model inputs ``(n, *shape)``, one calibration step per example, fed as ``(1, *shape)`` (the
+    converted model's input)."""
     from ai_edge_quantizer import calibrator, quantizer, recipe, recipe_manager
     from ai_edge_quantizer.utils import qsv_utils, tfl_interpreter_utils
 
@@ -121,7 +135,7 @@ def litert_full_int8(fp32: bytes, calib: np.ndarray) -> bytes:
     manager = recipe_manager.RecipeManager()
     manager.load_quantization_recipe(chosen)
     input_name = _signature_input(fp32)
-    samples = [{input_name: row[None, :].astype(np.float32)} for row in calib]
+    samples = [{input_name: example[None]} for example in np.asarray(calib, dtype=np.float32)]
     with warnings.catch_warnings():   # its interpreters keep every tensor on purpose, and say so
         warnings.simplefilter("ignore")
         calib_run = calibrator.Calibrator(fp32, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
@@ -161,16 +175,77 @@ def _signature_input(model: bytes) -> str:
 class Operator:
     name: str                 # builtin operator name, e.g. FULLY_CONNECTED
     computes_in: str          # numpy dtype name of its first input: int8, float32, ...
+    inserted_for_layout: bool = False   # a TRANSPOSE/RESHAPE the converter added between channels-first and -last
+
+
+_CHANNELS_LAST_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "CONV_3D", "AVERAGE_POOL_2D", "MAX_POOL_2D",
+                      "L2_POOL_2D"}
+# operators a layout change passes through unchanged on its way to or from a convolution
+_LAYOUT_NEUTRAL_OPS = {"PAD", "PADV2", "RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LEAKY_RELU", "TANH", "LOGISTIC",
+                       "HARD_SWISH", "GELU", "QUANTIZE", "DEQUANTIZE", "ADD", "SUB", "MUL", "RESHAPE", "TRANSPOSE"}
+# channels-first <-> channels-last: NCHW <-> NHWC, NCL <-> NLC
+_CHANNEL_SWAPS = {(0, 2, 3, 1), (0, 3, 1, 2), (0, 2, 1)}
+_LAYOUT_HOPS = 4
 
 
 def tflite_operators(model: bytes) -> list[Operator]:
     """The operators a .tflite runs, in order, read with LiteRT's reference op resolver (no
-    delegate, so every builtin operator is listed as itself)."""
+    delegate, so every builtin operator is listed as itself). A TRANSPOSE that swaps channels-first
+    and channels-last, or a RESHAPE that only adds, drops or moves axes of size 1, next to a
+    convolution or pooling operator (through at most a few element-wise, padding or layout
+    operators) is marked ``inserted_for_layout``: the converter put it there because the PyTorch
+    model's tensors are channels-first and LiteRT's convolutions run channels-last. (A model that
+    permutes its own tensors that way next to a convolution is marked too; the .tflite cannot
+    tell the two apart.)"""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     interpreter = Interpreter(model_content=bytes(model), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    return [Operator(op["op_name"], np.dtype(op["operand_types"][0]).name if len(op["operand_types"]) else "none")
-            for op in interpreter._get_ops_details()]
+    ops = interpreter._get_ops_details()
+    shapes = {t["index"]: tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
+    producer = {t: i for i, op in enumerate(ops) for t in op["outputs"]}
+    consumers: dict[int, list[int]] = {}
+    for i, op in enumerate(ops):
+        for t in op["inputs"]:
+            consumers.setdefault(int(t), []).append(i)
+
+    def constant(tensor: int) -> tuple[int, ...] | None:
+        try:
+            return tuple(int(v) for v in np.asarray(interpreter.get_tensor(tensor)).reshape(-1))
+        except (ValueError, RuntimeError):
+            return None
+
+    def changes_layout(op: dict) -> bool:
+        if op["op_name"] == "TRANSPOSE" and len(op["inputs"]) == 2:
+            return constant(int(op["inputs"][1])) in _CHANNEL_SWAPS
+        if op["op_name"] == "RESHAPE" and len(op["inputs"]) and len(op["outputs"]):
+            before, after = shapes.get(int(op["inputs"][0])), shapes.get(int(op["outputs"][0]))
+            if before is None or after is None or before == after:
+                return False
+            return [d for d in before if d != 1] == [d for d in after if d != 1]
+        return False
+
+    def next_to_convolution(start: int) -> bool:
+        seen, frontier = {start}, [start]
+        for _ in range(_LAYOUT_HOPS):
+            step = []
+            for i in frontier:
+                near = [producer[t] for t in ops[i]["inputs"][:1] if t in producer]
+                near += [j for t in ops[i]["outputs"] for j in consumers.get(int(t), [])]
+                for j in near:
+                    if j in seen:
+                        continue
+                    if ops[j]["op_name"] in _CHANNELS_LAST_OPS:
+                        return True
+                    seen.add(j)
+                    if ops[j]["op_name"] in _LAYOUT_NEUTRAL_OPS:
+                        step.append(j)
+            frontier = step
+        return False
+
+    interpreter.allocate_tensors()     # constant tensors (a TRANSPOSE's permutation) are readable after this
+    return [Operator(op["op_name"], np.dtype(op["operand_types"][0]).name if len(op["operand_types"]) else "none",
+                     changes_layout(op) and next_to_convolution(i))
+            for i, op in enumerate(ops)]
 
 
 def c_header(model: bytes, name: str, description: str) -> bytes:

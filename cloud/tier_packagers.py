@@ -13,8 +13,12 @@ mcu           LiteRT ``.tflite`` fully int8 (int8 in and out, int32 bias) that T
               Micro runs, plus ``model_data.h`` (the model as a C byte array)
 ============  =======================================================================
 
+Models take the feature contract's shape per example (``FeatureSpec.shape``: a flat vector,
+an image, a multi-channel time series) and output ``n_outputs`` values per example; every
+converter and quantizer gets shaped model inputs ``(n, *shape)``.
+
 Before an artifact is measured, :func:`check_operators` refuses operators its tier's runtime
-lacks (by name) and, for int8 ``.tflite`` tiers, any operator left computing in float. Then
+lacks (by name, saying which ones the converter inserted for the model's layout) and, for int8 ``.tflite`` tiers, any operator left computing in float. Then
 :func:`measure` runs it on the runtime the device uses (``device_sdk.runtime``): held-out
 accuracy and top-1 agreement with the float model, host latency (p50) scaled by the tier
 profile, size and flash; for the mcu tier :func:`tflm_arena_bytes` measures the arena TFLM
@@ -36,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -77,10 +82,15 @@ class TierArtifact:
     operators: list[quantize.Operator] | None = None   # .tflite artifacts only
 
 
-def triton_config(name: str, n_features: int, n_classes: int, dtype: str = "TYPE_FP32") -> bytes:
+def triton_config(name: str, input_dims: Sequence[int], output_dims: Sequence[int], dtype: str = "TYPE_FP32") -> bytes:
+    """A Triton ``config.pbtxt`` for the ONNX model: ``input_dims`` and ``output_dims`` are the
+    per-example shapes (no batch axis; Triton adds it, up to ``max_batch_size``)."""
+    def dims(shape: Sequence[int]) -> str:
+        return ", ".join(str(int(d)) for d in shape)
+
     return (f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: 64\n'
-            f'input [\n  {{ name: "{INPUT_NAME}", data_type: {dtype}, dims: [ {n_features} ] }}\n]\n'
-            f'output [\n  {{ name: "{OUTPUT_NAME}", data_type: {dtype}, dims: [ {n_classes} ] }}\n]\n'
+            f'input [\n  {{ name: "{INPUT_NAME}", data_type: {dtype}, dims: [ {dims(input_dims)} ] }}\n]\n'
+            f'output [\n  {{ name: "{OUTPUT_NAME}", data_type: {dtype}, dims: [ {dims(output_dims)} ] }}\n]\n'
             f'instance_group [ {{ kind: KIND_GPU, count: 1 }} ]\n').encode()
 
 
@@ -90,26 +100,56 @@ class _Job:
     profile: TierProfile
     model: nn.Module
     onnx_bytes: bytes
-    calib: np.ndarray          # model inputs (feature contract applied)
+    calib: np.ndarray          # model inputs (n, *shape): the feature contract applied and reshaped
     name: str
     version: int
-    n_classes: int
+    n_outputs: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.calib.shape[1:])
+
+
+def _onnx_dims(job: _Job) -> tuple[list[int], list[int]]:
+    """The exported graph's per-example input and output dims, checked against the feature
+    contract's shape and ``n_outputs``. Raises UserError on a mismatch or a non-static dim."""
+    import onnx
+
+    graph = onnx.load_from_string(job.onnx_bytes).graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+
+    def per_example(value: Any, what: str) -> list[int]:
+        dims = list(value.type.tensor_type.shape.dim)[1:]
+        if any(not d.HasField("dim_value") for d in dims):
+            raise UserError(f"the ONNX model's {what} {value.name!r} has a dynamic axis besides the batch axis")
+        return [int(d.dim_value) for d in dims]
+
+    input_dims, output_dims = per_example(inputs[0], "input"), per_example(graph.output[0], "output")
+    if tuple(input_dims) != job.input_shape:
+        raise UserError(f"the ONNX model takes inputs of shape (batch, {', '.join(map(str, input_dims))}), "
+                        f"the feature contract gives (batch, {', '.join(map(str, job.input_shape))})")
+    if int(np.prod(output_dims)) != job.n_outputs:
+        raise UserError(f"the ONNX model outputs shape (batch, {', '.join(map(str, output_dims))}) per batch, "
+                        f"{int(np.prod(output_dims))} values per example, not {job.n_outputs}")
+    return input_dims, output_dims
 
 
 def _gpu_server(job: _Job) -> TierArtifact:
-    n_features = job.calib.shape[1]
-    files = {"model.onnx": job.onnx_bytes, "config.pbtxt": triton_config(job.name, n_features, job.n_classes)}
+    input_dims, output_dims = _onnx_dims(job)
+    files = {"model.onnx": job.onnx_bytes, "config.pbtxt": triton_config(job.name, input_dims, output_dims)}
     triton = {f"{job.name}/config.pbtxt": "config.pbtxt", f"{job.name}/{job.version}/model.onnx": "model.onnx"}
     fp16 = quantize.onnx_fp16(job.onnx_bytes)
     if fp16 is not None:
         files["model_fp16.onnx"] = fp16
-        files["config_fp16.pbtxt"] = triton_config(f"{job.name}_fp16", n_features, job.n_classes, "TYPE_FP16")
+        files["config_fp16.pbtxt"] = triton_config(f"{job.name}_fp16", input_dims, output_dims, "TYPE_FP16")
         triton.update({f"{job.name}_fp16/config.pbtxt": "config_fp16.pbtxt",
                        f"{job.name}_fp16/{job.version}/model.onnx": "model_fp16.onnx"})
     return TierArtifact("model.onnx", files, "fp32", {"triton": triton})
 
 
 def _onnx_int8(job: _Job) -> TierArtifact:
+    _onnx_dims(job)
     return TierArtifact("model.onnx", {"model.onnx": quantize.onnx_int8_qdq(job.onnx_bytes, job.calib)}, "int8")
 
 
@@ -119,15 +159,15 @@ def _tflite(model: bytes, numeric_format: str) -> TierArtifact:
 
 
 def _litert_fp32(job: _Job) -> TierArtifact:
-    return _tflite(quantize.litert_fp32(job.model, job.calib.shape[1]), "fp32")
+    return _tflite(quantize.litert_fp32(job.model, job.input_shape), "fp32")
 
 
 def _litert_dynamic(job: _Job) -> TierArtifact:
-    return _tflite(quantize.litert_dynamic_int8(quantize.litert_fp32(job.model, job.calib.shape[1])), "dynamic-int8")
+    return _tflite(quantize.litert_dynamic_int8(quantize.litert_fp32(job.model, job.input_shape)), "dynamic-int8")
 
 
 def _full_int8(job: _Job) -> TierArtifact:
-    model = quantize.litert_full_int8(quantize.litert_fp32(job.model, job.calib.shape[1]), job.calib)
+    model = quantize.litert_full_int8(quantize.litert_fp32(job.model, job.input_shape), job.calib)
     if job.profile.runtime == "tflite-micro":
         model = quantize.inline_buffers(model)      # TFLM cannot read external buffers (cloud/quantize.py)
     artifact = _tflite(model, "int8")
@@ -149,10 +189,13 @@ _PACKAGERS: dict[tuple[str, str], Callable[[_Job], TierArtifact]] = {
 
 
 def convert(profile: TierProfile, model: nn.Module, onnx_bytes: bytes, features: FeatureSpec,
-            calib_raw: np.ndarray, name: str, version: int, n_classes: int) -> TierArtifact:
+            calib_raw: np.ndarray, name: str, version: int, n_outputs: int) -> TierArtifact:
     """Build the tier's artifact from the float model (PyTorch for .tflite, its ONNX export for
-    ONNX). ``calib_raw`` are raw training rows; the feature contract is applied here. Raises
-    UserError for bad calibration data, a tier with no packager, or a failed conversion."""
+    ONNX), both taking ``(n, *features.shape)`` and giving ``n_outputs`` values per example.
+    ``calib_raw`` are raw flat training rows ``(n, n_features)``; the feature contract is applied
+    and the rows reshaped here (``features.model_input``). Raises UserError for bad calibration
+    data, a tier with no packager, an ONNX graph whose shapes disagree with the contract, or a
+    failed conversion."""
     packager = _PACKAGERS.get((profile.runtime, profile.format))
     if packager is None:
         raise UserError(f"tier {profile.name}: no packager for runtime {profile.runtime} with format "
@@ -161,10 +204,10 @@ def convert(profile: TierProfile, model: nn.Module, onnx_bytes: bytes, features:
     if calib_raw.ndim != 2 or calib_raw.shape[1] != features.n_features or len(calib_raw) < MIN_CALIBRATION_ROWS:
         raise UserError(f"calibration data must be at least {MIN_CALIBRATION_ROWS} rows of {features.n_features} "
                         f"features, got shape {tuple(calib_raw.shape)}")
-    calib = features.apply(calib_raw)
+    calib = features.model_input(calib_raw)
     if not np.isfinite(calib).all():
         raise UserError("calibration data has non-finite values after the feature contract")
-    job = _Job(profile, model, onnx_bytes, calib, name, version, n_classes)
+    job = _Job(profile, model, onnx_bytes, calib, name, version, n_outputs)
     with captured_output() as out:   # converters and quantizers print progress; keep the CLI clean
         try:
             return packager(job)
@@ -182,17 +225,29 @@ def convert(profile: TierProfile, model: nn.Module, onnx_bytes: bytes, features:
 _INT_TYPES = ("int8", "int16", "int32", "uint8")
 
 
+_LAYOUT_ORIGIN = ("inserted by the converter for the channels-first layout of the model's tensors "
+                  "(LiteRT runs convolutions channels-last)")
+
+
 def check_operators(profile: TierProfile, artifact: TierArtifact) -> None:
-    """Refuse operators the tier's runtime lacks, by name; for a .tflite int8 tier, refuse
-    float operators left in the graph and a float model interface. Raises UnsupportedOperator."""
+    """Refuse operators the tier's runtime lacks, in one line that names each and says whether
+    the converter inserted it for the model's channels-first layout or it is the model's own; for
+    a .tflite int8 tier, refuse float operators left in the graph and a float model interface.
+    Raises UnsupportedOperator."""
     ops = artifact.operators
     if ops is None:
         return
     if profile.supported_ops:
         missing = sorted({op.name for op in ops} - set(profile.supported_ops))
         if missing:
+            origins = []
+            for name in missing:
+                inserted = {op.inserted_for_layout for op in ops if op.name == name}
+                origin = (_LAYOUT_ORIGIN if inserted == {True} else "the model's own" if inserted == {False}
+                          else f"the model's own, and also {_LAYOUT_ORIGIN}")
+                origins.append(f"{name}: {origin}")
             raise UnsupportedOperator(f"{profile.name} cannot run operator(s) {', '.join(missing)} "
-                                      f"(supported: {', '.join(profile.supported_ops)})")
+                                      f"(supported: {', '.join(profile.supported_ops)}); {'; '.join(origins)}")
     if artifact.numeric_format != "int8":
         return
     floats = [op.name for op in ops if op.computes_in not in _INT_TYPES]

@@ -1,0 +1,279 @@
+"""Shaped, non-MLP models through every tier's converter: a CNN on 1x8x8 digit images (NCHW), a
+Conv1d net on 3-channel time series (NCL) and a regression MLP with one output. Each artifact
+is loaded on the device runtime and compared with the float PyTorch model on held-out rows; the
+mcu tier refuses the convolutions' layout TRANSPOSE in one line that says the converter put it
+there, and still takes the flat MLP."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from contracts.bundle import Bundle, Manifest
+from contracts.features import FeatureSpec
+from cloud.datasets import load_dataset
+from cloud.export import INPUT_NAME, OUTPUT_NAME
+from cloud.packaging import GOLDEN_ATOL
+from cloud.tier_packagers import (TierArtifact, UnsupportedOperator, captured_output, check_operators, convert,
+                                  tflm_arena_bytes, triton_config)
+from cloud.tiers import tier
+from device_sdk.runtime import LiteRTModel, load_runtime
+
+TIERS = ("gpu-server", "edge-gateway", "mobile", "mcu")
+ONNX_TIERS = ("gpu-server", "edge-gateway")
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return torch.softmax(self.fc(torch.flatten(x, 1)), dim=-1)
+
+
+class SeriesConv1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(3, 8, 5, padding=2), nn.Conv1d(8, 16, 5, stride=2, padding=2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return torch.softmax(self.fc(x.mean(dim=-1)), dim=-1)
+
+
+def _regression_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    model: nn.Module
+    features: FeatureSpec
+    onnx: bytes
+    train_raw: np.ndarray
+    test_raw: np.ndarray
+    test_y: np.ndarray
+    n_outputs: int
+    classification: bool
+
+    def float_outputs(self, raw: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.model(torch.from_numpy(self.features.model_input(raw))).numpy()
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, classification: bool, epochs: int) -> nn.Module:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt = torch.from_numpy(x)
+    yt = torch.from_numpy(y).long() if classification else torch.from_numpy(y).float()[:, None]
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(64):
+            out = model(xt[idx])
+            loss = (nn.functional.nll_loss(torch.log(out.clamp_min(1e-8)), yt[idx]) if classification
+                    else nn.functional.mse_loss(out, yt[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _export(model: nn.Module, shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), buf, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=17, dynamo=False,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    return buf.getvalue()
+
+
+def _case(name: str, model: nn.Module, features: FeatureSpec, raw: np.ndarray, y: np.ndarray,
+          classification: bool, epochs: int, n_outputs: int) -> Case:
+    n_test = len(raw) // 5
+    train_raw, test_raw, train_y, test_y = raw[n_test:], raw[:n_test], y[n_test:], y[:n_test]
+    torch.manual_seed(0)
+    _train(model, features.model_input(train_raw), train_y, classification, epochs)
+    return Case(name, model, features, _export(model, features.shape), train_raw, test_raw, test_y, n_outputs,
+                classification)
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, Case]:
+    digits = load_dataset()
+    order = np.random.default_rng(0).permutation(len(digits.y))
+    images = FeatureSpec(n_features=64, steps=[{"op": "scale", "factor": 1 / 16}], input_shape=(1, 8, 8),
+                         layout="NCHW")
+    torch.manual_seed(0)
+    cnn = _case("cnn", DigitsCNN(), images, digits.x[order], digits.y[order], True, 12, 10)
+
+    rng = np.random.default_rng(1)
+    n, t = 1500, np.arange(32)
+    y = rng.integers(0, 3, n)
+    phase = rng.uniform(0, 2 * np.pi, (n, 3, 1))
+    series = np.sin(2 * np.pi * (2.0 * (y[:, None, None] + 1)) * t / 32 + phase) * np.array([1.0, 0.6, 0.3])[:, None]
+    series = (series + 0.3 * rng.standard_normal((n, 3, 32))).astype(np.float32).reshape(n, 96)
+    ncl = FeatureSpec(n_features=96, input_shape=(3, 32), layout="NCL")
+    torch.manual_seed(0)
+    conv1d = _case("conv1d", SeriesConv1d(), ncl, series, y, True, 12, 3)
+
+    x = rng.uniform(-1, 1, (2000, 8)).astype(np.float32)
+    target = (np.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2] + 0.5 * x[:, 3]).astype(np.float32)
+    torch.manual_seed(0)
+    regression = _case("regression", _regression_mlp(), FeatureSpec(n_features=8), x, target, False, 40, 1)
+    return {c.name: c for c in (cnn, conv1d, regression)}
+
+
+_built: dict[tuple[str, str], TierArtifact] = {}
+
+
+def _convert(case: Case, tier_name: str) -> TierArtifact:
+    key = (case.name, tier_name)
+    if key not in _built:
+        with captured_output():
+            _built[key] = convert(tier(tier_name), case.model, case.onnx, case.features, case.train_raw,
+                                  f"shaped_{case.name}", 1, case.n_outputs)
+    return _built[key]
+
+
+def _bundle(case: Case, tier_name: str, artifact: TierArtifact) -> Bundle:
+    profile = tier(tier_name)
+    model = artifact.files[artifact.entrypoint]
+    measured = {"ram_bytes": tflm_arena_bytes(model)} if profile.runtime == "tflite-micro" else {}
+    labels = [str(i) for i in range(case.n_outputs)] if case.classification else ["value"]
+    draft = Manifest(model=f"shaped_{case.name}", version=1, tier=profile.name, runtime=profile.runtime,
+                     numeric_format=artifact.numeric_format, entrypoint=artifact.entrypoint, inputs=[], outputs=[],
+                     features=case.features, labels=labels, golden="golden.json",
+                     golden_atol=GOLDEN_ATOL[artifact.numeric_format], max_latency_ms=profile.latency_budget_ms,
+                     measured=measured)
+    return Bundle(draft, artifact.files)
+
+
+def _device_outputs(case: Case, bundle: Bundle) -> np.ndarray:
+    """The device runtime's outputs on raw rows; for an ONNX package, onnxruntime fed
+    ``model_input`` directly if this tree's OnnxModel does not reshape yet."""
+    with captured_output():
+        runtime = load_runtime(bundle)
+        try:
+            return runtime.predict(case.test_raw)
+        except Exception:
+            if bundle.manifest.runtime != "onnxruntime":
+                raise
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(bundle.model_bytes, providers=["CPUExecutionProvider"])
+            return session.run(None, {INPUT_NAME: case.features.model_input(case.test_raw)})[0]
+
+
+def _agreement(case: Case, got: np.ndarray) -> tuple[str, float]:
+    want = case.float_outputs(case.test_raw)
+    got = np.asarray(got, dtype=np.float32).reshape(want.shape)
+    if case.classification:
+        return "top1_agreement", float((got.argmax(1) == want.argmax(1)).mean())
+    spread = float(case.test_y.max() - case.test_y.min())
+    return "max_abs_diff_over_target_range", float(np.max(np.abs(got - want)) / spread)
+
+
+def _assert_close(case: Case, tier_name: str, got: np.ndarray) -> None:
+    metric, value = _agreement(case, got)
+    print(f"{case.name} on {tier_name}: {metric} {value:.4f}")
+    if case.classification:
+        assert value >= 0.95, f"{case.name} on {tier_name}: top-1 agreement {value:.4f}"
+    else:
+        assert value <= 0.06, f"{case.name} on {tier_name}: max |diff| is {value:.4f} of the target's range"
+
+
+def test_the_float_models_learned_their_tasks(cases):
+    for case in cases.values():
+        out = case.float_outputs(case.test_raw)
+        if case.classification:
+            assert (out.argmax(1) == case.test_y).mean() >= 0.9, case.name
+        else:
+            assert np.abs(out[:, 0] - case.test_y).mean() <= 0.3 * case.test_y.std()
+
+
+@pytest.mark.parametrize("tier_name", TIERS)
+@pytest.mark.parametrize("name", ["cnn", "conv1d", "regression"])
+def test_each_tier_packages_the_shaped_model_and_agrees_with_float(cases, name, tier_name):
+    case = cases[name]
+    artifact = _convert(case, tier_name)
+    if tier_name == "mcu" and name != "regression":
+        with pytest.raises(UnsupportedOperator) as refused:
+            check_operators(tier("mcu"), artifact)
+        message = str(refused.value)
+        print(f"{name} on mcu refused: {message}")
+        assert "\n" not in message
+        assert "cannot run operator(s) TRANSPOSE (supported: " in message
+        assert message.endswith("TRANSPOSE: inserted by the converter for the channels-first layout of the model's "
+                                "tensors (LiteRT runs convolutions channels-last)")
+        # the refused int8 model is still the shaped model, fully int8: LiteRT runs it
+        assert artifact.numeric_format == "int8"
+        _assert_close(case, "mcu int8 on LiteRT", LiteRTModel(_bundle(case, "mcu", artifact)).predict(case.test_raw))
+        return
+    check_operators(tier(tier_name), artifact)
+    _assert_close(case, tier_name, _device_outputs(case, _bundle(case, tier_name, artifact)))
+
+
+def test_the_flat_mlp_runs_on_the_mcu_with_int8_in_and_out(cases):
+    case = cases["regression"]
+    artifact = _convert(case, "mcu")
+    check_operators(tier("mcu"), artifact)
+    assert [op.name for op in artifact.operators] == ["FULLY_CONNECTED"] * 3
+    assert not any(op.inserted_for_layout for op in artifact.operators)
+    assert "model_data.h" in artifact.files
+
+
+def test_the_converter_inserted_layout_operators_are_told_from_the_models_own(cases):
+    ops = _convert(cases["cnn"], "mcu").operators
+    marked = [(op.name, op.inserted_for_layout) for op in ops if op.name in ("TRANSPOSE", "RESHAPE")]
+    # (1,1,8,8) -> (1,8,8,1) before the first convolution is the converter's; flatten is the model's
+    assert marked == [("RESHAPE", True), ("TRANSPOSE", True), ("RESHAPE", False)]
+    series = [(op.name, op.inserted_for_layout) for op in _convert(cases["conv1d"], "mcu").operators]
+    assert ("TRANSPOSE", True) in series and ("TRANSPOSE", False) not in series
+    assert ("MEAN", False) in series
+
+
+def test_a_refusal_names_the_models_own_operators_apart_from_the_converters(cases):
+    profile = dataclasses.replace(tier("mcu"), supported_ops=tuple(op for op in tier("mcu").supported_ops
+                                                                     if op != "SOFTMAX"))
+    with pytest.raises(UnsupportedOperator) as refused:
+        check_operators(profile, _convert(cases["cnn"], "mcu"))
+    message = str(refused.value)
+    assert "cannot run operator(s) SOFTMAX, TRANSPOSE (supported: " in message
+    assert "; SOFTMAX: the model's own; TRANSPOSE: inserted by the converter" in message
+
+
+def test_triton_configs_carry_the_real_shapes(cases):
+    files = _convert(cases["cnn"], "gpu-server").files
+    assert 'dims: [ 1, 8, 8 ]' in files["config.pbtxt"].decode() and 'dims: [ 10 ]' in files["config.pbtxt"].decode()
+    if "config_fp16.pbtxt" in files:
+        assert "TYPE_FP16" in files["config_fp16.pbtxt"].decode()
+        assert 'dims: [ 1, 8, 8 ]' in files["config_fp16.pbtxt"].decode()
+    series = _convert(cases["conv1d"], "gpu-server").files["config.pbtxt"].decode()
+    assert 'dims: [ 3, 32 ]' in series and 'dims: [ 3 ]' in series
+    regression = _convert(cases["regression"], "gpu-server").files["config.pbtxt"].decode()
+    assert 'dims: [ 8 ]' in regression and 'dims: [ 1 ]' in regression
+    assert triton_config("m", [3, 32], [1]).count(b"dims: [") == 2
+
+
+def test_an_onnx_export_that_disagrees_with_the_feature_contract_is_refused_in_one_line(cases):
+    case = cases["cnn"]
+    from cloud.errors import UserError
+
+    flat = dataclasses.replace(case.features, input_shape=(), layout="flat")
+    with pytest.raises(UserError, match=r"takes inputs of shape \(batch, 1, 8, 8\), the feature contract gives "
+                                        r"\(batch, 64\)"):
+        convert(tier("gpu-server"), case.model, case.onnx, flat, case.train_raw[:64], "m", 1, 10)
+    with pytest.raises(UserError, match=r"10 values per example, not 3"):
+        convert(tier("edge-gateway"), case.model, case.onnx, case.features, case.train_raw[:64], "m", 1, 3)
