@@ -73,6 +73,10 @@ class BudgetExceeded(DoesNotFit):
     """The artifact is over its tier's RAM, flash or latency budget."""
 
 
+class OutOfTolerance(DoesNotFit):
+    """The artifact's outputs stray beyond its tier's tolerance of the float model's."""
+
+
 @dataclass
 class TierArtifact:
     entrypoint: str                          # the model file devices load
