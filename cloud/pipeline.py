@@ -252,6 +252,9 @@ def package_model(ws: Workspace, registry: Registry, model_version: str, tier: s
     budgets, and store it (content-addressed). Raises UserError / BudgetExceeded, registering nothing."""
     mv = registry.model_version(model_version)
     profile = tier_profile(tier, ws.root)
+    if (mv.get("arch") or {}).get("kind") == "imported" and mv["arch"].get("format") == "tflite":
+        from cloud.importing import package_imported_tflite   # the file as it is: no ONNX, no PyTorch
+        return package_imported_tflite(ws, registry, mv, profile)
     onnx_bytes = _read_artifact(registry, mv["onnx_sha256"], f"ONNX export of {model_version}")
     dataset, seed = _training_data(registry, mv["run_id"])
     train_split, _, test = dataset.split(seed=seed)
@@ -275,6 +278,9 @@ def package_model(ws: Workspace, registry: Registry, model_version: str, tier: s
 
 def _torch_model(registry: Registry, mv: dict[str, Any]) -> torch.nn.Module:
     """A model version's float PyTorch model as exported (the task's wrapper on top)."""
+    if (mv.get("arch") or {}).get("kind") == "imported":
+        from cloud.importing import torch_model as imported_torch_model   # its ONNX graph, via onnx2torch
+        return imported_torch_model(registry, mv)
     if not mv.get("state_sha256") or not mv.get("arch"):
         raise UserError(f"{mv['model_version']} has no PyTorch weights recorded (trained before tier "
                         "packaging existed); retrain it")

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy the candidate may lose against production (default 0.01)")
     _action(models, "archive", "archive a model version", _models_archive).add_argument(
         "model_version", metavar="MODEL_VERSION")
+    from fleet.cli_models_import import add_models_import
+    add_models_import(models, _action)
     drift = _group(sub, "drift", "drift and skew against the training baseline, per cohort", _drift_report)
     p = _action(drift, "report", "compare device telemetry with each model version's training baseline",
                 _drift_report)
