@@ -196,7 +196,7 @@ def test_anomaly_detector_threshold_metrics_and_fleet(broker, tmp_path):
     assert mv["task"]["kind"] == "anomaly" and mv["task"]["threshold"] > 0
     m = result["metrics"]
     assert m["test_accuracy"] > 0.85
-    assert 0.02 < m["test_anomaly_rate"] < 0.3       # about a tenth of the digits are 9s
+    assert 0.02 < m["test_anomaly_rate"] < 0.3       # about a tenth of the digits are 7s
     assert result["tiers"]["edge-gateway"]["packaged"]
     assert result["fleet_anomaly_rate"] is not None and 0.0 < result["fleet_anomaly_rate"] < 0.4
     pkg = read_bundle(Path(registry.artifact_path(registry.package_for(result["model_version"], "edge-gateway")
@@ -205,7 +205,7 @@ def test_anomaly_detector_threshold_metrics_and_fleet(broker, tmp_path):
 
 
 def test_anomaly_scores_rise_on_anomalies(tmp_path):
-    """The exported score separates the held-out 9s from the normal digits."""
+    """The exported score separates the held-out 7s from the normal digits."""
     ws = Workspace.init(tmp_path / "ws")
     registry = Registry(ws.registry_path)
     data = write_example("digits-anomaly", tmp_path / "data")
@@ -222,6 +222,6 @@ def test_anomaly_scores_rise_on_anomalies(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     assert np.median(scores[test.y == 1]) > 1.4 * np.median(scores[test.y == 0])
-    assert roc_auc_score(test.y, scores) > 0.75     # measured 0.80 (a 9 resembles a 4 or a 7)
+    assert roc_auc_score(test.y, scores) > 0.9      # measured 0.97
     flagged = scores > mv["task"]["threshold"]
-    assert flagged[test.y == 1].mean() > 2 * flagged[test.y == 0].mean()
+    assert flagged[test.y == 1].mean() > 0.5 > 0.15 > flagged[test.y == 0].mean()   # measured .86 and .04

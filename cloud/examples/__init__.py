@@ -32,5 +32,5 @@ EXAMPLES: dict[str, Example] = {e.name: e for e in (
     Example("breast-cancer", "breast-cancer", "cloud.examples.models:binary_mlp", "classification", 40,
             "a binary classifier on scikit-learn's breast cancer data (569 tumours, 30 features)"),
     Example("digits-anomaly", "digits-anomaly", "cloud.examples.models:autoencoder", "anomaly", 40,
-            "an autoencoder anomaly detector: trained on digits 0-8, the digit 9 is the anomaly"),
+            "an autoencoder anomaly detector: trained on the other digits, the digit 7 is the anomaly"),
 )}
