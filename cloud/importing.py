@@ -396,18 +396,28 @@ def _check_outputs(kind: TaskKind, out: np.ndarray, n_classes: int, fmt: str, in
 
 
 # -- packaging imported versions -------------------------------------------------------------
-def _import_onnx2torch():  # noqa: ANN202
-    """onnx2torch, importable without torchvision (which it needs only for NMS and RoiAlign
-    nodes): a stand-in is put in place for the import only, if torchvision is not installed."""
-    import importlib.util
+def _torchvision_loads() -> bool:
+    try:
+        import torchvision  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - a build for another torch raises RuntimeError, OSError, ...
+        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[mod]
+        return False
 
-    if "onnx2torch" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+
+def _import_onnx2torch():  # noqa: ANN202
+    """onnx2torch, importable without a working torchvision (which it needs only for NMS and
+    RoiAlign nodes): a stand-in is put in place for the import only, if torchvision is not
+    installed or does not load. pip resolves onnx2torch's torchvision to the CUDA build, whose
+    ``_C`` extension does not load beside the CPU torch wheel, so importing it raises."""
+    if "onnx2torch" in sys.modules or _torchvision_loads():
         import onnx2torch
         return onnx2torch
     tv, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
 
     def missing(*args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("this ONNX operator needs torchvision, which is not installed")
+        raise NotImplementedError("this ONNX operator needs torchvision, which is not installed or does not load")
 
     ops.nms = ops.roi_align = ops.box_convert = missing
     tv.ops = ops

@@ -113,7 +113,8 @@ class Registry:
                                                  "detail": str, "topic": str, "received_at": float},
                                                 if_not_exists=True)
         t("label_feedback", pk=("device_id", "seq")).create({"device_id": str, "seq": int, "labelled": int,
-                                                             "correct": int, "source": str, "added_at": float},
+                                                             "correct": int, "abs_err_sum": float, "source": str,
+                                                             "added_at": float},
                                                             if_not_exists=True)
         # columns added after a table first shipped: older registries gain them on open
         for table, column in (("telemetry", "features"), ("telemetry", "samples"), ("model_versions", "state_sha256"),
@@ -121,8 +122,9 @@ class Registry:
                               ("model_versions", "task")):
             if column not in t(table).columns_dict:
                 t(table).add_column(column, str)
-        if "abs_err_sum" not in t("telemetry").columns_dict:
-            t("telemetry").add_column("abs_err_sum", float)
+        for table in ("telemetry", "label_feedback"):
+            if "abs_err_sum" not in t(table).columns_dict:
+                t(table).add_column("abs_err_sum", float)
         # an error report sent again (its confirmation was lost) is stored once
         t("device_errors").create_index(["report_id"], unique=True, if_not_exists=True)
 
@@ -375,12 +377,14 @@ class Registry:
 
     def add_label_feedback(self, rows: list[dict[str, Any]], source: str = "operator") -> int:
         """Delayed ground truth for stored telemetry windows: per (device_id, seq), how many of the
-        window's inferences are now labelled and how many of those were right. Replaces the device's
-        own label counts for that window in accuracy (a later feedback for a window replaces an
-        earlier one). Returns how many windows it names that are stored."""
+        window's inferences are now labelled, how many of those were right and (regression, optional
+        ``abs_err_sum``) their summed absolute error. Replaces the device's own label counts for
+        that window in accuracy and MAE (a later feedback for a window replaces an earlier one).
+        Returns how many windows it names that are stored."""
         now = time.time()
         with self._lock:
-            self.db["label_feedback"].upsert_all([{**r, "source": source, "added_at": now} for r in rows],
+            self.db["label_feedback"].upsert_all([{"abs_err_sum": None, **r, "source": source, "added_at": now}
+                                                  for r in rows],
                                                  pk=("device_id", "seq"))
             known = 0
             for r in rows:

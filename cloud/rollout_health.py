@@ -3,9 +3,14 @@ the same devices (docs/rollouts.md, "Abort criteria").
 
 :func:`compare` is pure: it takes telemetry rows (``new`` 1 for the new version, 0 for the
 previous one; ``count``, ``errors``, ``latency_ms_p50``, and the ``predictions`` and
-``confidence_hist`` histograms as JSON text or lists) and thresholds, and returns the
-measures and the thresholds they break. Nothing is judged below ``min_inferences``
-inferences on either side.
+``confidence_hist`` histograms as JSON text or lists, and where known ``labelled``, ``correct``
+and ``abs_err_sum``) and thresholds, and returns the measures and the thresholds they break.
+Nothing is judged below ``min_inferences`` inferences on either side.
+
+``quality_drop`` is the task's own metric (contracts/tasks.py) on the labelled inferences, new
+against previous: the accuracy drop for classification and anomaly detection (absolute, 0..1),
+the relative MAE increase for regression (0.1: the MAE rose by 10%). It is judged once each side
+has ``min_inferences`` labelled inferences, and is None before.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import json
 import math
 from typing import Any, Iterable
 
-__all__ = ["MEASURES", "compare", "js_distance"]
+__all__ = ["MEASURES", "compare", "js_distance", "quality_drop"]
 
 # measure -> how a breach reads
 MEASURES = {"error_rate_increase": "error rate up", "latency_p95_increase_ms": "latency p95 up (ms)",
-            "prediction_js": "prediction JS distance", "confidence_drop": "mean confidence down"}
+            "prediction_js": "prediction JS distance", "confidence_drop": "mean confidence down",
+            "quality_drop": "task metric worse"}
 
 
 def js_distance(p: Iterable[float], q: Iterable[float]) -> float:
@@ -61,7 +67,13 @@ def _side(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for i, v in enumerate(hist):
                 acc[i] += v
     total_conf = sum(conf)
-    return {"inferences": n, "records": len(rows),
+    labelled = sum(row.get("labelled") or 0 for row in rows)
+    err_rows = [row for row in rows if row.get("abs_err_sum") is not None]
+    err_labelled = sum(row.get("labelled") or 0 for row in err_rows)
+    return {"inferences": n, "records": len(rows), "labelled": labelled,
+            "accuracy": sum(row.get("correct") or 0 for row in rows) / labelled if labelled else None,
+            "mae": sum(row["abs_err_sum"] for row in err_rows) / err_labelled if err_labelled else None,
+            "mae_labelled": err_labelled,
             "error_rate": sum(row["errors"] for row in rows) / n if n else 0.0,
             "latency_p95_ms": percentile([row["latency_ms_p50"] for row in rows if row["count"]], 95),
             "mean_confidence": sum((i + 0.5) / len(conf) * v for i, v in enumerate(conf)) / total_conf
@@ -69,7 +81,22 @@ def _side(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "predictions": preds}
 
 
-def compare(rows: list[dict[str, Any]], limits: dict[str, float | None], min_inferences: int) -> dict[str, Any]:
+def quality_drop(new: dict[str, Any], old: dict[str, Any], task: str, min_labelled: int) -> float | None:
+    """How much worse the task's metric is on the new side (see the module text); None when
+    either side has too few labelled inferences."""
+    if task == "regression":
+        if min(new["mae_labelled"], old["mae_labelled"]) < min_labelled or new["mae"] is None:
+            return None
+        if old["mae"] <= 0:
+            return 0.0 if new["mae"] <= 0 else math.inf
+        return new["mae"] / old["mae"] - 1.0
+    if min(new["labelled"], old["labelled"]) < min_labelled:
+        return None
+    return old["accuracy"] - new["accuracy"]
+
+
+def compare(rows: list[dict[str, Any]], limits: dict[str, float | None], min_inferences: int,
+            task: str = "classification") -> dict[str, Any]:
     """``{"new", "previous", "evaluated", the MEASURES, "breaches"}``; a limit of None is not checked."""
     new = _side([row for row in rows if row["new"]])
     old = _side([row for row in rows if not row["new"]])
@@ -81,8 +108,10 @@ def compare(rows: list[dict[str, Any]], limits: dict[str, float | None], min_inf
     out["latency_p95_increase_ms"] = new["latency_p95_ms"] - old["latency_p95_ms"]
     out["prediction_js"] = js_distance(new["predictions"], old["predictions"])
     out["confidence_drop"] = old["mean_confidence"] - new["mean_confidence"]
+    out["quality_drop"] = quality_drop(new, old, task, min_inferences)
+    out["metric"] = "mae" if task == "regression" else "accuracy"
     for key, label in MEASURES.items():
         limit = limits.get(key)
-        if limit is not None and out[key] > limit:
+        if limit is not None and out[key] is not None and out[key] > limit:
             out["breaches"].append(f"{label} {out[key]:.4g} > {limit:g}")
     return out

@@ -43,8 +43,10 @@ Abort criteria: install failures (failed + timed_out, final ones only) over
 health, from the telemetry of the committed devices against their own previous version:
 error-rate increase over ``max_error_rate``, p95 latency increase over ``max_latency_p95_ms``,
 Jensen-Shannon distance of the prediction histograms over ``max_prediction_js``, mean
-confidence drop over ``max_confidence_drop`` (each None: not checked), once both versions have
-``health_min_inferences`` inferences. See docs/rollouts.md.
+confidence drop over ``max_confidence_drop``, the task's metric worse by more than
+``max_quality_drop`` on labelled inferences (accuracy drop; regression: relative MAE rise) (each
+None: not checked), once both versions have ``health_min_inferences`` inferences. See
+docs/rollouts.md.
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ class RolloutSpec:
     max_latency_p95_ms: float | None = None
     max_prediction_js: float | None = None
     max_confidence_drop: float | None = None
+    max_quality_drop: float | None = None   # the task's metric: accuracy drop, or relative MAE rise
     health_min_inferences: int = 20
     health_interval_s: float = 5.0
     include_offline: bool = False      # also select devices whose last word was "offline" (they time out)
@@ -173,7 +176,8 @@ class RolloutSpec:
                   ("retries", 0 <= self.retries <= 100), ("timeout_s", self.timeout_s is None or self.timeout_s > 0),
                   ("health_min_inferences", self.health_min_inferences >= 1)]
         checks += [(name, getattr(self, name) is None or getattr(self, name) >= 0)
-                   for name in ("max_error_rate", "max_latency_p95_ms", "max_prediction_js", "max_confidence_drop")]
+                   for name in ("max_error_rate", "max_latency_p95_ms", "max_prediction_js", "max_confidence_drop",
+                                "max_quality_drop")]
         for name, ok in checks:
             if not ok:
                 raise UserError(f"invalid rollout setting {name} = {getattr(self, name)!r}")
@@ -641,7 +645,8 @@ class RolloutController:
         if finished >= spec.min_devices and finished and 100.0 * failed / finished > spec.max_failure_pct:
             return (f"install failures: {failed} of {finished} finished devices "
                     f"({100.0 * failed / finished:.1f}% > {spec.max_failure_pct:g}%)")
-        limits = (spec.max_error_rate, spec.max_latency_p95_ms, spec.max_prediction_js, spec.max_confidence_drop)
+        limits = (spec.max_error_rate, spec.max_latency_p95_ms, spec.max_prediction_js, spec.max_confidence_drop,
+                  spec.max_quality_drop)
         if all(v is None for v in limits) or counts["committed"] == 0:
             return None
         if r.get("health_at") and now - r["health_at"] < spec.health_interval_s:
@@ -662,14 +667,19 @@ class RolloutController:
         with self._lock:
             rows = list(self.db.query(
                 "select t.model_version = ? as new, t.count, t.errors, t.latency_ms_p50, t.predictions, "
-                "t.confidence_hist from telemetry t join rollout_devices d on d.device_id = t.device_id "
+                "t.confidence_hist, t.labelled, t.correct, t.abs_err_sum from telemetry t join rollout_devices d on d.device_id = t.device_id "
                 "where d.rollout_id = ? and d.state = 'committed' and d.prev_version != ? and "
                 "(t.model_version = ? or t.model_version = d.prev_version)",
                 [r["model_version"], rollout_id, r["model_version"], r["model_version"]]))
         return compare(rows, {"error_rate_increase": spec.max_error_rate,
                               "latency_p95_increase_ms": spec.max_latency_p95_ms,
-                              "prediction_js": spec.max_prediction_js, "confidence_drop": spec.max_confidence_drop},
-                       spec.health_min_inferences)
+                              "prediction_js": spec.max_prediction_js, "confidence_drop": spec.max_confidence_drop,
+                              "quality_drop": spec.max_quality_drop},
+                       spec.health_min_inferences, task=self._task_kind(r["model_version"]))
+
+    def _task_kind(self, model_version: str) -> str:
+        task = self.registry.model_version(model_version).get("task") or {}
+        return task.get("kind", "classification")
 
     def _abort_step(self, rid: str, r: dict[str, Any], now: float) -> int:
         """Cancel what was never sent, roll back what committed, finish once nothing is in flight."""

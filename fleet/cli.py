@@ -98,10 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     _action(runs, "show", "show a run record", _runs_show).add_argument("run_id", metavar="RUN")
 
     data = _group(sub, "data", "register and list data sets", _data_ls)
-    p = _action(data, "add", "register a data set version (CSV file or folder)", _data_add)
+    p = _action(data, "add", "register a data set version (CSV file or folder, .npz, image folder)", _data_add)
     p.add_argument("name", metavar="NAME")
     p.add_argument("path", metavar="PATH", type=Path)
+    p.add_argument("--task", choices=["classification", "regression", "anomaly"],
+                   help="how the labels read (default: what an .npz declares, else classification)")
     _action(data, "ls", "list data sets", _data_ls)
+    p = _action(data, "example", "write a shipped example data set as .npz (no download)", _data_example)
+    p.add_argument("example", metavar="NAME", choices=_example_data_names(),
+                   help=", ".join(_example_data_names()))
+    p.add_argument("--dest", type=Path, default=Path("."), metavar="DIR", help="folder to write into (default: .)")
 
     p = cmd("lineage", "what a device runs and where it came from, down to the data hash", _lineage)
     p.add_argument("device_id", metavar="DEVICE")
@@ -399,17 +405,38 @@ def _runs_show(args: argparse.Namespace, out: Output) -> int:
 def _data_add(args: argparse.Namespace, out: Output) -> int:
     from cloud.pipeline import register_dataset
 
-    dataset, dataset_id, created = register_dataset(_registry(_open(args)), args.name, args.path)
+    dataset, dataset_id, created = register_dataset(_registry(_open(args)), args.name, args.path, args.task)
     out.result({"dataset_id": dataset_id, "created": created, "sha256": dataset.sha256, "schema": dataset.schema},
                f"{'registered' if created else 'already registered, unchanged:'} {dataset_id} "
-               f"({dataset.schema['rows']} rows, {dataset.schema['features']} features, sha256 {dataset.sha256[:16]})")
+               f"({dataset.schema['rows']} rows of shape {_shape_text(dataset.shape)} ({dataset.layout}), "
+               f"{dataset.task}, sha256 {dataset.sha256[:16]})")
+    return 0
+
+
+def _shape_text(shape: Any) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _example_data_names() -> list[str]:
+    from cloud.example_data import EXAMPLE_DATA   # a dict of names; sklearn loads only on use
+    return sorted(EXAMPLE_DATA)
+
+
+def _data_example(args: argparse.Namespace, out: Output) -> int:
+    from cloud.example_data import EXAMPLE_DATA, write_example
+
+    path = write_example(args.example, args.dest)
+    out.result({"example": args.example, "path": str(path)},
+               f"wrote {path} ({EXAMPLE_DATA[args.example]}); register it: edgeloop data add NAME {path}")
     return 0
 
 
 def _data_ls(args: argparse.Namespace, out: Output) -> int:
     rows = _registry(_open(args)).datasets()
-    out.table("data sets", ["data set", "rows", "features", "classes", "sha256", "path"],
-              [[r["dataset_id"], r["schema"]["rows"], r["schema"]["features"], r["schema"]["classes"],
+    out.table("data sets", ["data set", "rows", "shape", "task", "classes", "sha256", "path"],
+              [[r["dataset_id"], r["schema"]["rows"],
+                _shape_text(r["schema"].get("input_shape") or [r["schema"]["features"]]),
+                r["schema"].get("task", "classification"), r["schema"]["classes"],
                 r["sha256"][:16], r["path"]] for r in rows], {"datasets": rows})
     return 0
 

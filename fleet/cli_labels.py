@@ -1,9 +1,11 @@
 """``edgeloop labels add FILE``: operator label feedback (delayed ground truth) for telemetry windows.
 
-FILE is CSV with a header: ``device_id,seq,labelled,correct``: for the window a device sent with
-sequence number ``seq``, how many of its inferences the operator has since labelled and how
-many of those the model got right. It replaces the device's own label counts for that window
-in live accuracy (``edgeloop drift report`` per cohort). Bad rows are refused as a whole, with
+FILE is CSV with a header: ``device_id,seq,labelled,correct`` and, for a regression model, an
+optional ``mae``: for the window a device sent with sequence number ``seq``, how many of its
+inferences the operator has since labelled, how many of those the model got right (for
+regression: within the task's tolerance, ``models show`` prints it) and their mean absolute
+error. It replaces the device's own label counts (and error sum) for that window in live
+accuracy and MAE (``edgeloop drift report`` per cohort). Bad rows are refused as a whole, with
 the line number; nothing is stored then.
 """
 
@@ -24,7 +26,7 @@ COLUMNS = ("device_id", "seq", "labelled", "correct")
 
 def add_labels_commands(sub: Any, group: Callable, action: Callable) -> None:
     labels = group(sub, "labels", "operator label feedback for telemetry windows", _usage)
-    p = action(labels, "add", "add delayed ground truth from a CSV file (device_id,seq,labelled,correct)", _add)
+    p = action(labels, "add", "add delayed ground truth from a CSV file (device_id,seq,labelled,correct[,mae])", _add)
     p.add_argument("file", type=Path, metavar="FILE")
 
 
@@ -46,7 +48,16 @@ def read_label_csv(path: Path) -> list[dict[str, Any]]:
             raise UserError(f"{path}:{line}: seq, labelled and correct must be whole numbers") from None
         if not row["device_id"] or seq < 0 or not 0 <= correct <= labelled:
             raise UserError(f"{path}:{line}: needs a device id, seq >= 0 and 0 <= correct <= labelled")
-        rows.append({"device_id": row["device_id"], "seq": seq, "labelled": labelled, "correct": correct})
+        mae = None
+        if row.get("mae"):
+            try:
+                mae = float(row["mae"])
+            except ValueError:
+                mae = -1.0
+            if not (mae >= 0 and mae != float("inf")):
+                raise UserError(f"{path}:{line}: mae must be a non-negative number (the mean absolute error)")
+        rows.append({"device_id": row["device_id"], "seq": seq, "labelled": labelled, "correct": correct,
+                     "abs_err_sum": None if mae is None else mae * labelled})
     if not rows:
         raise UserError(f"{path}: no label rows")
     return rows

@@ -70,6 +70,9 @@ def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
                    help="abort if the prediction histogram moves further than this JS distance (0..1)")
     p.add_argument("--max-confidence-drop", type=_number(float, 0, "a number"),
                    help="abort if mean confidence drops by more than this")
+    p.add_argument("--max-quality-drop", type=_number(float, 0, "a number"),
+                   help="abort if the task's metric on labelled inferences gets worse by more than this: "
+                        "accuracy drop (0.05 = 5 points), or for regression the relative MAE rise (0.1 = 10%%)")
     p.add_argument("--repository-url", help="URL devices download from (default: the running `edgeloop serve`)")
     action(rollouts, "ls", "list rollouts", _ls)
     action(rollouts, "status", "one rollout: devices per state, progress, health", _status).add_argument(
@@ -108,7 +111,8 @@ def _start(args: argparse.Namespace, out: Output) -> int:
                        wave_size=args.wave_size, max_failure_pct=args.max_failure_pct, min_devices=args.min_devices,
                        retries=args.retries, timeout_s=args.timeout_s, max_error_rate=args.max_error_rate,
                        max_latency_p95_ms=args.max_latency_p95_ms, max_prediction_js=args.max_prediction_js,
-                       max_confidence_drop=args.max_confidence_drop, include_offline=args.include_offline)
+                       max_confidence_drop=args.max_confidence_drop, max_quality_drop=args.max_quality_drop,
+                       include_offline=args.include_offline)
     if args.server:
         status = client(args).start_rollout(spec.to_obj())
     else:

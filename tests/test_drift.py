@@ -238,6 +238,40 @@ def test_operator_labels_become_live_accuracy_per_site_cohort(fleet, tmp_path, c
     assert err.count("\n") == 1 and "bad.csv:2" in err
 
 
+def _entry(registry, device_id: str) -> dict:   # noqa: ANN001
+    return next(r for r in drift_report(registry, by="device", store_alerts=False) if r["key"] == device_id)
+
+
+def test_regression_label_feedback_gives_live_mae_once_even_when_sent_twice(fleet, tmp_path, capsys):
+    """A regression fleet's delayed ground truth carries the error (mae), not just counts; the
+    same file added twice changes nothing; a window without mae keeps the device's own error rate."""
+    from fleet.cli import main
+
+    ws, registry, mv, baseline, test = fleet
+    rows = [as_dict(r) for r in windows(baseline, test.x, mv, "reg-dev", range(3), 50)]
+    for r in rows:
+        r.pop("extra")
+        r["labelled"], r["correct"], r["abs_err_sum"] = 10, 5, 20.0     # the device's own: MAE 2.0
+    registry.add_telemetry(rows)
+    assert _entry(registry, "reg-dev")["mae"] == pytest.approx(2.0)
+    feedback = tmp_path / "labels.csv"
+    feedback.write_text("device_id,seq,labelled,correct,mae\nreg-dev,0,40,30,1.0\nreg-dev,1,40,20,3.0\n"
+                        "reg-dev,2,20,10,\n")
+    for _ in range(2):
+        assert main(["labels", "add", str(feedback), "--workspace", str(ws.root), "--json"]) == 0
+        capsys.readouterr()
+        entry = _entry(registry, "reg-dev")
+        # (40*1.0 + 40*3.0 + 20 * the device's 2.0) / 100 labelled
+        assert entry["labelled"] == 100 and entry["mae"] == pytest.approx(2.0)
+        assert entry["accuracy"] == pytest.approx(0.6)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("device_id,seq,labelled,correct,mae\nreg-dev,0,5,5,-1\n")
+    assert main(["labels", "add", str(bad), "--workspace", str(ws.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.csv:2" in err and "mae" in err
+    assert _entry(registry, "reg-dev")["mae"] == pytest.approx(2.0)   # nothing stored
+
+
 # -- weighted Holm and the monitor's alpha split (cloud/drift.py: DriftConfig.mean_weight, look_weights) --
 from cloud.drift import MONITOR_CONFIG  # noqa: E402
 from cloud.packaging import baseline_stats  # noqa: E402

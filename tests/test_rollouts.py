@@ -339,6 +339,64 @@ def test_model_health_breach_aborts_and_rolls_back(unit):
     assert status["counts"]["rolling_back"] == 2 and status["counts"]["cancelled"] == 2
 
 
+def test_regression_mae_rise_on_labelled_canary_aborts_with_the_task_metric(unit):
+    """A regression model's health is its MAE on labelled inferences, against the previous
+    version on the same devices: predictions and confidence can look the same while it is worse."""
+    task = {"kind": "regression", "tolerance": 5.0}
+    with unit.registry._lock:
+        unit.registry.db.execute("update model_versions set task = ?", [json.dumps(task)])
+    ids = fleet(unit, 4)
+    ctl = unit.controller()
+    rid = ctl.create(RolloutSpec("m:2", "tier=edge-gateway", strategy="canary", canary="2", bake_s=60,
+                                 max_quality_drop=0.2, health_min_inferences=20))
+    seq = {d: 0 for d in ids}
+
+    def telemetry(d: str, version: str, labelled: int, mae: float) -> None:
+        seq[d] += 1
+        unit.registry.add_telemetry([{"device_id": d, "seq": seq[d], "model_version": version, "window_start": 0.0,
+                                      "window_end": 1.0, "count": 20, "labelled": labelled, "correct": labelled,
+                                      "abs_err_sum": mae * labelled, "predictions": [10, 10],
+                                      "confidence_hist": [0] * 9 + [20], "latency_ms_p50": 1.0,
+                                      "latency_ms_max": 2.0, "errors": 0}])
+    for d in ids:
+        telemetry(d, "m:1", 10, 3.0)
+    ctl.step()
+    canary = [d for d, _ in unit.sent.commands]
+    for d in canary:
+        answer(unit, d)
+    ctl.step()
+    for d in canary:
+        telemetry(d, "m:2", 5, 9.0)          # 10 labelled on the new side: too few to judge
+    unit.clock.now += 10
+    ctl.step()
+    health = ctl.status(rid)["health"]
+    assert health["evaluated"] and health["quality_drop"] is None and health["metric"] == "mae"
+    assert ctl.status(rid)["state"] == "baking"
+    for d in canary:
+        telemetry(d, "m:2", 10, 3.3)         # MAE (5*9 + 10*3.3)/15 = 5.2 against 3.0
+    unit.clock.now += 10
+    ctl.step()
+    status = ctl.status(rid)
+    assert status["health"]["quality_drop"] == pytest.approx(5.2 / 3.0 - 1)
+    assert status["state"] == "aborting" and "task metric worse" in status["reason"]
+
+
+@pytest.mark.parametrize("task,old,new,drop", [
+    ("classification", (40, 36, None), (40, 30, None), 0.15),     # accuracy .9 -> .75
+    ("anomaly", (40, 38, None), (40, 38, None), 0.0),
+    ("regression", (40, 40, 80.0), (40, 40, 60.0), -0.25),       # MAE 2.0 -> 1.5: better, negative
+])
+def test_quality_drop_reads_the_tasks_metric(task, old, new, drop):
+    from cloud.rollout_health import compare
+
+    def row(is_new: int, labelled: int, correct: int, abs_err: float | None) -> dict:
+        return {"new": is_new, "count": 50, "errors": 0, "latency_ms_p50": 1.0, "predictions": [25, 25],
+                "confidence_hist": [0] * 9 + [50], "labelled": labelled, "correct": correct, "abs_err_sum": abs_err}
+    out = compare([row(0, *old), row(1, *new)], {"quality_drop": 0.1}, 20, task=task)
+    assert out["quality_drop"] == pytest.approx(drop)
+    assert bool(out["breaches"]) == (drop > 0.1)
+
+
 def test_js_distance_bounds():
     assert js_distance([1, 0], [1, 0]) == 0.0
     assert js_distance([1, 0], [0, 1]) == pytest.approx(1.0)
