@@ -30,7 +30,7 @@ import numpy as np
 
 from cloud.errors import UserError
 
-__all__ = ["EXAMPLE_DATA", "write_example", "example_arrays"]
+__all__ = ["EXAMPLE_DATA", "write_example", "write_npz", "example_arrays"]
 
 EXAMPLE_DATA: dict[str, str] = {
     "diabetes": "regression: scikit-learn's diabetes data (442 rows, 10 features)",
@@ -99,18 +99,25 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def write_example(name: str, dest_dir: Path) -> Path:
-    """Write the example data set ``name`` to ``dest_dir/<name>.npz`` and return its path. The
-    same bytes already there: nothing to do. Different bytes there: UserError, nothing written."""
-    data = _npz_bytes(example_arrays(name))
-    dest_dir = Path(dest_dir)
-    path = dest_dir / f"{name}.npz"
+def write_npz(arrays: dict[str, np.ndarray], path: Path, overwrite: bool = False) -> Path:
+    """Write ``arrays`` as a byte-deterministic ``.npz`` at ``path`` (atomically). The same bytes
+    already there: nothing to do. Different bytes there: UserError unless ``overwrite``."""
+    data = _npz_bytes(arrays)
+    path = Path(path)
     if path.exists():
         if path.read_bytes() == data:
             return path
-        raise UserError(f"{path} exists with other contents; move it away or write the example elsewhere")
-    dest_dir.mkdir(parents=True, exist_ok=True)
+        if not overwrite:
+            raise UserError(f"{path} exists with other contents; move it away or write the example elsewhere")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
     return path
+
+
+def write_example(name: str, dest_dir: Path) -> Path:
+    """Write the example data set ``name`` to ``dest_dir/<name>.npz`` and return its path. The
+    same bytes already there: nothing to do. Different bytes there: UserError, nothing written."""
+    arrays = example_arrays(name)
+    return write_npz(arrays, Path(dest_dir) / f"{name}.npz")

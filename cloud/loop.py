@@ -4,7 +4,7 @@ A pipeline file (TOML, docs/pipeline.md) names the steps' settings::
 
     [pipeline]  name, model
     [collect]   base data set, minimum device samples
-    [train]     epochs, hidden, layers, lr, seed, batch_size, nproc_per_node
+    [train]     epochs, hidden, layers, lr, seed, batch_size, nproc_per_node, model_def, task
     [gate]      tolerance against production, min_accuracy, min_device_accuracy
     [package]   tiers
     [rollout]   target selector, strategy, canary, bake_s, rate_per_min, abort criteria
@@ -20,10 +20,16 @@ key, output, and whether it was cached.
 
 ``collect`` builds a new data set version: the base data set's rows plus the labelled raw
 inputs that devices sampled into their telemetry (opt-in on the device, ``sample_rate``),
-in (device, seq) order, written as a folder data set so its sha256 is defined by content.
+in (device, seq) order, written as a folder data set so its sha256 is defined by content
+(flat classification data as CSV; shaped inputs and other tasks as one deterministic ``.npz``
+that keeps the shape, layout, task and numeric labels). ``model_def`` in ``[train]`` is your
+model definition (``FILE.py:FUNCTION``, relative to the pipeline file, or
+``MODULE:FUNCTION``); its source hash is part of the train step's key, so editing it retrains.
 ``evaluate`` runs the candidate and the production version (their ONNX artifacts, through
 their own feature contracts) on the candidate's held-out test split and on the held-out
-device rows alone; the gate needs the candidate not below production minus the tolerance.
+device rows alone, with the task's metric (accuracy; MAE for regression); the gate needs the
+candidate not worse than production by more than the tolerance (accuracy points; for MAE a
+fraction), and ``min_accuracy``/``min_device_accuracy`` (``max_mae``/``max_device_mae``).
 ``rollout`` and ``watch`` use the rollout controller (canary, waves, abort criteria, rollback);
 ``promote`` moves a completed rollout's version to production, or archives a rolled-back one.
 """
@@ -44,7 +50,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cloud.datasets import load_dataset
 from cloud.errors import UserError
 from cloud.launcher import DistConfig
 from cloud.registry import Registry
@@ -57,7 +62,8 @@ __all__ = ["PipelineFile", "PipelineRun", "StepResult", "load_pipeline", "run_pi
 STEPS = ("collect", "train", "evaluate", "package", "rollout", "watch", "promote")
 _SECTIONS = {"pipeline", "collect", "train", "gate", "package", "rollout", "watch"}
 _TRAIN_KEYS = {"epochs", "hidden", "layers", "lr", "seed", "split_seed", "batch_size", "weight_decay",
-               "nproc_per_node"}
+               "nproc_per_node", "model_def", "task"}
+_NOT_PARAMS = {"nproc_per_node", "model_def", "task"}     # settings of the run, not TrainParams
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,18 @@ class PipelineFile:
     rollout: dict[str, Any] | None
     watch: dict[str, Any]
     sha256: str
+    root: Path = Path(".")             # the pipeline file's folder: relative paths in it start here
+
+    @property
+    def model_def(self) -> str | None:
+        """``[train] model_def`` with a relative file path resolved against the pipeline file."""
+        ref = self.train.get("model_def")
+        if not ref:
+            return None
+        where, sep, function = str(ref).rpartition(":")
+        if sep and (where.endswith(".py") or "/" in where) and not Path(where).is_absolute():
+            return f"{(self.root / where).resolve()}:{function}"
+        return str(ref)
 
     @property
     def tiers(self) -> list[str]:
@@ -108,7 +126,8 @@ def load_pipeline(path: Path) -> PipelineFile:
     return PipelineFile(name=head["name"], model=str(head.get("model", "digits-mlp")),
                         collect=dict(doc.get("collect", {})), train=train, gate=dict(doc.get("gate", {})),
                         package=dict(doc.get("package", {})), rollout=dict(rollout) if rollout else None,
-                        watch=dict(doc.get("watch", {})), sha256=hashlib.sha256(raw).hexdigest())
+                        watch=dict(doc.get("watch", {})), sha256=hashlib.sha256(raw).hexdigest(),
+                        root=Path(path).resolve().parent)
 
 
 @dataclass
@@ -212,8 +231,11 @@ def run_pipeline(ws: Workspace, registry: Registry, pipe: PipelineFile, deploy: 
         data = step("collect", _key("collect", pipe.collect, collected["base_sha256"], collected["samples_sha256"]),
                     lambda: _collect(ws, registry, pipe, collected, say))
         params = _train_params(pipe)
+        definition = _model_def_sha256(pipe)
         trained = step("train", _key("train", data["dataset_sha256"], params.to_obj(), pipe.model,
-                                     pipe.train.get("nproc_per_node", 1)),
+                                     pipe.train.get("nproc_per_node", 1),
+                                     *([definition, pipe.train.get("task")] if definition or pipe.train.get("task")
+                                       else [])),
                        lambda: _train(ws, registry, pipe, data, params, say))
         mv = trained["model_version"]
         production = registry.in_stage(pipe.model, "production")
@@ -292,37 +314,60 @@ def _collect_inputs(registry: Registry, pipe: PipelineFile) -> dict[str, Any]:
 
 def _collect(ws: Workspace, registry: Registry, pipe: PipelineFile, c: dict[str, Any],
              say: Progress) -> dict[str, Any]:
-    from cloud.pipeline import register_dataset
+    from cloud.pipeline import load_registered, register_dataset
 
     minimum = int(pipe.collect.get("min_samples", 1))
     if len(c["y"]) < minimum:
         raise UserError(f"devices sent {len(c['y'])} labelled samples; the pipeline needs at least {minimum} "
                         "(turn sampling on: AgentConfig.sample_rate, and send labels)")
-    base = load_dataset(Path(c["base"]["path"]), c["base"]["name"])
+    base = load_registered(c["base"])
     if base.sha256 != c["base_sha256"]:
         raise UserError(f"base data set {c['base']['dataset_id']} changed on disk since it was registered")
     width = base.x.shape[1]
     seen: set[tuple] = set()
     rows = []
     for x, y in zip(c["x"], c["y"]):
-        if len(x) != width or not 0 <= y < base.n_classes or (tuple(x), y) in seen:
+        if len(x) != width or not _label_fits(base, y) or (tuple(x), y) in seen:
             continue      # another model's input, or an exact duplicate (it would leak across the split)
         seen.add((tuple(x), y))
         rows.append((x, y))
     if len(rows) < minimum:
+        what = f"{base.n_classes} classes" if base.task != "regression" else "numeric targets"
         raise UserError(f"{len(rows)} device samples match the base data set's {width} features and "
-                        f"{base.n_classes} classes; the pipeline needs {minimum}")
+                        f"{what}; the pipeline needs {minimum}")
     folder = ws.root / "data" / f"{pipe.name}-{c['samples_sha256'][:12]}"
     folder.mkdir(parents=True, exist_ok=True)
-    _write_csv_gz(folder / "0-base.csv.gz", base.x, base.y)
-    _write_csv_gz(folder / "1-devices.csv.gz", np.array([x for x, _ in rows], dtype=np.float32),
-                  np.array([y for _, y in rows], dtype=np.int64))
-    dataset, dataset_id, created = register_dataset(registry, f"{pipe.name}-collected", folder)
+    dev_x = np.array([x for x, _ in rows], dtype=np.float32)
+    if base.task == "classification" and base.layout == "flat" and not base.input_shape:
+        _write_csv_gz(folder / "0-base.csv.gz", base.x, base.y)
+        _write_csv_gz(folder / "1-devices.csv.gz", dev_x, np.array([y for _, y in rows], dtype=np.int64))
+        dataset, dataset_id, created = register_dataset(registry, f"{pipe.name}-collected", folder)
+    else:
+        # shaped inputs or another task: one .npz that keeps the shape, layout, task and numeric labels
+        from cloud.example_data import write_npz
+
+        label_dtype = np.float32 if base.task == "regression" else np.int64
+        arrays = {"x": np.concatenate([base.x, dev_x]).reshape(-1, *base.shape),
+                  "y": np.concatenate([base.y, np.array([y for _, y in rows])]).astype(label_dtype),
+                  "layout": np.array(base.layout), "task": np.array(base.task)}
+        if base.label_names:
+            arrays["label_names"] = np.array(list(base.label_names))
+        path = write_npz(arrays, folder / "collected.npz", overwrite=True)   # the pipeline's own folder
+        dataset, dataset_id, created = register_dataset(registry, f"{pipe.name}-collected", path)
     say("collect", f"{len(rows)} labelled device samples from {len(set(c['devices']))} devices + "
                    f"{len(base.y)} base rows -> {dataset_id}")
     return {"dataset_id": dataset_id, "dataset_sha256": dataset.sha256, "base_dataset_id": c["base"]["dataset_id"],
             "base_rows": int(len(base.y)),
             "device_rows": len(rows), "devices": len(set(c["devices"]))}
+
+
+def _label_fits(base: Any, y: Any) -> bool:
+    """A device sample's label fits the base data set's task (a class it has; any number)."""
+    if not isinstance(y, (int, float)) or isinstance(y, bool) or not np.isfinite(y):
+        return False
+    if base.task == "regression":
+        return True
+    return float(y).is_integer() and 0 <= y < base.n_classes
 
 
 def _write_csv_gz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
@@ -340,8 +385,16 @@ def _write_csv_gz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 
 
 # -- train, evaluate, package -------------------------------------------------------------------------
+def _model_def_sha256(pipe: PipelineFile) -> str | None:
+    """The source hash of ``[train] model_def``: part of the train key, so an edit retrains."""
+    if pipe.model_def is None:
+        return None
+    from cloud.model_def import load_model_def
+    return load_model_def(pipe.model_def).sha256
+
+
 def _train_params(pipe: PipelineFile) -> TrainParams:
-    values = {k: v for k, v in pipe.train.items() if k != "nproc_per_node"}
+    values = {k: v for k, v in pipe.train.items() if k not in _NOT_PARAMS}
     try:
         return TrainParams(**values)
     except TypeError as e:
@@ -354,41 +407,58 @@ def _train(ws: Workspace, registry: Registry, pipe: PipelineFile, data: dict[str
 
     nproc = int(pipe.train.get("nproc_per_node", 1))
     trained = train_model(ws, registry, params, data=data["dataset_id"], model=pipe.model,
-                          dist=DistConfig(nproc_per_node=nproc))
-    say("train", f"{trained['model_version']} test accuracy {trained['metrics']['test_accuracy']:.4f}")
+                          dist=DistConfig(nproc_per_node=nproc), model_def=pipe.model_def,
+                          task=pipe.train.get("task"))
+    metrics = trained["metrics"]
+    metric = "mae" if "test_mae" in metrics else "accuracy"
+    say("train", f"{trained['model_version']} test {metric} {metrics['test_' + metric]:.4f}")
     return {"model_version": trained["model_version"], "run_id": trained["run_id"],
-            "test_accuracy": trained["metrics"]["test_accuracy"]}
+            f"test_{metric}": metrics[f"test_{metric}"]}
 
 
 def _evaluate(registry: Registry, pipe: PipelineFile, data: dict[str, Any], mv: str, incumbent: str | None,
               say: Progress) -> dict[str, Any]:
+    """The gate, with the task's metric: ``<who>_<metric>`` and ``<who>_device_<metric>`` for
+    candidate and production (metric ``accuracy``, or ``mae`` for regression)."""
     from cloud.models import evaluate_version
     from cloud.pipeline import _training_data
+    from contracts.tasks import TaskSpec
 
+    task = TaskSpec.from_obj(registry.model_version(mv).get("task"))
+    metric = task.score_metric
     dataset, seed = _training_data(registry, registry.model_version(mv)["run_id"])
     test_idx = dataset.split_indices(seed)[2]
     device_idx = test_idx[test_idx >= data["base_rows"]]
-    out: dict[str, Any] = {"candidate": mv, "production": incumbent}
+    out: dict[str, Any] = {"candidate": mv, "production": incumbent, "metric": metric}
     for who, version in (("candidate", mv), ("production", incumbent)):
         if version is None:
             continue
-        out[f"{who}_accuracy"] = evaluate_version(registry, version, dataset.x[test_idx], dataset.y[test_idx])
-        out[f"{who}_device_accuracy"] = (evaluate_version(registry, version, dataset.x[device_idx],
+        out[f"{who}_{metric}"] = evaluate_version(registry, version, dataset.x[test_idx], dataset.y[test_idx])
+        out[f"{who}_device_{metric}"] = (evaluate_version(registry, version, dataset.x[device_idx],
                                                           dataset.y[device_idx]) if len(device_idx) else None)
     out["device_test_rows"] = int(len(device_idx))
     tolerance = float(pipe.gate.get("tolerance", 0.01))
+    cand, prod = out[f"candidate_{metric}"], out.get(f"production_{metric}")
     reasons = []
-    if incumbent is not None and out["candidate_accuracy"] < out["production_accuracy"] - tolerance:
-        reasons.append(f"{mv} scores {out['candidate_accuracy']:.4f}, below production {incumbent} at "
-                       f"{out['production_accuracy']:.4f} minus tolerance {tolerance}")
-    floor = pipe.gate.get("min_accuracy")
-    if floor is not None and out["candidate_accuracy"] < float(floor):
-        reasons.append(f"{mv} scores {out['candidate_accuracy']:.4f}, below min_accuracy {floor}")
-    dfloor = pipe.gate.get("min_device_accuracy")
-    if dfloor is not None and out["candidate_device_accuracy"] is not None \
-            and out["candidate_device_accuracy"] < float(dfloor):
-        reasons.append(f"{mv} scores {out['candidate_device_accuracy']:.4f} on held-out device data, "
-                       f"below min_device_accuracy {dfloor}")
+    if task.higher_is_better:
+        if prod is not None and cand < prod - tolerance:
+            reasons.append(f"{mv} scores {cand:.4f}, below production {incumbent} at {prod:.4f} "
+                           f"minus tolerance {tolerance}")
+        limits = (("min_accuracy", cand, "scores", "below"),
+                  ("min_device_accuracy", out["candidate_device_accuracy"], "scores", "below"))
+    else:
+        if prod is not None and cand > prod * (1 + tolerance):
+            reasons.append(f"{mv} has MAE {cand:.4f}, above production {incumbent} at {prod:.4f} "
+                           f"plus {tolerance:.0%}")
+        limits = (("max_mae", cand, "has MAE", "above"),
+                  ("max_device_mae", out["candidate_device_mae"], "has MAE", "above"))
+    for setting, value, verb, side in limits:
+        limit = pipe.gate.get(setting)
+        if limit is None or value is None:
+            continue
+        if (value < float(limit)) if side == "below" else (value > float(limit)):
+            where = " on held-out device data" if "device" in setting else ""
+            reasons.append(f"{mv} {verb} {value:.4f}{where}, {side} {setting} {limit}")
     out["passed"] = not reasons
     out["reason"] = "; ".join(reasons) or None
     say("evaluate", ("passed: " if out["passed"] else "FAILED: ") + (out["reason"] or _scores(out)))
@@ -396,13 +466,14 @@ def _evaluate(registry: Registry, pipe: PipelineFile, data: dict[str, Any], mv: 
 
 
 def _scores(out: dict[str, Any]) -> str:
-    parts = [f"candidate {out['candidate_accuracy']:.4f}"]
-    if out.get("production_accuracy") is not None:
-        parts.append(f"production {out['production_accuracy']:.4f}")
-    if out.get("candidate_device_accuracy") is not None:
-        parts.append(f"on device data: candidate {out['candidate_device_accuracy']:.4f}"
-                     + (f", production {out['production_device_accuracy']:.4f}"
-                        if out.get("production_device_accuracy") is not None else ""))
+    m = out["metric"]
+    parts = [f"candidate {m} {out[f'candidate_{m}']:.4f}"]
+    if out.get(f"production_{m}") is not None:
+        parts.append(f"production {out[f'production_{m}']:.4f}")
+    if out.get(f"candidate_device_{m}") is not None:
+        parts.append(f"on device data: candidate {out[f'candidate_device_{m}']:.4f}"
+                     + (f", production {out[f'production_device_{m}']:.4f}"
+                        if out.get(f"production_device_{m}") is not None else ""))
     return ", ".join(parts)
 
 

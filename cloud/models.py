@@ -82,7 +82,7 @@ def promote(registry: Registry, model_version: str, to_stage: str, tolerance: fl
                              f"{other.kind.value} model: they cannot be compared; archive {incumbents[-1]} first")
         prod_acc = evaluate_version(registry, incumbents[-1], test.x, test.y)
         if task.higher_is_better and cand < prod_acc - tolerance:
-            raise GateFailed(f"{model_version} scores {task.metric if task.metric != 'anomaly_rate' else 'accuracy'} "
+            raise GateFailed(f"{model_version} scores {task.score_metric} "
                              f"{cand:.4f} on held-out data, below production {incumbents[-1]} at {prod_acc:.4f} "
                              f"minus tolerance {tolerance}: not promoted")
         if not task.higher_is_better and cand > prod_acc * (1 + tolerance):
@@ -92,7 +92,7 @@ def promote(registry: Registry, model_version: str, to_stage: str, tolerance: fl
         registry.set_stage(old, "archived")
     registry.set_stage(model_version, "production")
     return Promotion(model_version, current, "production", cand, prod_acc, incumbents[-1] if incumbents else None,
-                     "mae" if task.kind.value == "regression" else "accuracy")
+                     task.score_metric)
 
 
 def lineage(registry: Registry, device_id: str) -> dict[str, Any]:

@@ -251,7 +251,7 @@ def task_fidelity(task: TaskSpec, outputs: np.ndarray, float_outputs: np.ndarray
     """The task's metric on the artifact and on the float model, and their agreement."""
     got = task.decide_all(outputs)
     want = task.decide_all(float_outputs)
-    out = {"task": task.kind.value, "metric": task.metric, "metric_value": task.score(outputs, labels),
+    out = {"task": task.kind.value, "metric": task.score_metric, "metric_value": task.score(outputs, labels),
            "metric_value_float": task.score(float_outputs, labels)}
     if task.kind is TaskKind.REGRESSION:
         spread = max(float(np.std(labels)), 1e-9)

@@ -245,7 +245,8 @@ MAX_SAMPLES = 32     # sampled raw inputs per telemetry record
 
 
 def _check_samples(samples: dict[str, Any], count: int) -> None:
-    """``{"x": [[num]*f]*k, "y": [int|None]*k}``: k <= MAX_SAMPLES and <= the window's count."""
+    """``{"x": [[num]*f]*k, "y": [num|None]*k}``: k <= MAX_SAMPLES and <= the window's count,
+    f <= MAX_FEATURES (devices do not sample larger inputs)."""
     xs, ys = samples.get("x"), samples.get("y")
     if not isinstance(xs, list) or not isinstance(ys, list) or len(xs) != len(ys):
         raise SchemaError("samples needs lists x and y of the same length")
@@ -258,8 +259,10 @@ def _check_samples(samples: dict[str, Any], count: int) -> None:
         width = len(row)
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in row):
             raise SchemaError("samples.x must hold finite numbers")
-    if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0) for v in ys):
-        raise SchemaError("samples.y must hold non-negative integer labels or null")
+    # a class index or normal/anomaly flag, a regression target (any finite number), or unknown
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v))
+           for v in ys):
+        raise SchemaError("samples.y must hold finite numbers (class labels or regression targets) or null")
 
 
 _INT, _NUMBER = {int}, {int, float}      # exact types: a JSON true/false is not a count

@@ -20,6 +20,8 @@ score relative to twice the threshold (anomaly, clipped to [0, 1]) and is empty 
 The quality metric each task reports (:attr:`TaskSpec.metric`): ``accuracy`` (classification),
 ``mae`` (regression: telemetry carries ``abs_err_sum`` beside ``labelled``), ``anomaly_rate``
 (the share of predictions over the threshold) with ``accuracy`` where labels come back.
+What :meth:`TaskSpec.score` measures against labels (:attr:`TaskSpec.score_metric`) is
+``accuracy`` for classification and anomaly detection and ``mae`` for regression.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ class TaskSpec:
     def metric(self) -> str:
         return {TaskKind.CLASSIFICATION: "accuracy", TaskKind.REGRESSION: "mae",
                 TaskKind.ANOMALY: "anomaly_rate"}[self.kind]
+
+    @property
+    def score_metric(self) -> str:
+        """The name of what :meth:`score` returns: ``mae`` for regression, else ``accuracy``."""
+        return "mae" if self.kind is TaskKind.REGRESSION else "accuracy"
 
     @property
     def higher_is_better(self) -> bool:

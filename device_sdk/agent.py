@@ -28,7 +28,8 @@ import numpy as np
 
 from contracts import topics
 from contracts.errors import ContractError
-from contracts.messages import Announce, Command, DeviceState, ErrorReport, Status, TelemetryAck, encode, parse
+from contracts.messages import (MAX_FEATURES, Announce, Command, DeviceState, ErrorReport, Status, TelemetryAck, encode,
+                               parse)
 from contracts.tasks import TaskKind
 from device_sdk.errors import TransientError
 from device_sdk.mqtt import MqttLink
@@ -77,7 +78,8 @@ class AgentConfig:
     tls_ca: Path | None = None          # CA of the broker's certificate: TLS on (off without it)
     tls_cert: Path | None = None        # this device's certificate and key: mutual TLS
     tls_key: Path | None = None
-    sample_rate: float = 0.0            # share of requests whose raw input rides along in telemetry (off)
+    sample_rate: float = 0.0            # share of requests whose raw input rides along in telemetry (off;
+                                        # inputs of over MAX_FEATURES values are never sampled)
     sample_max: int = 8                 # at most this many sampled inputs per telemetry window
 
 
@@ -231,7 +233,7 @@ class Agent:
             elif self.window is not None:
                 self.window.record(pred, conf, latency_ms, label, raw, decision.bin)
                 if self.config.sample_rate > 0 and len(self._samples) < self.config.sample_max \
-                        and self._sample_rng.random() < self.config.sample_rate:
+                        and np.size(raw) <= MAX_FEATURES and self._sample_rng.random() < self.config.sample_rate:
                     self._samples.append(([round(float(v), 6) for v in np.asarray(raw).reshape(-1)], label))
                 if self.window.count >= self.config.telemetry_window:
                     self._flush_locked(runtime)

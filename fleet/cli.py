@@ -643,8 +643,8 @@ def _models(args: argparse.Namespace, out: Output) -> int:
     rows = remote.client(args).models() if args.server else _registry(_open(args)).model_versions()
     for r in rows:
         r["metrics"] = json.loads(r["metrics"]) if isinstance(r["metrics"], str) else r["metrics"] or {}
-    out.table("model versions", ["model version", "stage", "run", "test accuracy"],
-              [[r["model_version"], r["stage"], r["run_id"], f"{r['metrics'].get('test_accuracy', 0):.3f}"]
+    out.table("model versions", ["model version", "stage", "run", "test metric"],
+              [[r["model_version"], r["stage"], r["run_id"], _test_metric(r["metrics"]) or "-"]
                for r in rows], {"model_versions": rows})
     return 0
 

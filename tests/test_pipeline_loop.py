@@ -73,7 +73,7 @@ def test_telemetry_samples_are_checked_on_the_wire():
         device_id="d", seq=0, model_version=None, window_start=0, window_end=1, count=2, labelled=0, correct=0,
         predictions=[], confidence_hist=[], latency_ms_p50=0, latency_ms_max=0)))))
     for bad, why in (({"x": [[1.0]], "y": []}, "same length"), ({"x": [[1.0], [1.0, 2.0]], "y": [1, 1]}, "equal-length"),
-                     ({"x": [[1.0]] * 3, "y": [1] * 3}, "at most"), ({"x": [[1.0]], "y": [-1]}, "non-negative"),
+                     ({"x": [[1.0]] * 3, "y": [1] * 3}, "at most"), ({"x": [[1.0]], "y": ["3"]}, "finite numbers"),
                      ({"x": [["a"]], "y": [1]}, "finite")):
         with pytest.raises(SchemaError, match=why):
             parse(json.dumps({**base, "samples": bad}))
@@ -114,6 +114,84 @@ def test_pipeline_reuses_unchanged_steps_and_reruns_on_new_device_data(trained_w
     # the collected data set is content-addressed: lineage reaches the device data
     collected = registry.dataset(third.output("collect")["dataset_id"])
     assert collected["sha256"] == third.output("collect")["dataset_sha256"]
+
+
+def test_regression_samples_keep_their_float_targets_on_the_wire():
+    row = _telemetry("d1", 0, [[1.0, 2.0], [3.0, 4.0]], [-12.5, 151.0])
+    assert row["samples"]["y"] == [-12.5, 151.0]
+
+
+CNN_DEF = """
+from torch import nn
+
+def build(input_shape, n_outputs):
+    c, h, w = input_shape
+    return nn.Sequential(nn.Conv2d(c, WIDTH, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(WIDTH * h * w, n_outputs))
+"""
+
+
+def test_pipeline_with_your_model_def_on_image_data_retrains_when_the_definition_changes(tmp_path):
+    """model_def in [train], relative to the pipeline file; device samples of 1x8x8 images are
+    collected into an .npz that keeps the shape; an edited definition retrains, an unchanged one not."""
+    from cloud.example_data import write_example
+
+    ws = Workspace.init(tmp_path / "ws")
+    registry = Registry(ws.registry_path)
+    data = write_example("digits-images", tmp_path / "data")
+    (tmp_path / "pipe" / "models").mkdir(parents=True)
+    (tmp_path / "pipe" / "models" / "cnn.py").write_text(CNN_DEF.replace("WIDTH", "4"))
+    train_model(ws, registry, TrainParams(epochs=2), data=str(data), model="img",
+                model_def=str(tmp_path / "pipe" / "models" / "cnn.py") + ":build")
+    digits = load_dataset()
+    _send_samples(registry, "cam-1", 0, digits.x[:25], digits.y[:25])
+    pipe_file = tmp_path / "pipe" / "p.toml"
+    pipe_file.write_text(PIPE.replace('name = "t"', 'name = "t"\nmodel = "img"')
+                         .replace("epochs = 3", 'epochs = 2\nmodel_def = "models/cnn.py:build"'))
+    first = run_pipeline(ws, registry, load_pipeline(pipe_file))
+    assert first.status == "succeeded", first.reason
+    collected = registry.dataset(first.output("collect")["dataset_id"])
+    assert collected["schema"]["input_shape"] == [1, 8, 8] and collected["path"].endswith(".npz")
+    assert first.output("collect")["device_rows"] == 25
+    mv = registry.model_version(first.output("train")["model_version"])
+    assert mv["features"]["input_shape"] == [1, 8, 8]
+    assert registry.run(mv["run_id"])["code"]["model_def"]["function"] == "build"
+    assert all(s.cached for s in run_pipeline(ws, registry, load_pipeline(pipe_file)).steps)
+    (tmp_path / "pipe" / "models" / "cnn.py").write_text(CNN_DEF.replace("WIDTH", "6"))
+    edited = run_pipeline(ws, registry, load_pipeline(pipe_file))
+    assert edited.steps[0].cached and not edited.steps[1].cached
+    assert edited.output("train")["model_version"] == "img:3"
+
+
+def test_regression_pipeline_gates_on_mae(tmp_path):
+    from cloud.example_data import example_arrays, write_example
+
+    ws = Workspace.init(tmp_path / "ws")
+    registry = Registry(ws.registry_path)
+    data = write_example("diabetes", tmp_path / "data")
+    first = train_model(ws, registry, TrainParams(epochs=40), data=str(data), model="dia",
+                        model_def="cloud.examples.models:regression_mlp")
+    from cloud.models import promote
+    promote(registry, first["model_version"], "production")
+    arrays = example_arrays("diabetes")
+    row = _telemetry("clinic-1", 0, arrays["x"][:30].tolist(), arrays["y"][:30].tolist())
+    registry.add_telemetry([row])
+    pipe_file = tmp_path / "p.toml"
+    pipe_file.write_text(PIPE.replace('name = "t"', 'name = "t"\nmodel = "dia"')
+                         .replace("epochs = 3", 'epochs = 40\nmodel_def = "cloud.examples.models:regression_mlp"\n'
+                                                'task = "regression"')
+                         .replace("tolerance = 1.0", "tolerance = 0.5\nmax_mae = 80.0"))
+    run = run_pipeline(ws, registry, load_pipeline(pipe_file))
+    assert run.status == "succeeded", run.reason
+    verdict = run.output("evaluate")
+    assert verdict["metric"] == "mae" and 20 < verdict["candidate_mae"] < 80 and verdict["production_mae"] > 0
+    assert "test_mae" in run.output("train")
+    collected = registry.dataset(run.output("collect")["dataset_id"])
+    assert collected["schema"]["task"] == "regression" and collected["schema"]["rows"] == 442 + 30
+    strict = tmp_path / "strict.toml"
+    strict.write_text(pipe_file.read_text().replace("max_mae = 80.0", "max_mae = 1.0"))
+    failed = run_pipeline(ws, registry, load_pipeline(strict))
+    assert failed.status == "failed" and "above max_mae 1.0" in failed.reason
 
 
 def test_pipeline_gate_failure_stops_before_packaging(trained_ws, tmp_path):
