@@ -19,7 +19,7 @@ class Output:
         self.as_json = as_json
         wide = None if sys.stdout.isatty() else 200
         self.console = Console(stderr=False, highlight=False, markup=False, soft_wrap=True, width=wide)
-        self.err = Console(stderr=True, highlight=False, markup=False)
+        self.err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)   # an error is one line
 
     def result(self, obj: dict[str, Any], human: str | None = None) -> None:
         """The command's result: one JSON object on the last line with --json, else ``human``."""
