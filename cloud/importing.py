@@ -472,7 +472,7 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
     from cloud.packaging import _load, _tensor
     from cloud.pipeline import GOLDEN_COUNT, _read_artifact, _training_data
     from cloud.tier_packagers import (TierArtifact, captured_output, check_budgets, check_operators, measure,
-                                      tflm_arena_bytes)
+                                      tflm_arena_measured)
     from cloud import quantize
     from cloud.export import INPUT_NAME, OUTPUT_NAME
 
@@ -502,20 +502,20 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
                                                            f"{name} for {profile.name}")
         artifact.layout["c_header"] = "model_data.h"
     check_operators(profile, artifact)
-    arena = tflm_arena_bytes(model_bytes) if profile.runtime == "tflite-micro" else None
-    if arena is not None:
-        check_budgets(profile, {"ram_bytes": arena, "flash_bytes": 0, "device_latency_ms": 0.0})
+    arena = tflm_arena_measured(model_bytes) if profile.runtime == "tflite-micro" else {}
+    if arena:
+        check_budgets(profile, {"ram_bytes": arena["ram_bytes"], "flash_bytes": 0, "device_latency_ms": 0.0})
     draft = Manifest(model=mv["model"], version=mv["version"], tier=profile.name, runtime=profile.runtime,
                      numeric_format=fmt, entrypoint="model.tflite", inputs=[], outputs=[], features=features,
                      labels=labels, golden="golden.json", golden_atol=GOLDEN_ATOL[fmt],
                      max_latency_ms=profile.latency_budget_ms,
-                     measured={"ram_bytes": arena} if arena is not None else {}, task=task)
+                     measured=dict(arena), task=task)
     bundle = Bundle(draft, artifact.files)
     float_out = reference(features.model_input(test.x))
     golden_raw = test.x[:GOLDEN_COUNT]
     with captured_output():
         runtime = _load(bundle)
-        measured = {**measure(profile, bundle, runtime, float_out, test.x, test.y), "ram_bytes": arena}
+        measured = {**measure(profile, bundle, runtime, float_out, test.x, test.y), **arena}
         measured.update(task_fidelity(task, runtime.predict(test.x), float_out, test.y))
     check_fidelity(profile, task, measured, fmt)
     measured["operators"] = sorted({op.name for op in artifact.operators or []})

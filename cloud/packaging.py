@@ -185,27 +185,27 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
     import torch
 
     from cloud.tier_packagers import (captured_output, check_budgets, check_operators, convert, measure,
-                                      tflm_arena_bytes)
+                                      tflm_arena_measured)
 
     n_outputs = len(labels) if task.kind is TaskKind.CLASSIFICATION else 1
     artifact = convert(profile, model, onnx_bytes, features, calib_raw, name, version, n_outputs)
     check_operators(profile, artifact)
     # the TFLM arena is measured first: the RAM budget is checked before the runtime is loaded,
     # and the runtime is then given the arena a firmware build would give it
-    arena = tflm_arena_bytes(artifact.files[artifact.entrypoint]) if profile.runtime == "tflite-micro" else None
-    if arena is not None:
-        check_budgets(profile, {"ram_bytes": arena, "flash_bytes": 0, "device_latency_ms": 0.0})
+    arena = tflm_arena_measured(artifact.files[artifact.entrypoint]) if profile.runtime == "tflite-micro" else {}
+    if arena:
+        check_budgets(profile, {"ram_bytes": arena["ram_bytes"], "flash_bytes": 0, "device_latency_ms": 0.0})
     draft = Manifest(model=name, version=version, tier=profile.name, runtime=profile.runtime,
                      numeric_format=artifact.numeric_format, entrypoint=artifact.entrypoint,
                      inputs=[], outputs=[], features=features, labels=labels, golden="golden.json",
                      golden_atol=GOLDEN_ATOL[artifact.numeric_format], max_latency_ms=profile.latency_budget_ms,
-                     measured={"ram_bytes": arena} if arena is not None else {}, task=task)
+                     measured=dict(arena), task=task)
     bundle = Bundle(draft, artifact.files)
     with torch.no_grad():
         float_probs = model(torch.from_numpy(features.model_input(test_x))).reshape(len(test_x), -1).numpy()
     with captured_output():   # runtimes log to the file descriptors; the CLI stays clean
         runtime = _load(bundle)
-        measured = {**measure(profile, bundle, runtime, float_probs, test_x, test_y), "ram_bytes": arena}
+        measured = {**measure(profile, bundle, runtime, float_probs, test_x, test_y), **arena}
         measured.update(task_fidelity(task, runtime.predict(test_x), float_probs, test_y))
     check_fidelity(profile, task, measured, artifact.numeric_format)
     if artifact.operators is not None:

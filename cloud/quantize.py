@@ -176,6 +176,8 @@ class Operator:
     name: str                 # builtin operator name, e.g. FULLY_CONNECTED
     computes_in: str          # numpy dtype name of its first input: int8, float32, ...
     inserted_for_layout: bool = False   # a TRANSPOSE/RESHAPE the converter added between channels-first and -last
+    layer: str = ""           # its output tensor's name: the converter names it after the model's layer
+    index: int = -1           # its position in the graph
 
 
 _CHANNELS_LAST_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "CONV_3D", "AVERAGE_POOL_2D", "MAX_POOL_2D",
@@ -243,9 +245,27 @@ def tflite_operators(model: bytes) -> list[Operator]:
         return False
 
     interpreter.allocate_tensors()     # constant tensors (a TRANSPOSE's permutation) are readable after this
+    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     return [Operator(op["op_name"], np.dtype(op["operand_types"][0]).name if len(op["operand_types"]) else "none",
-                     changes_layout(op) and next_to_convolution(i))
+                     changes_layout(op) and next_to_convolution(i),
+                     names.get(int(op["outputs"][0]), "") if len(op["outputs"]) else "", i)
             for i, op in enumerate(ops)]
+
+
+def layer_label(tensor_name: str) -> str:
+    """The PyTorch layer an operator came from, read from its output tensor's name as the
+    converter writes it (``pkg.Net/torch.nn.modules.container.Sequential_features/
+    torch.nn.modules.conv.Conv2d_0;3`` -> ``features.0 (Conv2d)``); the name itself otherwise."""
+    parts = tensor_name.split(";")[0].split("/")
+    if tensor_name.startswith("serving_default"):
+        return "the model's output"
+    if len(parts) < 2:     # computed in the top module's own forward (a functional call)
+        return f"{parts[0].rsplit('.', 1)[-1]}.forward" if parts[0] else "?"
+    attrs, cls = [], ""
+    for part in parts[1:]:
+        cls, _, attr = part.rsplit(".", 1)[-1].partition("_")
+        attrs.append(attr or cls)
+    return f"{'.'.join(attrs)} ({cls})"
 
 
 def c_header(model: bytes, name: str, description: str) -> bytes:

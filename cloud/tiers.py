@@ -33,6 +33,7 @@ class TierProfile:
     latency_budget_ms: float
     host_to_device: float
     supported_ops: tuple[str, ...] = field(default_factory=tuple)   # empty: no operator restriction
+    # (in the profile file: a list, or "tflite-micro" for the operators the installed TFLM registers)
     in_progress_timeout_s: float = 600.0   # a rollout counts a device silent this long as failed (timed_out)
 
     @classmethod
@@ -44,7 +45,7 @@ class TierProfile:
                           flash_bytes=int(raw["flash_bytes"]), runtime_flash_bytes=int(raw["runtime_flash_bytes"]),
                           latency_budget_ms=float(raw["latency_budget_ms"]),
                           host_to_device=float(raw["host_to_device"]),
-                          supported_ops=tuple(str(op) for op in raw.get("supported_ops", ())),
+                          supported_ops=_supported_ops(raw.get("supported_ops", ())),
                           in_progress_timeout_s=float(raw.get("in_progress_timeout_s", 600.0)))
         except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"malformed tier profile {path}: {e}") from None
@@ -53,6 +54,18 @@ class TierProfile:
         if profile.runtime not in RUNTIMES or profile.format not in FORMATS:
             raise UserError(f"tier profile {path}: runtime must be one of {RUNTIMES}, format one of {FORMATS}")
         return profile
+
+
+def _supported_ops(value: object) -> tuple[str, ...]:
+    """A list of operator names, or "tflite-micro": the builtin operators the installed TFLM
+    build registers (cloud/tflm_ops.py)."""
+    from cloud.tflm_ops import FROM_RUNTIME, tflm_builtin_operators
+
+    if value == FROM_RUNTIME:
+        return tflm_builtin_operators()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"supported_ops must be a list of operator names or {FROM_RUNTIME!r}, got {value!r}")
+    return tuple(str(op) for op in value)
 
 
 def load_tiers(workspace_root: Path | None = None) -> dict[str, TierProfile]:

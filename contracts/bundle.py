@@ -31,8 +31,11 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_MEMBERS = 64
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 RUNTIMES = ("onnxruntime", "litert", "tflite-micro", "triton")
+# measured.ram_bytes_method of an mcu package whose arena was found by running TFLM in it: the
+# smallest arena it runs in, which a device (or firmware) can be given exactly
+ARENA_MIN_SEARCH = "tflm-min-search"
 
-__all__ = ["FORMAT", "MANIFEST", "Bundle", "Manifest", "TensorSpec", "read_bundle", "write_bundle", "sha256_hex"]
+__all__ = ["FORMAT", "MANIFEST", "ARENA_MIN_SEARCH", "Bundle", "Manifest", "TensorSpec", "read_bundle", "write_bundle", "sha256_hex"]
 
 
 def sha256_hex(data: bytes) -> str:

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from contracts.bundle import Bundle, Manifest
+from contracts.bundle import ARENA_MIN_SEARCH, Bundle, Manifest
 from device_sdk.errors import UpdateRefused
 
 __all__ = ["ModelRuntime", "OnnxModel", "LiteRTModel", "TFLMModel", "load_runtime", "health_check",
@@ -150,10 +150,16 @@ class LiteRTModel(_PerSampleInt8):
         return [op["op_name"] for op in self.interpreter._get_ops_details()]
 
 
+# packages whose arena was found by running TFLM in it (ARENA_MIN_SEARCH) are given exactly that;
+# older packages recorded TFLM's own report, which can be below what it needs: a margin
+LEGACY_ARENA_MARGIN = 4096
+
+
 class TFLMModel(_PerSampleInt8):
     """A .tflite package on TensorFlow Lite Micro's own interpreter (the mcu tier). The arena is
-    what the package says TFLM measured at packaging (``measured.ram_bytes``) plus 4 KB, as a
-    firmware build would size it; ``arena_size`` overrides."""
+    the one the package declares (``measured.ram_bytes``), exactly, as a firmware build sized
+    from the manifest would get it: packaging found it as the smallest arena TFLM runs the model
+    in. Packages from before that search get 4 KB more; ``arena_size`` overrides."""
 
     def __init__(self, bundle: Bundle, arena_size: int | None = None) -> None:
         from tflite_micro.python.tflite_micro import runtime as tflm
@@ -161,7 +167,8 @@ class TFLMModel(_PerSampleInt8):
         self.manifest = bundle.manifest
         declared = bundle.manifest.measured.get("ram_bytes")
         if arena_size is None and isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
-            arena_size = declared + 4096
+            exact = bundle.manifest.measured.get("ram_bytes_method") == ARENA_MIN_SEARCH
+            arena_size = declared if exact else declared + LEGACY_ARENA_MARGIN
         kwargs = {"arena_size": arena_size} if arena_size else {}
         self.interpreter = tflm.Interpreter.from_bytes(bytes(bundle.model_bytes), **kwargs)
         inp, out = self.interpreter.get_input_details(0), self.interpreter.get_output_details(0)

@@ -104,10 +104,8 @@ def test_user_cnn_two_processes_reproduced_packaged_installed(broker, tmp_path, 
             assert m["top1_agreement_with_float"] >= 0.9, (tier, m)
             assert result.manifest.inputs[0].shape == [-1, 1, 8, 8]
             packaged[tier] = m["accuracy"]
-    for tier in ("gpu-server", "edge-gateway", "mobile"):
+    for tier in ("gpu-server", "edge-gateway", "mobile", "mcu"):   # mcu: TFLM runs the layout TRANSPOSE
         assert isinstance(packaged[tier], float) and packaged[tier] > 0.85, packaged
-    if isinstance(packaged["mcu"], str):   # the microcontroller tier's conv coverage is issue 12's work
-        assert "mcu" in packaged["mcu"] and "operator" in packaged["mcu"], packaged["mcu"]
 
     result = run_demo(ws, DemoOptions(devices=3, samples=40, timeout_s=90, prefix="cnn",
                                       model_version=trained["model_version"]))

@@ -272,6 +272,49 @@ def test_regression_label_feedback_gives_live_mae_once_even_when_sent_twice(flee
     assert _entry(registry, "reg-dev")["mae"] == pytest.approx(2.0)   # nothing stored
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_drift_on_large_images_is_detected_per_channel(layout):
+    """A 3x16x16 camera (768 values, over the per-value limit): the baseline and the devices
+    summarise the mean of each channel, so calm frames raise no alarm and a red-channel gain
+    drift is found, in channel 0's distribution, through the wire format."""
+    from cloud.packaging import baseline_stats
+    from contracts.features import FeatureSpec
+
+    rng = np.random.default_rng(7)
+    shape = (3, 16, 16) if layout == "NCHW" else (16, 16, 3)
+
+    def frames(n: int, red_gain: float = 1.0) -> np.ndarray:
+        level = rng.uniform(60, 160, size=(n, 1, 1, 1))                  # scene brightness
+        tint = np.array([1.0, 0.8, 0.6]).reshape(1, 3, 1, 1)
+        chw = level * tint + rng.normal(0, 12, size=(n, 3, 16, 16))
+        chw[:, 0] *= red_gain
+        imgs = chw if layout == "NCHW" else chw.transpose(0, 2, 3, 1)
+        return np.clip(imgs, 0, 255).reshape(n, -1).astype(np.float32)
+
+    spec = FeatureSpec(n_features=768, input_shape=shape, layout=layout)
+    train = frames(2000)
+    probs = np.tile([0.5, 0.5], (2000, 1))
+    baseline = baseline_stats(train, probs, features=spec)
+    assert baseline["reduce"]["op"] == "channel_mean" and len(baseline["features"]) == 3
+
+    def window(x: np.ndarray, seq: int):
+        win = TelemetryWindow(2, baseline)
+        for row in x:
+            win.record(0, 0.5, 0.1, None, row)
+        return parse(encode(win.close("cam", seq, "cam:1")))
+
+    calm = [window(frames(200), i) for i in range(3)]
+    assert all(len(w.features["hist"]) == 3 for w in calm)               # per channel on the wire
+    assert not compare(baseline, merge([w.features for w in calm]), None).drifted
+    drifted = [window(frames(200, red_gain=1.25), 10 + i) for i in range(3)]
+    verdict = compare(baseline, merge([w.features for w in drifted]), None)
+    assert verdict.drifted and 0 in verdict.drifted_features
+    # the marginal shift is channel 0's alone (the others can be flagged by the residual test,
+    # since their relation to channel 0 changed)
+    by_psi = sorted(verdict.features, key=lambda f: -f.psi)
+    assert by_psi[0].feature == 0 and by_psi[0].psi > 0.5 > max(f.psi for f in by_psi[1:])
+
+
 # -- weighted Holm and the monitor's alpha split (cloud/drift.py: DriftConfig.mean_weight, look_weights) --
 from cloud.drift import MONITOR_CONFIG  # noqa: E402
 from cloud.packaging import baseline_stats  # noqa: E402

@@ -1,13 +1,15 @@
 """Shaped, non-MLP models through every tier's converter: a CNN on 1x8x8 digit images (NCHW), a
 Conv1d net on 3-channel time series (NCL) and a regression MLP with one output. Each artifact
-is loaded on the device runtime and compared with the float PyTorch model on held-out rows; the
-mcu tier refuses the convolutions' layout TRANSPOSE in one line that says the converter put it
-there, and still takes the flat MLP."""
+is loaded on the device runtime and compared with the float PyTorch model on held-out rows,
+TFLite Micro included: the mcu tier takes the operators the installed TFLM registers, the
+converter's layout TRANSPOSE among them. A refusal names the operator, the layer it came from
+and whether the converter put it there."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import warnings
 
 import numpy as np
@@ -208,19 +210,6 @@ def test_the_float_models_learned_their_tasks(cases):
 def test_each_tier_packages_the_shaped_model_and_agrees_with_float(cases, name, tier_name):
     case = cases[name]
     artifact = _convert(case, tier_name)
-    if tier_name == "mcu" and name != "regression":
-        with pytest.raises(UnsupportedOperator) as refused:
-            check_operators(tier("mcu"), artifact)
-        message = str(refused.value)
-        print(f"{name} on mcu refused: {message}")
-        assert "\n" not in message
-        assert "cannot run operator(s) TRANSPOSE (supported: " in message
-        assert message.endswith("TRANSPOSE: inserted by the converter for the channels-first layout of the model's "
-                                "tensors (LiteRT runs convolutions channels-last)")
-        # the refused int8 model is still the shaped model, fully int8: LiteRT runs it
-        assert artifact.numeric_format == "int8"
-        _assert_close(case, "mcu int8 on LiteRT", LiteRTModel(_bundle(case, "mcu", artifact)).predict(case.test_raw))
-        return
     check_operators(tier(tier_name), artifact)
     _assert_close(case, tier_name, _device_outputs(case, _bundle(case, tier_name, artifact)))
 
@@ -244,14 +233,31 @@ def test_the_converter_inserted_layout_operators_are_told_from_the_models_own(ca
     assert ("MEAN", False) in series
 
 
-def test_a_refusal_names_the_models_own_operators_apart_from_the_converters(cases):
+def test_a_refusal_names_the_operator_its_layer_and_whether_the_converter_inserted_it(cases):
+    """A runtime without SOFTMAX and TRANSPOSE (a custom tier profile): the refusal says, per
+    operator, which layer of the user's model it came from and who put it there."""
     profile = dataclasses.replace(tier("mcu"), supported_ops=tuple(op for op in tier("mcu").supported_ops
-                                                                     if op != "SOFTMAX"))
+                                                                     if op not in ("SOFTMAX", "TRANSPOSE")))
     with pytest.raises(UnsupportedOperator) as refused:
         check_operators(profile, _convert(cases["cnn"], "mcu"))
     message = str(refused.value)
-    assert "cannot run operator(s) SOFTMAX, TRANSPOSE (supported: " in message
-    assert "; SOFTMAX: the model's own; TRANSPOSE: inserted by the converter" in message
+    print(message)
+    assert "\n" not in message and "cannot run operator(s) SOFTMAX, TRANSPOSE (not among the " in message
+    # the flatten after the convolutions is in the model's forward: the converter's TRANSPOSE is there
+    assert re.search(r"TRANSPOSE \(operator \d+, from layer \w+\.forward\): inserted by the converter", message)
+    assert re.search(r"SOFTMAX \(operator \d+, from layer the model's output\): the model's own", message)
+
+
+def test_the_mcu_tier_takes_what_the_installed_tflm_registers():
+    """The operator list is read from the TFLM build: the layout and activation operators that
+    convolutional and recurrent models need are there (the hand list lacked them)."""
+    from cloud.tflm_ops import tflm_builtin_operators
+
+    ops = set(tier("mcu").supported_ops)
+    assert ops == set(tflm_builtin_operators()) and len(ops) > 80
+    assert {"TRANSPOSE", "HARD_SWISH", "SLICE", "STRIDED_SLICE", "UNIDIRECTIONAL_SEQUENCE_LSTM", "CONV_2D",
+            "DEPTHWISE_CONV_2D", "CONCATENATION", "MEAN", "LOGISTIC", "TANH"} <= ops
+    assert "GELU" not in ops and "FRAMER" not in ops      # no kernel; a signal-library custom operator
 
 
 def test_triton_configs_carry_the_real_shapes(cases):
