@@ -210,6 +210,8 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
     check_fidelity(profile, task, measured, artifact.numeric_format)
     if artifact.operators is not None:
         measured["operators"] = sorted({op.name for op in artifact.operators})
+    if artifact.folded_transposes:
+        measured["folded_layout_transposes"] = artifact.folded_transposes
     check_budgets(profile, measured)
     golden = {"inputs": golden_raw.astype(np.float32).tolist(),
               "outputs": [[float(f"{v:.8g}") for v in row] for row in runtime.predict(golden_raw).tolist()]}

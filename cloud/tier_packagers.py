@@ -52,6 +52,7 @@ from contracts.features import FeatureSpec
 from cloud import quantize
 from cloud.errors import UserError
 from cloud.export import INPUT_NAME, OUTPUT_NAME
+from cloud.tflite_passes import fold_layout_transposes
 from cloud.tiers import TierProfile
 
 __all__ = ["DoesNotFit", "BudgetExceeded", "UnsupportedOperator", "TierArtifact", "convert", "check_operators",
@@ -86,6 +87,7 @@ class TierArtifact:
     numeric_format: str                      # fp32, int8, dynamic-int8
     layout: dict[str, Any] = field(default_factory=dict)
     operators: list[quantize.Operator] | None = None   # .tflite artifacts only
+    folded_transposes: int = 0               # layout TRANSPOSEs folded into FULLY_CONNECTED weights
 
 
 def triton_config(name: str, input_dims: Sequence[int], output_dims: Sequence[int], dtype: str = "TYPE_FP32") -> bytes:
@@ -174,9 +176,14 @@ def _litert_dynamic(job: _Job) -> TierArtifact:
 
 def _full_int8(job: _Job) -> TierArtifact:
     model = quantize.litert_full_int8(quantize.litert_fp32(job.model, job.input_shape), job.calib)
+    folded = 0
     if job.profile.runtime == "tflite-micro":
         model = quantize.inline_buffers(model)      # TFLM cannot read external buffers (cloud/quantize.py)
+        # the converter's TRANSPOSE before a flatten into FULLY_CONNECTED costs an MCU a buffer: fold it
+        result = fold_layout_transposes(model)
+        model, folded = result.model, result.folded
     artifact = _tflite(model, "int8")
+    artifact.folded_transposes = folded
     if job.profile.runtime == "tflite-micro":
         artifact.files["model_data.h"] = quantize.c_header(model, f"g_{job.name}_model",
                                                            f"{job.name}:{job.version} for {job.profile.name}")

@@ -224,11 +224,11 @@ def test_the_flat_mlp_runs_on_the_mcu_with_int8_in_and_out(cases):
 
 
 def test_the_converter_inserted_layout_operators_are_told_from_the_models_own(cases):
-    ops = _convert(cases["cnn"], "mcu").operators
+    ops = _convert(cases["cnn"], "mobile").operators        # as converted (mcu folds the TRANSPOSE away)
     marked = [(op.name, op.inserted_for_layout) for op in ops if op.name in ("TRANSPOSE", "RESHAPE")]
     # (1,1,8,8) -> (1,8,8,1) before the first convolution is the converter's; flatten is the model's
     assert marked == [("RESHAPE", True), ("TRANSPOSE", True), ("RESHAPE", False)]
-    series = [(op.name, op.inserted_for_layout) for op in _convert(cases["conv1d"], "mcu").operators]
+    series = [(op.name, op.inserted_for_layout) for op in _convert(cases["conv1d"], "mobile").operators]
     assert ("TRANSPOSE", True) in series and ("TRANSPOSE", False) not in series
     assert ("MEAN", False) in series
 
@@ -239,13 +239,63 @@ def test_a_refusal_names_the_operator_its_layer_and_whether_the_converter_insert
     profile = dataclasses.replace(tier("mcu"), supported_ops=tuple(op for op in tier("mcu").supported_ops
                                                                      if op not in ("SOFTMAX", "TRANSPOSE")))
     with pytest.raises(UnsupportedOperator) as refused:
-        check_operators(profile, _convert(cases["cnn"], "mcu"))
+        check_operators(profile, _convert(cases["conv1d"], "mcu"))
     message = str(refused.value)
     print(message)
     assert "\n" not in message and "cannot run operator(s) SOFTMAX, TRANSPOSE (not among the " in message
-    # the flatten after the convolutions is in the model's forward: the converter's TRANSPOSE is there
-    assert re.search(r"TRANSPOSE \(operator \d+, from layer \w+\.forward\): inserted by the converter", message)
+    # the channels-first input is turned channels-last for the first Conv1d: the converter's TRANSPOSE
+    assert re.search(r"TRANSPOSE \(operator \d+, from layer \S+ \(Conv1d\)\): inserted by the converter", message)
     assert re.search(r"SOFTMAX \(operator \d+, from layer the model's output\): the model's own", message)
+
+
+class _FlattenConv1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(3, 5, 3, padding=1), nn.Linear(5 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+def test_the_mcu_cnn_artifact_has_its_layout_transpose_folded(cases):
+    mobile = [op.name for op in _convert(cases["cnn"], "mobile").operators]
+    folded = _convert(cases["cnn"], "mcu")
+    assert folded.folded_transposes == 1 and "TRANSPOSE" in mobile
+    assert "TRANSPOSE" not in [op.name for op in folded.operators]
+
+
+@pytest.mark.parametrize("net,shape", [(DigitsCNN, (1, 8, 8)), (_FlattenConv1d, (3, 16))])
+def test_the_layout_transpose_before_a_flatten_folds_into_the_fc_weights_bit_for_bit(net, shape):
+    """TRANSPOSE -> RESHAPE -> FULLY_CONNECTED becomes a permuted weight (NHWC and NLC): one
+    operator and one buffer fewer, the same int8 outputs on TFLM for every input."""
+    from tflite_micro.python.tflite_micro import runtime as tflm
+
+    from cloud import quantize
+    from cloud.tflite_passes import fold_layout_transposes
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(3)
+    with captured_output():
+        unfolded = quantize.inline_buffers(quantize.litert_full_int8(
+            quantize.litert_fp32(net().eval(), shape), rng.uniform(0, 1, (64, *shape)).astype(np.float32)))
+    result = fold_layout_transposes(unfolded)
+    before = [op.name for op in quantize.tflite_operators(unfolded)]
+    after = [op.name for op in quantize.tflite_operators(result.model)]
+    assert result.folded == 1 and after.count("TRANSPOSE") == before.count("TRANSPOSE") - 1
+    assert fold_layout_transposes(result.model).folded == 0       # a second pass is a no-op
+    inputs = rng.integers(-128, 128, (40, 1, *shape), dtype=np.int16).astype(np.int8)
+    outs = []
+    for m in (unfolded, result.model):
+        interpreter = tflm.Interpreter.from_bytes(m, arena_size=1 << 20)
+        want = tuple(interpreter.get_input_details(0)["shape"])
+        rows = []
+        for x in inputs:
+            interpreter.set_input(x.reshape(want), 0)
+            interpreter.invoke()
+            rows.append(interpreter.get_output(0).copy())
+        outs.append(np.stack(rows))
+    assert np.array_equal(outs[0], outs[1])
+    assert tflm_arena_bytes(result.model) < tflm_arena_bytes(unfolded)
 
 
 def test_the_mcu_tier_takes_what_the_installed_tflm_registers():
