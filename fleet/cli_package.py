@@ -82,12 +82,20 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
         return status
     out.info(f"{args.model_version}: float (fp32 PyTorch) held-out accuracy {_fmt(fp32, '.4f')}; "
              "each package measured on its own runtime")
-    out.table("packages", ["tier", "format", "runtime", "model bytes", "vs fp32", "accuracy", "drop (points)",
-                           "top-1 agree", "host p50 ms", "device ms", "RAM", "flash"],
+    out.table("packages", ["tier", "format", "runtime", "model bytes", "vs fp32", "metric", "float", "drop (points)",
+                           "agree with float", "host p50 ms", "device ms", "RAM", "flash"],
               [[r["tier"], r["format"], r["runtime"], r["model_bytes"], _fmt(r["size_ratio_vs_fp32"], ".3f"),
-                f"{r['accuracy']:.4f}", _fmt(r["accuracy_drop_points"], "+.2f"),
+                f"{r.get('metric', 'accuracy')} {r.get('metric_value', r['accuracy']):.4f}",
+                _fmt(r.get("metric_value_float"), ".4f"), _fmt(r["accuracy_drop_points"], "+.2f"),
                 f"{r['top1_agreement_with_float']:.4f}", r["host_p50_ms"], r["device_latency_ms"],
                 _size(r["ram_bytes"]), _size(r["flash_bytes"])] for r in rows], obj)
+    mcu = [r for r in rows if r["runtime"] == "tflite-micro"]
+    if mcu:
+        out.table("microcontroller memory", ["tier", "TFLM arena (smallest that runs)", "TFLM's own report",
+                                              "AOT RAM", "AOT flash", "layout transposes folded", "operators"],
+                  [[r["tier"], _bytes(r.get("ram_bytes")), _bytes(r.get("tflm_reported_arena_bytes")),
+                    _bytes(r.get("aot_ram_bytes")), _bytes(r.get("aot_flash_bytes")),
+                    r.get("folded_layout_transposes", 0), ", ".join(r.get("operators", []))] for r in mcu], obj)
     for r in refused:
         out.err.print(f"edgeloop: error: {r['tier']} not packaged: {r['reason']}")
     return status
@@ -95,6 +103,10 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+def _bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n:,} B"
 
 
 def _size(n: int | None) -> str:

@@ -30,7 +30,7 @@ def test_manifest_arena_runs_and_one_byte_less_does_not(mcu_package):
     bundle, tmp = mcu_package
     m = bundle.manifest.measured
     assert m["ram_bytes_method"] == ARENA_MIN_SEARCH
-    assert m["ram_bytes"] >= m["tflm_reported_arena_bytes"]          # TFLM's own report is a floor at best
+    assert m["tflm_reported_arena_bytes"] > 0     # beside it, for comparison: it can be below or above
     path = Path(tmp) / "m.tflite"
     path.write_bytes(bundle.model_bytes)
     n = m["ram_bytes"]

@@ -333,3 +333,21 @@ def test_a_manifest_with_malformed_quantization_is_refused_by_the_reader(built, 
     bad = _with_manifest(pkg.data, lambda m: m["inputs"][0].update(quantization=quantization))
     with pytest.raises(SchemaError, match="quantization"):
         read_bundle(bad)
+
+
+def test_package_report_shows_the_microcontroller_memory(built, capsys):
+    """`package --tier mcu --report`: the TFLM arena (the smallest that runs), TFLM's own report
+    beside it, the folded layout transposes and the operator list."""
+    from fleet.cli import main
+
+    ws, registry, mv, packages, _, _ = built
+    assert main(["package", mv, "--tier", "mcu", "--report", "-w", str(ws.root)]) == 0
+    text = capsys.readouterr().out
+    measured = read_bundle(registry_package(registry, mv)).manifest.measured
+    assert "microcontroller memory" in text and f"{measured['ram_bytes']:,} B" in text
+    assert f"{measured['tflm_reported_arena_bytes']:,} B" in text and "FULLY_CONNECTED" in text
+
+
+def registry_package(registry, mv: str) -> bytes:  # noqa: ANN001
+    from pathlib import Path
+    return Path(registry.artifact_path(registry.package_for(mv, "mcu")["sha256"])).read_bytes()
