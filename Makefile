@@ -31,6 +31,7 @@ demo: install broker
 # Tests start their own private broker on a free port; they only need the binary.
 test: install
 	bash scripts/ensure-broker.sh --binary-only
+	bash scripts/ensure-arm-toolchain.sh
 	$(BIN)/python -m pytest -q tests
 
 bench: install broker

@@ -1,0 +1,377 @@
+"""Build a C model library into bare-metal Cortex-M4 firmware and run it on QEMU's mps2-an386.
+
+``build_firmware`` writes the library's sources, the harness (startup, semihosting, main.c) and a
+generated ``vectors.h`` holding the input vectors as a const array, compiles each file with
+arm-none-eabi-gcc and links with ``mps2_an386.ld``; the sizes come from ``arm-none-eabi-size -A``
+and, split by who brought them in (library, harness, C runtime), from the linker map.
+``run_on_qemu`` runs the image under ``qemu-system-arm -M mps2-an386`` with semihosting, parses
+the outputs, the stack peak measured by painting, and, with the instruction-count plugin built
+from ``insn_count_plugin.c``, the instructions of each invocation.
+
+Every failure (a tool missing, a compile or link error, a fault, a timeout) raises
+``FirmwareError`` with one line; qemu always runs under a timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+HARNESS_FILES = ("startup.c", "semihost.c", "semihost.h", "main.c", "mps2_an386.ld")
+PLUGIN_SOURCE = HERE / "insn_count_plugin.c"
+MACHINE = "mps2-an386"
+INSTALL_HINT = "run `bash scripts/ensure-arm-toolchain.sh`"
+EXIT_STATUS = {3: "fault", 4: "stack overflow", 5: "output overrun"}
+EXCEPTIONS = {2: "NMI", 3: "HardFault", 4: "MemManage", 5: "BusFault", 6: "UsageFault",
+              11: "SVCall", 12: "DebugMon", 14: "PendSV", 15: "SysTick"}
+
+
+class FirmwareError(RuntimeError):
+    """A firmware build or run failed; the message is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True)
+class Firmware:
+    elf: Path
+    workdir: Path
+    n_vectors: int
+    in_size: int
+    out_size: int
+    text: int                 # .text (code, vector table)
+    rodata: int               # .rodata + .ARM.exidx/.ARM.extab
+    data: int                 # .data (initialised RAM; its initial values are in flash too)
+    bss: int                  # .bss
+    stack_reserved: int       # the .stack section the linker script reserves
+    float_abi: str
+    cflags: tuple[str, ...]
+    mark_address: int         # el_mark, where the instruction-count plugin samples
+    by_origin: dict[str, dict[str, int]] = field(default_factory=dict)  # library/harness/runtime
+
+    @property
+    def flash(self) -> int:
+        """The load image: what must sit in flash."""
+        return self.text + self.rodata + self.data
+
+    @property
+    def static_ram(self) -> int:
+        return self.data + self.bss
+
+
+@dataclass(frozen=True)
+class QemuRun:
+    outputs: np.ndarray                 # int8 (n_vectors, out_size)
+    return_codes: tuple[int, ...]
+    stack_bytes: int                    # peak stack from its top (harness frames included)
+    stack_library_bytes: int            # peak below the SP at the call into the library
+    ram_peak: int                       # data + bss + stack_bytes
+    wall_s: float
+    instructions: int | None            # mean guest instructions per invocation (relative speed)
+    instructions_per_invocation: tuple[int, ...] | None
+    instructions_note: str
+    log: str
+
+
+# --------------------------------------------------------------------------- tools
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise FirmwareError(f"{name} not found: {INSTALL_HINT} (installs gcc-arm-none-eabi, "
+                            "libnewlib-arm-none-eabi, qemu-system-arm)")
+    return path
+
+
+def _run(cmd: list[str], what: str, timeout: float = 120, cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise FirmwareError(f"{what}: timed out after {timeout:g} s") from None
+    if proc.returncode != 0:
+        raise FirmwareError(f"{what}: {_first_error(proc.stderr + proc.stdout)}")
+    return proc.stdout
+
+
+def _first_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith("collect2")]
+    for pattern in (r"undefined reference", r"will not fit|overflowed by", r"\berror\b", r"fatal"):
+        for ln in useful:
+            if re.search(pattern, ln, re.IGNORECASE):
+                return ln
+    return lines[-1] if lines else "failed with no output"
+
+
+# --------------------------------------------------------------------------- build
+
+def _vectors_header(inputs: np.ndarray, out_size: int) -> str:
+    n, in_size = inputs.shape
+    rows = ",\n".join("  {" + ",".join(str(int(v)) for v in row) + "}" for row in inputs)
+    return ("/* Generated by kernels.firmware.build_firmware: the input vectors the harness runs. */\n"
+            "#ifndef EDGELOOP_VECTORS_H\n#define EDGELOOP_VECTORS_H\n#include <stdint.h>\n"
+            f"#define EL_N_VECTORS {n}u\n#define EL_IN_SIZE {in_size}u\n#define EL_OUT_SIZE {out_size}u\n"
+            f"static const int8_t el_inputs[{n}][{in_size}] __attribute__((aligned(8))) = {{\n"
+            f"{rows}\n}};\n#endif\n")
+
+
+def _cpu_flags(float_abi: str) -> list[str]:
+    if float_abi == "soft":
+        return ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=soft"]
+    if float_abi == "hard":
+        return ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
+    raise FirmwareError(f"float_abi must be 'soft' or 'hard', not {float_abi!r}")
+
+
+def build_firmware(sources: dict[str, str], inputs: np.ndarray, out_size: int, workdir: Path, *,
+                   float_abi: str = "soft", opt: str = "-Os", stack_size: int = 64 * 1024,
+                   extra_cflags: tuple[str, ...] = ()) -> Firmware:
+    """Compile ``sources`` (file name -> text; .c files are compiled, the rest only written) with
+    the harness into ``workdir/fw.elf``. ``inputs`` is int8 (n, in_size), one row a call."""
+    gcc, size_tool, nm = _tool("arm-none-eabi-gcc"), _tool("arm-none-eabi-size"), _tool("arm-none-eabi-nm")
+    inputs = np.asarray(inputs)
+    if inputs.ndim != 2 or inputs.shape[0] < 1 or inputs.shape[1] < 1:
+        raise FirmwareError(f"inputs must be a non-empty (n, in_size) array, got shape {inputs.shape}")
+    if inputs.dtype != np.int8:
+        raise FirmwareError(f"inputs must be int8, got {inputs.dtype}")
+    if int(out_size) < 1:
+        raise FirmwareError(f"out_size must be positive, got {out_size}")
+    if stack_size < 256 or stack_size % 8:
+        raise FirmwareError(f"stack_size must be a multiple of 8 and at least 256, got {stack_size}")
+    if not any(name.endswith(".c") for name in sources):
+        raise FirmwareError("sources hold no .c file")
+    for name in sources:
+        if Path(name).name != name or name.startswith("."):
+            raise FirmwareError(f"source names must be plain file names, not {name!r}")
+
+    workdir = Path(workdir).resolve()
+    src, harness, obj = workdir / "src", workdir / "harness", workdir / "obj"
+    for d in (src, harness, obj):
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    for name, text in sources.items():
+        (src / name).write_text(text)
+    for name in HARNESS_FILES:
+        shutil.copyfile(HERE / name, harness / name)
+    (harness / "vectors.h").write_text(_vectors_header(inputs, int(out_size)))
+
+    cpu = _cpu_flags(float_abi)
+    cflags = (*cpu, opt, "-std=c99", "-ffunction-sections", "-fdata-sections", "-Wall",
+              *extra_cflags)
+    objects = []
+    for d, names in ((src, sorted(n for n in sources if n.endswith(".c"))),
+                     (harness, ["startup.c", "semihost.c", "main.c"])):
+        for name in names:
+            o = obj / (("lib_" if d is src else "harness_") + name[:-2] + ".o")
+            # The harness must not turn its own loops into memcpy/memset calls: whatever the C
+            # runtime adds to the image is then the library's doing.
+            own = () if d is src else ("-fno-tree-loop-distribute-patterns",)
+            _run([gcc, *cflags, *own, "-I", str(src), "-I", str(harness), "-c", str(d / name), "-o", str(o)],
+                 f"compile failed ({name})")
+            objects.append(o)
+    elf, mapfile = workdir / "fw.elf", workdir / "fw.map"
+    _run([gcc, *cpu, "-nostartfiles", "--specs=nano.specs", "--specs=nosys.specs",
+          "-Wl,--gc-sections", f"-Wl,-Map={mapfile}", f"-Wl,--defsym=__stack_size={stack_size}",
+          "-T", str(harness / "mps2_an386.ld"), *map(str, objects), "-lm", "-o", str(elf)],
+         "link failed")
+
+    sections = _size_sections(_run([size_tool, "-A", str(elf)], "arm-none-eabi-size failed"))
+    mark = None
+    for line in _run([nm, str(elf)], "arm-none-eabi-nm failed").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "el_mark":
+            mark = int(parts[0], 16) & ~1
+    if mark is None:
+        raise FirmwareError("link failed: el_mark missing from the image")
+    return Firmware(
+        elf=elf, workdir=workdir, n_vectors=int(inputs.shape[0]), in_size=int(inputs.shape[1]),
+        out_size=int(out_size), text=sections.get(".text", 0),
+        rodata=sections.get(".rodata", 0) + sections.get(".ARM.exidx", 0) + sections.get(".ARM.extab", 0),
+        data=sections.get(".data", 0), bss=sections.get(".bss", 0),
+        stack_reserved=sections.get(".stack", 0), float_abi=float_abi, cflags=tuple(cflags),
+        mark_address=mark, by_origin=_sizes_by_origin(mapfile.read_text()))
+
+
+def _size_sections(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0].startswith(".") and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+_OUTPUT_KIND = {".text": "text", ".rodata": "rodata", ".ARM.exidx": "rodata", ".ARM.extab": "rodata",
+                ".data": "data", ".bss": "bss"}
+
+
+def _sizes_by_origin(mapfile: str) -> dict[str, dict[str, int]]:
+    """Sizes of the kept input sections in the linker map, by the object that brought them:
+    library (the model's sources), harness (startup, semihosting, main, the input vectors),
+    runtime (newlib and libgcc members, e.g. memcpy). Fill between sections is not counted."""
+    totals = {k: dict.fromkeys(("text", "rodata", "data", "bss"), 0) for k in ("library", "harness", "runtime")}
+    body = mapfile.split("Linker script and memory map", 1)[-1]
+    one_line = re.compile(r"^ (?:\.\S+|COMMON)\s+0x[0-9a-fA-F]+\s+(0x[0-9a-fA-F]+)\s+(\S.*)$")
+    wrapped_name = re.compile(r"^ (?:\.\S+|COMMON)$")
+    wrapped_rest = re.compile(r"^\s+0x[0-9a-fA-F]+\s+(0x[0-9a-fA-F]+)\s+(\S.*)$")
+    kind, pending = None, False
+    for line in body.splitlines():
+        if line[:1] not in ("", " "):            # an output section: ".text   0x0  0x604"
+            kind, pending = _OUTPUT_KIND.get(line.split()[0]), False
+            continue
+        m = one_line.match(line) or (wrapped_rest.match(line) if pending else None)
+        pending = bool(wrapped_name.match(line))
+        if kind is None or m is None:
+            continue
+        size, origin = int(m.group(1), 16), m.group(2).strip()
+        member = "(" in origin                  # an archive member: libc_nano.a(libc_a-memcpy.o)
+        name = Path(origin.split("(")[0]).name
+        who = ("library" if name.startswith("lib_") and not member
+               else "harness" if name.startswith("harness_") and not member else "runtime")
+        totals[who][kind] += size
+    for sizes in totals.values():
+        sizes["flash"] = sizes["text"] + sizes["rodata"] + sizes["data"]
+        sizes["static_ram"] = sizes["data"] + sizes["bss"]
+    return totals
+
+
+# --------------------------------------------------------------------------- instruction counts
+
+def _plugin_path() -> tuple[Path | None, str]:
+    """Build (once, cached by source and QEMU version) the instruction-count plugin."""
+    try:
+        return _build_plugin()
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"the instruction-count plugin could not be built: {e}"
+
+
+def _build_plugin() -> tuple[Path | None, str]:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no host C compiler to build the instruction-count plugin"
+    qemu = shutil.which("qemu-system-arm") or ""
+    version = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(PLUGIN_SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeloop" / f"qemu-plugin-{key}"
+    so = cache / "libelcount.so"
+    if so.exists():
+        return so, ""
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f"libelcount.{os.getpid()}.so"
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(PLUGIN_SOURCE)],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        return None, f"the instruction-count plugin did not build: {_first_error(proc.stderr)}"
+    os.replace(tmp, so)
+    return so, ""
+
+
+# --------------------------------------------------------------------------- run
+
+def _qemu_cmd(qemu: str, fw: Firmware, plugin: Path | None, counts: Path) -> list[str]:
+    cmd = [qemu, "-M", MACHINE, "-nographic", "-monitor", "none", "-serial", "none",
+           "-semihosting-config", "enable=on,target=native", "-kernel", str(fw.elf)]
+    if plugin is not None:
+        cmd += ["-plugin", f"{plugin},mark={fw.mark_address:#x},out={counts}"]
+    return cmd
+
+
+def run_on_qemu(fw: Firmware, timeout_s: float = 60, *, count_instructions: bool = True) -> QemuRun:
+    """Run ``fw`` on the emulated board; outputs, stack peak, wall time and instruction counts."""
+    qemu = _tool("qemu-system-arm")
+    plugin, note = _plugin_path() if count_instructions else (None, "not asked for")
+    counts = fw.workdir / "insn_counts.txt"
+    if counts.exists():
+        counts.unlink()
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(_qemu_cmd(qemu, fw, plugin, counts), capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+        if plugin is not None and proc.returncode != 0 and "EL:BEGIN" not in proc.stdout + proc.stderr \
+                and "plugin" in proc.stderr.lower():
+            note = f"QEMU refused the instruction-count plugin: {_first_error(proc.stderr)}"
+            plugin = None
+            remaining = max(1.0, timeout_s - (time.monotonic() - t0))
+            proc = subprocess.run(_qemu_cmd(qemu, fw, None, counts), capture_output=True, text=True,
+                                  timeout=remaining, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise FirmwareError(f"qemu timed out after {timeout_s:g} s running {fw.elf.name} "
+                            "(does the library return?)") from None
+    wall = time.monotonic() - t0
+    log = proc.stdout + proc.stderr
+    (fw.workdir / "qemu.log").write_text(log)
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip().startswith("EL:")]
+
+    for ln in lines:
+        if ln.startswith("EL:FAULT"):
+            raise FirmwareError(_describe_fault(fw, ln))
+        if ln.startswith("EL:ERROR"):
+            raise FirmwareError(f"firmware error: {ln[len('EL:ERROR'):].strip()}")
+    if proc.returncode != 0:
+        what = EXIT_STATUS.get(proc.returncode, f"exit status {proc.returncode}")
+        raise FirmwareError(f"qemu failed ({what}): {_first_error(log)}")
+    if not lines or lines[-1] != "EL:END":
+        raise FirmwareError(f"firmware output incomplete: {(lines or [_first_error(log)])[-1]}")
+
+    outputs = np.zeros((fw.n_vectors, fw.out_size), dtype=np.int8)
+    rcs = [None] * fw.n_vectors
+    stack = stack_lib = None
+    for ln in lines:
+        parts = ln.split()
+        if parts[0] == "EL:OUT" and len(parts) in (3, 4):
+            i, rc, hexs = int(parts[1]), int(parts[2]), parts[3] if len(parts) == 4 else ""
+            raw = bytes.fromhex(hexs)
+            if i >= fw.n_vectors or len(raw) != fw.out_size:
+                raise FirmwareError(f"firmware output malformed: {ln[:80]}")
+            outputs[i] = np.frombuffer(raw, dtype=np.int8)
+            rcs[i] = rc
+        elif parts[0] == "EL:STACK":
+            stack_lib, stack = int(parts[1]), int(parts[2])
+    if any(rc is None for rc in rcs) or stack is None:
+        raise FirmwareError("firmware output incomplete: an output or the stack line is missing")
+    bad = [(i, rc) for i, rc in enumerate(rcs) if rc != 0]
+    if bad:
+        raise FirmwareError(f"edgeloop_model_invoke returned {bad[0][1]} on vector {bad[0][0]}")
+
+    per_call = None
+    if plugin is not None:
+        marks = [int(ln.split()[1]) for ln in (counts.read_text().splitlines() if counts.exists() else [])
+                 if ln.startswith("mark ")]
+        if len(marks) == 2 * fw.n_vectors:
+            per_call = tuple(marks[2 * i + 1] - marks[2 * i] for i in range(fw.n_vectors))
+            note = ("guest instructions between the marks around each call (QEMU TCG plugin "
+                    "insn_count_plugin.c); a relative speed figure, not cycles")
+        else:
+            note = f"the instruction-count plugin recorded {len(marks)} marks, expected {2 * fw.n_vectors}"
+    return QemuRun(
+        outputs=outputs, return_codes=tuple(rcs), stack_bytes=stack, stack_library_bytes=stack_lib,
+        ram_peak=fw.static_ram + stack, wall_s=wall,
+        instructions=round(sum(per_call) / len(per_call)) if per_call else None,
+        instructions_per_invocation=per_call, instructions_note=note, log=log)
+
+
+def _describe_fault(fw: Firmware, line: str) -> str:
+    fields = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
+    exc = int(fields.get("exc", "0"), 16)
+    pc = fields.get("pc", "?")
+    where = ""
+    addr2line = shutil.which("arm-none-eabi-addr2line")
+    if addr2line and pc != "?":
+        out = subprocess.run([addr2line, "-f", "-e", str(fw.elf), f"0x{pc}"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+        if out and out[0] != "??":
+            where = f" in {out[0]}"
+    return (f"firmware faulted: {EXCEPTIONS.get(exc, f'exception {exc}')} at pc=0x{pc}{where} "
+            f"(CFSR=0x{fields.get('cfsr', '?')})")
