@@ -1,0 +1,345 @@
+"""The AOT compiler (kernels/aot) against TensorFlow Lite Micro, bit for bit.
+
+Every model is a PyTorch module converted with the project's own full-int8 path (the mcu
+tier's: litert_fp32 -> litert_full_int8 -> inline_buffers), compiled to C, built with the
+host ``gcc -std=c99 -O2 -Wall -Werror`` and run on random int8 inputs and on real digits rows;
+its outputs must equal TFLM's Python interpreter's exactly. One small model per operator
+family, then the whole models; then the refusals, each one line.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kernels.aot import CompiledModel, UnsupportedByCompiler, build_host, compile_tflite, run_host
+from kernels.aot._graph import read_graph
+from kernels.aot._ops import lower
+from kernels.aot._planner import plan
+
+N_RANDOM = 200
+
+
+# ---- models ---------------------------------------------------------------------------------
+class DigitsCNN(nn.Module):
+    """Conv2d + ReLU + pool + Linear on 1x8x8 (one input channel: the converter makes it a
+    DEPTHWISE_CONV_2D with depth multiplier 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.max_pool2d(torch.relu(self.conv(x)), 2), 1))
+
+
+class TwoConvPools(nn.Module):
+    """CONV_2D (SAME), MAX_POOL_2D, AVERAGE_POOL_2D, SOFTMAX."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = nn.functional.avg_pool2d(torch.relu(self.c2(x)), 2)
+        return torch.softmax(self.fc(torch.flatten(x, 1)), -1)
+
+
+class SeparableHardSwish(nn.Module):
+    """Depthwise-separable block with hard-swish: DEPTHWISE_CONV_2D (multipliers 8 and 1),
+    HARD_SWISH, 1x1 CONV_2D, MEAN over H and W, FULLY_CONNECTED, SOFTMAX."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.dw = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw, self.fc = nn.Conv2d(8, 16, 1), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.hardswish(self.stem(x))
+        x = torch.relu(self.pw(nn.functional.hardswish(self.dw(x))))
+        return torch.softmax(self.fc(x.mean(dim=(2, 3))), -1)
+
+
+class ResidualConcat(nn.Module):
+    """ADD (residual), QUANTIZE (the converter's rescale before the concatenation), CONCATENATION."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 32), nn.Linear(32, 32), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.c(torch.cat([h, h + torch.relu(self.b(h))], -1))
+
+
+class SeriesConv1d(nn.Module):
+    """Conv1d net: TRANSPOSE and RESHAPE for the layout, CONV_2D SAME, PAD + CONV_2D VALID
+    stride 2, MEAN, SOFTMAX."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(3, 8, 5, padding=2), nn.Conv1d(8, 16, 5, stride=2, padding=2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return torch.softmax(self.fc(x.mean(dim=-1)), -1)
+
+
+class Gates(nn.Module):
+    """LOGISTIC, TANH, MUL (element-wise and broadcast against a constant), SUB."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 16), nn.Linear(64, 16), nn.Linear(16, 10)
+        self.gain = nn.Parameter(torch.linspace(0.5, 2.0, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.a(x), self.b(x)
+        return self.c(torch.sigmoid(a) * torch.tanh(b) * self.gain - a)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), nn.Softmax(-1))
+
+
+# name -> (module factory, input shape per example, trained on digits)
+ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
+    "digits_mlp": (_mlp, (64,), True),
+    "digits_cnn": (DigitsCNN, (1, 8, 8), True),
+    "conv_pools": (TwoConvPools, (1, 8, 8), False),
+    "separable_hswish": (SeparableHardSwish, (1, 8, 8), False),
+    "residual_concat": (ResidualConcat, (64,), False),
+    "conv1d": (SeriesConv1d, (3, 32), False),
+    "gates": (Gates, (64,), False),
+}
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    from cloud.datasets import load_dataset
+
+    ds = load_dataset()
+    return np.asarray(ds.x, dtype=np.float32), np.asarray(ds.y).astype(np.int64)
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 60) -> None:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = model[:-1](xt) if isinstance(model, nn.Sequential) else model(xt)
+        nn.functional.cross_entropy(logits, yt).backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def zoo(digits: tuple[np.ndarray, np.ndarray]) -> Callable[[str], bytes]:
+    """Converted .tflite bytes by name, converted once on first use."""
+    from cloud import quantize
+
+    cache: dict[str, bytes] = {}
+
+    def get(name: str) -> bytes:
+        if name not in cache:
+            factory, shape, trained = ZOO[name]
+            torch.manual_seed(0)
+            model = factory()
+            if shape == (64,) or shape == (1, 8, 8):
+                x = digits[0].reshape(-1, *shape)
+                if trained:
+                    _train(model, x, digits[1])
+                calib = x[::12]
+            else:
+                calib = np.random.default_rng(0).normal(size=(48, *shape)).astype(np.float32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fp32 = quantize.litert_fp32(model.eval(), shape)
+                cache[name] = quantize.inline_buffers(quantize.litert_full_int8(fp32, calib))
+        return cache[name]
+
+    return get
+
+
+# ---- the reference and the check -------------------------------------------------------------
+def _tflm(model: bytes, x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    from tflite_micro.python.tflite_micro import runtime as tflm
+
+    interpreter = tflm.Interpreter.from_bytes(model, arena_size=256 * 1024)
+    out = []
+    for row in x:
+        interpreter.set_input(row.reshape(input_shape), 0)
+        interpreter.invoke()
+        out.append(np.array(interpreter.get_output(0)).reshape(-1))
+    return np.stack(out).astype(np.int8)
+
+
+def _quantize_rows(compiled: CompiledModel, rows: np.ndarray) -> np.ndarray:
+    q = np.round(rows / compiled.input_scale) + compiled.input_zero_point
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def _assert_bit_exact(model: bytes, tmp_path: Path, real: np.ndarray | None = None) -> CompiledModel:
+    compiled = compile_tflite(model)
+    exe = build_host(compiled, tmp_path)
+    shape = compiled.input_shape
+    x = np.random.default_rng(1).integers(-128, 128, (N_RANDOM, *shape[1:]), dtype=np.int8)
+    if real is not None:
+        x = np.concatenate([x, _quantize_rows(compiled, real.reshape(len(real), *shape[1:]))])
+    got, want = run_host(exe, x), _tflm(model, x, shape)
+    mismatched = np.argwhere(got != want)
+    assert mismatched.size == 0, (f"{len(mismatched)} of {got.size} outputs differ from TFLM, first at "
+                                  f"{mismatched[0].tolist()}: {got[tuple(mismatched[0])]} vs {want[tuple(mismatched[0])]}")
+    assert compiled.arena_bytes <= compiled.arena_bytes_no_inplace
+    _assert_plan_is_safe(model)
+    return compiled
+
+
+def _assert_plan_is_safe(model: bytes) -> None:
+    """No two buffers alive at the same time overlap in the arena, with or without in place."""
+    graph = read_graph(model)
+    steps = [lower(graph, op) for op in graph.operators]
+    for inplace in (True, False):
+        buffers = plan(graph, steps, inplace).buffers
+        for i, a in enumerate(buffers):
+            for b in buffers[i + 1:]:
+                if a.first <= b.last and b.first <= a.last:
+                    assert a.offset + a.size <= b.offset or b.offset + b.size <= a.offset, (a, b)
+
+
+# ---- operator families ------------------------------------------------------------------------
+def test_fully_connected_relu_and_softmax_match_tflm_on_the_digits_mlp(zoo, digits, tmp_path):
+    compiled = _assert_bit_exact(zoo("digits_mlp"), tmp_path, real=digits[0][:300])
+    assert compiled.operators == ("FULLY_CONNECTED", "FULLY_CONNECTED", "SOFTMAX")
+
+
+def test_conv2d_same_max_and_average_pool_match_tflm(zoo, digits, tmp_path):
+    compiled = _assert_bit_exact(zoo("conv_pools"), tmp_path, real=digits[0][:200])
+    assert {"CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D", "DEPTHWISE_CONV_2D"} <= set(compiled.operators)
+
+
+def test_depthwise_separable_block_with_hard_swish_runs_in_place_and_matches_tflm(zoo, digits, tmp_path):
+    compiled = _assert_bit_exact(zoo("separable_hswish"), tmp_path, real=digits[0][:200])
+    kinds = compiled.operators
+    assert {"HARD_SWISH", "MEAN", "TRANSPOSE", "SOFTMAX"} <= set(kinds)
+    in_place = {kinds[i] for i in compiled.inplace_operators}
+    assert {"DEPTHWISE_CONV_2D", "HARD_SWISH", "RESHAPE"} <= in_place
+    assert "el_depthwise_conv2d_inplace(" in compiled.files["model.c"]
+
+
+def test_residual_add_quantize_and_concatenation_match_tflm(zoo, digits, tmp_path):
+    compiled = _assert_bit_exact(zoo("residual_concat"), tmp_path, real=digits[0][:200])
+    assert {"ADD", "QUANTIZE", "CONCATENATION"} <= set(compiled.operators)
+    assert compiled.arena_bytes < compiled.arena_bytes_no_inplace     # ADD writes over a dying input
+
+
+def test_conv1d_net_pad_transpose_reshape_and_mean_match_tflm(zoo, tmp_path):
+    series = np.sin(np.linspace(0, 12, 3 * 32 * 40)).reshape(40, 3, 32).astype(np.float32) * 2
+    compiled = _assert_bit_exact(zoo("conv1d"), tmp_path, real=series)
+    assert {"PAD", "TRANSPOSE", "RESHAPE", "CONV_2D", "MEAN"} <= set(compiled.operators)
+
+
+def test_logistic_tanh_mul_and_sub_match_tflm(zoo, digits, tmp_path):
+    compiled = _assert_bit_exact(zoo("gates"), tmp_path, real=digits[0][:200])
+    assert {"LOGISTIC", "TANH", "MUL", "SUB"} <= set(compiled.operators)
+
+
+def test_digits_cnn_matches_tflm_on_real_digits(zoo, digits, tmp_path):
+    compiled = _assert_bit_exact(zoo("digits_cnn"), tmp_path, real=digits[0][:400])
+    assert compiled.operators[-1] == "FULLY_CONNECTED"
+    header = compiled.files["model.h"]
+    assert "int edgeloop_model_invoke(const int8_t *input, int8_t *output);" in header
+    assert f"#define EDGELOOP_MODEL_ARENA_BYTES {compiled.arena_bytes}" in header
+    assert "#define EDGELOOP_MODEL_INPUT_SIZE 64" in header
+
+
+def test_kernels_use_no_heap_and_no_floats():
+    from kernels.aot.compiler import _kernel_sources
+
+    import re
+
+    code = re.sub(r"/\*.*?\*/", "", "\n".join(_kernel_sources().values()), flags=re.S)
+    for word in ("malloc", "calloc", "free", "float", "double"):
+        assert not re.search(rf"\b{word}\b", code), word
+
+
+# ---- refusals, one line each ------------------------------------------------------------------
+def _repacked(model: bytes, edit: Callable[[object], None]) -> bytes:
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as tfl
+
+    flat = tfl.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    edit(flat)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(flat.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _one_line(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and message
+    return message
+
+
+def test_an_unsupported_operator_is_refused_naming_it_its_index_and_output(zoo):
+    from ai_edge_litert import schema_py_generated as tfl
+
+    def to_leaky_relu(flat) -> None:
+        for code in flat.operatorCodes:
+            if code.builtinCode == tfl.BuiltinOperator.SOFTMAX:
+                code.builtinCode = code.deprecatedBuiltinCode = tfl.BuiltinOperator.LEAKY_RELU
+
+    with pytest.raises(UnsupportedByCompiler) as e:
+        compile_tflite(_repacked(zoo("digits_mlp"), to_leaky_relu))
+    message = _one_line(e)
+    assert message.startswith("operator 2 (LEAKY_RELU, output '") and "no kernel for LEAKY_RELU" in message
+
+
+def test_an_unsupported_fused_activation_is_refused(zoo):
+    def tanh_on_first_dense(flat) -> None:
+        flat.subgraphs[0].operators[0].builtinOptions.fusedActivationFunction = 4   # TANH
+
+    with pytest.raises(UnsupportedByCompiler) as e:
+        compile_tflite(_repacked(zoo("digits_mlp"), tanh_on_first_dense))
+    assert "operator 0 (FULLY_CONNECTED" in _one_line(e) and "fused activation TANH" in str(e.value)
+
+
+def test_a_float_model_is_refused_as_not_fully_int8():
+    from cloud import quantize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32 = quantize.litert_fp32(_mlp().eval(), (64,))
+    with pytest.raises(UnsupportedByCompiler) as e:
+        compile_tflite(fp32)
+    assert "not fully int8" in _one_line(e) and "float32" in str(e.value)
+
+
+@pytest.mark.parametrize("corrupt", [b"", b"not a flatbuffer at all", b"\x10\x00\x00\x00TFL3" + b"\xff" * 40])
+def test_corrupt_bytes_are_refused_in_one_line(corrupt):
+    with pytest.raises(UnsupportedByCompiler) as e:
+        compile_tflite(corrupt)
+    assert _one_line(e)
+
+
+def test_a_truncated_model_is_refused_in_one_line(zoo):
+    model = zoo("digits_mlp")
+    with pytest.raises(UnsupportedByCompiler) as e:
+        compile_tflite(model[: len(model) // 3])
+    assert _one_line(e)
+
+
+def test_the_refusal_is_a_user_error():
+    from cloud.errors import UserError
+
+    assert issubclass(UnsupportedByCompiler, UserError)
