@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kernels.aot import CompiledModel, UnsupportedByCompiler, build_host, compile_tflite, run_host
+from kernels.aot._fold import fold_pads
 from kernels.aot._graph import read_graph
 from kernels.aot._ops import lower
 from kernels.aot._planner import plan
@@ -54,17 +55,19 @@ class TwoConvPools(nn.Module):
 
 
 class SeparableHardSwish(nn.Module):
-    """Depthwise-separable block with hard-swish: DEPTHWISE_CONV_2D (multipliers 8 and 1),
-    HARD_SWISH, 1x1 CONV_2D, MEAN over H and W, FULLY_CONNECTED, SOFTMAX."""
+    """Depthwise-separable block with hard-swish: DEPTHWISE_CONV_2D (multipliers 8 and 1, stride
+    1 SAME and stride 2 after a PAD), HARD_SWISH, 1x1 CONV_2D, MEAN over H and W, SOFTMAX."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem, self.dw = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.pw, self.fc = nn.Conv2d(8, 16, 1), nn.Linear(16, 10)
+        self.down = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.hardswish(self.stem(x))
         x = torch.relu(self.pw(nn.functional.hardswish(self.dw(x))))
+        x = nn.functional.hardswish(self.down(x))           # stride 2 after an explicit PAD
         return torch.softmax(self.fc(x.mean(dim=(2, 3))), -1)
 
 
@@ -208,7 +211,7 @@ def _assert_bit_exact(model: bytes, tmp_path: Path, real: np.ndarray | None = No
 def _assert_plan_is_safe(model: bytes) -> None:
     """No two buffers alive at the same time overlap in the arena, with or without in place."""
     graph = read_graph(model)
-    steps = [lower(graph, op) for op in graph.operators]
+    steps = fold_pads(graph, [lower(graph, op) for op in graph.operators])
     for inplace in (True, False):
         buffers = plan(graph, steps, inplace).buffers
         for i, a in enumerate(buffers):
@@ -234,7 +237,10 @@ def test_depthwise_separable_block_with_hard_swish_runs_in_place_and_matches_tfl
     assert {"HARD_SWISH", "MEAN", "TRANSPOSE", "SOFTMAX"} <= set(kinds)
     in_place = {kinds[i] for i in compiled.inplace_operators}
     assert {"DEPTHWISE_CONV_2D", "HARD_SWISH", "RESHAPE"} <= in_place
+    depthwise_in_place = [i for i in compiled.inplace_operators if kinds[i] == "DEPTHWISE_CONV_2D"]
+    assert len(depthwise_in_place) == 2 and kinds[depthwise_in_place[-1] - 1] == "PAD"   # stride 1 and 2
     assert "el_depthwise_conv2d_inplace(" in compiled.files["model.c"]
+    assert [kinds[i] for i in compiled.folded_operators] == ["PAD"]      # into the stride-2 depthwise
 
 
 def test_residual_add_quantize_and_concatenation_match_tflm(zoo, digits, tmp_path):
@@ -271,6 +277,33 @@ def test_kernels_use_no_heap_and_no_floats():
     code = re.sub(r"/\*.*?\*/", "", "\n".join(_kernel_sources().values()), flags=re.S)
     for word in ("malloc", "calloc", "free", "float", "double"):
         assert not re.search(rf"\b{word}\b", code), word
+
+
+def _per_tensor_weights(flat) -> None:
+    """Every filter's per-channel scales collapsed to one per-tensor scale (the largest), the
+    bias scale set to match: the weights TFLM and the compiler read as per-tensor."""
+    sub = flat.subgraphs[0]
+    for op in sub.operators:
+        if len(op.inputs) < 3 or op.inputs[2] < 0:
+            continue
+        x, w, b = (sub.tensors[i] for i in op.inputs[:3])
+        if w.quantization is None or w.quantization.scale is None or len(w.quantization.scale) < 2:
+            continue
+        scale = np.float32(np.max(w.quantization.scale))
+        w.quantization.scale, w.quantization.zeroPoint = np.array([scale], np.float32), np.array([0], np.int64)
+        w.quantization.quantizedDimension = 0
+        b.quantization.scale = np.array([np.float32(x.quantization.scale[0]) * scale], np.float32)
+        b.quantization.zeroPoint = np.array([0], np.int64)
+
+
+def test_per_tensor_weight_scales_match_tflm_in_dense_and_conv_layers(zoo, digits, tmp_path):
+    for name in ("digits_mlp", "conv_pools"):
+        model = _repacked(zoo(name), _per_tensor_weights)
+        graph = read_graph(model)
+        per_tensor = [op.kind for op in graph.operators if len(op.inputs) > 2
+                      and len(graph.tensors[op.inputs[1]].scale) == 1 and graph.tensors[op.inputs[1]].is_const]
+        assert per_tensor, name
+        _assert_bit_exact(model, tmp_path / name, real=digits[0][:100])
 
 
 # ---- refusals, one line each ------------------------------------------------------------------

@@ -101,7 +101,7 @@ def _invoke(prefix: str, graph: Graph, steps: list[Step], plan: Plan) -> str:
         i = s.op.index
         inplace = i in plan.inplace_steps
         call = s.call_inplace if inplace and s.call_inplace is not None else s.call
-        note = " (in place)" if inplace else ""
+        note = " (in place)" if inplace else " (folded into the next convolution)" if s.folded else ""
         body.append(f"  /* {i}: {s.op.kind}{note} -> '{graph.out_name(s.op)}' */")
         if call:
             call = call.replace("{P}", f"{prefix}_op{i}").replace("{S}", f"({prefix}_arena + {plan.scratch_offset.get(i, 0)})")

@@ -14,7 +14,8 @@ RESHAPE, SQUEEZE,      none (output aliases the input), or    alias
 EXPAND_DIMS            el_copy without in-place
 SOFTMAX                el_softmax (last axis)                 no
 MEAN                   el_mean                                no
-PAD, PADV2             el_pad                                 no
+PAD, PADV2             el_pad, or folded into the next        no
+                       convolution's padding (``_fold``)
 CONCATENATION          el_concatenation                       no
 TRANSPOSE              el_transpose                           no
 QUANTIZE (int8->int8)  el_requantize                          over the dying input
@@ -55,6 +56,7 @@ class Step:
     eligible: tuple[int, ...] = ()              # tensor indices the output may overwrite
     call_inplace: str | None = None             # the call when the planner runs it in place
     scratch_bytes: int = 0                      # scratch the in-place call needs
+    folded: bool = False                        # removed by a rewrite (kernels/aot/_fold.py)
 
     @property
     def reads(self) -> tuple[int, ...]:
@@ -364,7 +366,6 @@ def _concatenation(g: Graph, op: Operator) -> Step:
     out = g.tensors[op.outputs[0]]
     ins = _act_tensors(g, op)
     axis = int(op.options.axis) % len(out.shape)
-    _activation(op.options, out)
     _need(int(op.options.fusedActivationFunction or 0) == 0, "a fused activation is not supported")
     for t in ins:
         _need(t.dtype == "int8", f"input '{t.name}' is {t.dtype}")

@@ -6,7 +6,7 @@ QUANTIZE) takes over an input that no later operator reads; a depthwise convolut
 depth multiplier 1 overwrites its dying input channel by channel through a scratch buffer
 of one channel. A buffer lives from the operator that first writes it to the last one that
 reads it (the graph input from before the first operator, the graph output to the end).
-Buffers are then placed like TFLM's GreedyMemoryPlanner: largest first, each at the lowest
+Operators folded away by ``_fold`` get no buffer. Buffers are then placed like TFLM's GreedyMemoryPlanner: largest first, each at the lowest
 16-byte-aligned offset that does not overlap a placed buffer alive at the same time.
 """
 
@@ -66,6 +66,8 @@ def plan(graph: Graph, steps: list[Step], inplace: bool = True) -> Plan:
         return max(last.get(t, -1) for t in group[buf])
 
     for i, step in enumerate(steps):
+        if step.folded:
+            continue
         out = step.op.outputs[0]
         target = None
         if inplace and step.inplace != "none":

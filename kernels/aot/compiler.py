@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from . import _codegen
+from ._fold import fold_pads
 from ._graph import read_graph
 from ._ops import lower
 from ._planner import plan
@@ -26,6 +27,7 @@ class CompiledModel:
     arena_bytes_no_inplace: int      # the same plan with every tensor in its own buffer
     operators: tuple[str, ...]       # operator kinds in execution order
     inplace_operators: tuple[int, ...]
+    folded_operators: tuple[int, ...]  # PADs folded into the next convolution's padding
     const_bytes: int                 # weights, biases and constant tables (flash)
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
@@ -63,7 +65,7 @@ def compile_tflite(model: bytes, prefix: str = "edgeloop_model") -> CompiledMode
     if not prefix.isidentifier():
         raise ValueError(f"prefix {prefix!r} is not a C identifier")
     graph = read_graph(bytes(model))
-    steps = [lower(graph, op) for op in graph.operators]
+    steps = fold_pads(graph, [lower(graph, op) for op in graph.operators])
     planned, flat = plan(graph, steps, inplace=True), plan(graph, steps, inplace=False)
     files = {"model.h": _codegen.header(prefix, graph, planned),
              "model.c": _codegen.source(prefix, graph, steps, planned), **_kernel_sources()}
@@ -73,4 +75,5 @@ def compile_tflite(model: bytes, prefix: str = "edgeloop_model") -> CompiledMode
     x, y = graph.tensors[graph.input], graph.tensors[graph.output]
     return CompiledModel(prefix, files, planned.arena_bytes, flat.arena_bytes,
                          tuple(op.kind for op in graph.operators), tuple(sorted(planned.inplace_steps)),
+                         tuple(s.op.index for s in steps if s.folded),
                          int(const_bytes), x.shape, y.shape, x.qscale, x.qzero, y.qscale, y.qzero)
