@@ -110,6 +110,19 @@ class Gates(nn.Module):
         return self.c(torch.sigmoid(a) * torch.tanh(b) * self.gain - a)
 
 
+class Pointwise(nn.Module):
+    """1x1 convolutions that narrow (8 -> 4) and widen (4 -> 16): both run in place, pixel by pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.narrow, self.wide = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.wide(torch.relu(self.narrow(torch.relu(self.stem(x))))))
+        return torch.softmax(self.fc(x.mean(dim=(2, 3))), -1)
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), nn.Softmax(-1))
 
@@ -123,6 +136,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
     "residual_concat": (ResidualConcat, (64,), False),
     "conv1d": (SeriesConv1d, (3, 32), False),
     "gates": (Gates, (64,), False),
+    "pointwise": (Pointwise, (1, 8, 8), True),
 }
 
 
@@ -246,7 +260,10 @@ def test_depthwise_separable_block_with_hard_swish_runs_in_place_and_matches_tfl
 def test_residual_add_quantize_and_concatenation_match_tflm(zoo, digits, tmp_path):
     compiled = _assert_bit_exact(zoo("residual_concat"), tmp_path, real=digits[0][:200])
     assert {"ADD", "QUANTIZE", "CONCATENATION"} <= set(compiled.operators)
-    assert compiled.arena_bytes < compiled.arena_bytes_no_inplace     # ADD writes over a dying input
+    # ADD writes over a dying input (the arena then equals the best plan without in place: the
+    # planner tries several placement orders for both)
+    assert compiled.arena_bytes <= compiled.arena_bytes_no_inplace
+    assert any(compiled.operators[i] == "ADD" for i in compiled.inplace_operators)
 
 
 def test_conv1d_net_pad_transpose_reshape_and_mean_match_tflm(zoo, tmp_path):
@@ -267,6 +284,12 @@ def test_digits_cnn_matches_tflm_on_real_digits(zoo, digits, tmp_path):
     assert "int edgeloop_model_invoke(const int8_t *input, int8_t *output);" in header
     assert f"#define EDGELOOP_MODEL_ARENA_BYTES {compiled.arena_bytes}" in header
     assert "#define EDGELOOP_MODEL_INPUT_SIZE 64" in header
+
+
+def test_pointwise_convolutions_run_in_place_forward_and_backward_and_match_tflm(zoo, digits, tmp_path):
+    compiled = _assert_bit_exact(zoo("pointwise"), tmp_path, real=digits[0][:200])
+    assert compiled.files["model.c"].count("el_pointwise_conv2d_inplace(") == 2
+    assert compiled.arena_bytes <= compiled.arena_bytes_no_inplace   # (the peak here is elsewhere)
 
 
 def test_kernels_use_no_heap_and_no_floats():

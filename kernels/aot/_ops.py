@@ -6,7 +6,7 @@ narrower one this compiler needs) made here, so the C runs blindly.
 operator               kernel                                 in place (planner may)
 =====================  =====================================  ==============================
 FULLY_CONNECTED        el_fully_connected                     no
-CONV_2D                el_conv2d                              no
+CONV_2D                el_conv2d                              1x1 stride 1 unpadded: pixel by pixel
 DEPTHWISE_CONV_2D      el_depthwise_conv2d                    channel by channel, multiplier 1
 AVERAGE/MAX_POOL_2D    el_average_pool2d / el_max_pool2d      no
 ADD, SUB, MUL          el_add / el_sub / el_mul (broadcast)   over a same-shape dying input
@@ -40,7 +40,7 @@ from ._graph import Graph, Operator, Tensor
 from .errors import UnsupportedByCompiler
 
 MAX_DIMS = 6
-InPlace = Literal["none", "alias", "elementwise", "depthwise"]
+InPlace = Literal["none", "alias", "elementwise", "depthwise", "pointwise"]
 
 
 @dataclass
@@ -193,8 +193,17 @@ def _conv_fields(g: Graph, op: Operator, depthwise: bool) -> tuple[dict[str, Any
 def _conv2d(g: Graph, op: Operator) -> Step:
     fields, arrays, x, w, b, out = _conv_fields(g, op, depthwise=False)
     bias = f"{{T{b.index}}}" if b is not None else "0"
-    return Step(op, f"el_conv2d(&{{P}}, {{T{x.index}}}, {{T{w.index}}}, {bias}, {{T{out.index}}});",
+    step = Step(op, f"el_conv2d(&{{P}}, {{T{x.index}}}, {{T{w.index}}}, {bias}, {{T{out.index}}});",
                 "el_conv_params", fields, arrays)
+    f = fields
+    if (f["filter_h"], f["filter_w"], f["stride_h"], f["stride_w"], f["pad_h"], f["pad_w"]) == (1, 1, 1, 1, 0, 0) \
+            and f["filter_in_c"] == f["in_c"] and f["batches"] == 1 and (f["out_h"], f["out_w"]) == (f["in_h"], f["in_w"]) \
+            and not x.is_const:
+        # output pixel p reads input pixel p only: computed through a one-pixel scratch over the input
+        step.inplace, step.eligible = "pointwise", (x.index,)
+        step.call_inplace = f"el_pointwise_conv2d_inplace(&{{P}}, {{T{x.index}}}, {{T{w.index}}}, {bias}, {{S}});"
+        step.scratch_bytes = f["out_c"]
+    return step
 
 
 def _depthwise(g: Graph, op: Operator) -> Step:

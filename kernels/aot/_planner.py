@@ -6,8 +6,11 @@ QUANTIZE) takes over an input that no later operator reads; a depthwise convolut
 depth multiplier 1 overwrites its dying input channel by channel through a scratch buffer
 of one channel. A buffer lives from the operator that first writes it to the last one that
 reads it (the graph input from before the first operator, the graph output to the end).
-Operators folded away by ``_fold`` get no buffer. Buffers are then placed like TFLM's GreedyMemoryPlanner: largest first, each at the lowest
-16-byte-aligned offset that does not overlap a placed buffer alive at the same time.
+Operators folded away by ``_fold`` get no buffer. Buffers are then placed greedily, each at
+the lowest 16-byte-aligned offset that does not overlap a placed buffer alive at the same
+time, in several orders (largest first, as TFLM's GreedyMemoryPlanner; execution order;
+longest-lived first; size x lifetime): the smallest arena wins. A 1x1 convolution runs in
+place pixel by pixel through a one-pixel scratch.
 """
 
 from __future__ import annotations
@@ -85,16 +88,32 @@ def plan(graph: Graph, steps: list[Step], inplace: bool = True) -> Plan:
     sizes = {t.index: t.size for t in graph.tensors}
     wanted = [(tuple(ts), max(sizes[t] for t in ts), first[b], buffer_last(b)) for b, ts in group.items()]
     wanted += [((), n, i, i) for i, n in scratch]
-    placed = _greedy(wanted)
+    placed = min((_greedy(wanted, order) for order in _ORDERS), key=_peak)
     offsets = {t: b.offset for b in placed for t in b.members}
     scratch_at = {b.first: b.offset for b in placed if not b.members}
-    arena = max((b.offset + _align(b.size) for b in placed), default=0)
+    arena = _peak(placed)
     return Plan(arena, tuple(placed), offsets, frozenset(run_inplace), scratch_at)
 
 
-def _greedy(wanted: list[tuple[tuple[int, ...], int, int, int]]) -> list[Buffer]:
+# placement orders tried; the smallest arena wins (greedy-by-size alone fragments some graphs)
+_ORDERS = (lambda w: (-w[1], w[2]),                       # largest first (TFLM's GreedyMemoryPlanner)
+           lambda w: (w[2], -w[1]),                       # in execution order
+           lambda w: (-(w[3] - w[2]), -w[1]),             # longest-lived first
+           lambda w: (-w[1] * (w[3] - w[2] + 1), w[2]))   # largest size x lifetime first
+
+
+def _peak(placed: list[Buffer]) -> int:
+    return max((b.offset + _align(b.size) for b in placed), default=0)
+
+
+def best_plan(graph: Graph, steps: list[Step]) -> Plan:
+    """The smaller of the in-place plan and the plan without in-place execution."""
+    return min(plan(graph, steps, inplace=True), plan(graph, steps, inplace=False), key=lambda p: p.arena_bytes)
+
+
+def _greedy(wanted: list[tuple[tuple[int, ...], int, int, int]], order=_ORDERS[0]) -> list[Buffer]:  # noqa: ANN001
     placed: list[Buffer] = []
-    for members, size, lo, hi in sorted(wanted, key=lambda w: (-w[1], w[2])):
+    for members, size, lo, hi in sorted(wanted, key=order):
         live = sorted((b for b in placed if b.first <= hi and lo <= b.last), key=lambda b: b.offset)
         offset = 0
         for b in live:

@@ -10,7 +10,7 @@ from . import _codegen
 from ._fold import fold_pads
 from ._graph import read_graph
 from ._ops import lower
-from ._planner import plan
+from ._planner import best_plan, plan
 
 __all__ = ["CompiledModel", "compile_tflite"]
 
@@ -66,7 +66,7 @@ def compile_tflite(model: bytes, prefix: str = "edgeloop_model") -> CompiledMode
         raise ValueError(f"prefix {prefix!r} is not a C identifier")
     graph = read_graph(bytes(model))
     steps = fold_pads(graph, [lower(graph, op) for op in graph.operators])
-    planned, flat = plan(graph, steps, inplace=True), plan(graph, steps, inplace=False)
+    planned, flat = best_plan(graph, steps), plan(graph, steps, inplace=False)
     files = {"model.h": _codegen.header(prefix, graph, planned),
              "model.c": _codegen.source(prefix, graph, steps, planned), **_kernel_sources()}
     used = {t for s in steps for t in s.reads if graph.tensors[t].is_const}

@@ -195,6 +195,31 @@ void el_conv2d(const el_conv_params *p, const int8_t *input, const int8_t *filte
   }
 }
 
+/* ---- CONV_2D 1x1 (pointwise), in place ---------------------------------------------------- */
+/* A 1x1, stride 1, unpadded convolution: output pixel p depends on input pixel p alone. Each
+ * pixel's outputs go to scratch (out_c bytes) and then over the buffer. Pixels are visited
+ * forward when out_c <= in_c (output pixel p ends at or before input pixel p's start + in_c, over
+ * pixels already consumed) and backward when out_c > in_c (output pixel p starts at or after
+ * input pixel p, over pixels already consumed). The arithmetic is el_conv2d's, term for term. */
+void el_pointwise_conv2d_inplace(const el_conv_params *p, int8_t *buffer, const int8_t *filter,
+                                 const int32_t *bias, int8_t *scratch) {
+  const int32_t pixels = p->in_h * p->in_w;
+  int32_t k, oc, ic;
+  for (k = 0; k < pixels; ++k) {
+    const int32_t px = p->out_c <= p->in_c ? k : pixels - 1 - k;
+    const int8_t *x = buffer + px * p->in_c;
+    for (oc = 0; oc < p->out_c; ++oc) {
+      const int8_t *w = filter + oc * p->in_c;
+      int32_t acc = 0;
+      for (ic = 0; ic < p->in_c; ++ic) acc += (int32_t)w[ic] * ((int32_t)x[ic] + p->input_offset);
+      if (bias) acc += bias[oc];
+      acc = MBQM(acc, p->multiplier[oc], p->shift[oc]) + p->output_offset;
+      scratch[oc] = (int8_t)clamp32(acc, p->act_min, p->act_max);
+    }
+    for (oc = 0; oc < p->out_c; ++oc) buffer[px * p->out_c + oc] = scratch[oc];
+  }
+}
+
 /* ---- reference_integer_ops::DepthwiseConvPerChannel -------------------------------------- */
 /* One output value; input is read at (x_step, y_step, channel_stride) so that the in-place
  * variant can read its scratch copy of one channel. */

@@ -94,6 +94,8 @@ void el_depthwise_conv2d(const el_conv_params *p, const int8_t *input, const int
                          const int32_t *bias, int8_t *output);
 /* Depth multiplier 1, one batch, output written over the input one channel at a time (MIT
  * TinyEngine): scratch holds one input channel, in_h * in_w bytes. */
+void el_pointwise_conv2d_inplace(const el_conv_params *p, int8_t *buffer, const int8_t *filter,
+                                 const int32_t *bias, int8_t *scratch);
 void el_depthwise_conv2d_inplace(const el_conv_params *p, int8_t *buffer, const int8_t *filter,
                                  const int32_t *bias, int8_t *scratch);
 void el_average_pool2d(const el_pool_params *p, const int8_t *input, int8_t *output);
