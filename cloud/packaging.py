@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -216,14 +216,50 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
     golden = {"inputs": golden_raw.astype(np.float32).tolist(),
               "outputs": [[float(f"{v:.8g}") for v in row] for row in runtime.predict(golden_raw).tolist()]}
     in_q, out_q = getattr(runtime, "in_q", None), getattr(runtime, "out_q", None)
+    files, layout = dict(artifact.files), dict(artifact.layout)
+    if profile.runtime == "tflite-micro":
+        aot_files, aot_layout, aot_measured = _aot_library(profile, artifact.files[artifact.entrypoint], features,
+                                                           np.concatenate([golden_raw, test_x[:AOT_EXTRA_ROWS]]), in_q)
+        files.update(aot_files)
+        measured.update(aot_measured)
+        if aot_layout:
+            layout["aot"] = aot_layout
     io = {"inputs": [_tensor(INPUT_NAME, list(features.shape), runtime, in_q, "in_dtype")],
           "outputs": [_tensor(OUTPUT_NAME, [n_outputs], runtime, out_q, "out_dtype")]}
     atol = golden_atol(task, artifact.numeric_format, np.asarray(golden["outputs"], dtype=np.float64), out_q)
-    manifest = Manifest(**{**draft.__dict__, **io, "lineage": lineage, "layout": artifact.layout, "golden_atol": atol,
+    manifest = Manifest(**{**draft.__dict__, **io, "lineage": lineage, "layout": layout, "golden_atol": atol,
                            "baseline": baseline or {},
                            "measured": {**measured, "input_quantization": in_q, "output_quantization": out_q}})
-    data = write_bundle(manifest, {**artifact.files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
+    data = write_bundle(manifest, {**files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
     return PackageResult(data, sha256_hex(data), read_bundle(data).manifest)
+
+
+AOT_EXTRA_ROWS = 48     # held-out rows the AOT firmware is checked on, besides the golden vectors
+
+
+def _aot_library(profile: TierProfile, tflite: bytes, features: FeatureSpec, raw: np.ndarray,
+                 in_q: tuple[float, int] | None) -> tuple[dict[str, bytes], dict[str, str], dict[str, Any]]:
+    """The mcu package's AOT C library (cloud/aot_firmware.py), proven on the emulated Cortex-M4
+    against TFLM on ``raw`` rows, with its measured flash and RAM; or none, and why, when the
+    compiler does not take the model, the firmware differs from TFLM or exceeds the tier's
+    budget (the package then ships for TFLM alone)."""
+    from cloud.aot_firmware import AotRefused, prove_on_cortex_m4
+    from device_sdk.runtime import quantize as quantize_rows
+
+    if in_q is None:
+        return {}, {}, {"aot_refused": "the model's input is not int8"}
+    x = features.model_input(raw).reshape(len(raw), -1)
+    vectors = quantize_rows(x, *in_q, np.int8)
+    try:
+        proof = prove_on_cortex_m4(tflite, vectors)
+    except AotRefused as e:
+        return {}, {}, {"aot_refused": str(e)}
+    m = proof.measured
+    if m["aot_ram_bytes"] > profile.ram_bytes or m["aot_flash_bytes"] > profile.flash_bytes:
+        return {}, {}, {"aot_refused": f"the AOT library needs {m['aot_ram_bytes']} B RAM and "
+                                       f"{m['aot_flash_bytes']} B flash; {profile.name} has {profile.ram_bytes} "
+                                       f"and {profile.flash_bytes}"}
+    return proof.files, proof.layout, m
 
 
 def golden_atol(task: TaskSpec, fmt: str, outputs: np.ndarray, out_q: tuple[float, int] | None) -> float:

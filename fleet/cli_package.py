@@ -92,10 +92,16 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
     mcu = [r for r in rows if r["runtime"] == "tflite-micro"]
     if mcu:
         out.table("microcontroller memory", ["tier", "TFLM arena (smallest that runs)", "TFLM's own report",
-                                              "AOT RAM", "AOT flash", "layout transposes folded", "operators"],
+                                              "AOT RAM (emulated M4)", "AOT flash", "layout transposes folded", "operators"],
                   [[r["tier"], _bytes(r.get("ram_bytes")), _bytes(r.get("tflm_reported_arena_bytes")),
                     _bytes(r.get("aot_ram_bytes")), _bytes(r.get("aot_flash_bytes")),
                     r.get("folded_layout_transposes", 0), ", ".join(r.get("operators", []))] for r in mcu], obj)
+        for r in mcu:
+            if r.get("aot_refused"):
+                out.info(f"{r['tier']}: no AOT library, the package runs on TFLM: {r['aot_refused']}")
+            elif r.get("aot_bitexact_tflm"):
+                out.info(f"{r['tier']}: AOT library bit-exact to TFLM on {r['aot_vectors_checked']} vectors on "
+                         f"{r['aot_board']}, {r['aot_instructions']} instructions per inference")
     for r in refused:
         out.err.print(f"edgeloop: error: {r['tier']} not packaged: {r['reason']}")
     return status

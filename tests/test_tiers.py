@@ -351,3 +351,36 @@ def test_package_report_shows_the_microcontroller_memory(built, capsys):
 def registry_package(registry, mv: str) -> bytes:  # noqa: ANN001
     from pathlib import Path
     return Path(registry.artifact_path(registry.package_for(mv, "mcu")["sha256"])).read_bytes()
+
+
+def test_mcu_package_carries_the_aot_library_proven_on_the_emulated_cortex_m4(built):
+    """The package holds the generated C beside the .tflite; its flash and RAM were measured on
+    the firmware qemu ran, whose outputs equalled TFLM's on the golden and held-out vectors."""
+    _, _, _, packages, _, _ = built
+    bundle = read_bundle(packages["mcu"].data)
+    m, layout = bundle.manifest.measured, bundle.manifest.layout["aot"]
+    assert {layout[k] for k in ("model.c", "model.h", "edgeloop_kernels.c", "edgeloop_kernels.h")} <= set(bundle.files)
+    assert b"edgeloop_model_invoke" in bundle.files[layout["model.h"]]
+    assert m["aot_bitexact_tflm"] is True and m["aot_vectors_checked"] >= 16
+    assert 0 < m["aot_ram_bytes"] < m["ram_bytes"] and 0 < m["aot_flash_bytes"] < m["flash_bytes"]
+    assert m["aot_arena_bytes"] <= m["aot_ram_bytes"] and m["aot_instructions"] > 0
+
+
+class _FirstHalf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc(x[:, :32]), -1)
+
+
+def test_a_model_the_aot_compiler_lacks_ships_for_tflm_and_says_why(built):
+    """A slice runs on TFLM but has no AOT kernel: the package ships without the C library,
+    with the reason in one line."""
+    torch.manual_seed(0)
+    pkg = _build(built, "mcu", _FirstHalf())
+    bundle = read_bundle(pkg.data)
+    reason = bundle.manifest.measured["aot_refused"]
+    assert "SLICE" in reason and "does not take this model" in reason and "\n" not in reason
+    assert "aot" not in bundle.manifest.layout and not any(n.startswith("aot-") for n in bundle.files)
