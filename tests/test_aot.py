@@ -123,6 +123,23 @@ class Pointwise(nn.Module):
         return torch.softmax(self.fc(x.mean(dim=(2, 3))), -1)
 
 
+class ResidualBlocks(nn.Module):
+    """ResNet-style: an identity-skip block and a strided block with a 1x1 convolution skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.a2, self.b2, self.skip2 = nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(8, 16, 1, 2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.b1(torch.relu(self.a1(x))) + x)
+        x = torch.relu(self.b2(torch.relu(self.a2(x))) + self.skip2(x))
+        return torch.softmax(self.fc(x.mean(dim=(2, 3))), -1)
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), nn.Softmax(-1))
 
@@ -137,6 +154,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
     "conv1d": (SeriesConv1d, (3, 32), False),
     "gates": (Gates, (64,), False),
     "pointwise": (Pointwise, (1, 8, 8), True),
+    "residual_blocks": (ResidualBlocks, (1, 8, 8), True),
 }
 
 
@@ -290,6 +308,15 @@ def test_pointwise_convolutions_run_in_place_forward_and_backward_and_match_tflm
     compiled = _assert_bit_exact(zoo("pointwise"), tmp_path, real=digits[0][:200])
     assert compiled.files["model.c"].count("el_pointwise_conv2d_inplace(") == 2
     assert compiled.arena_bytes <= compiled.arena_bytes_no_inplace   # (the peak here is elsewhere)
+
+
+def test_a_convolution_feeding_a_residual_add_runs_inside_it_in_place_and_matches_tflm(zoo, digits, tmp_path):
+    """The convolution's output is never stored; the sum overwrites the skip input: one
+    activation fewer alive in each block."""
+    compiled = _assert_bit_exact(zoo("residual_blocks"), tmp_path, real=digits[0][:200])
+    assert compiled.files["model.c"].count("el_conv2d_add(") == 2
+    assert [compiled.operators[i] for i in compiled.folded_operators].count("CONV_2D") == 2
+    assert compiled.arena_bytes < compiled.arena_bytes_no_inplace
 
 
 def test_kernels_use_no_heap_and_no_floats():

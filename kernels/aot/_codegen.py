@@ -101,10 +101,11 @@ def _invoke(prefix: str, graph: Graph, steps: list[Step], plan: Plan) -> str:
         i = s.op.index
         inplace = i in plan.inplace_steps
         call = s.call_inplace if inplace and s.call_inplace is not None else s.call
-        note = " (in place)" if inplace else " (folded into the next convolution)" if s.folded else ""
+        note = " (in place)" if inplace else f" ({s.folded_into})" if s.folded else ""
         body.append(f"  /* {i}: {s.op.kind}{note} -> '{graph.out_name(s.op)}' */")
         if call:
             call = call.replace("{P}", f"{prefix}_op{i}").replace("{S}", f"({prefix}_arena + {plan.scratch_offset.get(i, 0)})")
+            call = re.sub(r"\{P(\d+)\}", lambda m: f"{prefix}_op{m.group(1)}", call)   # another step's parameters
             body.append("  " + re.sub(r"\{T(\d+)\}", pointer, _arrays(call, f"{prefix}_op{i}")))
     body.append(f"  memcpy(output, {prefix}_arena + {plan.tensor_offset[y.index]}, {y.size});")
     return (f"int {prefix}_invoke(const int8_t *input, int8_t *output) {{\n"

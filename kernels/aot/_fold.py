@@ -1,9 +1,17 @@
-"""Graph rewrite before planning: an explicit PAD feeding only a CONV_2D or DEPTHWISE_CONV_2D
+"""Graph rewrites before planning.
+
+:func:`fold_pads`: an explicit PAD feeding only a CONV_2D or DEPTHWISE_CONV_2D
 becomes that convolution's implicit padding. Bit-exact: TFLM's PAD fills with the output
 zero point, which is the convolution's input zero point, so every padded tap contributes
 ``w * (zp - zp) == 0``, exactly what the kernel's skipping of out-of-image taps contributes.
 The padded tensor is never materialised, which removes the arena peak of input plus padded
-copy alive together."""
+copy alive together.
+
+:func:`fuse_conv_add`: a CONV_2D whose only reader is a same-shape ADD runs inside the ADD
+(``el_conv2d_add``): each convolution value is added to the other input's at once, so the
+convolution's output is never stored and the sum may overwrite the dying other input. In a
+residual block that is the difference between three activations alive and two (TinyEngine
+calls this in-place residual). Bit-exact: the same per-element arithmetic, in the same order."""
 
 from __future__ import annotations
 
@@ -61,3 +69,43 @@ def _reading_unpadded(conv: Step, padded: int, source: int, shape: tuple[int, ..
         step.scratch_bytes = int(np.int64(fields["in_h"]) * fields["in_w"]) if fits else 0
         step.inplace = "depthwise" if fits else "none"
     return step
+
+
+def fuse_conv_add(graph: Graph, steps: list[Step]) -> list[Step]:
+    """``steps`` with every fusable CONV_2D -> ADD pair run as one ``el_conv2d_add`` (module text)."""
+    out = list(steps)
+    for a_i, add in enumerate(steps):
+        if add.op.kind != "ADD" or len(add.op.inputs) != 2 or add.folded:
+            continue
+        out_t = graph.tensors[add.op.outputs[0]]
+        candidates = []
+        for pos, t in enumerate(add.op.inputs):
+            readers = _readers(out, t)
+            producer = next((j for j, s in enumerate(out) if not s.folded and s.op.outputs and s.op.outputs[0] == t), None)
+            if producer is None or readers != [a_i] or t == graph.output:
+                continue
+            conv = out[producer]
+            other = add.op.inputs[1 - pos]
+            o = graph.tensors[other]
+            if conv.op.kind != "CONV_2D" or conv.fields.get("batches") != 1 or o.is_const \
+                    or o.shape != out_t.shape or graph.tensors[t].shape != out_t.shape \
+                    or other in conv.reads or conv.op.inputs[0] == other:
+                continue
+            candidates.append((producer, pos, conv, other))
+        if not candidates:
+            continue
+        producer, pos, conv, other = max(candidates, key=lambda c: c[0])   # the latest-computed convolution
+        x, w = conv.op.inputs[0], conv.op.inputs[1]
+        bias = f"{{T{conv.op.inputs[2]}}}" if len(conv.op.inputs) > 2 and conv.op.inputs[2] >= 0 else "0"
+        c = conv.op.index
+
+        def call(dest: int) -> str:
+            return (f"el_conv2d_add(&{{P{c}}}, {{T{x}}}, {{T{w}}}, {bias}, &{{P}}, {{T{other}}}, {{T{dest}}}, "
+                    f"{1 if pos == 0 else 0});")
+        inputs = (other, *[t for t in conv.op.inputs if t >= 0])
+        out[a_i] = dataclasses.replace(add, op=dataclasses.replace(add.op, inputs=inputs), call=call(out_t.index),
+                                       call_inplace=call(other), inplace="elementwise", eligible=(other,))
+        out[producer] = dataclasses.replace(conv, call="", inplace="none", eligible=(), call_inplace=None,
+                                            scratch_bytes=0, op=dataclasses.replace(conv.op, inputs=()),
+                                            folded=True, folded_into=f"computed inside ADD {add.op.index}")
+    return out

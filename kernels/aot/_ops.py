@@ -57,6 +57,7 @@ class Step:
     call_inplace: str | None = None             # the call when the planner runs it in place
     scratch_bytes: int = 0                      # scratch the in-place call needs
     folded: bool = False                        # removed by a rewrite (kernels/aot/_fold.py)
+    folded_into: str = "folded into the next convolution"
 
     @property
     def reads(self) -> tuple[int, ...]:

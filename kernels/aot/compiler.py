@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from . import _codegen
-from ._fold import fold_pads
+from ._fold import fold_pads, fuse_conv_add
 from ._graph import read_graph
 from ._ops import lower
 from ._planner import best_plan, plan
@@ -27,7 +27,7 @@ class CompiledModel:
     arena_bytes_no_inplace: int      # the same plan with every tensor in its own buffer
     operators: tuple[str, ...]       # operator kinds in execution order
     inplace_operators: tuple[int, ...]
-    folded_operators: tuple[int, ...]  # PADs folded into the next convolution's padding
+    folded_operators: tuple[int, ...]  # PADs folded into a convolution, CONV_2Ds computed inside an ADD
     const_bytes: int                 # weights, biases and constant tables (flash)
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
@@ -65,7 +65,7 @@ def compile_tflite(model: bytes, prefix: str = "edgeloop_model") -> CompiledMode
     if not prefix.isidentifier():
         raise ValueError(f"prefix {prefix!r} is not a C identifier")
     graph = read_graph(bytes(model))
-    steps = fold_pads(graph, [lower(graph, op) for op in graph.operators])
+    steps = fuse_conv_add(graph, fold_pads(graph, [lower(graph, op) for op in graph.operators]))
     planned, flat = best_plan(graph, steps), plan(graph, steps, inplace=False)
     files = {"model.h": _codegen.header(prefix, graph, planned),
              "model.c": _codegen.source(prefix, graph, steps, planned), **_kernel_sources()}

@@ -161,38 +161,40 @@ void el_fully_connected(const el_fc_params *p, const int8_t *input, const int8_t
 }
 
 /* ---- reference_integer_ops::ConvPerChannel ----------------------------------------------- */
-void el_conv2d(const el_conv_params *p, const int8_t *input, const int8_t *filter,
-               const int32_t *bias, int8_t *output) {
+/* One output value of reference_integer_ops::ConvPerChannel. */
+static int8_t conv_point(const el_conv_params *p, const int8_t *input, const int8_t *filter,
+                         const int32_t *bias, int32_t batch, int32_t out_y, int32_t out_x, int32_t oc) {
   const int32_t groups = p->in_c / p->filter_in_c;
   const int32_t filters_per_group = p->out_c / groups;
-  int32_t batch, out_y, out_x, oc, fy, fx, ic;
-  for (batch = 0; batch < p->batches; ++batch) {
-    for (out_y = 0; out_y < p->out_h; ++out_y) {
-      const int32_t in_y_origin = out_y * p->stride_h - p->pad_h;
-      for (out_x = 0; out_x < p->out_w; ++out_x) {
-        const int32_t in_x_origin = out_x * p->stride_w - p->pad_w;
-        for (oc = 0; oc < p->out_c; ++oc) {
-          const int32_t group = oc / filters_per_group;
-          int32_t acc = 0;
-          for (fy = 0; fy < p->filter_h; ++fy) {
-            const int32_t in_y = in_y_origin + p->dilation_h * fy;
-            for (fx = 0; fx < p->filter_w; ++fx) {
-              const int32_t in_x = in_x_origin + p->dilation_w * fx;
-              const int8_t *x, *w;
-              if (in_x < 0 || in_x >= p->in_w || in_y < 0 || in_y >= p->in_h) continue;
-              x = input + ((batch * p->in_h + in_y) * p->in_w + in_x) * p->in_c + group * p->filter_in_c;
-              w = filter + ((oc * p->filter_h + fy) * p->filter_w + fx) * p->filter_in_c;
-              for (ic = 0; ic < p->filter_in_c; ++ic) acc += (int32_t)w[ic] * ((int32_t)x[ic] + p->input_offset);
-            }
-          }
-          if (bias) acc += bias[oc];
-          acc = MBQM(acc, p->multiplier[oc], p->shift[oc]) + p->output_offset;
-          output[((batch * p->out_h + out_y) * p->out_w + out_x) * p->out_c + oc] =
-              (int8_t)clamp32(acc, p->act_min, p->act_max);
-        }
-      }
+  const int32_t group = oc / filters_per_group;
+  const int32_t in_y_origin = out_y * p->stride_h - p->pad_h;
+  const int32_t in_x_origin = out_x * p->stride_w - p->pad_w;
+  int32_t acc = 0, fy, fx, ic;
+  for (fy = 0; fy < p->filter_h; ++fy) {
+    const int32_t in_y = in_y_origin + p->dilation_h * fy;
+    for (fx = 0; fx < p->filter_w; ++fx) {
+      const int32_t in_x = in_x_origin + p->dilation_w * fx;
+      const int8_t *x, *w;
+      if (in_x < 0 || in_x >= p->in_w || in_y < 0 || in_y >= p->in_h) continue;
+      x = input + ((batch * p->in_h + in_y) * p->in_w + in_x) * p->in_c + group * p->filter_in_c;
+      w = filter + ((oc * p->filter_h + fy) * p->filter_w + fx) * p->filter_in_c;
+      for (ic = 0; ic < p->filter_in_c; ++ic) acc += (int32_t)w[ic] * ((int32_t)x[ic] + p->input_offset);
     }
   }
+  if (bias) acc += bias[oc];
+  acc = MBQM(acc, p->multiplier[oc], p->shift[oc]) + p->output_offset;
+  return (int8_t)clamp32(acc, p->act_min, p->act_max);
+}
+
+void el_conv2d(const el_conv_params *p, const int8_t *input, const int8_t *filter,
+               const int32_t *bias, int8_t *output) {
+  int32_t batch, out_y, out_x, oc;
+  for (batch = 0; batch < p->batches; ++batch)
+    for (out_y = 0; out_y < p->out_h; ++out_y)
+      for (out_x = 0; out_x < p->out_w; ++out_x)
+        for (oc = 0; oc < p->out_c; ++oc)
+          output[((batch * p->out_h + out_y) * p->out_w + out_x) * p->out_c + oc] =
+              conv_point(p, input, filter, bias, batch, out_y, out_x, oc);
 }
 
 /* ---- CONV_2D 1x1 (pointwise), in place ---------------------------------------------------- */
@@ -329,6 +331,22 @@ static int8_t add_fn(const el_arith_params *p, int32_t x, int32_t y) {
   const int32_t b = MBQM((y + p->input2_offset) * (1 << p->left_shift), p->input2_multiplier, p->input2_shift);
   const int32_t out = MBQM(a + b, p->output_multiplier, p->output_shift) + p->output_offset;
   return (int8_t)clamp32(out, p->act_min, p->act_max);
+}
+
+/* CONV_2D whose only reader is an ADD with a same-shape other input: each convolution value is
+ * added to the other input's value at the same index as soon as it is computed, so the
+ * convolution's output is never stored, and the sum may overwrite the other input (each element
+ * is read once, just before it is written). conv_first: the convolution is the ADD's input 1.
+ * Term for term el_conv2d then el_add. */
+void el_conv2d_add(const el_conv_params *pc, const int8_t *input, const int8_t *filter, const int32_t *bias,
+                   const el_arith_params *pa, const int8_t *other, int8_t *output, int32_t conv_first) {
+  int32_t out_y, out_x, oc, i = 0;
+  for (out_y = 0; out_y < pc->out_h; ++out_y)
+    for (out_x = 0; out_x < pc->out_w; ++out_x)
+      for (oc = 0; oc < pc->out_c; ++oc, ++i) {
+        const int32_t v = conv_point(pc, input, filter, bias, 0, out_y, out_x, oc), o = other[i];
+        output[i] = conv_first ? add_fn(pa, v, o) : add_fn(pa, o, v);
+      }
 }
 
 static int8_t sub_fn(const el_arith_params *p, int32_t x, int32_t y) {

@@ -101,6 +101,8 @@ void el_depthwise_conv2d_inplace(const el_conv_params *p, int8_t *buffer, const 
 void el_average_pool2d(const el_pool_params *p, const int8_t *input, int8_t *output);
 void el_max_pool2d(const el_pool_params *p, const int8_t *input, int8_t *output);
 void el_add(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output);
+void el_conv2d_add(const el_conv_params *pc, const int8_t *input, const int8_t *filter, const int32_t *bias,
+                   const el_arith_params *pa, const int8_t *other, int8_t *output, int32_t conv_first);
 void el_sub(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output);
 void el_mul(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output);
 void el_softmax(const el_softmax_params *p, const int8_t *input, int8_t *output);
