@@ -523,6 +523,15 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
     golden = {"inputs": golden_raw.astype(np.float32).tolist(),
               "outputs": [[float(f"{v:.8g}") for v in row] for row in runtime.predict(golden_raw).tolist()]}
     in_q, out_q = getattr(runtime, "in_q", None), getattr(runtime, "out_q", None)
+    if profile.runtime == "tflite-micro":      # the AOT C library, as for a trained version
+        from cloud.packaging import AOT_EXTRA_ROWS, _aot_library
+
+        aot_files, aot_layout, aot_measured = _aot_library(profile, model_bytes, features,
+                                                           np.concatenate([golden_raw, test.x[:AOT_EXTRA_ROWS]]), in_q)
+        artifact.files.update(aot_files)
+        measured.update(aot_measured)
+        if aot_layout:
+            artifact.layout["aot"] = aot_layout
     io_specs = {"inputs": [_tensor(INPUT_NAME, list(features.shape), runtime, in_q, "in_dtype")],
                 "outputs": [_tensor(OUTPUT_NAME, [n_outputs], runtime, out_q, "out_dtype")]}
     atol = golden_atol(task, fmt, np.asarray(golden["outputs"], dtype=np.float64), out_q)

@@ -166,6 +166,9 @@ def test_int8_tflite_packages_for_mcu_and_refuses_onnx_tiers(imported, tmp_path,
     assert result.manifest.runtime == "tflite-micro" and result.manifest.numeric_format == "int8"
     assert "model_data.h" in result.manifest.layout.get("c_header", "")
     assert result.manifest.measured["top1_agreement_with_float"] >= 0.9
+    # the imported file gets the AOT C library too, proven on the emulated Cortex-M4
+    assert result.manifest.measured.get("aot_bitexact_tflm") is True, result.manifest.measured.get("aot_refused")
+    assert "model.c" in result.manifest.layout["aot"]
     code, out, err = run_cli(["package", mv, "--tier", "edge-gateway", "--workspace", str(ws.root)], capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
