@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="print each tier's accuracy, size and latency against fp32")
     p.add_argument("--export-triton", metavar="DIR", type=Path,
                    help="also write the gpu-server package as a Triton model repository in DIR")
+    p.add_argument("--export-c", metavar="DIR", type=Path,
+                   help="with --tier mcu: write the package's AOT C library (model.c, model.h, kernels) into DIR")
 
     p = cmd("publish", "sign a package into the update repository and announce it to the fleet", _publish)
     p.add_argument("model_version", metavar="MODEL_VERSION")

@@ -12,7 +12,7 @@ from cloud.tiers import load_tiers
 from cloud.workspace import Workspace
 from fleet._output import Output
 
-__all__ = ["package_command", "export_triton"]
+__all__ = ["package_command", "export_triton", "export_c"]
 
 
 def export_triton(package: bytes, folder: Path) -> list[str]:
@@ -26,6 +26,27 @@ def export_triton(package: bytes, folder: Path) -> list[str]:
         path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(bundle.files[member])
+        written.append(str(path))
+    return written
+
+
+def export_c(package: bytes, folder: Path) -> list[str]:
+    """Write an mcu package's AOT C library (model.c, model.h, edgeloop_kernels.c/.h) into
+    ``folder``, for a firmware build. Refuses to overwrite a different file there."""
+    bundle = read_bundle(package)
+    layout = bundle.manifest.layout.get("aot")
+    if not layout:
+        why = bundle.manifest.measured.get("aot_refused") or "only mcu packages carry one"
+        raise UserError(f"the {bundle.manifest.tier} package has no AOT C library: {why}")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, member in sorted(layout.items()):
+        if name == "prefix":
+            continue
+        path, data = folder / name, bundle.files[member]
+        if path.exists() and path.read_bytes() != data:
+            raise UserError(f"{path} exists with other contents; move it away or export elsewhere")
+        path.write_bytes(data)
         written.append(str(path))
     return written
 
@@ -63,6 +84,8 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
                          "bytes": len(result.data), "target": result.target_path, **m.measured})
             if args.export_triton and tier == "gpu-server":
                 rows[-1]["triton_files"] = export_triton(result.data, args.export_triton)
+            if getattr(args, "export_c", None) and m.runtime == "tflite-micro":
+                rows[-1]["c_files"] = export_c(result.data, args.export_c)
             progress("package", i + 1, len(tiers))
     fp32 = registry.model_version(args.model_version)["metrics"].get("test_accuracy")
     base_bytes = next((r["model_bytes"] for r in rows if r["tier"] == "gpu-server"), None)

@@ -384,3 +384,23 @@ def test_a_model_the_aot_compiler_lacks_ships_for_tflm_and_says_why(built):
     reason = bundle.manifest.measured["aot_refused"]
     assert "SLICE" in reason and "does not take this model" in reason and "\n" not in reason
     assert "aot" not in bundle.manifest.layout and not any(n.startswith("aot-") for n in bundle.files)
+
+
+def test_export_c_writes_the_aot_library_that_builds_and_refuses_to_overwrite(built, tmp_path, capsys):
+    import subprocess
+
+    from fleet.cli import main
+
+    ws, _, mv, _, _, _ = built
+    dest = tmp_path / "fw"
+    assert main(["package", mv, "--tier", "mcu", "--export-c", str(dest), "-w", str(ws.root)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["edgeloop_kernels.c", "edgeloop_kernels.h", "model.c", "model.h"]
+    done = subprocess.run(["gcc", "-std=c99", "-Wall", "-Werror", "-c", "model.c", "edgeloop_kernels.c"], cwd=dest,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    capsys.readouterr()
+    (dest / "model.c").write_text("/* mine */")
+    assert main(["package", mv, "--tier", "mcu", "--export-c", str(dest), "-w", str(ws.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists with other contents" in err
+    assert (dest / "model.c").read_text() == "/* mine */"
