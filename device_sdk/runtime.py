@@ -189,12 +189,21 @@ class TFLMModel(_PerSampleInt8):
 _RUNTIMES = {"onnxruntime": OnnxModel, "litert": LiteRTModel, "tflite-micro": TFLMModel}
 
 
-def load_runtime(bundle: Bundle) -> ModelRuntime:
-    """The runtime a package names. Raises UpdateRefused('health.load') if it cannot load."""
+def load_runtime(bundle: Bundle, prefer_aot: bool = True) -> ModelRuntime:
+    """The runtime a package names. Raises UpdateRefused('health.load') if it cannot load.
+
+    A ``tflite-micro`` package that carries its AOT C library (``layout.aot``) runs on it
+    (:class:`device_sdk.aot_runtime.AOTModel`, the code proven on the emulated board) unless
+    ``prefer_aot`` is false; a library that does not build is refused, not silently replaced
+    by TFLM, so the device keeps its working model and reports why."""
     runtime = bundle.manifest.runtime
     if runtime not in _RUNTIMES:
         raise UpdateRefused("health.load", f"runtime {runtime!r} is not available on this device")
     try:
+        if runtime == "tflite-micro" and prefer_aot and "aot" in bundle.manifest.layout:
+            from device_sdk.aot_runtime import AOTModel
+
+            return AOTModel(bundle)
         return _RUNTIMES[runtime](bundle)
     except ImportError as e:
         raise UpdateRefused("health.load", f"{runtime} is not installed on this device: {e}") from e
