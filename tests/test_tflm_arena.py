@@ -41,7 +41,7 @@ def test_manifest_arena_runs_and_one_byte_less_does_not(mcu_package):
 
 def test_a_device_runs_the_package_in_exactly_the_declared_arena(mcu_package):
     bundle, _ = mcu_package
-    runtime = load_runtime(bundle)
+    runtime = load_runtime(bundle, prefer_aot=False)      # TFLM, the reference, in the declared arena
     assert isinstance(runtime, TFLMModel)
     import json
     import numpy as np
