@@ -140,6 +140,31 @@ class ResidualBlocks(nn.Module):
         return torch.softmax(self.fc(x.mean(dim=(2, 3))), -1)
 
 
+class StridedHalf(nn.Module):
+    """STRIDED_SLICE: every second feature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc(x[:, ::2]), -1)
+
+
+class Recurrent(nn.Module):
+    """A GRU and an LSTM over 8 steps of 8 features: the converter unrolls them into
+    FULLY_CONNECTED, SLICE, LOGISTIC, TANH, MUL, ADD, SUB."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru, self.lstm, self.fc = nn.GRU(8, 12, batch_first=True), nn.LSTM(12, 12, batch_first=True), nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.gru(x.reshape(-1, 8, 8))
+        h, _ = self.lstm(h)
+        return torch.softmax(self.fc(h[:, -1]), -1)
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), nn.Softmax(-1))
 
@@ -155,6 +180,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
     "gates": (Gates, (64,), False),
     "pointwise": (Pointwise, (1, 8, 8), True),
     "residual_blocks": (ResidualBlocks, (1, 8, 8), True),
+    "strided_half": (StridedHalf, (64,), True),
+    "recurrent": (Recurrent, (64,), True),
 }
 
 
@@ -317,6 +344,13 @@ def test_a_convolution_feeding_a_residual_add_runs_inside_it_in_place_and_matche
     assert compiled.files["model.c"].count("el_conv2d_add(") == 2
     assert [compiled.operators[i] for i in compiled.folded_operators].count("CONV_2D") == 2
     assert compiled.arena_bytes < compiled.arena_bytes_no_inplace
+
+
+def test_slices_and_recurrent_nets_match_tflm(zoo, digits, tmp_path):
+    """SLICE and STRIDED_SLICE are strided gathers; with them the unrolled GRU and LSTM compile."""
+    assert "STRIDED_SLICE" in _assert_bit_exact(zoo("strided_half"), tmp_path / "s", real=digits[0][:200]).operators
+    compiled = _assert_bit_exact(zoo("recurrent"), tmp_path / "r", real=digits[0][:200])
+    assert {"SLICE", "LOGISTIC", "TANH", "FULLY_CONNECTED"} <= set(compiled.operators)
 
 
 def test_kernels_use_no_heap_and_no_floats():

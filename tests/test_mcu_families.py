@@ -1,7 +1,8 @@
 """The model families TinyML users train, through the mcu tier (issue 12 item 1): each is
 converted to full int8, its operators checked against what the installed TFLite Micro
-registers, and run on TFLM against the float model; a family TFLM cannot take is refused in one
-line naming the operator and the layer it came from."""
+registers, and run on TFLM against the float model, and compiled by the AOT compiler, whose C
+output equals TFLM's bit for bit; a family TFLM cannot take is refused in one line naming the
+operator and the layer it came from."""
 
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def digits():
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_each_family_runs_on_tflm_or_is_refused_naming_its_layer(family, digits):
+def test_each_family_runs_on_tflm_or_is_refused_naming_its_layer(family, digits, tmp_path):
     net, shape, layout = FAMILIES[family]
     x, y = digits
     spec = FeatureSpec(n_features=64, steps=[{"op": "scale", "factor": 1 / 16}],
@@ -133,3 +134,14 @@ def test_each_family_runs_on_tflm_or_is_refused_naming_its_layer(family, digits)
     print(f"{family}: ops {sorted({op.name for op in artifact.operators})}, top-1 agreement {agreement:.3f}")
     assert agreement >= 0.9, (family, agreement)
     assert np.abs(out - want).max() < 0.25
+    # the AOT compiler takes the family too, bit for bit against TFLM on the held-out rows
+    from cloud.aot_firmware import tflm_int8_outputs
+    from device_sdk.runtime import quantize
+    from kernels.aot import build_host, compile_tflite, run_host
+
+    model = artifact.files["model.tflite"]
+    compiled = compile_tflite(model)
+    rows = quantize(spec.model_input(case.test_raw).reshape(len(case.test_raw), -1), compiled.input_scale,
+                    compiled.input_zero_point, np.int8)
+    got = run_host(build_host(compiled, tmp_path), rows)
+    assert np.array_equal(got.reshape(len(rows), -1), tflm_int8_outputs(model, rows)), family

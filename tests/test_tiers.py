@@ -370,23 +370,23 @@ def test_mcu_package_carries_the_aot_library_proven_on_the_emulated_cortex_m4(bu
     assert m["aot_arena_bytes"] <= m["aot_ram_bytes"] and m["aot_instructions"] > 0
 
 
-class _FirstHalf(nn.Module):
+class _ClampedBelow(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(32, 10)
+        self.a, self.fc = nn.Linear(64, 32), nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.fc(x[:, :32]), -1)
+        return torch.softmax(self.fc(torch.clamp(self.a(x), min=-0.3)), -1)     # MAXIMUM, int8
 
 
 def test_a_model_the_aot_compiler_lacks_ships_for_tflm_and_says_why(built):
-    """A slice runs on TFLM but has no AOT kernel: the package ships without the C library,
+    """MAXIMUM runs on TFLM but has no AOT kernel: the package ships without the C library,
     with the reason in one line."""
     torch.manual_seed(0)
-    pkg = _build(built, "mcu", _FirstHalf())
+    pkg = _build(built, "mcu", _ClampedBelow())
     bundle = read_bundle(pkg.data)
     reason = bundle.manifest.measured["aot_refused"]
-    assert "SLICE" in reason and "does not take this model" in reason and "\n" not in reason
+    assert "MAXIMUM" in reason and "does not take this model" in reason and "\n" not in reason
     assert "aot" not in bundle.manifest.layout and not any(n.startswith("aot-") for n in bundle.files)
 
 

@@ -18,6 +18,7 @@ PAD, PADV2             el_pad, or folded into the next        no
                        convolution's padding (``_fold``)
 CONCATENATION          el_concatenation                       no
 TRANSPOSE              el_transpose                           no
+SLICE, STRIDED_SLICE   el_transpose (a strided gather)        no
 QUANTIZE (int8->int8)  el_requantize                          over the dying input
 LOGISTIC, TANH,        el_logistic / el_tanh / el_hard_swish  over the dying input
 HARD_SWISH
@@ -372,6 +373,55 @@ def _transpose(g: Graph, op: Operator) -> Step:
     return Step(op, f"el_transpose(&{{P}}, {{T{x.index}}}, {{T{out.index}}});", "el_transpose_params", fields)
 
 
+def _slice_copy(g: Graph, op: Operator, x: Tensor, begins: list[int], steps: list[int], sizes: list[int]) -> Step:
+    """A (strided) slice is a gather: output element i reads input at base + sum(i_k * step_k *
+    stride_k), with el_transpose's index walk. TFLM's int8 SLICE/STRIDED_SLICE copy raw values."""
+    out = g.tensors[op.outputs[0]]
+    _need(out.dtype == "int8" and np.float32(out.qscale) == np.float32(x.qscale) and out.qzero == x.qzero,
+          "the output is quantized differently from the input")
+    _need(int(np.prod(sizes, dtype=np.int64)) == out.size and all(n >= 0 for n in sizes),
+          f"the slice {sizes} does not give the output {out.shape}")
+    strides = _strides(list(x.shape))
+    base = sum(b * st for b, st in zip(begins, strides))
+    fields = dict(out_dims=_padded(tuple(sizes)),
+                  in_strides=[0] * (MAX_DIMS - len(sizes)) + [st * k for st, k in zip(strides, steps)])
+    return Step(op, f"el_transpose(&{{P}}, {{T{x.index}}} + {base}, {{T{out.index}}});", "el_transpose_params", fields)
+
+
+def _slice(g: Graph, op: Operator) -> Step:
+    x = _int8_input(g, op)
+    begin = [int(v) for v in np.atleast_1d(_const(g, op, 1, "begin").data)]
+    size = [int(v) for v in np.atleast_1d(_const(g, op, 2, "size").data)]
+    _need(len(begin) == len(size) == len(x.shape), "begin and size must have the input's rank")
+    size = [d - b if n == -1 else n for b, n, d in zip(begin, size, x.shape)]
+    _need(all(0 <= b and b + n <= d for b, n, d in zip(begin, size, x.shape)), "the slice leaves the input")
+    return _slice_copy(g, op, x, begin, [1] * len(begin), size)
+
+
+def _strided_slice(g: Graph, op: Operator) -> Step:
+    """reference_ops::StridedSlice for positive strides, no ellipsis or new axes."""
+    x = _int8_input(g, op)
+    o = op.options
+    _need(not int(o.ellipsisMask or 0) and not int(o.newAxisMask or 0), "ellipsis and new-axis masks are not supported")
+    _need(not bool(getattr(o, "offset", False)), "offset strided slices are not supported")
+    begin = [int(v) for v in np.atleast_1d(_const(g, op, 1, "begin").data)]
+    end = [int(v) for v in np.atleast_1d(_const(g, op, 2, "end").data)]
+    step = [int(v) for v in np.atleast_1d(_const(g, op, 3, "strides").data)]
+    _need(len(begin) == len(end) == len(step) == len(x.shape), "begin, end and strides must have the input's rank")
+    _need(all(k > 0 for k in step), "only positive strides are supported")
+    bm, em, sm = int(o.beginMask or 0), int(o.endMask or 0), int(o.shrinkAxisMask or 0)
+    starts, sizes = [], []
+    for k, d in enumerate(x.shape):
+        b = 0 if bm >> k & 1 else (begin[k] + d if begin[k] < 0 else begin[k])
+        e = d if em >> k & 1 else (end[k] + d if end[k] < 0 else end[k])
+        b, e = min(max(b, 0), d), min(max(e, 0), d)
+        if sm >> k & 1:
+            e = b + 1
+        starts.append(b)
+        sizes.append(max(0, -(-(e - b) // step[k])))
+    return _slice_copy(g, op, x, starts, step, sizes)
+
+
 def _concatenation(g: Graph, op: Operator) -> Step:
     out = g.tensors[op.outputs[0]]
     ins = _act_tensors(g, op)
@@ -452,6 +502,8 @@ LOWERINGS: dict[str, Callable[[Graph, Operator], Step]] = {
     "PADV2": _pad,
     "CONCATENATION": _concatenation,
     "TRANSPOSE": _transpose,
+    "SLICE": _slice,
+    "STRIDED_SLICE": _strided_slice,
     "QUANTIZE": _quantize,
     "LOGISTIC": _sigmoid("logistic"),
     "TANH": _sigmoid("tanh"),
