@@ -165,6 +165,18 @@ class Recurrent(nn.Module):
         return torch.softmax(self.fc(h[:, -1]), -1)
 
 
+class ReluMaximum(nn.Module):
+    """A standalone RELU (after a concatenation) and MAXIMUM (clamp from below)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.fc = nn.Linear(64, 16), nn.Linear(64, 16), nn.Linear(64, 32), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = torch.relu(torch.cat([self.a(x), self.b(x)], -1))
+        return torch.softmax(self.fc(torch.cat([r, torch.clamp(self.c(x), min=-0.3)], -1)), -1)
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), nn.Softmax(-1))
 
@@ -182,6 +194,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
     "residual_blocks": (ResidualBlocks, (1, 8, 8), True),
     "strided_half": (StridedHalf, (64,), True),
     "recurrent": (Recurrent, (64,), True),
+    "relu_maximum": (ReluMaximum, (64,), True),
 }
 
 
@@ -351,6 +364,11 @@ def test_slices_and_recurrent_nets_match_tflm(zoo, digits, tmp_path):
     assert "STRIDED_SLICE" in _assert_bit_exact(zoo("strided_half"), tmp_path / "s", real=digits[0][:200]).operators
     compiled = _assert_bit_exact(zoo("recurrent"), tmp_path / "r", real=digits[0][:200])
     assert {"SLICE", "LOGISTIC", "TANH", "FULLY_CONNECTED"} <= set(compiled.operators)
+
+
+def test_standalone_relu_and_maximum_match_tflm(zoo, digits, tmp_path):
+    compiled = _assert_bit_exact(zoo("relu_maximum"), tmp_path, real=digits[0][:200])
+    assert {"RELU", "MAXIMUM"} <= set(compiled.operators)
 
 
 def test_kernels_use_no_heap_and_no_floats():

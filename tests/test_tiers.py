@@ -370,23 +370,24 @@ def test_mcu_package_carries_the_aot_library_proven_on_the_emulated_cortex_m4(bu
     assert m["aot_arena_bytes"] <= m["aot_ram_bytes"] and m["aot_instructions"] > 0
 
 
-class _ClampedBelow(nn.Module):
+class _Upsampled(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.fc = nn.Linear(64, 32), nn.Linear(32, 10)
+        self.fc = nn.Linear(4 * 64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.fc(torch.clamp(self.a(x), min=-0.3)), -1)     # MAXIMUM, int8
+        y = nn.functional.interpolate(x.reshape(-1, 1, 8, 8), scale_factor=2, mode="nearest")
+        return torch.softmax(self.fc(torch.flatten(y, 1)), -1)          # RESIZE_NEAREST_NEIGHBOR, int8
 
 
 def test_a_model_the_aot_compiler_lacks_ships_for_tflm_and_says_why(built):
-    """MAXIMUM runs on TFLM but has no AOT kernel: the package ships without the C library,
+    """RESIZE_NEAREST_NEIGHBOR runs on TFLM but has no AOT kernel: the package ships without the C library,
     with the reason in one line."""
     torch.manual_seed(0)
-    pkg = _build(built, "mcu", _ClampedBelow())
+    pkg = _build(built, "mcu", _Upsampled())
     bundle = read_bundle(pkg.data)
     reason = bundle.manifest.measured["aot_refused"]
-    assert "MAXIMUM" in reason and "does not take this model" in reason and "\n" not in reason
+    assert "RESIZE_NEAREST_NEIGHBOR" in reason and "does not take this model" in reason and "\n" not in reason
     assert "aot" not in bundle.manifest.layout and not any(n.startswith("aot-") for n in bundle.files)
 
 

@@ -19,6 +19,8 @@ PAD, PADV2             el_pad, or folded into the next        no
 CONCATENATION          el_concatenation                       no
 TRANSPOSE              el_transpose                           no
 SLICE, STRIDED_SLICE   el_transpose (a strided gather)        no
+RELU                   el_relu                                over the dying input
+MAXIMUM                el_maximum (broadcast)                 over a same-shape dying input
 QUANTIZE (int8->int8)  el_requantize                          over the dying input
 LOGISTIC, TANH,        el_logistic / el_tanh / el_hard_swish  over the dying input
 HARD_SWISH
@@ -441,6 +443,37 @@ def _concatenation(g: Graph, op: Operator) -> Step:
     return Step(op, call, arrays={"chunks": ("int32_t", chunks)})
 
 
+def _relu(lo: float, hi: float | None) -> Callable[[Graph, Operator], Step]:
+    """activations_common.cc CalculateReluOpData: the input/output rescale and the clamp."""
+    def lower(g: Graph, op: Operator) -> Step:
+        x, out = _int8_input(g, op), g.tensors[op.outputs[0]]
+        _need(out.dtype == "int8", f"output is {out.dtype}")
+        m, s = q.quantize_multiplier(float(x.scale[0]) / float(out.scale[0]))
+        scale = np.float32(out.scale[0])
+        def roundf(v: np.float32) -> int:     # C roundf: half away from zero
+            return int(np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)))
+        act_min = max(-128, out.qzero + roundf(np.float32(lo) / scale))
+        act_max = 127 if hi is None else min(127, out.qzero + roundf(np.float32(hi) / scale))
+        fields = dict(size=x.size, input_offset=x.qzero, output_offset=out.qzero, multiplier=m, shift=s,
+                      act_min=act_min, act_max=act_max)
+        return _elementwise(Step(op, f"el_relu(&{{P}}, {{T{x.index}}}, {{T{out.index}}});", "el_relu_params", fields), x)
+    return lower
+
+
+def _max_min(kind: str) -> Callable[[Graph, Operator], Step]:
+    inner = _binary("ADD")
+
+    def lower(g: Graph, op: Operator) -> Step:
+        a, b, out = _int8_input(g, op, 0), _int8_input(g, op, 1), g.tensors[op.outputs[0]]
+        for t in (a, b):
+            _need(np.float32(t.qscale) == np.float32(out.qscale) and t.qzero == out.qzero,
+                  f"input '{t.name}' is quantized differently from the output (TFLM compares raw values)")
+        step = inner(g, op)      # the broadcast shape and strides; the ADD multipliers go unused
+        step.call = step.call.replace("el_add(", f"el_{kind}(")
+        return step
+    return lower
+
+
 def _quantize(g: Graph, op: Operator) -> Step:
     x, out = _int8_input(g, op), g.tensors[op.outputs[0]]
     m, s = q.quantize_multiplier(float(x.scale[0]) / float(out.scale[0]))
@@ -503,6 +536,8 @@ LOWERINGS: dict[str, Callable[[Graph, Operator], Step]] = {
     "CONCATENATION": _concatenation,
     "TRANSPOSE": _transpose,
     "SLICE": _slice,
+    "RELU": _relu(0.0, None),
+    "MAXIMUM": _max_min("maximum"),
     "STRIDED_SLICE": _strided_slice,
     "QUANTIZE": _quantize,
     "LOGISTIC": _sigmoid("logistic"),

@@ -378,6 +378,12 @@ static void broadcast_binary(const el_arith_params *p, const int8_t *in1, const 
             }
 }
 
+/* MAXIMUM / MINIMUM (reference_ops::MaximumMinimumBroadcastSlow): raw int8 values, one quantization */
+static int8_t max_fn(const el_arith_params *p, int32_t x, int32_t y) { (void)p; return (int8_t)(x > y ? x : y); }
+static int8_t min_fn(const el_arith_params *p, int32_t x, int32_t y) { (void)p; return (int8_t)(x < y ? x : y); }
+void el_maximum(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output) { broadcast_binary(p, in1, in2, output, max_fn); }
+void el_minimum(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output) { broadcast_binary(p, in1, in2, output, min_fn); }
+
 void el_add(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output) { broadcast_binary(p, in1, in2, output, add_fn); }
 void el_sub(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output) { broadcast_binary(p, in1, in2, output, sub_fn); }
 void el_mul(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output) { broadcast_binary(p, in1, in2, output, mul_fn); }
@@ -540,6 +546,16 @@ void el_hard_swish(const el_hard_swish_params *p, const int8_t *input, int8_t *o
     out = rdbpot16(saturating_doubling_high_mul16(reluish, preshift_output), -p->output_multiplier_exponent);
     out = (int16_t)(out + p->output_zero_point);
     output[i] = (int8_t)(out > 127 ? 127 : (out < -128 ? -128 : out));
+  }
+}
+
+/* RELU, RELU6, RELU_N1_TO_1 (activations_common.cc ReluQuantized): rescale, then clamp to the
+ * activation's range in the output's quantization. */
+void el_relu(const el_relu_params *p, const int8_t *input, int8_t *output) {
+  int32_t i;
+  for (i = 0; i < p->size; ++i) {
+    const int32_t v = p->output_offset + MBQM((int32_t)input[i] - p->input_offset, p->multiplier, p->shift);
+    output[i] = (int8_t)clamp32(v, p->act_min, p->act_max);
   }
 }
 

@@ -69,6 +69,12 @@ typedef struct {
   int32_t out_dims[EL_MAX_DIMS], in_strides[EL_MAX_DIMS];
 } el_transpose_params;
 
+/* RELU, RELU6, RELU_N1_TO_1 */
+typedef struct {
+  int32_t size, input_offset, output_offset, multiplier, shift, act_min, act_max;
+} el_relu_params;
+void el_relu(const el_relu_params *p, const int8_t *input, int8_t *output);
+
 /* LOGISTIC and TANH (TFLM's int8 gemmlowp path, input in Q4.27). */
 typedef struct {
   int32_t size, input_zero_point, input_range_radius, input_multiplier, input_left_shift;
@@ -101,6 +107,8 @@ void el_depthwise_conv2d_inplace(const el_conv_params *p, int8_t *buffer, const 
 void el_average_pool2d(const el_pool_params *p, const int8_t *input, int8_t *output);
 void el_max_pool2d(const el_pool_params *p, const int8_t *input, int8_t *output);
 void el_add(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output);
+void el_maximum(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output);
+void el_minimum(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output);
 void el_conv2d_add(const el_conv_params *pc, const int8_t *input, const int8_t *filter, const int32_t *bias,
                    const el_arith_params *pa, const int8_t *other, int8_t *output, int32_t conv_first);
 void el_sub(const el_arith_params *p, const int8_t *in1, const int8_t *in2, int8_t *output);
