@@ -29,16 +29,9 @@ from typing import Callable
 import numpy as np
 
 from cloud.errors import UserError
+from cloud.examples import EXAMPLE_DATA
 
 __all__ = ["EXAMPLE_DATA", "write_example", "write_npz", "example_arrays"]
-
-EXAMPLE_DATA: dict[str, str] = {
-    "diabetes": "regression: scikit-learn's diabetes data (442 rows, 10 features)",
-    "breast-cancer": "binary classification: scikit-learn's breast cancer data (569 rows, 30 features)",
-    "digits-images": "classification: the 8x8 digits as 1x8x8 images (NCHW)",
-    "digits-anomaly": "anomaly detection: the digits, with 7 as the anomaly",
-}
-
 
 def _diabetes() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_diabetes

@@ -420,7 +420,7 @@ def _shape_text(shape: Any) -> str:
 
 
 def _example_data_names() -> list[str]:
-    from cloud.example_data import EXAMPLE_DATA   # a dict of names; sklearn loads only on use
+    from cloud.examples import EXAMPLE_DATA   # a dict of names: no numpy at start-up
     return sorted(EXAMPLE_DATA)
 
 

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Example", "EXAMPLES"]
+__all__ = ["Example", "EXAMPLES", "EXAMPLE_DATA"]
+
+# the example data sets by name (cloud.example_data writes them); here, without numpy, so the
+# CLI can offer the names without importing it
+EXAMPLE_DATA: dict[str, str] = {
+    "diabetes": "regression: scikit-learn's diabetes data (442 rows, 10 features)",
+    "breast-cancer": "binary classification: scikit-learn's breast cancer data (569 rows, 30 features)",
+    "digits-images": "classification: the 8x8 digits as 1x8x8 images (NCHW)",
+    "digits-anomaly": "anomaly detection: the digits, with 7 as the anomaly",
+}
 
 
 @dataclass(frozen=True)
