@@ -46,7 +46,9 @@ def tflm_int8_outputs(model: bytes, inputs: np.ndarray) -> np.ndarray:
     """TFLM's raw int8 outputs for raw int8 input vectors (n, input size)."""
     from tflite_micro.python.tflite_micro import runtime as tflm
 
-    interpreter = tflm.Interpreter.from_bytes(bytes(model), arena_size=max(len(model) * 10, 8 << 20))
+    from cloud.tier_packagers import TFLM_MEASURE_ARENA
+
+    interpreter = tflm.Interpreter.from_bytes(bytes(model), arena_size=max(len(model) * 10, TFLM_MEASURE_ARENA))
     shape = tuple(interpreter.get_input_details(0)["shape"])
     rows = []
     for x in np.asarray(inputs, dtype=np.int8):

@@ -469,10 +469,10 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
     """An imported .tflite packaged as it is for a .tflite tier, measured and checked like any
     tier package (operators, arena, budgets, golden vectors), and stored."""
     from cloud.packaging import GOLDEN_ATOL, baseline_stats, check_fidelity, golden_atol, store_blob, task_fidelity
-    from cloud.packaging import _load, _tensor
+    from cloud.packaging import _load, _tensor, aot_library
     from cloud.pipeline import GOLDEN_COUNT, _read_artifact, _training_data
-    from cloud.tier_packagers import (TierArtifact, captured_output, check_budgets, check_operators, measure,
-                                      tflm_arena_measured)
+    from cloud.tier_packagers import (TierArtifact, arena_for_tier, captured_output, check_budgets, check_operators,
+                                      measure)
     from cloud import quantize
     from cloud.export import INPUT_NAME, OUTPUT_NAME
 
@@ -502,9 +502,7 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
                                                            f"{name} for {profile.name}")
         artifact.layout["c_header"] = "model_data.h"
     check_operators(profile, artifact)
-    arena = tflm_arena_measured(model_bytes) if profile.runtime == "tflite-micro" else {}
-    if arena:
-        check_budgets(profile, {"ram_bytes": arena["ram_bytes"], "flash_bytes": 0, "device_latency_ms": 0.0})
+    arena = arena_for_tier(profile, model_bytes)
     draft = Manifest(model=mv["model"], version=mv["version"], tier=profile.name, runtime=profile.runtime,
                      numeric_format=fmt, entrypoint="model.tflite", inputs=[], outputs=[], features=features,
                      labels=labels, golden="golden.json", golden_atol=GOLDEN_ATOL[fmt],
@@ -523,15 +521,10 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
     golden = {"inputs": golden_raw.astype(np.float32).tolist(),
               "outputs": [[float(f"{v:.8g}") for v in row] for row in runtime.predict(golden_raw).tolist()]}
     in_q, out_q = getattr(runtime, "in_q", None), getattr(runtime, "out_q", None)
-    if profile.runtime == "tflite-micro":      # the AOT C library, as for a trained version
-        from cloud.packaging import AOT_EXTRA_ROWS, _aot_library
-
-        aot_files, aot_layout, aot_measured = _aot_library(profile, model_bytes, features,
-                                                           np.concatenate([golden_raw, test.x[:AOT_EXTRA_ROWS]]), in_q)
-        artifact.files.update(aot_files)
-        measured.update(aot_measured)
-        if aot_layout:
-            artifact.layout["aot"] = aot_layout
+    aot_files, aot_layout, aot_measured = aot_library(profile, model_bytes, features, golden_raw, test.x, in_q)
+    artifact.files.update(aot_files)
+    artifact.layout.update(aot_layout)
+    measured.update(aot_measured)
     io_specs = {"inputs": [_tensor(INPUT_NAME, list(features.shape), runtime, in_q, "in_dtype")],
                 "outputs": [_tensor(OUTPUT_NAME, [n_outputs], runtime, out_q, "out_dtype")]}
     atol = golden_atol(task, fmt, np.asarray(golden["outputs"], dtype=np.float64), out_q)

@@ -184,17 +184,15 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
     BudgetExceeded (does not fit the tier); nothing is written anywhere."""
     import torch
 
-    from cloud.tier_packagers import (captured_output, check_budgets, check_operators, convert, measure,
-                                      tflm_arena_measured)
+    from cloud.tier_packagers import (arena_for_tier, captured_output, check_budgets, check_operators, convert,
+                                      measure)
 
     n_outputs = len(labels) if task.kind is TaskKind.CLASSIFICATION else 1
     artifact = convert(profile, model, onnx_bytes, features, calib_raw, name, version, n_outputs)
     check_operators(profile, artifact)
     # the TFLM arena is measured first: the RAM budget is checked before the runtime is loaded,
     # and the runtime is then given the arena a firmware build would give it
-    arena = tflm_arena_measured(artifact.files[artifact.entrypoint]) if profile.runtime == "tflite-micro" else {}
-    if arena:
-        check_budgets(profile, {"ram_bytes": arena["ram_bytes"], "flash_bytes": 0, "device_latency_ms": 0.0})
+    arena = arena_for_tier(profile, artifact.files[artifact.entrypoint])
     draft = Manifest(model=name, version=version, tier=profile.name, runtime=profile.runtime,
                      numeric_format=artifact.numeric_format, entrypoint=artifact.entrypoint,
                      inputs=[], outputs=[], features=features, labels=labels, golden="golden.json",
@@ -216,14 +214,10 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
     golden = {"inputs": golden_raw.astype(np.float32).tolist(),
               "outputs": [[float(f"{v:.8g}") for v in row] for row in runtime.predict(golden_raw).tolist()]}
     in_q, out_q = getattr(runtime, "in_q", None), getattr(runtime, "out_q", None)
-    files, layout = dict(artifact.files), dict(artifact.layout)
-    if profile.runtime == "tflite-micro":
-        aot_files, aot_layout, aot_measured = _aot_library(profile, artifact.files[artifact.entrypoint], features,
-                                                           np.concatenate([golden_raw, test_x[:AOT_EXTRA_ROWS]]), in_q)
-        files.update(aot_files)
-        measured.update(aot_measured)
-        if aot_layout:
-            layout["aot"] = aot_layout
+    aot_files, aot_layout, aot_measured = aot_library(profile, artifact.files[artifact.entrypoint], features,
+                                                      golden_raw, test_x, in_q)
+    files, layout = {**artifact.files, **aot_files}, {**artifact.layout, **aot_layout}
+    measured.update(aot_measured)
     io = {"inputs": [_tensor(INPUT_NAME, list(features.shape), runtime, in_q, "in_dtype")],
           "outputs": [_tensor(OUTPUT_NAME, [n_outputs], runtime, out_q, "out_dtype")]}
     atol = golden_atol(task, artifact.numeric_format, np.asarray(golden["outputs"], dtype=np.float64), out_q)
@@ -237,19 +231,24 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
 AOT_EXTRA_ROWS = 48     # held-out rows the AOT firmware is checked on, besides the golden vectors
 
 
-def _aot_library(profile: TierProfile, tflite: bytes, features: FeatureSpec, raw: np.ndarray,
-                 in_q: tuple[float, int] | None) -> tuple[dict[str, bytes], dict[str, str], dict[str, Any]]:
-    """The mcu package's AOT C library (cloud/aot_firmware.py), proven on the emulated Cortex-M4
-    against TFLM on ``raw`` rows, with its measured flash and RAM; or none, and why, when the
-    compiler does not take the model, the firmware differs from TFLM or exceeds the tier's
-    budget (the package then ships for TFLM alone)."""
+def aot_library(profile: TierProfile, tflite: bytes, features: FeatureSpec, golden_raw: np.ndarray,
+                held_out_raw: np.ndarray, in_q: tuple[float, int] | None
+                ) -> tuple[dict[str, bytes], dict[str, Any], dict[str, Any]]:
+    """For a TFLM tier, the package's AOT C library (cloud/aot_firmware.py): its bundle members,
+    its ``layout`` entry and its ``measured`` figures, proven on the emulated Cortex-M4 against
+    TFLM on the golden rows and ``AOT_EXTRA_ROWS`` held-out rows. No members, and
+    ``measured.aot_refused`` saying why, when the compiler does not take the model, the firmware
+    differs from TFLM or exceeds the tier's budget (the package then ships for TFLM alone).
+    Nothing for other tiers."""
+    if profile.runtime != "tflite-micro":
+        return {}, {}, {}
     from cloud.aot_firmware import AotRefused, prove_on_cortex_m4
     from device_sdk.runtime import quantize as quantize_rows
 
     if in_q is None:
         return {}, {}, {"aot_refused": "the model's input is not int8"}
-    x = features.model_input(raw).reshape(len(raw), -1)
-    vectors = quantize_rows(x, *in_q, np.int8)
+    raw = np.concatenate([golden_raw, held_out_raw[:AOT_EXTRA_ROWS]])
+    vectors = quantize_rows(features.model_input(raw).reshape(len(raw), -1), *in_q, np.int8)
     try:
         proof = prove_on_cortex_m4(tflite, vectors)
     except AotRefused as e:
@@ -259,7 +258,7 @@ def _aot_library(profile: TierProfile, tflite: bytes, features: FeatureSpec, raw
         return {}, {}, {"aot_refused": f"the AOT library needs {m['aot_ram_bytes']} B RAM and "
                                        f"{m['aot_flash_bytes']} B flash; {profile.name} has {profile.ram_bytes} "
                                        f"and {profile.flash_bytes}"}
-    return proof.files, proof.layout, m
+    return proof.files, {"aot": proof.layout}, m
 
 
 def golden_atol(task: TaskSpec, fmt: str, outputs: np.ndarray, out_q: tuple[float, int] | None) -> float:

@@ -22,7 +22,8 @@ lacks (by name, saying which ones the converter inserted for the model's layout)
 :func:`measure` runs it on the runtime the device uses (``device_sdk.runtime``): held-out
 accuracy and top-1 agreement with the float model, host latency (p50) scaled by the tier
 profile, size and flash; for the mcu tier :func:`tflm_arena_bytes` first finds the smallest
-arena TFLM runs the model in (a search in a child process: cloud/tflm_arena.py). :func:`check_budgets` refuses an artifact over any budget, with the numbers.
+arena TFLM runs the model in (a search in a child process: cloud/tflm_arena.py).
+:func:`check_budgets` refuses an artifact over any budget, with the numbers.
 
 Errors::
 
@@ -56,9 +57,8 @@ from cloud.tflite_passes import fold_layout_transposes
 from cloud.tiers import TierProfile
 
 __all__ = ["DoesNotFit", "BudgetExceeded", "UnsupportedOperator", "TierArtifact", "convert", "check_operators",
-           "measure", "check_budgets", "tflm_arena_bytes", "tflm_arena_measured", "tflm_reported_arena_bytes",
-           "triton_config",
-           "captured_output", "MIN_CALIBRATION_ROWS"]
+           "measure", "check_budgets", "tflm_arena_bytes", "tflm_arena_measured", "arena_for_tier", "tflm_reported_arena_bytes",
+           "triton_config", "captured_output", "MIN_CALIBRATION_ROWS"]
 
 MIN_CALIBRATION_ROWS = 8
 TFLM_MEASURE_ARENA = 8 * 1024 * 1024    # generous, so an over-budget model is measured, not just refused
@@ -176,18 +176,16 @@ def _litert_dynamic(job: _Job) -> TierArtifact:
 
 def _full_int8(job: _Job) -> TierArtifact:
     model = quantize.litert_full_int8(quantize.litert_fp32(job.model, job.input_shape), job.calib)
-    folded = 0
-    if job.profile.runtime == "tflite-micro":
-        model = quantize.inline_buffers(model)      # TFLM cannot read external buffers (cloud/quantize.py)
-        # the converter's TRANSPOSE before a flatten into FULLY_CONNECTED costs an MCU a buffer: fold it
-        result = fold_layout_transposes(model)
-        model, folded = result.model, result.folded
-    artifact = _tflite(model, "int8")
-    artifact.folded_transposes = folded
-    if job.profile.runtime == "tflite-micro":
-        artifact.files["model_data.h"] = quantize.c_header(model, f"g_{job.name}_model",
-                                                           f"{job.name}:{job.version} for {job.profile.name}")
-        artifact.layout["c_header"] = "model_data.h"
+    if job.profile.runtime != "tflite-micro":
+        return _tflite(model, "int8")
+    model = quantize.inline_buffers(model)      # TFLM cannot read external buffers (cloud/quantize.py)
+    # the converter's TRANSPOSE before a flatten into FULLY_CONNECTED costs an MCU a buffer: fold it
+    folded = fold_layout_transposes(model)
+    artifact = _tflite(folded.model, "int8")
+    artifact.folded_transposes = folded.folded
+    artifact.files["model_data.h"] = quantize.c_header(folded.model, f"g_{job.name}_model",
+                                                       f"{job.name}:{job.version} for {job.profile.name}")
+    artifact.layout["c_header"] = "model_data.h"
     return artifact
 
 
@@ -253,12 +251,10 @@ def check_operators(profile: TierProfile, artifact: TierArtifact) -> None:
     if profile.supported_ops:
         missing = sorted({op.name for op in ops} - set(profile.supported_ops))
         if missing:
-            from cloud.quantize import layer_label
-
             where = []
             for op in (op for op in ops if op.name in missing):
                 origin = _LAYOUT_ORIGIN if op.inserted_for_layout else "the model's own"
-                where.append(f"{op.name} (operator {op.index}, from layer {layer_label(op.layer)}): {origin}")
+                where.append(f"{op.name} (operator {op.index}, from layer {quantize.layer_label(op.layer)}): {origin}")
             supported = (f"supported: {', '.join(profile.supported_ops)}" if len(profile.supported_ops) <= 24 else
                          f"not among the {len(profile.supported_ops)} operators {profile.runtime} registers")
             raise UnsupportedOperator(f"{profile.name} cannot run operator(s) {', '.join(missing)} ({supported}); "
@@ -331,6 +327,16 @@ def tflm_arena_measured(model: bytes) -> dict[str, Any]:
     reported = tflm_reported_arena_bytes(model)
     return {"ram_bytes": tflm_arena_bytes(model, reported), "ram_bytes_method": ARENA_MIN_SEARCH,
             "tflm_reported_arena_bytes": reported}
+
+
+def arena_for_tier(profile: TierProfile, model: bytes) -> dict[str, Any]:
+    """For a TFLM tier: :func:`tflm_arena_measured`, checked against the tier's RAM before the
+    runtime is loaded (raises BudgetExceeded); for any other tier, nothing."""
+    if profile.runtime != "tflite-micro":
+        return {}
+    arena = tflm_arena_measured(model)
+    check_budgets(profile, {"ram_bytes": arena["ram_bytes"], "flash_bytes": 0, "device_latency_ms": 0.0})
+    return arena
 
 
 def tflm_arena_bytes(model: bytes, reported: int | None = None) -> int:
