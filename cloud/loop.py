@@ -85,8 +85,10 @@ class PipelineFile:
         ref = self.train.get("model_def")
         if not ref:
             return None
+        from cloud.model_def import names_a_file
+
         where, sep, function = str(ref).rpartition(":")
-        if sep and (where.endswith(".py") or "/" in where) and not Path(where).is_absolute():
+        if sep and names_a_file(where) and not Path(where).is_absolute():
             return f"{(self.root / where).resolve()}:{function}"
         return str(ref)
 
@@ -234,6 +236,8 @@ def run_pipeline(ws: Workspace, registry: Registry, pipe: PipelineFile, deploy: 
         definition = _model_def_sha256(pipe)
         trained = step("train", _key("train", data["dataset_sha256"], params.to_obj(), pipe.model,
                                      pipe.train.get("nproc_per_node", 1),
+                                     # only pipelines that name a definition or task key on them:
+                                     # the keys of earlier pipeline files stay what they were
                                      *([definition, pipe.train.get("task")] if definition or pipe.train.get("task")
                                        else [])),
                        lambda: _train(ws, registry, pipe, data, params, say))
@@ -420,7 +424,7 @@ def _evaluate(registry: Registry, pipe: PipelineFile, data: dict[str, Any], mv: 
               say: Progress) -> dict[str, Any]:
     """The gate, with the task's metric: ``<who>_<metric>`` and ``<who>_device_<metric>`` for
     candidate and production (metric ``accuracy``, or ``mae`` for regression)."""
-    from cloud.models import evaluate_version
+    from cloud.models import evaluate_version, falls_short
     from cloud.pipeline import _training_data
     from contracts.tasks import TaskSpec
 
@@ -440,16 +444,14 @@ def _evaluate(registry: Registry, pipe: PipelineFile, data: dict[str, Any], mv: 
     tolerance = float(pipe.gate.get("tolerance", 0.01))
     cand, prod = out[f"candidate_{metric}"], out.get(f"production_{metric}")
     reasons = []
+    if prod is not None and falls_short(task, cand, prod, tolerance):
+        reasons.append(f"{mv} scores {cand:.4f}, below production {incumbent} at {prod:.4f} minus tolerance "
+                       f"{tolerance}" if task.higher_is_better else
+                       f"{mv} has MAE {cand:.4f}, above production {incumbent} at {prod:.4f} plus {tolerance:.0%}")
     if task.higher_is_better:
-        if prod is not None and cand < prod - tolerance:
-            reasons.append(f"{mv} scores {cand:.4f}, below production {incumbent} at {prod:.4f} "
-                           f"minus tolerance {tolerance}")
         limits = (("min_accuracy", cand, "scores", "below"),
                   ("min_device_accuracy", out["candidate_device_accuracy"], "scores", "below"))
     else:
-        if prod is not None and cand > prod * (1 + tolerance):
-            reasons.append(f"{mv} has MAE {cand:.4f}, above production {incumbent} at {prod:.4f} "
-                           f"plus {tolerance:.0%}")
         limits = (("max_mae", cand, "has MAE", "above"),
                   ("max_device_mae", out["candidate_device_mae"], "has MAE", "above"))
     for setting, value, verb, side in limits:

@@ -36,7 +36,7 @@ from torch import nn
 
 from cloud.errors import UserError
 
-__all__ = ["ModelDef", "load_model_def", "model_def_from_source"]
+__all__ = ["ModelDef", "load_model_def", "model_def_from_source", "names_a_file"]
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,15 @@ def _split(ref: str) -> tuple[str, str]:
     return where, function
 
 
+def names_a_file(where: str) -> bool:
+    """The part before ``:FUNCTION`` is a file path (``x.py``, ``dir/x``), not a module name."""
+    return where.endswith(".py") or "/" in where
+
+
 def load_model_def(ref: str) -> ModelDef:
     """Import a model definition by reference. Raises UserError with one line."""
     where, function = _split(ref)
-    if where.endswith(".py") or "/" in where or Path(where).exists():
+    if names_a_file(where) or Path(where).exists():
         path = Path(where)
         if not path.is_file():
             raise UserError(f"model definition file not found: {where}")

@@ -28,7 +28,7 @@ ALLOWED = {("candidate", "staging"), ("candidate", "production"), ("staging", "p
            ("archived", "staging")}
 DEFAULT_TOLERANCE = 0.01
 
-__all__ = ["GateFailed", "Promotion", "promote", "lineage", "STAGES", "evaluate_version"]
+__all__ = ["GateFailed", "Promotion", "promote", "lineage", "STAGES", "evaluate_version", "falls_short"]
 
 
 class GateFailed(UserError):
@@ -57,6 +57,14 @@ def evaluate_version(registry: Registry, model_version: str, x: np.ndarray, y: n
     return TaskSpec.from_obj(mv.get("task")).score(outputs.reshape(len(x), -1), y)
 
 
+def falls_short(task: TaskSpec, candidate: float, production: float, tolerance: float) -> bool:
+    """The gate against production, by the task's metric: accuracy more than ``tolerance``
+    points below production's, or an MAE more than ``tolerance`` (a fraction) above it."""
+    if task.higher_is_better:
+        return candidate < production - tolerance
+    return candidate > production * (1 + tolerance)
+
+
 def promote(registry: Registry, model_version: str, to_stage: str, tolerance: float = DEFAULT_TOLERANCE) -> Promotion:
     from cloud.pipeline import _training_data   # the candidate's own held-out split
 
@@ -81,12 +89,11 @@ def promote(registry: Registry, model_version: str, to_stage: str, tolerance: fl
             raise GateFailed(f"{model_version} is a {task.kind.value} model and production {incumbents[-1]} a "
                              f"{other.kind.value} model: they cannot be compared; archive {incumbents[-1]} first")
         prod_acc = evaluate_version(registry, incumbents[-1], test.x, test.y)
-        if task.higher_is_better and cand < prod_acc - tolerance:
+        if falls_short(task, cand, prod_acc, tolerance):
             raise GateFailed(f"{model_version} scores {task.score_metric} "
                              f"{cand:.4f} on held-out data, below production {incumbents[-1]} at {prod_acc:.4f} "
-                             f"minus tolerance {tolerance}: not promoted")
-        if not task.higher_is_better and cand > prod_acc * (1 + tolerance):
-            raise GateFailed(f"{model_version} has MAE {cand:.4f} on held-out data, above production "
+                             f"minus tolerance {tolerance}: not promoted" if task.higher_is_better else
+                             f"{model_version} has MAE {cand:.4f} on held-out data, above production "
                              f"{incumbents[-1]} at {prod_acc:.4f} plus {tolerance:.0%}: not promoted")
     for old in incumbents:
         registry.set_stage(old, "archived")
