@@ -212,11 +212,6 @@ class AOTModel(_PerSampleInt8):
 
 
 def int8_outputs(runtime: _PerSampleInt8, raw: np.ndarray) -> np.ndarray:
-    """The raw int8 outputs (n, k) of an int8 runtime on raw rows: the feature contract and the
-    runtime's input quantization applied as ``predict`` does, no dequantization."""
-    from device_sdk.runtime import quantize
-
+    """The raw int8 outputs (n, k) of an int8 runtime on raw rows (``raw_outputs``, stacked)."""
     assert runtime.in_q is not None, "not an int8-input runtime"
-    x = runtime.manifest.features.apply(np.atleast_2d(raw))   # type: ignore[attr-defined]
-    return np.stack([np.asarray(runtime._invoke(quantize(s.reshape(runtime.in_shape), *runtime.in_q,  # type: ignore[attr-defined]
-                                                         runtime.in_dtype))).reshape(-1) for s in x])
+    return np.stack(runtime.raw_outputs(raw))

@@ -92,14 +92,19 @@ class _PerSampleInt8:
     in_dtype: type
 
     def predict(self, raw: np.ndarray) -> np.ndarray:
+        return np.stack([dequantize(out, *self.out_q) if self.out_q else out.astype(np.float32)
+                         for out in self.raw_outputs(raw)])
+
+    def raw_outputs(self, raw: np.ndarray) -> list[np.ndarray]:
+        """The model's own outputs (int8 for an int8 model), one flat row per raw input row: the
+        feature contract and the input quantization applied, the output not dequantized."""
         x = self.manifest.features.apply(np.atleast_2d(raw))   # type: ignore[attr-defined]
         rows = []
         for sample in x:
             v = sample.reshape(self.in_shape)                    # type: ignore[attr-defined]
             v = quantize(v, *self.in_q, self.in_dtype) if self.in_q else v.astype(np.float32)
-            out = self._invoke(v).reshape(-1)
-            rows.append(dequantize(out, *self.out_q) if self.out_q else out.astype(np.float32))
-        return np.stack(rows)
+            rows.append(np.asarray(self._invoke(v)).reshape(-1))
+        return rows
 
     def _invoke(self, v: np.ndarray) -> np.ndarray:
         raise NotImplementedError
