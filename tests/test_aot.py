@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from kernels.aot import CompiledModel, UnsupportedByCompiler, build_host, compile_tflite, run_host
-from kernels.aot._fold import fold_pads
 from kernels.aot._graph import read_graph
-from kernels.aot._ops import lower
 from kernels.aot._planner import plan
+from kernels.aot.compiler import lowered_steps
+from test_tiers_shapes import SeriesConv1d   # the Conv1d net: TRANSPOSE, PAD + stride 2, MEAN
 
 N_RANDOM = 200
 
@@ -81,20 +81,6 @@ class ResidualConcat(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.a(x))
         return self.c(torch.cat([h, h + torch.relu(self.b(h))], -1))
-
-
-class SeriesConv1d(nn.Module):
-    """Conv1d net: TRANSPOSE and RESHAPE for the layout, CONV_2D SAME, PAD + CONV_2D VALID
-    stride 2, MEAN, SOFTMAX."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1, self.c2 = nn.Conv1d(3, 8, 5, padding=2), nn.Conv1d(8, 16, 5, stride=2, padding=2)
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.c2(torch.relu(self.c1(x))))
-        return torch.softmax(self.fc(x.mean(dim=-1)), -1)
 
 
 class Gates(nn.Module):
@@ -283,7 +269,7 @@ def _assert_bit_exact(model: bytes, tmp_path: Path, real: np.ndarray | None = No
 def _assert_plan_is_safe(model: bytes) -> None:
     """No two buffers alive at the same time overlap in the arena, with or without in place."""
     graph = read_graph(model)
-    steps = fold_pads(graph, [lower(graph, op) for op in graph.operators])
+    steps = lowered_steps(graph)            # as the compiler plans them: folded and fused
     for inplace in (True, False):
         buffers = plan(graph, steps, inplace).buffers
         for i, a in enumerate(buffers):
@@ -369,6 +355,21 @@ def test_slices_and_recurrent_nets_match_tflm(zoo, digits, tmp_path):
 def test_standalone_relu_and_maximum_match_tflm(zoo, digits, tmp_path):
     compiled = _assert_bit_exact(zoo("relu_maximum"), tmp_path, real=digits[0][:200])
     assert {"RELU", "MAXIMUM"} <= set(compiled.operators)
+
+
+def test_a_fused_convolution_never_writes_over_a_buffer_it_reads_around(zoo):
+    """The residual ADD may write over its skip input only if the convolution computed inside it
+    does not read that buffer (it reads neighbourhoods, not the element being written)."""
+    import dataclasses
+
+    graph = read_graph(zoo("residual_blocks"))
+    steps = lowered_steps(graph)
+    fused = [i for i, s in enumerate(steps) if s.call.startswith("el_conv2d_add(")]
+    assert fused and all(i in plan(graph, steps).inplace_steps for i in fused)
+    # the same step, as if its convolution read the skip buffer: never in place then
+    poisoned = [dataclasses.replace(s, windowed=(*s.windowed, s.eligible[0])) if i in fused else s
+                for i, s in enumerate(steps)]
+    assert not any(i in plan(graph, poisoned).inplace_steps for i in fused)
 
 
 def test_kernels_use_no_heap_and_no_floats():

@@ -104,7 +104,8 @@ def fuse_conv_add(graph: Graph, steps: list[Step]) -> list[Step]:
                     f"{1 if pos == 0 else 0});")
         inputs = (other, *[t for t in conv.op.inputs if t >= 0])
         out[a_i] = dataclasses.replace(add, op=dataclasses.replace(add.op, inputs=inputs), call=call(out_t.index),
-                                       call_inplace=call(other), inplace="elementwise", eligible=(other,))
+                                       call_inplace=call(other), inplace="elementwise", eligible=(other,),
+                                       windowed=(x,))
         out[producer] = dataclasses.replace(conv, call="", inplace="none", eligible=(), call_inplace=None,
                                             scratch_bytes=0, op=dataclasses.replace(conv.op, inputs=()),
                                             folded=True, folded_into=f"computed inside ADD {add.op.index}")

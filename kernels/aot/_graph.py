@@ -6,6 +6,7 @@ subgraph, more than one input or output, and a model that is not fully int8."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -66,7 +67,9 @@ class Graph:
         return self.tensors[op.outputs[0]].name if op.outputs else "?"
 
 
-def _builtin_names() -> dict[int, str]:
+@lru_cache(maxsize=1)
+def builtin_operator_names() -> dict[int, str]:
+    """TFLite builtin operator code -> name, from the schema that ships with LiteRT."""
     from ai_edge_litert import schema_py_generated as tfl
 
     return {v: k for k, v in vars(tfl.BuiltinOperator).items() if not k.startswith("_")}
@@ -116,7 +119,7 @@ def read_graph(model: bytes) -> Graph:
         raise UnsupportedByCompiler(f"the model has {len(flat.subgraphs or [])} subgraphs; "
                                     "the compiler takes exactly one")
     sub = flat.subgraphs[0]
-    names = _builtin_names()
+    names = builtin_operator_names()
     try:
         tensors = tuple(_tensor(model, flat, i, t) for i, t in enumerate(sub.tensors or []))
         ops = []

@@ -61,6 +61,8 @@ class Step:
     scratch_bytes: int = 0                      # scratch the in-place call needs
     folded: bool = False                        # removed by a rewrite (kernels/aot/_fold.py)
     folded_into: str = "folded into the next convolution"
+    windowed: tuple[int, ...] = ()              # tensors read around each output element, not at it:
+                                                # the output may not overwrite their buffer
 
     @property
     def reads(self) -> tuple[int, ...]:

@@ -76,6 +76,7 @@ def plan(graph: Graph, steps: list[Step], inplace: bool = True) -> Plan:
         if inplace and step.inplace != "none":
             target = next((owner[t] for t in step.eligible
                            if t in owner and buffer_last(owner[t]) == i and graph.output not in group[owner[t]]
+                           and not any(w in group[owner[t]] for w in step.windowed)
                            or (step.inplace == "alias" and t in owner)), None)
         if target is None:
             owner[out], group[out], first[out] = out, [out], i
@@ -104,11 +105,6 @@ _ORDERS = (lambda w: (-w[1], w[2]),                       # largest first (TFLM'
 
 def _peak(placed: list[Buffer]) -> int:
     return max((b.offset + _align(b.size) for b in placed), default=0)
-
-
-def best_plan(graph: Graph, steps: list[Step]) -> Plan:
-    """The smaller of the in-place plan and the plan without in-place execution."""
-    return min(plan(graph, steps, inplace=True), plan(graph, steps, inplace=False), key=lambda p: p.arena_bytes)
 
 
 def _greedy(wanted: list[tuple[tuple[int, ...], int, int, int]], order=_ORDERS[0]) -> list[Buffer]:  # noqa: ANN001

@@ -8,11 +8,11 @@ from importlib import resources
 
 from . import _codegen
 from ._fold import fold_pads, fuse_conv_add
-from ._graph import read_graph
-from ._ops import lower
-from ._planner import best_plan, plan
+from ._graph import Graph, read_graph
+from ._ops import Step, lower
+from ._planner import plan
 
-__all__ = ["CompiledModel", "compile_tflite"]
+__all__ = ["CompiledModel", "compile_tflite", "lowered_steps"]
 
 KERNEL_FILES = ("edgeloop_kernels.h", "edgeloop_kernels.c")
 
@@ -57,6 +57,12 @@ def _kernel_sources() -> dict[str, str]:
     return {name: folder.joinpath(name).read_text() for name in KERNEL_FILES}
 
 
+def lowered_steps(graph: Graph) -> list[Step]:
+    """Every operator lowered to its kernel call, then the rewrites: PADs folded into
+    convolutions, convolutions computed inside the residual ADD they feed."""
+    return fuse_conv_add(graph, fold_pads(graph, [lower(graph, op) for op in graph.operators]))
+
+
 def compile_tflite(model: bytes, prefix: str = "edgeloop_model") -> CompiledModel:
     """Compile a fully int8 .tflite (one subgraph, one input, one output) to C.
 
@@ -65,8 +71,9 @@ def compile_tflite(model: bytes, prefix: str = "edgeloop_model") -> CompiledMode
     if not prefix.isidentifier():
         raise ValueError(f"prefix {prefix!r} is not a C identifier")
     graph = read_graph(bytes(model))
-    steps = fuse_conv_add(graph, fold_pads(graph, [lower(graph, op) for op in graph.operators]))
-    planned, flat = best_plan(graph, steps), plan(graph, steps, inplace=False)
+    steps = lowered_steps(graph)
+    flat = plan(graph, steps, inplace=False)
+    planned = min(plan(graph, steps, inplace=True), flat, key=lambda p: p.arena_bytes)   # in place wins ties
     files = {"model.h": _codegen.header(prefix, graph, planned),
              "model.c": _codegen.source(prefix, graph, steps, planned), **_kernel_sources()}
     used = {t for s in steps for t in s.reads if graph.tensors[t].is_const}
