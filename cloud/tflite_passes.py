@@ -33,9 +33,9 @@ class FoldResult:
 
 
 def _opcode_names(model) -> list[str]:  # noqa: ANN001 - schema ModelT
-    from ai_edge_litert import schema_py_generated as schema
+    from kernels.aot._graph import builtin_operator_names
 
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    names = builtin_operator_names()
     return [names.get(max(int(c.builtinCode), int(c.deprecatedBuiltinCode)), "?") for c in model.operatorCodes]
 
 

@@ -37,15 +37,10 @@ def tflm_library_path() -> Path:
     return found[0]
 
 
-def _builtin_names() -> set[str]:
-    from ai_edge_litert import schema_py_generated as schema
-
-    return {name for name, value in vars(schema.BuiltinOperator).items()
-            if not name.startswith("_") and isinstance(value, int)}
-
-
 @lru_cache(maxsize=1)
 def tflm_builtin_operators() -> tuple[str, ...]:
     """The builtin operators the installed TFLM registers, sorted."""
+    from kernels.aot._graph import builtin_operator_names
+
     symbols = {m.decode() for m in _SYMBOL.findall(tflm_library_path().read_bytes())}
-    return tuple(sorted(symbols & _builtin_names()))
+    return tuple(sorted(symbols & set(builtin_operator_names().values())))
