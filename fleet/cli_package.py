@@ -84,7 +84,7 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
                          "bytes": len(result.data), "target": result.target_path, **m.measured})
             if args.export_triton and tier == "gpu-server":
                 rows[-1]["triton_files"] = export_triton(result.data, args.export_triton)
-            if getattr(args, "export_c", None) and m.runtime == "tflite-micro":
+            if args.export_c and m.runtime == "tflite-micro":
                 rows[-1]["c_files"] = export_c(result.data, args.export_c)
             progress("package", i + 1, len(tiers))
     fp32 = registry.model_version(args.model_version)["metrics"].get("test_accuracy")
