@@ -33,6 +33,7 @@ if it is fully int8 (int8 input and output), TFLite Micro (mcu); ONNX tiers refu
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -326,7 +327,11 @@ def import_model(ws: Workspace, registry: Registry, file: Path, name: str, data:
         except Exception as e:  # noqa: BLE001 - the exporter raises anything on graphs it cannot trace
             raise UserError(f"{file}: the {fmt} model does not export to ONNX: {_first_line(e)}") from None
 
-    # -- everything checked: register
+    # -- everything checked: the same import again is the version it made, not a new one
+    same = _same_import(registry, name, hashlib.sha256(raw).hexdigest(), dataset_id, preprocess, spec.to_obj())
+    if same is not None:
+        return same
+    # -- register
     src_sha, src_path = store_blob(ws.artifacts_dir, raw)
     registry.add_artifact(src_sha, f"import:{fmt}", len(raw), str(src_path))
     onnx_sha = None
@@ -357,7 +362,29 @@ def import_model(ws: Workspace, registry: Registry, file: Path, name: str, data:
     return {"model_version": model_version, "run_id": run_id, "format": fmt, "source_sha256": src_sha,
             "onnx_sha256": onnx_sha, "dataset_id": dataset_id, "dataset_sha256": dataset.sha256,
             "input_shape": list(data_shape), "task": spec.to_obj(), "metrics": metrics, "preprocess": preprocess,
-            "int8": imported.int8}
+            "int8": imported.int8, "created": True}
+
+
+def _same_import(registry: Registry, name: str, src_sha: str, dataset_id: str, preprocess: str,
+                 task: dict[str, Any]) -> dict[str, Any] | None:
+    """The version of ``name`` an earlier import of the same file, data set, preprocessing and
+    task made (``created: False``), or None."""
+    for mv in registry.model_versions():
+        if mv["model"] != name:
+            continue
+        full = registry.model_version(mv["model_version"])
+        arch = full.get("arch") or {}
+        if arch.get("kind") != "imported" or arch.get("source_sha256") != src_sha:
+            continue
+        run = registry.run(full["run_id"])
+        if run["dataset_id"] != dataset_id or run["params"].get("preprocess") != preprocess or full["task"] != task:
+            continue
+        dataset = registry.dataset(dataset_id)
+        return {"model_version": full["model_version"], "run_id": full["run_id"], "format": arch["format"],
+                "source_sha256": src_sha, "onnx_sha256": full["onnx_sha256"], "dataset_id": dataset_id,
+                "dataset_sha256": dataset["sha256"], "input_shape": arch["input_shape"], "task": full["task"],
+                "metrics": full["metrics"], "preprocess": preprocess, "int8": arch["int8"], "created": False}
+    return None
 
 
 def _shape(shape: tuple[int, ...] | list[int]) -> str:

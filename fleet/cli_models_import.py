@@ -40,6 +40,10 @@ def _import(args: argparse.Namespace, out: Output) -> int:
     r = import_model(ws, Registry(ws.registry_path), args.file, args.name, args.data, task=args.task,
                      preprocess=args.preprocess, threshold=args.threshold)
     onnx = f"ONNX {r['onnx_sha256'][:12]}" if r["onnx_sha256"] else "no ONNX (packaged as the .tflite itself)"
+    if not r["created"]:
+        out.result(r, f"already imported, unchanged: {r['model_version']} (the same {r['format']} file, sha256 "
+                      f"{r['source_sha256'][:12]}, on data {r['dataset_id']}); nothing registered")
+        return 0
     out.result(r, f"imported {args.file} ({r['format']}{', int8' if r['int8'] else ''}, sha256 "
                   f"{r['source_sha256'][:12]}) as {r['model_version']} (run {r['run_id']}, data {r['dataset_id']}, "
                   f"{r['task']['kind']}, input {tuple(r['input_shape'])}, {onnx}): {quality_line(r['metrics'])}")

@@ -127,6 +127,26 @@ def test_import_registers_lineage_and_metrics(fmt, models, tmp_path, capsys):
     assert mv["task"]["kind"] == "classification" and len(mv["labels"]) == 10
 
 
+def test_importing_the_same_file_twice_is_one_version_and_other_settings_are_another(models, tmp_path, capsys):
+    """Done twice: the same file, data set, preprocessing and task is the version it already
+    made (nothing registered again); another preprocessing is a new version."""
+    ws, _ = _ws(tmp_path)
+    path = models["files"]["onnx"]
+    assert _import(tmp_path, capsys, path)[0] == 0
+    before = _counts(ws)
+    code, out, err = _import(tmp_path, capsys, path)
+    again = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and again["model_version"] == "ext:1" and again["created"] is False
+    assert _counts(ws) == before
+    code, out, _ = run_cli(["models", "import", str(path), "--name", "ext", "--data", DIGITS,
+                            "--workspace", str(tmp_path / "ws")], capsys)
+    assert code == 0 and "already imported, unchanged: ext:1" in out
+    code, out, _ = _import(tmp_path, capsys, path, "--preprocess", "none")
+    other = json.loads(out.strip().splitlines()[-1])
+    assert other["model_version"] == "ext:2" and other["created"] is True
+    assert _counts(ws) == (before[0] + 1, before[1] + 1)
+
+
 @pytest.fixture
 def imported(models, tmp_path, capsys):
     def make(fmt: str) -> tuple[Workspace, Registry, str]:
