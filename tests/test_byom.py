@@ -123,6 +123,27 @@ def test_user_cnn_two_processes_reproduced_packaged_installed(broker, tmp_path, 
     assert any("changed since the run" in n for n in changed["notes"])
 
 
+def test_a_killed_rank_resumes_a_user_model_from_its_checkpoint_to_the_same_weights(tmp_path, user_file,
+                                                                                    monkeypatch):
+    """After a crash: rank 1 of the user's CNN dies at step 13; torchrun restarts it, every rank
+    rebuilds the user's model from the source the launcher gave it and resumes from the step-8
+    checkpoint; the weights equal an uninterrupted run's."""
+    from cloud.training import FAULT_ENV
+
+    images = write_example("digits-images", tmp_path / "data")
+    params = TrainParams(epochs=2, checkpoint_every=8)
+    results = []
+    for fault in (None, "1:13"):
+        if fault:
+            monkeypatch.setenv(FAULT_ENV, fault)
+        ws = Workspace.init(tmp_path / f"ws-{bool(fault)}")
+        results.append(train_model(ws, Registry(ws.registry_path), params, data=str(images), model="user-cnn",
+                                   dist=DistConfig(nproc_per_node=2, max_restarts=1), model_def=f"{user_file}:cnn"))
+    clean, resumed = results
+    assert clean["resumed_from_step"] is None and resumed["resumed_from_step"] == 8
+    assert resumed["weights_sha256"] == clean["weights_sha256"]
+
+
 def test_user_training_step_is_used(tmp_path, user_file):
     ws = Workspace.init(tmp_path / "ws")
     registry = Registry(ws.registry_path)
