@@ -111,6 +111,24 @@ def test_a_second_load_reuses_the_cached_build(mcu, tmp_path):
     np.testing.assert_array_equal(first.predict(rows[:5]), second.predict(rows[:5]))
 
 
+def test_two_devices_loading_one_package_at_once_build_it_once_and_serve_in_parallel(mcu, tmp_path):
+    """Two at once: devices in one process that load the same new package together share one
+    build, and their concurrent requests (one static arena per library) give TFLM's outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, bundle, rows = mcu
+    files = {**bundle.files, "aot-model.c": bundle.files["aot-model.c"] + b"\n/* two at once */\n"}
+    fresh = read_bundle(_rewritten(bundle, files))
+    before = aot_runtime.build_count()
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: AOTModel(fresh, build_dir=tmp_path), range(4)))
+        outputs = list(pool.map(lambda m: int8_outputs(m, rows), models))
+    assert aot_runtime.build_count() == before + 1
+    assert len({m.library_path for m in models}) == 1
+    want = int8_outputs(TFLMModel(fresh), rows)
+    assert all(np.array_equal(o, want) for o in outputs)
+
+
 def test_a_package_without_aot_files_still_runs_on_tflm(mcu):
     _, _, bundle, rows = mcu
     files = {k: v for k, v in bundle.files.items() if not k.startswith("aot-")}
