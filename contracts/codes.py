@@ -1,0 +1,67 @@
+"""The codes a device reports when an update does not install: one enum, shared by both sides.
+
+A code travels in ``edgeloop.error/1`` reports and in the install history; its wire value is
+stable (``family.reason``). Each code says what the cloud may do about it:
+
+===================  =========  ==============================================================
+code                 retry      meaning
+===================  =========  ==============================================================
+verify.metadata      no         TUF metadata failed (signature, expiry, rollback, freeze)
+verify.director      no         the director does not assign it, or the repositories disagree
+verify.hash          no         the downloaded package's length or sha256 is wrong
+verify.package       no         the package's own manifest or files are malformed
+verify.mismatch      no         the package is not what the announcement said (model, tier)
+verify.tier          no         the command names another tier than the device's
+health.load          no         the runtime could not load the model
+health.golden        no         golden vectors gave the wrong outputs
+health.latency       no         inference is over the package's latency budget
+health.unknown       no         rolled back, and the device sent no code (cloud-side default)
+transport.download   yes        the package or its metadata could not be fetched: network trouble
+agent.internal       yes        the agent failed in a way that is not about this update
+storage.write        yes        the device's own storage failed (disk full, read-only)
+install.unknown      no         failed, and the device sent no code (cloud-side default)
+===================  =========  ==============================================================
+
+"retry" is whether sending the *same* update again may succeed; a rollout retries those up to
+its ``retries`` bound. No decision is ever taken on a code's spelling: ask :func:`retryable`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["ErrorCode", "retryable", "RETRYABLE"]
+
+
+class ErrorCode(StrEnum):
+    VERIFY_METADATA = "verify.metadata"
+    VERIFY_DIRECTOR = "verify.director"
+    VERIFY_HASH = "verify.hash"
+    VERIFY_PACKAGE = "verify.package"
+    VERIFY_MISMATCH = "verify.mismatch"
+    VERIFY_TIER = "verify.tier"
+    HEALTH_LOAD = "health.load"
+    HEALTH_GOLDEN = "health.golden"
+    HEALTH_LATENCY = "health.latency"
+    HEALTH_UNKNOWN = "health.unknown"
+    TRANSPORT_DOWNLOAD = "transport.download"
+    AGENT_INTERNAL = "agent.internal"
+    STORAGE_WRITE = "storage.write"
+    INSTALL_UNKNOWN = "install.unknown"
+
+    @property
+    def retryable(self) -> bool:
+        return self in RETRYABLE
+
+
+RETRYABLE: frozenset[ErrorCode] = frozenset({ErrorCode.TRANSPORT_DOWNLOAD, ErrorCode.AGENT_INTERNAL,
+                                             ErrorCode.STORAGE_WRITE})
+
+
+def retryable(code: str | None) -> bool:
+    """Whether the same update may succeed if sent again. An unknown code (from a newer device)
+    is not retried: a retry decision the cloud cannot justify is not taken."""
+    try:
+        return ErrorCode(code) in RETRYABLE
+    except ValueError:
+        return False
