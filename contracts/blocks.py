@@ -57,8 +57,8 @@ class BlockRequest:
             raise PayloadTooLarge("block request over 16 KiB")
         try:
             obj = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SchemaError(f"block request is not JSON: {e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise SchemaError(f"block request is not JSON: {str(e)[:200]}") from None
         if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
             raise SchemaError("not an edgeloop.block-request/1")
         blocks, size, path = obj.get("blocks"), obj.get("block_size"), obj.get("path")
@@ -96,5 +96,6 @@ def decode_block(payload: bytes) -> Block:
         header: dict[str, Any] = json.loads(payload[2:2 + size])
         return Block(str(header["request_id"]), str(header["path"]), int(header["index"]),
                      int(header["total_size"]), str(header["status"]), payload[2 + size:])
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise SchemaError(f"malformed block message: {e}") from None
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OverflowError,
+            RecursionError) as e:   # OverflowError: int(1e400); RecursionError: a header nested too deep
+        raise SchemaError(f"malformed block message: {str(e)[:200]}") from None

@@ -49,8 +49,8 @@ def _decode(delta: bytes) -> tuple[dict[str, Any], bytes]:
             raise PayloadTooLarge("delta expands beyond its bound")
         (size,) = struct.unpack(">I", raw[:4])
         body = json.loads(raw[4:4 + size])
-    except (zlib.error, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SchemaError(f"not an {FORMAT} document: {e}") from None
+    except (zlib.error, struct.error, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise SchemaError(f"not an {FORMAT} document: {str(e)[:200]}") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT or not isinstance(body.get("ops"), list):
         raise SchemaError(f"not an {FORMAT} document")
     return body, raw[4 + size:]

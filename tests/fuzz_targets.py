@@ -1,0 +1,209 @@
+"""Every parser of untrusted input, with the inputs an attacker or a broken peer can send.
+
+Shared by tests/test_fuzz_parsers.py (1,000 examples each, in the suite) and bench/fuzz_parsers.py
+(100,000 each). A target is a parser, a hypothesis strategy for its input, and the errors it is
+allowed to raise: the project's own (``ContractError`` and subclasses, or the caller-facing error
+of that module). Anything else escaping is a bug: a foreign exception is a crash path.
+
+Inputs: arbitrary bytes; arbitrary JSON (deeply nested, huge and negative numbers, NaN-like
+floats, wrong types everywhere); valid messages with one field replaced by arbitrary JSON; tar
+archives with arbitrary members; a valid package with bytes flipped; compressed garbage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+from contracts import blocks, delta, messages
+from contracts.bundle import MANIFEST, Manifest, read_bundle
+from contracts.errors import ContractError
+
+__all__ = ["TARGETS", "Target"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    strategy: st.SearchStrategy[Any]
+    parse: Callable[[Any], Any]
+    allowed: tuple[type[BaseException], ...] = (ContractError,)
+
+
+# -- building blocks ---------------------------------------------------------------------
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=2 ** 63, max_value=2 ** 4000),
+                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+                     st.sampled_from(["", "0", "-1", "1e400", "NaN", "\x00", "../../etc/passwd", "a" * 300]))
+json_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=6),
+                                                             st.dictionaries(st.text(max_size=12), inner, max_size=6)),
+                           max_leaves=40)
+
+
+@st.composite
+def deeply_nested(draw: st.DrawFn) -> bytes:
+    depth = draw(st.integers(min_value=50, max_value=200_000))
+    opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+    return (opener * depth + "1" + closer * depth).encode()
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _valid_messages() -> list[dict[str, Any]]:
+    announce = {"schema": "edgeloop.announce/1", "update_id": "upd-0123456789ab", "model_version": "digits-mlp:2",
+                "tier": "edge-gateway", "target": "digits-mlp/2/" + "a" * 64 + ".edge-gateway.elpkg",
+                "sha256": "a" * 64, "length": 1234, "image_url": "http://127.0.0.1:8000/image",
+                "director_url": "http://127.0.0.1:8000/director", "issued_at": 1.0e9}
+    return [announce,
+            {"schema": "edgeloop.status/1", "device_id": "dev-1", "state": "committed", "tier": "edge-gateway",
+             "model_version": "digits-mlp:2", "update_id": "upd-0123456789ab", "ts": 1.0e9},
+            {"schema": "edgeloop.error/1", "device_id": "dev-1", "update_id": "upd-0123456789ab",
+             "code": "verify.hash", "message": "sha256 mismatch", "ts": 1.0e9, "report_id": "r-1"},
+            {"schema": "edgeloop.command/1", "command": "install", "announce": announce},
+            {"schema": "edgeloop.telemetry-ack/1", "device_id": "dev-1", "seqs": [1, 2, 3], "refused": [2],
+             "errors": []},
+            {"schema": "edgeloop.telemetry/1", "device_id": "dev-1", "seq": 1, "model_version": "digits-mlp:2",
+             "window_start": 1.0e9, "window_end": 1.0e9 + 60, "count": 20, "labelled": 0, "correct": 0,
+             "errors": 0, "latency_ms_p50": 0.4, "latency_ms_max": 1.2, "predictions": {"3": 20},
+             "confidence_hist": [0] * 9 + [20]}]
+
+
+@st.composite
+def mutated(draw: st.DrawFn, valid: list[dict[str, Any]]) -> bytes:
+    """A valid document with some fields replaced by arbitrary JSON, removed, or added."""
+    doc = json.loads(json.dumps(draw(st.sampled_from(valid))))
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(doc) + ["extra"]))
+        action = draw(st.sampled_from(["replace", "delete", "nest"]))
+        if action == "delete":
+            doc.pop(key, None)
+        elif action == "nest" and isinstance(doc.get(key), dict) and doc[key]:
+            inner = draw(st.sampled_from(sorted(doc[key])))
+            doc[key][inner] = draw(json_values)
+        else:
+            doc[key] = draw(json_values)
+    return _json_bytes(doc)
+
+
+def untrusted_json(valid: list[dict[str, Any]]) -> st.SearchStrategy[bytes]:
+    return st.one_of(st.binary(max_size=300), json_values.map(_json_bytes), deeply_nested(), mutated(valid))
+
+
+def _parse_message(payload: bytes) -> Any:
+    return messages.parse(payload)
+
+
+def _parse_message_orjson(payload: bytes) -> Any:   # the control plane parses with orjson
+    import orjson
+    return messages.parse(payload, loads=orjson.loads)
+
+
+# -- packages ----------------------------------------------------------------------------
+def _manifest_obj() -> dict[str, Any]:
+    return {"format": "edgeloop.bundle/1", "model": "m", "version": 1, "model_version": "m:1", "tier": "edge-gateway",
+            "runtime": "onnxruntime", "numeric_format": "fp32", "entrypoint": "model.onnx",
+            "inputs": [{"name": "x", "shape": [1, 4], "dtype": "float32"}],
+            "outputs": [{"name": "y", "shape": [1, 2], "dtype": "float32"}],
+            "features": {"version": 1, "n_features": 4}, "labels": ["a", "b"],
+            "health": {"golden": "golden.npz", "atol": 0.01, "max_latency_ms": 50.0},
+            "files": {"model.onnx": {"sha256": "0" * 64, "length": 3}, "golden.npz": {"sha256": "0" * 64, "length": 3}},
+            "lineage": {}, "measured": {}, "layout": {}, "baseline": {}}
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@st.composite
+def package_bytes(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["bytes", "tar", "manifest", "flipped"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=2048))
+    if kind == "tar":
+        names = st.one_of(st.sampled_from([MANIFEST, "model.onnx", "../x", "/abs", "a/b", ""]), st.text(max_size=20))
+        members = draw(st.lists(st.tuples(names, st.binary(max_size=64)), max_size=5))
+        try:
+            return _tar(members)
+        except (ValueError, UnicodeError):   # tarfile refuses to write some names: not an input then
+            return b""
+    manifest = draw(mutated([_manifest_obj()]))
+    data = _tar([(MANIFEST, manifest), ("model.onnx", b"abc"), ("golden.npz", b"abc")])
+    if kind == "flipped":
+        at = draw(st.integers(0, len(data) - 1))
+        data = data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1:]
+    return data
+
+
+def _manifest_from_json(payload: bytes) -> Any:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None   # the package reader's JSON step is covered by the package target
+    return Manifest.from_obj(obj)
+
+
+# -- blocks and deltas -------------------------------------------------------------------
+@st.composite
+def block_payloads(draw: st.DrawFn) -> bytes:
+    header = draw(st.one_of(json_values.map(_json_bytes), deeply_nested(), st.binary(max_size=64)))
+    declared = draw(st.one_of(st.just(len(header)), st.integers(0, 65535)))
+    return struct.pack(">H", declared % 65536) + header + draw(st.binary(max_size=64))
+
+
+_valid_block_request = {"schema": blocks.SCHEMA, "request_id": "r1", "repo": "image",
+                        "path": "targets/m/1/x.elpkg", "blocks": [0, 1], "block_size": 8192}
+
+
+@st.composite
+def delta_payloads(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    base = draw(st.binary(max_size=64))
+    kind = draw(st.sampled_from(["bytes", "zlib-bytes", "header", "nested"]))
+    if kind == "nested":
+        header = draw(deeply_nested())
+        return base, zlib.compress(struct.pack(">I", len(header)) + header)
+    if kind == "bytes":
+        return base, draw(st.binary(max_size=256))
+    if kind == "zlib-bytes":
+        return base, zlib.compress(draw(st.binary(max_size=256)))
+    import hashlib
+    body = {"format": delta.FORMAT, "base_sha256": hashlib.sha256(base).hexdigest(),
+            "target_sha256": draw(st.one_of(st.just("0" * 64), st.text(max_size=8))),
+            "target_length": draw(st.one_of(st.integers(), _scalars)),
+            "ops": draw(st.one_of(st.lists(st.lists(st.one_of(st.sampled_from(["copy", "data"]), st.integers()),
+                                                    max_size=4), max_size=4), json_values))}
+    if draw(st.booleans()):
+        body[draw(st.sampled_from(sorted(body)))] = draw(json_values)
+    header = json.dumps(body).encode()
+    return base, zlib.compress(struct.pack(">I", len(header)) + header + draw(st.binary(max_size=64)))
+
+
+def _apply_delta(args: tuple[bytes, bytes]) -> Any:
+    base, payload = args
+    delta.delta_header(payload)
+    return delta.apply_delta(base, payload)
+
+
+TARGETS: list[Target] = [
+    Target("mqtt message (device and cloud, json)", untrusted_json(_valid_messages()), _parse_message),
+    Target("mqtt message (control plane, orjson)", untrusted_json(_valid_messages()), _parse_message_orjson),
+    Target("package archive", package_bytes(), read_bundle),
+    Target("package manifest", untrusted_json([_manifest_obj()]), _manifest_from_json),
+    Target("block request", untrusted_json([_valid_block_request]), blocks.BlockRequest.decode),
+    Target("block", block_payloads(), blocks.decode_block),
+    Target("delta", delta_payloads(), _apply_delta),
+]
