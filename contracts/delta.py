@@ -72,7 +72,7 @@ def apply_delta(base: bytes, delta: bytes) -> bytes:
     out = bytearray()
     sources = {"copy": base, "data": blob}
     for op in body["ops"]:
-        if not (isinstance(op, list) and len(op) == 3 and op[0] in sources
+        if not (isinstance(op, list) and len(op) == 3 and isinstance(op[0], str) and op[0] in sources
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in op[1:])
                 and op[1] + op[2] <= len(sources[op[0]])):
             raise SchemaError(f"malformed delta op {op!r:.60}")

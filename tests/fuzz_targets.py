@@ -184,7 +184,7 @@ def delta_payloads(draw: st.DrawFn) -> tuple[bytes, bytes]:
     body = {"format": delta.FORMAT, "base_sha256": hashlib.sha256(base).hexdigest(),
             "target_sha256": draw(st.one_of(st.just("0" * 64), st.text(max_size=8))),
             "target_length": draw(st.one_of(st.integers(), _scalars)),
-            "ops": draw(st.one_of(st.lists(st.lists(st.one_of(st.sampled_from(["copy", "data"]), st.integers()),
+            "ops": draw(st.one_of(st.lists(st.lists(st.one_of(st.sampled_from(["copy", "data"]), st.integers(), json_values),
                                                     max_size=4), max_size=4), json_values))}
     if draw(st.booleans()):
         body[draw(st.sampled_from(sorted(body)))] = draw(json_values)

@@ -21,3 +21,19 @@ def test_parser_raises_only_its_own_errors(target: Target) -> None:
             pass
 
     check()
+
+
+def test_a_delta_op_naming_its_source_with_a_list_is_refused_not_a_crash() -> None:
+    """Found by bench/fuzz_parsers.py: ``op[0] in sources`` raised TypeError (unhashable list)."""
+    import hashlib
+    import json
+    import struct
+    import zlib
+
+    from contracts.delta import FORMAT, apply_delta
+    from contracts.errors import SchemaError
+    body = {"format": FORMAT, "base_sha256": hashlib.sha256(b"base").hexdigest(), "target_sha256": "0" * 64,
+            "target_length": 1, "ops": [[["copy"], 0, 1]]}
+    header = json.dumps(body).encode()
+    with pytest.raises(SchemaError, match="malformed delta op"):
+        apply_delta(b"base", zlib.compress(struct.pack(">I", len(header)) + header))
