@@ -32,6 +32,7 @@ demo: install broker
 test: install
 	bash scripts/ensure-broker.sh --binary-only
 	bash scripts/ensure-arm-toolchain.sh
+	bash scripts/ensure-postgres.sh
 	$(BIN)/python -m pytest -q tests
 
 bench: install broker

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Make sure PostgreSQL's server binaries (initdb, pg_ctl) are installed: the store tests start a
+# private server of their own in a temporary folder (tests/pg_server.py), never the machine's.
+# Installs Debian's postgresql package when they are missing; says nothing when they are there.
+set -euo pipefail
+
+have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; }
+
+if ! have_pg; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "edgeloop: no apt-get here: install PostgreSQL's server binaries (initdb, pg_ctl) by hand" >&2
+    exit 1
+  fi
+  echo "edgeloop: installing PostgreSQL (Debian package postgresql)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  # policy-rc.d: install the binaries without starting the distribution's own cluster
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
+have_pg || { echo "edgeloop: PostgreSQL's initdb still missing after the install" >&2; exit 1; }
