@@ -14,7 +14,6 @@ if ! have_pg; then
   echo "edgeloop: installing PostgreSQL (Debian package postgresql)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  # policy-rc.d: install the binaries without starting the distribution's own cluster
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
 have_pg || { echo "edgeloop: PostgreSQL's initdb still missing after the install" >&2; exit 1; }
