@@ -57,6 +57,11 @@ class SqliteBase:
         self._conn = conn
         self._db = sqlite_utils.Database(conn)
 
+    def checkpoint(self) -> None:
+        """Move everything committed into the main database file (the write-ahead log emptied)."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(FULL)")
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
