@@ -185,11 +185,8 @@ def run(args: argparse.Namespace) -> dict:
         status = ctl.status(rid)
         cpu1 = {"broker": cpu_s(broker.pid), "control_plane": time.process_time(), "swarm": cpu_s(swarm.pid),
                 "repository": cpu_s(repo.pid)}
-        with registry._lock:     # the ingest thread writes through the same connection
-            update_ids = {g["update_id"] for g in registry.db.query(
-                "select update_id from rollout_groups where rollout_id = ? and kind = 'update'", [rid])}
-            waves = list(registry.db.query("select wave, count(*) as n from rollout_devices where rollout_id = ? "
-                                           "and wave is not null group by wave order by wave", [rid]))
+        update_ids = registry.rollout_update_ids(rid)
+        waves = [{"wave": w["wave"], "n": w["n"]} for w in registry.rollout_waves(rid)]
         swarm.send_signal(signal.SIGTERM)
         out, err = swarm.communicate(timeout=300)
         if swarm.returncode != 0:

@@ -48,11 +48,8 @@ def run(devices: int) -> dict:
             registry.add_artifact(sha, f"package:{TIER}", len(data), str(path))
             registry.add_package({"sha256": sha, "model_version": mv, "tier": TIER, "target": f"m/{v}/{TIER}.elpkg",
                                   "length": len(data)})
-        now = time.time()
-        with registry.db.conn:
-            registry.db["devices"].insert_all(
-                [{"device_id": f"dev-{i:06d}", "tier": TIER, "state": "online", "model_version": "m:1",
-                  "first_seen": now, "last_seen": now} for i in range(devices)], pk="device_id")
+        registry.record_statuses([{"device_id": f"dev-{i:06d}", "tier": TIER, "state": "online",
+                                   "model_version": "m:1"} for i in range(devices)])
         sent: list[tuple[str, str]] = []
         ctl = RolloutController(ws, registry, lambda d, c: sent.append((d, c.announce.update_id)),
                                 repository_url="http://127.0.0.1:9/repository")
@@ -61,9 +58,8 @@ def run(devices: int) -> dict:
         create_s = time.perf_counter() - t0
         steps, step_s = 0, 0.0
         while ctl.status(rid)["state"] not in ("completed", "aborted") and steps < 1000:
-            with registry.db.conn:
-                registry.db.conn.executemany("update devices set state = 'committed', model_version = 'm:2', "
-                                             "update_id = ? where device_id = ?", [(u, d) for d, u in sent])
+            registry.record_statuses([{"device_id": d, "tier": TIER, "state": "committed", "model_version": "m:2",
+                                       "update_id": u} for d, u in sent])
             sent.clear()
             t0 = time.perf_counter()
             ctl.step()

@@ -143,9 +143,12 @@ def ingest_worker(port: int, db: str, name: str, ready: mp.Event, stop: mp.Event
 
 
 def _stored(db: Path) -> int:
-    import sqlite3
-    with sqlite3.connect(str(db), timeout=30) as conn:
-        return conn.execute("select count(*) from telemetry").fetchone()[0]
+    from cloud.registry import Registry
+    registry = Registry(db)
+    try:
+        return registry.telemetry_count()
+    finally:
+        registry.close()
 
 
 def ingest_rate(port: int, args: argparse.Namespace, workers_n: int, features: dict, workdir: Path) -> dict:

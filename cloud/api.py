@@ -89,7 +89,6 @@ class Token:
     expires_at: float | None = None      # None: until revoked
 
 
-_COLUMNS = "token_id, name, role, created_at, revoked_at, last_used_at, expires_at"
 MAX_LIFETIME_S = 10 * 365 * 86400.0
 
 
@@ -101,14 +100,7 @@ class TokenStore:
     """API tokens in the registry's ``api_tokens`` table: id, name, role, sha256 of the token."""
 
     def __init__(self, registry: Registry) -> None:
-        self.db, self._lock = registry.db, registry._lock
-        with self._lock:
-            self.db.table("api_tokens", pk="token_id").create(
-                {"token_id": str, "name": str, "role": str, "sha256": str, "created_at": float,
-                 "revoked_at": float, "last_used_at": float, "expires_at": float}, if_not_exists=True)
-            if "expires_at" not in self.db.table("api_tokens").columns_dict:    # stores from before expiry
-                self.db.table("api_tokens").add_column("expires_at", float)
-            self.db.table("api_tokens").create_index(["sha256"], unique=True, if_not_exists=True)
+        self.registry = registry
 
     def create(self, name: str, role: str, expires_in_s: float | None = None) -> tuple[Token, str]:
         """A new token; returns its record and the token, which is not stored and cannot be
@@ -124,49 +116,30 @@ class TokenStore:
         now = time.time()
         token = Token(f"tok-{secrets.token_hex(6)}", name, role, now,
                       expires_at=now + expires_in_s if expires_in_s is not None else None)
-        with self._lock, self.db.conn:
-            if list(self.db.query("select 1 from api_tokens where name = ? and revoked_at is null "
-                                  "and (expires_at is null or expires_at > ?)", [name, now])):
-                raise UserError(f"an active token is already named {name!r} (revoke it first, or pick another name)")
-            self.db.execute("insert into api_tokens (token_id, name, role, sha256, created_at, expires_at) "
-                            "values (?, ?, ?, ?, ?, ?)",
-                            [token.token_id, name, role, _hash(secret), token.created_at, token.expires_at])
+        if not self.registry.add_token({**asdict(token), "sha256": _hash(secret)}, now):
+            raise UserError(f"an active token is already named {name!r} (revoke it first, or pick another name)")
         return token, secret
 
     def list(self) -> list[Token]:
-        with self._lock:
-            rows = list(self.db.query(f"select {_COLUMNS} from api_tokens order by created_at"))
-        return [Token(**r) for r in rows]
+        return [Token(**r) for r in self.registry.tokens()]
 
     def revoke(self, ref: str) -> tuple[Token, bool]:
         """Revoke the active token with this id or name. Returns (token, was it already revoked).
         Raises NotFound."""
-        with self._lock, self.db.conn:
-            rows = list(self.db.query(f"select {_COLUMNS} from "
-                                      "api_tokens where token_id = ? or name = ? order by revoked_at is null desc, "
-                                      "created_at desc limit 1", [ref, ref]))
-            if not rows:
-                raise NotFound(f"no token {ref!r} (see: edgeloop tokens ls)")
-            token = Token(**rows[0])
-            if token.revoked_at is not None:
-                return token, True
-            now = time.time()
-            self.db.execute("update api_tokens set revoked_at = ? where token_id = ?", [now, token.token_id])
-        return Token(**{**asdict(token), "revoked_at": now}), False
+        now = time.time()
+        found = self.registry.revoke_token(ref, now)
+        if found is None:
+            raise NotFound(f"no token {ref!r} (see: edgeloop tokens ls)")
+        row, already = found
+        token = Token(**row)
+        return (token, True) if already else (Token(**{**row, "revoked_at": now}), False)
 
     def authenticate(self, secret: str) -> Token | None:
         """The active token ``secret`` is (not revoked, not expired), or None."""
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 256:
             return None
-        with self._lock:
-            rows = list(self.db.query(f"select {_COLUMNS} from api_tokens where sha256 = ? and revoked_at is null "
-                                      "and (expires_at is null or expires_at > ?)", [_hash(secret), time.time()]))
-            if not rows:
-                return None
-            with self.db.conn:
-                self.db.execute("update api_tokens set last_used_at = ? where token_id = ?",
-                                [time.time(), rows[0]["token_id"]])
-        return Token(**rows[0])
+        row = self.registry.use_token(_hash(secret), time.time())
+        return Token(**row) if row else None
 
 
 # -- rollouts ---------------------------------------------------------------------------------------
@@ -310,10 +283,7 @@ def device_detail(fleet: FleetRegistry, device_id: str) -> dict[str, Any]:
     Raises NotFound."""
     device = fleet.device(device_id)
     device["errors"] = fleet.registry.device_errors(device_id)[-10:]
-    with fleet.registry._lock:
-        device["telemetry"] = list(fleet.db.query(
-            "select count(*) as records, sum(count) as inferences, sum(correct) as correct, "
-            "sum(labelled) as labelled from telemetry where device_id = ?", [device_id]))[0]
+    device["telemetry"] = fleet.registry.device_telemetry_totals(device_id)
     return device
 
 

@@ -395,22 +395,7 @@ def _cohort_keys(row: dict[str, Any], by: str) -> list[str]:
 def _stored_rows(registry) -> list[dict[str, Any]]:  # noqa: ANN001
     """Telemetry with the device's tier and tags, and operator label feedback in place of the
     device's own label counts where the operator sent some for that window."""
-    device_cols = registry.db["devices"].columns_dict
-    tags = "d.tags" if "tags" in device_cols else "null"
-    labels = "label_feedback" in registry.db.table_names()
-    join = "left join label_feedback l on l.device_id = t.device_id and l.seq = t.seq" if labels else ""
-    # a feedback row replaces the window's label counts; its error sum only where it gave one
-    lab, cor, err = ("coalesce(l.labelled, t.labelled)", "coalesce(l.correct, t.correct)",
-                     "case when l.seq is null then t.abs_err_sum when l.abs_err_sum is not null then l.abs_err_sum "
-                     "when t.abs_err_sum is not null and t.labelled > 0 then t.abs_err_sum * l.labelled / t.labelled "
-                     "else null end") if labels else ("t.labelled", "t.correct", "t.abs_err_sum")
-    with registry._lock:
-        return list(registry.db.query(
-            f"select t.device_id, t.seq, t.model_version, t.window_end, t.count, t.predictions, t.features, "
-            f"{err} as abs_err_sum, "
-            f"{lab} as labelled, {cor} as correct, coalesce(d.tier, '?') as tier, {tags} as tags "
-            f"from telemetry t left join devices d on d.device_id = t.device_id {join} "
-            "where t.model_version is not null order by t.window_end, t.device_id, t.seq"))
+    return registry.drift_rows()
 
 
 def drift_report(registry, by: str = "device", cfg: DriftConfig = DriftConfig(),  # noqa: ANN001

@@ -171,34 +171,16 @@ def _key(step: str, *parts: Any) -> str:
     return hashlib.sha256(json.dumps([step, *parts], sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _tables(registry: Registry) -> None:
-    with registry._lock:   # noqa: SLF001 - the registry's own connection lock
-        registry.db["pipeline_steps"].create({"key": str, "step": str, "output": str, "created_at": float},
-                                             pk="key", if_not_exists=True)
-        registry.db["pipeline_runs"].create({"run_id": str, "name": str, "file_sha256": str, "status": str,
-                                             "reason": str, "trigger": str, "steps": str, "started_at": float,
-                                             "ended_at": float}, pk="run_id", if_not_exists=True)
-
-
 def _cached(registry: Registry, key: str) -> dict[str, Any] | None:
-    with registry._lock:   # noqa: SLF001
-        rows = list(registry.db.query("select output from pipeline_steps where key = ?", [key]))
-    return json.loads(rows[0]["output"]) if rows else None
+    return registry.pipeline_step_output(key)
 
 
 def _remember(registry: Registry, key: str, step: str, output: dict[str, Any]) -> None:
-    with registry._lock:   # noqa: SLF001
-        registry.db["pipeline_steps"].upsert({"key": key, "step": step, "output": json.dumps(output),
-                                              "created_at": time.time()}, pk="key")
+    registry.remember_pipeline_step(key, step, output)
 
 
 def pipeline_runs(registry: Registry) -> list[dict[str, Any]]:
-    _tables(registry)
-    with registry._lock:   # noqa: SLF001
-        rows = list(registry.db.query("select * from pipeline_runs order by started_at desc"))
-    for row in rows:
-        row["steps"] = json.loads(row["steps"] or "[]")
-    return rows
+    return registry.pipeline_runs()
 
 
 def run_pipeline(ws: Workspace, registry: Registry, pipe: PipelineFile, deploy: Deploy | None = None,
@@ -207,7 +189,6 @@ def run_pipeline(ws: Workspace, registry: Registry, pipe: PipelineFile, deploy: 
     """Run every step; returns the run (its status says how it ended). Without ``deploy``
     (no control plane to roll out through), the run stops after ``package``.
     Raises UserError for a pipeline that cannot start (unknown base data set, no device data)."""
-    _tables(registry)
     say = progress or (lambda step, msg: None)
     run = PipelineRun(run_id=f"pipe-{uuid.uuid4().hex[:10]}", name=pipe.name)
     started = time.time()
@@ -275,11 +256,9 @@ def run_pipeline(ws: Workspace, registry: Registry, pipe: PipelineFile, deploy: 
 
 def _record(registry: Registry, run: PipelineRun, pipe: PipelineFile, trigger: str, started: float,
             ended: float | None = None) -> None:
-    with registry._lock:   # noqa: SLF001
-        registry.db["pipeline_runs"].upsert({"run_id": run.run_id, "name": pipe.name, "file_sha256": pipe.sha256,
-                                             "status": run.status, "reason": run.reason, "trigger": trigger,
-                                             "steps": json.dumps(run.to_obj()["steps"]), "started_at": started,
-                                             "ended_at": ended}, pk="run_id")
+    registry.record_pipeline_run({"run_id": run.run_id, "name": pipe.name, "file_sha256": pipe.sha256,
+                                  "status": run.status, "reason": run.reason, "trigger": trigger,
+                                  "steps": run.to_obj()["steps"], "started_at": started, "ended_at": ended})
 
 
 # -- collect ----------------------------------------------------------------------------------------
@@ -297,9 +276,7 @@ def _base_dataset(registry: Registry, pipe: PipelineFile) -> dict[str, Any]:
     if source is None:
         raise UserError(f"no base data set: name one in [collect] base, or train {pipe.model} first")
     dataset = registry.dataset(registry.run(registry.model_version(source)["run_id"])["dataset_id"])
-    with registry._lock:   # noqa: SLF001
-        rows = list(registry.db.query("select output from pipeline_steps where step = 'collect'"))
-    bases = {o["dataset_id"]: o["base_dataset_id"] for o in map(json.loads, (r["output"] for r in rows))
+    bases = {o["dataset_id"]: o["base_dataset_id"] for o in registry.pipeline_step_outputs("collect")
              if "base_dataset_id" in o}
     for _ in range(100):
         if dataset["dataset_id"] not in bases:

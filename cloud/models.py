@@ -121,7 +121,7 @@ def lineage(registry: Registry, device_id: str) -> dict[str, Any]:
     update = next(u for u in registry.updates() if u["update_id"] == update_id)
     chain["update"] = update
     package = registry.parents(current)[0]["src"].split(":", 1)[1]
-    chain["package"] = next(dict(r) for r in registry.db.query("select * from packages where sha256 = ?", [package]))
+    chain["package"] = registry.package(package)
     mv = registry.model_version(update["model_version"])
     chain["model_version"] = {k: mv[k] for k in ("model_version", "stage", "onnx_sha256", "metrics", "run_id")}
     run = registry.run(mv["run_id"])
@@ -134,5 +134,5 @@ def lineage(registry: Registry, device_id: str) -> dict[str, Any]:
 
 def _update_version(registry: Registry, node: str) -> str | None:
     uid = node.split(":", 1)[1]
-    rows = list(registry.db.query("select model_version from updates where update_id = ?", [uid]))
-    return rows[0]["model_version"] if rows else None
+    update = registry.update(uid)
+    return update["model_version"] if update else None

@@ -4,7 +4,7 @@
 
     <workspace>/
       edgeloop.toml        settings (broker address, HTTP port, fleet name)
-      registry.db          SQLite registry: models, versions, packages, updates, devices, telemetry
+      registry.db          the store (cloud.store, schema-versioned SQLite): models, packages, devices, ...
       keys/                Ed25519 signing keys, PKCS#8 PEM encrypted at rest, mode 0600
       repository/          the image repository (TUF): every package, signed (keys can live offline)
         metadata/          1.root.json, N.root.json, timestamp.json, N.snapshot.json, N.targets.json

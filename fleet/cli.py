@@ -654,8 +654,7 @@ def _models(args: argparse.Namespace, out: Output) -> int:
 def _models_show(args: argparse.Namespace, out: Output) -> int:
     registry = _registry(_open(args))
     mv = registry.model_version(args.model_version)
-    mv["packages"] = list(registry.db.query("select tier, sha256, length, target from packages "
-                                            "where model_version = ?", [args.model_version]))
+    mv["packages"] = registry.packages_of(args.model_version)
     mv.pop("features", None)
     out.result(mv, json.dumps(mv, indent=2, sort_keys=True, default=str))
     return 0

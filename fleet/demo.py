@@ -180,9 +180,7 @@ def _wait_for_statuses(registry: Registry, fleet: SimulatedFleet, mv: str, deadl
         rows = {d["device_id"]: d for d in registry.devices() if d["device_id"] in ids}
         final = all(r["state"] in ("committed", "failed") and
                     (r["model_version"] == mv or r["state"] == "failed") for r in rows.values())
-        stored = list(registry.db.query(
-            "select count(*) as n from telemetry where device_id in (%s)" % ",".join("?" * len(ids)),
-            sorted(ids)))[0]["n"]
+        stored = registry.telemetry_count(ids)
         if len(rows) == len(ids) and final and stored >= sent:
             return
         time.sleep(0.05)

@@ -65,11 +65,9 @@ def _phase_accuracy(registry: Registry, marks: dict[str, tuple[int, int]], ids: 
     labelled = correct = 0
     for device_id in ids:
         lo, hi = marks[device_id]
-        row = list(registry.db.query("select coalesce(sum(labelled),0) as l, coalesce(sum(correct),0) as c "
-                                     "from telemetry where device_id = ? and seq >= ? and seq < ?",
-                                     [device_id, lo, hi]))[0]
-        labelled += row["l"]
-        correct += row["c"]
+        row = registry.device_telemetry_totals(device_id, lo, hi)
+        labelled += row["labelled"] or 0
+        correct += row["correct"] or 0
     return round(correct / labelled, 4) if labelled else None
 
 
@@ -204,8 +202,7 @@ def _split_lab_and_field(ws: Workspace, registry: Registry, seed: int
 
 def _stored(registry: Registry, marks: dict[str, tuple[int, int]]) -> bool:
     for device_id, (lo, hi) in marks.items():
-        n = list(registry.db.query("select count(*) as n from telemetry where device_id = ? and seq >= ? and seq < ?",
-                                   [device_id, lo, hi]))[0]["n"]
+        n = registry.device_telemetry_totals(device_id, lo, hi)["records"]
         if n < hi - lo:
             return False
     return True

@@ -22,6 +22,7 @@ from cloud.errors import NotFound, UserError
 from cloud.fleet_registry import FleetRegistry
 from cloud.registry import Registry
 from cloud.workspace import Workspace
+from cloud.store.readonly import query as raw_rows
 from conftest import free_port, run_cli
 from fleet import identity
 from fleet.identity import Enrolment
@@ -181,9 +182,9 @@ def test_bad_rollout_requests_are_400_or_404_and_change_nothing(api):
 
 # -- tokens -----------------------------------------------------------------------------------------
 def test_tokens_are_stored_only_as_hashes(api):
-    api.registry.db.conn.execute("PRAGMA wal_checkpoint(FULL)")
+    api.registry.checkpoint()
     stored = b"".join(p.read_bytes() for p in api.ws.root.glob("registry.db*"))
-    rows = list(api.registry.db.query("select * from api_tokens"))
+    rows = raw_rows(api.registry.path, "select * from api_tokens")
     assert len(rows) == 3 and all(len(r["sha256"]) == 64 for r in rows)
     for secret in api.secrets.values():
         assert secret.encode() not in stored and secret not in json.dumps(rows)

@@ -68,10 +68,7 @@ def user_file(tmp_path_factory) -> Path:
 
 
 def _counts(registry: Registry) -> tuple[int, int]:
-    runs = list(registry.db.query("select count(*) as n from runs"))[0]["n"]
-    versions = list(registry.db.query("select count(*) as n from model_versions"))[0]["n"] \
-        if "model_versions" in registry.db.table_names() else 0
-    return runs, versions
+    return registry.count_runs(), registry.count_model_versions()
 
 
 def test_user_cnn_two_processes_reproduced_packaged_installed(broker, tmp_path, user_file):
@@ -201,8 +198,7 @@ def test_regression_through_gate_and_fleet(broker, tmp_path, user_file):
     summary = registry.telemetry_summary(first["model_version"])
     assert summary["labelled"] == 80 and summary["mae"] is not None
     assert 20 < summary["mae"] < 90
-    rows = list(registry.db.query("select predictions from telemetry where model_version = ?",
-                                  [first["model_version"]]))
+    rows = registry.telemetry_records(model_version=first["model_version"])
     assert all(len(json.loads(r["predictions"])) == 10 for r in rows)   # regression bins, not classes
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from contracts.bundle import read_bundle
 from cloud.registry import Registry
 from cloud.workspace import Workspace
+from cloud.store.readonly import query as raw_rows
 from fleet.demo import DemoOptions, run_demo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,8 +38,8 @@ def test_demo_updates_every_device_and_stores_all_telemetry(broker, tmp_path):
         installed = (ws.fleet_dir / device["device_id"] / "slots" / state["active_slot"] / "package.elpkg").read_bytes()
         assert read_bundle(installed).manifest.model_version == "digits-mlp:1"
         assert len(installed) == package["length"]
-    per_device = list(registry.db.query("select device_id, count(*) as n, min(seq) as lo, max(seq) as hi "
-                                        "from telemetry where device_id like 'e2e-%' group by device_id"))
+    per_device = raw_rows(registry.path, "select device_id, count(*) as n, min(seq) as lo, max(seq) as hi "
+                                         "from telemetry where device_id like 'e2e-%' group by device_id")
     assert len(per_device) == 6
     assert all((r["n"], r["lo"], r["hi"]) == (2, 0, 1) for r in per_device)
 

@@ -86,7 +86,7 @@ def test_duplicated_telemetry_is_stored_once(broker, tmp_path, publisher):
         for seq in (0, 1, 1, 0, 2, 2):   # QoS 1 redelivery and device resends look like this
             publisher(topics.telemetry(device), encode(telemetry(device, seq)))
         wait_for(lambda: cp.stats.telemetry_stored + cp.stats.telemetry_duplicates == 6, what="all six")
-        rows = list(registry.db.query("select seq, count from telemetry where device_id = ? order by seq", [device]))
+        rows = registry.telemetry_records(device_id=device)
         assert [r["seq"] for r in rows] == [0, 1, 2]
         assert cp.stats.telemetry_duplicates == 3
         assert registry.telemetry_summary()["inferences"] == 9

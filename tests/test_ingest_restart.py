@@ -144,7 +144,7 @@ class Device:
 def _reports(db: Path) -> list[str]:
     registry = Registry(db)
     try:
-        return [r["report_id"] for r in registry.db.query("select report_id from device_errors order by report_id")]
+        return sorted(r["report_id"] for r in registry.device_errors())
     finally:
         registry.close()
 
@@ -152,7 +152,7 @@ def _reports(db: Path) -> list[str]:
 def _stored(db: Path) -> dict[str, list[int]]:
     registry = Registry(db)
     try:
-        rows = list(registry.db.query("select device_id, seq from telemetry order by device_id, seq"))
+        rows = registry.telemetry_records()
     finally:
         registry.close()
     out: dict[str, list[int]] = {}

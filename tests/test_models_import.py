@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from cloud.errors import UserError
 from cloud.export import export_onnx
 from cloud.registry import Registry
 from cloud.workspace import Workspace
+from cloud.store.readonly import query as raw_rows
 from conftest import run_cli  # noqa: E402
 
 DIGITS = str(default_dataset_path())
@@ -87,9 +87,8 @@ def _import(tmp_path: Path, capsys, file: Path, *extra: str) -> tuple[int, str, 
 
 
 def _counts(ws: Workspace) -> tuple[int, int]:
-    with sqlite3.connect(ws.registry_path) as db:
-        return (db.execute("select count(*) from model_versions").fetchone()[0],
-                db.execute("select count(*) from runs").fetchone()[0])
+    return (raw_rows(ws.registry_path, "select count(*) as n from model_versions")[0]["n"],
+            raw_rows(ws.registry_path, "select count(*) as n from runs")[0]["n"])
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export", "tflite", "tflite-int8"])

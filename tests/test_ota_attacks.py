@@ -130,7 +130,7 @@ def test_wrong_software_a_valid_package_for_another_tier_is_refused(live):
     bundle = read_bundle(path.read_bytes())
     other = write_bundle(Manifest(**{**bundle.manifest.__dict__, "tier": "mobile"}), dict(bundle.files))
     path.write_bytes(other)   # correctly signed by both repositories, but built for phones
-    live.registry.db["packages"].update(pkg["sha256"], {"length": len(other)})
+    live.registry.set_package_length(pkg["sha256"], len(other))
     assert_refused_and_still_serving(live, live.sign_and_announce(v2), "verify.mismatch")
 
 

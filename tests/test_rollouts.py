@@ -5,7 +5,6 @@ integration tests run it against real agents over a real Mosquitto."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 
 import pytest
@@ -14,7 +13,7 @@ from contracts.messages import Command, encode, parse
 from cloud.errors import UserError
 from cloud.packaging import store_blob
 from cloud.registry import Registry
-from cloud.rollouts import RolloutController, RolloutSpec, js_distance, parse_selector
+from cloud.rollouts import RolloutController, RolloutEvent, RolloutSpec, js_distance, parse_selector
 from cloud.workspace import Workspace
 from conftest import wait_for
 
@@ -193,9 +192,8 @@ def test_health_failure_is_not_retried_but_a_download_failure_is(unit):
     status = ctl.status(rid)
     assert len(unit.sent.to("d00")) == 2                 # retries=1: one retry only
     assert status["state"] == "completed" and status["counts"]["failed"] == 2
-    with sqlite3.connect(unit.ws.registry_path) as db:
-        rows = db.execute("select device_id, attempt, outcome from rollout_attempts "
-                          "order by device_id, attempt").fetchall()
+    rows = [(a["device_id"], a["attempt"], a["outcome"]) for rid in unit.registry.rollout_ids()
+            for a in unit.registry.rollout_attempts(rid)]
     assert rows == [("d00", 1, "retry:transport.download"), ("d00", 2, "transport.download"),
                     ("d01", 1, "health.golden")]
 
@@ -249,7 +247,7 @@ def test_crash_between_starting_the_canary_and_sending_it_still_sends_the_canary
     fleet(unit, 5)
     ctl = unit.controller()
     rid = ctl.create(RolloutSpec("m:2", "tier=edge-gateway", strategy="canary", canary="2"))
-    assert ctl._move(rid, "pending", "canary", None)        # the step that did this died before sending
+    assert ctl._move(rid, "pending", RolloutEvent.START_CANARY, None)   # the step that did this died before sending
     unit.controller().step()
     status = ctl.status(rid)
     assert status["state"] == "canary" and status["counts"]["sent"] == 2 and len(unit.sent.commands) == 2
@@ -343,8 +341,8 @@ def test_regression_mae_rise_on_labelled_canary_aborts_with_the_task_metric(unit
     """A regression model's health is its MAE on labelled inferences, against the previous
     version on the same devices: predictions and confidence can look the same while it is worse."""
     task = {"kind": "regression", "tolerance": 5.0}
-    with unit.registry._lock:
-        unit.registry.db.execute("update model_versions set task = ?", [json.dumps(task)])
+    for mv in unit.registry.model_versions():
+        unit.registry.set_task(mv["model_version"], task)
     ids = fleet(unit, 4)
     ctl = unit.controller()
     rid = ctl.create(RolloutSpec("m:2", "tier=edge-gateway", strategy="canary", canary="2", bake_s=60,
@@ -535,9 +533,7 @@ def test_canary_then_waves_update_every_real_device_once(rig):
     assert status["counts"]["committed"] == DEVICES and status["failure_pct"] == 0.0
     assert all(a.model_version == target for a in rig.agents)
     assert all(rec.count(d) == 1 for d in rig.ids) and status["commands_sent"] == DEVICES
-    with sqlite3.connect(rig.ws.registry_path) as db:
-        waves = [n for (n,) in db.execute("select count(*) from rollout_devices where rollout_id = ? "
-                                          "group by wave order by wave", [rid])]
+    waves = [w["n"] for w in rig.registry.rollout_waves(rid)]
     assert waves == [2, 2, 4]                      # canary, then doubling waves
 
 
@@ -551,9 +547,7 @@ def test_health_check_failures_abort_at_threshold_and_updated_devices_roll_back(
     ctl = _controller(rig, rec)
     rid = ctl.create(RolloutSpec(target, "tier=edge-gateway", strategy="waves", wave_size=4, growth=2.0,
                                  max_failure_pct=30, min_devices=4))
-    with sqlite3.connect(rig.ws.registry_path) as db:
-        first_wave = [d for (d,) in db.execute("select device_id from rollout_devices where rollout_id = ? "
-                                               "order by ord limit 4", [rid])]
+    first_wave = [d["device_id"] for d in rig.registry.rollout_devices(rid)][:4]
     bad = set(first_wave[:2])                      # half of the first wave fails its health check
     real = ota.health_check
 
@@ -575,9 +569,7 @@ def test_health_check_failures_abort_at_threshold_and_updated_devices_roll_back(
         assert rec.count(a.device_id) == (0 if a.device_id not in first_wave else
                                           1 if a.device_id in bad else 2)      # update, then rollback
         assert a.infer(rig.test.x[:1]) is not None
-    with sqlite3.connect(rig.ws.registry_path) as db:
-        codes = {d: c for d, c in db.execute("select device_id, code from rollout_devices where rollout_id = ? "
-                                             "and state = 'failed'", [rid])}
+    codes = {d["device_id"]: d["code"] for d in rig.registry.rollout_devices(rid) if d["state"] == "failed"}
     assert codes == {d: "health.golden" for d in bad}
 
 
@@ -599,9 +591,7 @@ def test_prediction_shift_in_canary_telemetry_aborts_and_rolls_the_canary_back(r
     rid = ctl.create(RolloutSpec(target, "tier=edge-gateway", strategy="canary", canary="2", bake_s=120,
                                  max_prediction_js=0.3, health_min_inferences=40, health_interval_s=0.2))
     _drive(rig, ctl, rid, until=("baking",))
-    with sqlite3.connect(rig.ws.registry_path) as db:
-        canary = {d for (d,) in db.execute("select device_id from rollout_devices where rollout_id = ? and "
-                                           "state = 'committed'", [rid])}
+    canary = {d["device_id"] for d in rig.registry.rollout_devices(rid) if d["state"] == "committed"}
     assert len(canary) == 2
     agents = [a for a in rig.agents if a.device_id in canary]
     wait_for(lambda: all(a.model_version == target for a in agents), what="the canary on the new version")
@@ -657,8 +647,7 @@ def test_device_that_never_answers_times_out_at_the_tier_deadline(rig):
         assert rec.count(ghost) == 2                  # the first try and one retry
     finally:
         override.unlink(missing_ok=True)
-        with rig.registry._lock, rig.registry.db.conn:   # the other tests' fleet is the real agents only
-            rig.registry.db.execute("delete from devices where device_id = ?", [ghost])
+        rig.registry.forget_device(ghost)   # the other tests' fleet is the real agents only
 
 
 def test_cli_rollout_bad_input_is_one_line_and_changes_nothing(rig, capsys):

@@ -72,7 +72,7 @@ def test_broker_agent_and_ingest_restarts_lose_and_duplicate_nothing(tmp_path, p
         time.sleep(0.5)
         cp.drain()
         wait_for(lambda: len(agent.outbox) == 0, what="the ingest's confirmations")
-        seqs = [r["seq"] for r in registry.db.query("select seq from telemetry order by seq")]
+        seqs = sorted(r["seq"] for r in registry.telemetry_records())
         assert seqs == list(range(15))                           # every record exactly once
         assert registry.telemetry_summary()["inferences"] == 150
     finally:
@@ -134,7 +134,7 @@ def test_unknown_revoked_future_and_malformed_telemetry_is_refused_and_counted(t
         pub.publish(topics.telemetry("bad-in-ok"), b"{not json", qos=1).wait_for_publish(10)
         pub.publish(topics.telemetry("bad-in-ok"), encode(_record("bad-in-other", 9)), qos=1).wait_for_publish(10)
         wait_for(lambda: (cp.drain(), cp.stats.rejected + cp.stats.telemetry_stored == 8)[1], what="all judged")
-        stored = [(r["device_id"], r["seq"]) for r in registry.db.query("select device_id, seq from telemetry")]
+        stored = [(r["device_id"], r["seq"]) for r in registry.telemetry_records()]
         assert sorted(stored) == [("bad-in-ok", 0), ("bad-in-ok", 2)]
         assert cp.stats.rejects == {"unknown-device": 1, "revoked": 1, "future-seq": 1, "future-time": 1,
                                     "schema": 1, "wrong-topic": 1}

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import json
 
 import pytest
+from cloud.store.readonly import query as raw_rows
 
 from conftest import wait_for
 from contracts.messages import Announce, Command, DeviceState
@@ -80,9 +81,8 @@ def forget(env, swarm: SwarmThread) -> None:
     """Stop the swarm and drop its devices from the registry, so the next test selects only its own."""
     swarm.stop()
     env.cp.drain()
-    with env.registry._lock, env.registry.db.conn:
-        for device_id in swarm.ids:
-            env.registry.db.execute("delete from devices where device_id = ?", [device_id])
+    for device_id in swarm.ids:
+        env.registry.forget_device(device_id)
 
 
 def run_rollout(env, spec, timeout: float = 50.0) -> tuple[str, dict]:
@@ -117,10 +117,9 @@ def test_500_devices_canary_then_waves_all_commit_with_one_command_each(env):
     assert {d["model_version"] for d in report["per_device"]} == {env.v2}
     assert report["commands"] == 500, "a device was sent its command more than once"
     assert report["tuf_verifications"] == 1 and report["downloads"] == 500
-    with env.registry._lock:    # the control plane's ingest thread shares the connection
-        waves = list(env.registry.db.query("select wave, count(*) as n, min(sent_at) as first_sent, "
-                                           "max(finished_at) as last_done from rollout_devices where rollout_id = ? "
-                                           "group by wave order by wave", [rid]))
+    waves = raw_rows(env.registry.path, "select wave, count(*) as n, min(sent_at) as first_sent, "
+                                        "max(finished_at) as last_done from rollout_devices where rollout_id = ? "
+                                        "group by wave order by wave", [rid])
     assert waves[0]["n"] == 25, "the canary is 5% of 500"
     assert len(waves) >= 3 and waves[2]["n"] > waves[1]["n"], "waves grow"
     for before, after in zip(waves, waves[1:]):

@@ -144,7 +144,7 @@ def _override(ws, **changes) -> None:
 
 def test_an_artifact_over_budget_is_refused_with_the_numbers_and_nothing_registered(built):
     ws, registry, mv, _, _, _ = built
-    before = registry.db["packages"].count
+    before = registry.count_packages()
     try:
         _override(ws, ram_bytes=1024)
         with pytest.raises(BudgetExceeded, match=r"needs 3 KB RAM, mcu allows 1 KB"):
@@ -154,7 +154,7 @@ def test_an_artifact_over_budget_is_refused_with_the_numbers_and_nothing_registe
             package_model(ws, registry, mv, "mcu")
     finally:
         (ws.root / "tiers" / "mcu.toml").unlink()
-    assert registry.db["packages"].count == before
+    assert registry.count_packages() == before
 
 
 def test_bad_conversion_input_gets_one_clear_error(built):
@@ -246,7 +246,7 @@ def test_float_operators_left_in_an_int8_model_are_refused(built):
 
 def test_a_corrupted_model_file_is_refused_and_nothing_registered(built):
     ws, registry, mv, _, _, _ = built
-    before = registry.db["packages"].count
+    before = registry.count_packages()
     path = Path(registry.artifact_path(registry.model_version(mv)["onnx_sha256"]))
     original = path.read_bytes()
     try:
@@ -263,7 +263,7 @@ def test_a_corrupted_model_file_is_refused_and_nothing_registered(built):
             package_model(ws, registry, mv, "mcu")
     finally:
         state.write_bytes(original)
-    assert registry.db["packages"].count == before
+    assert registry.count_packages() == before
 
 
 def _rewritten(pkg, **changes) -> Bundle:

@@ -1,0 +1,40 @@
+"""The one owner of the control plane's database: its connection, lock, schema and SQL.
+
+Nothing outside this package writes SQL or touches the connection; the rest of edgeloop calls
+the domain operations of :class:`Store` (``cloud.store.interface``), which
+:class:`SqliteStore` implements over SQLite in WAL mode (PostgreSQL is to come behind the same
+Protocol). :func:`open_store` migrates an older database in place and refuses one a newer
+edgeloop wrote (:class:`~cloud.errors.SchemaTooNew`, exit code 5). Tests that deliberately
+inspect raw rows use :func:`cloud.store.readonly.query`.
+
+::
+
+    interface.py   the Store Protocol (one per table family, combined)
+    schema.py      every table's DDL, the ordered MIGRATIONS, SCHEMA_VERSION
+    sqlite.py      SqliteStore, assembled from:
+      _base.py       connection, lock, migrate on open
+      catalog.py     data sets, runs, lineage, model versions, artifacts, packages, updates, pipelines
+      fleet.py       devices, enrolment, telemetry, error reports, refused telemetry, label feedback
+      access.py      alerts, API tokens
+      rollouts.py    rollouts and their devices, groups, attempts (transitions checked against
+                     cloud.rollout_machine's tables)
+    readonly.py    read-only raw queries for tests and diagnostics
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cloud.store.fleet import DeviceFilter
+from cloud.store.interface import Store
+from cloud.store.rollouts import AttemptEnd
+from cloud.store.schema import SCHEMA_VERSION
+from cloud.store.sqlite import SqliteStore
+
+__all__ = ["AttemptEnd", "DeviceFilter", "SCHEMA_VERSION", "SqliteStore", "Store", "open_store"]
+
+
+def open_store(path: Path | str) -> SqliteStore:
+    """The store of the database at ``path`` (created if missing, migrated if older). Raises
+    SchemaTooNew for a database from a newer edgeloop, changing nothing."""
+    return SqliteStore(path)

@@ -1,0 +1,91 @@
+"""The SQLite connection and lock every store module shares (private to cloud.store).
+
+One connection (``check_same_thread=False``), WAL mode so readers never block the ingest
+writer, ``synchronous=NORMAL``; one re-entrant lock held by every operation, so one store may
+be shared by threads. Opening migrates the database (cloud.store.schema) or refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence, Sized
+
+import sqlite_utils
+
+from cloud.store.schema import migrate
+
+try:   # the ingest path stores a few KB of JSON per telemetry record: orjson is ~10x faster
+    import orjson
+
+    def dumps(value: Any) -> str:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+except ImportError:  # pragma: no cover - orjson is in the cloud extra
+    def dumps(value: Any) -> str:
+        return json.dumps(value, sort_keys=True)
+
+
+def decode(row: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``row`` with the JSON text of ``keys`` parsed in place."""
+    for k in keys:
+        if isinstance(row.get(k), str):
+            row[k] = json.loads(row[k])
+    return row
+
+
+def marks(values: Sized) -> str:
+    return ",".join("?" * len(values))
+
+
+class SqliteBase:
+    """Connection, lock, migration on open, and small query helpers."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            migrate(conn, str(self.path))
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._db = sqlite_utils.Database(conn)
+
+    def checkpoint(self) -> None:
+        """Move everything committed into the main database file (the write-ahead log emptied)."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(FULL)")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _rows(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._db.query(sql, args))
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = self._rows(sql, args)
+        return rows[0] if rows else None
+
+    def _scalar(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        with self._lock:
+            row = self._conn.execute(sql, args).fetchone()
+        return row[0] if row else None
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """The lock and one transaction (committed on exit, rolled back on an exception)."""
+        with self._lock, self._conn:
+            yield self._conn
+
+    def _chunks(self, ids: Iterable[str], size: int = 500) -> Iterator[list[str]]:
+        ids = list(ids)
+        for i in range(0, len(ids), size):
+            yield ids[i:i + size]

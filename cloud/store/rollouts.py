@@ -1,0 +1,303 @@
+"""Store operations on rollouts: ``rollouts``, ``rollout_devices``, ``rollout_groups`` and
+``rollout_attempts`` (private to cloud.store; see cloud.store.interface).
+
+Every device transition is a conditional UPDATE keyed by (rollout, device, attempt, state,
+update id), so two controllers on one database never apply one twice; the state each writes
+is looked up in cloud.rollout_machine's tables (:func:`device_next`, :func:`rollout_next`), so
+a transition that is not a table row raises IllegalTransition before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, NamedTuple
+
+from cloud.rollout_machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
+from cloud.store._base import SqliteBase, marks
+
+__all__ = ["AttemptEnd", "RolloutOps"]
+
+D, V = DeviceRolloutState, DeviceEvent
+_ACTIVE = [s.value for s in ACTIVE]
+
+
+class AttemptEnd(NamedTuple):
+    """One device attempt's end: the device row it was read as (device_id, state, attempt,
+    rb_attempt, update_id), the event, and the code and reason to record."""
+
+    row: dict[str, Any]
+    event: DeviceEvent
+    code: str | None
+    reason: str | None
+
+
+def _due(phase: str) -> str:
+    """The devices due a command in ``phase``."""
+    if phase == "rollback":
+        return f"state = '{D.ROLLING_BACK}' and update_id is null"
+    return f"state = '{D.PENDING}' and wave is not null"
+
+
+class RolloutOps(SqliteBase):
+    # -- rollouts ----------------------------------------------------------------------------
+    def rollout_row(self, rollout_id: str) -> dict[str, Any] | None:
+        """The rollout with ``spec`` and ``health`` decoded, or None."""
+        row = self._one("select * from rollouts where rollout_id = ?", [rollout_id])
+        if row is not None:
+            row["spec"] = json.loads(row["spec"])
+            row["health"] = json.loads(row["health"]) if row.get("health") else None
+        return row
+
+    def rollout_ids(self, active_only: bool = False) -> list[str]:
+        """Active rollouts oldest first, or every rollout newest first."""
+        if active_only:
+            return [r["rollout_id"] for r in self._rows(f"select rollout_id from rollouts where state in "
+                                                        f"({marks(_ACTIVE)}) order by created_at", _ACTIVE)]
+        return [r["rollout_id"] for r in self._rows("select rollout_id from rollouts order by created_at desc")]
+
+    def busy_devices(self, device_ids: list[str]) -> tuple[str, int] | None:
+        """(an active rollout, how many of ``device_ids`` are in it), or None."""
+        found: dict[str, int] = {}
+        with self._lock:
+            for chunk in self._chunks(device_ids):
+                for r in self._rows(f"select d.rollout_id, count(*) as n from rollout_devices d join rollouts r "
+                                    f"on r.rollout_id = d.rollout_id where r.state in ({marks(_ACTIVE)}) and "
+                                    f"d.device_id in ({marks(chunk)}) group by d.rollout_id", [*_ACTIVE, *chunk]):
+                    found[r["rollout_id"]] = found.get(r["rollout_id"], 0) + r["n"]
+        return next(iter(found.items()), None)
+
+    def insert_rollout(self, rollout: dict[str, Any], groups: list[dict[str, Any]],
+                       devices: list[dict[str, Any]]) -> tuple[str, int] | None:
+        """Store a new rollout (``spec`` a dict), its signed groups and its devices in one
+        transaction, unless some of its devices are in an active rollout: then that rollout's
+        (id, count) is returned and nothing is stored."""
+        ids = [d["device_id"] for d in devices]
+        with self._tx():
+            busy = self.busy_devices(ids)        # checked inside the transaction
+            if busy:
+                return busy
+            self._db["rollouts"].insert({**rollout, "spec": json.dumps(rollout["spec"])})
+            self._db["rollout_groups"].insert_all(groups)
+            self._db["rollout_devices"].insert_all(devices)
+        return None
+
+    def move_rollout(self, rollout_id: str, frm: str, sets: dict[str, Any]) -> bool:
+        """Apply ``sets`` (its ``state`` the caller took from the transition table) if the
+        rollout is still in ``frm``. Returns whether it was."""
+        with self._tx() as conn:
+            cur = conn.execute(f"update rollouts set {', '.join(f'{k} = ?' for k in sets)} "
+                               "where rollout_id = ? and state = ?", [*sets.values(), rollout_id, frm])
+        return bool(cur.rowcount)
+
+    def set_rollout_health(self, rollout_id: str, health: dict[str, Any], now: float) -> None:
+        with self._tx() as conn:
+            conn.execute("update rollouts set health = ?, health_at = ? where rollout_id = ?",
+                         [json.dumps(health), now, rollout_id])
+
+    # -- signed groups -------------------------------------------------------------------------
+    def rollout_group(self, rollout_id: str, kind: str, tier: str, prev: str, attempt: int) -> dict[str, Any] | None:
+        return self._one("select * from rollout_groups where rollout_id = ? and kind = ? and tier = ? "
+                         "and prev_version = ? and attempt = ?", [rollout_id, kind, tier, prev, attempt])
+
+    def has_rollout_group(self, rollout_id: str, kind: str, tier: str, prev: str) -> bool:
+        return bool(self._scalar("select 1 from rollout_groups where rollout_id = ? and kind = ? and tier = ? "
+                                 "and prev_version = ? limit 1", [rollout_id, kind, tier, prev]))
+
+    def add_rollout_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Store signed groups; one already stored (another controller signed it) is kept."""
+        with self._tx():
+            self._db["rollout_groups"].insert_all(groups, ignore=True)
+
+    def rollout_update_ids(self, rollout_id: str, kind: str = "update") -> set[str]:
+        return {r["update_id"] for r in self._rows("select update_id from rollout_groups where rollout_id = ? "
+                                                    "and kind = ?", [rollout_id, kind])}
+
+    # -- devices of a rollout: reads ---------------------------------------------------------------
+    def rollout_device_counts(self, rollout_id: str) -> dict[str, int]:
+        """Devices per state, every state present."""
+        counts = {s.value: 0 for s in DeviceRolloutState}
+        counts.update({r["state"]: r["n"] for r in self._rows(
+            "select state, count(*) as n from rollout_devices where rollout_id = ? group by state", [rollout_id])})
+        return counts
+
+    def rollout_devices(self, rollout_id: str) -> list[dict[str, Any]]:
+        """Every device row of the rollout, in dispatch order."""
+        return self._rows("select * from rollout_devices where rollout_id = ? order by ord", [rollout_id])
+
+    def rollout_attempts(self, rollout_id: str) -> list[dict[str, Any]]:
+        return self._rows("select * from rollout_attempts where rollout_id = ? order by device_id, phase, attempt",
+                          [rollout_id])
+
+    def commands_sent(self, rollout_id: str) -> int:
+        return int(self._scalar("select count(*) from rollout_attempts where rollout_id = ?", [rollout_id]))
+
+    def rollout_waves(self, rollout_id: str) -> list[dict[str, Any]]:
+        """(wave, n, first_sent, last_sent) per wave, in order."""
+        return self._rows("select wave, count(*) as n, min(sent_at) as first_sent, max(sent_at) as last_sent "
+                          "from rollout_devices where rollout_id = ? and wave is not null group by wave order by wave",
+                          [rollout_id])
+
+    def last_wave(self, rollout_id: str) -> int | None:
+        return self._scalar("select max(wave) from rollout_devices where rollout_id = ?", [rollout_id])
+
+    def wave_done(self, rollout_id: str) -> bool:
+        """No device of a wave is waiting to be sent or for its result."""
+        return self._scalar(f"select count(*) from rollout_devices where rollout_id = ? and "
+                            f"(state = '{D.SENT}' or (state = '{D.PENDING}' and wave is not null))",
+                            [rollout_id]) == 0
+
+    def unassigned(self, rollout_id: str) -> int:
+        """Devices not yet in any wave."""
+        return int(self._scalar(f"select count(*) from rollout_devices where rollout_id = ? and "
+                                f"state = '{D.PENDING}' and wave is null", [rollout_id]))
+
+    def in_flight(self, rollout_id: str) -> int:
+        return int(self._scalar(f"select count(*) from rollout_devices where rollout_id = ? and "
+                                f"state in ('{D.SENT}', '{D.ROLLING_BACK}')", [rollout_id]))
+
+    def reported_results(self, rollout_id: str) -> list[dict[str, Any]]:
+        """Devices out (sent, rolling back) whose status reports a final state for the very
+        update they were sent: their row with the status's state ``vs`` and reason ``vr``."""
+        return self._rows(
+            "select d.device_id, d.state, d.attempt, d.rb_attempt, d.update_id, v.state as vs, v.reason as vr "
+            "from rollout_devices d join devices v on v.device_id = d.device_id "
+            f"where d.rollout_id = ? and d.state in ('{D.SENT}', '{D.ROLLING_BACK}') and d.update_id is not null "
+            "and v.update_id = d.update_id and v.state in ('committed', 'failed', 'rolled_back')", [rollout_id])
+
+    def overdue(self, rollout_id: str, now: float) -> list[dict[str, Any]]:
+        """Devices out whose deadline passed before ``now``."""
+        return self._rows("select device_id, state, attempt, rb_attempt, update_id from rollout_devices "
+                          f"where rollout_id = ? and state in ('{D.SENT}', '{D.ROLLING_BACK}') and "
+                          "update_id is not null and deadline < ?", [rollout_id, now])
+
+    def health_rows(self, rollout_id: str, model_version: str) -> list[dict[str, Any]]:
+        """Telemetry of the rollout's committed devices that ran another version before, under
+        ``model_version`` (``new`` true) and under that previous version."""
+        return self._rows(
+            "select t.model_version = ? as new, t.count, t.errors, t.latency_ms_p50, t.predictions, "
+            "t.confidence_hist, t.labelled, t.correct, t.abs_err_sum from telemetry t join rollout_devices d "
+            f"on d.device_id = t.device_id where d.rollout_id = ? and d.state = '{D.COMMITTED}' and "
+            "d.prev_version != ? and (t.model_version = ? or t.model_version = d.prev_version)",
+            [model_version, rollout_id, model_version, model_version])
+
+    # -- devices of a rollout: transitions -----------------------------------------------------------
+    def assign_wave(self, rollout_id: str, wave: int, size: int, now: float, rate_limited: bool) -> list[str]:
+        """Put the next ``size`` devices not yet in a wave (dispatch order) into ``wave``; with
+        ``rate_limited``, count them into the rollout's waves (its rate limit), in the same
+        transaction."""
+        with self._tx() as conn:
+            ids = [r[0] for r in conn.execute(f"select device_id from rollout_devices where rollout_id = ? and "
+                                              f"state = '{D.PENDING}' and wave is null order by ord limit ?",
+                                              [rollout_id, size])]
+            for chunk in self._chunks(ids):
+                conn.execute(f"update rollout_devices set wave = ? where rollout_id = ? and wave is null and "
+                             f"device_id in ({marks(chunk)})", [wave, rollout_id, *chunk])
+            if rate_limited:
+                conn.execute("update rollouts set waves_sent = coalesce(waves_sent, 0) + ?, last_wave_at = ? "
+                             "where rollout_id = ?", [len(ids), now, rollout_id])
+        return ids
+
+    def due(self, rollout_id: str, phase: str) -> list[dict[str, Any]]:
+        """Devices due a command in ``phase`` ("update": pending in a wave; "rollback": rolling
+        back, not yet sent), in dispatch order."""
+        return self._rows(f"select device_id, tier, prev_version, attempt, rb_attempt from rollout_devices "
+                          f"where rollout_id = ? and {_due(phase)} order by ord", [rollout_id])
+
+    def mark_sent(self, rollout_id: str, phase: str, commands: dict[tuple[str, str, int], tuple[str, Any]],
+                  timeouts: dict[str, float], now: float) -> list[tuple[str, Any]]:
+        """The ``send`` transition for every device due a command in ``phase`` that ``commands``
+        has one for, keyed by (tier, previous version or "" for updates, attempt): its attempt
+        counted, its update id and deadline set, the attempt recorded, in one write transaction
+        that no other writer can interleave. Returns the (device_id, command) pairs to publish
+        (after this commit: a crash in between costs a timeout, never a duplicate)."""
+        rollback = phase == "rollback"
+        column = "rb_attempt" if rollback else "attempt"
+        frm = D.ROLLING_BACK if rollback else D.PENDING
+        to = device_next(frm, V.SEND)
+        sends: list[tuple[str, Any]] = []
+        sent, attempts = [], []
+        with self._tx() as conn:
+            if not conn.in_transaction:
+                conn.execute("begin immediate")     # no other writer between this read and the marks
+            for device_id, tier, prev, attempt, rb_attempt in conn.execute(
+                    f"select device_id, tier, prev_version, attempt, rb_attempt from rollout_devices "
+                    f"where rollout_id = ? and {_due(phase)} order by ord", [rollout_id]).fetchall():
+                n = (rb_attempt if rollback else attempt) + 1
+                made = commands.get((tier, prev if rollback else "", n))
+                if made is None:       # no rollback package, or a key that appeared since: the next step
+                    continue
+                update_id, command = made
+                sent.append([to, n, update_id, now, now + float(timeouts.get(tier, 600.0)), rollout_id, device_id,
+                             n - 1])
+                attempts.append([rollout_id, device_id, phase, n, update_id, now])
+                sends.append((device_id, command))
+            conn.executemany(f"update rollout_devices set state = ?, {column} = ?, update_id = ?, sent_at = ?, "
+                             f"deadline = ?, code = null, reason = null where rollout_id = ? and device_id = ? and "
+                             f"{_due(phase)} and {column} = ?", sent)
+            conn.executemany("insert or ignore into rollout_attempts (rollout_id, device_id, phase, attempt, "
+                             "update_id, sent_at) values (?, ?, ?, ?, ?, ?)", attempts)
+        return sends
+
+    def end_attempts(self, rollout_id: str, ends: Iterable[AttemptEnd], now: float) -> int:
+        """Devices' attempts end: each row moves to the state its event takes it to (a ``retry``
+        clears its update id for the next send; any other event records ``finished_at``) and its
+        attempt records the outcome, all in one transaction. Idempotent: keyed by (rollout,
+        device, state, attempt, update id); an attempt already closed keeps its outcome. Returns
+        how many devices moved. Raises IllegalTransition, writing nothing, for a pair that is not
+        a row of the device table."""
+        batches: dict[tuple[str, str], tuple[list[list[Any]], list[list[Any]]]] = {}
+        for end in ends:
+            row = end.row
+            to = device_next(row["state"], end.event)
+            retry = end.event == V.RETRY
+            rollback = row["state"] == D.ROLLING_BACK
+            phase, column = ("rollback", "rb_attempt") if rollback else ("update", "attempt")
+            sets = "state = ?, code = ?, reason = ?, " + ("update_id = null" if retry else "finished_at = ?")
+            sql = (f"update rollout_devices set {sets} where rollout_id = ? and device_id = ? and state = ? and "
+                   f"{column} = ? and update_id = ?")
+            devices, attempts = batches.setdefault((sql, phase), ([], []))
+            devices.append([to, end.code, end.reason, *([] if retry else [now]), rollout_id, row["device_id"],
+                            row["state"], row[column], row["update_id"]])
+            attempts.append([("retry:" if retry else "") + (end.code or to), end.code, now, rollout_id,
+                             row["device_id"], phase, row[column]])
+        changes = 0
+        with self._tx() as conn:
+            for (sql, _), (devices, attempts) in batches.items():
+                changes += conn.executemany(sql, devices).rowcount
+                conn.executemany("update rollout_attempts set outcome = ?, code = ?, finished_at = ? where "
+                                 "rollout_id = ? and device_id = ? and phase = ? and attempt = ? and "
+                                 "outcome is null", attempts)
+        return changes
+
+    def abort_devices(self, rollout_id: str, model_version: str, now: float) -> int:
+        """The abort transitions, in one transaction: devices never sent are cancelled; devices
+        that committed roll back, or fail their rollback when there is nothing to roll back to
+        (no previous version, or no package of it for their tier); devices that timed out but
+        run ``model_version`` all the same roll back too. Returns how many devices moved."""
+        cancel, none = device_next(D.PENDING, V.CANCEL), device_next(D.COMMITTED, V.NO_ROLLBACK)
+        back, late = device_next(D.COMMITTED, V.ROLL_BACK), device_next(D.TIMED_OUT, V.ROLL_BACK)
+        rid, mv = rollout_id, model_version
+        has_rollback = ("exists (select 1 from rollout_groups g where g.rollout_id = ? and g.kind = 'rollback' and "
+                        "g.tier = rollout_devices.tier and g.prev_version = rollout_devices.prev_version)")
+        with self._tx() as conn:
+            changes = conn.execute("update rollout_devices set state = ?, finished_at = ? where rollout_id = ? and "
+                                   "state = ?", [cancel, now, rid, D.PENDING]).rowcount
+            changes += conn.execute(
+                "update rollout_devices set state = ?, finished_at = ?, code = 'rollback.none', "
+                "reason = 'no previous version to roll back to' where rollout_id = ? and state = ? "
+                "and prev_version = ''", [none, now, rid, D.COMMITTED]).rowcount
+            changes += conn.execute(
+                "update rollout_devices set state = ?, finished_at = ?, code = 'rollback.none', "
+                "reason = 'no package of the previous version for this tier' where rollout_id = ? and "
+                f"state = ? and prev_version not in ('', ?) and not {has_rollback}",
+                [none, now, rid, D.COMMITTED, mv, rid]).rowcount
+            changes += conn.execute(
+                "update rollout_devices set state = ?, update_id = null where rollout_id = ? and "
+                "state = ? and prev_version not in ('', ?)", [back, rid, D.COMMITTED, mv]).rowcount
+            # a device that timed out but installed the update late runs it all the same: back with it
+            changes += conn.execute(
+                "update rollout_devices set state = ?, update_id = null where rollout_id = ? and "
+                "state = ? and prev_version not in ('', ?) and exists (select 1 from devices v where "
+                f"v.device_id = rollout_devices.device_id and v.model_version = ?) and {has_rollback}",
+                [late, rid, D.TIMED_OUT, mv, mv, rid]).rowcount
+        return changes

@@ -1,0 +1,163 @@
+"""Every table of the control plane's database, and the ordered migrations that build it.
+
+The schema is declared once, here: :data:`TABLES` (columns in order, primary key) and
+:data:`INDEXES`. A database records its version in ``meta.schema_version``;
+:func:`migrate` reads it on open and
+
+- refuses a database a newer edgeloop wrote (version above :data:`SCHEMA_VERSION`) with
+  :class:`~cloud.errors.SchemaTooNew`, changing nothing;
+- applies, in order and in one transaction each, every step of :data:`MIGRATIONS` after the
+  recorded version, then records the new version.
+
+Step 1 creates the schema. Databases written before the store record version 1 but were built
+piecemeal by several modules (a table created only once its module was used, columns added
+later on open); step 2 adds whatever of it they lack and keeps every row. A later step is
+appended to :data:`MIGRATIONS` as a function of the connection; never edit a shipped step.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Callable
+
+from cloud.errors import SchemaTooNew
+
+__all__ = ["INDEXES", "MIGRATIONS", "SCHEMA_VERSION", "TABLES", "migrate", "stored_version"]
+
+T, I, R = "TEXT", "INTEGER", "REAL"
+
+# table -> (columns in order, primary key)
+TABLES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
+    "meta": ((("key", T), ("value", T)), ("key",)),
+    # -- catalog: data sets, runs, model versions, artifacts, packages, updates, lineage
+    "datasets": ((("dataset_id", T), ("name", T), ("version", I), ("sha256", T), ("path", T), ("files", T),
+                  ("schema", T), ("added_at", R)), ("dataset_id",)),
+    "runs": ((("run_id", T), ("model", T), ("status", T), ("reason", T), ("dataset_id", T), ("dataset_sha256", T),
+              ("params", T), ("dist", T), ("code", T), ("environment", T), ("hardware", T), ("metrics", T),
+              ("history", T), ("weights_sha256", T), ("reproduces", T), ("started_at", R), ("ended_at", R)),
+             ("run_id",)),
+    "lineage": ((("src", T), ("dst", T), ("relation", T), ("created_at", R)), ("src", "dst", "relation")),
+    "model_versions": ((("model_version", T), ("model", T), ("version", I), ("run_id", T), ("stage", T),
+                        ("onnx_sha256", T), ("state_sha256", T), ("arch", T), ("features", T), ("labels", T),
+                        ("metrics", T), ("created_at", R), ("task", T)), ("model_version",)),
+    "artifacts": ((("sha256", T), ("kind", T), ("length", I), ("path", T), ("created_at", R)), ("sha256",)),
+    "packages": ((("sha256", T), ("model_version", T), ("tier", T), ("target", T), ("length", I),
+                  ("created_at", R)), ("sha256",)),
+    "updates": ((("update_id", T), ("model_version", T), ("tier", T), ("target", T), ("sha256", T), ("length", I),
+                 ("issued_at", R)), ("update_id",)),
+    "pipeline_steps": ((("key", T), ("step", T), ("output", T), ("created_at", R)), ("key",)),
+    "pipeline_runs": ((("run_id", T), ("name", T), ("file_sha256", T), ("status", T), ("reason", T),
+                       ("trigger", T), ("steps", T), ("started_at", R), ("ended_at", R)), ("run_id",)),
+    # -- fleet: devices, their telemetry and error reports
+    "devices": ((("device_id", T), ("tier", T), ("state", T), ("model_version", T), ("update_id", T), ("reason", T),
+                 ("first_seen", R), ("last_seen", R), ("hardware", T), ("tags", T), ("groups", T),
+                 ("target_model_version", T), ("enrolled_at", R), ("cert_serial", T), ("cert_fingerprint", T),
+                 ("cert_not_after", R), ("revoked", I), ("revoked_at", R)), ("device_id",)),
+    "telemetry": ((("device_id", T), ("seq", I), ("model_version", T), ("window_start", R), ("window_end", R),
+                   ("count", I), ("labelled", I), ("correct", I), ("errors", I), ("latency_ms_p50", R),
+                   ("latency_ms_max", R), ("predictions", T), ("confidence_hist", T), ("features", T),
+                   ("samples", T), ("received_at", R), ("abs_err_sum", R)), ("device_id", "seq")),
+    "device_errors": ((("id", I), ("device_id", T), ("update_id", T), ("code", T), ("message", T), ("ts", R),
+                       ("received_at", R), ("report_id", T)), ("id",)),
+    "telemetry_rejects": ((("id", I), ("device_id", T), ("seq", I), ("reason", T), ("detail", T), ("topic", T),
+                           ("received_at", R)), ("id",)),
+    "label_feedback": ((("device_id", T), ("seq", I), ("labelled", I), ("correct", I), ("abs_err_sum", R),
+                        ("source", T), ("added_at", R)), ("device_id", "seq")),
+    # -- alerts and API tokens
+    "alerts": ((("id", I), ("kind", T), ("cohort", T), ("key", T), ("model_version", T), ("detail", T),
+                ("created_at", R)), ("id",)),
+    "api_tokens": ((("token_id", T), ("name", T), ("role", T), ("sha256", T), ("created_at", R), ("revoked_at", R),
+                    ("last_used_at", R), ("expires_at", R)), ("token_id",)),
+    # -- rollouts
+    "rollouts": ((("rollout_id", T), ("model_version", T), ("target", T), ("spec", T), ("state", T),
+                  ("paused_from", T), ("reason", T), ("created_at", R), ("updated_at", R), ("bake_until", R),
+                  ("waves_started_at", R), ("waves_sent", I), ("last_wave_at", R), ("health", T), ("health_at", R),
+                  ("finished_at", R)), ("rollout_id",)),
+    "rollout_devices": ((("rollout_id", T), ("device_id", T), ("tier", T), ("prev_version", T), ("ord", T),
+                         ("state", T), ("attempt", I), ("wave", I), ("update_id", T), ("sent_at", R),
+                         ("deadline", R), ("code", T), ("reason", T), ("finished_at", R), ("rb_attempt", I)),
+                        ("rollout_id", "device_id")),
+    "rollout_groups": ((("rollout_id", T), ("kind", T), ("tier", T), ("prev_version", T), ("attempt", I),
+                        ("grp", T), ("update_id", T), ("announce", T)),
+                       ("rollout_id", "kind", "tier", "prev_version", "attempt")),
+    "rollout_attempts": ((("rollout_id", T), ("device_id", T), ("phase", T), ("attempt", I), ("update_id", T),
+                          ("sent_at", R), ("outcome", T), ("code", T), ("finished_at", R)),
+                         ("rollout_id", "device_id", "phase", "attempt")),
+}
+
+# (table, columns, unique)
+INDEXES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("device_errors", ("report_id",), True),          # an error report sent again is stored once
+    ("device_errors", ("device_id", "id"), False),
+    ("api_tokens", ("sha256",), True),
+    ("rollout_devices", ("rollout_id", "state"), False),
+    ("rollout_devices", ("device_id",), False),
+)
+
+
+def _create_table(name: str) -> str:
+    columns, pk = TABLES[name]
+    keys = ", ".join(f'"{k}"' for k in pk)
+    body = [f'"{c}" {t}' for c, t in columns] + [f"PRIMARY KEY ({keys})"]
+    return f'CREATE TABLE IF NOT EXISTS "{name}" ({", ".join(body)})'
+
+
+def _ensure(conn: sqlite3.Connection) -> None:
+    """Every table, column and index of :data:`TABLES` and :data:`INDEXES` that is missing."""
+    for name, (columns, _) in TABLES.items():
+        conn.execute(_create_table(name))
+        have = {row[1] for row in conn.execute(f'PRAGMA table_info("{name}")')}
+        for column, kind in columns:
+            if column not in have:
+                conn.execute(f'ALTER TABLE "{name}" ADD COLUMN "{column}" {kind}')
+    for table, columns, unique in INDEXES:
+        conn.execute(f'CREATE {"UNIQUE " if unique else ""}INDEX IF NOT EXISTS "idx_{table}_{"_".join(columns)}" '
+                     f'ON "{table}" ({", ".join(columns)})')
+
+
+def _v1(conn: sqlite3.Connection) -> None:
+    """Version 1: the schema as of the store (a new database gets all of it at once)."""
+    _ensure(conn)
+
+
+def _v2(conn: sqlite3.Connection) -> None:
+    """Version 2: complete a database written before the store. Those record version 1 but were
+    built piecemeal (a table created only once its module was used, columns added on open),
+    so add whatever of version 1 they lack; every row stays. A no-op after :func:`_v1`."""
+    _ensure(conn)
+
+
+# MIGRATIONS[i] takes a database from version i to version i + 1
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def stored_version(conn: sqlite3.Connection) -> int:
+    """The version a database records (0: a new, empty one). Raises SchemaTooNew for a value
+    this edgeloop cannot read."""
+    if not conn.execute("select 1 from sqlite_master where type = 'table' and name = 'meta'").fetchone():
+        return 0
+    row = conn.execute("select value from meta where key = 'schema_version'").fetchone()
+    if row is None:
+        return 0
+    try:
+        return int(row[0])
+    except (TypeError, ValueError):
+        raise SchemaTooNew(f"the database records schema version {row[0]!r}, which this edgeloop "
+                           f"(schema {SCHEMA_VERSION}) cannot read") from None
+
+
+def migrate(conn: sqlite3.Connection, path: str = "the database") -> int:
+    """Bring the database to :data:`SCHEMA_VERSION`; returns the version it had. Raises
+    SchemaTooNew, changing nothing, for a database from a newer edgeloop."""
+    found = stored_version(conn)
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(f"{path} has schema version {found}, newer than this edgeloop's {SCHEMA_VERSION}: "
+                           "upgrade edgeloop to open it (nothing was changed)")
+    for version in range(found, SCHEMA_VERSION):
+        with conn:
+            conn.execute("begin immediate")      # the step and its version commit together
+            MIGRATIONS[version](conn)
+            conn.execute("insert into meta (key, value) values ('schema_version', ?) "
+                         "on conflict(key) do update set value = excluded.value", [str(version + 1)])
+    return found

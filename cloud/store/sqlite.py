@@ -1,0 +1,20 @@
+"""The SQLite store: the control plane's one database connection, lock and schema owner.
+
+:class:`SqliteStore` implements :class:`cloud.store.interface.Store` from one operation module
+per table family (catalog, fleet, access, rollouts). Opening one migrates the database in
+place (cloud.store.schema) or raises SchemaTooNew for one from a newer edgeloop. One store may
+be shared by threads: every operation holds its re-entrant lock.
+"""
+
+from __future__ import annotations
+
+from cloud.store.access import AccessOps
+from cloud.store.catalog import CatalogOps
+from cloud.store.fleet import FleetOps
+from cloud.store.rollouts import RolloutOps
+
+__all__ = ["SqliteStore"]
+
+
+class SqliteStore(CatalogOps, FleetOps, AccessOps, RolloutOps):
+    """SQLite (WAL) behind the :class:`~cloud.store.interface.Store` Protocol."""
