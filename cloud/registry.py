@@ -119,7 +119,7 @@ class Registry:
         # columns added after a table first shipped: older registries gain them on open
         for table, column in (("telemetry", "features"), ("telemetry", "samples"), ("model_versions", "state_sha256"),
                               ("model_versions", "arch"), ("device_errors", "report_id"),
-                              ("model_versions", "task")):
+                              ("model_versions", "task"), ("packages", "baseline_sha256")):
             if column not in t(table).columns_dict:
                 t(table).add_column(column, str)
         for table in ("telemetry", "label_feedback"):
@@ -256,9 +256,26 @@ class Registry:
             raise NotFound(f"no {tier} package for {model_version} (run: edgeloop package {model_version} --tier {tier})")
         return rows[0]
 
-    def add_update(self, row: dict[str, Any]) -> None:
+    def package_by_sha(self, sha256: str) -> dict[str, Any] | None:
         with self._lock:
-            self.db["updates"].insert(row, pk="update_id")
+            rows = list(self.db.query("select * from packages where sha256 = ?", [sha256]))
+        return rows[0] if rows else None
+
+    def packages_of(self, model_version: str) -> list[dict[str, Any]]:
+        """Every package of a model version, newest first."""
+        with self._lock:
+            return list(self.db.query("select * from packages where model_version = ? order by created_at desc",
+                                      [model_version]))
+
+    def packages_named(self, target: str) -> list[str]:
+        """The sha256 of every package registered under this target name."""
+        with self._lock:
+            return [r["sha256"] for r in self.db.query("select sha256 from packages where target = ?", [target])]
+
+    def add_update(self, row: dict[str, Any]) -> None:
+        """Record an update; one with the same update id (the same release signed again) replaces it."""
+        with self._lock:
+            self.db["updates"].upsert(row, pk="update_id")
 
     def updates(self) -> list[dict[str, Any]]:
         with self._lock:
