@@ -131,18 +131,11 @@ class TelemetryGate:
         return self._baselines[model_version]
 
     def _load_baseline(self, model_version: str) -> tuple[str, list[int]] | None:
-        """The baseline every tier's package of this model version carries; None if unknown here."""
-        from contracts.bundle import read_bundle
-        with self.registry._lock:
-            rows = list(self.registry.db.query(
-                "select a.path from packages p join artifacts a on a.sha256 = p.sha256 "
-                "where p.model_version = ? order by p.created_at desc limit 1", [model_version]))
-        if not rows:
-            return None
-        try:
-            baseline: dict[str, Any] = read_bundle(Path(rows[0]["path"]).read_bytes()).manifest.baseline
-        except Exception:  # noqa: BLE001 - an unreadable package: no bins to check against
-            return None
+        """The baseline every tier's package of this model version carries (stored once:
+        cloud/baselines.py); None if unknown here. A missing or corrupt one raises IntegrityError
+        (the batch is not stored; devices send it again)."""
+        from cloud.baselines import model_baseline
+        baseline = model_baseline(self.registry, model_version)
         if not baseline or not baseline.get("features"):
             return None
         return edges_digest(baseline["features"]), [len(f["counts"]) for f in baseline["features"]]
