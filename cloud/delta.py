@@ -114,8 +114,12 @@ def _sequence_diff(ops: _Ops, base: bytes, base_off: int, new: bytes) -> None:
 
 def make_delta(base: bytes, target: bytes, model_member: str = "model.onnx",
                small_limit: int = 256 * 1024) -> tuple[bytes, DeltaStats] | None:
-    """A verified delta from ``base`` to ``target`` packages, or None if it would not help."""
-    base_members, target_members = _members(base), _members(target)
+    """A verified delta from ``base`` to ``target`` packages, or None if it would not help (or
+    either is not a package tar)."""
+    try:
+        base_members, target_members = _members(base), _members(target)
+    except tarfile.TarError:
+        return None
     ops = _Ops()
     pos = 0
     for name, (off, size) in sorted(target_members.items(), key=lambda kv: kv[1][0]):

@@ -428,14 +428,10 @@ def drift_report(registry, by: str = "device", cfg: DriftConfig = DriftConfig(),
 
 
 def _baseline(registry, model_version: str, tier: str) -> dict | None:  # noqa: ANN001
-    from pathlib import Path
-
-    from contracts.bundle import read_bundle
-    try:
-        pkg = registry.package_for(model_version, tier)
-        return read_bundle(Path(registry.artifact_path(pkg["sha256"])).read_bytes()).manifest.baseline or None
-    except Exception:  # noqa: BLE001 - no package or baseline: reported as such
-        return None
+    """The stored baseline (cloud/baselines.py): None only when the version has no package here
+    or its record says it has none; a missing or corrupt one raises IntegrityError."""
+    from cloud.baselines import model_baseline
+    return model_baseline(registry, model_version, tier)
 
 
 def _judge_cohort(by: str, key: str, mv: str, members: list[dict[str, Any]], baseline: dict | None,

@@ -495,7 +495,7 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
                             profile: TierProfile) -> PackageResult:
     """An imported .tflite packaged as it is for a .tflite tier, measured and checked like any
     tier package (operators, arena, budgets, golden vectors), and stored."""
-    from cloud.packaging import GOLDEN_ATOL, baseline_stats, check_fidelity, golden_atol, store_blob, task_fidelity
+    from cloud.packaging import GOLDEN_ATOL, baseline_stats, check_fidelity, golden_atol, split_timings, task_fidelity
     from cloud.packaging import _load, _tensor, aot_library
     from cloud.pipeline import GOLDEN_COUNT, _read_artifact, _training_data
     from cloud.tier_packagers import (TierArtifact, arena_for_tier, captured_output, check_budgets, check_operators,
@@ -558,16 +558,13 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
     train_out = reference(features.model_input(train_split.x))
     lineage = {"run_id": mv["run_id"], "dataset_sha256": dataset.sha256, "onnx_sha256": None,
                "imported_sha256": arch["source_sha256"]}
+    recorded, timings = split_timings(measured)
     manifest = Manifest(**{**draft.__dict__, **io_specs, "lineage": lineage, "layout": artifact.layout,
                            "golden_atol": atol, "baseline": baseline_stats(train_split.x, train_out, task, features),
-                           "measured": {**measured, "input_quantization": in_q, "output_quantization": out_q}})
+                           "measured": {**recorded, "input_quantization": in_q, "output_quantization": out_q}})
     data = write_bundle(manifest, {**artifact.files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
     from cloud.packaging import PackageResult
+    from cloud.release import register_package
 
-    result = PackageResult(data, sha256_hex(data), read_bundle(data).manifest)
-    sha, path = store_blob(ws.artifacts_dir, result.data)
-    registry.add_artifact(sha, f"package:{profile.name}", len(result.data), str(path))
-    registry.add_package({"sha256": sha, "model_version": name, "tier": profile.name,
-                          "target": result.target_path, "length": len(result.data)})
-    registry.add_edge(f"model_version:{name}", f"package:{sha}", "packaged")
-    return result
+    result = PackageResult(data, sha256_hex(data), read_bundle(data).manifest, timings)
+    return register_package(ws, registry, name, result)

@@ -96,10 +96,27 @@ class TelemetryGate:
 
     def _enrolment(self, ids: list[str]) -> tuple[set[str] | None, set[str]]:
         """(enrolled ids among ``ids``, or None when the fleet enrols no one; revoked ids)."""
-        return self.registry.enrolment(ids)
+        columns = self.registry.db["devices"].columns_dict
+        if "cert_serial" not in columns:
+            return None, set()
+        marks = ",".join("?" * len(ids))
+        with self.registry._lock:
+            any_enrolled = list(self.registry.db.query(
+                "select 1 from devices where cert_serial is not null and cert_serial != '' limit 1"))
+            rows = list(self.registry.db.query(
+                f"select device_id, cert_serial, coalesce(revoked, 0) as revoked from devices "
+                f"where device_id in ({marks})", ids))
+        revoked = {r["device_id"] for r in rows if r["revoked"]}
+        if not any_enrolled:
+            return None, revoked
+        return {r["device_id"] for r in rows if r["cert_serial"]}, revoked
 
     def _last_seq(self, ids: list[str]) -> dict[str, int]:
-        return self.registry.last_seqs(ids)
+        marks = ",".join("?" * len(ids))
+        with self.registry._lock:
+            rows = self.registry.db.query(
+                f"select device_id, max(seq) as seq from telemetry where device_id in ({marks}) group by device_id", ids)
+            return {r["device_id"]: int(r["seq"]) for r in rows}
 
     def _baseline(self, model_version: str) -> tuple[str, list[int]] | None:
         """Known baselines are kept; an unknown one is looked up again (at most once per batch)."""
@@ -114,15 +131,11 @@ class TelemetryGate:
         return self._baselines[model_version]
 
     def _load_baseline(self, model_version: str) -> tuple[str, list[int]] | None:
-        """The baseline every tier's package of this model version carries; None if unknown here."""
-        from contracts.bundle import read_bundle
-        path = self.registry.newest_package_path(model_version)
-        if path is None:
-            return None
-        try:
-            baseline: dict[str, Any] = read_bundle(Path(path).read_bytes()).manifest.baseline
-        except Exception:  # noqa: BLE001 - an unreadable package: no bins to check against
-            return None
+        """The baseline every tier's package of this model version carries (stored once:
+        cloud/baselines.py); None if unknown here. A missing or corrupt one raises IntegrityError
+        (the batch is not stored; devices send it again)."""
+        from cloud.baselines import model_baseline
+        baseline = model_baseline(self.registry, model_version)
         if not baseline or not baseline.get("features"):
             return None
         return edges_digest(baseline["features"]), [len(f["counts"]) for f in baseline["features"]]

@@ -9,7 +9,7 @@ package on onnxruntime, kept for tests, benchmarks and tools that need a package
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from device_sdk.runtime import ModelRuntime
 
 __all__ = ["TIERS", "PackageResult", "build_package", "build_tier_package", "golden_vectors", "baseline_stats",
-           "store_blob", "GOLDEN_ATOL"]
+           "store_blob", "split_timings", "GOLDEN_ATOL", "TIMING_KEYS"]
 
 # tiers build_package accepts -> (runtime, numeric format, latency budget ms): fp32 ONNX only
 TIERS: dict[str, tuple[str, str, float]] = {
@@ -38,14 +38,33 @@ TIERS: dict[str, tuple[str, str, float]] = {
 
 @dataclass(frozen=True)
 class PackageResult:
+    """A built package: its bytes, their sha256 and manifest; ``timings``, what was timed on
+    the packaging host (kept out of the bytes, which must not depend on when they were built);
+    ``target``, the name it was registered under (cloud/release.py), once registered."""
+
     data: bytes
     sha256: str
     manifest: Manifest
+    timings: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None
 
     @property
     def target_path(self) -> str:
         """The package's name in the signed repository."""
+        if self.target is not None:
+            return self.target
         return f"{self.manifest.model}/{self.manifest.version}/{self.manifest.tier}.elpkg"
+
+
+# timed on the packaging host: checked against the tier's latency budget and reported, never
+# written into the package (the same inputs must give the same bytes)
+TIMING_KEYS = ("host_p50_ms", "device_latency_ms")
+
+
+def split_timings(measured: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the manifest records, what was timed on this host)."""
+    return ({k: v for k, v in measured.items() if k not in TIMING_KEYS},
+            {k: measured[k] for k in TIMING_KEYS if k in measured})
 
 
 def golden_vectors(onnx_bytes: bytes, features: FeatureSpec, raw_inputs: np.ndarray) -> dict:
@@ -221,11 +240,12 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
     io = {"inputs": [_tensor(INPUT_NAME, list(features.shape), runtime, in_q, "in_dtype")],
           "outputs": [_tensor(OUTPUT_NAME, [n_outputs], runtime, out_q, "out_dtype")]}
     atol = golden_atol(task, artifact.numeric_format, np.asarray(golden["outputs"], dtype=np.float64), out_q)
+    recorded, timings = split_timings(measured)
     manifest = Manifest(**{**draft.__dict__, **io, "lineage": lineage, "layout": layout, "golden_atol": atol,
                            "baseline": baseline or {},
-                           "measured": {**measured, "input_quantization": in_q, "output_quantization": out_q}})
+                           "measured": {**recorded, "input_quantization": in_q, "output_quantization": out_q}})
     data = write_bundle(manifest, {**files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
-    return PackageResult(data, sha256_hex(data), read_bundle(data).manifest)
+    return PackageResult(data, sha256_hex(data), read_bundle(data).manifest, timings)
 
 
 AOT_EXTRA_ROWS = 48     # held-out rows the AOT firmware is checked on, besides the golden vectors

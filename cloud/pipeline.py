@@ -9,24 +9,22 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tuf.api.metadata import TargetFile
 
 from contracts.bundle import sha256_hex
 from contracts.features import FeatureSpec
 from contracts.messages import Announce
-from contracts.topics import assignment_path
 from cloud.datasets import Dataset, load_dataset
 from cloud.errors import CloudError, IntegrityError, NotFound, UserError
 from cloud.launcher import DistConfig, run_job
 from cloud.runrecord import code_record, environment_record, hardware_record
-from cloud.delta import make_delta
 from cloud.export import export_onnx
 from cloud.packaging import PackageResult, baseline_stats, build_tier_package, store_blob
+from cloud.release import Assignment, Releaser, register_package
 from cloud.tiers import tier as tier_profile
 from cloud.registry import Registry
 from contracts.tasks import TaskKind, TaskSpec
@@ -268,12 +266,7 @@ def package_model(ws: Workspace, registry: Registry, model_version: str, tier: s
                                 mv["model"], mv["version"], train_split.x[:CALIBRATION_ROWS],
                                 test.x[:GOLDEN_COUNT], test.x, test.y, lineage,
                                 baseline=baseline_stats(train_split.x, train_outputs, task, features), task=task)
-    sha, path = store_blob(ws.artifacts_dir, result.data)
-    registry.add_artifact(sha, f"package:{tier}", len(result.data), str(path))
-    registry.add_package({"sha256": sha, "model_version": model_version, "tier": tier,
-                          "target": result.target_path, "length": len(result.data)})
-    registry.add_edge(f"model_version:{model_version}", f"package:{sha}", "packaged")
-    return result
+    return register_package(ws, registry, model_version, result)
 
 
 def _torch_model(registry: Registry, mv: dict[str, Any]) -> torch.nn.Module:
@@ -319,57 +312,14 @@ def _read_artifact(registry: Registry, sha256: str, what: str) -> bytes:
 def publish_update(ws: Workspace, registry: Registry, repository_url: str, model_version: str, tier: str,
                    announce: Callable[[Announce], None], director_url: str | None = None,
                    group: str | None = None) -> Announce:
-    """Sign the tier's package into the image repository, assign it to a device group in the
-    director (default group: the tier), and announce it to the fleet."""
-    pkg = registry.package_for(model_version, tier)
-    data = Path(registry.artifact_path(pkg["sha256"])).read_bytes()
-    image = ws.image_repository()
-    image.add_target(pkg["target"], data)
-    delta = delta_from_current(ws, registry, image, group or tier, pkg["target"], data)
-    mv = registry.model_version(model_version)
-    msg = Announce(update_id=f"upd-{uuid.uuid4().hex[:12]}", model=mv["model"], model_version=model_version,
-                   tier=tier, target=pkg["target"], length=pkg["length"], sha256=pkg["sha256"],
-                   repository=repository_url, director=director_url or _director_url(repository_url),
-                   issued_at=time.time(), delta=delta)
-    assign(ws, group or tier, msg, data)
-    announce(msg)
-    registry.add_update({"update_id": msg.update_id, "model_version": model_version, "tier": tier,
-                         "target": msg.target, "sha256": msg.sha256, "length": msg.length,
-                         "issued_at": msg.issued_at})
-    registry.add_edge(f"package:{pkg['sha256']}", f"update:{msg.update_id}", "published")
-    return msg
-
-
-def assign(ws: Workspace, group: str, msg: Announce, data: bytes) -> None:
-    """The director's word: ``group`` installs this package (replacing its previous assignment)."""
-    director = ws.director_repository()
-    prefix = f"assignments/{group}/"
-    current = {path: None for path in director.targets() if path.startswith(prefix)}
-    target = TargetFile.from_data(assignment_path(group, msg.target), data, ["sha256"])
-    target.unrecognized_fields["custom"] = {"update_id": msg.update_id, "model_version": msg.model_version}
-    director.set_targets({**current, target.path: target})
-
-
-def delta_from_current(ws: Workspace, registry: Registry, image, group: str, target: str,
-                        data: bytes) -> dict | None:
-    """Sign a delta from the package the group runs now, if one helps (docs/ota.md)."""
-    prefix = f"assignments/{group}/"
-    current = [t for p, t in ws.director_repository().targets().items() if p.startswith(prefix)]
-    if not current or current[0].path == f"{prefix}{target}":
-        return None
-    base_sha = current[0].hashes["sha256"]
-    try:
-        base = Path(registry.artifact_path(base_sha)).read_bytes()
-    except (NotFound, OSError):
-        return None
-    made = make_delta(base, data)
-    if made is None:
-        return None
-    patch, _ = made
-    delta_target = f"{target.rsplit('.', 1)[0]}.from-{base_sha[:16]}.delta"
-    image.add_target(delta_target, patch)
-    return {"target": delta_target, "base_sha256": base_sha, "length": len(patch)}
-
-
-def _director_url(repository_url: str) -> str:
-    return repository_url.rstrip("/").rsplit("/", 1)[0] + "/director"
+    """Release the tier's package to a device group (default group: the tier) through the one
+    release path (cloud/release.py: sign, assign in the director, delta, record), then announce
+    it to the fleet. Raises IntegrityError, with nothing assigned, for a package the image
+    repository and the director would disagree on."""
+    group = group or tier
+    now = time.time()
+    sha = registry.package_for(model_version, tier)["sha256"]
+    released = Releaser(ws, registry, repository_url, director_url).release(
+        [Assignment(group, model_version, tier, f"publish/{group}/{sha}/{now!r}", named=False)], now=now)[0]
+    announce(released.announce)
+    return released.announce

@@ -301,47 +301,48 @@ class RolloutController:
                 wanted.append(("rollback", tier, prev, prev))
             except NotFound:
                 log.warning("rollout %s: no %s package of %s to roll back to", rid, tier, prev)
-        return self._sign(rid, [(kind, tier, prev, mv, 1) for kind, tier, prev, mv in wanted], now)
+        return self._sign(rid, [(kind, tier, prev, mv, 1) for kind, tier, prev, mv in wanted], now,
+                          self._delta_bases(spec.model_version, devices))
 
-    def _sign(self, rid: str, wanted: list[tuple[str, str, str, str, int]], now: float) -> list[dict[str, Any]]:
-        """Sign packages into the image repository and assignments into the director, in one
-        director signing; returns the rollout_groups rows."""
-        with self._sign_lock, (self.ws.root / ".rollout-signing.lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)        # and one across processes (CLI start, serve workers)
-            return self._sign_locked(rid, wanted, now)
+    def _sign(self, rid: str, wanted: list[tuple[str, str, str, str, int]], now: float,
+              bases: dict[tuple[str, str, str], str] | None = None) -> list[dict[str, Any]]:
+        """Release the update and rollback groups through the one release path (cloud/release.py:
+        image repository, delta from ``bases[(kind, tier, prev)]``, director, updates), in one
+        director signing; returns the rollout_groups rows. Raises IntegrityError, with nothing
+        assigned, for a package the two repositories would disagree on."""
+        from cloud.release import Assignment, Releaser
 
-    def _sign_locked(self, rid: str, wanted: list[tuple[str, str, str, str, int]], now: float) -> list[dict[str, Any]]:
-        image, director = self.ws.image_repository(), self.ws.director_repository()
-        present = image.targets()
-        changes: dict[str, TargetFile] = {}
-        rows = []
+        assignments = []
         for kind, tier, prev, mv, attempt in wanted:
-            pkg = self.registry.package_for(mv, tier)
-            data = Path(self.registry.artifact_path(pkg["sha256"])).read_bytes()
-            if pkg["target"] not in present:
-                image.add_target(pkg["target"], data)
-                present = image.targets()
             group = f"{rid}-{'u' if kind == 'update' else 'r'}{attempt}-{tier}"[:64]
             if kind == "rollback":
                 group = f"{rid}-r{attempt}-{sha256(f'{tier}/{prev}'.encode()).hexdigest()[:8]}"
-            model = self.registry.model_version(mv)["model"]
             # derived, not random: two control-plane workers signing the same retry sign the same thing
-            update_id = "upd-" + sha256(f"{rid}/{kind}/{tier}/{prev}/{attempt}".encode()).hexdigest()[:12]
-            msg = Announce(update_id=update_id, model=model, model_version=mv, tier=tier,
-                           target=pkg["target"], length=pkg["length"], sha256=pkg["sha256"],
-                           repository=self.repository_url or "", director=self.director_url or "",
-                           issued_at=now, group=group)
-            target = TargetFile.from_data(assignment_path(group, msg.target), data, ["sha256"])
-            target.unrecognized_fields["custom"] = {"update_id": msg.update_id, "model_version": mv}
-            changes[target.path] = target
-            rows.append({"rollout_id": rid, "kind": kind, "tier": tier, "prev_version": prev, "attempt": attempt,
-                         "grp": group, "update_id": msg.update_id, "announce": json.dumps(asdict(msg))})
-            self.registry.upsert_update({"update_id": msg.update_id, "model_version": mv, "tier": tier,
-                                         "target": msg.target, "sha256": msg.sha256, "length": msg.length,
-                                         "issued_at": now})
-            self.registry.add_edge(f"package:{pkg['sha256']}", f"update:{msg.update_id}", "published")
-        director.set_targets(changes)
-        return rows
+            assignments.append(Assignment(group, mv, tier, f"{rid}/{kind}/{tier}/{prev}/{attempt}",
+                                          delta_base=(bases or {}).get((kind, tier, prev))))
+        releaser = Releaser(self.ws, self.registry, self.repository_url or "", self.director_url)
+        released = releaser.release(assignments, now)
+        return [{"rollout_id": rid, "kind": kind, "tier": tier, "prev_version": prev, "attempt": attempt,
+                 "grp": r.announce.group, "update_id": r.announce.update_id, "announce": json.dumps(asdict(r.announce))}
+                for (kind, tier, prev, _, attempt), r in zip(wanted, released)]
+
+    def _delta_bases(self, model_version: str, devices: list[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+        """What each group's devices run now: an update group's most common previous package in
+        its tier, a rollback group's the package it rolls back from."""
+        bases: dict[tuple[str, str, str], str] = {}
+        runs: dict[str, dict[str, int]] = {}
+        for d in devices:
+            if d.get("model_version") and d["model_version"] != model_version:
+                counts = runs.setdefault(d["tier"], {})
+                counts[d["model_version"]] = counts.get(d["model_version"], 0) + 1
+        for tier, counts in runs.items():
+            try:
+                bases[("update", tier, "")] = self.registry.package_for(max(counts, key=counts.get), tier)["sha256"]
+                new = self.registry.package_for(model_version, tier)["sha256"]
+            except NotFound:
+                continue
+            bases.update({("rollback", tier, prev): new for prev in counts})
+        return bases
 
     def _group(self, rid: str, kind: str, tier: str, prev: str, attempt: int, mv: str, now: float) -> dict | None:
         """The signed group for this attempt, signing it now if it is a retry's first use."""

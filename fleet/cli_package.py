@@ -81,7 +81,7 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
                 continue
             m = result.manifest
             rows.append({"tier": tier, "format": m.numeric_format, "runtime": m.runtime, "sha256": result.sha256,
-                         "bytes": len(result.data), "target": result.target_path, **m.measured})
+                         "bytes": len(result.data), "target": result.target_path, **m.measured, **result.timings})
             if args.export_triton and tier == "gpu-server":
                 rows[-1]["triton_files"] = export_triton(result.data, args.export_triton)
             if args.export_c and m.runtime == "tflite-micro":

@@ -155,9 +155,16 @@ class CatalogOps(SqliteBase):
         return row
 
     def packages_of(self, model_version: str) -> list[dict[str, Any]]:
-        """(tier, sha256, length, target) of every package of ``model_version``."""
-        return self._rows("select tier, sha256, length, target from packages where model_version = ?",
+        """Every package of ``model_version``, newest first."""
+        return self._rows("select * from packages where model_version = ? order by created_at desc",
                           [model_version])
+
+    def package_by_sha(self, sha256: str) -> dict[str, Any] | None:
+        return self._one("select * from packages where sha256 = ?", [sha256])
+
+    def packages_named(self, target: str) -> list[str]:
+        """The sha256 of every package registered under this target name."""
+        return [r["sha256"] for r in self._rows("select sha256 from packages where target = ?", [target])]
 
     def count_packages(self) -> int:
         return int(self._scalar("select count(*) from packages"))

@@ -83,9 +83,6 @@ class CatalogStore(Protocol):
     def package_for(self, model_version: str, tier: str) -> dict[str, Any]:
         """The newest package of ``model_version`` for ``tier``. Raises NotFound."""
 
-    def packages_of(self, model_version: str) -> list[dict[str, Any]]:
-        """(tier, sha256, length, target) of every package of ``model_version``."""
-
     def count_packages(self) -> int: ...
 
     def set_package_length(self, sha256: str, length: int) -> None:
@@ -94,6 +91,14 @@ class CatalogStore(Protocol):
 
     def newest_package_path(self, model_version: str) -> str | None:
         """The stored file of the newest package of ``model_version`` (any tier), or None."""
+
+    def packages_of(self, model_version: str) -> list[dict[str, Any]]:
+        """Every package of ``model_version``, newest first."""
+
+    def package_by_sha(self, sha256: str) -> dict[str, Any] | None: ...
+
+    def packages_named(self, target: str) -> list[str]:
+        """The sha256 of every package registered under this target name."""
 
     def add_update(self, row: dict[str, Any]) -> None: ...
 

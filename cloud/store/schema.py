@@ -42,7 +42,7 @@ TABLES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
                         ("metrics", T), ("created_at", R), ("task", T)), ("model_version",)),
     "artifacts": ((("sha256", T), ("kind", T), ("length", I), ("path", T), ("created_at", R)), ("sha256",)),
     "packages": ((("sha256", T), ("model_version", T), ("tier", T), ("target", T), ("length", I),
-                  ("created_at", R)), ("sha256",)),
+                  ("created_at", R), ("baseline_sha256", T)), ("sha256",)),
     "updates": ((("update_id", T), ("model_version", T), ("tier", T), ("target", T), ("sha256", T), ("length", I),
                  ("issued_at", R)), ("update_id",)),
     "pipeline_steps": ((("key", T), ("step", T), ("output", T), ("created_at", R)), ("key",)),
@@ -127,8 +127,16 @@ def _v2(conn: sqlite3.Connection) -> None:
     _ensure(conn)
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    """Version 3: ``packages.baseline_sha256``, the drift baseline stored once per package
+    (cloud/baselines.py). Packages from before it have none recorded: their readers say so."""
+    have = {row[1] for row in conn.execute('PRAGMA table_info("packages")')}
+    if "baseline_sha256" not in have:
+        conn.execute('ALTER TABLE "packages" ADD COLUMN "baseline_sha256" TEXT')
+
+
 # MIGRATIONS[i] takes a database from version i to version i + 1
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,194 @@
+"""One release path (cloud/release.py): publish, rollouts and the pipeline sign, assign and
+record through it, and the image repository always signs what the director assigns.
+
+Integration tests run real agents against a real Mosquitto and the real repository server
+(conftest.make_live); the refusal tests drive the real controller on a real registry and real
+TUF signing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TIER, make_live, own_broker, wait_for
+from cloud.errors import IntegrityError
+from cloud.packaging import store_blob
+from cloud.registry import Registry
+from cloud.rollouts import RolloutController, RolloutSpec
+from cloud.workspace import Workspace
+
+# this module's own broker: rollouts select devices from the statuses a broker retains
+broker = pytest.fixture(scope="module", name="broker")(own_broker)
+
+DEVICES = 5
+
+
+@pytest.fixture(scope="module")
+def rig(broker, tmp_path_factory):
+    env = make_live(broker, tmp_path_factory.mktemp("release"), devices=DEVICES)
+    env.ids = [a.device_id for a in env.agents]
+    yield env
+    env.close()
+
+
+def _registered(env, version: str) -> bool:
+    env.cp.drain()
+    rows = {d["device_id"]: d for d in env.registry.devices()}
+    return all(rows.get(i, {}).get("model_version") == version for i in env.ids)
+
+
+def _roll_out(env, model_version: str) -> dict:
+    wait_for(lambda: _registered(env, env.agents[0].model_version), what="every device in the registry")
+    ctl = RolloutController(env.ws, env.registry, env.cp.send_command, repository_url=env.repository_url,
+                            director_url=env.director_url)
+    rid = ctl.create(RolloutSpec(model_version, f"tier={TIER}", max_failure_pct=0))
+
+    def done() -> bool:
+        env.cp.drain(0.5)
+        ctl.step()
+        return ctl.status(rid)["state"] in ("completed", "aborted")
+    wait_for(done, timeout=60, what=f"rollout {rid} to finish", interval=0.1)
+    return ctl.status(rid)
+
+
+def _image_agrees(env, model_version: str) -> None:
+    """The image repository signs, and holds, exactly the package the registry would release."""
+    pkg = env.registry.package_for(model_version, TIER)
+    signed = env.repo.targets()[pkg["target"]]
+    assert (signed.length, signed.hashes["sha256"]) == (pkg["length"], pkg["sha256"])
+    assert env.repo.target_file(pkg["target"]).read_bytes() == Path(env.registry.artifact_path(pkg["sha256"])).read_bytes()
+
+
+def test_repackaging_a_published_version_then_rolling_it_out_updates_every_device(rig):
+    from cloud.pipeline import package_model, publish_update
+
+    v2 = rig.new_version()
+    first = rig.registry.package_for(v2, TIER)
+    publish_update(rig.ws, rig.registry, rig.repository_url, v2, TIER, announce=lambda msg: None)  # told no one
+    again = package_model(rig.ws, rig.registry, v2, TIER)                                         # packaged again
+    assert again.sha256 == first["sha256"]           # deterministic: the same bytes, the same target
+    status = _roll_out(rig, v2)
+    assert status["state"] == "completed", status
+    assert status["counts"]["committed"] == DEVICES and status["counts"]["failed"] == 0
+    assert all(a.model_version == v2 for a in rig.agents)
+    _image_agrees(rig, v2)
+
+
+def test_a_repackage_with_other_bytes_becomes_a_new_signed_target_and_every_device_updates(rig, monkeypatch):
+    import cloud.pipeline as pipeline
+    from cloud.pipeline import package_model, publish_update
+
+    v3 = rig.new_version()
+    first = rig.registry.package_for(v3, TIER)
+    publish_update(rig.ws, rig.registry, rig.repository_url, v3, TIER, announce=lambda msg: None)
+    monkeypatch.setattr(pipeline, "GOLDEN_COUNT", pipeline.GOLDEN_COUNT // 2)   # other inputs, other bytes
+    other = package_model(rig.ws, rig.registry, v3, TIER)
+    assert other.sha256 != first["sha256"]
+    pkg = rig.registry.package_for(v3, TIER)
+    assert pkg["sha256"] == other.sha256 and pkg["target"] != first["target"]      # a new target name
+    status = _roll_out(rig, v3)
+    assert status["state"] == "completed", status
+    assert status["counts"]["committed"] == DEVICES
+    assert all(a.model_version == v3 and a.installer.active_bundle().manifest.golden for a in rig.agents)
+    _image_agrees(rig, v3)
+    # the first package is still signed as it was: anything assigned with it still verifies
+    assert rig.repo.targets()[first["target"]].hashes["sha256"] == first["sha256"]
+
+
+# -- refusals ------------------------------------------------------------------------------------
+@pytest.fixture
+def unit(tmp_path):
+    ws = Workspace.init(tmp_path / "ws", mqtt="127.0.0.1:1")
+    registry = Registry(ws.registry_path)
+    ws.image_repository().init()
+    ws.director_repository().init()
+    registry.add_model_version({"model_version": "m:1", "model": "m", "version": 1, "run_id": "r",
+                                "stage": "candidate"})
+    for d in ("d0", "d1"):
+        registry.record_status({"device_id": d, "tier": TIER, "state": "online", "model_version": None,
+                                "update_id": None, "reason": None})
+    yield ws, registry
+    registry.close()
+
+
+def _register(ws, registry, data: bytes, target: str = f"m/1/{TIER}.elpkg") -> str:
+    sha, path = store_blob(ws.artifacts_dir, data)
+    registry.add_artifact(sha, f"package:{TIER}", len(data), str(path))
+    registry.add_package({"sha256": sha, "model_version": "m:1", "tier": TIER, "target": target,
+                          "length": len(data)})
+    return sha
+
+
+def _nothing_assigned(ws, registry) -> bool:
+    return (not [p for p in ws.director_repository().targets() if p.startswith("assignments/")]
+            and not registry.updates()
+            and not RolloutController(ws, registry, lambda *a: None, repository_url="http://x/repository").list())
+
+
+def _cli_start(ws, capsys) -> tuple[int, str]:
+    from fleet.cli import main
+
+    code = main(["rollout", "start", "m:1", "--target", f"tier={TIER}", "-w", str(ws.root),
+                 "--repository-url", "http://127.0.0.1:9/repository"])
+    return code, capsys.readouterr().err
+
+
+def test_rollout_start_refuses_a_package_the_image_repository_signs_with_other_bytes(unit, capsys):
+    ws, registry = unit
+    ws.image_repository().add_target(f"m/1/{TIER}.elpkg", b"the bytes signed first")
+    _register(ws, registry, b"other bytes registered under the same name later")   # the old bug's state
+    code, err = _cli_start(ws, capsys)
+    assert code == IntegrityError.exit_code and len(err.strip().splitlines()) == 1, err
+    assert "disagree" in err and "Traceback" not in err
+    assert _nothing_assigned(ws, registry)
+
+
+def test_rollout_start_refuses_a_signed_package_whose_file_is_gone_from_the_image_repository(unit, capsys):
+    ws, registry = unit
+    data = b"a package"
+    _register(ws, registry, data)
+    image = ws.image_repository()
+    image.add_target(f"m/1/{TIER}.elpkg", data)
+    image.target_file(f"m/1/{TIER}.elpkg").unlink()
+    code, err = _cli_start(ws, capsys)
+    assert code == IntegrityError.exit_code and len(err.strip().splitlines()) == 1, err
+    assert "not present" in err
+    assert _nothing_assigned(ws, registry)
+
+
+def test_rollout_start_refuses_a_package_whose_stored_bytes_are_corrupt(unit, capsys):
+    ws, registry = unit
+    sha = _register(ws, registry, b"a package")
+    Path(registry.artifact_path(sha)).write_bytes(b"a packagE")
+    code, err = _cli_start(ws, capsys)
+    assert code == IntegrityError.exit_code and len(err.strip().splitlines()) == 1, err
+    assert "corrupt" in err
+    assert _nothing_assigned(ws, registry)
+    assert f"m/1/{TIER}.elpkg" not in ws.image_repository().targets()     # nothing signed either
+
+
+def test_publish_and_rollouts_record_updates_the_same_way(unit):
+    from cloud.release import Assignment, Releaser
+
+    ws, registry = unit
+    sha = _register(ws, registry, b"a package")
+    rel = Releaser(ws, registry, "http://127.0.0.1:9/repository")
+    a = rel.release([Assignment(TIER, "m:1", TIER, "publish/x", named=False)], now=5.0)[0]
+    b = rel.release([Assignment("ro-1-u1-edge", "m:1", TIER, "ro-1/update", named=True)], now=6.0)[0]
+    rows = {u["update_id"]: u for u in registry.updates()}
+    for msg in (a.announce, b.announce):
+        assert rows[msg.update_id] == {"update_id": msg.update_id, "model_version": "m:1", "tier": TIER,
+                                       "target": msg.target, "sha256": sha, "length": 9, "issued_at": msg.issued_at}
+        assert {"src": f"package:{sha}", "relation": "published"} in registry.parents(f"update:{msg.update_id}")
+    assert a.announce.director == b.announce.director == "http://127.0.0.1:9/director"
+    assert a.announce.group is None and b.announce.group == "ro-1-u1-edge"
+    # the same key releases the same update (two control-plane workers sign the same thing)
+    again = rel.release([Assignment("ro-1-u1-edge", "m:1", TIER, "ro-1/update", named=True)], now=6.0)[0]
+    assert again.announce.update_id == b.announce.update_id
+    director = ws.director_repository().targets()
+    assert {p for p in director} == {f"assignments/{TIER}/m/1/{TIER}.elpkg",
+                                     f"assignments/ro-1-u1-edge/m/1/{TIER}.elpkg"}
+    assert json.dumps(director[f"assignments/{TIER}/m/1/{TIER}.elpkg"].custom, sort_keys=True) == json.dumps(
+        {"model_version": "m:1", "update_id": a.announce.update_id}, sort_keys=True)
