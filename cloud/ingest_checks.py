@@ -96,27 +96,10 @@ class TelemetryGate:
 
     def _enrolment(self, ids: list[str]) -> tuple[set[str] | None, set[str]]:
         """(enrolled ids among ``ids``, or None when the fleet enrols no one; revoked ids)."""
-        columns = self.registry.db["devices"].columns_dict
-        if "cert_serial" not in columns:
-            return None, set()
-        marks = ",".join("?" * len(ids))
-        with self.registry._lock:
-            any_enrolled = list(self.registry.db.query(
-                "select 1 from devices where cert_serial is not null and cert_serial != '' limit 1"))
-            rows = list(self.registry.db.query(
-                f"select device_id, cert_serial, coalesce(revoked, 0) as revoked from devices "
-                f"where device_id in ({marks})", ids))
-        revoked = {r["device_id"] for r in rows if r["revoked"]}
-        if not any_enrolled:
-            return None, revoked
-        return {r["device_id"] for r in rows if r["cert_serial"]}, revoked
+        return self.registry.enrolment(ids)
 
     def _last_seq(self, ids: list[str]) -> dict[str, int]:
-        marks = ",".join("?" * len(ids))
-        with self.registry._lock:
-            rows = self.registry.db.query(
-                f"select device_id, max(seq) as seq from telemetry where device_id in ({marks}) group by device_id", ids)
-            return {r["device_id"]: int(r["seq"]) for r in rows}
+        return self.registry.last_seqs(ids)
 
     def _baseline(self, model_version: str) -> tuple[str, list[int]] | None:
         """Known baselines are kept; an unknown one is looked up again (at most once per batch)."""
