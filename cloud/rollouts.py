@@ -510,8 +510,6 @@ class RolloutController:
         code = self.registry.latest_error_code(device_id, update_id)
         if code:
             return code
-        if reason and reason.startswith("download failed"):
-            return ErrorCode.TRANSPORT_DOWNLOAD
         return ErrorCode.HEALTH_UNKNOWN if state == "rolled_back" else ErrorCode.INSTALL_UNKNOWN
 
     def _deadlines(self, rid: str, r: dict[str, Any], now: float) -> int:

@@ -20,9 +20,11 @@ transport.download   yes        the package or its metadata could not be fetched
 agent.internal       yes        the agent failed in a way that is not about this update
 storage.write        yes        the device's own storage failed (disk full, read-only)
 install.unknown      no         failed, and the device sent no code (cloud-side default)
+rollback.none        no         a rollout aborted and the device has nothing to roll back to (cloud-side)
 ===================  =========  ==============================================================
 
-"retry" is whether sending the *same* update again may succeed; a rollout retries those up to
+A device that reports no code gets ``health.unknown`` (it rolled back) or ``install.unknown``: the
+reason text is never parsed for a code. "retry" is whether sending the *same* update again may succeed; a rollout retries those up to
 its ``retries`` bound. No decision is ever taken on a code's spelling: ask :func:`retryable`.
 """
 
@@ -48,6 +50,7 @@ class ErrorCode(StrEnum):
     AGENT_INTERNAL = "agent.internal"
     STORAGE_WRITE = "storage.write"
     INSTALL_UNKNOWN = "install.unknown"
+    ROLLBACK_NONE = "rollback.none"
 
     @property
     def retryable(self) -> bool:

@@ -4,6 +4,7 @@ integration tests run it against real agents over a real Mosquitto."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -43,6 +44,13 @@ class Sent:
 
 @pytest.fixture
 def unit(tmp_path):
+    with make_unit(tmp_path) as u:
+        yield u
+
+
+@contextlib.contextmanager
+def make_unit(tmp_path):
+    """A workspace with m:1 and m:2 packaged for two tiers, a fake clock and a fake sender."""
     ws = Workspace.init(tmp_path / "ws", mqtt="127.0.0.1:1")
     registry = Registry(ws.registry_path)
     ws.image_repository().init()

@@ -175,11 +175,6 @@ class CatalogOps(SqliteBase):
         with self._tx() as conn:
             conn.execute("update packages set length = ? where sha256 = ?", [length, sha256])
 
-    def newest_package_path(self, model_version: str) -> str | None:
-        """The stored file of the newest package of ``model_version`` (any tier), or None."""
-        return self._scalar("select a.path from packages p join artifacts a on a.sha256 = p.sha256 "
-                            "where p.model_version = ? order by p.created_at desc limit 1", [model_version])
-
     def add_update(self, row: dict[str, Any]) -> None:
         with self._lock:
             self._db["updates"].insert(row, pk="update_id")

@@ -89,9 +89,6 @@ class CatalogStore(Protocol):
         """Record another length for a package (what an operator's mistake or an attacker with
         the database would do; the release path must not trust it)."""
 
-    def newest_package_path(self, model_version: str) -> str | None:
-        """The stored file of the newest package of ``model_version`` (any tier), or None."""
-
     def packages_of(self, model_version: str) -> list[dict[str, Any]]:
         """Every package of ``model_version``, newest first."""
 

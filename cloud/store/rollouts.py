@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, NamedTuple
 
+from contracts.codes import ErrorCode
 from cloud.rollout_machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
 from cloud.store._base import SqliteBase, marks
 
@@ -283,14 +284,14 @@ class RolloutOps(SqliteBase):
             changes = conn.execute("update rollout_devices set state = ?, finished_at = ? where rollout_id = ? and "
                                    "state = ?", [cancel, now, rid, D.PENDING]).rowcount
             changes += conn.execute(
-                "update rollout_devices set state = ?, finished_at = ?, code = 'rollback.none', "
+                "update rollout_devices set state = ?, finished_at = ?, code = ?, "
                 "reason = 'no previous version to roll back to' where rollout_id = ? and state = ? "
-                "and prev_version = ''", [none, now, rid, D.COMMITTED]).rowcount
+                "and prev_version = ''", [none, now, ErrorCode.ROLLBACK_NONE, rid, D.COMMITTED]).rowcount
             changes += conn.execute(
-                "update rollout_devices set state = ?, finished_at = ?, code = 'rollback.none', "
+                "update rollout_devices set state = ?, finished_at = ?, code = ?, "
                 "reason = 'no package of the previous version for this tier' where rollout_id = ? and "
                 f"state = ? and prev_version not in ('', ?) and not {has_rollback}",
-                [none, now, rid, D.COMMITTED, mv, rid]).rowcount
+                [none, now, ErrorCode.ROLLBACK_NONE, rid, D.COMMITTED, mv, rid]).rowcount
             changes += conn.execute(
                 "update rollout_devices set state = ?, update_id = null where rollout_id = ? and "
                 "state = ? and prev_version not in ('', ?)", [back, rid, D.COMMITTED, mv]).rowcount
