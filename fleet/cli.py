@@ -16,43 +16,22 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from cloud.errors import CloudError, ServiceUnavailable, UserError
 from cloud.workspace import DEFAULT_MQTT, Workspace
 from fleet import remote
 from fleet._args import positive_int as _positive
 from fleet._output import Output
+from fleet._parser import Parser as _Parser
+from fleet._parser import action as _action, common as _common, group as _group
+from fleet._workspace import open_registry as _registry, open_workspace as _open
 from fleet.remote import remote_ok
 
-DEFAULT_WORKSPACE = "edgeloop-workspace"
 SERVE_FILE = "serve.json"
 EXIT_INTERNAL = 70
 
 __all__ = ["main", "build_parser"]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
-        raise SystemExit(2)
-
-
-def _common(p: argparse.ArgumentParser, inherit: bool = False) -> None:
-    """The options every command takes. ``inherit``: an action under a command group (``models
-    ls``), whose unset options must not overwrite what was given before the action."""
-    def d(value):  # noqa: ANN001, ANN202
-        return argparse.SUPPRESS if inherit else value
-    p.add_argument("--workspace", "-w", type=Path,
-                   default=d(Path(os.environ.get("EDGELOOP_WORKSPACE", DEFAULT_WORKSPACE))),
-                   help="workspace folder (default: $EDGELOOP_WORKSPACE or ./edgeloop-workspace)")
-    p.add_argument("--json", action="store_true", default=d(False), help="print one JSON object as the last line")
-    p.add_argument("--mqtt", metavar="HOST:PORT", default=d(None),
-                   help="MQTT broker for this command (default: the workspace's)")
-    p.add_argument("--debug", action="store_true", default=d(False), help="log verbosely and show tracebacks")
-    p.add_argument("--server", metavar="URL", default=d(None),
-                   help="a remote control plane's API (devices, models, rollout); needs --token or $EDGELOOP_TOKEN")
-    p.add_argument("--token", default=d(None), help="API token for --server (default: $EDGELOOP_TOKEN)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "one worker takes it all, and loses nothing across a broker restart even if devices "
                         "return first (docs/contracts/telemetry.md)")
 
-    _devices_commands(sub)
-    _broker_commands(sub)
+    from fleet.cli_devices import add_broker_commands, add_devices_commands
+    add_devices_commands(sub)
+    add_broker_commands(sub)
 
     models = _group(sub, "models", "list, show, promote and archive model versions", _models)
     _action(models, "ls", "list model versions", _models)
@@ -202,91 +182,6 @@ def _example_names() -> list[str]:
     return sorted(EXAMPLES)
 
 
-def _group(sub, name: str, help_: str, default_fn) -> argparse._SubParsersAction:  # noqa: ANN001
-    """A command with actions (``models ls``); the bare command runs ``default_fn``."""
-    p = sub.add_parser(name, help=help_, description=help_)
-    _common(p)
-    p.set_defaults(fn=default_fn)
-    return p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
-
-
-def _action(group, name: str, help_: str, fn) -> argparse.ArgumentParser:  # noqa: ANN001
-    p = group.add_parser(name, help=help_, description=help_)
-    _common(p, inherit=True)
-    p.set_defaults(fn=fn)
-    return p
-
-
-class _AnyName(dict):
-    def __contains__(self, key: object) -> bool:
-        return True
-
-
-class _ShowByDefault(argparse._SubParsersAction):
-    """Actions of ``edgeloop devices``: a first word that names no action is a device id, so
-    ``devices DEVICE`` stays ``devices show DEVICE``."""
-
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        super().__init__(*args, **kwargs)
-        self.choices = _AnyName()       # argparse checks the first word against choices first
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
-        if values[0] not in self._name_parser_map:
-            values = ["show", *values]
-        super().__call__(parser, namespace, values, option_string)
-
-
-def _device_filters(p: argparse.ArgumentParser, inherit: bool = False) -> None:
-    d = argparse.SUPPRESS if inherit else None
-    p.add_argument("--tier", default=d)
-    p.add_argument("--state", default=d, help="filter by state (online, committed, failed, offline, ...)")
-    p.add_argument("--tag", action="append", default=d, metavar="KEY=VALUE", help="filter by tag (repeatable)")
-    p.add_argument("--group", default=d, help="filter by group")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--online", dest="online", action="store_const", const=True, default=d, help="only online devices")
-    g.add_argument("--offline", dest="online", action="store_const", const=False, default=d,
-                   help="only offline devices")
-
-
-def _devices_commands(sub) -> None:  # noqa: ANN001
-    p = sub.add_parser("devices", help="list, show, enroll and revoke devices",
-                       description="list devices (the default), show one (`devices DEVICE`), enroll or revoke one")
-    _common(p)
-    _device_filters(p)
-    p.set_defaults(fn=_devices_ls)
-    devices = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser, action=_ShowByDefault)
-    _device_filters(_action(devices, "ls", "list devices, with filters", _devices_ls), inherit=True)
-    _action(devices, "show", "show one device in full", _devices_show).add_argument("device_id", metavar="DEVICE")
-    p = _action(devices, "enroll", "issue a device its certificate (or sign its CSR) and register it",
-                _devices_enroll)
-    p.add_argument("device_id", metavar="DEVICE_ID")
-    p.add_argument("--tier", help="its hardware tier, for example edge-gateway")
-    p.add_argument("--hardware", metavar="PROFILE", help="its hardware profile, for example rpi4-4gb")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable)")
-    p.add_argument("--group", action="append", default=[], metavar="GROUP", help="a group it belongs to (repeatable)")
-    p.add_argument("--csr", type=Path, metavar="FILE", help="sign this PEM CSR: the device keeps its own key")
-    p.add_argument("--out", type=Path, metavar="DIR", help="identity folder (default: WORKSPACE/devices/DEVICE_ID)")
-    p = _action(devices, "revoke", "revoke a device's certificate (CRL) and cut it off the broker", _devices_revoke)
-    p.add_argument("device_id", metavar="DEVICE_ID")
-
-
-def _broker_commands(sub) -> None:  # noqa: ANN001
-    broker = _group(sub, "broker", "generate, start and stop the fleet's mutual-TLS Mosquitto broker", _broker_status)
-    p = _action(broker, "config", "write the Mosquitto configuration and ACL (certificates issued as needed)",
-                _broker_config)
-    p.add_argument("--port", type=int, help="TLS listener port (default: the last configured, else 8883)")
-    p.add_argument("--out", type=Path, metavar="FILE",
-                   help="where to write it (default: WORKSPACE/broker/mosquitto.conf)")
-    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--san", action="append", default=[], metavar="HOST",
-                   help="another name or IP devices dial, for the server certificate (repeatable)")
-    p = _action(broker, "up", "start Mosquitto in the background with the generated configuration", _broker_up)
-    p.add_argument("--port", type=int, help="TLS listener port (default: the last configured, else 8883)")
-    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    _action(broker, "down", "stop the workspace's broker", _broker_down)
-    _action(broker, "status", "is the workspace's broker running, and where", _broker_status)
-
-
 def _dist_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distributed training (torchrun semantics)")
     g.add_argument("--nproc-per-node", type=_positive, default=1, help="worker processes on this machine")
@@ -306,15 +201,6 @@ def _dist_config(args: argparse.Namespace):  # noqa: ANN202
 
 
 # -- commands ----------------------------------------------------------------------------------
-def _open(args: argparse.Namespace) -> Workspace:
-    return Workspace.open(args.workspace).with_mqtt(args.mqtt)
-
-
-def _registry(ws: Workspace):  # noqa: ANN202
-    from cloud.registry import Registry
-    return Registry(ws.registry_path)
-
-
 def _init(args: argparse.Namespace, out: Output) -> int:
     from cloud.registry import Registry
 
@@ -540,106 +426,6 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def _fleet(ws: Workspace):  # noqa: ANN202
-    from cloud.fleet_registry import FleetRegistry
-    return FleetRegistry(_registry(ws))
-
-
-@remote_ok
-def _devices_ls(args: argparse.Namespace, out: Output) -> int:
-    from cloud.fleet_registry import DeviceFilter
-    from fleet.identity import parse_tags
-
-    where = DeviceFilter(tier=getattr(args, "tier", None), state=getattr(args, "state", None),
-                         tags=parse_tags(getattr(args, "tag", None) or []), group=getattr(args, "group", None),
-                         online=getattr(args, "online", None))
-    rows = remote.client(args).devices(where.tier, where.state, where.tags, where.group, where.online) \
-        if args.server else _fleet(_open(args)).devices(where)
-    out.table("devices", ["device", "tier", "state", "online", "model", "target", "groups", "last seen",
-                          "reason / last error"],
-              [[d["device_id"] + (" (revoked)" if d["revoked"] else ""), d["tier"], d["state"],
-                "yes" if d["online"] else "no", d["model_version"], d["target_model_version"],
-                ",".join(d["groups"]) or None, _ago(d["last_seen"]) if d["last_seen"] else "never",
-                d["reason"] or d["last_error"]] for d in rows], {"devices": rows})
-    return 0
-
-
-@remote_ok
-def _devices_show(args: argparse.Namespace, out: Output) -> int:
-    from cloud.api import device_detail
-
-    device = remote.client(args).device(args.device_id) if args.server \
-        else device_detail(_fleet(_open(args)), args.device_id)
-    out.result(device, "\n".join(f"{k:>20}: {v}" for k, v in device.items()))
-    return 0
-
-
-def _devices_enroll(args: argparse.Namespace, out: Output) -> int:
-    from fleet.identity import enroll, enrolment_from
-
-    ws = _open(args)
-    req = enrolment_from(args.device_id, args.tier, args.hardware, args.tag, args.group, args.csr)
-    r = enroll(ws, _fleet(ws), req, args.out)
-    note = "; move device.key onto the device and delete it here" if r.key_generated else ""
-    out.result({**r.__dict__, "folder": str(r.folder)},
-               f"enrolled {r.device_id}: certificate serial {r.serial[:16]}, valid until "
-               f"{time.strftime('%Y-%m-%d', time.gmtime(r.not_after))}; identity folder {r.folder}: "
-               f"{', '.join(r.files)}{note}")
-    return 0
-
-
-def _devices_revoke(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import apply_revocations
-    from fleet.identity import revoke
-
-    ws = _open(args)
-    fleet = _fleet(ws)
-    r = revoke(ws, fleet, args.device_id)
-    broker = apply_revocations(ws, fleet)
-    out.result({**r.__dict__, "broker": broker},
-               f"{r.device_id}: certificate {r.serial[:16]} {'was already' if r.already_revoked else 'is now'} "
-               f"revoked; broker {broker}")
-    return 0
-
-
-def _broker_config(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import describe, write_config
-
-    ws = _open(args)
-    cfg = write_config(ws, _fleet(ws), args.port, args.out, args.bind, args.san)
-    out.result(describe(cfg), f"wrote {cfg.conf} and {cfg.acl}: mutual-TLS listener on {cfg.address} "
-                              f"(start it: edgeloop broker up)")
-    return 0
-
-
-def _broker_up(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import start
-
-    ws = _open(args)
-    st = start(ws, _fleet(ws), args.port, args.bind)
-    out.result({**st.__dict__, "conf": str(st.conf), "log": str(st.log)},
-               f"broker {'already ' if st.already_running else ''}running (pid {st.pid}) at mqtts://{st.address}; "
-               f"log {st.log}")
-    return 0
-
-
-def _broker_down(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import stop
-
-    pid = stop(_open(args))
-    out.result({"stopped": pid}, f"stopped the broker (pid {pid})" if pid else "no broker was running")
-    return 0
-
-
-def _broker_status(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import status
-
-    st = status(_open(args))
-    out.result(st, f"broker running (pid {st['pid']}) at mqtts://{st['address']}" if st["pid"]
-               else "no broker running for this workspace (start one: edgeloop broker up)")
-    return 0
-
-
 @remote_ok
 def _models(args: argparse.Namespace, out: Output) -> int:
     rows = remote.client(args).models() if args.server else _registry(_open(args)).model_versions()
@@ -750,7 +536,8 @@ def _device_link(ws: Workspace, mqtt: str | None, tier: str):  # noqa: ANN202
     link = control_plane_link(ws, mqtt, "demo")
     if link.tls is None:
         return link, None
-    fleet = _fleet(ws)
+    from fleet.cli_devices import open_fleet
+    fleet = open_fleet(ws)
     return link, lambda device_id: agent_tls(simulated_device_tls(ws, fleet, device_id, tier))
 
 
@@ -841,13 +628,6 @@ def _drift_report(args: argparse.Namespace, out: Output) -> int:
                 ",".join(map(str, r["drifted_features"][:8])) + ("..." if len(r["drifted_features"]) > 8 else ""),
                 r.get("prediction_drift")] for r in report], {"report": report})
     return 0
-
-
-def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    s = max(0, int(time.time() - ts))
-    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
 
 
 def main(argv: list[str] | None = None) -> int:
