@@ -152,9 +152,10 @@ class ControlPlane:
         try:
             self.client.start()
         except (OSError, ConnectRefused) as e:
+            self.stop()                                  # the block server's thread too
             raise ServiceUnavailable(f"cannot reach MQTT broker at {self.host}:{self.port}: {e}") from None
         if not self._connected.wait(timeout):
-            self.client.close()
+            self.stop()
             raise ServiceUnavailable(f"MQTT broker at {self.host}:{self.port} did not accept the subscriptions")
         return self
 
