@@ -349,6 +349,30 @@ def test_device_cannot_publish_as_another_device(env, kind):
         late.close()
 
 
+@pytest.mark.parametrize("kind", ["telemetry", "status", "errors", "blocks/req"])
+def test_device_cannot_publish_into_another_fleets_prefix(env, kind):
+    other = Fleet("other-fleet")                 # another workspace's fleet on the same broker
+    forged = [f"{other.prefix}/devices/dev-b/{kind}",              # its own id, the other fleet
+              f"edgeloop/v1/devices/dev-b/{kind}",                   # the old, fleet-less scheme
+              f"edgeloop/v2/devices/dev-b/{kind}"]                   # no fleet segment at all
+    b = device(env, "dev-b")
+    peek = Client(env, env.sender_tls).connect_or_fail()
+    try:
+        for topic in forged:
+            assert b.publish(topic, b"forged by paho", retain=kind == "status") == "Not authorized", topic
+        assert "Not authorized" in mosquitto_pub(env, env.tls["dev-c"], forged[0], b"forged", "-r").stderr
+        assert b.publish(other.announce(TIER), b"forged announce", retain=True) == "Not authorized"
+        # nor can this workspace's control plane speak into the other fleet
+        assert peek.publish(other.command("dev-b"), b"forged command") == "Not authorized"
+        assert peek.publish(other.announce(TIER), b"forged announce", retain=True) == "Not authorized"
+        m = marker()
+        assert b.publish(topics.telemetry("dev-b"), m) == "Success"      # its own fleet's prefix still works
+        assert env.watcher.until(m)[-1] == (topics.telemetry("dev-b"), m)
+    finally:
+        b.close()
+        peek.close()
+
+
 def test_device_cannot_announce_an_update_to_the_fleet(env):
     b = device(env, "dev-b")
     try:
