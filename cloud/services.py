@@ -27,12 +27,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from cloud.control_plane import SHARE_GROUP, ControlPlane
 from cloud.registry import Registry
 from cloud.repo_server import RepositoryServer
 from cloud.workspace import Workspace
+
+if TYPE_CHECKING:
+    from cloud.api import ApiServer
+    from cloud.rollouts import RolloutController
 
 __all__ = ["BrokerLink", "PlainLink", "ServiceStack", "StackOptions"]
 
@@ -93,12 +97,19 @@ class ServiceStack:
     def __init__(self, ws: Workspace, options: StackOptions | None = None) -> None:
         self.ws = ws
         self.options = options or StackOptions()
-        self.registry: Registry | None = None
+        self._registry: Registry | None = None
         self.repository: RepositoryServer | None = None
         self.ingest: list[ControlPlane] = []
-        self.rollouts = None            # cloud.rollouts.RolloutController once started, if asked for
-        self.api = None                 # cloud.api.ApiServer once started, if asked for
-        self._stops: list = []          # what to call on stop, in start order
+        self.rollouts: RolloutController | None = None
+        self.api: ApiServer | None = None
+        self._stops: list[Callable[[], None]] = []      # what to call on stop, in start order
+
+    @property
+    def registry(self) -> Registry:
+        """The stack's registry connection (closed once the stack stopped)."""
+        if self._registry is None:
+            raise RuntimeError("the service stack has not been started")
+        return self._registry
 
     @property
     def control_plane(self) -> ControlPlane:
@@ -140,8 +151,8 @@ class ServiceStack:
 
     # -- the steps ---------------------------------------------------------------------------------
     def _start_registry(self) -> None:
-        self.registry = Registry(self.ws.registry_path)
-        self._stops.append(self.registry.close)
+        self._registry = Registry(self.ws.registry_path)
+        self._stops.append(self._registry.close)
 
     def _start_repository(self) -> None:
         if not self.options.repository:
@@ -179,5 +190,6 @@ class ServiceStack:
         from cloud.api import ApiServer
 
         host, port = self.options.api
-        self.api = ApiServer(self.registry, host, port, rollouts=self.rollouts).start()
-        self._stops.append(self.api.stop)
+        api = ApiServer(self.registry, host, port, rollouts=self.rollouts).start()
+        self.api = api
+        self._stops.append(api.stop)
