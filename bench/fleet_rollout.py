@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         v1, v2 = prepare(ws, registry, [args.tier])
         repo, url = start_repository(ws)
         procs.append(repo)
-        cp = ControlPlane(registry, "127.0.0.1", port).start()
+        cp = ControlPlane(registry, "127.0.0.1", port, fleet=ws.fleet).start()   # the swarm runs in ws.fleet
         began = time.time()
         report_path = tmp / "swarm.json"
         swarm = subprocess.Popen(swarm_command(args, ws, v1, report_path), cwd=ROOT, stdout=subprocess.PIPE,

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from contracts.messages import Telemetry, encode  # noqa: E402
 
-TOPIC = "edgeloop/v1/devices/+/telemetry"
+TOPIC = "edgeloop/v2/default/devices/+/telemetry"   # the control plane's fleet: ControlPlane's default
 
 
 def _free_port() -> int:
@@ -90,7 +90,7 @@ def publisher(port: int, devices: list[str], records: int, features: dict, start
     infos = []
     for seq in range(records):
         for d, c in zip(devices, clients):
-            infos.append(c.publish(topics.telemetry(d), _record(d, seq, features), qos=1))
+            infos.append(c.publish(topics.Fleet(topics.DEFAULT_FLEET).telemetry(d), _record(d, seq, features), qos=1))
     for info in infos:
         info.wait_for_publish(120)
     for c in clients:

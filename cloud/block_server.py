@@ -2,7 +2,8 @@
 
 Requests are handled on the server's own thread, never on paho's network thread. A request
 may only name a file inside the image or director repository folder; anything else (path
-tricks, a bad request) is answered ``refused`` or dropped and counted.
+tricks, a bad request) is answered ``refused`` or dropped and counted. A server answers one
+fleet's devices only (contracts/topics.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ Publish = Callable[[str, bytes], None]
 
 
 class BlockServer:
-    def __init__(self, roots: dict[str, Path], publish: Publish, queue_max: int = 10_000) -> None:
+    def __init__(self, roots: dict[str, Path], publish: Publish, fleet: topics.Fleet,
+                 queue_max: int = 10_000) -> None:
+        """``fleet``: the topic scheme of the fleet it serves: requests on any other topic are
+        dropped, blocks go to that fleet's ``devices/<id>/blocks``."""
+        self.topics = fleet
         self.roots = {name: Path(p).resolve() for name, p in roots.items()}
         self.publish = publish
         self.served: list[tuple[str, str, int]] = []   # (device, path, index), for tests and benchmarks
@@ -53,7 +58,7 @@ class BlockServer:
                 log.exception("block request failed")
 
     def _handle(self, topic: str, payload: bytes) -> None:
-        device = topics.device_from_topic(topic)
+        device = self.topics.device_from_topic(topic)
         if device is None:
             return
         try:
@@ -81,4 +86,4 @@ class BlockServer:
                 self.served.append((device, req.path, index))
 
     def _answer(self, device: str, req: BlockRequest, index: int, status: str, size: int, data: bytes) -> None:
-        self.publish(topics.blocks(device), encode_block(Block(req.request_id, req.path, index, size, status, data)))
+        self.publish(self.topics.blocks(device), encode_block(Block(req.request_id, req.path, index, size, status, data)))

@@ -2,11 +2,14 @@
 
 The connection is cloud/mqtt_session.py: one thread reads what the socket holds, cuts out the
 messages, and stores them here as one batch (telemetry deduplicated on (device_id, seq)) before
-acknowledging them; while it stores, new messages wait in the socket and the broker. Telemetry and
-errors are consumed through MQTT 5 shared subscriptions (``$share/<share_group>/...``; the
-default group ``edgeloop-ingest``, a per-workspace secret under ``edgeloop serve``), so
-several control-plane processes split the stream; status is a plain subscription because
-it is retained and shared subscriptions do not receive retained messages.
+acknowledging them; while it stores, new messages wait in the socket and the broker. A control plane
+serves one fleet: it subscribes to, and publishes on, only that fleet's topics
+(``edgeloop/v2/<fleet>/...``, contracts/topics.py), so several workspaces can share a broker.
+Telemetry and errors are consumed through MQTT 5 shared subscriptions
+(``$share/<share_group>-<fleet>/...``; the default group ``edgeloop-ingest``, a per-workspace
+secret under ``edgeloop serve``), so several control-plane processes of one fleet split the
+stream; status is a plain subscription because it is retained and shared subscriptions do not
+receive retained messages.
 
 Malformed payloads (not JSON, wrong schema, over the size bound, or naming a device other
 than the topic's) are logged, counted in :attr:`IngestStats.malformed`, and dropped. Telemetry
@@ -73,8 +76,10 @@ class ControlPlane:
                  repositories: dict[str, Path] | None = None,
                  session: str | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
                  tls_key: Path | None = None, share_group: str = SHARE_GROUP, shared: bool = True,
-                 confirm: bool = True) -> None:
-        """``share_group``: the MQTT 5 shared-subscription group ingest workers split the stream
+                 confirm: bool = True, fleet: str = topics.DEFAULT_FLEET) -> None:
+        """``fleet``: the fleet id whose topics this control plane serves (the workspace's
+        ``Workspace.fleet``); it neither hears nor addresses another fleet's devices.
+        ``share_group``: the MQTT 5 shared-subscription group ingest workers split the stream
         in; give every worker of a fleet the workspace's secret name (fleet.broker.share_group), so a
         device cannot join the group and make the broker drop part of the stream.
         ``shared=False``: one ingest worker takes the whole stream on plain subscriptions. Mosquitto
@@ -87,7 +92,11 @@ class ControlPlane:
         TLS as the identity they hold (an edgeloop broker's ACL gives ``edgeloop-control-plane``
         the control plane's rights). ``confirm``: tell each device which of its records are stored
         (``edgeloop.telemetry_ack/1``, QoS 0) after every batch. Raises UserError for TLS files that
-        cannot be used."""
+        cannot be used or a malformed fleet id."""
+        try:
+            self.topics = topics.Fleet(fleet)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.registry = registry
         self.host, self.port = host, port
         self.stats = IngestStats()
@@ -111,8 +120,14 @@ class ControlPlane:
         self._rejects: list[tuple[Reject, str]] = []
         self._subscribe_mid: int | None = None
         # with repositories, this control plane also serves their files over MQTT in blocks
-        self.blocks = BlockServer(repositories, lambda t, p: self.client.publish(t, p, qos=1)) \
+        self.blocks = BlockServer(repositories, lambda t, p: self.client.publish(t, p, qos=1), self.topics) \
             if repositories else None
+
+    @property
+    def group(self) -> str:
+        """The shared-subscription group of this fleet's ingest workers: the workspace's group
+        and the fleet id, so two fleets' workers never share one group."""
+        return f"{self.share_group}-{self.topics.name}"
 
     @staticmethod
     def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
@@ -137,9 +152,10 @@ class ControlPlane:
         try:
             self.client.start()
         except (OSError, ConnectRefused) as e:
+            self.stop()                                  # the block server's thread too
             raise ServiceUnavailable(f"cannot reach MQTT broker at {self.host}:{self.port}: {e}") from None
         if not self._connected.wait(timeout):
-            self.client.close()
+            self.stop()
             raise ServiceUnavailable(f"MQTT broker at {self.host}:{self.port} did not accept the subscriptions")
         return self
 
@@ -158,29 +174,29 @@ class ControlPlane:
 
     # -- commands -----------------------------------------------------------------------
     def announce(self, announce: Announce, timeout: float = 10.0) -> None:
-        info = self.client.publish(topics.announce(announce.tier), encode(announce), qos=1, retain=True)
+        info = self.client.publish(self.topics.announce(announce.tier), encode(announce), qos=1, retain=True)
         info.wait_for_publish(timeout)
         if not info.is_published():
             raise ServiceUnavailable("the broker did not acknowledge the announcement")
 
     def clear_announce(self, tier: str, timeout: float = 10.0) -> None:
         """Remove the retained announcement of a tier (an empty retained message)."""
-        self.client.publish(topics.announce(tier), b"", qos=1, retain=True).wait_for_publish(timeout)
+        self.client.publish(self.topics.announce(tier), b"", qos=1, retain=True).wait_for_publish(timeout)
 
     def send_command(self, device_id: str, command: Command) -> Publication:
         """Publish a rollout command to one device (QoS 1, not retained); does not wait for the
         broker's acknowledgement (sent again after a reconnect until it comes)."""
-        return self.client.publish(topics.command(device_id), encode(command), qos=1, retain=False)
+        return self.client.publish(self.topics.command(device_id), encode(command), qos=1, retain=False)
 
     # -- ingest -------------------------------------------------------------------------
     def _on_connect(self) -> None:
         # one SUBSCRIBE; the control plane counts as started once the broker has acknowledged it
-        prefix = f"$share/{self.share_group}/" if self.shared else ""
-        subscriptions = [(topics.status_all(), 1),
-                         (f"{prefix}{topics.telemetry_all()}", 1),
-                         (f"{prefix}{topics.errors_all()}", 1)]
+        prefix = f"$share/{self.group}/" if self.shared else ""
+        subscriptions = [(self.topics.status_all(), 1),
+                         (f"{prefix}{self.topics.telemetry_all()}", 1),
+                         (f"{prefix}{self.topics.errors_all()}", 1)]
         if self.blocks is not None:
-            subscriptions.append((f"$share/{self.share_group}-blocks/{topics.block_requests_all()}", 1))
+            subscriptions.append((f"$share/{self.group}-blocks/{self.topics.block_requests_all()}", 1))
         self._subscribe_mid = self.client.subscribe(subscriptions)
 
     def _on_subscribe(self, mid: int, reason_codes: list[int]) -> None:
@@ -237,7 +253,7 @@ class ControlPlane:
                 reports.append(msg)
         self.registry.record_statuses(statuses, installed)   # one transaction for the batch's statuses
         good, refused = self.gate.check(telemetry)
-        self._rejects += [(r, topics.telemetry(r.device_id)) for r in refused]
+        self._rejects += [(r, self.topics.telemetry(r.device_id)) for r in refused]
         self._flush_rejects()
         if good:
             # shallow: dataclasses.asdict would deep-copy every histogram (9 ms a record)
@@ -269,7 +285,7 @@ class ControlPlane:
             for i in range(0, max(len(seqs), len(errors)), MAX_ACK_SEQS):
                 chunk = seqs[i:i + MAX_ACK_SEQS]
                 ack = TelemetryAck(device, chunk, [s for s in chunk if s in refused], errors[i:i + MAX_ACK_SEQS])
-                self.client.publish(topics.telemetry_ack(device), encode(ack), qos=0)
+                self.client.publish(self.topics.telemetry_ack(device), encode(ack), qos=0)
                 self.stats.confirmations += 1
 
     def _flush_rejects(self) -> None:
@@ -286,7 +302,7 @@ class ControlPlane:
                                               "detail": r.detail[:500], "topic": topic} for r, topic in pending])
 
     def _parse(self, topic: str, payload: bytes) -> Status | Telemetry | ErrorReport | None:
-        device = topics.device_from_topic(topic)
+        device = self.topics.device_from_topic(topic)
         if not payload:
             return None  # a cleared retained status
         try:

@@ -3,7 +3,7 @@
 ::
 
     <workspace>/
-      edgeloop.toml        settings (broker address, HTTP port, fleet name)
+      edgeloop.toml        settings (broker address, HTTP port, fleet id: the namespace of its MQTT topics)
       registry.db          the store (cloud.store, schema-versioned SQLite): models, packages, devices, ...
       keys/                Ed25519 signing keys, PKCS#8 PEM encrypted at rest, mode 0600
       repository/          the image repository (TUF): every package, signed (keys can live offline)
@@ -17,11 +17,13 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.errors import NotFound, UserError
+from contracts.topics import DEFAULT_FLEET, valid_fleet
 
 CONFIG_NAME = "edgeloop.toml"
 DEFAULT_MQTT = "127.0.0.1:1883"
@@ -78,13 +80,24 @@ class Workspace:
     def fleet_dir(self) -> Path:
         return self.root / "fleet"
 
+    @property
+    def topics(self):  # noqa: ANN201 - contracts.topics.Fleet
+        """The MQTT topic scheme of this workspace's fleet (contracts/topics.py)."""
+        from contracts.topics import Fleet
+        return Fleet(self.fleet)
+
     @classmethod
     def init(cls, root: Path, mqtt: str = DEFAULT_MQTT, http: str = "127.0.0.1:0",
-             fleet: str = "default") -> Workspace:
-        """Create a workspace (or return the existing one unchanged)."""
+             fleet: str | None = None) -> Workspace:
+        """Create a workspace (or return the existing one unchanged). ``fleet``: its fleet id
+        (default: ``fleet-`` + 12 random hex digits, so two workspaces on one broker never share
+        topics). Raises UserError for a malformed address or fleet id."""
         root = Path(root).resolve()
         if (root / CONFIG_NAME).exists():
             return cls.open(root)
+        fleet = fleet if fleet is not None else f"fleet-{secrets.token_hex(6)}"
+        if not valid_fleet(fleet):
+            raise UserError(f"invalid fleet id {fleet!r}: use 1-32 of [a-z0-9-], starting with a letter or digit")
         if root.exists() and not root.is_dir():
             raise UserError(f"workspace path {root} exists and is not a folder")
         mqtt_host, mqtt_port = parse_host_port(mqtt, "broker address")
@@ -106,11 +119,15 @@ class Workspace:
             raise NotFound(f"no edgeloop workspace at {root} (run: edgeloop init --workspace {root})")
         try:
             cfg = tomllib.loads(path.read_text())
-            return cls(root=root, mqtt_host=str(cfg["mqtt"]["host"]), mqtt_port=int(cfg["mqtt"]["port"]),
-                       http_host=str(cfg["http"]["host"]), http_port=int(cfg["http"]["port"]),
-                       fleet=str(cfg.get("fleet", "default")))
+            ws = cls(root=root, mqtt_host=str(cfg["mqtt"]["host"]), mqtt_port=int(cfg["mqtt"]["port"]),
+                     http_host=str(cfg["http"]["host"]), http_port=int(cfg["http"]["port"]),
+                     fleet=str(cfg.get("fleet", DEFAULT_FLEET)))   # written before fleet ids: "default"
         except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"malformed workspace config {path}: {e}") from None
+        if not valid_fleet(ws.fleet):
+            raise UserError(f"malformed workspace config {path}: invalid fleet id {ws.fleet!r} "
+                            "(use 1-32 of [a-z0-9-], starting with a letter or digit)")
+        return ws
 
     def with_mqtt(self, address: str | None) -> Workspace:
         """A copy pointing at another broker (for one command, not saved)."""

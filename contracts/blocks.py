@@ -5,12 +5,12 @@ MQTT in fixed-size blocks. The device asks for the blocks it is missing; the con
 answers each with one binary message. A device that loses its connection resumes by asking
 only for the blocks its bitmap does not have.
 
-Request (device -> cloud, ``edgeloop/v1/devices/<id>/blocks/req``, QoS 1), JSON::
+Request (device -> cloud, ``edgeloop/v2/<fleet>/devices/<id>/blocks/req``, QoS 1), JSON::
 
     {"schema": "edgeloop.block-request/1", "request_id": "r1", "repo": "image",
      "path": "targets/m/1/<sha>.edge-gateway.elpkg", "blocks": [0, 1, 2], "block_size": 8192}
 
-Block (cloud -> device, ``edgeloop/v1/devices/<id>/blocks``, QoS 1), binary: a 2-byte
+Block (cloud -> device, ``edgeloop/v2/<fleet>/devices/<id>/blocks``, QoS 1), binary: a 2-byte
 big-endian header length, a JSON header, then the block's bytes::
 
     {"request_id": "r1", "path": "...", "index": 0, "total_size": 30720, "status": "ok"}

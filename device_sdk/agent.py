@@ -62,6 +62,7 @@ class AgentConfig:
     state_dir: Path
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    fleet: str = topics.DEFAULT_FLEET   # the fleet id: the namespace of every topic (contracts/topics.py)
     group: str | None = None            # director assignment group (default: the tier)
     max_package_bytes: int = 64 * 1024 * 1024
     download_timeout_s: float = 30.0    # a stalled download gives up after this, and resumes later
@@ -89,16 +90,17 @@ class Agent:
             raise ValueError(f"invalid device id {config.device_id!r}")
         self.config = config
         self.device_id = config.device_id
+        self.topics = topics.Fleet(config.fleet)      # raises ValueError for a malformed fleet id
         root = Path(config.state_dir)
         offline = Status(self.device_id, DeviceState.OFFLINE, config.tier)
         self.link = MqttLink(config.device_id, config.mqtt_host, config.mqtt_port,
-                             will=(topics.status(self.device_id), encode(offline)), queue_max=config.inbox_max,
+                             will=(self.topics.status(self.device_id), encode(offline)), queue_max=config.inbox_max,
                              tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key)
         self.link.on_acked = lambda mid: self.delivery.puback(mid)
         if config.transport not in ("http", "mqtt"):
             raise ValueError(f"unknown transport {config.transport!r}: use http or mqtt")
         fetcher = MqttBlockFetcher(self.link, self.device_id, root / "tuf" / "partial",
-                                   timeout_s=config.download_timeout_s) if config.transport == "mqtt" else None
+                                   timeout_s=config.download_timeout_s, fleet=self.topics) if config.transport == "mqtt" else None
         self.client = UpdateClient(root / "tuf", config.group or config.tier, config.max_package_bytes,
                                    read_timeout_s=config.download_timeout_s, fetcher=fetcher)
         self.installer = Installer(root, config.tier, config.max_package_bytes, on_state=self._report_ota)
@@ -138,11 +140,11 @@ class Agent:
         bundle = self.installer.active_bundle()
         if bundle is not None:
             self._serve(load_runtime(bundle))
-        self.link.subscribe(topics.announce(self.config.tier))
-        self.link.subscribe(topics.command(self.device_id))
+        self.link.subscribe(self.topics.announce(self.config.tier))
+        self.link.subscribe(self.topics.command(self.device_id))
         if self.config.confirm_timeout_s is not None:
-            self.link.route(topics.telemetry_ack(self.device_id), self._on_telemetry_ack)
-            self.link.subscribe(topics.telemetry_ack(self.device_id), qos=0)
+            self.link.route(self.topics.telemetry_ack(self.device_id), self._on_telemetry_ack)
+            self.link.subscribe(self.topics.telemetry_ack(self.device_id), qos=0)
         self.link.connect()
         self._publish_status(DeviceState.ONLINE)
         if resume is not None:
@@ -192,10 +194,10 @@ class Agent:
             self.malformed += 1
             log.warning("%s: dropped malformed message on %s: %s", self.device_id, topic, e)
             return
-        if isinstance(msg, Announce) and topic == topics.announce(self.config.tier):
+        if isinstance(msg, Announce) and topic == self.topics.announce(self.config.tier):
             # a tier-wide announcement is checked against this device's own director group
             self._on_announce(dataclasses.replace(msg, group=None) if msg.group else msg)
-        elif isinstance(msg, Command) and topic == topics.command(self.device_id) and msg.command == "install":
+        elif isinstance(msg, Command) and topic == self.topics.command(self.device_id) and msg.command == "install":
             self._on_command(msg)
         else:
             self.malformed += 1
@@ -258,7 +260,7 @@ class Agent:
         if self._samples and window is self.window:
             record = replace(record, samples={"x": [x for x, _ in self._samples], "y": [y for _, y in self._samples]})
             self._samples = []
-        self.outbox.put(topics.telemetry(self.device_id), encode(record), PRIORITY_TELEMETRY, seq=record.seq)
+        self.outbox.put(self.topics.telemetry(self.device_id), encode(record), PRIORITY_TELEMETRY, seq=record.seq)
         self.pump()
 
     def pump(self) -> int:
@@ -391,9 +393,9 @@ class Agent:
         status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason, time.time())
         with self._status_lock:
             self._last_status, self._status_at = (state, update_id, reason), status.ts
-            return self.link.publish(topics.status(self.device_id), encode(status), qos=1, retain=True)
+            return self.link.publish(self.topics.status(self.device_id), encode(status), qos=1, retain=True)
 
     def _publish_error(self, update_id: str | None, code: str, message: str) -> None:
         report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time(), uuid.uuid4().hex[:16])
-        self.outbox.put(topics.errors(self.device_id), encode(report), PRIORITY_ERROR, ref=report.report_id)
+        self.outbox.put(self.topics.errors(self.device_id), encode(report), PRIORITY_ERROR, ref=report.report_id)
         self.pump()

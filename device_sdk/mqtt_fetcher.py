@@ -36,15 +36,18 @@ class _Link(Protocol):
 
 class MqttBlockFetcher(FetcherInterface):
     def __init__(self, link: _Link, device_id: str, partial_dir: Path, block_size: int = DEFAULT_BLOCK_SIZE,
-                 timeout_s: float = 10.0, window: int = 16) -> None:
+                 timeout_s: float = 10.0, window: int = 16,
+                 fleet: topics.Fleet = topics.Fleet(topics.DEFAULT_FLEET)) -> None:
+        """``fleet``: the topic scheme of the device's fleet (its requests and blocks travel there)."""
         self.link, self.device_id = link, device_id
+        self.topics = fleet
         self.partial_dir = Path(partial_dir)
         self.block_size, self.timeout_s = block_size, timeout_s
         self.window = min(window, MAX_BLOCKS_PER_REQUEST)
         self._inbox: queue.Queue[bytes] = queue.Queue(maxsize=4096)
         self.blocks_received = 0
-        link.route(topics.blocks(device_id), self._deliver)
-        link.subscribe(topics.blocks(device_id))
+        link.route(self.topics.blocks(device_id), self._deliver)
+        link.subscribe(self.topics.blocks(device_id))
 
     def _deliver(self, payload: bytes) -> None:   # paho's thread: just queue it
         try:
@@ -94,7 +97,7 @@ class MqttBlockFetcher(FetcherInterface):
         """Ask for blocks; store those that arrive. Returns the file's total size."""
         rid = uuid.uuid4().hex[:12]
         req = BlockRequest(rid, repo, path, indexes, self.block_size)
-        self.link.publish(topics.block_requests(self.device_id), req.encode(), qos=1)
+        self.link.publish(self.topics.block_requests(self.device_id), req.encode(), qos=1)
         wanted, total = set(indexes), None
         deadline = time.monotonic() + self.timeout_s
         while wanted:

@@ -15,7 +15,7 @@ switches models between two requests, never during one. Requests are served one 
 request (not JSON, wrong shape, wrong number of features, too many rows), 503 while no model
 is installed yet.
 
-Run it: ``edgeloop-gateway --device-id gw-7 --tier edge-gateway --state-dir /var/lib/edgeloop
+Run it: ``edgeloop-gateway --device-id gw-7 --tier edge-gateway --fleet acme --state-dir /var/lib/edgeloop
 --mqtt broker:8883 --tls-ca ca.pem --tls-cert gw-7.pem --tls-key gw-7.key --listen 0.0.0.0:8480``.
 """
 
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from contracts.tasks import TaskKind
+from contracts.topics import DEFAULT_FLEET
 from device_sdk.agent import Agent, AgentConfig
 
 log = logging.getLogger("edgeloop.gateway")
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tier", default="edge-gateway")
     ap.add_argument("--state-dir", type=Path, required=True, help="where the agent keeps its slots and outbox")
     ap.add_argument("--mqtt", default="127.0.0.1:1883", metavar="HOST:PORT")
+    ap.add_argument("--fleet", default=DEFAULT_FLEET, metavar="FLEET_ID",
+                    help="the fleet id of the workspace that runs this device (its edgeloop.toml `fleet`)")
     ap.add_argument("--tls-ca", type=Path)
     ap.add_argument("--tls-cert", type=Path)
     ap.add_argument("--tls-key", type=Path)
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         mqtt_host, mqtt_port = _address(args.mqtt, "--mqtt")
         host, port = _address(args.listen, "--listen")
         agent = Agent(AgentConfig(device_id=args.device_id, tier=args.tier, state_dir=args.state_dir,
-                                  mqtt_host=mqtt_host, mqtt_port=mqtt_port, tls_ca=args.tls_ca,
+                                  mqtt_host=mqtt_host, mqtt_port=mqtt_port, fleet=args.fleet, tls_ca=args.tls_ca,
                                   tls_cert=args.tls_cert, tls_key=args.tls_key))
         agent.start()
         server = GatewayServer(agent, host, port).start()

@@ -5,15 +5,18 @@ Rules the generated configuration enforces (Mosquitto 2.0, mosquitto.conf(5)):
 - Only clients holding a certificate from the fleet CA connect: one TLS listener with
   ``require_certificate true`` and the CA's ``crlfile``; no plaintext listener, no anonymous
   access. The certificate's CN is the client's username (``use_identity_as_username``).
-- A device (username = its device id) may publish only to ``edgeloop/v1/devices/<id>/``
-  ``status``, ``telemetry``, ``errors`` and ``blocks/req``, and receive only its own ``cmd``
-  and ``blocks`` and ``edgeloop/v1/updates/#``: ACL ``pattern`` lines on ``%u``. Mosquitto
+- A device (username = its device id) may publish only to its own fleet's
+  ``edgeloop/v2/<fleet>/devices/<id>/`` ``status``, ``telemetry``, ``errors`` and
+  ``blocks/req``, and receive only its own ``cmd``, ``blocks`` and ``telemetry/ack`` and its
+  fleet's ``edgeloop/v2/<fleet>/updates/#``: ACL ``pattern`` lines on ``%u`` with the
+  workspace's fleet id written in (``Workspace.fleet``), so nothing of another fleet on the
+  same broker is reachable. Mosquitto
   2.0's ACL file does not refuse subscriptions (a SUBACK grants even ``#``); it checks every
   message against the receiver's ``read`` rules when it delivers it, and every publish
   (and last will) against the sender's ``write`` rules, dropping what fails.
 - The control plane's identities (``edgeloop-control-plane`` and one
   ``edgeloop-control-plane-<worker>`` per process: serve, publish, demo, ...) read and write
-  everything under ``edgeloop/v1/``; that covers their shared subscriptions, because
+  everything under their fleet's ``edgeloop/v2/<fleet>/``; that covers their shared subscriptions, because
   Mosquitto checks each delivery against the message's own topic.
 - A client's id is its username, i.e. its certificate CN (``use_username_as_clientid``): a
   device that connects claiming another device's client id gets its own id instead, so it can
@@ -48,7 +51,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cloud.errors import ServiceUnavailable, UserError
 from cloud.fleet_registry import DeviceFilter, FleetRegistry
@@ -57,25 +60,29 @@ from cloud.workspace import Workspace, parse_host_port
 from contracts import topics
 from fleet.identity import TlsFiles, control_plane_cn, control_plane_cns, control_plane_tls, ensure_services, pki_dir
 
+if TYPE_CHECKING:
+    from cloud.services import StackOptions
+
 DEFAULT_PORT = 8883
 DEFAULT_BIND = "127.0.0.1"
 START_TIMEOUT_S = 10.0
 
-# what a device may do, on its own topics only (%u: the username, its certificate's CN)
+# what a device may do, on its own topics of its own fleet only (%u: the username, its
+# certificate's CN; {fleet}: the fleet's topic prefix, edgeloop/v2/<fleet>)
 DEVICE_RULES = (
-    ("write", "edgeloop/v1/devices/%u/status"),
-    ("write", "edgeloop/v1/devices/%u/telemetry"),
-    ("write", "edgeloop/v1/devices/%u/errors"),
-    ("write", "edgeloop/v1/devices/%u/blocks/req"),
-    ("read", "edgeloop/v1/devices/%u/cmd"),
-    ("read", "edgeloop/v1/devices/%u/blocks"),
-    ("read", "edgeloop/v1/devices/%u/telemetry/ack"),
-    ("read", "edgeloop/v1/updates/#"),
+    ("write", "{fleet}/devices/%u/status"),
+    ("write", "{fleet}/devices/%u/telemetry"),
+    ("write", "{fleet}/devices/%u/errors"),
+    ("write", "{fleet}/devices/%u/blocks/req"),
+    ("read", "{fleet}/devices/%u/cmd"),
+    ("read", "{fleet}/devices/%u/blocks"),
+    ("read", "{fleet}/devices/%u/telemetry/ack"),
+    ("read", "{fleet}/updates/#"),
 )
 
 __all__ = ["BrokerConfig", "BrokerStatus", "DEFAULT_PORT", "MqttLink", "acl_text", "apply_revocations",
-           "config_text", "control_plane_link", "describe", "running_pid", "share_group", "start", "status", "stop",
-           "write_config"]
+           "config_text", "control_plane_link", "describe", "running_pid", "share_group", "stack_options", "start",
+           "status", "stop", "write_config"]
 SHARE_GROUP_PREFIX = "edgeloop-ingest-"
 STANDARD_WORKERS = ("serve", "publish", "demo")    # control-plane identities issued with the configuration
 
@@ -168,6 +175,23 @@ def control_plane_link(ws: Workspace, address: str | None = None, worker: str | 
     return MqttLink(host, port, tls)
 
 
+def stack_options(ws: Workspace, address: str | None = None, worker: str = "serve", *, ingest_workers: int = 1,
+                  session: str | None = None, api: tuple[str, int] | None = None, shared: bool = True,
+                  rollouts: bool = True) -> StackOptions:
+    """The service stack's options for one of the workspace's processes (``serve``, ``demo``, ...):
+    its broker link (mutual TLS as ``worker`` when the workspace has a generated broker, further
+    ingest workers as ``<worker>-2``, ...), the workspace's secret share group, and what else the
+    caller asks for. The one place serve and the demos get these from (cloud/services.py).
+    Raises UserError for a bad address, worker name or worker count."""
+    from cloud.services import StackOptions
+
+    if ingest_workers < 1:
+        raise UserError(f"invalid number of ingest workers {ingest_workers}: use 1 or more")
+    links = [control_plane_link(ws, address, worker if i == 0 else f"{worker}-{i + 1}") for i in range(ingest_workers)]
+    return StackOptions(broker=links[0], workers=tuple(links[1:]), share_group=share_group(ws), shared=shared,
+                        session=session, api=api, rollouts=rollouts)
+
+
 def _reload_acl(ws: Workspace) -> None:
     from cloud.registry import Registry
 
@@ -187,9 +211,13 @@ def mosquitto_binary() -> str:
 
 
 # -- configuration ----------------------------------------------------------------------------------
-def acl_text(revoked: Sequence[str] = (), control_planes: Sequence[str] = (control_plane_cn(),)) -> str:
-    """The ACL file: revoked identities first, then the control plane's identities (CNs), then
-    the device patterns."""
+def acl_text(revoked: Sequence[str] = (), control_planes: Sequence[str] = (control_plane_cn(),),
+             fleet: str = topics.DEFAULT_FLEET) -> str:
+    """The ACL file of fleet ``fleet``: revoked identities first, then the control plane's
+    identities (CNs), then the device patterns. Raises UserError for an id it will not write."""
+    if not topics.valid_fleet(fleet):
+        raise UserError(f"invalid fleet id {fleet!r} in the workspace config")
+    scheme = topics.Fleet(fleet)
     lines = ["# edgeloop broker ACL, generated by `edgeloop broker config`: regenerate, do not edit.",
              "# Usernames are certificate CNs (use_identity_as_username).", ""]
     for device_id in sorted(revoked):
@@ -197,16 +225,16 @@ def acl_text(revoked: Sequence[str] = (), control_planes: Sequence[str] = (contr
             raise UserError(f"invalid device id {device_id!r} in the registry")
         lines += ["# revoked: no access, also on a connection opened before the revocation",
                   f"user {device_id}", "topic deny #", ""]
-    lines += ["# the control plane: everything under edgeloop/v1/ (deliveries to its shared",
+    lines += [f"# the control plane: everything under {scheme.prefix}/ (deliveries to its shared",
               "# subscriptions are checked against the message's topic, so they need no $share rule)",
               "# (one identity per control-plane process: a client id is its username here)"]
     for cn in control_planes:
         if not cn.startswith(control_plane_cn()):    # never grant these rights to a device id
             raise UserError(f"{cn!r} is not a control-plane identity")
-        lines += [f"user {cn}", "topic readwrite edgeloop/v1/#", ""]
-    lines += ["# every device, on its own topics only (%u = its certificate CN = its device id);",
-              "# the updates line has no %u: every device may read every tier's announcement"]
-    lines += [f"pattern {access} {topic}" for access, topic in DEVICE_RULES]
+        lines += [f"user {cn}", f"topic readwrite {scheme.everything()}", ""]
+    lines += [f"# every device of fleet {fleet}, on its own topics only (%u = its certificate CN = its device id);",
+              "# the updates line has no %u: every device may read every tier's announcement of its fleet"]
+    lines += [f"pattern {access} {topic.format(fleet=scheme.prefix)}" for access, topic in DEVICE_RULES]
     return "\n".join(lines) + "\n"
 
 
@@ -261,7 +289,7 @@ def write_config(ws: Workspace, fleet: FleetRegistry, port: int | None = None, o
     (folder / "data").mkdir(parents=True, exist_ok=True)
     for worker in STANDARD_WORKERS:
         control_plane_tls(ws, worker)
-    atomic_write(acl, acl_text(_revoked_ids(fleet), control_plane_cns(ws)).encode())
+    atomic_write(acl, acl_text(_revoked_ids(fleet), control_plane_cns(ws), ws.fleet).encode())
     atomic_write(conf, config_text(ws, acl, port, bind).encode())
     connect_host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
     atomic_write(folder / "broker.json", json.dumps({"host": connect_host, "port": port, "conf": str(conf),
@@ -370,7 +398,7 @@ def apply_revocations(ws: Workspace, fleet: FleetRegistry) -> str:
     info_path = broker_dir(ws) / "broker.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        atomic_write(Path(info["acl"]), acl_text(_revoked_ids(fleet), control_plane_cns(ws)).encode())
+        atomic_write(Path(info["acl"]), acl_text(_revoked_ids(fleet), control_plane_cns(ws), ws.fleet).encode())
     pid = running_pid(ws)
     if pid is None:
         return "not running"

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("init", "create a workspace (registry, signing keys, update repository)", _init)
     p.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:0",
                    help="where `edgeloop serve` serves the update repository (port 0: any free port)")
-    p.add_argument("--fleet", default="default", help="fleet name")
+    p.add_argument("--fleet", metavar="FLEET_ID",
+                   help="the fleet id, the namespace of its MQTT topics: 1-32 of [a-z0-9-] "
+                        "(default: fleet- and 12 random hex digits)")
 
     p = cmd("train", "train a model (one process, or distributed with torchrun) and register a model version", _train)
     p.add_argument("--data", metavar="NAME[:V]|PATH",
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shared: several workers split the stream (MQTT 5 shared subscription); exclusive: this "
                         "one worker takes it all, and loses nothing across a broker restart even if devices "
                         "return first (docs/contracts/telemetry.md)")
+    p.add_argument("--ingest-workers", type=_positive, default=1, metavar="N",
+                   help="control-plane connections in this process splitting the stream (shared ingest only)")
 
     from fleet.cli_devices import add_broker_commands, add_devices_commands
     add_devices_commands(sub)
@@ -209,9 +213,10 @@ def _init(args: argparse.Namespace, out: Output) -> int:
     Registry(ws.registry_path).close()
     ws.image_repository().init()
     ws.director_repository().init()
-    out.result({"workspace": str(ws.root), "created": not existed, "mqtt": f"{ws.mqtt_host}:{ws.mqtt_port}"},
+    out.result({"workspace": str(ws.root), "created": not existed, "mqtt": f"{ws.mqtt_host}:{ws.mqtt_port}",
+                "fleet": ws.fleet},
                f"{'using existing' if existed else 'created'} workspace {ws.root} "
-               f"(broker {ws.mqtt_host}:{ws.mqtt_port})")
+               f"(broker {ws.mqtt_host}:{ws.mqtt_port}, fleet {ws.fleet})")
     return 0
 
 
@@ -376,7 +381,7 @@ def _publish(args: argparse.Namespace, out: Output) -> int:
     registry = _registry(ws)
     url = args.repository_url or _serve_url(ws)
     link = control_plane_link(ws, args.mqtt, "publish")   # mutual TLS when the workspace has a generated broker
-    cp = ControlPlane(registry, link.host, link.port, **link.control_plane_kwargs()).start()
+    cp = ControlPlane(registry, link.host, link.port, fleet=ws.fleet, **link.control_plane_kwargs()).start()
     try:
         msg = publish_update(ws, registry, url, args.model_version, args.tier, cp.announce)
     finally:
@@ -388,42 +393,50 @@ def _publish(args: argparse.Namespace, out: Output) -> int:
 
 
 def _serve(args: argparse.Namespace, out: Output) -> int:
-    from cloud.control_plane import ControlPlane
-    from cloud.repo_server import RepositoryServer
-
-    from cloud.api import ApiServer
+    from cloud.services import ServiceStack
     from cloud.workspace import parse_host_port
-    from fleet.broker import control_plane_link, share_group
+    from fleet.broker import stack_options
 
     ws = _open(args)
-    registry = _registry(ws)
-    api_host, api_port = parse_host_port(args.api, "API address", allow_zero=True)
-    link = control_plane_link(ws, args.mqtt, args.worker)  # mutual TLS when the workspace has a generated broker
-    server = RepositoryServer(ws.repository_dir, ws.http_host, ws.http_port, ws.director_dir).start()
-    cp = ControlPlane(registry, link.host, link.port, session=f"edgeloop-ingest-{ws.fleet}" + ("" if args.worker == "serve" else f"-{args.worker}"),
-                      repositories={"image": ws.repository_dir, "director": ws.director_dir},
-                      share_group=share_group(ws), shared=args.ingest == "shared",
-                      **link.control_plane_kwargs()).start()
-    from cloud.rollouts import RolloutController
-    rollouts = RolloutController(ws, registry, cp.send_command, repository_url=server.url)
-    api = ApiServer(registry, api_host, api_port, rollouts=rollouts).start()
-    (ws.root / SERVE_FILE).write_text(json.dumps({"repository_url": server.url, "api_url": api.url,
-                                                  "pid": os.getpid()}))
+    api = parse_host_port(args.api, "API address", allow_zero=True)
+    if args.ingest == "exclusive" and args.ingest_workers > 1:
+        raise UserError("--ingest exclusive takes the whole stream on one connection: use --ingest-workers 1")
+    # the persistent ingest session is per fleet and worker; mutual TLS when the workspace has a generated broker
+    session = f"edgeloop-ingest-{ws.fleet}" + ("" if args.worker == "serve" else f"-{args.worker}")
+    options = stack_options(ws, args.mqtt, args.worker, ingest_workers=args.ingest_workers, session=session,
+                            api=api, shared=args.ingest == "shared")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    out.info(f"serving {server.url}, API {api.url}, ingesting from {link.host}:{link.port}"
-             f"{' (mutual TLS)' if link.tls else ''} (Ctrl-C to stop)")
-    try:
-        rollouts.run(stop, until=time.time() + args.duration if args.duration else None)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        (ws.root / SERVE_FILE).unlink(missing_ok=True)
-        api.stop()
-        cp.stop()
-        server.stop()
-    out.result({"repository_url": server.url, "api_url": api.url, **cp.stats.__dict__})
+    with ServiceStack(ws, options) as stack:
+        (ws.root / SERVE_FILE).write_text(json.dumps({"repository_url": stack.repository_url,
+                                                      "api_url": stack.api.url, "pid": os.getpid()}))
+        signal.signal(signal.SIGTERM, lambda *a: stop.set())
+        link = options.broker
+        out.info(f"serving {stack.repository_url}, API {stack.api.url}, fleet {ws.fleet}, ingesting from "
+                 f"{link.host}:{link.port}{' (mutual TLS)' if link.control_plane_kwargs() else ''}"
+                 f"{f' with {options.ingest_workers} workers' if options.ingest_workers > 1 else ''} (Ctrl-C to stop)")
+        try:
+            stack.rollouts.run(stop, until=time.time() + args.duration if args.duration else None)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            (ws.root / SERVE_FILE).unlink(missing_ok=True)
+    out.result({"repository_url": stack.repository_url, "api_url": stack.api.url, "fleet": ws.fleet,
+                **_ingest_totals([cp.stats.__dict__ for cp in stack.ingest])})
     return 0
+
+
+def _ingest_totals(stats: list[dict]) -> dict:
+    """Every ingest worker's counters, summed (``rejects`` by reason)."""
+    total: dict = {}
+    for st in stats:
+        for k, v in st.items():
+            if isinstance(v, dict):
+                bucket = total.setdefault(k, {})
+                for reason, n in v.items():
+                    bucket[reason] = bucket.get(reason, 0) + n
+            else:
+                total[k] = total.get(k, 0) + v
+    return total
 
 
 @remote_ok
@@ -505,7 +518,7 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
     _, _, test = load_dataset().split()
     link, own = _device_link(ws, args.mqtt, args.tier)
     spec = FleetSpec(devices=args.devices, tier=args.tier, state_root=ws.fleet_dir, mqtt_host=link.host,
-                     mqtt_port=link.port, image_root=ws.image_repository().trusted_root(),
+                     mqtt_port=link.port, fleet=ws.fleet, image_root=ws.image_repository().trusted_root(),
                      director_root=ws.director_repository().trusted_root(),
                      samples=args.samples, prefix=args.prefix, device_overrides=own)
     fleet = SimulatedFleet(spec, DataStream(test.x, test.y)).start()
@@ -596,11 +609,16 @@ def _loop_demo(args: argparse.Namespace, out: Output) -> int:
     from fleet.loop_demo import LoopOptions, run_loop_demo
 
     devices = args.devices or LoopOptions.devices
+    from fleet.broker import stack_options
+    from fleet.loop_demo import TIER
+
     ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT).with_mqtt(args.mqtt)
-    out.info(f"edgeloop demo --loop: {devices} devices, broker {ws.mqtt_host}:{ws.mqtt_port}, workspace {ws.root}")
+    link, own = _device_link(ws, args.mqtt, TIER)     # serve's link and share group: one stack (cloud/services.py)
+    out.info(f"edgeloop demo --loop: {devices} devices, broker {link.host}:{link.port}"
+             f"{' (mutual TLS)' if link.tls else ''}, workspace {ws.root}")
     r = run_loop_demo(ws, LoopOptions(devices=devices, epochs=args.epochs, timeout_s=args.timeout,
                                       prefix=args.prefix if args.prefix != "demo" else "loop"),
-                      lambda stage, msg: out.info(f"{stage}: {msg}"))
+                      lambda stage, msg: out.info(f"{stage}: {msg}"), stack_options(ws, args.mqtt, "demo"), own)
 
     def acc(phase: dict) -> str:
         return f"{phase['fleet']:.3f} (drifted devices {phase['drifted_devices']:.3f}, others {phase['other_devices']:.3f})"

@@ -74,7 +74,7 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
             state_dir=ws.root / "swarm", prefix=args.prefix, initial_version=args.initial_version,
             fail_pct=args.fail_pct, bad_model_pct=args.bad_model_pct, network=network, install_s=args.install_s,
             telemetry_s=args.telemetry_s, heartbeat_s=args.heartbeat_s,
-            download_concurrency=args.download_concurrency, seed=args.seed,
+            download_concurrency=args.download_concurrency, seed=args.seed, fleet=ws.fleet,
             tls_dir=ws.root / "devices" if link.tls else None)
     except ValueError as e:
         raise UserError(str(e)) from None

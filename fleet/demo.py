@@ -22,8 +22,7 @@ from typing import Any, Callable
 from cloud.datasets import load_dataset
 from cloud.pipeline import package_model, publish_update, train_model
 from cloud.registry import Registry
-from cloud.repo_server import RepositoryServer
-from cloud.control_plane import ControlPlane
+from cloud.services import ServiceStack, StackOptions
 from cloud.training import TrainParams
 from cloud.workspace import Workspace
 from simulators.datastream import DataStream
@@ -55,20 +54,29 @@ Progress = Callable[[str, int, int], None]   # (stage, done, total)
 def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None, link: MqttLink | None = None,
              device_overrides: Callable[[str], dict[str, Any]] | None = None) -> dict:
     """``link``: how to reach the broker (default: plain TCP to the workspace's); with mutual TLS,
-    ``device_overrides`` gives each simulated device its own identity (AgentConfig TLS fields)."""
-    report = progress or (lambda stage, done, total: None)
-    host, port = (link.host, link.port) if link else (ws.mqtt_host, ws.mqtt_port)
-    t0 = time.time()
-    registry = Registry(ws.registry_path)
+    ``device_overrides`` gives each simulated device its own identity (AgentConfig TLS fields).
+    The services run as one stack (cloud/services.py), with the options serve uses
+    (fleet.broker.stack_options) when ``link`` is given."""
     image, director = ws.image_repository(), ws.director_repository()
     image.init()
     director.init()
-    server = RepositoryServer(ws.repository_dir, ws.http_host, ws.http_port, ws.director_dir).start()
     if link is not None:
-        from fleet.broker import share_group
-        cp = ControlPlane(registry, host, port, share_group=share_group(ws), **link.control_plane_kwargs()).start()
+        from fleet.broker import stack_options
+        options = stack_options(ws, f"{link.host}:{link.port}", "demo", rollouts=False)
     else:
-        cp = ControlPlane(registry, host, port).start()
+        options = StackOptions(rollouts=False)
+    with ServiceStack(ws, options) as stack:
+        return _run(ws, stack, opts, progress, device_overrides)
+
+
+def _run(ws: Workspace, stack: ServiceStack, opts: DemoOptions, progress: Progress | None,
+         device_overrides: Callable[[str], dict[str, Any]] | None) -> dict:
+    report = progress or (lambda stage, done, total: None)
+    t0 = time.time()
+    registry, cp, server = stack.registry, stack.control_plane, stack.repository
+    image, director = ws.image_repository(), ws.director_repository()
+    link = stack.options.broker
+    host, port = (link.host, link.port) if link else (ws.mqtt_host, ws.mqtt_port)
     fleet: SimulatedFleet | None = None
     try:
         tiers: dict[str, Any] = {}
@@ -95,7 +103,7 @@ def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None,
         spec = FleetSpec(devices=opts.devices, tier=TIER, state_root=ws.fleet_dir, mqtt_host=host,
                          mqtt_port=port, image_root=image.trusted_root(),
                          director_root=director.trusted_root(), samples=opts.samples, serve_version=mv,
-                         prefix=opts.prefix, device_overrides=device_overrides)
+                         prefix=opts.prefix, device_overrides=device_overrides, fleet=ws.fleet)
         fleet = SimulatedFleet(spec, DataStream(test.x, test.y)).start()
         announce = publish_update(ws, registry, server.url, mv, TIER, cp.announce)
         deadline = time.time() + opts.timeout_s
@@ -133,9 +141,6 @@ def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None,
         if fleet is not None:
             fleet.stop()
         cp.clear_announce(TIER)   # its repository stops with the demo: don't leave a dead link retained
-        cp.stop()
-        server.stop()
-        registry.close()
 
 
 def _train_example(ws: Workspace, registry: Registry, opts: DemoOptions,

@@ -20,15 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cloud.control_plane import ControlPlane
 from cloud.datasets import load_dataset
 from cloud.drift import drift_report
 from cloud.loop import controller_driver, load_pipeline, run_pipeline
 from cloud.models import promote
 from cloud.pipeline import package_model, publish_update, train_model
 from cloud.registry import Registry
-from cloud.repo_server import RepositoryServer
-from cloud.rollouts import RolloutController
+from cloud.services import ServiceStack, StackOptions
 from cloud.training import TrainParams
 from cloud.workspace import Workspace
 from simulators.datastream import Drift
@@ -71,16 +69,26 @@ def _phase_accuracy(registry: Registry, marks: dict[str, tuple[int, int]], ids: 
     return round(correct / labelled, 4) if labelled else None
 
 
-def run_loop_demo(ws: Workspace, opts: LoopOptions, say: Say | None = None) -> dict[str, Any]:
-    note = say or (lambda stage, msg: None)
-    t0 = time.time()
-    registry = Registry(ws.registry_path)
+def run_loop_demo(ws: Workspace, opts: LoopOptions, say: Say | None = None, options: StackOptions | None = None,
+                  device_overrides: Callable[[str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``options``: the service stack's (cloud/services.py; default: plain TCP to the workspace's
+    broker); ``edgeloop demo --loop`` passes serve's (fleet.broker.stack_options), and with mutual
+    TLS ``device_overrides`` gives each simulated device its own identity."""
     image, director = ws.image_repository(), ws.director_repository()
     image.init()
     director.init()
-    server = RepositoryServer(ws.repository_dir, ws.http_host, ws.http_port, ws.director_dir).start()
-    cp = ControlPlane(registry, ws.mqtt_host, ws.mqtt_port).start()
-    ctl = RolloutController(ws, registry, cp.send_command, repository_url=server.url)
+    with ServiceStack(ws, options or StackOptions()) as stack:
+        return _run(ws, stack, opts, say, device_overrides)
+
+
+def _run(ws: Workspace, stack: ServiceStack, opts: LoopOptions, say: Say | None,
+         device_overrides: Callable[[str], dict[str, Any]] | None) -> dict[str, Any]:
+    note = say or (lambda stage, msg: None)
+    t0 = time.time()
+    registry, cp, server, ctl = stack.registry, stack.control_plane, stack.repository, stack.rollouts
+    image, director = ws.image_repository(), ws.director_repository()
+    link = stack.options.broker
+    host, port = (link.host, link.port) if link else (ws.mqtt_host, ws.mqtt_port)
     fleet: FedFleet | None = None
     try:
         # -- the data: a "lab" set to train on, and "field" rows only devices see ------------------------
@@ -95,9 +103,9 @@ def run_loop_demo(ws: Workspace, opts: LoopOptions, say: Say | None = None) -> d
         note("deploy", f"{v1} trained (test accuracy {trained['metrics']['test_accuracy']:.3f}), "
                        f"packaged for {TIER}, production")
         dataset = load_dataset()
-        spec = FleetSpec(devices=opts.devices, tier=TIER, state_root=ws.fleet_dir, mqtt_host=ws.mqtt_host,
-                         mqtt_port=ws.mqtt_port, image_root=image.trusted_root(),
-                         director_root=director.trusted_root(), prefix=opts.prefix,
+        spec = FleetSpec(devices=opts.devices, tier=TIER, state_root=ws.fleet_dir, mqtt_host=host,
+                         mqtt_port=port, image_root=image.trusted_root(), device_overrides=device_overrides,
+                         director_root=director.trusted_root(), prefix=opts.prefix, fleet=ws.fleet,
                          agent_overrides={"sample_rate": 1.0, "sample_max": 20, "telemetry_window": 20,
                                           "heartbeat_s": 5.0})
         fleet = FedFleet(spec).start()
@@ -175,9 +183,6 @@ def run_loop_demo(ws: Workspace, opts: LoopOptions, say: Say | None = None) -> d
         if fleet is not None:
             fleet.stop()
         cp.clear_announce(TIER)
-        cp.stop()
-        server.stop()
-        registry.close()
 
 
 def _split_lab_and_field(ws: Workspace, registry: Registry, seed: int

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from device_sdk.agent import Agent, AgentConfig
+from contracts.topics import DEFAULT_FLEET
 from device_sdk.tuf_fetch import provision
 from simulators.datastream import DataStream
 
@@ -37,6 +38,7 @@ class FleetSpec:
     samples: int = 60                  # requests each device serves once it has a model
     label_rate: float = 1.0
     prefix: str = "sim"
+    fleet: str = DEFAULT_FLEET         # the fleet id every device's topics are under (contracts/topics.py)
     serve_version: str | None = None   # serve only once this version is installed (None: any)
     agent_overrides: dict = field(default_factory=dict)   # extra AgentConfig fields (timeouts, ...)
     # extra AgentConfig fields for one device, by device id (its own TLS identity, for example)
@@ -69,6 +71,7 @@ class SimulatedFleet:
             own = self.spec.device_overrides(self.device_id(i)) if self.spec.device_overrides else {}
             agent = Agent(AgentConfig(device_id=self.device_id(i), tier=self.spec.tier, state_dir=state,
                                       mqtt_host=self.spec.mqtt_host, mqtt_port=self.spec.mqtt_port,
+                                      fleet=self.spec.fleet,
                                       **{**self.spec.agent_overrides, **own}))
             agent.start()
             self.runs.append(DeviceRun(agent))

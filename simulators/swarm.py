@@ -134,6 +134,7 @@ class SwarmConfig:
     connect_batch: int = 100
     keepalive: int = 60
     seed: int = 0
+    fleet: str = topics.DEFAULT_FLEET  # the fleet id: the namespace of every topic (contracts/topics.py)
     tls_dir: Path | None = None        # <tls_dir>/<device id>/{ca.crt,device.crt,device.key}: mutual TLS
 
     def __post_init__(self) -> None:
@@ -193,6 +194,7 @@ class SimDevice:
 
     def __init__(self, swarm: Swarm, device_id: str, tier: str, faulty: bool, bad_model: bool) -> None:
         self.swarm, self.device_id, self.tier = swarm, device_id, tier
+        self.topics = topics.Fleet(swarm.config.fleet)
         self.group = tier
         self.faulty, self.bad_model = faulty, bad_model
         self.first_version = self.model_version = swarm.config.initial_version
@@ -215,7 +217,7 @@ class SimDevice:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=mqtt.MQTTv311,
                              clean_session=False)
         offline = Status(self.device_id, S.OFFLINE, self.tier)
-        client.will_set(topics.status(self.device_id), encode(offline), qos=1, retain=True)
+        client.will_set(self.topics.status(self.device_id), encode(offline), qos=1, retain=True)
         client.max_queued_messages_set(0)
         tls = self.swarm.config.tls_dir
         if tls is not None and (tls / self.device_id / "device.crt").exists():
@@ -249,7 +251,7 @@ class SimDevice:
         if reason_code.is_failure:
             log.warning("%s: broker refused the connection: %s", self.device_id, reason_code)
             return
-        client.subscribe([(topics.command(self.device_id), 1), (topics.announce(self.tier), 1)])
+        client.subscribe([(self.topics.command(self.device_id), 1), (self.topics.announce(self.tier), 1)])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         self._publish_status()        # online, or whatever it was doing when the link dropped
@@ -282,9 +284,9 @@ class SimDevice:
             self.swarm.stats["malformed"] += 1
             log.warning("%s: dropped malformed message on %s: %s", self.device_id, message.topic, e)
             return
-        if isinstance(msg, Command) and message.topic == topics.command(self.device_id):
+        if isinstance(msg, Command) and message.topic == self.topics.command(self.device_id):
             self._on_command(msg)
-        elif isinstance(msg, Announce) and message.topic == topics.announce(self.tier):
+        elif isinstance(msg, Announce) and message.topic == self.topics.announce(self.tier):
             self._on_announce(dataclasses.replace(msg, group=None), command=False)
         else:
             self.swarm.stats["malformed"] += 1
@@ -387,11 +389,11 @@ class SimDevice:
         status = Status(self.device_id, self.state, self.tier, self.model_version, self.update_id, self.reason,
                         time.time())
         self.status_at = status.ts
-        self.client.publish(topics.status(self.device_id), encode(status), qos=1, retain=True)
+        self.client.publish(self.topics.status(self.device_id), encode(status), qos=1, retain=True)
 
     def _publish_error(self, update_id: str | None, code: str, message: str) -> None:
         report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time())
-        self.client.publish(topics.errors(self.device_id), encode(report), qos=1)
+        self.client.publish(self.topics.errors(self.device_id), encode(report), qos=1)
 
     def tick(self, now: float) -> None:
         """Heartbeat and telemetry, when due (called about once a second)."""
@@ -402,7 +404,7 @@ class SimDevice:
             self._publish_status()
         if cfg.telemetry_s and self.model_version is not None and now >= self.next_telemetry:
             self.next_telemetry = now + cfg.telemetry_s
-            self.client.publish(topics.telemetry(self.device_id), encode(self._window(now)), qos=1)
+            self.client.publish(self.topics.telemetry(self.device_id), encode(self._window(now)), qos=1)
             self.swarm.stats["telemetry"] += 1
 
     def _window(self, now: float) -> Telemetry:
@@ -431,7 +433,7 @@ class SimDevice:
         if self.client.is_connected():
             offline = Status(self.device_id, S.OFFLINE, self.tier, self.model_version, self.update_id, None,
                              time.time())
-            self.client.publish(topics.status(self.device_id), encode(offline), qos=0, retain=True)
+            self.client.publish(self.topics.status(self.device_id), encode(offline), qos=0, retain=True)
         self.client.disconnect()
 
     def report(self) -> dict[str, Any]:

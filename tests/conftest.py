@@ -123,7 +123,7 @@ def make_live(broker, tmp_path, devices: int = 2, agent_overrides: dict | None =
     repo.init()
     director.init()
     server = RepositoryServer(ws.repository_dir, director_dir=ws.director_dir).start()
-    cp = ControlPlane(registry, broker.host, broker.port,
+    cp = ControlPlane(registry, broker.host, broker.port, fleet=ws.fleet,
                       repositories={"image": ws.repository_dir, "director": ws.director_dir}).start()
     _, _, test = load_dataset().split()
     env = SimpleNamespace(ws=ws, registry=registry, repo=repo, director=director, server=server, cp=cp,
@@ -162,7 +162,7 @@ def make_live(broker, tmp_path, devices: int = 2, agent_overrides: dict | None =
     env.new_version, env.sign_and_announce, env.announce_for = new_version, sign_and_announce, announce_for
     spec = FleetSpec(devices=devices, tier=TIER, state_root=ws.fleet_dir, mqtt_host=broker.host,
                      mqtt_port=broker.port, image_root=repo.trusted_root(), director_root=director.trusted_root(),
-                     samples=5, prefix=f"t{uuid.uuid4().hex[:6]}", agent_overrides=agent_overrides or {})
+                     fleet=ws.fleet, samples=5, prefix=f"t{uuid.uuid4().hex[:6]}", agent_overrides=agent_overrides or {})
     env.fleet = SimulatedFleet(spec, DataStream(test.x, test.y)).start()
     env.agents = [run.agent for run in env.fleet.runs]
     env.v1 = new_version()

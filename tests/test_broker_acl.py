@@ -36,7 +36,7 @@ from cloud.fleet_registry import FleetRegistry
 from cloud.registry import Registry
 from cloud.workspace import Workspace
 from conftest import free_port, wait_for
-from contracts import topics
+from contracts.topics import Fleet
 from contracts.messages import ErrorReport, encode
 from device_sdk.agent import Agent, AgentConfig
 from device_sdk.tuf_fetch import provision
@@ -47,6 +47,8 @@ from fleet.identity import Enrolment, FleetCA, TlsFiles
 pytestmark = pytest.mark.e2e
 DEVICES = ("dev-a", "dev-b", "dev-c", "dev-revoked", "dev-agent")
 TIER = "edge-gateway"
+FLEET = "acl-fleet"                 # the workspace's fleet id: every topic below is under edgeloop/v2/acl-fleet/
+topics = Fleet(FLEET)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def env(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGELOOP_KEY_PASSPHRASE", "acl-tests")
         root = tmp_path_factory.mktemp("acl")
-        ws = Workspace.init(root / "ws")
+        ws = Workspace.init(root / "ws", fleet=FLEET)
         registry = Registry(ws.registry_path)
         fleet = FleetRegistry(registry)
         tls = {d: _tls(identity.enroll(ws, fleet, Enrolment(d, tier=TIER)).folder) for d in DEVICES}
@@ -74,7 +76,7 @@ def env(tmp_path_factory):
         e = SimpleNamespace(address=status.address, ws=ws, fleet=fleet, registry=registry, host=host, port=int(port), tls=tls, root=root,
                             cp_tls=identity.control_plane_tls(ws), sender_tls=sender_tls, ingest_tls=ingest_tls)
         e.watcher = Client(e, e.cp_tls).connect_or_fail()
-        e.watcher.subscribe("edgeloop/v1/#")
+        e.watcher.subscribe("edgeloop/#")
         try:
             yield e
         finally:
@@ -253,8 +255,8 @@ def test_device_made_by_csr_connects_with_the_key_that_never_left_it(env):
 def test_device_cannot_read_another_devices_commands(env):
     # one connection per identity (the client id is the certificate CN): paho as dev-b, mosquitto_sub as dev-c
     thief = device(env, "dev-b")
-    thief.subscribe(topics.command("dev-a"), "edgeloop/v1/devices/+/cmd", "#", topics.command("dev-b"))
-    sub = Sub(env, env.tls["dev-c"], topics.command("dev-a"), "edgeloop/v1/devices/+/cmd", "#")
+    thief.subscribe(topics.command("dev-a"), f"{topics.prefix}/devices/+/cmd", "#", topics.command("dev-b"))
+    sub = Sub(env, env.tls["dev-c"], topics.command("dev-a"), f"{topics.prefix}/devices/+/cmd", "#")
     try:
         assert sub.ready()
         secret, m = b"secret-for-dev-a", marker()
@@ -271,7 +273,7 @@ def test_device_cannot_read_another_devices_commands(env):
 def test_device_reads_its_own_telemetry_confirmations_and_no_one_elses(env):
     a, b = device(env, "dev-a"), device(env, "dev-b")
     a.subscribe(topics.telemetry_ack("dev-a"))
-    b.subscribe(topics.telemetry_ack("dev-a"), "edgeloop/v1/devices/+/telemetry/ack", topics.telemetry_ack("dev-b"))
+    b.subscribe(topics.telemetry_ack("dev-a"), f"{topics.prefix}/devices/+/telemetry/ack", topics.telemetry_ack("dev-b"))
     try:
         secret, m = b"confirmation-for-dev-a", marker()
         cp_sends(env, (topics.telemetry_ack("dev-a"), secret), (topics.telemetry_ack("dev-b"), m))
@@ -284,7 +286,7 @@ def test_device_reads_its_own_telemetry_confirmations_and_no_one_elses(env):
 
 def test_device_cannot_read_other_devices_telemetry_even_from_the_ingest_share_group(env):
     thief = device(env, "dev-b")
-    thief.subscribe(f"$share/edgeloop-ingest/{topics.telemetry_all()}", "edgeloop/v1/devices/+/telemetry",
+    thief.subscribe(f"$share/edgeloop-ingest/{topics.telemetry_all()}", f"{topics.prefix}/devices/+/telemetry",
                     topics.command("dev-b"))
     a = device(env, "dev-a")
     try:
@@ -305,11 +307,12 @@ def test_device_joining_the_guessable_share_group_cannot_swallow_telemetry(env):
     assert (env.ws.root / "broker" / "share-group").stat().st_mode & 0o077 == 0
     cp_tls = env.ingest_tls
     cp = ControlPlane(env.registry, env.host, env.port, tls_ca=cp_tls.ca, tls_cert=cp_tls.cert, tls_key=cp_tls.key,
-                      share_group=group).start()
+                      share_group=group, fleet=FLEET).start()
     thief = device(env, "dev-b")
     c = device(env, "dev-c")
     try:                                          # the names a device could guess: the old fixed one, and ours
-        thief.subscribe(*(f"$share/{g}/{t}" for g in ("edgeloop-ingest", "edgeloop-ingest-0", "ingest")
+        thief.subscribe(*(f"$share/{g}/{t}" for g in ("edgeloop-ingest", "edgeloop-ingest-0", "ingest",
+                                                                f"edgeloop-ingest-{FLEET}")
                           for t in (topics.telemetry_all(), topics.telemetry("dev-c"))))
         for i in range(10):                       # not telemetry a device would send: each counts as malformed
             assert c.publish(topics.telemetry("dev-c"), f"t{i}".encode()) == "Success"
@@ -325,7 +328,7 @@ def test_device_joining_the_guessable_share_group_cannot_swallow_telemetry(env):
 # -- speaking for another device -----------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["telemetry", "status", "errors", "blocks/req"])
 def test_device_cannot_publish_as_another_device(env, kind):
-    victim = f"edgeloop/v1/devices/dev-a/{kind}"
+    victim = f"{topics.prefix}/devices/dev-a/{kind}"
     env.watcher.drain()
     b = device(env, "dev-b")
     try:
@@ -344,6 +347,30 @@ def test_device_cannot_publish_as_another_device(env, kind):
         assert [p for _, p in late.drain() if b"forged" in p] == []
     finally:
         late.close()
+
+
+@pytest.mark.parametrize("kind", ["telemetry", "status", "errors", "blocks/req"])
+def test_device_cannot_publish_into_another_fleets_prefix(env, kind):
+    other = Fleet("other-fleet")                 # another workspace's fleet on the same broker
+    forged = [f"{other.prefix}/devices/dev-b/{kind}",              # its own id, the other fleet
+              f"edgeloop/v1/devices/dev-b/{kind}",                   # the old, fleet-less scheme
+              f"edgeloop/v2/devices/dev-b/{kind}"]                   # no fleet segment at all
+    b = device(env, "dev-b")
+    peek = Client(env, env.sender_tls).connect_or_fail()
+    try:
+        for topic in forged:
+            assert b.publish(topic, b"forged by paho", retain=kind == "status") == "Not authorized", topic
+        assert "Not authorized" in mosquitto_pub(env, env.tls["dev-c"], forged[0], b"forged", "-r").stderr
+        assert b.publish(other.announce(TIER), b"forged announce", retain=True) == "Not authorized"
+        # nor can this workspace's control plane speak into the other fleet
+        assert peek.publish(other.command("dev-b"), b"forged command") == "Not authorized"
+        assert peek.publish(other.announce(TIER), b"forged announce", retain=True) == "Not authorized"
+        m = marker()
+        assert b.publish(topics.telemetry("dev-b"), m) == "Success"      # its own fleet's prefix still works
+        assert env.watcher.until(m)[-1] == (topics.telemetry("dev-b"), m)
+    finally:
+        b.close()
+        peek.close()
 
 
 def test_device_cannot_announce_an_update_to_the_fleet(env):
@@ -422,7 +449,8 @@ def test_several_control_plane_workers_split_the_ingest_stream(env):
     links = [broker.control_plane_link(env.ws, env.address, w) for w in ("ingest-a", "ingest-b")]   # new: ACL reload
     acl = (env.ws.root / "broker" / "acl").read_text()
     assert "user edgeloop-control-plane-ingest-a" in acl and "user edgeloop-control-plane-ingest-b" in acl
-    cps = [ControlPlane(env.registry, link.host, link.port, share_group=group, **link.control_plane_kwargs()).start()
+    cps = [ControlPlane(env.registry, link.host, link.port, share_group=group, fleet=FLEET,
+                        **link.control_plane_kwargs()).start()
            for link in links]
     c = device(env, "dev-c")
     try:
@@ -501,12 +529,12 @@ def test_agent_over_mutual_tls_reports_to_a_tls_control_plane(env, tmp_path):
     director.init()
     cp_tls = env.ingest_tls
     cp = ControlPlane(env.registry, env.host, env.port, tls_ca=cp_tls.ca, tls_cert=cp_tls.cert,
-                      tls_key=cp_tls.key).start()
+                      tls_key=cp_tls.key, fleet=FLEET).start()
     files = env.tls["dev-agent"]
     state = tmp_path / "dev-agent"
     provision(state / "tuf", repo.trusted_root(), director.trusted_root())
     agent = Agent(AgentConfig(device_id="dev-agent", tier=TIER, state_dir=state, mqtt_host=env.host,
-                              mqtt_port=env.port, heartbeat_s=0.2, tls_ca=files.ca, tls_cert=files.cert,
+                              mqtt_port=env.port, fleet=FLEET, heartbeat_s=0.2, tls_ca=files.ca, tls_cert=files.cert,
                               tls_key=files.key))
     fleet = FleetRegistry(env.registry)
     try:

@@ -202,7 +202,9 @@ def test_init_twice_changes_nothing(tmp_path, capsys):
     code, out, err = run(["init", "-w", str(ws), "--json", "--mqtt", "10.0.0.5:1884"], capsys)
     assert code == 0, err
     first = last_json(out)
-    assert first == {"workspace": str(ws.resolve()), "created": True, "mqtt": "10.0.0.5:1884"}
+    assert first == {"workspace": str(ws.resolve()), "created": True, "mqtt": "10.0.0.5:1884",
+                     "fleet": first["fleet"]}
+    assert re.fullmatch(r"fleet-[0-9a-f]{12}", first["fleet"])     # generated once, kept below
     assert len([ln for ln in out.splitlines() if ln.strip()]) == 1
     before = snapshot(ws)
     assert "edgeloop.toml" in before and any(k.startswith("keys/") for k in before)

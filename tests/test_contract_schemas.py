@@ -66,13 +66,14 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
 
 
 def test_topic_scheme_names_devices_safely():
-    assert topics.telemetry("gw-1") == "edgeloop/v1/devices/gw-1/telemetry"
-    assert topics.device_from_topic("edgeloop/v1/devices/gw-1/status") == "gw-1"
-    assert topics.device_from_topic("edgeloop/v1/devices/+/status") is None
+    fleet = topics.Fleet("acme")
+    assert fleet.telemetry("gw-1") == "edgeloop/v2/acme/devices/gw-1/telemetry"
+    assert fleet.device_from_topic("edgeloop/v2/acme/devices/gw-1/status") == "gw-1"
+    assert fleet.device_from_topic("edgeloop/v2/acme/devices/+/status") is None
     for bad in ("", "a/b", "+", "#", "x" * 65, "-lead"):
         assert not topics.valid_device_id(bad)
         with pytest.raises(ValueError):
-            topics.status(bad)
+            fleet.status(bad)
 
 
 SPEC = FeatureSpec(2, ["a", "b"], [{"op": "scale", "factor": 0.5}, {"op": "clip", "min": 0, "max": 2},

@@ -262,11 +262,14 @@ def test_message_of_another_kind_than_expected_is_refused(msg, expect):
 
 
 # -- topics ------------------------------------------------------------------------------------
+ACME = topics.Fleet("acme")
+
+
 @pytest.mark.parametrize("device_id", ["a", "7", "dev-1", "Dev_01.rack-3", "x" * 64, "A" + "-" * 63])
 def test_valid_device_id_is_accepted(device_id):
     assert topics.valid_device_id(device_id)
-    assert topics.status(device_id) == f"edgeloop/v1/devices/{device_id}/status"
-    assert topics.device_from_topic(topics.telemetry(device_id)) == device_id
+    assert ACME.status(device_id) == f"edgeloop/v2/acme/devices/{device_id}/status"
+    assert ACME.device_from_topic(ACME.telemetry(device_id)) == device_id
 
 
 @pytest.mark.parametrize("device_id", ["", "-dev", ".dev", "_dev", "x" * 65, "dev/1", "dev+", "dev#", "+", "#",
@@ -274,8 +277,8 @@ def test_valid_device_id_is_accepted(device_id):
                          ids=repr)
 def test_invalid_device_id_is_refused(device_id):
     assert not topics.valid_device_id(device_id)
-    for make in (topics.status, topics.telemetry, topics.errors, topics.command, topics.block_requests,
-                 topics.blocks):
+    for make in (ACME.status, ACME.telemetry, ACME.errors, ACME.command, ACME.block_requests,
+                 ACME.blocks, ACME.telemetry_ack):
         with pytest.raises(ValueError):
             make(device_id)
 
@@ -284,32 +287,57 @@ def test_invalid_device_id_is_refused(device_id):
 def test_invalid_tier_gets_no_announce_topic(tier):
     assert not topics.valid_tier(tier)
     with pytest.raises(ValueError):
-        topics.announce(tier)
+        ACME.announce(tier)
+
+
+@pytest.mark.parametrize("fleet", ["", "Acme", "-acme", "acme/x", "acme+", "#", "a" * 33, "acme\n", "ac me"],
+                         ids=repr)
+def test_invalid_fleet_id_gets_no_topics(fleet):
+    assert not topics.valid_fleet(fleet)
+    with pytest.raises(ValueError):
+        topics.Fleet(fleet)
+    with pytest.raises(ValueError):
+        topics.for_fleet(fleet)
 
 
 def test_topics_for_a_device_are_under_its_own_prefix():
-    assert topics.announce("edge-gateway") == "edgeloop/v1/updates/edge-gateway"
-    for make, suffix in [(topics.status, "status"), (topics.telemetry, "telemetry"), (topics.errors, "errors"),
-                         (topics.command, "cmd"), (topics.block_requests, "blocks/req"), (topics.blocks, "blocks")]:
-        assert make("dev-9") == f"edgeloop/v1/devices/dev-9/{suffix}"
+    assert ACME.announce("edge-gateway") == "edgeloop/v2/acme/updates/edge-gateway"
+    for make, suffix in [(ACME.status, "status"), (ACME.telemetry, "telemetry"), (ACME.errors, "errors"),
+                         (ACME.command, "cmd"), (ACME.block_requests, "blocks/req"), (ACME.blocks, "blocks"),
+                         (ACME.telemetry_ack, "telemetry/ack")]:
+        assert make("dev-9") == f"edgeloop/v2/acme/devices/dev-9/{suffix}"
+
+
+def test_every_topic_of_a_fleet_is_under_its_own_prefix_and_no_other_fleets():
+    other = topics.for_fleet("acme-2")            # a fleet whose id extends this one's
+    made = [ACME.announce("mcu"), ACME.announce_all(), ACME.status_all(), ACME.telemetry_all(), ACME.errors_all(),
+            ACME.block_requests_all(), *(f("d-1") for f in (ACME.status, ACME.telemetry, ACME.errors, ACME.command,
+                                                           ACME.block_requests, ACME.blocks, ACME.telemetry_ack))]
+    assert all(t.startswith("edgeloop/v2/acme/") for t in made)
+    assert not any(t.startswith(other.prefix + "/") for t in made)
+    assert other.device_from_topic(ACME.status("d-1")) is None
+    assert ACME.device_from_topic(other.status("d-1")) is None
+    assert ACME.everything() == "edgeloop/v2/acme/#"
 
 
 @pytest.mark.parametrize("topic,device", [
-    ("edgeloop/v1/devices/dev-1/status", "dev-1"),
-    ("edgeloop/v1/devices/dev-1/telemetry", "dev-1"),
-    ("edgeloop/v1/devices/dev-1/blocks/req", "dev-1"),
-    ("edgeloop/v1/devices/+/status", None),            # a wildcard is no device
-    ("edgeloop/v1/devices/-bad/status", None),
-    ("edgeloop/v1/devices/dev-1", None),               # too short
-    ("edgeloop/v1/devices/dev-1/a/b/c", None),         # too long
-    ("edgeloop/v2/devices/dev-1/status", None),        # another version
-    ("other/v1/devices/dev-1/status", None),
-    ("edgeloop/v1/updates/edge-gateway", None),
-    ("edgeloop/v1/device/dev-1/status", None),
+    ("edgeloop/v2/acme/devices/dev-1/status", "dev-1"),
+    ("edgeloop/v2/acme/devices/dev-1/telemetry", "dev-1"),
+    ("edgeloop/v2/acme/devices/dev-1/blocks/req", "dev-1"),
+    ("edgeloop/v2/acme/devices/+/status", None),            # a wildcard is no device
+    ("edgeloop/v2/acme/devices/-bad/status", None),
+    ("edgeloop/v2/acme/devices/dev-1", None),               # too short
+    ("edgeloop/v2/acme/devices/dev-1/a/b/c", None),         # too long
+    ("edgeloop/v1/devices/dev-1/status", None),             # another version
+    ("edgeloop/v2/other/devices/dev-1/status", None),       # another fleet
+    ("edgeloop/v2/devices/dev-1/status", None),             # no fleet
+    ("other/v2/acme/devices/dev-1/status", None),
+    ("edgeloop/v2/acme/updates/edge-gateway", None),
+    ("edgeloop/v2/acme/device/dev-1/status", None),
     ("", None),
 ])
 def test_device_from_topic(topic, device):
-    assert topics.device_from_topic(topic) == device
+    assert ACME.device_from_topic(topic) == device
 
 
 # -- bundle ------------------------------------------------------------------------------------

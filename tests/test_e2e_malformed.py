@@ -11,11 +11,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from contracts import topics
+from contracts.topics import DEFAULT_FLEET, Fleet
 from contracts.messages import MAX_PAYLOAD_BYTES, Telemetry, encode
 from cloud.control_plane import ControlPlane
 from cloud.registry import Registry
 from device_sdk.agent import Agent, AgentConfig
+
+topics = Fleet(DEFAULT_FLEET)      # the fleet a ControlPlane or agent built without one is in
 
 
 def wait_for(predicate, timeout=15.0, what="condition"):

@@ -315,9 +315,11 @@ def test_broker_config_lets_devices_touch_only_their_own_topics(ws, fleet, capsy
     acl = Path(info["acl"]).read_text().splitlines()
     rules = [ln for ln in acl if ln and not ln.startswith("#")]
     control_planes = ["edgeloop-control-plane", *(f"edgeloop-control-plane-{w}" for w in ("demo", "publish", "serve"))]
+    prefix = f"edgeloop/v2/{ws.fleet}"
     assert rules == ["user dev-bad", "topic deny #", *(x for cn in control_planes for x in
-                                                       (f"user {cn}", "topic readwrite edgeloop/v1/#")),
-                     *(f"pattern {a} {t}" for a, t in broker.DEVICE_RULES)]
+                                                       (f"user {cn}", f"topic readwrite {prefix}/#")),
+                     *(f"pattern {a} {t.format(fleet=prefix)}" for a, t in broker.DEVICE_RULES)]
+    assert all(ln.split()[2].startswith(prefix + "/") for ln in rules if ln.startswith("pattern"))   # own fleet only
     assert "use_username_as_clientid true" in conf                     # no client-id takeover
     assert all("%u" in t for a, t in broker.DEVICE_RULES if a == "write")   # writes only ever under one's own id
     server = x509.load_pem_x509_certificate((ws.root / "pki" / "broker" / "server.crt").read_bytes())

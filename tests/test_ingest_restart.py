@@ -39,7 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.registry import Registry
 from conftest import Broker, wait_for
-from contracts import topics
+from contracts.topics import DEFAULT_FLEET, Fleet
 from contracts.messages import ErrorReport, Telemetry, TelemetryAck, encode, parse
 from device_sdk.delivery import Delivery
 from device_sdk.outbox import PRIORITY_ERROR, Outbox
@@ -68,6 +68,8 @@ while True:
         print("subscribed" if subscribed else "disconnected", flush=True)
     time.sleep(0.02)
 """
+
+topics = Fleet(DEFAULT_FLEET)      # the fleet a ControlPlane or agent built without one is in
 
 
 class Worker:

@@ -106,10 +106,11 @@ def test_unknown_revoked_future_and_malformed_telemetry_is_refused_and_counted(t
     from paho.mqtt.enums import CallbackAPIVersion
 
     from cloud.fleet_registry import EnrolledDevice, FleetRegistry
-    from contracts import topics
+    from contracts.topics import DEFAULT_FLEET, Fleet
     from contracts.messages import TelemetryAck, encode, parse
 
     registry = Registry(tmp_path / "registry.db")
+    topics = Fleet(DEFAULT_FLEET)          # the fleet a ControlPlane built without one serves
     fleet = FleetRegistry(registry)
     for name in ("bad-in-ok", "bad-in-revoked"):
         fleet.enroll(EnrolledDevice(name, f"serial-{name}", "f" * 64, time.time() + 3600, tier="edge-gateway"))

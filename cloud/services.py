@@ -1,0 +1,195 @@
+"""The composition root of the cloud's service stack: one place that builds, starts and stops it.
+
+``edgeloop serve``, ``edgeloop demo``, ``edgeloop demo --loop`` (and the fleet benchmark) all
+run the same stack, built here from a workspace and :class:`StackOptions`::
+
+    with ServiceStack(ws, options) as stack:       # started in this order:
+        stack.repository                           # 1. the HTTP repository server (image + director)
+        stack.control_plane, stack.ingest          # 2. the control plane(s): MQTT ingest, announce, blocks
+        stack.rollouts                             # 3. the rollout controller (sends through 2, links to 1)
+        stack.api                                  # 4. the HTTP API (reads the registry, drives 3)
+    # stopped in reverse: API, control planes, repository server; then the registry is closed
+
+Guarantees:
+
+- Every control plane serves the workspace's fleet (``Workspace.fleet``: its topics, its
+  shared-subscription group ``<share_group>-<fleet>``) and connects the way the options say
+  (plain TCP, or mutual TLS as the identity its link holds); serve and the demos get their
+  options from one function (:func:`fleet.broker.stack_options`), so they cannot differ.
+- A stack that fails to start stops what it had started, in reverse, before the error
+  (ServiceUnavailable, UserError) reaches the caller; :meth:`ServiceStack.stop` is idempotent and
+  leaves no thread or socket of the stack behind.
+- The stack owns its registry connection (:attr:`ServiceStack.registry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+from cloud.control_plane import SHARE_GROUP, ControlPlane
+from cloud.registry import Registry
+from cloud.repo_server import RepositoryServer
+from cloud.workspace import Workspace
+
+if TYPE_CHECKING:
+    from cloud.api import ApiServer
+    from cloud.rollouts import RolloutController
+
+__all__ = ["BrokerLink", "PlainLink", "ServiceStack", "StackOptions"]
+
+
+class BrokerLink(Protocol):
+    """How one control plane reaches the broker (fleet.broker.MqttLink is one)."""
+
+    host: str
+    port: int
+
+    def control_plane_kwargs(self) -> dict[str, object]:
+        """ControlPlane's TLS keyword arguments (none for plain TCP)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PlainLink:
+    """Plain TCP to a broker, no TLS."""
+
+    host: str
+    port: int
+
+    def control_plane_kwargs(self) -> dict[str, object]:
+        return {}
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """What to run and how. ``broker``: the first control plane's link (default: plain TCP to the
+    workspace's MQTT address); it announces and sends commands. ``workers``: the links of further
+    ingest workers, one identity each (a client id is its certificate CN on an edgeloop broker):
+    ``1 + len(workers)`` control planes split the stream in the shared group. ``session``: the
+    persistent MQTT session of the first (further ones get ``-2``, ``-3``, ...). ``http``: where the
+    repository server listens (default: the workspace's HTTP address); ``repository=False``: none.
+    ``api``: (host, port) of the HTTP API, None for none. ``rollouts``: build a rollout controller.
+    ``blocks``: also serve the repositories over MQTT in blocks (contracts/blocks.py)."""
+
+    broker: BrokerLink | None = None
+    workers: Sequence[BrokerLink] = ()
+    share_group: str = SHARE_GROUP
+    shared: bool = True
+    session: str | None = None
+    repository: bool = True
+    http: tuple[str, int] | None = None
+    api: tuple[str, int] | None = None
+    rollouts: bool = True
+    blocks: bool = True
+
+    @property
+    def ingest_workers(self) -> int:
+        return 1 + len(self.workers)
+
+
+class ServiceStack:
+    """The running stack; see the module docstring. Use as a context manager, or call
+    :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, ws: Workspace, options: StackOptions | None = None) -> None:
+        self.ws = ws
+        self.options = options or StackOptions()
+        self._registry: Registry | None = None
+        self.repository: RepositoryServer | None = None
+        self.ingest: list[ControlPlane] = []
+        self.rollouts: RolloutController | None = None
+        self.api: ApiServer | None = None
+        self._stops: list[Callable[[], None]] = []      # what to call on stop, in start order
+
+    @property
+    def registry(self) -> Registry:
+        """The stack's registry connection (closed once the stack stopped)."""
+        if self._registry is None:
+            raise RuntimeError("the service stack has not been started")
+        return self._registry
+
+    @property
+    def control_plane(self) -> ControlPlane:
+        """The first control plane: the one that announces and sends rollout commands."""
+        if not self.ingest:
+            raise RuntimeError("the service stack is not running")
+        return self.ingest[0]
+
+    @property
+    def repository_url(self) -> str | None:
+        return self.repository.url if self.repository else None
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> ServiceStack:
+        """Start every service in order. Raises ServiceUnavailable or UserError (after stopping
+        what had started)."""
+        try:
+            self._start_registry()
+            self._start_repository()
+            self._start_control_planes()
+            self._start_rollouts()
+            self._start_api()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop everything started, in reverse order. Safe to call twice."""
+        while self._stops:
+            self._stops.pop()()
+
+    def __enter__(self) -> ServiceStack:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- the steps ---------------------------------------------------------------------------------
+    def _start_registry(self) -> None:
+        self._registry = Registry(self.ws.registry_path)
+        self._stops.append(self._registry.close)
+
+    def _start_repository(self) -> None:
+        if not self.options.repository:
+            return
+        host, port = self.options.http or (self.ws.http_host, self.ws.http_port)
+        self.repository = RepositoryServer(self.ws.repository_dir, host, port, self.ws.director_dir).start()
+        self._stops.append(self.repository.stop)
+
+    def _repositories(self) -> dict[str, Path] | None:
+        return {"image": self.ws.repository_dir, "director": self.ws.director_dir} if self.options.blocks else None
+
+    def _start_control_planes(self) -> None:
+        o = self.options
+        links = [o.broker or PlainLink(self.ws.mqtt_host, self.ws.mqtt_port), *o.workers]
+        for i, link in enumerate(links):
+            session = o.session if o.session is None or i == 0 else f"{o.session}-{i + 1}"
+            cp = ControlPlane(self.registry, link.host, link.port, session=session, fleet=self.ws.fleet,
+                              repositories=self._repositories(), share_group=o.share_group, shared=o.shared,
+                              **link.control_plane_kwargs())     # type: ignore[arg-type]
+            cp.start()
+            self.ingest.append(cp)                  # kept after stop: their stats stay readable
+            self._stops.append(cp.stop)
+
+    def _start_rollouts(self) -> None:
+        if not self.options.rollouts:
+            return
+        from cloud.rollouts import RolloutController
+
+        self.rollouts = RolloutController(self.ws, self.registry, self.control_plane.send_command,
+                                          repository_url=self.repository_url)
+
+    def _start_api(self) -> None:
+        if self.options.api is None:
+            return
+        from cloud.api import ApiServer
+
+        host, port = self.options.api
+        api = ApiServer(self.registry, host, port, rollouts=self.rollouts).start()
+        self.api = api
+        self._stops.append(api.stop)
