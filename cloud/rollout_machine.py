@@ -138,10 +138,10 @@ def rollout_next(state: str, event: str, paused_from: str | None = None) -> Roll
     try:
         to = ROLLOUT_TRANSITIONS[(RolloutState(state), RolloutEvent(event))]
     except (KeyError, ValueError):
-        raise IllegalTransition(f"no rollout transition from {state!r} on {event!r}") from None
+        raise IllegalTransition(f"no rollout transition from {str(state)!r} on {str(event)!r}") from None
     if event == E.RESUME:
         if paused_from not in PAUSABLE:
-            raise IllegalTransition(f"cannot resume a rollout paused from {paused_from!r}")
+            raise IllegalTransition(f"cannot resume a rollout paused from {str(paused_from)!r}")
         return RolloutState(paused_from)
     return to
 
@@ -152,4 +152,4 @@ def device_next(state: str, event: str) -> DeviceRolloutState:
     try:
         return DEVICE_TRANSITIONS[(DeviceRolloutState(state), DeviceEvent(event))]
     except (KeyError, ValueError):
-        raise IllegalTransition(f"no device transition from {state!r} on {event!r}") from None
+        raise IllegalTransition(f"no device transition from {str(state)!r} on {str(event)!r}") from None

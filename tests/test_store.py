@@ -11,7 +11,7 @@ import pytest
 
 from cloud.errors import SchemaTooNew
 from cloud.registry import Registry
-from cloud.store import SCHEMA_VERSION, open_store
+from cloud.store import SCHEMA_VERSION, DeviceFilter, open_store
 from cloud.store.readonly import query
 from cloud.store.schema import INDEXES, TABLES
 from cloud.workspace import Workspace
@@ -92,7 +92,7 @@ def test_a_database_from_before_the_store_is_migrated_in_place_and_keeps_its_row
         assert [e["code"] for e in registry.device_errors("d1")] == ["health.golden"]
         # and the new columns work on them
         registry.set_target(["d1"], "m:2")
-        assert registry.fleet_devices(__import__("cloud.store").store.DeviceFilter(), 0.0)[0]["target_model_version"] == "m:2"
+        assert registry.fleet_devices(DeviceFilter(), 0.0)[0]["target_model_version"] == "m:2"
         assert registry.add_telemetry([{"device_id": "d1", "seq": 1, "model_version": "m:1", "count": 5,
                                         "features": {"hist": [[1]]}, "abs_err_sum": 1.5}]) == 1
     finally:

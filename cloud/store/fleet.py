@@ -86,8 +86,17 @@ class FleetOps(SqliteBase):
     def record_status(self, row: dict[str, Any]) -> None:
         """Store a device's latest status. First seen is set by the first status (also for a device
         enrolled before it ever spoke); an ``offline`` status without a model version (the last
-        will) keeps the last known model version and update."""
-        self.record_statuses([row])
+        will) keeps the last known model version and update. Columns ``row`` does not name keep
+        their stored values."""
+        now = time.time()
+        with self._lock:
+            old = self._one("select first_seen, model_version, update_id from devices where device_id = ?",
+                            [row["device_id"]]) or {}
+            if row.get("state") == "offline" and row.get("model_version") is None:
+                row = {**row, "model_version": old.get("model_version"),
+                       "update_id": row.get("update_id") or old.get("update_id")}
+            self._db["devices"].upsert({**row, "first_seen": old.get("first_seen") or now, "last_seen": now},
+                                       pk="device_id")
 
     def record_statuses(self, rows: list[dict[str, Any]], installed: Iterable[tuple[str, str]] = ()) -> None:
         """:meth:`record_status` for many statuses, applied in order, and the ``installed`` lineage

@@ -151,7 +151,7 @@ class FleetStore(Protocol):
         """The device's certificate fields if it is enrolled, else None."""
 
     def fleet_devices(self, where: DeviceFilter, online_since: float,
-                          device_id: str | None = None) -> list[dict[str, Any]]:
+                      device_id: str | None = None) -> list[dict[str, Any]]:
         """Devices matching ``where`` (and ``device_id``), by id, with ``online`` (heard from since
         ``online_since``, last status not offline), ``last_error`` and decoded tags and groups."""
 
@@ -166,7 +166,7 @@ class FleetStore(Protocol):
         """The highest stored telemetry seq of each of ``device_ids`` that has any."""
 
     def telemetry_records(self, device_id: str | None = None, model_version: str | None = None,
-                              seq_from: int | None = None, seq_to: int | None = None) -> list[dict[str, Any]]:
+                          seq_from: int | None = None, seq_to: int | None = None) -> list[dict[str, Any]]:
         """Stored telemetry records (JSON fields as stored text), by (device_id, seq); ``seq_to``
         is exclusive."""
 
@@ -174,12 +174,12 @@ class FleetStore(Protocol):
         """How many records are stored (of ``device_ids``, if given)."""
 
     def device_telemetry_totals(self, device_id: str, seq_from: int | None = None,
-                                    seq_to: int | None = None) -> dict[str, Any]:
+                                seq_to: int | None = None) -> dict[str, Any]:
         """records, inferences, correct and labelled of a device's telemetry (seq range optional,
         ``seq_to`` exclusive); sums are None when it has none."""
 
     def device_samples(self, since: float | None = None, devices: Iterable[str] | None = None,
-                           labelled_only: bool = True) -> tuple[list[list[float]], list[int | None], list[str]]:
+                       labelled_only: bool = True) -> tuple[list[list[float]], list[int | None], list[str]]:
         """Raw inputs that devices sampled into their telemetry (opt-in on the device), stored once
         per record like the record itself: (rows, labels, device ids), in (device, seq) order."""
 
@@ -250,7 +250,7 @@ class RolloutStore(Protocol):
         """(an active rollout, how many of ``device_ids`` are in it), or None."""
 
     def insert_rollout(self, rollout: dict[str, Any], groups: list[dict[str, Any]],
-                           devices: list[dict[str, Any]]) -> tuple[str, int] | None:
+                       devices: list[dict[str, Any]]) -> tuple[str, int] | None:
         """Store a new rollout (``spec`` a dict), its signed groups and its devices in one
         transaction, unless some of its devices are in an active rollout: then that rollout's
         (id, count) is returned and nothing is stored."""
@@ -260,9 +260,6 @@ class RolloutStore(Protocol):
         rollout is still in ``frm``. Returns whether it was."""
 
     def set_rollout_health(self, rollout_id: str, health: dict[str, Any], now: float) -> None: ...
-
-    def count_wave(self, rollout_id: str, sent: int, now: float) -> None:
-        """Count ``sent`` devices into the rollout's waves (its rate limit)."""
 
     def rollout_group(self, rollout_id: str, kind: str, tier: str, prev: str, attempt: int) -> dict[str, Any] | None: ...
 
@@ -307,15 +304,17 @@ class RolloutStore(Protocol):
         """Telemetry of the rollout's committed devices that ran another version before, under
         ``model_version`` (``new`` true) and under that previous version."""
 
-    def assign_wave(self, rollout_id: str, wave: int, size: int) -> list[str]:
-        """Put the next ``size`` devices not yet in a wave (dispatch order) into ``wave``."""
+    def assign_wave(self, rollout_id: str, wave: int, size: int, now: float, rate_limited: bool) -> list[str]:
+        """Put the next ``size`` devices not yet in a wave (dispatch order) into ``wave``; with
+        ``rate_limited``, count them into the rollout's waves (its rate limit), in the same
+        transaction."""
 
     def due(self, rollout_id: str, phase: str) -> list[dict[str, Any]]:
         """Devices due a command in ``phase`` ("update": pending in a wave; "rollback": rolling
         back, not yet sent), in dispatch order."""
 
     def mark_sent(self, rollout_id: str, phase: str, commands: dict[tuple[str, str, int], tuple[str, Any]],
-                      timeouts: dict[str, float], now: float) -> list[tuple[str, Any]]:
+                  timeouts: dict[str, float], now: float) -> list[tuple[str, Any]]:
         """The ``send`` transition for every device due a command in ``phase`` that ``commands``
         has one for, keyed by (tier, previous version or "" for updates, attempt): its attempt
         counted, its update id and deadline set, the attempt recorded, in one write transaction
@@ -341,5 +340,8 @@ class Store(CatalogStore, FleetStore, AccessStore, RolloutStore, Protocol):
     """The whole store: every table family, on one database."""
 
     path: Path
+
+    def checkpoint(self) -> None:
+        """Make everything committed durable in the database itself (SQLite: empty the WAL)."""
 
     def close(self) -> None: ...
