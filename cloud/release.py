@@ -6,7 +6,7 @@ release through :class:`Releaser`, which for each :class:`Assignment`, in order:
 1. **stages** the package in the image repository: reads its stored bytes (checked against
    the sha256 it was registered under), signs them under the package's target name if the
    image repository does not sign that name yet, and then requires the image repository to
-   sign exactly this length and sha256 and to hold the file (:meth:`Releaser.check`);
+   sign exactly this length and sha256 and to hold the file;
 2. makes a **delta** from the package the group's devices run now, if one helps, and signs it
    into the image repository (docs/ota.md);
 3. **assigns** it in the director: ``assignments/<group>/<target>`` with the same length and
@@ -18,8 +18,10 @@ same length and hashes and hold. Every check of step 1 runs for every assignment
 director is touched; a package the two repositories would disagree on raises
 :class:`~cloud.errors.IntegrityError` with one line, and nothing is assigned or recorded.
 
-Target names: a package's target name (``packages.target``, decided by
-:func:`target_name` when the package is registered) belongs to one sha256 for ever. Packaging
+Registering a built package (:func:`register_package`, the last step of
+``cloud.pipeline.package_model`` and of packaging an imported model) stores its bytes and its
+drift baseline (cloud/baselines.py) and decides its target name. A package's target name
+(``packages.target``, :func:`target_name`) belongs to one sha256 for ever. Packaging
 is deterministic, so re-packaging a version gives the same bytes and the same name; a
 re-package with other bytes (other code, another host's converter) gets a name of its own,
 ``<model>/<version>/<tier>.<sha256[:12]>.elpkg``, and is signed as a new target beside the
@@ -155,13 +157,6 @@ class Releaser:
         for r in out:
             self._record(r)
         return out
-
-    def check(self, model_version: str, tier: str) -> dict[str, Any]:
-        """The registered package, if the image repository signs exactly its length and sha256
-        and holds the file. Raises NotFound or IntegrityError (one line, saying what disagrees)."""
-        pkg = self.registry.package_for(model_version, tier)
-        self._agree(self.ws.image_repository(), pkg)
-        return pkg
 
     # -- steps ------------------------------------------------------------------------------
     @contextmanager

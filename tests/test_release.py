@@ -192,3 +192,28 @@ def test_publish_and_rollouts_record_updates_the_same_way(unit):
                                      f"assignments/ro-1-u1-edge/m/1/{TIER}.elpkg"}
     assert json.dumps(director[f"assignments/{TIER}/m/1/{TIER}.elpkg"].custom, sort_keys=True) == json.dumps(
         {"model_version": "m:1", "update_id": a.announce.update_id}, sort_keys=True)
+
+
+def test_publish_refuses_a_package_the_image_repository_signs_with_other_bytes(unit):
+    from cloud.pipeline import publish_update
+
+    ws, registry = unit
+    ws.image_repository().add_target(f"m/1/{TIER}.elpkg", b"the bytes signed first")
+    _register(ws, registry, b"other bytes registered under the same name later")
+    announced = []
+    with pytest.raises(IntegrityError, match="would disagree"):
+        publish_update(ws, registry, "http://127.0.0.1:9/repository", "m:1", TIER, announced.append)
+    assert announced == [] and _nothing_assigned(ws, registry)
+
+
+def test_a_new_package_gets_the_plain_name_and_other_bytes_get_their_own(unit):
+    from cloud.release import target_name
+
+    ws, registry = unit
+    plain = f"m/1/{TIER}.elpkg"
+    first = _register(ws, registry, b"first bytes")
+    assert target_name(ws, registry, "m", 1, TIER, first) == plain              # packaged again: the same name
+    other = "ab" * 32
+    assert target_name(ws, registry, "m", 1, TIER, other) == f"m/1/{TIER}.{other[:12]}.elpkg"
+    ws.image_repository().add_target(plain, b"signed bytes")                      # the image repository decides
+    assert target_name(ws, registry, "m", 1, TIER, first) == f"m/1/{TIER}.{first[:12]}.elpkg"
