@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from contracts.baseline_digest import edges_digest
 from contracts.messages import Telemetry

@@ -57,7 +57,6 @@ docs/rollouts.md.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -67,14 +66,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from hashlib import sha256
-from pathlib import Path
 from typing import Any, Callable
-
-from tuf.api.metadata import TargetFile
 
 from contracts.codes import ErrorCode, retryable
 from contracts.messages import Announce, Command
-from contracts.topics import assignment_path
 from cloud.errors import NotFound, UserError
 from cloud.registry import Registry
 from cloud.rollout_health import compare, js_distance
@@ -217,7 +212,6 @@ class RolloutController:
         self.repository_url = repository_url
         self.director_url = director_url or (repository_url.rstrip("/").rsplit("/", 1)[0] + "/director"
                                              if repository_url else None)
-        self._sign_lock = threading.Lock()     # one signer of the repositories in this process
         # one small handler per rollout state, run after results, deadlines and abort criteria
         self._handlers: dict[RolloutState, Callable[[str, dict[str, Any], RolloutSpec, float], int]] = {
             S.PENDING: self._on_pending, S.CANARY: self._on_canary, S.BAKING: self._on_baking,

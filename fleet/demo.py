@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from pathlib import Path
 from typing import Any, Callable
 
 from cloud.datasets import load_dataset
