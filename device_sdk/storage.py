@@ -14,7 +14,7 @@ from typing import Any
 
 from device_sdk.errors import StorageError
 
-__all__ = ["atomic_write", "read_json", "write_json"]
+__all__ = ["atomic_write", "read_json", "write_json", "JsonFile"]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -46,3 +46,19 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
     except (OSError, json.JSONDecodeError) as e:
         raise StorageError(f"cannot read {path}: {e}") from e
+
+
+class JsonFile:
+    """One JSON document in one file, saved atomically (the agent's ``state.json``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict[str, Any] | None:
+        """The document, or None if there is none yet. Raises StorageError."""
+        data = read_json(self.path)
+        return data if isinstance(data, dict) else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Raises StorageError (reported as ``storage.write``)."""
+        write_json(self.path, state)
