@@ -137,6 +137,11 @@ class Agent:
         return self._job is not None
 
     @property
+    def last_status(self) -> tuple[DeviceState, str | None, str | None] | None:
+        """(state, update id, reason) of the status this device published last."""
+        return self._last_status
+
+    @property
     def next_due(self) -> float | None:
         """When a postponed update is due to be tried again (time.time()), if one waits."""
         return self._retry[2] if self._retry else None
@@ -162,16 +167,18 @@ class Agent:
             log.info("%s: resuming update %s", self.device_id, resume.update_id)
             self._begin(resume, 0)
 
-    def stop(self) -> None:
-        """Finish the step under way, flush telemetry, publish ``offline`` and close the link."""
+    def stop(self, drain_s: float = 5.0) -> None:
+        """Flush telemetry, give the outbox up to ``drain_s`` to reach the broker (what is left
+        goes on the next start), publish ``offline`` and close the link. ``drain_s=0`` never
+        waits (a driver on an event loop)."""
         self.flush_telemetry()
-        deadline = time.time() + 5
+        deadline = time.time() + drain_s
         while self.outbox.unsent() and self.link.connected and time.time() < deadline:   # the broker has it;
             # what the ingest has not confirmed yet is sent again on the next start
             self.pump()
             self.link.poll(0.01)
         self._publish_status(DeviceState.OFFLINE)
-        self.link.close(flush_s=5)
+        self.link.close(flush_s=drain_s)
 
     def _on_link(self, up: bool) -> None:
         """The link came up (subscribed) or went down: resend the outbox from the start, and say

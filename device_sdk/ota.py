@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from contracts.codes import ErrorCode
-from contracts.bundle import Bundle, read_bundle
+from contracts.bundle import Bundle, read_bundle, sha256_hex
 from contracts.errors import ContractError
 from contracts.messages import Announce, as_dict
 from device_sdk.errors import TransientError, UpdateRefused
@@ -157,8 +157,24 @@ class Installer:
 
     def load_active(self) -> ModelRuntime | None:
         """The runtime of the active slot's package (start-up), or None without one."""
-        bundle = self.active_bundle()
-        return None if bundle is None else self._runtimes.load(bundle)
+        data = self.active_package_bytes()
+        return None if data is None else self._runtimes.load(read_bundle(data), sha256_hex(data))
+
+    def factory_install(self, data: bytes) -> None:
+        """The package a device leaves the factory with: written to slot ``a`` and made active,
+        on a device that has never installed anything. Raises UpdateRefused for a package that is
+        malformed or for another tier, ValueError on a device that already has a model."""
+        if self._state["active_slot"] is not None or self.update_id is not None:
+            raise ValueError("factory install on a device that already has a model")
+        try:
+            manifest = read_bundle(data).manifest
+        except ContractError as e:
+            raise UpdateRefused(ErrorCode.VERIFY_PACKAGE, str(e)) from e
+        if manifest.tier != self.tier:
+            raise UpdateRefused(ErrorCode.VERIFY_MISMATCH, f"a {manifest.tier} package on a {self.tier} device")
+        atomic_write(self.root / "slots" / "a" / "package.elpkg", data)
+        self._state["active_slot"], self._state["model_version"] = "a", manifest.model_version
+        self._store.save(self._state)
 
     # -- the machine ----------------------------------------------------------------------
     def recover(self) -> Announce | None:
@@ -230,7 +246,7 @@ class Installer:
         except UpdateRefused as e:
             return self._refuse(uid, e, Event.REFUSED), None
         try:
-            runtime = self._runtimes.load(bundle)
+            runtime = self._runtimes.load(bundle, sha256_hex(data))
             health = self._runtimes.check(runtime, bundle)
         except UpdateRefused as e:
             return self._refuse(uid, e, Event.UNHEALTHY), None

@@ -70,7 +70,9 @@ class UpdateFetcher(Protocol):
 class RuntimeLoader(Protocol):
     """Loads a package's model and runs its health check (golden vectors, latency budget)."""
 
-    def load(self, bundle: Bundle) -> ModelRuntime: ...
+    def load(self, bundle: Bundle, package_sha256: str) -> ModelRuntime:
+        """``package_sha256``: the verified package's hash (the same hash is the same model).
+        Raises UpdateRefused (``health.load``)."""
     def check(self, runtime: ModelRuntime, bundle: Bundle) -> HealthReport: ...
 
 

@@ -254,7 +254,7 @@ def health_check(runtime: ModelRuntime, bundle: Bundle) -> HealthReport:
 class DefaultRuntimeLoader:
     """The device's own runtimes (:func:`load_runtime`, :func:`health_check`)."""
 
-    def load(self, bundle: Bundle) -> ModelRuntime:
+    def load(self, bundle: Bundle, package_sha256: str | None = None) -> ModelRuntime:
         return load_runtime(bundle)
 
     def check(self, runtime: ModelRuntime, bundle: Bundle) -> HealthReport:
