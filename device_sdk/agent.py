@@ -103,7 +103,7 @@ class Agent:
         self.config = config
         self.device_id = config.device_id
         self.link: Link = link or factory.link(config)
-        self.link.on_acked = lambda mid: self.delivery.puback(mid)
+        self.link.on_acked = self._on_acked
         self.link.on_connection_change = self._on_link
         self.client: UpdateFetcher = fetcher or factory.fetcher(config, self.link)
         self.installer = Installer(Path(config.state_dir), config.tier, config.max_package_bytes,
@@ -179,6 +179,9 @@ class Agent:
             self.link.poll(0.01)
         self._publish_status(DeviceState.OFFLINE)
         self.link.close(flush_s=drain_s)
+
+    def _on_acked(self, mid: int) -> None:
+        self.delivery.puback(mid)
 
     def _on_link(self, up: bool) -> None:
         """The link came up (subscribed) or went down: resend the outbox from the start, and say

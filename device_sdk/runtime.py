@@ -143,8 +143,8 @@ class LiteRTModel(_PerSampleInt8):
         self._out = self.interpreter.get_output_details()[0]
         self.in_shape = tuple(self._in["shape"])
         self.in_dtype = self._in["dtype"]
-        self.in_q = _qparams(*self._in["quantization"], self._in["dtype"])
-        self.out_q = _qparams(*self._out["quantization"], self._out["dtype"])
+        self.in_q = _qparams(self._in["quantization"][0], self._in["quantization"][1], self._in["dtype"])
+        self.out_q = _qparams(self._out["quantization"][0], self._out["quantization"][1], self._out["dtype"])
         _check_declared(self.manifest, self.in_q, self.out_q)
 
     def _invoke(self, v: np.ndarray) -> np.ndarray:
