@@ -102,14 +102,14 @@ class Agent:
             raise ValueError(f"unknown transport {config.transport!r}: use http or mqtt")
         self.config = config
         self.device_id = config.device_id
-        self.link: Link = link or factory.link(config)
+        self.link: Link = link if link is not None else factory.link(config)
         self.link.on_acked = self._on_acked
         self.link.on_connection_change = self._on_link
-        self.client: UpdateFetcher = fetcher or factory.fetcher(config, self.link)
+        self.client: UpdateFetcher = fetcher if fetcher is not None else factory.fetcher(config, self.link)
         self.installer = Installer(Path(config.state_dir), config.tier, config.max_package_bytes,
                                    on_state=self._report_ota, store=state, runtimes=runtimes)
-        self.seq: SequenceStore = sequence or factory.sequence(config)
-        self.outbox: OutboxStore = outbox or factory.outbox(config)
+        self.seq: SequenceStore = sequence if sequence is not None else factory.sequence(config)
+        self.outbox: OutboxStore = outbox if outbox is not None else factory.outbox(config)   # (an empty one is falsy)
         self.delivery = Delivery(self.outbox, lambda topic, payload: self.link.publish(topic, payload, qos=1),
                                  lambda: self.link.connected, max_in_flight=config.max_in_flight,
                                  confirm_timeout_s=config.confirm_timeout_s)

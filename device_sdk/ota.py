@@ -118,8 +118,8 @@ class Installer:
         self.tier = tier
         self.max_package_bytes = max_package_bytes
         self._on_state = on_state or (lambda state, update_id: None)
-        self._store: StateStore = store or JsonFile(self.root / "state.json")
-        self._runtimes: RuntimeLoader = runtimes or DEFAULT_LOADER
+        self._store: StateStore = store if store is not None else JsonFile(self.root / "state.json")
+        self._runtimes: RuntimeLoader = runtimes if runtimes is not None else DEFAULT_LOADER
         self._state: dict[str, Any] = self._store.load() or {
             "schema": STATE_SCHEMA, "active_slot": None, "model_version": None,
             "update": {"id": None, "state": str(S.IDLE), "reason": None}, "refused": [],

@@ -347,3 +347,55 @@ def test_simulate_beyond_the_full_agent_limit_runs_the_swarm(broker, tmp_path, c
     assert main(["simulate", "-w", str(ws), "--devices", str(n), "--duration", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["devices"] == n and result["connected"] == n and result["internal_errors"] == 0
+
+
+def test_swarm_runs_the_real_agent_and_says_what_it_shares(env):
+    from device_sdk.agent import Agent
+
+    swarm = start_swarm(env, 3)
+    try:
+        classes = swarm.read(lambda s: {type(d.agent) for d in s.devices})
+        report = swarm.read(lambda s: s.report())
+    finally:
+        forget(env, swarm)
+    assert classes == {Agent}
+    assert report["device_code"] == "device_sdk.agent.Agent" and report["device_classes"] == ["device_sdk.agent.Agent"]
+    assert any(w.startswith("tuf_verdict") for w in report["shared_work"])
+    assert any(w.startswith("runtime") for w in report["shared_work"]) and len(report["shared_work"]) == 2
+
+
+def test_dropped_download_is_retried_by_the_agent_and_its_error_report_goes_through_its_outbox(env):
+    """Every transfer drops: each device retries (the agent's back-off), then gives up with
+    transport.download, and that report reaches the cloud through the device's own outbox."""
+    from cloud.rollouts import RolloutSpec  # noqa: F401 - the same cloud as the other tests
+
+    msg = None
+    swarm = start_swarm(env, 4, network=NetworkProfile(drop_pct=100), download_retries=2)
+    try:
+        pkg = env.registry.package_for(env.v2, TIER)
+        data = Path(env.registry.artifact_path(pkg["sha256"])).read_bytes()
+        from cloud.pipeline import assign
+
+        env.ws.image_repository().add_target(pkg["target"], data)
+        msg = Announce(update_id=f"upd-drop{uuid.uuid4().hex[:6]}", model="digits-mlp", model_version=env.v2,
+                       tier=TIER, target=pkg["target"], length=pkg["length"], sha256=pkg["sha256"],
+                       repository=env.server.url, director=env.server.director_url, issued_at=time.time())
+        assign(env.ws, TIER, msg, data)
+        for device_id in swarm.ids:
+            env.cp.send_command(device_id, Command("install", "ro-drop", msg, time.time()))
+        wait_for(lambda: swarm.read(lambda s: s.counts()) == {"failed": 4}, timeout=40, what="every device to give up")
+
+        def reported() -> bool:
+            env.cp.drain()
+            return all(any(e["code"] == "transport.download" and e["update_id"] == msg.update_id
+                           for e in env.registry.device_errors(d)) for d in swarm.ids)
+        wait_for(reported, timeout=30, what="the error reports in the cloud")
+        wait_for(lambda: swarm.read(lambda s: all(len(d.agent.outbox) == 0 for d in s.devices)), timeout=30,
+                 what="the outboxes to empty on the ingest's confirmation")
+        report = swarm.read(lambda s: s.report(per_device=True))
+    finally:
+        forget(env, swarm)
+    assert report["download_retries"] == 4 * 2 and report["downloads"] == 0 and report["dropped_downloads"] == 12
+    for d in report["per_device"]:
+        assert d["retries"] == 2 and d["model_version"] == env.v1
+        assert d["reason"].startswith("download failed 3 times")
