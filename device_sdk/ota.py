@@ -119,7 +119,7 @@ class Installer:
         self.max_package_bytes = max_package_bytes
         self._on_state = on_state or (lambda state, update_id: None)
         self._store: StateStore = store if store is not None else JsonFile(self.root / "state.json")
-        self._runtimes: RuntimeLoader = runtimes if runtimes is not None else DEFAULT_LOADER
+        self.runtimes: RuntimeLoader = runtimes if runtimes is not None else DEFAULT_LOADER
         self._state: dict[str, Any] = self._store.load() or {
             "schema": STATE_SCHEMA, "active_slot": None, "model_version": None,
             "update": {"id": None, "state": str(S.IDLE), "reason": None}, "refused": [],
@@ -158,7 +158,7 @@ class Installer:
     def load_active(self) -> ModelRuntime | None:
         """The runtime of the active slot's package (start-up), or None without one."""
         data = self.active_package_bytes()
-        return None if data is None else self._runtimes.load(read_bundle(data), sha256_hex(data))
+        return None if data is None else self.runtimes.load(read_bundle(data), sha256_hex(data))
 
     def factory_install(self, data: bytes) -> None:
         """The package a device leaves the factory with: written to slot ``a`` and made active,
@@ -246,8 +246,8 @@ class Installer:
         except UpdateRefused as e:
             return self._refuse(uid, e, Event.REFUSED), None
         try:
-            runtime = self._runtimes.load(bundle, sha256_hex(data))
-            health = self._runtimes.check(runtime, bundle)
+            runtime = self.runtimes.load(bundle, sha256_hex(data))
+            health = self.runtimes.check(runtime, bundle)
         except UpdateRefused as e:
             return self._refuse(uid, e, Event.UNHEALTHY), None
         if prepared:

@@ -20,8 +20,12 @@ __all__ = ["atomic_write", "read_json", "write_json", "JsonFile"]
 def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:       # the first write into this folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb")
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -36,7 +40,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+    atomic_write(path, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())   # compact: the C encoder
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import time
@@ -90,7 +91,15 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
         _identities(ws, config, out)
     _raise_fd_limit(args.devices)
     swarm = Swarm(config)
-    report = asyncio.run(_run(swarm, args.duration, out))
+    profile = os.environ.get("EDGELOOP_SWARM_PROFILE")   # a cProfile of the whole run, for benchmarks
+    if profile:
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            report = asyncio.run(_run(swarm, args.duration, out))
+        prof.dump_stats(profile)
+    else:
+        report = asyncio.run(_run(swarm, args.duration, out))
     if args.report:
         args.report.write_text(json.dumps(report, sort_keys=True))
     summary = {k: v for k, v in report.items() if k != "per_device"}

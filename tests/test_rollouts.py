@@ -555,14 +555,19 @@ def test_health_check_failures_abort_at_threshold_and_updated_devices_roll_back(
         first_wave = [d for (d,) in db.execute("select device_id from rollout_devices where rollout_id = ? "
                                                "order by ord limit 4", [rid])]
     bad = set(first_wave[:2])                      # half of the first wave fails its health check
-    real = ota.health_check
+    from device_sdk.runtime import DEFAULT_LOADER
 
-    def flaky(runtime, bundle):  # noqa: ANN001, ANN202
-        name = threading.current_thread().name
-        if bundle.manifest.model_version == target and name.removeprefix("install-") in bad:
-            raise UpdateRefused("health.golden", "injected: golden outputs differ")
-        return real(runtime, bundle)
-    monkeypatch.setattr(ota, "health_check", flaky)
+    class Flaky:       # the agent's runtime loader (device_sdk.ports.RuntimeLoader), failing on the target
+        def load(self, bundle, package_sha256):  # noqa: ANN001, ANN202
+            return DEFAULT_LOADER.load(bundle, package_sha256)
+
+        def check(self, runtime, bundle):  # noqa: ANN001, ANN202
+            if bundle.manifest.model_version == target:
+                raise UpdateRefused("health.golden", "injected: golden outputs differ")
+            return DEFAULT_LOADER.check(runtime, bundle)
+    for a in rig.agents:
+        if a.device_id in bad:
+            monkeypatch.setattr(a.installer, "runtimes", Flaky())
 
     status = _drive(rig, ctl, rid)
     assert status["state"] == "aborted", status
