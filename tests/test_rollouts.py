@@ -542,7 +542,6 @@ def test_canary_then_waves_update_every_real_device_once(rig):
 
 
 def test_health_check_failures_abort_at_threshold_and_updated_devices_roll_back(rig, monkeypatch):
-    import device_sdk.ota as ota
     from device_sdk.errors import UpdateRefused
 
     before = {a.device_id: a.model_version for a in rig.agents}
