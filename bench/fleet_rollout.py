@@ -191,7 +191,8 @@ def run(args: argparse.Namespace) -> dict:
         out, err = swarm.communicate(timeout=300)
         if swarm.returncode != 0:
             raise SystemExit(f"fleet_rollout: the swarm failed ({swarm.returncode}): {err[-2000:]}")
-        per_device = json.loads(report_path.read_text())["per_device"]
+        swarm_report = json.loads(report_path.read_text())
+        per_device = swarm_report["per_device"]
         times = [t - t0 for d in per_device for u, t in d["committed_at"].items() if u in update_ids]
         counts = status["counts"]
         updated = len(times)
@@ -211,6 +212,8 @@ def run(args: argparse.Namespace) -> dict:
             "cancelled": counts["cancelled"], "committed_at_end": counts["committed"],
             "state": status["state"], "fail_pct": args.fail_pct, "connect_s": round(connect_s, 1),
             "canary": args.canary, "waves": [w["n"] for w in waves], "commands_sent": status["commands_sent"],
+            "device_code": swarm_report["device_code"], "device_classes": swarm_report["device_classes"],
+            "shared_work": swarm_report["shared_work"], "device_state": swarm_report["device_state"],
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "python": platform.python_version(), "open_files": fds},
         }

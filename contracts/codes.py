@@ -64,6 +64,8 @@ RETRYABLE: frozenset[ErrorCode] = frozenset({ErrorCode.TRANSPORT_DOWNLOAD, Error
 def retryable(code: str | None) -> bool:
     """Whether the same update may succeed if sent again. An unknown code (from a newer device)
     is not retried: a retry decision the cloud cannot justify is not taken."""
+    if code is None:
+        return False
     try:
         return ErrorCode(code) in RETRYABLE
     except ValueError:

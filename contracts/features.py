@@ -79,7 +79,7 @@ class FeatureSpec:
             elif op == "clip":
                 x = np.clip(x, np.float32(step["min"]), np.float32(step["max"]))
             elif op == "standardize":
-                x = (x - np.asarray(step["mean"], np.float32)) / np.asarray(step["std"], np.float32)
+                x = ((x - np.asarray(step["mean"], np.float32)) / np.asarray(step["std"], np.float32)).astype(np.float32)
             else:  # validated in from_obj; kept for specs built in code
                 raise SchemaError(f"unknown feature step {op!r}")
         return x.astype(np.float32, copy=False)

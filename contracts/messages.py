@@ -20,7 +20,7 @@ from operator import add
 import re
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, TypeVar, Union, overload
 
 from contracts.errors import PayloadTooLarge, SchemaError
 
@@ -391,9 +391,19 @@ Message = Union[Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck]
 _BY_SCHEMA: dict[str, Any] = {c.SCHEMA: c for c in (Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck)}
 
 
-def parse(payload: bytes | str, expect: type | None = None,
+M = TypeVar("M", Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck)
+
+
+@overload
+def parse(payload: bytes | str, expect: None = None, loads: Callable[[bytes], Any] | None = None) -> Message: ...
+@overload
+def parse(payload: bytes | str, expect: type[M], loads: Callable[[bytes], Any] | None = None) -> M: ...
+
+
+def parse(payload: bytes | str, expect: type[Any] | None = None,
           loads: Callable[[bytes], Any] | None = None) -> Message:
-    """Parse and validate one message.
+    """Parse and validate one message; with ``expect`` (a message class) the result is of that
+    class (and typed so: ``parse(raw, TelemetryAck)`` is a TelemetryAck).
 
     Raises PayloadTooLarge if the payload is over MAX_PAYLOAD_BYTES, SchemaError for anything
     else wrong (not UTF-8 JSON, not an object, unknown schema, not the ``expect``ed kind,
@@ -419,7 +429,7 @@ def parse(payload: bytes | str, expect: type | None = None,
 
 def encode(msg: Message) -> bytes:
     """The wire form of a message: compact JSON with its ``schema`` field first."""
-    body = {"schema": msg.SCHEMA}
+    body: dict[str, Any] = {"schema": msg.SCHEMA}
     body.update({f.name: getattr(msg, f.name) for f in fields(msg)})
     if isinstance(msg, Status):
         body["state"] = str(msg.state)

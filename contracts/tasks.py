@@ -146,7 +146,7 @@ class TaskSpec:
         if not isinstance(obj, dict):
             raise SchemaError("task must be an object")
         try:
-            kind = TaskKind(obj.get("kind"))
+            kind = TaskKind(str(obj.get("kind")))
         except ValueError:
             raise SchemaError(f"unknown task kind {obj.get('kind')!r}; kinds: "
                               f"{', '.join(k.value for k in TaskKind)}") from None

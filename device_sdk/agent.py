@@ -1,22 +1,27 @@
 """The device agent: listens for updates, installs them safely, serves inference, reports.
 
-The agent does not own a thread for its logic. Whoever runs it (a real device's main loop, or
-the fleet simulator) calls :meth:`Agent.step` to handle pending messages and :meth:`Agent.infer`
+The agent owns no thread and no I/O: whoever runs it (a real device's main loop, the gateway,
+the threaded fleet simulator, or the swarm's asyncio loop) calls :meth:`Agent.step` to take the
+next step of an install, run a due retry or handle one queued message, and :meth:`Agent.infer`
 to serve requests, from the same thread or from two (a serving thread and a control thread):
 the model switch and the telemetry window are guarded by one lock, held only for bookkeeping,
-never during inference. An install runs on one background worker thread; the new model is loaded
-and health-checked beside the serving one, and the switch happens between requests (in
-``step`` or ``infer``), so no request fails or waits on an install.
+never during inference or a download. Its parts are :mod:`device_sdk.ports` Protocols (the MQTT
+link, the update fetcher, the runtime loader, the state, outbox and sequence stores), built by
+:mod:`device_sdk.factory` unless given. An install is the installer's steps
+(device_sdk/ota.py): ``begin``, the fetcher's download (a blocking fetcher does it inside one
+``step`` on the control thread; an asynchronous one in the background of the caller's loop),
+then ``complete``; the new model is loaded and health-checked beside the serving one and the
+switch happens between requests, so no request fails or waits on an install.
 
 Bad input never stops it: a malformed message is logged and dropped; a bad update is refused,
-reported on the status and errors topics, and the current model keeps serving.
+reported on the status topic and through the outbox on the errors topic (codes:
+:class:`contracts.codes.ErrorCode`), and the current model keeps serving.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -27,19 +32,19 @@ from pathlib import Path
 import numpy as np
 
 from contracts import topics
+from contracts.codes import ErrorCode
 from contracts.errors import ContractError
 from contracts.messages import (MAX_FEATURES, Announce, Command, DeviceState, ErrorReport, Status, TelemetryAck, encode,
                                parse)
 from contracts.tasks import TaskKind
-from device_sdk.errors import TransientError
-from device_sdk.mqtt import MqttLink
-from device_sdk.mqtt_fetcher import MqttBlockFetcher
+from device_sdk import factory
 from device_sdk.delivery import Delivery
-from device_sdk.outbox import PRIORITY_ERROR, PRIORITY_TELEMETRY, Outbox, OutboxConfig
+from device_sdk.errors import StorageError, TransientError, UpdateRefused
 from device_sdk.ota import InstallResult, Installer, InstallState
-from device_sdk.runtime import ModelRuntime, load_runtime
-from device_sdk.telemetry import SequenceCounter, TelemetryWindow
-from device_sdk.tuf_fetch import UpdateClient
+from device_sdk.outbox import PRIORITY_ERROR, PRIORITY_TELEMETRY
+from device_sdk.ports import Link, OutboxStore, RuntimeLoader, Sent, SequenceStore, StateStore, UpdateFetcher
+from device_sdk.runtime import ModelRuntime
+from device_sdk.telemetry import TelemetryWindow
 
 log = logging.getLogger("edgeloop.agent")
 
@@ -82,46 +87,46 @@ class AgentConfig:
     sample_rate: float = 0.0            # share of requests whose raw input rides along in telemetry (off;
                                         # inputs of over MAX_FEATURES values are never sampled)
     sample_max: int = 8                 # at most this many sampled inputs per telemetry window
+    network_thread: bool = True         # the default link's paho network thread (False: its I/O
+                                        # runs inside step(), and the device is one thread)
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, link: Link | None = None, fetcher: UpdateFetcher | None = None,
+                 runtimes: RuntimeLoader | None = None, state: StateStore | None = None,
+                 outbox: OutboxStore | None = None, sequence: SequenceStore | None = None) -> None:
+        """Every part not given is the real one (:mod:`device_sdk.factory`). Raises ValueError
+        for an invalid device id or transport."""
         if not topics.valid_device_id(config.device_id):
             raise ValueError(f"invalid device id {config.device_id!r}")
+        if config.transport not in ("http", "mqtt"):
+            raise ValueError(f"unknown transport {config.transport!r}: use http or mqtt")
         self.config = config
         self.device_id = config.device_id
         self.topics = topics.Fleet(config.fleet)      # raises ValueError for a malformed fleet id
-        root = Path(config.state_dir)
-        offline = Status(self.device_id, DeviceState.OFFLINE, config.tier)
-        self.link = MqttLink(config.device_id, config.mqtt_host, config.mqtt_port,
-                             will=(self.topics.status(self.device_id), encode(offline)), queue_max=config.inbox_max,
-                             tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key)
-        self.link.on_acked = lambda mid: self.delivery.puback(mid)
-        if config.transport not in ("http", "mqtt"):
-            raise ValueError(f"unknown transport {config.transport!r}: use http or mqtt")
-        fetcher = MqttBlockFetcher(self.link, self.device_id, root / "tuf" / "partial",
-                                   timeout_s=config.download_timeout_s, fleet=self.topics) if config.transport == "mqtt" else None
-        self.client = UpdateClient(root / "tuf", config.group or config.tier, config.max_package_bytes,
-                                   read_timeout_s=config.download_timeout_s, fetcher=fetcher)
-        self.installer = Installer(root, config.tier, config.max_package_bytes, on_state=self._report_ota)
-        self.seq = SequenceCounter(root / "telemetry.json")
-        self.outbox = Outbox(root / "outbox.db", OutboxConfig(config.outbox_max_bytes, config.outbox_max_age_s))
+        self.link: Link = link if link is not None else factory.link(config)
+        self.link.on_acked = self._on_acked
+        self.link.on_connection_change = self._on_link
+        self.client: UpdateFetcher = fetcher if fetcher is not None else factory.fetcher(config, self.link)
+        self.installer = Installer(Path(config.state_dir), config.tier, config.max_package_bytes,
+                                   on_state=self._report_ota, store=state, runtimes=runtimes)
+        self.seq: SequenceStore = sequence if sequence is not None else factory.sequence(config)
+        self.outbox: OutboxStore = outbox if outbox is not None else factory.outbox(config)   # (an empty one is falsy)
         self.delivery = Delivery(self.outbox, lambda topic, payload: self.link.publish(topic, payload, qos=1),
                                  lambda: self.link.connected, max_in_flight=config.max_in_flight,
                                  confirm_timeout_s=config.confirm_timeout_s)
-        self.link.on_connection_change = self.delivery.reset
         self.runtime: ModelRuntime | None = None
         self.window: TelemetryWindow | None = None
         self.malformed = 0
         self.last_result: InstallResult | None = None
+        self.retries = 0                                          # transient failures retried so far
         self._retry: tuple[Announce, int, float] | None = None   # (update, attempts so far, due at)
-        self._worker: threading.Thread | None = None
-        self._done: queue.Queue[tuple[Announce, int, InstallResult | None, ModelRuntime | None, Exception | None]] = queue.Queue()
+        self._job: tuple[Announce, int] | None = None            # the install under way, attempts before it
         self._next: Announce | None = None                        # arrived while installing
         self._lock = threading.RLock()                            # runtime switch + telemetry window
         self._last_status: tuple[DeviceState, str | None, str | None] | None = None   # for heartbeats
         self._status_at = 0.0
-        self._samples: list[tuple[list[float], int | None]] = []   # sampled raw inputs of this window
+        self._samples: list[tuple[list[float], float | None]] = []   # sampled raw inputs of this window
         self._sample_rng = np.random.default_rng(zlib.crc32(config.device_id.encode()))
         self._status_lock = threading.RLock()   # a heartbeat never re-sends a status older than the last one
 
@@ -131,57 +136,81 @@ class Agent:
 
     @property
     def installing(self) -> bool:
-        return self._worker is not None
+        return self._job is not None
+
+    @property
+    def last_status(self) -> tuple[DeviceState, str | None, str | None] | None:
+        """(state, update id, reason) of the status this device published last."""
+        return self._last_status
+
+    @property
+    def next_due(self) -> float | None:
+        """When a postponed update is due to be tried again (time.time()), if one waits."""
+        return self._retry[2] if self._retry else None
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
-        """Recover local state, load the active model, connect, announce ourselves online."""
+        """Recover local state, load the active model, connect; the ``online`` status goes out
+        as soon as the link is up (and again, with the latest state, after every reconnect).
+        Raises TransientError if a blocking link cannot reach the broker."""
         resume = self.installer.recover()
-        bundle = self.installer.active_bundle()
-        if bundle is not None:
-            self._serve(load_runtime(bundle))
+        runtime = self.installer.load_active()
+        if runtime is not None:
+            self._serve(runtime)
         self.link.subscribe(self.topics.announce(self.config.tier))
         self.link.subscribe(self.topics.command(self.device_id))
         if self.config.confirm_timeout_s is not None:
             self.link.route(self.topics.telemetry_ack(self.device_id), self._on_telemetry_ack)
             self.link.subscribe(self.topics.telemetry_ack(self.device_id), qos=0)
+        with self._status_lock:
+            self._last_status = (DeviceState.ONLINE, None, None)
         self.link.connect()
-        self._publish_status(DeviceState.ONLINE)
         if resume is not None:
             log.info("%s: resuming update %s", self.device_id, resume.update_id)
             self._begin(resume, 0)
 
-    def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.join(30)
-        self._collect()
+    def stop(self, drain_s: float = 5.0) -> None:
+        """Flush telemetry, give the outbox up to ``drain_s`` to reach the broker (what is left
+        goes on the next start), publish ``offline`` and close the link. ``drain_s=0`` never
+        waits (a driver on an event loop)."""
         self.flush_telemetry()
-        deadline = time.time() + 5
+        deadline = time.time() + drain_s
         while self.outbox.unsent() and self.link.connected and time.time() < deadline:   # the broker has it;
             # what the ingest has not confirmed yet is sent again on the next start
             self.pump()
-            time.sleep(0.01)
-        self._publish_status(DeviceState.OFFLINE).wait_for_publish(5)
-        self.link.close()
+            self.link.poll(0.01)
+        self._publish_status(DeviceState.OFFLINE)
+        self.link.close(flush_s=drain_s)
+
+    def _on_acked(self, mid: int) -> None:
+        self.delivery.puback(mid)
+
+    def _on_link(self, up: bool) -> None:
+        """The link came up (subscribed) or went down: resend the outbox from the start, and say
+        again where this device is (the broker published its last will while it was away)."""
+        self.delivery.reset()
+        if up:
+            with self._status_lock:
+                if self._last_status is not None:
+                    self._publish_status(*self._last_status)
 
     # -- work ---------------------------------------------------------------------------
     def step(self, timeout: float = 0.0) -> bool:
-        """Finish a completed install, run a due retry, or handle one queued message (waiting up
-        to ``timeout``). True if work was done."""
+        """Take the install's next step, run a due retry, or handle one queued message (waiting
+        up to ``timeout`` for one). True if work was done."""
         self._heartbeat()
         self.pump()
-        if self._collect():
+        if self._job is not None and self._advance():
             return True
         if self._retry is not None and time.time() >= self._retry[2] and not self.installing:
             announce, attempts, _ = self._retry
             self._retry = None
             self._begin(announce, attempts)
             return True
-        try:
-            topic, payload = self.link.inbox.get(timeout=timeout) if timeout else self.link.inbox.get_nowait()
-        except queue.Empty:
+        message = self.link.receive(timeout)
+        if message is None:
             return False
-        self.handle(topic, payload)
+        self.handle(*message)
         return True
 
     def handle(self, topic: str, payload: bytes) -> None:
@@ -207,8 +236,7 @@ class Agent:
         """Serve one request. Returns (prediction, confidence), or None with no model installed:
         the class and its probability, the anomaly flag (0/1) and its score relative to twice the
         threshold, or the regression value and 0.0 (the package's task contract decides)."""
-        self._collect()                       # a finished install switches in between requests
-        with self._lock:
+        with self._lock:                      # a finished install switches in between requests
             runtime = self.runtime
         if runtime is None:
             return None
@@ -269,7 +297,7 @@ class Agent:
             return self.delivery.pump()
 
     def _on_telemetry_ack(self, payload: bytes) -> None:
-        """paho's network thread: the ingest stored (or refused) these records."""
+        """The link's thread or loop: the ingest stored (or refused) these records."""
         try:
             ack = parse(payload, expect=TelemetryAck)
         except ContractError as e:
@@ -294,7 +322,7 @@ class Agent:
         self._retry = None
         if announce.length > self.config.max_package_bytes:
             msg = f"package of {announce.length} bytes is over this device's {self.config.max_package_bytes} byte limit"
-            self._publish_error(announce.update_id, "verify.package", msg)
+            self._publish_error(announce.update_id, ErrorCode.VERIFY_PACKAGE, msg)
             self._publish_status(DeviceState.FAILED, announce.update_id, reason=msg)
             return
         if self.installing:
@@ -307,7 +335,7 @@ class Agent:
         only the control plane can publish on this device's command topic (broker ACL)."""
         announce = command.announce
         if announce.tier != self.config.tier:
-            self._publish_error(announce.update_id, "verify.tier",
+            self._publish_error(announce.update_id, ErrorCode.VERIFY_TIER,
                                 f"rollout {command.rollout_id} sent a {announce.tier} update to a {self.config.tier} device")
             return
         if announce.model_version == self.model_version and not self.installing:
@@ -316,56 +344,81 @@ class Agent:
         self._on_announce(announce)
 
     def _begin(self, announce: Announce, attempts: int) -> None:
-        def work() -> None:
-            try:
-                base = self.installer.active_package_bytes()
-                result, runtime = self.installer.install(announce, lambda a: self.client.fetch(a, base))
-                self._done.put((announce, attempts, result, runtime, None))
-            except Exception as e:  # noqa: BLE001 - reported by _collect on the serving thread
-                self._done.put((announce, attempts, None, None, e))
-
-        self._worker = threading.Thread(target=work, name=f"install-{self.device_id}", daemon=True)
-        self._worker.start()
-
-    def _collect(self) -> bool:
-        """Apply a finished install (between requests)."""
-        with self._lock:
-            return self._collect_locked()
-
-    def _collect_locked(self) -> bool:
+        """Install step 1: enter ``downloading`` and start the fetcher."""
+        self._job = (announce, attempts)
         try:
-            announce, attempts, result, runtime, error = self._done.get_nowait()
-        except queue.Empty:
-            return False
-        self._worker = None
-        if isinstance(error, TransientError):
-            self._postpone(announce, attempts, error)
-        elif error is not None:
-            log.error("%s: update %s failed unexpectedly: %s", self.device_id, announce.update_id, error)
-            self._publish_error(announce.update_id, "agent.internal", f"{type(error).__name__}: {error}")
-            self._publish_status(DeviceState.FAILED, announce.update_id, reason=f"internal: {error}")
-        elif result is not None:
-            self.last_result = result
-            if runtime is not None:
-                self._flush_locked(self.runtime)   # the old model's window closes under the old version
-                self._serve(runtime)
-            else:
-                self._publish_error(announce.update_id, result.code or "unknown", result.reason or "")
-            self._publish_status(_FINAL_STATUS[result.state], announce.update_id, reason=result.reason)
-        if self._next is not None:
-            nxt, self._next = self._next, None
-            self._on_announce(nxt)
+            base = self.installer.active_package_bytes()
+            self.installer.begin(announce)
+            self.client.start(announce, base)
+        except Exception as e:  # noqa: BLE001 - reported, the device keeps serving
+            self._finish(announce, attempts, None, None, e)
+
+    def _advance(self) -> bool:
+        """Install step 2, once the fetcher has an answer: verify, write, check, switch."""
+        assert self._job is not None
+        announce, attempts = self._job
+        try:
+            data = self.client.result()
+            if data is None:
+                return False                  # still downloading (an asynchronous fetcher)
+        except (TransientError, UpdateRefused) as e:
+            return self._fetch_failed(announce, attempts, e)
+        except Exception as e:  # noqa: BLE001 - reported, the device keeps serving
+            self._finish(announce, attempts, None, None, e)
+            return True
+        try:
+            result, runtime = self.installer.complete(announce, data)
+        except Exception as e:  # noqa: BLE001 - reported, the device keeps serving
+            self._finish(announce, attempts, None, None, e)
+            return True
+        self._finish(announce, attempts, result, runtime, None)
         return True
+
+    def _fetch_failed(self, announce: Announce, attempts: int, error: TransientError | UpdateRefused) -> bool:
+        try:
+            result = self.installer.fetch_failed(announce, error)
+        except Exception as e:  # noqa: BLE001 - reported, the device keeps serving
+            self._finish(announce, attempts, None, None, e)
+            return True
+        self._finish(announce, attempts, result, None, error if result is None else None)
+        return True
+
+    def _finish(self, announce: Announce, attempts: int, result: InstallResult | None, runtime: ModelRuntime | None,
+                error: Exception | None) -> None:
+        """The install ended (or was postponed): report it and switch models between requests."""
+        with self._lock:
+            self._job = None
+            if isinstance(error, TransientError):
+                self._postpone(announce, attempts, error)
+            elif error is not None:
+                code = ErrorCode.STORAGE_WRITE if isinstance(error, StorageError) else ErrorCode.AGENT_INTERNAL
+                log.error("%s: update %s failed: %s", self.device_id, announce.update_id, error)
+                self._publish_error(announce.update_id, code, f"{type(error).__name__}: {error}")
+                reason = f"{code}: {error}" if code is ErrorCode.STORAGE_WRITE else f"internal: {error}"
+                self._publish_status(DeviceState.FAILED, announce.update_id, reason=reason)
+            elif result is not None:
+                self.last_result = result
+                if runtime is not None:
+                    self._flush_locked(self.runtime)   # the old model's window closes under the old version
+                    self._serve(runtime)
+                else:
+                    self._publish_error(announce.update_id, result.code or ErrorCode.INSTALL_UNKNOWN,
+                                        result.reason or "")
+                self._publish_status(_FINAL_STATUS[result.state], announce.update_id, reason=result.reason)
+            if self._next is not None:
+                nxt, self._next = self._next, None
+                self._on_announce(nxt)
 
     def _postpone(self, announce: Announce, attempts: int, error: Exception) -> None:
         delays = self.config.retry_delays_s
         if attempts < len(delays):
             log.info("%s: update %s postponed (%s); retry in %ss", self.device_id, announce.update_id, error,
                      delays[attempts])
+            self.retries += 1
             self._retry = (announce, attempts + 1, time.time() + delays[attempts])
             self._publish_status(DeviceState.ONLINE, announce.update_id, reason=f"retrying: {error}")
             return
-        self._publish_error(announce.update_id, "transport.download", str(error))
+        self._publish_error(announce.update_id, ErrorCode.TRANSPORT_DOWNLOAD, str(error))
         self._publish_status(DeviceState.FAILED, announce.update_id,
                              reason=f"download failed {attempts + 1} times: {error}")
 
@@ -378,7 +431,7 @@ class Agent:
         self.window = TelemetryWindow.for_manifest(runtime.manifest)
 
     def _report_ota(self, state: InstallState, update_id: str) -> None:
-        if state in _OTA_STATUS:   # final states are published by _collect, with the model now serving
+        if state in _OTA_STATUS:   # final states are published by _finish, with the model now serving
             self._publish_status(_OTA_STATUS[state], update_id)
 
     def _heartbeat(self) -> None:
@@ -389,13 +442,13 @@ class Agent:
                     and time.time() - self._status_at >= self.config.heartbeat_s:
                 self._publish_status(*self._last_status)
 
-    def _publish_status(self, state: DeviceState, update_id: str | None = None, reason: str | None = None):
+    def _publish_status(self, state: DeviceState, update_id: str | None = None, reason: str | None = None) -> Sent:
         status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason, time.time())
         with self._status_lock:
             self._last_status, self._status_at = (state, update_id, reason), status.ts
             return self.link.publish(self.topics.status(self.device_id), encode(status), qos=1, retain=True)
 
-    def _publish_error(self, update_id: str | None, code: str, message: str) -> None:
+    def _publish_error(self, update_id: str | None, code: ErrorCode, message: str) -> None:
         report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time(), uuid.uuid4().hex[:16])
         self.outbox.put(self.topics.errors(self.device_id), encode(report), PRIORITY_ERROR, ref=report.report_id)
         self.pump()

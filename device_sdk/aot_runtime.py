@@ -10,7 +10,7 @@ on the board. It builds them with the host C compiler into a shared library and 
 
 The input/output sizes and quantization come from the library itself (a generated wrapper
 exports the ``model.h`` macros), and must agree with the manifest: a library for another model
-is refused. Every failure to build or load is one ``UpdateRefused("health.load", ...)`` line,
+is refused. Every failure to build or load is one ``UpdateRefused(ErrorCode.HEALTH_LOAD, ...)`` line,
 so the installer keeps the working model and says why.
 
 Builds are cached per process by the sha256 of the sources (and prefix, compiler and flags):
@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from contracts.codes import ErrorCode
 from contracts.bundle import Bundle
 from device_sdk.errors import UpdateRefused
 from device_sdk.runtime import _check_declared, _PerSampleInt8
@@ -86,7 +87,7 @@ def build_count() -> int:
 
 
 def _refuse(message: str) -> UpdateRefused:
-    return UpdateRefused("health.load", "AOT library: " + " ".join(message.split())[:400])
+    return UpdateRefused(ErrorCode.HEALTH_LOAD, "AOT library: " + " ".join(message.split())[:400])
 
 
 def _sources(bundle: Bundle) -> tuple[str, dict[str, bytes]]:

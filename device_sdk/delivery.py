@@ -20,17 +20,18 @@ A message's life, per outbox row::
 ``confirm_timeout_s=None`` turns confirmations off: telemetry is then deleted on its PUBACK, as
 for a control plane that sends no confirmations.
 
-Threads: :meth:`pump` runs on the device's work loop; :meth:`puback` and :meth:`confirm` are
-called on paho's network thread. Paho is never called while this class's lock is held.
+Threads: :meth:`pump` runs on the device's work loop; :meth:`puback` and :meth:`confirm` may be
+called on the link's network thread. Paho is never called while this class's lock is held.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from device_sdk.outbox import Outbox
+if TYPE_CHECKING:
+    from device_sdk.ports import OutboxStore
 
 __all__ = ["Delivery"]
 
@@ -41,7 +42,7 @@ class _Sent(Protocol):     # paho's MQTTMessageInfo, as far as this needs it
 
 
 class Delivery:
-    def __init__(self, outbox: Outbox, publish: Callable[[str, bytes], _Sent], connected: Callable[[], bool], *,
+    def __init__(self, outbox: OutboxStore, publish: Callable[[str, bytes], _Sent], connected: Callable[[], bool], *,
                  max_in_flight: int = 64, confirm_timeout_s: float | None = 60.0) -> None:
         """``publish(topic, payload)``: a QoS 1 publish returning paho's MQTTMessageInfo;
         ``connected()``: whether the link is up now."""

@@ -4,17 +4,16 @@
 
     AgentError                  base
     ├── UpdateRefused           this update must not be installed: keep the current model,
-    │                           report ``code`` and do not retry the same update
-    │   codes: verify.metadata  TUF metadata failed (signature, expiry, rollback, freeze)
-    │          verify.hash      the downloaded package's length or sha256 is wrong
-    │          verify.package   the package's own manifest or files are malformed
-    │          verify.mismatch  the package is not what the announcement said (model, tier)
-    │          health.load      the runtime could not load the model
-    │          health.golden    golden vectors gave the wrong outputs
-    │          health.latency   inference is over the package's latency budget
+    │                           report ``code`` (a :class:`contracts.codes.ErrorCode`:
+    │                           verify.*, health.*) and do not retry the same update
     ├── TransientError          network or broker trouble: retry later, same update
-    └── StorageError            the device's own storage failed: stop and report
+    │                           (reported as ``transport.download`` once retries run out)
+    └── StorageError            the device's own storage failed (reported as ``storage.write``)
 """
+
+from __future__ import annotations
+
+from contracts.codes import ErrorCode
 
 
 class AgentError(Exception):
@@ -24,9 +23,9 @@ class AgentError(Exception):
 class UpdateRefused(AgentError):
     """An update failed verification or its health check; the current model stays."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code: ErrorCode = code
         self.message = message
 
 

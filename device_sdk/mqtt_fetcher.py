@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
@@ -28,10 +28,11 @@ from device_sdk.storage import atomic_write
 __all__ = ["MqttBlockFetcher"]
 
 
-class _Link(Protocol):
-    def route(self, topic: str, handler) -> None: ...  # noqa: ANN001
+class _Link(Protocol):     # device_sdk.ports.Link, as far as this needs it
+    def route(self, topic: str, handler: Callable[[bytes], None]) -> None: ...
     def subscribe(self, topic: str, qos: int = 1) -> None: ...
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False): ...  # noqa: ANN201
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any: ...
+    def poll(self, timeout: float) -> None: ...
 
 
 class MqttBlockFetcher(FetcherInterface):
@@ -93,6 +94,18 @@ class MqttBlockFetcher(FetcherInterface):
         except (OSError, ValueError):
             return set(), None
 
+    def _next_block(self, deadline: float) -> bytes:
+        """The next block that arrived, running the link's I/O while waiting (a polled link has
+        no thread of its own). Raises SlowRetrievalError at ``deadline``."""
+        while True:
+            try:
+                return self._inbox.get_nowait()
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise exceptions.SlowRetrievalError from None   # resumes from the bitmap next time
+                self.link.poll(min(left, 0.05))
+
     def _request(self, repo: str, path: str, indexes: list[int], buf: bytearray, have: set[int]) -> int:
         """Ask for blocks; store those that arrive. Returns the file's total size."""
         rid = uuid.uuid4().hex[:12]
@@ -101,10 +114,7 @@ class MqttBlockFetcher(FetcherInterface):
         wanted, total = set(indexes), None
         deadline = time.monotonic() + self.timeout_s
         while wanted:
-            try:
-                payload = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise exceptions.SlowRetrievalError from None   # resumes from the bitmap next time
+            payload = self._next_block(deadline)
             try:
                 block = decode_block(payload)
             except ContractError:

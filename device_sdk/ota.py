@@ -8,8 +8,12 @@
          testing ──unhealthy──▶ rolled_back                           (health check failed)
          any in-flight state ──postponed──▶ idle                      (network trouble: retry)
 
-The state (with the announcement being installed) is persisted in ``state.json`` by an
-atomic write before each step. The package is written to the *inactive* slot (fsynced,
+The state (with the announcement being installed) is persisted in ``state.json`` (a
+:class:`~device_sdk.ports.StateStore`, atomic writes) before each step; a write that fails raises
+StorageError, reported as ``storage.write``. The install is a sequence of steps
+(:meth:`Installer.begin`, then :meth:`Installer.complete` or :meth:`Installer.fetch_failed`) that
+its driver takes when it is ready, so it needs no thread; the download between them is the
+fetcher's. The package is written to the *inactive* slot (fsynced,
 atomic rename); the new model is loaded and health-checked *beside* the serving one; the
 switch is the single atomic write of ``state.json`` that names the new active slot, so a
 power cut at any point leaves the device on its previous verified model or on the new one.
@@ -26,14 +30,18 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from contracts.bundle import Bundle, read_bundle
+from contracts.codes import ErrorCode
+from contracts.bundle import Bundle, read_bundle, sha256_hex
 from contracts.errors import ContractError
 from contracts.messages import Announce, as_dict
 from device_sdk.errors import TransientError, UpdateRefused
-from device_sdk.runtime import HealthReport, ModelRuntime, health_check, load_runtime
-from device_sdk.storage import atomic_write, read_json, write_json
+from device_sdk.runtime import DEFAULT_LOADER, HealthReport, ModelRuntime
+from device_sdk.storage import JsonFile, atomic_write
+
+if TYPE_CHECKING:
+    from device_sdk.ports import RuntimeLoader, StateStore
 
 STATE_SCHEMA = "edgeloop.agent-state/1"
 SLOTS = ("a", "b")
@@ -89,20 +97,30 @@ class InstallResult:
     update_id: str
     model_version: str | None      # now serving
     reason: str | None = None
-    code: str | None = None
+    code: ErrorCode | None = None
     health: HealthReport | None = None
 
 
 class Installer:
-    """Owns ``state.json`` and the two slots of one device."""
+    """Owns the install state and the two slots of one device.
+
+    One update runs as three calls, each a step the agent takes when it is ready for it (so an
+    install needs no thread): :meth:`begin` (``downloading``, or the state a resumed update was
+    cut off in), then, once a fetcher has the bytes, :meth:`complete` (verify, write the slot,
+    load and health-check, switch) or, if it could not get them, :meth:`fetch_failed`.
+    :meth:`install` runs the three in a row around a blocking fetch.
+    """
 
     def __init__(self, root: Path, tier: str, max_package_bytes: int,
-                 on_state: Callable[[InstallState, str], None] | None = None) -> None:
+                 on_state: Callable[[InstallState, str], None] | None = None, *,
+                 store: StateStore | None = None, runtimes: RuntimeLoader | None = None) -> None:
         self.root = Path(root)
         self.tier = tier
         self.max_package_bytes = max_package_bytes
         self._on_state = on_state or (lambda state, update_id: None)
-        self._state = read_json(self.root / "state.json") or {
+        self._store: StateStore = store if store is not None else JsonFile(self.root / "state.json")
+        self.runtimes: RuntimeLoader = runtimes if runtimes is not None else DEFAULT_LOADER
+        self._state: dict[str, Any] = self._store.load() or {
             "schema": STATE_SCHEMA, "active_slot": None, "model_version": None,
             "update": {"id": None, "state": str(S.IDLE), "reason": None}, "refused": [],
         }
@@ -114,11 +132,13 @@ class Installer:
 
     @property
     def model_version(self) -> str | None:
-        return self._state["model_version"]
+        version: str | None = self._state["model_version"]
+        return version
 
     @property
     def update_id(self) -> str | None:
-        return self._state["update"]["id"]
+        uid: str | None = self._state["update"]["id"]
+        return uid
 
     def already_handled(self, update_id: str) -> bool:
         """True if this update is installed or was refused (so it is not tried again)."""
@@ -135,6 +155,27 @@ class Installer:
         data = self.active_package_bytes()
         return None if data is None else read_bundle(data)
 
+    def load_active(self) -> ModelRuntime | None:
+        """The runtime of the active slot's package (start-up), or None without one."""
+        data = self.active_package_bytes()
+        return None if data is None else self.runtimes.load(read_bundle(data), sha256_hex(data))
+
+    def factory_install(self, data: bytes) -> None:
+        """The package a device leaves the factory with: written to slot ``a`` and made active,
+        on a device that has never installed anything. Raises UpdateRefused for a package that is
+        malformed or for another tier, ValueError on a device that already has a model."""
+        if self._state["active_slot"] is not None or self.update_id is not None:
+            raise ValueError("factory install on a device that already has a model")
+        try:
+            manifest = read_bundle(data).manifest
+        except ContractError as e:
+            raise UpdateRefused(ErrorCode.VERIFY_PACKAGE, str(e)) from e
+        if manifest.tier != self.tier:
+            raise UpdateRefused(ErrorCode.VERIFY_MISMATCH, f"a {manifest.tier} package on a {self.tier} device")
+        atomic_write(self.root / "slots" / "a" / "package.elpkg", data)
+        self._state["active_slot"], self._state["model_version"] = "a", manifest.model_version
+        self._store.save(self._state)
+
     # -- the machine ----------------------------------------------------------------------
     def recover(self) -> Announce | None:
         """After a restart: the update to resume, if any. The active slot is never changed here."""
@@ -150,37 +191,65 @@ class Installer:
                        reason=f"interrupted {update.get('resumes', 0)} times: given up")
             return None
         update["resumes"] = update.get("resumes", 0) + 1
-        write_json(self.root / "state.json", self._state)
+        self._store.save(self._state)
         return Announce.from_obj(update["announce"])
 
     def install(self, announce: Announce, fetch: Fetch,
                 prepared: Callable[[ModelRuntime], None] | None = None) -> tuple[InstallResult, ModelRuntime | None]:
-        """Run one update to ``committed``, ``failed`` or ``rolled_back``.
+        """Run one update to ``committed``, ``failed`` or ``rolled_back``, fetching with a
+        blocking ``fetch``.
 
         ``prepared`` is called with the new, healthy runtime just before the switch is
         persisted. Raises TransientError (state back to ``idle``) when the package could not
         be fetched; the partial download is kept for the next attempt.
         """
+        self.begin(announce)
+        try:
+            data = fetch(announce)
+        except (TransientError, UpdateRefused) as e:
+            result = self.fetch_failed(announce, e)
+            if result is None:
+                raise
+            return result, None
+        return self.complete(announce, data, prepared)
+
+    def begin(self, announce: Announce) -> None:
+        """Step 1: enter ``downloading`` (a resumed update re-enters the state it was cut off in)."""
         uid = announce.update_id
         resumed = self._state["update"]["id"] == uid and self.state in _IN_FLIGHT
         self._fire(Event.START, uid, announce=announce, keep_resumes=resumed)
+
+    def fetch_failed(self, announce: Announce, error: TransientError | UpdateRefused) -> InstallResult | None:
+        """Step 2, when the fetcher failed: a transient failure goes back to ``idle`` (None: retry
+        later, the partial download is kept); a refusal is final (``failed``)."""
+        uid = announce.update_id
+        if isinstance(error, TransientError):
+            self._fire(Event.POSTPONED, uid, reason=str(error), code=ErrorCode.TRANSPORT_DOWNLOAD, announce=announce)
+            return None
+        return self._refuse(uid, error, Event.REFUSED)
+
+    def complete(self, announce: Announce, data: bytes,
+                 prepared: Callable[[ModelRuntime], None] | None = None) -> tuple[InstallResult, ModelRuntime | None]:
+        """Step 2, with the fetched bytes: verify, write the inactive slot, load and health-check
+        beside the serving model, then switch (one atomic state write)."""
+        uid = announce.update_id
         try:
-            bundle, data = self._fetch_and_verify(announce, fetch)
+            if self.state == S.DOWNLOADING:
+                self._fire(Event.FETCHED, uid)
+            bundle = self._verify(announce, data)
+            if self.state == S.VERIFYING:
+                self._fire(Event.VERIFIED, uid)
             slot = "b" if self._state["active_slot"] == "a" else "a"
             if self.state == S.INSTALLING:
                 atomic_write(self.root / "slots" / slot / "package.elpkg", data)
                 self._fire(Event.WRITTEN, uid)
         except UpdateRefused as e:
-            self._remember_refused(uid)
-            self._fire(Event.REFUSED, uid, reason=e.message, code=e.code)
-            return InstallResult(S.FAILED, uid, self.model_version, e.message, e.code), None
+            return self._refuse(uid, e, Event.REFUSED), None
         try:
-            runtime = load_runtime(bundle)
-            health = health_check(runtime, bundle)
+            runtime = self.runtimes.load(bundle, sha256_hex(data))
+            health = self.runtimes.check(runtime, bundle)
         except UpdateRefused as e:
-            self._remember_refused(uid)
-            self._fire(Event.UNHEALTHY, uid, reason=e.message, code=e.code)
-            return InstallResult(S.ROLLED_BACK, uid, self.model_version, e.message, e.code), None
+            return self._refuse(uid, e, Event.UNHEALTHY), None
         if prepared:
             prepared(runtime)
         self._state["active_slot"] = slot
@@ -188,28 +257,19 @@ class Installer:
         self._fire(Event.PASSED, uid)   # this write is the switch
         return InstallResult(S.COMMITTED, uid, self.model_version, health=health), runtime
 
-    def _fetch_and_verify(self, announce: Announce, fetch: Fetch) -> tuple[Bundle, bytes]:
-        uid = announce.update_id
-        try:
-            data = fetch(announce)
-        except TransientError as e:
-            self._fire(Event.POSTPONED, uid, reason=str(e), code="transport.download", announce=announce)
-            raise
-        if self.state == S.DOWNLOADING:
-            self._fire(Event.FETCHED, uid)
-        bundle = self._verify(announce, data)
-        if self.state == S.VERIFYING:
-            self._fire(Event.VERIFIED, uid)
-        return bundle, data
+    def _refuse(self, update_id: str, error: UpdateRefused, event: Event) -> InstallResult:
+        self._remember_refused(update_id)
+        self._fire(event, update_id, reason=error.message, code=error.code)
+        return InstallResult(self.state, update_id, self.model_version, error.message, error.code)
 
     def _verify(self, announce: Announce, data: bytes) -> Bundle:
         try:
             bundle = read_bundle(data)
         except ContractError as e:
-            raise UpdateRefused("verify.package", str(e)) from e
+            raise UpdateRefused(ErrorCode.VERIFY_PACKAGE, str(e)) from e
         m = bundle.manifest
         if m.model_version != announce.model_version or m.tier != announce.tier or m.tier != self.tier:
-            raise UpdateRefused("verify.mismatch",
+            raise UpdateRefused(ErrorCode.VERIFY_MISMATCH,
                                 f"package is {m.model_version} for {m.tier}, announced "
                                 f"{announce.model_version} for {announce.tier}, device tier {self.tier}")
         return bundle
@@ -217,7 +277,7 @@ class Installer:
     def _remember_refused(self, update_id: str) -> None:
         self._state["refused"] = (self._state["refused"] + [update_id])[-32:]
 
-    def _fire(self, event: Event, update_id: str, reason: str | None = None, code: str | None = None,
+    def _fire(self, event: Event, update_id: str, reason: str | None = None, code: ErrorCode | None = None,
               announce: Announce | None = None, keep_resumes: bool = False) -> None:
         key = (self.state, event)
         if key not in TRANSITIONS:
@@ -228,5 +288,5 @@ class Installer:
                  "announce": as_dict(announce) if announce else old.get("announce") if old.get("id") == update_id else None,
                  "resumes": old.get("resumes", 0) if keep_resumes or event != Event.START else 0}
         self._state["update"] = entry
-        write_json(self.root / "state.json", self._state)
+        self._store.save(self._state)
         self._on_state(new, update_id)

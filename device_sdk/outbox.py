@@ -53,6 +53,8 @@ class Pending:
 
 class Outbox:
     def __init__(self, path: Path, config: OutboxConfig = OutboxConfig()) -> None:
+        """``path``: the SQLite file (``Path(":memory:")``: the same outbox, lost on exit; for
+        simulated devices that never restart)."""
         self.config = config
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)

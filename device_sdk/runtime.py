@@ -32,6 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
+from contracts.codes import ErrorCode
 from contracts.bundle import ARENA_MIN_SEARCH, Bundle, Manifest
 from device_sdk.errors import UpdateRefused
 
@@ -122,7 +123,7 @@ def _check_declared(manifest: Manifest, in_q: tuple[float, int] | None, out_q: t
         if declared is None:
             continue
         if actual is None or actual[1] != declared[1] or not np.isclose(actual[0], declared[0], rtol=1e-6, atol=0):
-            raise UpdateRefused("verify.package", f"the manifest declares {what} quantization {declared}, "
+            raise UpdateRefused(ErrorCode.VERIFY_PACKAGE, f"the manifest declares {what} quantization {declared}, "
                                                   f"the model has {actual}")
 
 
@@ -142,8 +143,8 @@ class LiteRTModel(_PerSampleInt8):
         self._out = self.interpreter.get_output_details()[0]
         self.in_shape = tuple(self._in["shape"])
         self.in_dtype = self._in["dtype"]
-        self.in_q = _qparams(*self._in["quantization"], self._in["dtype"])
-        self.out_q = _qparams(*self._out["quantization"], self._out["dtype"])
+        self.in_q = _qparams(self._in["quantization"][0], self._in["quantization"][1], self._in["dtype"])
+        self.out_q = _qparams(self._out["quantization"][0], self._out["quantization"][1], self._out["dtype"])
         _check_declared(self.manifest, self.in_q, self.out_q)
 
     def _invoke(self, v: np.ndarray) -> np.ndarray:
@@ -203,7 +204,7 @@ def load_runtime(bundle: Bundle, prefer_aot: bool = True) -> ModelRuntime:
     by TFLM, so the device keeps its working model and reports why."""
     runtime = bundle.manifest.runtime
     if runtime not in _RUNTIMES:
-        raise UpdateRefused("health.load", f"runtime {runtime!r} is not available on this device")
+        raise UpdateRefused(ErrorCode.HEALTH_LOAD, f"runtime {runtime!r} is not available on this device")
     try:
         if runtime == "tflite-micro" and prefer_aot and "aot" in bundle.manifest.layout:
             from device_sdk.aot_runtime import AOTModel
@@ -211,11 +212,11 @@ def load_runtime(bundle: Bundle, prefer_aot: bool = True) -> ModelRuntime:
             return AOTModel(bundle)
         return _RUNTIMES[runtime](bundle)
     except ImportError as e:
-        raise UpdateRefused("health.load", f"{runtime} is not installed on this device: {e}") from e
+        raise UpdateRefused(ErrorCode.HEALTH_LOAD, f"{runtime} is not installed on this device: {e}") from e
     except UpdateRefused:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure means the package is unusable
-        raise UpdateRefused("health.load", f"{runtime} could not load the model: {e}") from e
+        raise UpdateRefused(ErrorCode.HEALTH_LOAD, f"{runtime} could not load the model: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -232,19 +233,32 @@ def health_check(runtime: ModelRuntime, bundle: Bundle) -> HealthReport:
         inputs = np.asarray(golden["inputs"], dtype=np.float32)
         expected = np.asarray(golden["outputs"], dtype=np.float32)
     except (KeyError, ValueError, TypeError) as e:
-        raise UpdateRefused("verify.package", f"golden vectors unreadable: {e}") from e
+        raise UpdateRefused(ErrorCode.VERIFY_PACKAGE, f"golden vectors unreadable: {e}") from e
     start = time.perf_counter()
     try:
         got = runtime.predict(inputs)
     except Exception as e:  # noqa: BLE001 - a model that cannot run is unhealthy
-        raise UpdateRefused("health.load", f"inference failed on golden inputs: {e}") from e
+        raise UpdateRefused(ErrorCode.HEALTH_LOAD, f"inference failed on golden inputs: {e}") from e
     latency_ms = (time.perf_counter() - start) * 1000 / max(1, len(inputs))
     if got.shape != expected.shape:
-        raise UpdateRefused("health.golden", f"golden output shape {got.shape} != {expected.shape}")
+        raise UpdateRefused(ErrorCode.HEALTH_GOLDEN, f"golden output shape {got.shape} != {expected.shape}")
     diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
     if not diff <= m.golden_atol:
-        raise UpdateRefused("health.golden", f"golden outputs differ by {diff:.3g} > {m.golden_atol}")
+        raise UpdateRefused(ErrorCode.HEALTH_GOLDEN, f"golden outputs differ by {diff:.3g} > {m.golden_atol}")
     if latency_ms > m.max_latency_ms:
-        raise UpdateRefused("health.latency",
+        raise UpdateRefused(ErrorCode.HEALTH_LATENCY,
                             f"{latency_ms:.2f} ms per inference is over the {m.max_latency_ms} ms budget")
     return HealthReport(diff, latency_ms)
+
+
+class DefaultRuntimeLoader:
+    """The device's own runtimes (:func:`load_runtime`, :func:`health_check`)."""
+
+    def load(self, bundle: Bundle, package_sha256: str | None = None) -> ModelRuntime:
+        return load_runtime(bundle)
+
+    def check(self, runtime: ModelRuntime, bundle: Bundle) -> HealthReport:
+        return health_check(runtime, bundle)
+
+
+DEFAULT_LOADER = DefaultRuntimeLoader()

@@ -14,14 +14,18 @@ from typing import Any
 
 from device_sdk.errors import StorageError
 
-__all__ = ["atomic_write", "read_json", "write_json"]
+__all__ = ["atomic_write", "read_json", "write_json", "JsonFile"]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:       # the first write into this folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb")
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -36,7 +40,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+    atomic_write(path, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())   # compact: the C encoder
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -46,3 +50,19 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
     except (OSError, json.JSONDecodeError) as e:
         raise StorageError(f"cannot read {path}: {e}") from e
+
+
+class JsonFile:
+    """One JSON document in one file, saved atomically (the agent's ``state.json``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict[str, Any] | None:
+        """The document, or None if there is none yet. Raises StorageError."""
+        data = read_json(self.path)
+        return data if isinstance(data, dict) else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Raises StorageError (reported as ``storage.write``)."""
+        write_json(self.path, state)

@@ -114,7 +114,7 @@ class FeatureSummary:
             self._residuals(x[ok.all(axis=1)])
 
     def _residuals(self, rows: np.ndarray) -> None:
-        if len(rows):
+        if len(rows) and self.res_weights is not None:
             e = (rows - self.res_center) @ self.res_weights
             self.rn += len(rows)
             self.rsum += e.sum(axis=0)

@@ -31,6 +31,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 
+from contracts.codes import ErrorCode
 from contracts.delta import apply_delta
 from contracts.errors import ContractError
 from contracts.messages import Announce
@@ -72,6 +73,18 @@ class UpdateClient:
         self.fetcher = fetcher or ResumableFetcher(self.tuf_dir / "partial", read_timeout=read_timeout_s)
         self.over_mqtt = isinstance(self.fetcher, MqttBlockFetcher)
         self.last_delivery: str | None = None    # "full" or "delta", for reports and tests
+        self._started: tuple[Announce, bytes | None] | None = None
+
+    def start(self, announce: Announce, base: bytes | None) -> None:
+        """:class:`device_sdk.ports.UpdateFetcher`: remember what :meth:`result` fetches."""
+        self._started = (announce, base)
+
+    def result(self) -> bytes | None:
+        """The started fetch, done now (blocking). Raises UpdateRefused or TransientError."""
+        if self._started is None:
+            raise RuntimeError("UpdateClient.result() without start()")
+        (announce, base), self._started = self._started, None
+        return self.fetch(announce, base)
 
     def fetch(self, announce: Announce, base: bytes | None = None) -> bytes:
         """Verified bytes of the announced package. Raises UpdateRefused or TransientError.
@@ -87,11 +100,11 @@ class UpdateClient:
             raise
         except (tuf_exc.LengthOrHashMismatchError, tuf_exc.DownloadLengthMismatchError) as e:
             self.discard_partial()
-            raise UpdateRefused("verify.hash", f"package does not match its signed length or hash: {e}") from e
+            raise UpdateRefused(ErrorCode.VERIFY_HASH, f"package does not match its signed length or hash: {e}") from e
         except tuf_exc.DownloadError as e:
             raise TransientError(f"download failed ({type(e).__name__}): {e}") from e
         except tuf_exc.RepositoryError as e:
-            raise UpdateRefused("verify.metadata", f"{type(e).__name__}: {e}") from e
+            raise UpdateRefused(ErrorCode.VERIFY_METADATA, f"{type(e).__name__}: {e}") from e
         except OSError as e:
             raise TransientError(f"cannot reach the repository: {e}") from e
 
@@ -101,7 +114,7 @@ class UpdateClient:
     def _updater(self, repo: str, base_url: str, with_targets: bool) -> Updater:
         meta = self.tuf_dir / repo / "metadata"
         if not (meta / "root.json").exists():
-            raise UpdateRefused("verify.metadata", f"this device has no trusted {repo} root (not provisioned)")
+            raise UpdateRefused(ErrorCode.VERIFY_METADATA, f"this device has no trusted {repo} root (not provisioned)")
         base = base_url.rstrip("/")
         return Updater(metadata_dir=str(meta), metadata_base_url=f"{base}/metadata/",
                        target_dir=str(self.tuf_dir / repo / "targets") if with_targets else None,
@@ -115,21 +128,21 @@ class UpdateClient:
         group = announce.group or self.group
         assigned = director.get_targetinfo(assignment_path(group, announce.target))
         if assigned is None:
-            raise UpdateRefused("verify.director", f"the director does not assign {announce.target} "
+            raise UpdateRefused(ErrorCode.VERIFY_DIRECTOR, f"the director does not assign {announce.target} "
                                                    f"to group {group} (stale or forged announcement)")
         custom = assigned.custom or {}
         if custom.get("update_id") != announce.update_id:
-            raise UpdateRefused("verify.director", f"the director assigns update {custom.get('update_id')}, "
+            raise UpdateRefused(ErrorCode.VERIFY_DIRECTOR, f"the director assigns update {custom.get('update_id')}, "
                                                    f"not the announced {announce.update_id} (replayed announcement)")
         image = self._updater("image", "mqtt://image" if self.over_mqtt else announce.repository,
                               with_targets=True)
         image.refresh()
         signed = image.get_targetinfo(announce.target)
         if signed is None:
-            raise UpdateRefused("verify.director", f"the image repository does not back the director's "
+            raise UpdateRefused(ErrorCode.VERIFY_DIRECTOR, f"the image repository does not back the director's "
                                                    f"assignment of {announce.target}")
         if (signed.length, signed.hashes) != (assigned.length, assigned.hashes):
-            raise UpdateRefused("verify.director", "the director and the image repository disagree on "
+            raise UpdateRefused(ErrorCode.VERIFY_DIRECTOR, "the director and the image repository disagree on "
                                                    f"{announce.target}'s length or hashes")
         if base is not None and announce.delta is not None:
             data = self._via_delta(image, announce.delta, base, signed)

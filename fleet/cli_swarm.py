@@ -1,8 +1,10 @@
 """``edgeloop swarm``: thousands of simulated devices on one event loop (simulators/swarm.py).
 
-Unlike ``edgeloop simulate`` (a few real agents, one thread each, serving real inference), a
-swarm is for fleet-scale rollouts: every device is its own MQTT connection and really
-downloads and checks its packages, but inference, install and health check are simulated.
+Like ``edgeloop simulate``, every device is a real device agent (device_sdk.agent.Agent), but all
+of them run on one event loop, for fleet-scale rollouts: every device is its own MQTT connection,
+downloads, checks and installs its packages itself; the swarm shares only immutable work (the
+TUF verdict per announcement, the loaded runtime per package) and says so in its report. Device
+state folders go to ``--device-dir`` (default: tmpfs, /dev/shm, where there is one).
 It runs until ``--duration`` passes or it is interrupted (Ctrl-C, SIGTERM), then prints what
 every device ended in; ``--report FILE`` also writes each device's commit time. A workspace
 with its own broker (``edgeloop broker up``) gets mutual TLS: every device connects with its
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import time
@@ -40,14 +43,17 @@ def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None
                    help="the model every device starts with, as if factory-installed (default: none)")
     p.add_argument("--fail-pct", type=_pct, default=0.0, help="%% of devices whose health check fails on a new model")
     p.add_argument("--bad-model-pct", type=_pct, default=0.0,
-                   help="%% of devices that install fine but report high error rates and latency on a new model")
+                   help="%% of devices that install fine but fail about 4 requests in 10 on a new model")
     p.add_argument("--latency-ms", type=_non_negative, default=0.0, help="one-way network latency per device")
     p.add_argument("--bandwidth-kbps", type=_non_negative, default=0.0,
                    help="download rate per device, kB/s (default: unlimited)")
     p.add_argument("--drop-pct", type=_pct, default=0.0, help="%% of downloads dropped mid-transfer (retried)")
     p.add_argument("--disconnect-pct", type=_pct, default=0.0,
                    help="%% of connected devices that lose their connection each minute")
-    p.add_argument("--install-s", type=_non_negative, default=0.05, help="simulated install time per device")
+    p.add_argument("--install-s", type=_non_negative, default=0.05,
+                   help="simulated flash time added to each download (the real install runs after it)")
+    p.add_argument("--device-dir", type=Path, metavar="DIR",
+                   help="where each device's state folder goes (default: /dev/shm if present, else the workspace)")
     p.add_argument("--telemetry-s", type=_non_negative, default=0.0,
                    help="seconds between telemetry windows per device (default 0: none)")
     p.add_argument("--heartbeat-s", type=_non_negative, default=60.0, help="status heartbeat period (0: none)")
@@ -72,6 +78,8 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
             devices=args.devices, mqtt_host=link.host, mqtt_port=link.port, tier_mix=mix,
             image_root=ws.image_repository().trusted_root(), director_root=ws.director_repository().trusted_root(),
             state_dir=ws.root / "swarm", prefix=args.prefix, initial_version=args.initial_version,
+            initial_packages=_initial_packages(ws, args.initial_version, mix),
+            device_dir=args.device_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None),
             fail_pct=args.fail_pct, bad_model_pct=args.bad_model_pct, network=network, install_s=args.install_s,
             telemetry_s=args.telemetry_s, heartbeat_s=args.heartbeat_s,
             download_concurrency=args.download_concurrency, seed=args.seed, fleet=ws.fleet,
@@ -83,7 +91,15 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
         _identities(ws, config, out)
     _raise_fd_limit(args.devices)
     swarm = Swarm(config)
-    report = asyncio.run(_run(swarm, args.duration, out))
+    profile = os.environ.get("EDGELOOP_SWARM_PROFILE")   # a cProfile of the whole run, for benchmarks
+    if profile:
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            report = asyncio.run(_run(swarm, args.duration, out))
+        prof.dump_stats(profile)
+    else:
+        report = asyncio.run(_run(swarm, args.duration, out))
     if args.report:
         args.report.write_text(json.dumps(report, sort_keys=True))
     summary = {k: v for k, v in report.items() if k != "per_device"}
@@ -115,6 +131,24 @@ async def _run(swarm: Any, duration: float | None, out: Output) -> dict[str, Any
     report = swarm.report(per_device=True)
     await swarm.stop()
     return report
+
+
+def _initial_packages(ws: Workspace, version: str | None, mix: dict[str, float]) -> dict[str, bytes]:
+    """The package of ``version`` for each tier of the mix (what the devices leave the factory
+    with). Raises NotFound for a version or tier that has none."""
+    if version is None:
+        return {}
+    from cloud.registry import Registry
+
+    registry = Registry(ws.registry_path)
+    try:
+        packages = {}
+        for tier in mix:
+            package = registry.package_for(version, tier)
+            packages[tier] = Path(registry.artifact_path(package["sha256"])).read_bytes()
+        return packages
+    finally:
+        registry.close()
 
 
 def _identities(ws: Workspace, config: Any, out: Output) -> None:

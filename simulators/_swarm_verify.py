@@ -27,6 +27,7 @@ from pathlib import Path
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import Updater, UpdaterConfig
 
+from contracts.codes import ErrorCode
 from contracts.messages import Announce
 from contracts.topics import assignment_path
 from device_sdk.tuf_fetch import provision
@@ -91,10 +92,10 @@ class VerdictCache:
                 director.refresh()
                 assigned = director.get_targetinfo(assignment_path(group, announce.target))
                 if assigned is None:
-                    return Verdict(code="verify.director", reason=f"the director does not assign "
+                    return Verdict(code=ErrorCode.VERIFY_DIRECTOR, reason=f"the director does not assign "
                                    f"{announce.target} to group {group}")
                 if (assigned.custom or {}).get("update_id") != announce.update_id:
-                    return Verdict(code="verify.director", reason=f"the director assigns update "
+                    return Verdict(code=ErrorCode.VERIFY_DIRECTOR, reason=f"the director assigns update "
                                    f"{(assigned.custom or {}).get('update_id')}, not {announce.update_id}")
                 image = self._updater("image", announce.repository)
                 image.refresh()
@@ -102,10 +103,10 @@ class VerdictCache:
             except tuf_exc.DownloadError:
                 raise
             except tuf_exc.RepositoryError as e:
-                return Verdict(code="verify.metadata", reason=f"{type(e).__name__}: {e}")
+                return Verdict(code=ErrorCode.VERIFY_METADATA, reason=f"{type(e).__name__}: {e}")
         if signed is None:
-            return Verdict(code="verify.director", reason=f"the image repository does not sign {announce.target}")
+            return Verdict(code=ErrorCode.VERIFY_DIRECTOR, reason=f"the image repository does not sign {announce.target}")
         if (signed.length, signed.hashes) != (assigned.length, assigned.hashes):
-            return Verdict(code="verify.director", reason="the director and the image repository disagree on "
+            return Verdict(code=ErrorCode.VERIFY_DIRECTOR, reason="the director and the image repository disagree on "
                                                           f"{announce.target}'s length or hashes")
         return Verdict(length=signed.length, sha256=signed.hashes.get("sha256"))

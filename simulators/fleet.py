@@ -1,17 +1,17 @@
 """A simulated fleet: N real agents (real MQTT clients, real TUF client, real onnxruntime)
 in one process, each with its own client id and state folder.
 
-Each device runs on its own thread: it handles messages, and once it has a model it serves
-``samples`` requests from its data stream, then flushes its last telemetry window. This
-thread-per-device driver suits tens to hundreds of devices; fleet-scale runs use a single
-event loop (see the fleet rollout work).
+Each device is a :class:`device_sdk.agent.Agent` driven by a thread of this simulator's (the agent
+has none of its own): it steps the agent, and once it has a model it serves ``samples`` requests
+from its data stream, then flushes its last telemetry window. This thread-per-device driver
+suits tens to hundreds of devices; fleet-scale runs drive the same agents on one event loop
+(simulators/swarm.py).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

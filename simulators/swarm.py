@@ -1,94 +1,70 @@
-"""A swarm: thousands of simulated devices in one process, on one asyncio event loop.
+"""A swarm: thousands of real device agents in one process, on one asyncio event loop.
 
-Each device is a real MQTT connection (paho, its own client id, a persistent session, a last
-will saying ``offline``; mutual TLS with its own certificate when ``tls_dir`` holds one) driven
-by :class:`~simulators._aio_mqtt.LoopDriver`, and speaks the device side of the protocol
-(docs/contracts/mqtt.md) as the real agent does:
+Every simulated device is a :class:`device_sdk.agent.Agent`, the class a real device runs: its
+own install state machine (device_sdk/ota.py), ``state.json``, two slots, outbox, sequence
+numbers, statuses, retries and error reports. The swarm only drives it (``agent.step()`` when
+a message arrives, a download finishes or a retry is due) and builds it from parts that fit one
+event loop (device_sdk/ports.py):
 
-- it subscribes to ``devices/<id>/cmd`` and its tier's announce topic, publishes a retained
-  ``online`` status once connected, re-publishes its last status every ``heartbeat_s``;
-- on an ``install`` command (or a tier-wide announcement) it walks the install state machine
-  below, publishing each state as a retained status: it really downloads the package over HTTP
-  (one shared aiohttp session, at most ``download_concurrency`` transfers at a time) and checks
-  length and sha256 against the announcement and against the verdict of the signed director
-  and image metadata (python-tuf, once per distinct announcement for the whole swarm: the one
-  shortcut, see simulators/_swarm_verify.py), then simulates install and health-check time;
-- a command for the version it already runs is answered ``committed`` at once;
-- it sends telemetry windows (valid ``edgeloop.telemetry/1``) every ``telemetry_s``.
+- its link is :class:`simulators._aio_link.AioLink`: paho on this loop through
+  :class:`~simulators._aio_mqtt.LoopDriver` (its own client id, a persistent session, a last
+  will; mutual TLS with its own certificate when ``tls_dir`` holds one);
+- its fetcher is :class:`simulators._swarm_parts.SwarmFetcher`: its own HTTP download of the
+  package (one shared aiohttp session, at most ``download_concurrency`` transfers at a time),
+  checked against the announcement and the signed metadata;
+- its runtime loader and its outbox are the shipped ones, with the shared work below.
+
+Shared between devices, because it is immutable (and reported as ``shared_work``):
+
+- the TUF verdict: python-tuf verifies the signed director and image metadata once per distinct
+  announcement (simulators/_swarm_verify.py), and each device checks its own download against it;
+- the loaded runtime and its health report, per package sha256.
+
+Per-device state folders go under ``device_dir`` (tmpfs for large swarms); outboxes are the
+shipped SQLite outbox, in memory (a simulated device never restarts). The report says both.
 
 Simulated, per device: tier (``tier_mix``), network (:class:`NetworkProfile`: latency, bandwidth,
-dropped downloads, abrupt disconnects), failure injection (``fail_pct`` of devices fail the
-health check of any model but the one they started with, so they report ``rolled_back`` and
-keep it, while going back to it succeeds) and bad models (``bad_model_pct`` of devices install
-fine but report high error rates and latency on any model but their first).
-
-State machine (stable names: :class:`contracts.messages.DeviceState`)::
-
-    online/committed/failed/rolled_back --start--> downloading --fetched--> verifying
-    verifying --verified--> installing --written--> testing --passed--> committed
-    downloading/verifying --refused--> failed          testing --unhealthy--> rolled_back
-    online/committed/failed/rolled_back --already--> committed   (already on that version)
+dropped downloads, abrupt disconnects, injected in the link and the fetcher), failure injection
+(``fail_pct`` of devices fail the health check of any model but the one they started with, so
+they report ``rolled_back`` and keep it, while going back to it succeeds) and bad models
+(``bad_model_pct`` of devices install fine but fail about 4 requests in 10 on any model but their
+first: their telemetry shows it), both injected in the runtime loader. With ``telemetry_s``
+every device serves a telemetry window of its package's golden inputs that often.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
-import logging
 import math
 import random
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from contracts import topics
 from contracts.errors import ContractError
-from contracts.messages import Announce, Command, DeviceState, ErrorReport, Status, Telemetry, encode, parse
-from device_sdk.mqtt import configure_tls
+from contracts.messages import Command, DeviceState, Status, encode, parse
+from device_sdk.agent import Agent, AgentConfig
+from device_sdk.outbox import Outbox
+from device_sdk.tuf_fetch import provision
+from simulators._aio_link import AioLink, LinkStats
 from simulators._aio_mqtt import LoopDriver
-from simulators._swarm_verify import Verdict, VerdictCache
+from simulators._swarm_parts import DeviceRuntimes, Downloads, SharedRuntimes, SwarmFetcher, target_url
+from simulators._swarm_verify import VerdictCache
 
-log = logging.getLogger("edgeloop.simulators.swarm")
+__all__ = ["NetworkProfile", "SwarmConfig", "Swarm", "SwarmDevice", "SwarmThread", "parse_tier_mix", "plan",
+           "target_url", "DEVICE_CODE", "SHARED_WORK"]
 
-__all__ = ["NetworkProfile", "SwarmConfig", "Swarm", "SwarmThread", "parse_tier_mix", "plan", "TRANSITIONS",
-           "SimEvent"]
-
-S = DeviceState
-
-
-class SimEvent(StrEnum):
-    START = "start"
-    FETCHED = "fetched"
-    VERIFIED = "verified"
-    WRITTEN = "written"
-    PASSED = "passed"
-    REFUSED = "refused"
-    UNHEALTHY = "unhealthy"
-    ALREADY = "already"
-
-
-_RESTING = (S.ONLINE, S.COMMITTED, S.FAILED, S.ROLLED_BACK)
-TRANSITIONS: dict[tuple[DeviceState, SimEvent], DeviceState] = {
-    **{(s, SimEvent.START): S.DOWNLOADING for s in _RESTING},
-    **{(s, SimEvent.ALREADY): S.COMMITTED for s in _RESTING},
-    (S.DOWNLOADING, SimEvent.FETCHED): S.VERIFYING,
-    (S.DOWNLOADING, SimEvent.REFUSED): S.FAILED,
-    (S.VERIFYING, SimEvent.VERIFIED): S.INSTALLING,
-    (S.VERIFYING, SimEvent.REFUSED): S.FAILED,
-    (S.INSTALLING, SimEvent.WRITTEN): S.TESTING,
-    (S.TESTING, SimEvent.PASSED): S.COMMITTED,
-    (S.TESTING, SimEvent.UNHEALTHY): S.ROLLED_BACK,
-}
+DEVICE_CODE = f"{Agent.__module__}.{Agent.__qualname__}"
+SHARED_WORK = ["tuf_verdict: python-tuf runs once per distinct (director, image, group, target, update id); "
+               "every device checks its own download against the verdict",
+               "runtime: one loaded runtime and its health report per package sha256"]
 
 
 @dataclass(frozen=True)
@@ -121,21 +97,25 @@ class SwarmConfig:
     tier_mix: dict[str, float] = field(default_factory=lambda: {"edge-gateway": 1.0})
     prefix: str = "swarm"
     initial_version: str | None = None   # the model every device runs at start (None: none yet)
+    initial_packages: dict[str, bytes] = field(default_factory=dict)   # tier -> that version's package,
+                                       # factory-installed on each device of the tier
     fail_pct: float = 0.0
     bad_model_pct: float = 0.0
     network: NetworkProfile = NetworkProfile()
-    install_s: float = 0.05            # simulated slot write
-    health_s: float = 0.05             # simulated golden-vector check
+    install_s: float = 0.05            # simulated flash time added to each download (the agent's own
+    health_s: float = 0.05             # slot write and health check run for real, after it)
     telemetry_s: float = 0.0           # seconds between telemetry windows per device (0: none)
     heartbeat_s: float = 60.0          # re-publish the last status after this long (0: never)
     download_concurrency: int = 64
-    download_retries: int = 3
+    download_retries: int = 3          # the agent's retries of a failed download (its back-off)
     max_package_bytes: int = 64 * 1024 * 1024
     connect_batch: int = 100
     keepalive: int = 60
     seed: int = 0
     fleet: str = topics.DEFAULT_FLEET  # the fleet id: the namespace of every topic (contracts/topics.py)
     tls_dir: Path | None = None        # <tls_dir>/<device id>/{ca.crt,device.crt,device.key}: mutual TLS
+    device_dir: Path | None = None     # where each device's own state folder goes (None: state_dir;
+                                       # /dev/shm for large swarms), removed when the swarm stops
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -145,6 +125,8 @@ class SwarmConfig:
                 raise ValueError(f"{name} must be between 0 and 100")
         if self.download_concurrency < 1:
             raise ValueError("download_concurrency must be at least 1")
+        if self.initial_version is not None and not self.initial_packages:
+            raise ValueError("initial_version needs its packages (initial_packages: tier -> package bytes)")
 
 
 def parse_tier_mix(text: str) -> dict[str, float]:
@@ -181,290 +163,119 @@ def plan(config: SwarmConfig) -> list[tuple[str, str]]:
     return [(f"{config.prefix}-{tier}-{i:05d}", tier) for i, tier in enumerate(_tiers(config.devices, config.tier_mix))]
 
 
-class DownloadFailed(Exception):
-    """A package could not be downloaded after every retry."""
 
-
-class _Dropped(Exception):
-    """The simulated link dropped a download mid-transfer."""
-
-
-class SimDevice:
-    """One simulated device. Every method runs on the swarm's event loop."""
+class SwarmDevice:
+    """Drives one real agent on the swarm's loop: steps it when something happened for it.
+    Holds no device state of its own beyond timings for the report."""
 
     def __init__(self, swarm: Swarm, device_id: str, tier: str, faulty: bool, bad_model: bool) -> None:
+        cfg = swarm.config
         self.swarm, self.device_id, self.tier = swarm, device_id, tier
-        self.topics = topics.Fleet(swarm.config.fleet)
-        self.group = tier
         self.faulty, self.bad_model = faulty, bad_model
-        self.first_version = self.model_version = swarm.config.initial_version
-        self.state = S.ONLINE
-        self.update_id: str | None = None
-        self.reason: str | None = None
-        self.finished: dict[str, tuple[DeviceState, str | None]] = {}   # update id -> final state, reason
-        self.task: asyncio.Task[None] | None = None
-        self.queued: tuple[Announce, str] | None = None
         self.command_at: dict[str, float] = {}      # update id -> when its command arrived
         self.committed_at: dict[str, float] = {}
-        self.ready = asyncio.Event()
-        self.closing = False
-        self.seq = 0
-        self.status_at = 0.0
+        self._scheduled = False
+        self._retry_handle: asyncio.TimerHandle | None = None
         self.next_telemetry = 0.0
-        self.client = self._client()
+        root = swarm.device_root / device_id
+        self.topics = topics.Fleet(cfg.fleet)
+        provision(root / "tuf", cfg.image_root, cfg.director_root)
+        offline = Status(device_id, DeviceState.OFFLINE, tier)
+        self.link = AioLink(swarm.driver, device_id, cfg.mqtt_host, cfg.mqtt_port,
+                            will=(self.topics.status(device_id), encode(offline)), keepalive=cfg.keepalive,
+                            tls_dir=cfg.tls_dir / device_id if cfg.tls_dir is not None else None,
+                            latency_s=cfg.network.latency_ms / 1000, reconnect_s=cfg.network.reconnect_s,
+                            stats=swarm.link_stats, on_ready=self.kick)
+        self.fetcher = SwarmFetcher(swarm.downloads, swarm.verdicts, tier, latency_s=cfg.network.latency_ms / 1000,
+                                    bandwidth_kbps=cfg.network.bandwidth_kbps, settle_s=cfg.install_s + cfg.health_s,
+                                    on_done=self.kick)
+        self.runtimes = DeviceRuntimes(swarm.runtimes, cfg.initial_version, faulty=faulty, bad_model=bad_model,
+                                       rng=random.Random(f"{cfg.seed}-{device_id}"))
+        config = AgentConfig(device_id=device_id, tier=tier, state_dir=root, fleet=cfg.fleet,
+                             max_package_bytes=cfg.max_package_bytes,
+                             heartbeat_s=cfg.heartbeat_s,
+                             retry_delays_s=tuple(min(0.2 * 2 ** a, 5.0) for a in range(1, cfg.download_retries + 1)))
+        self.agent = Agent(config, link=self.link, fetcher=self.fetcher, runtimes=self.runtimes,
+                           outbox=Outbox(Path(":memory:")))
+        package = cfg.initial_packages.get(tier)
+        if package is not None and self.agent.model_version is None:
+            self.agent.installer.factory_install(package)
 
-    def _client(self) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=mqtt.MQTTv311,
-                             clean_session=False)
-        offline = Status(self.device_id, S.OFFLINE, self.tier)
-        client.will_set(self.topics.status(self.device_id), encode(offline), qos=1, retain=True)
-        client.max_queued_messages_set(0)
-        tls = self.swarm.config.tls_dir
-        if tls is not None and (tls / self.device_id / "device.crt").exists():
-            folder = tls / self.device_id
-            configure_tls(client, folder / "ca.crt", folder / "device.crt", folder / "device.key")
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        client.on_disconnect = self._on_disconnect
-        self.swarm.driver.attach(client)
-        return client
+    def start(self) -> None:
+        self.agent.start()
 
-    # -- connection ---------------------------------------------------------------------------
-    def connect(self) -> None:
-        cfg = self.swarm.config
-        try:
-            self.client.connect(cfg.mqtt_host, cfg.mqtt_port, keepalive=cfg.keepalive)
-        except OSError as e:
-            log.warning("%s: cannot connect: %s", self.device_id, e)
-            self._reconnect_later()
+    def kick(self) -> None:
+        """Something happened for this device: step its agent soon (once per loop iteration)."""
+        if not self._scheduled:
+            self._scheduled = True
+            self.swarm.loop.call_soon(self._step)
 
-    def disconnect_abruptly(self) -> None:
-        """The link dies: the broker notices and publishes the last will (``offline``)."""
-        sock = self.client.socket()
-        if sock is not None:
-            self.swarm.stats["disconnects"] += 1
-            with contextlib.suppress(OSError):
-                sock.shutdown(2)
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, props: Any) -> None:
-        if reason_code.is_failure:
-            log.warning("%s: broker refused the connection: %s", self.device_id, reason_code)
-            return
-        client.subscribe([(self.topics.command(self.device_id), 1), (self.topics.announce(self.tier), 1)])
-
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
-        self._publish_status()        # online, or whatever it was doing when the link dropped
-        if self.ready.is_set():
-            self.swarm.stats["reconnects"] += 1
-        self.ready.set()
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, props: Any) -> None:
-        if not self.closing:
-            self._reconnect_later()
-
-    def _reconnect_later(self) -> None:
-        self.swarm.loop.call_later(max(0.05, self.swarm.config.network.reconnect_s), self._reconnect)
-
-    def _reconnect(self) -> None:
-        if self.closing:
-            return
-        try:
-            self.client.reconnect()
-        except OSError:
-            self._reconnect_later()
-
-    # -- messages -----------------------------------------------------------------------------
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if not message.payload:
-            return   # a cleared retained announcement
-        try:
-            msg = parse(message.payload)
-        except ContractError as e:
-            self.swarm.stats["malformed"] += 1
-            log.warning("%s: dropped malformed message on %s: %s", self.device_id, message.topic, e)
-            return
-        if isinstance(msg, Command) and message.topic == self.topics.command(self.device_id):
-            self._on_command(msg)
-        elif isinstance(msg, Announce) and message.topic == self.topics.announce(self.tier):
-            self._on_announce(dataclasses.replace(msg, group=None), command=False)
+    def _step(self) -> None:
+        self._scheduled = False
+        for _ in range(64):
+            self._note_command()
+            if not self.agent.step():
+                break
         else:
-            self.swarm.stats["malformed"] += 1
+            self.kick()                 # more to do: after the other devices had their turn
+        self._note_status()
+        due = self.agent.next_due
+        if due is not None and self._retry_handle is None:
+            self._retry_handle = self.swarm.loop.call_later(max(0.0, due - time.time()), self._retry)
 
-    def _on_command(self, command: Command) -> None:
-        announce = command.announce
-        self.command_at.setdefault(announce.update_id, time.time())
-        self.swarm.stats["commands"] += 1
-        if announce.tier != self.tier:
-            self._publish_error(announce.update_id, "verify.tier",
-                                f"rollout {command.rollout_id} sent a {announce.tier} update to a {self.tier} device")
-            return
-        if self.task is None and announce.model_version == self.model_version:
-            self._fire(SimEvent.ALREADY, announce.update_id)
-            return
-        self._on_announce(announce, command=True)
+    def _retry(self) -> None:
+        self._retry_handle = None
+        self.kick()
 
-    def _on_announce(self, announce: Announce, command: bool) -> None:
-        done = self.finished.get(announce.update_id)
-        if done is not None:
-            if command and self.task is None:    # asked again: say again how it ended
-                self.state, self.update_id, self.reason = done[0], announce.update_id, done[1]
-                self._publish_status()
-            return
-        if announce.tier != self.tier or (announce.model_version == self.model_version and not command):
-            return
-        group = announce.group or self.group
-        if self.task is not None:
-            self.queued = (announce, group)     # the newest wins; handled when this install ends
-            return
-        self.task = self.swarm.loop.create_task(self._install(announce, group))
+    def _note_command(self) -> None:
+        """When the command for an update arrived (the report's command-to-commit time)."""
+        if self.link.inbox and self.link.inbox[0][0] == self.topics.command(self.device_id):
+            self.swarm.stats["commands"] += 1
+            with contextlib.suppress(ContractError):   # a malformed one: the agent drops it
+                command = parse(self.link.inbox[0][1], expect=Command)
+                self.command_at.setdefault(command.announce.update_id, time.time())
 
-    # -- the install --------------------------------------------------------------------------
-    def _fire(self, event: SimEvent, update_id: str, reason: str | None = None) -> None:
-        new = TRANSITIONS.get((self.state, event))
-        if new is None:
-            raise RuntimeError(f"{self.device_id}: no transition from {self.state} on {event}")
-        self.state, self.update_id, self.reason = new, update_id, reason
-        if new in (S.COMMITTED, S.FAILED, S.ROLLED_BACK):
-            self.finished[update_id] = (new, reason)
-            if new == S.COMMITTED:
-                self.committed_at.setdefault(update_id, time.time())
-        self._publish_status()
-
-    async def _install(self, announce: Announce, group: str) -> None:
-        try:
-            await self._walk(announce, group)
-        except Exception as e:  # noqa: BLE001 - a simulator bug must not stop the swarm; it is reported
-            log.exception("%s: install of %s broke", self.device_id, announce.update_id)
-            self.swarm.stats["internal_errors"] += 1
-            self._give_up(announce.update_id, f"internal: {type(e).__name__}: {e}")
-        finally:
-            self.task = None
-            if self.queued is not None:
-                nxt, self.queued = self.queued, None
-                self._on_announce(dataclasses.replace(nxt[0], group=nxt[1]), command=True)
-
-    async def _walk(self, announce: Announce, group: str) -> None:
-        cfg, uid = self.swarm.config, announce.update_id
-        await asyncio.sleep(cfg.network.latency_ms / 1000)
-        self._fire(SimEvent.START, uid)
-        try:
-            data = await self.swarm.download(announce)
-        except DownloadFailed as e:
-            return self._refuse(uid, "transport.download", f"download failed: {e}")
-        self._fire(SimEvent.FETCHED, uid)
-        try:
-            verdict = await self.swarm.verdicts.verdict(announce, group)
-        except Exception as e:  # noqa: BLE001 - the repository is unreachable: refused for now
-            return self._refuse(uid, "transport.download", f"cannot refresh metadata: {type(e).__name__}: {e}")
-        problem = _check(data, announce, verdict)
-        if problem is not None:
-            return self._refuse(uid, *problem)
-        self._fire(SimEvent.VERIFIED, uid)
-        await asyncio.sleep(cfg.install_s * random.uniform(0.5, 1.5))
-        self._fire(SimEvent.WRITTEN, uid)
-        await asyncio.sleep(cfg.health_s * random.uniform(0.5, 1.5))
-        if self.faulty and announce.model_version != self.first_version:
-            reason = "health.golden: golden vectors disagree with the package (injected fault); previous restored"
-            self._publish_error(uid, "health.golden", reason)
-            self._fire(SimEvent.UNHEALTHY, uid, reason)
-            return
-        self.model_version = announce.model_version
-        self._fire(SimEvent.PASSED, uid)
-
-    def _give_up(self, update_id: str, reason: str) -> None:
-        """A simulator bug, not a protocol step: report ``failed`` (as the agent reports an
-        internal error) from whatever state the install reached."""
-        self.state, self.update_id, self.reason = S.FAILED, update_id, reason
-        self.finished[update_id] = (S.FAILED, reason)
-        self._publish_error(update_id, "agent.internal", reason)
-        self._publish_status()
-
-    def _refuse(self, update_id: str, code: str, reason: str) -> None:
-        self._publish_error(update_id, code, reason)
-        self._fire(SimEvent.REFUSED, update_id, reason)
-
-    # -- reporting ----------------------------------------------------------------------------
-    def _publish_status(self) -> None:
-        status = Status(self.device_id, self.state, self.tier, self.model_version, self.update_id, self.reason,
-                        time.time())
-        self.status_at = status.ts
-        self.client.publish(self.topics.status(self.device_id), encode(status), qos=1, retain=True)
-
-    def _publish_error(self, update_id: str | None, code: str, message: str) -> None:
-        report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time())
-        self.client.publish(self.topics.errors(self.device_id), encode(report), qos=1)
+    def _note_status(self) -> None:
+        status = self.agent.last_status
+        if status is not None and status[0] == DeviceState.COMMITTED and status[1] is not None:
+            self.committed_at.setdefault(status[1], time.time())
 
     def tick(self, now: float) -> None:
         """Heartbeat and telemetry, when due (called about once a second)."""
         cfg = self.swarm.config
-        if not self.client.is_connected():
-            return
-        if cfg.heartbeat_s and now - self.status_at >= cfg.heartbeat_s:
-            self._publish_status()
-        if cfg.telemetry_s and self.model_version is not None and now >= self.next_telemetry:
+        if cfg.telemetry_s and self.agent.runtime is not None and now >= self.next_telemetry:
             self.next_telemetry = now + cfg.telemetry_s
-            self.client.publish(self.topics.telemetry(self.device_id), encode(self._window(now)), qos=1)
+            inputs = self.swarm.runtimes.inputs(self.agent.runtime)
+            for i in range(self.agent.config.telemetry_window):
+                self.agent.infer(inputs[i % len(inputs)][None, :])
             self.swarm.stats["telemetry"] += 1
+        self.kick()
 
-    def _window(self, now: float) -> Telemetry:
-        """One synthetic window of 20 inferences; a bad model errs and slows down."""
-        bad = self.bad_model and self.model_version != self.first_version
-        rng, count = self.swarm.rng, 20
-        errors = rng.randint(6, 10) if bad else 0
-        served = count - errors
-        correct = rng.randint(served // 3, served // 2) if bad else rng.randint(served - 2, served)
-        predictions = [0] * 10
-        for _ in range(served):
-            predictions[rng.randrange(10)] += 1
-        hist = [0] * 10
-        for _ in range(served):
-            hist[rng.randint(3, 6) if bad else rng.randint(7, 9)] += 1
-        p50 = rng.uniform(40, 60) if bad else rng.uniform(1.5, 3.0)
-        seq, self.seq = self.seq, self.seq + 1
-        span = self.swarm.config.telemetry_s
-        return Telemetry(self.device_id, seq, self.model_version, now - span, now, count, served, correct,
-                         predictions, hist, round(p50, 3), round(p50 * 3, 3), errors=errors)
+    @property
+    def state(self) -> DeviceState:
+        status = self.agent.last_status
+        return status[0] if status is not None else DeviceState.OFFLINE
 
     def close(self) -> None:
-        self.closing = True
-        if self.task is not None:
-            self.task.cancel()
-        if self.client.is_connected():
-            offline = Status(self.device_id, S.OFFLINE, self.tier, self.model_version, self.update_id, None,
-                             time.time())
-            self.client.publish(self.topics.status(self.device_id), encode(offline), qos=0, retain=True)
-        self.client.disconnect()
+        self.fetcher.cancel()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        self.agent.stop(drain_s=0)
 
     def report(self) -> dict[str, Any]:
-        uid = self.update_id
+        state, uid, reason = self.agent.last_status or (DeviceState.OFFLINE, None, None)
+        result = self.agent.last_result
+        if result is not None and result.update_id == uid and result.code and reason:
+            reason = f"{result.code}: {reason}"
         commit = None
         if uid in self.committed_at and uid in self.command_at:
             commit = round(self.committed_at[uid] - self.command_at[uid], 4)
-        return {"device_id": self.device_id, "tier": self.tier, "state": str(self.state),
-                "model_version": self.model_version, "update_id": uid, "reason": self.reason,
+        return {"device_id": self.device_id, "tier": self.tier, "state": str(state),
+                "model_version": self.agent.model_version, "update_id": uid, "reason": reason,
                 "faulty": self.faulty, "bad_model": self.bad_model, "command_to_commit_s": commit,
+                "outbox": len(self.agent.outbox), "retries": self.agent.retries,
                 "committed_at": {u: round(t, 4) for u, t in self.committed_at.items()},
                 "command_at": {u: round(t, 4) for u, t in self.command_at.items()}}
-
-
-def _check(data: bytes, announce: Announce, verdict: Verdict) -> tuple[str, str] | None:
-    """(code, reason) if the downloaded bytes must be refused."""
-    if not verdict.ok:
-        return verdict.code or "verify.metadata", verdict.reason or "refused"
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != announce.length or digest != announce.sha256:
-        return "verify.hash", f"package ({len(data)} bytes, sha256 {digest[:12]}) does not match the announcement"
-    if (verdict.length, verdict.sha256) != (len(data), digest):
-        return "verify.hash", "package does not match its signed length or hash"
-    return None
-
-
-def target_url(announce: Announce) -> str:
-    """Where the image repository stores a target (consistent snapshots: hash-prefixed name)."""
-    parent, _, name = announce.target.rpartition("/")
-    path = f"{parent}/{announce.sha256}.{name}" if parent else f"{announce.sha256}.{name}"
-    return f"{announce.repository.rstrip('/')}/targets/{path}"
 
 
 class Swarm:
@@ -474,15 +285,15 @@ class Swarm:
         self.config = config
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]   # set by start()
         self.driver: LoopDriver = None  # type: ignore[assignment]
+        self.downloads: Downloads = None  # type: ignore[assignment]
         self.rng = random.Random(config.seed)
-        self.stats: dict[str, int] = {k: 0 for k in ("commands", "downloads", "download_bytes", "download_retries",
-                                                      "disconnects", "reconnects", "telemetry", "malformed",
-                                                      "internal_errors")}
-        self.devices: list[SimDevice] = []
+        self.stats: dict[str, int] = {"commands": 0, "telemetry": 0}
+        self.link_stats = LinkStats()
+        self.devices: list[SwarmDevice] = []
         self.verdicts = VerdictCache(config.state_dir / "tuf", config.image_root, config.director_root,
                                      config.max_package_bytes)
-        self._session: aiohttp.ClientSession | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self.runtimes = SharedRuntimes()
+        self.device_root: Path = Path()
         self._ticker: asyncio.Task[None] | None = None
         self.started_at = 0.0
 
@@ -490,14 +301,15 @@ class Swarm:
         return [d.device_id for d in self.devices]
 
     async def start(self, timeout: float = 120.0) -> None:
-        """Connect every device (in batches); returns once all are subscribed and online.
-        Raises TimeoutError if the broker does not take them all within ``timeout``."""
+        """Build and start every device (connecting in batches); returns once all are subscribed
+        and online. Raises TimeoutError if the broker does not take them all within ``timeout``."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         self.driver = LoopDriver(self.loop)
-        self._slots = asyncio.Semaphore(cfg.download_concurrency)
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cfg.download_concurrency),
-                                              timeout=aiohttp.ClientTimeout(total=60))
+        self.downloads = Downloads(cfg.download_concurrency, cfg.max_package_bytes, cfg.network.drop_pct, self.rng)
+        parent = cfg.device_dir or cfg.state_dir
+        parent.mkdir(parents=True, exist_ok=True)
+        self.device_root = Path(tempfile.mkdtemp(prefix=f"{cfg.prefix}-devices-", dir=parent))
         picks = random.Random(cfg.seed)
         order = list(range(cfg.devices))
         picks.shuffle(order)
@@ -505,19 +317,19 @@ class Swarm:
         n_bad = round(cfg.devices * cfg.bad_model_pct / 100)
         faulty, bad = set(order[:n_fail]), set(order[n_fail:n_fail + n_bad])
         for i, (device_id, tier) in enumerate(plan(cfg)):
-            device = SimDevice(self, device_id, tier, i in faulty, i in bad)
+            device = SwarmDevice(self, device_id, tier, i in faulty, i in bad)
             device.next_telemetry = time.time() + self.rng.uniform(0, cfg.telemetry_s or 1)
             self.devices.append(device)
         deadline = time.time() + timeout
         for start in range(0, len(self.devices), cfg.connect_batch):
             batch = self.devices[start:start + cfg.connect_batch]
             for device in batch:
-                device.connect()
+                device.start()
             left = deadline - time.time()
             try:
-                await asyncio.wait_for(asyncio.gather(*(d.ready.wait() for d in batch)), max(left, 0.1))
+                await asyncio.wait_for(asyncio.gather(*(d.link.ready.wait() for d in batch)), max(left, 0.1))
             except asyncio.TimeoutError:
-                ready = sum(d.ready.is_set() for d in self.devices)
+                ready = sum(d.link.ready.is_set() for d in self.devices)
                 raise TimeoutError(f"only {ready} of {cfg.devices} devices connected within {timeout:.0f} s") from None
         self._ticker = self.loop.create_task(self._tick_loop())
         self.started_at = time.time()
@@ -529,63 +341,27 @@ class Swarm:
             device.close()
         await asyncio.sleep(0.2 + len(self.devices) / 20_000)   # let the last statuses and DISCONNECTs leave
         for device in self.devices:
-            self.driver.detach(device.client)
+            self.driver.detach(device.link.client)
+            device.agent.outbox.close()
         await self.driver.close()
-        if self._session is not None:
-            await self._session.close()
+        if self.downloads is not None:
+            await self.downloads.close()
+        shutil.rmtree(self.device_root, ignore_errors=True)
 
     async def _tick_loop(self) -> None:
-        net = self.config.network
+        net, cfg = self.config.network, self.config
+        period = 1.0 if cfg.telemetry_s or net.disconnect_pct_per_min else max(1.0, cfg.heartbeat_s / 4)
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(period)
             now = time.time()
-            for device in self.devices:
-                device.tick(now)
-            if net.disconnect_pct_per_min:
-                share = net.disconnect_pct_per_min / 100 / 60
+            if cfg.telemetry_s or cfg.heartbeat_s:
                 for device in self.devices:
-                    if device.client.is_connected() and self.rng.random() < share:
-                        device.disconnect_abruptly()
-
-    # -- downloads ----------------------------------------------------------------------------
-    async def download(self, announce: Announce) -> bytes:
-        """The package's bytes over HTTP through the device's simulated link. Raises DownloadFailed."""
-        cfg, net = self.config, self.config.network
-        url, last = target_url(announce), "no attempt"
-        for attempt in range(cfg.download_retries + 1):
-            if attempt:
-                self.stats["download_retries"] += 1
-                await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
-            await asyncio.sleep(2 * net.latency_ms / 1000)      # request out, first byte back
-            began = time.monotonic()
-            try:
-                data = await self._get(url, announce)
-            except (aiohttp.ClientError, asyncio.TimeoutError, _Dropped, OSError) as e:
-                last = f"{type(e).__name__}: {e}"
-                continue
-            if net.bandwidth_kbps:
-                await asyncio.sleep(max(0.0, len(data) / (net.bandwidth_kbps * 1024) - (time.monotonic() - began)))
-            self.stats["downloads"] += 1
-            self.stats["download_bytes"] += len(data)
-            return data
-        raise DownloadFailed(f"{cfg.download_retries + 1} attempts, last: {last}")
-
-    async def _get(self, url: str, announce: Announce) -> bytes:
-        assert self._session is not None and self._slots is not None
-        limit = min(announce.length, self.config.max_package_bytes)
-        drop = self.rng.random() * 100 < self.config.network.drop_pct
-        async with self._slots, self._session.get(url) as response:
-            if response.status != 200:
-                raise aiohttp.ClientResponseError(response.request_info, (), status=response.status,
-                                                  message=f"HTTP {response.status} for {url}")
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                body += chunk
-                if drop and len(body) >= limit // 2:
-                    raise _Dropped("the simulated link dropped the transfer")
-                if len(body) > limit:
-                    break     # longer than announced: the hash check refuses it
-            return bytes(body)
+                    device.tick(now)
+            if net.disconnect_pct_per_min:
+                share = net.disconnect_pct_per_min / 100 / 60 * period
+                for device in self.devices:
+                    if device.link.connected and self.rng.random() < share:
+                        device.link.disconnect_abruptly()
 
     # -- results ------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -595,17 +371,31 @@ class Swarm:
         return out
 
     def report(self, per_device: bool = False) -> dict[str, Any]:
-        times = sorted(t for d in self.devices if (t := d.report()["command_to_commit_s"]) is not None)
+        reports = [d.report() for d in self.devices]
+        times = sorted(t for r in reports if (t := r["command_to_commit_s"]) is not None)
+        cfg = self.config
         result: dict[str, Any] = {
-            "devices": len(self.devices), "connected": sum(d.client.is_connected() for d in self.devices),
-            "states": self.counts(), "tiers": {t: sum(d.tier == t for d in self.devices) for t in self.config.tier_mix},
+            "device_code": DEVICE_CODE, "device_classes": sorted({type(d.agent).__module__ + "." +
+                                                                  type(d.agent).__qualname__ for d in self.devices}),
+            "shared_work": SHARED_WORK,
+            "device_state": f"{self.device_root} ({'tmpfs' if str(self.device_root).startswith('/dev/shm') else 'disk'}"
+                            "); outbox: the shipped SQLite outbox, in memory",
+            "devices": len(self.devices), "connected": sum(d.link.connected for d in self.devices),
+            "states": self.counts(), "tiers": {t: sum(d.tier == t for d in self.devices) for t in cfg.tier_mix},
             "faulty": sum(d.faulty for d in self.devices), "bad_model": sum(d.bad_model for d in self.devices),
-            "tuf_verifications": self.verdicts.verifications, **self.stats,
+            "tuf_verifications": self.verdicts.verifications, "runtime_loads": self.runtimes.loads,
+            **self.stats, "downloads": self.downloads.downloads if self.downloads else 0,
+            "download_bytes": self.downloads.download_bytes if self.downloads else 0,
+            "download_retries": sum(d.agent.retries for d in self.devices),
+            "dropped_downloads": self.downloads.dropped if self.downloads else 0,
+            "disconnects": self.link_stats.disconnects, "reconnects": self.link_stats.reconnects,
+            "malformed": sum(d.agent.malformed for d in self.devices),
+            "internal_errors": sum(1 for r in reports if (r["reason"] or "").startswith(("internal:", "storage.write"))),
             "command_to_commit_p50_s": round(statistics.median(times), 4) if times else None,
             "command_to_commit_p99_s": round(_percentile(times, 0.99), 4) if times else None,
         }
         if per_device:
-            result["per_device"] = [d.report() for d in self.devices]
+            result["per_device"] = reports
         return result
 
 

@@ -546,7 +546,6 @@ def test_canary_then_waves_update_every_real_device_once(rig):
 
 
 def test_health_check_failures_abort_at_threshold_and_updated_devices_roll_back(rig, monkeypatch):
-    import device_sdk.ota as ota
     from device_sdk.errors import UpdateRefused
 
     before = {a.device_id: a.model_version for a in rig.agents}
@@ -557,14 +556,19 @@ def test_health_check_failures_abort_at_threshold_and_updated_devices_roll_back(
                                  max_failure_pct=30, min_devices=4))
     first_wave = [d["device_id"] for d in rig.registry.rollout_devices(rid)][:4]
     bad = set(first_wave[:2])                      # half of the first wave fails its health check
-    real = ota.health_check
+    from device_sdk.runtime import DEFAULT_LOADER
 
-    def flaky(runtime, bundle):  # noqa: ANN001, ANN202
-        name = threading.current_thread().name
-        if bundle.manifest.model_version == target and name.removeprefix("install-") in bad:
-            raise UpdateRefused("health.golden", "injected: golden outputs differ")
-        return real(runtime, bundle)
-    monkeypatch.setattr(ota, "health_check", flaky)
+    class Flaky:       # the agent's runtime loader (device_sdk.ports.RuntimeLoader), failing on the target
+        def load(self, bundle, package_sha256):  # noqa: ANN001, ANN202
+            return DEFAULT_LOADER.load(bundle, package_sha256)
+
+        def check(self, runtime, bundle):  # noqa: ANN001, ANN202
+            if bundle.manifest.model_version == target:
+                raise UpdateRefused("health.golden", "injected: golden outputs differ")
+            return DEFAULT_LOADER.check(runtime, bundle)
+    for a in rig.agents:
+        if a.device_id in bad:
+            monkeypatch.setattr(a.installer, "runtimes", Flaky())
 
     status = _drive(rig, ctl, rid)
     assert status["state"] == "aborted", status

@@ -19,8 +19,7 @@ from cloud.store.readonly import query as raw_rows
 
 from conftest import wait_for
 from contracts.messages import Announce, Command, DeviceState
-from simulators.swarm import (TRANSITIONS, NetworkProfile, SimEvent, SwarmConfig, SwarmThread, _tiers,
-                              parse_tier_mix)
+from simulators.swarm import NetworkProfile, SwarmConfig, SwarmThread, _tiers, parse_tier_mix
 
 from conftest import own_broker  # noqa: E402
 
@@ -61,11 +60,12 @@ def env(broker, tmp_path_factory):
 def start_swarm(env, devices: int, **overrides) -> SwarmThread:
     """A swarm on v1, every device registered by the control plane from its ``online`` status."""
     prefix = f"s{uuid.uuid4().hex[:6]}"
+    v1_package = Path(env.registry.artifact_path(env.registry.package_for(env.v1, TIER)["sha256"])).read_bytes()
     config = SwarmConfig(devices=devices, mqtt_host=env.broker.host, mqtt_port=env.broker.port,
                          image_root=env.ws.image_repository().trusted_root(),
                          director_root=env.ws.director_repository().trusted_root(),
                          state_dir=env.ws.root / f"swarm-{prefix}", prefix=prefix, initial_version=env.v1,
-                         install_s=0.01, health_s=0.01, heartbeat_s=0, **overrides)
+                         initial_packages={TIER: v1_package}, install_s=0.01, health_s=0.01, heartbeat_s=0, **overrides)
     swarm = SwarmThread(config).start(timeout=60)
     ids = set(swarm.read(lambda s: s.device_ids()))
 
@@ -135,7 +135,7 @@ def test_20pct_failing_health_checks_abort_the_rollout_and_roll_back_updated_dev
     try:
         rid, status = run_rollout(env, RolloutSpec(model_version=env.v2, target=f"tier={TIER}", strategy="canary",
                                                    canary="10", growth=2.0, max_failure_pct=10, min_devices=10))
-        wait_for(lambda: swarm.read(lambda s: all(d.task is None for d in s.devices)), what="installs to settle")
+        wait_for(lambda: swarm.read(lambda s: not any(d.agent.installing for d in s.devices)), what="installs to settle")
         report = swarm.read(lambda s: s.report(per_device=True))
     finally:
         forget(env, swarm)
@@ -160,7 +160,7 @@ def test_devices_that_lose_their_connection_or_downloads_mid_rollout_still_commi
 
         ctl = RolloutController(env.ws, env.registry, send=env.cp.send_command, repository_url=env.server.url)
         rid = ctl.create(RolloutSpec(model_version=env.v2, target=f"tier={TIER}", strategy="all"))
-        swarm.read(lambda s: [d.disconnect_abruptly() for d in s.devices[:10]])   # the links drop now
+        swarm.read(lambda s: [d.link.disconnect_abruptly() for d in s.devices[:10]])   # the links drop now
         ctl.step()
 
         def finished() -> bool:
@@ -209,11 +209,27 @@ def test_tier_mix_is_split_exactly_and_bad_mixes_are_refused():
             parse_tier_mix(bad)
 
 
-def test_install_state_machine_only_starts_from_a_resting_state():
-    resting = {DeviceState.ONLINE, DeviceState.COMMITTED, DeviceState.FAILED, DeviceState.ROLLED_BACK}
-    assert {s for (s, e) in TRANSITIONS if e == SimEvent.START} == resting
-    assert (DeviceState.DOWNLOADING, SimEvent.START) not in TRANSITIONS
-    assert TRANSITIONS[(DeviceState.TESTING, SimEvent.UNHEALTHY)] == DeviceState.ROLLED_BACK
+def test_simulators_define_no_second_device_or_install_state_machine():
+    """The one install state machine is device_sdk/ota.py's: nothing in simulators/ has a
+    transition table, an install-state enum or a class with the install's states."""
+    import ast
+
+    from contracts.messages import DeviceState
+    from device_sdk.ota import InstallState
+
+    states = {str(s) for s in InstallState} | {str(s) for s in DeviceState}
+    for path in sorted(Path("simulators").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = {t.id for t in targets if isinstance(t, ast.Name)}
+                assert not names & {"TRANSITIONS", "_TRANSITIONS"}, f"{path} defines a transition table"
+            if isinstance(node, ast.ClassDef):
+                values = {n.value.value for n in node.body if isinstance(n, ast.Assign)
+                          and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)}
+                assert len(values & states) < 3, f"{path}: class {node.name} spells out install states"
+    assert "SimDevice" not in Path("simulators/swarm.py").read_text()
 
 
 def test_swarm_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -251,7 +267,7 @@ def test_bad_model_telemetry_aborts_the_canary_on_model_health_and_rolls_it_back
         rid, status = run_rollout(env, RolloutSpec(
             model_version=env.v2, target=f"tier={TIER}", strategy="canary", canary="5", bake_s=120,
             max_error_rate=0.1, health_interval_s=0.5, health_min_inferences=40))
-        wait_for(lambda: swarm.read(lambda s: all(d.task is None for d in s.devices)), what="installs to settle")
+        wait_for(lambda: swarm.read(lambda s: not any(d.agent.installing for d in s.devices)), what="installs to settle")
         report = swarm.read(lambda s: s.report(per_device=True))
     finally:
         forget(env, swarm)
@@ -330,3 +346,55 @@ def test_simulate_beyond_the_full_agent_limit_runs_the_swarm(broker, tmp_path, c
     assert main(["simulate", "-w", str(ws), "--devices", str(n), "--duration", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["devices"] == n and result["connected"] == n and result["internal_errors"] == 0
+
+
+def test_swarm_runs_the_real_agent_and_says_what_it_shares(env):
+    from device_sdk.agent import Agent
+
+    swarm = start_swarm(env, 3)
+    try:
+        classes = swarm.read(lambda s: {type(d.agent) for d in s.devices})
+        report = swarm.read(lambda s: s.report())
+    finally:
+        forget(env, swarm)
+    assert classes == {Agent}
+    assert report["device_code"] == "device_sdk.agent.Agent" and report["device_classes"] == ["device_sdk.agent.Agent"]
+    assert any(w.startswith("tuf_verdict") for w in report["shared_work"])
+    assert any(w.startswith("runtime") for w in report["shared_work"]) and len(report["shared_work"]) == 2
+
+
+def test_dropped_download_is_retried_by_the_agent_and_its_error_report_goes_through_its_outbox(env):
+    """Every transfer drops: each device retries (the agent's back-off), then gives up with
+    transport.download, and that report reaches the cloud through the device's own outbox."""
+    from cloud.rollouts import RolloutSpec  # noqa: F401 - the same cloud as the other tests
+
+    msg = None
+    swarm = start_swarm(env, 4, network=NetworkProfile(drop_pct=100), download_retries=2)
+    try:
+        pkg = env.registry.package_for(env.v2, TIER)
+        data = Path(env.registry.artifact_path(pkg["sha256"])).read_bytes()
+        from cloud.pipeline import assign
+
+        env.ws.image_repository().add_target(pkg["target"], data)
+        msg = Announce(update_id=f"upd-drop{uuid.uuid4().hex[:6]}", model="digits-mlp", model_version=env.v2,
+                       tier=TIER, target=pkg["target"], length=pkg["length"], sha256=pkg["sha256"],
+                       repository=env.server.url, director=env.server.director_url, issued_at=time.time())
+        assign(env.ws, TIER, msg, data)
+        for device_id in swarm.ids:
+            env.cp.send_command(device_id, Command("install", "ro-drop", msg, time.time()))
+        wait_for(lambda: swarm.read(lambda s: s.counts()) == {"failed": 4}, timeout=40, what="every device to give up")
+
+        def reported() -> bool:
+            env.cp.drain()
+            return all(any(e["code"] == "transport.download" and e["update_id"] == msg.update_id
+                           for e in env.registry.device_errors(d)) for d in swarm.ids)
+        wait_for(reported, timeout=30, what="the error reports in the cloud")
+        wait_for(lambda: swarm.read(lambda s: all(len(d.agent.outbox) == 0 for d in s.devices)), timeout=30,
+                 what="the outboxes to empty on the ingest's confirmation")
+        report = swarm.read(lambda s: s.report(per_device=True))
+    finally:
+        forget(env, swarm)
+    assert report["download_retries"] == 4 * 2 and report["downloads"] == 0 and report["dropped_downloads"] == 12
+    for d in report["per_device"]:
+        assert d["retries"] == 2 and d["model_version"] == env.v1
+        assert d["reason"].startswith("download failed 3 times")

@@ -1,0 +1,53 @@
+"""The real parts of an agent, built from its config (what ``Agent(AgentConfig(...))`` gets).
+
+Each function builds one :mod:`device_sdk.ports` part; a caller that swaps one part (a test, the
+swarm) passes its own to :class:`~device_sdk.agent.Agent` and gets these for the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from contracts import topics
+from contracts.messages import DeviceState, Status, encode
+from device_sdk.mqtt import MqttLink
+from device_sdk.mqtt_fetcher import MqttBlockFetcher
+from device_sdk.outbox import Outbox, OutboxConfig
+from device_sdk.telemetry import SequenceCounter
+from device_sdk.tuf_fetch import UpdateClient
+
+if TYPE_CHECKING:
+    from device_sdk.agent import AgentConfig
+    from device_sdk.ports import Link
+
+__all__ = ["link", "fetcher", "outbox", "sequence"]
+
+
+def link(config: AgentConfig) -> MqttLink:
+    """paho over TCP (TLS with ``tls_ca``), last will ``offline``; its network thread unless
+    ``config.network_thread`` is false."""
+    offline = Status(config.device_id, DeviceState.OFFLINE, config.tier)
+    return MqttLink(config.device_id, config.mqtt_host, config.mqtt_port,
+                    will=(topics.Fleet(config.fleet).status(config.device_id), encode(offline)), queue_max=config.inbox_max,
+                    tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key,
+                    threaded=config.network_thread)
+
+
+def fetcher(config: AgentConfig, link: Link) -> UpdateClient:
+    """python-tuf over two repositories; package bytes over HTTP (resumable) or MQTT blocks."""
+    root = Path(config.state_dir)
+    blocks = MqttBlockFetcher(link, config.device_id, root / "tuf" / "partial",
+                              timeout_s=config.download_timeout_s,
+                              fleet=topics.Fleet(config.fleet)) if config.transport == "mqtt" else None
+    return UpdateClient(root / "tuf", config.group or config.tier, config.max_package_bytes,
+                        read_timeout_s=config.download_timeout_s, fetcher=blocks)
+
+
+def outbox(config: AgentConfig) -> Outbox:
+    """SQLite (WAL) at ``<state>/outbox.db``, bounded by the config."""
+    return Outbox(Path(config.state_dir) / "outbox.db", OutboxConfig(config.outbox_max_bytes, config.outbox_max_age_s))
+
+
+def sequence(config: AgentConfig) -> SequenceCounter:
+    return SequenceCounter(Path(config.state_dir) / "telemetry.json")
