@@ -373,7 +373,7 @@ def test_dropped_download_is_retried_by_the_agent_and_its_error_report_goes_thro
     try:
         pkg = env.registry.package_for(env.v2, TIER)
         data = Path(env.registry.artifact_path(pkg["sha256"])).read_bytes()
-        from cloud.pipeline import assign
+        from release_primitives import assign
 
         env.ws.image_repository().add_target(pkg["target"], data)
         msg = Announce(update_id=f"upd-drop{uuid.uuid4().hex[:6]}", model="digits-mlp", model_version=env.v2,
