@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloud.example_data import write_example  # noqa: E402
+from cloud.train.example_data import write_example  # noqa: E402
 from cloud.examples import EXAMPLES  # noqa: E402
-from cloud.pipeline import package_model, train_model  # noqa: E402
+from cloud.loop.pipeline import package_model, train_model  # noqa: E402
 from cloud.registry import Registry  # noqa: E402
-from cloud.tier_packagers import DoesNotFit, OutOfTolerance  # noqa: E402
-from cloud.tiers import load_tiers  # noqa: E402
-from cloud.training import TrainParams  # noqa: E402
+from cloud.package.tier_packagers import DoesNotFit, OutOfTolerance  # noqa: E402
+from cloud.package.tiers import load_tiers  # noqa: E402
+from cloud.train.training import TrainParams  # noqa: E402
 from cloud.workspace import Workspace  # noqa: E402
 
 

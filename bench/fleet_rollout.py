@@ -3,7 +3,7 @@
 Brings up, all private to the run: a Mosquitto broker (open-files limit raised to the hard
 limit), a workspace with two trained and packaged model versions (v1 on every device at start,
 v2 rolled out), the repository server (its own process), the control plane and
-cloud/rollouts.py's controller (this process), and ``edgeloop swarm`` (its own process, one
+cloud/rollouts/controller.py's controller (this process), and ``edgeloop swarm`` (its own process, one
 event loop, one MQTT connection per device). Then: create the rollout, step the controller
 until it completes or aborts, and stop the swarm, which reports when each device committed.
 
@@ -41,11 +41,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cloud.control_plane import ControlPlane  # noqa: E402
-from cloud.pipeline import package_model, train_model  # noqa: E402
+from cloud.ingest.control_plane import ControlPlane  # noqa: E402
+from cloud.loop.pipeline import package_model, train_model  # noqa: E402
 from cloud.registry import Registry  # noqa: E402
-from cloud.rollouts import RolloutController, RolloutSpec  # noqa: E402
-from cloud.training import TrainParams  # noqa: E402
+from cloud.rollouts.controller import RolloutController, RolloutSpec  # noqa: E402
+from cloud.train.training import TrainParams  # noqa: E402
 from cloud.workspace import Workspace  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -85,7 +85,7 @@ def start_repository(ws: Workspace) -> tuple[subprocess.Popen, str]:
     """The repository server in its own process, so its CPU is not the control plane's."""
     port = free_port()
     code = ("import sys, threading; sys.path.insert(0, %r)\n"
-            "from cloud.repo_server import RepositoryServer\n"
+            "from cloud.release.repo_server import RepositoryServer\n"
             "RepositoryServer(%r, '127.0.0.1', %d, %r).start(); threading.Event().wait()"
             % (str(ROOT), str(ws.repository_dir), port, str(ws.director_dir)))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)

@@ -7,7 +7,7 @@ ResNet-8 (32x32x3), AD FC autoencoder (640). Each goes through the mcu tier's co
 operator check (full int8, layout transposes folded), then:
 
 - TFLM arena: the smallest arena TFLM allocates and invokes it in (child-process bisection,
-  cloud/tflm_arena.py), with TFLM's own report beside it;
+  cloud/package/tflm_arena.py), with TFLM's own report beside it;
 - AOT: kernels/aot compiles it to C99, kernels/firmware builds it for qemu's mps2-an386 and runs
   it on 8 random int8 vectors; outputs must equal TFLM's bit for bit. AOT peak RAM = the
   library's data + bss (the planned arena is there) + the stack it used (painted); flash = its
@@ -35,10 +35,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cloud.aot_firmware import AotRefused, prove_on_cortex_m4  # noqa: E402
-from cloud.export import export_onnx  # noqa: E402
-from cloud.tier_packagers import captured_output, check_operators, convert, tflm_arena_measured  # noqa: E402
-from cloud.tiers import load_tiers  # noqa: E402
+from cloud.package.aot_firmware import AotRefused, prove_on_cortex_m4  # noqa: E402
+from cloud.package.export import export_onnx  # noqa: E402
+from cloud.package.tier_packagers import captured_output, check_operators, convert, tflm_arena_measured  # noqa: E402
+from cloud.package.tiers import load_tiers  # noqa: E402
 from contracts.features import FeatureSpec  # noqa: E402
 from ota_bytes import DSCNN  # noqa: E402
 from tier_latency import AutoEncoder, ResNet8  # noqa: E402

@@ -31,12 +31,12 @@ from torch import nn  # noqa: E402
 from tuf.api import exceptions as tuf_exc  # noqa: E402
 
 from contracts.features import FeatureSpec  # noqa: E402
-from cloud.datasets import load_dataset  # noqa: E402
-from cloud.delta import make_delta  # noqa: E402
-from cloud.export import export_onnx  # noqa: E402
-from cloud.packaging import build_package  # noqa: E402
-from cloud.repo_server import RepositoryServer  # noqa: E402
-from cloud.training import TrainParams, train  # noqa: E402
+from cloud.train.datasets import load_dataset  # noqa: E402
+from cloud.release.delta import make_delta  # noqa: E402
+from cloud.package.export import export_onnx  # noqa: E402
+from cloud.package.packaging import build_package  # noqa: E402
+from cloud.release.repo_server import RepositoryServer  # noqa: E402
+from cloud.train.training import TrainParams, train  # noqa: E402
 from device_sdk.fetcher import ResumableFetcher  # noqa: E402
 from simulators.network import Fault, LinkProxy  # noqa: E402
 

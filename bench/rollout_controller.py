@@ -1,5 +1,5 @@
 """The rollout controller's own cost, without a fleet: how much control-plane time a rollout of
-N devices takes (cloud/rollouts.py), separate from the broker and the devices.
+N devices takes (cloud/rollouts/controller.py), separate from the broker and the devices.
 
 A real registry (SQLite, WAL) and real TUF signing; N devices registered as running v1; a
 canary (1%) then doubling waves of v2. The sender records each command, and before every step
@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloud.packaging import store_blob  # noqa: E402
+from cloud.package.packaging import store_blob  # noqa: E402
 from cloud.registry import Registry  # noqa: E402
-from cloud.rollouts import RolloutController, RolloutSpec  # noqa: E402
+from cloud.rollouts.controller import RolloutController, RolloutSpec  # noqa: E402
 from cloud.workspace import Workspace  # noqa: E402
 
 TIER = "edge-gateway"

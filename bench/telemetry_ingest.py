@@ -7,7 +7,7 @@ JSON, as real devices send). Each measured run has its own private broker and th
 
 - raw: ``mosquitto_sub -q 1`` subscribed to every device's telemetry topic, writing to /dev/null,
   exits after the last record: what the broker and a consumer that does nothing deliver;
-- ingest: N control-plane processes (``cloud.control_plane.ControlPlane``, N from ``--workers``)
+- ingest: N control-plane processes (``cloud.ingest.control_plane.ControlPlane``, N from ``--workers``)
   splitting the stream through one MQTT 5 shared subscription, each with manual acks after each
   batch is stored, the ingest checks, batched ``INSERT OR IGNORE`` into SQLite in WAL mode
   (synchronous=NORMAL), and a confirmation to each device after each batch
@@ -56,8 +56,8 @@ def _free_port() -> int:
 def _features() -> dict:
     import numpy as np
 
-    from cloud.datasets import load_dataset
-    from cloud.packaging import baseline_stats
+    from cloud.train.datasets import load_dataset
+    from cloud.package.packaging import baseline_stats
     from device_sdk.telemetry import FeatureSummary
     train = load_dataset().split()[0]
     summary = FeatureSummary(baseline_stats(train.x, np.eye(10)[train.y]))
@@ -126,7 +126,7 @@ def raw_rate(port: int, args: argparse.Namespace, features: dict) -> float:
 
 def ingest_worker(port: int, db: str, name: str, ready: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
     """One ingest worker process: a control plane in the shared subscription group."""
-    from cloud.control_plane import ControlPlane
+    from cloud.ingest.control_plane import ControlPlane
     from cloud.registry import Registry
     registry = Registry(Path(db))
     cp = ControlPlane(registry, "127.0.0.1", port, session=name).start(30)

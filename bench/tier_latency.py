@@ -29,11 +29,11 @@ from torch import nn  # noqa: E402
 
 from contracts.bundle import Bundle, Manifest  # noqa: E402
 from contracts.features import FeatureSpec  # noqa: E402
-from cloud.datasets import load_dataset  # noqa: E402
-from cloud.export import export_onnx  # noqa: E402
-from cloud.tier_packagers import captured_output, convert  # noqa: E402
-from cloud.tiers import load_tiers  # noqa: E402
-from cloud.training import TrainParams, train  # noqa: E402
+from cloud.train.datasets import load_dataset  # noqa: E402
+from cloud.package.export import export_onnx  # noqa: E402
+from cloud.package.tier_packagers import captured_output, convert  # noqa: E402
+from cloud.package.tiers import load_tiers  # noqa: E402
+from cloud.train.training import TrainParams, train  # noqa: E402
 from device_sdk.runtime import LiteRTModel, OnnxModel, TFLMModel  # noqa: E402
 from kernels.tflite_layers import LiteRTReader, TFLMReader, check_fc_layers, fc_ops  # noqa: E402
 

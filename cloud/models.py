@@ -66,7 +66,7 @@ def falls_short(task: TaskSpec, candidate: float, production: float, tolerance: 
 
 
 def promote(registry: Registry, model_version: str, to_stage: str, tolerance: float = DEFAULT_TOLERANCE) -> Promotion:
-    from cloud.pipeline import _training_data   # the candidate's own held-out split
+    from cloud.loop.pipeline import _training_data   # the candidate's own held-out split
 
     if to_stage not in STAGES:
         raise UserError(f"unknown stage {to_stage!r}; stages: {', '.join(STAGES)}")

@@ -29,14 +29,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
-from cloud.control_plane import SHARE_GROUP, ControlPlane
+from cloud.ingest.control_plane import SHARE_GROUP, ControlPlane
 from cloud.registry import Registry
-from cloud.repo_server import RepositoryServer
+from cloud.release.repo_server import RepositoryServer
 from cloud.workspace import Workspace
 
 if TYPE_CHECKING:
-    from cloud.api import ApiServer
-    from cloud.rollouts import RolloutController
+    from cloud.api.server import ApiServer
+    from cloud.rollouts.controller import RolloutController
 
 __all__ = ["BrokerLink", "PlainLink", "ServiceStack", "StackOptions"]
 
@@ -179,7 +179,7 @@ class ServiceStack:
     def _start_rollouts(self) -> None:
         if not self.options.rollouts:
             return
-        from cloud.rollouts import RolloutController
+        from cloud.rollouts.controller import RolloutController
 
         self.rollouts = RolloutController(self.ws, self.registry, self.control_plane.send_command,
                                           repository_url=self.repository_url)
@@ -187,7 +187,7 @@ class ServiceStack:
     def _start_api(self) -> None:
         if self.options.api is None:
             return
-        from cloud.api import ApiServer
+        from cloud.api.server import ApiServer
 
         host, port = self.options.api
         api = ApiServer(self.registry, host, port, rollouts=self.rollouts).start()

@@ -64,12 +64,12 @@ class Workspace:
     def director_dir(self) -> Path:
         return self.root / "director"
 
-    def image_repository(self):  # noqa: ANN201 - cloud.signing.Repository, imported lazily
-        from cloud.signing import Repository
+    def image_repository(self):  # noqa: ANN201 - cloud.release.signing.Repository, imported lazily
+        from cloud.release.signing import Repository
         return Repository(self.repository_dir, self.keys_dir / "image")
 
     def director_repository(self):  # noqa: ANN201
-        from cloud.signing import Repository
+        from cloud.release.signing import Repository
         return Repository(self.director_dir, self.keys_dir / "director")
 
     @property

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from cloud.errors import ServiceUnavailable, UserError
 from cloud.fleet_registry import DeviceFilter, FleetRegistry
-from cloud.signing import atomic_write
+from cloud.release.signing import atomic_write
 from cloud.workspace import Workspace, parse_host_port
 from contracts import topics
 from fleet.identity import TlsFiles, control_plane_cn, control_plane_cns, control_plane_tls, ensure_services, pki_dir
@@ -147,7 +147,7 @@ class MqttLink:
     tls: TlsFiles | None
 
     def control_plane_kwargs(self) -> dict[str, object]:
-        """Keyword arguments for cloud.control_plane.ControlPlane (no TLS ones for plain TCP)."""
+        """Keyword arguments for cloud.ingest.control_plane.ControlPlane (no TLS ones for plain TCP)."""
         if self.tls is None:
             return {}
         return {"tls_ca": self.tls.ca, "tls_cert": self.tls.cert, "tls_key": self.tls.key}

@@ -197,7 +197,7 @@ def _dist_args(p: argparse.ArgumentParser) -> None:
 
 
 def _dist_config(args: argparse.Namespace):  # noqa: ANN202
-    from cloud.launcher import DistConfig
+    from cloud.train.launcher import DistConfig
     if args.nnodes != "1" and not args.rdzv_endpoint:
         raise UserError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
     return DistConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
@@ -221,8 +221,8 @@ def _init(args: argparse.Namespace, out: Output) -> int:
 
 
 def _train(args: argparse.Namespace, out: Output) -> int:
-    from cloud.pipeline import train_model
-    from cloud.training import TrainParams
+    from cloud.loop.pipeline import train_model
+    from cloud.train.training import TrainParams
 
     ws = _open(args)
     registry = _registry(ws)
@@ -252,8 +252,8 @@ def quality_line(m: dict) -> str:
 
 
 def _reproduce(args: argparse.Namespace, out: Output) -> int:
-    from cloud.launcher import DistConfig
-    from cloud.pipeline import reproduce_run
+    from cloud.train.launcher import DistConfig
+    from cloud.loop.pipeline import reproduce_run
 
     ws = _open(args)
     dist = DistConfig(nproc_per_node=args.nproc_per_node) if args.nproc_per_node else None
@@ -296,7 +296,7 @@ def _runs_show(args: argparse.Namespace, out: Output) -> int:
 
 
 def _data_add(args: argparse.Namespace, out: Output) -> int:
-    from cloud.pipeline import register_dataset
+    from cloud.loop.pipeline import register_dataset
 
     dataset, dataset_id, created = register_dataset(_registry(_open(args)), args.name, args.path, args.task)
     out.result({"dataset_id": dataset_id, "created": created, "sha256": dataset.sha256, "schema": dataset.schema},
@@ -316,7 +316,7 @@ def _example_data_names() -> list[str]:
 
 
 def _data_example(args: argparse.Namespace, out: Output) -> int:
-    from cloud.example_data import EXAMPLE_DATA, write_example
+    from cloud.train.example_data import EXAMPLE_DATA, write_example
 
     path = write_example(args.example, args.dest)
     out.result({"example": args.example, "path": str(path)},
@@ -372,8 +372,8 @@ def _serve_url(ws: Workspace) -> str:
 
 
 def _publish(args: argparse.Namespace, out: Output) -> int:
-    from cloud.control_plane import ControlPlane
-    from cloud.pipeline import publish_update
+    from cloud.ingest.control_plane import ControlPlane
+    from cloud.loop.pipeline import publish_update
 
     from fleet.broker import control_plane_link
 
@@ -510,7 +510,7 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
         argv += ["--mqtt", args.mqtt] if args.mqtt else []
         swarm_args = build_parser().parse_args(argv)
         return swarm_args.fn(swarm_args, out)
-    from cloud.datasets import load_dataset
+    from cloud.train.datasets import load_dataset
     from simulators.datastream import DataStream
     from simulators.fleet import FleetSpec, SimulatedFleet
 
@@ -634,7 +634,7 @@ def _loop_demo(args: argparse.Namespace, out: Output) -> int:
 
 
 def _drift_report(args: argparse.Namespace, out: Output) -> int:
-    from cloud.drift import drift_report
+    from cloud.drift.monitor import drift_report
 
     cohort = getattr(args, "cohort", "device")
     report = drift_report(_registry(_open(args)), by=cohort)

@@ -96,7 +96,7 @@ def _devices_ls(args: argparse.Namespace, out: Output) -> int:
 
 @remote_ok
 def _devices_show(args: argparse.Namespace, out: Output) -> int:
-    from cloud.api import device_detail
+    from cloud.api.server import device_detail
 
     device = remote.client(args).device(args.device_id) if args.server \
         else device_detail(open_fleet(open_workspace(args)), args.device_id)

@@ -6,7 +6,7 @@ import argparse
 from typing import Any, Callable
 
 from cloud.errors import UserError
-from cloud.signing import ROLES, RoleKeys
+from cloud.release.signing import ROLES, RoleKeys
 from cloud.workspace import Workspace
 from fleet._output import Output
 

@@ -1,6 +1,6 @@
 """``edgeloop models import FILE --name NAME --data DATA``: a model trained elsewhere (ONNX,
 TorchScript, torch.export ``.pt2`` or ``.tflite``) registered as a model version, with its
-feature contract, task and test metrics on DATA (cloud/importing.py)."""
+feature contract, task and test metrics on DATA (cloud/package/importing.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def add_models_import(models: Any, action: Callable) -> None:
 
 
 def _import(args: argparse.Namespace, out: Output) -> int:
-    from cloud.importing import import_model
+    from cloud.package.importing import import_model
     from cloud.registry import Registry
     from cloud.workspace import Workspace
     from fleet.cli import quality_line

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from contracts.bundle import read_bundle
 from cloud.errors import UserError
-from cloud.tiers import load_tiers
+from cloud.package.tiers import load_tiers
 from cloud.workspace import Workspace
 from fleet._output import Output
 
@@ -62,8 +62,8 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
     """Package one tier, or every tier with ``--tier all``: there a tier whose artifact does not
     fit is reported (and nothing registered for it) while the other tiers are still packaged,
     and the command exits 2."""
-    from cloud.pipeline import package_model
-    from cloud.tier_packagers import DoesNotFit
+    from cloud.loop.pipeline import package_model
+    from cloud.package.tier_packagers import DoesNotFit
 
     registry = registry_for(ws)
     tiers = sorted(load_tiers(ws.root), key=_tier_order) if args.tier == "all" else [args.tier]

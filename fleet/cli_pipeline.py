@@ -1,4 +1,4 @@
-"""``edgeloop pipeline run|ls|show``: the closed retraining loop (cloud/loop.py, docs/pipeline.md).
+"""``edgeloop pipeline run|ls|show``: the closed retraining loop (cloud/loop/closed_loop.py, docs/pipeline.md).
 
 ``pipeline run FILE`` runs collect -> train -> evaluate -> package, then, when the file has a
 ``[rollout]`` section, creates the rollout and watches it while the running ``edgeloop serve``
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cloud.errors import UserError
-from cloud.loop import controller_driver, load_pipeline, pipeline_runs, run_pipeline
+from cloud.loop.closed_loop import controller_driver, load_pipeline, pipeline_runs, run_pipeline
 from cloud.registry import Registry
 from cloud.workspace import Workspace
 from fleet._output import Output
@@ -24,7 +24,7 @@ __all__ = ["add_pipeline_commands"]
 def add_pipeline_commands(sub: Any, group: Callable, action: Callable) -> None:
     pipes = group(sub, "pipeline", "the closed loop: collect device data, retrain, gate, package, canary, promote", _ls)
     p = action(pipes, "run", "run a pipeline file; unchanged steps are reused, not redone", _run)
-    p.add_argument("file", type=Path, metavar="FILE", help="pipeline file (TOML), e.g. cloud/pipelines/digits-retrain.toml")
+    p.add_argument("file", type=Path, metavar="FILE", help="pipeline file (TOML), e.g. cloud/loop/pipelines/digits-retrain.toml")
     p.add_argument("--on-drift", action="store_true",
                    help="run only if a drift alert was stored since this pipeline's last run")
     p.add_argument("--no-rollout", action="store_true", help="stop after packaging, even if the file has [rollout]")

@@ -1,4 +1,4 @@
-"""``edgeloop rollout start|ls|status|pause|resume|abort``: staged rollouts (cloud/rollouts.py).
+"""``edgeloop rollout start|ls|status|pause|resume|abort``: staged rollouts (cloud/rollouts/controller.py).
 
 Against the local workspace, ``start`` validates, signs and records the rollout; the running
 ``edgeloop serve`` drives it (its step loop sends the commands). With ``--server`` every
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from cloud.errors import UserError
 from cloud.registry import Registry
-from cloud.rollouts import DEVICE_STATES, RolloutController, RolloutSpec, STRATEGIES
+from cloud.rollouts.controller import DEVICE_STATES, RolloutController, RolloutSpec, STRATEGIES
 from cloud.workspace import Workspace
 from fleet._output import Output
 from fleet.remote import client, remote_ok

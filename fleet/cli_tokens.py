@@ -1,4 +1,4 @@
-"""``edgeloop tokens create|ls|revoke``: API tokens of the control plane (cloud/api.py).
+"""``edgeloop tokens create|ls|revoke``: API tokens of the control plane (cloud/api/server.py).
 
 Run on the control plane's machine, against its workspace: whoever can read the workspace's
 registry administers it. A token is printed once, when created; the registry keeps only its
@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable
 
-from cloud.api import Role, TokenStore
+from cloud.api.server import Role, TokenStore
 from cloud.registry import Registry
 from cloud.workspace import Workspace
 from fleet._output import Output

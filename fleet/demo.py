@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any, Callable
 
-from cloud.datasets import load_dataset
-from cloud.pipeline import package_model, publish_update, train_model
+from cloud.train.datasets import load_dataset
+from cloud.loop.pipeline import package_model, publish_update, train_model
 from cloud.registry import Registry
 from cloud.services import ServiceStack, StackOptions
-from cloud.training import TrainParams
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
 from simulators.datastream import DataStream
 from simulators.fleet import FleetSpec, SimulatedFleet
@@ -80,7 +80,7 @@ def _run(ws: Workspace, stack: ServiceStack, opts: DemoOptions, progress: Progre
     try:
         tiers: dict[str, Any] = {}
         if opts.model_version is not None:
-            from cloud.pipeline import _training_data
+            from cloud.loop.pipeline import _training_data
 
             mv = opts.model_version
             row = registry.model_version(mv)
@@ -128,7 +128,7 @@ def _run(ws: Workspace, stack: ServiceStack, opts: DemoOptions, progress: Progre
             "workspace": str(ws.root), "seconds": round(time.time() - t0, 2),
         }
         if opts.example is not None:
-            from cloud.drift import drift_report
+            from cloud.drift.monitor import drift_report
 
             out.update(example=opts.example, task=trained["task"]["kind"], metrics=trained["metrics"],
                        tiers=tiers, fleet_mae=summary["mae"], fleet_anomaly_rate=summary["anomaly_rate"],
@@ -145,11 +145,11 @@ def _run(ws: Workspace, stack: ServiceStack, opts: DemoOptions, progress: Progre
 def _train_example(ws: Workspace, registry: Registry, opts: DemoOptions,
                    report: Progress) -> tuple[dict, Any, dict[str, Any]]:
     """Write the example's data into the workspace, train its model, package it for every tier."""
-    from cloud.example_data import write_example
+    from cloud.train.example_data import write_example
     from cloud.examples import EXAMPLES
-    from cloud.pipeline import resolve_dataset
-    from cloud.tier_packagers import DoesNotFit
-    from cloud.tiers import load_tiers
+    from cloud.loop.pipeline import resolve_dataset
+    from cloud.package.tier_packagers import DoesNotFit
+    from cloud.package.tiers import load_tiers
 
     example = EXAMPLES[opts.example]
     path = write_example(example.data, ws.root / "data")

@@ -7,7 +7,7 @@ username, and its ACL (:mod:`fleet.broker`) grants a device only its own topics.
 Rules:
 
 - One CA per workspace, EC P-256. Its private key is PKCS#8 PEM encrypted with
-  ``EDGELOOP_KEY_PASSPHRASE`` (the passphrase of the update signing keys, cloud/signing.py),
+  ``EDGELOOP_KEY_PASSPHRASE`` (the passphrase of the update signing keys, cloud/release/signing.py),
   kept in ``<workspace>/keys/fleet-ca.pem`` (mode 0600); it is never written anywhere else.
 - A device certificate's CN is its device id. Ids starting with ``edgeloop-`` are reserved
   for the fleet's own services (the control plane, the broker) and never issued to a device,
@@ -54,7 +54,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloud.errors import IntegrityError, NotFound, UserError
 from cloud.fleet_registry import EnrolledDevice, FleetRegistry
-from cloud.signing import PASSPHRASE_ENV, Keyring, atomic_write
+from cloud.release.signing import PASSPHRASE_ENV, Keyring, atomic_write
 from cloud.workspace import Workspace
 from contracts import topics
 

@@ -2,7 +2,7 @@
 
 deploy v1 to a simulated fleet -> serve (fleet accuracy before drift) -> a sensor drift hits part
 of the fleet -> serve (accuracy after drift) -> the drift report flags the drifted devices ->
-the retraining pipeline (cloud/loop.py, the shipped ``digits-retrain.toml``) collects the labelled
+the retraining pipeline (cloud/loop/closed_loop.py, the shipped ``digits-retrain.toml``) collects the labelled
 inputs the devices sampled, trains v2, gates it against v1, packages it, canaries it through
 the rollout controller, and promotes it -> serve (accuracy after v2).
 
@@ -20,14 +20,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cloud.datasets import load_dataset
-from cloud.drift import drift_report
-from cloud.loop import controller_driver, load_pipeline, run_pipeline
+from cloud.train.datasets import load_dataset
+from cloud.drift.monitor import drift_report
+from cloud.loop.closed_loop import controller_driver, load_pipeline, run_pipeline
 from cloud.models import promote
-from cloud.pipeline import package_model, publish_update, train_model
+from cloud.loop.pipeline import package_model, publish_update, train_model
 from cloud.registry import Registry
 from cloud.services import ServiceStack, StackOptions
-from cloud.training import TrainParams
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
 from simulators.datastream import Drift
 from simulators.fed import FedFleet
@@ -41,7 +41,7 @@ DEMO_DRIFT = Drift(kind="gain", amount=0.5, offset=4.0, lo=0.0, hi=16.0)
 
 
 def default_pipeline_path() -> Path:
-    return Path(str(resources.files("cloud") / "pipelines" / "digits-retrain.toml"))
+    return Path(str(resources.files("cloud.loop") / "pipelines" / "digits-retrain.toml"))
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,8 @@ def _split_lab_and_field(ws: Workspace, registry: Registry, seed: int
                          ) -> tuple[str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Register 80% of the shipped digits as the lab data set; return its id and the other 20%
     as two halves of field data (served before retraining / only after it)."""
-    from cloud.loop import _write_csv_gz
-    from cloud.pipeline import register_dataset
+    from cloud.loop.closed_loop import _write_csv_gz
+    from cloud.loop.pipeline import register_dataset
 
     digits = load_dataset()
     order = np.random.default_rng(seed + 7).permutation(len(digits.y))

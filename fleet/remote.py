@@ -41,7 +41,7 @@ def allows_remote(fn: Callable[..., Any]) -> bool:
 
 @dataclass(frozen=True)
 class RemoteClient:
-    """A small JSON client of the control plane's API (cloud/api.py)."""
+    """A small JSON client of the control plane's API (cloud/api/server.py)."""
 
     server: str
     token: str
@@ -86,7 +86,7 @@ class RemoteClient:
         return self.request("GET", f"/rollouts/{urllib.parse.quote(rollout_id, safe='')}")
 
     def start_rollout(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """``spec``: cloud.rollouts.RolloutSpec fields. Returns the new rollout's status."""
+        """``spec``: cloud.rollouts.controller.RolloutSpec fields. Returns the new rollout's status."""
         return self.request("POST", "/rollouts", body=spec)
 
     def rollout_action(self, rollout_id: str, action: str, reason: str | None = None) -> dict[str, Any]:

@@ -106,13 +106,13 @@ def make_live(broker, tmp_path, devices: int = 2, agent_overrides: dict | None =
     from pathlib import Path as _P
 
     from contracts.messages import Announce
-    from cloud.control_plane import ControlPlane
-    from cloud.datasets import load_dataset
-    from cloud.pipeline import package_model, train_model
+    from cloud.ingest.control_plane import ControlPlane
+    from cloud.train.datasets import load_dataset
+    from cloud.loop.pipeline import package_model, train_model
     from release_primitives import assign, delta_from_current   # tests forge states the release path refuses
     from cloud.registry import Registry
-    from cloud.repo_server import RepositoryServer
-    from cloud.training import TrainParams
+    from cloud.release.repo_server import RepositoryServer
+    from cloud.train.training import TrainParams
     from cloud.workspace import Workspace
     from simulators.datastream import DataStream
     from simulators.fleet import FleetSpec, SimulatedFleet
@@ -230,10 +230,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001
 def edge_gateway_package(epochs: int = 1):
     """A small digits model packaged for the edge-gateway tier (fp32 ONNX, no signing), with the
     held-out test split: (PackageResult, test split). For tests that install it directly."""
-    from cloud.datasets import load_dataset
-    from cloud.export import export_onnx
-    from cloud.packaging import build_package
-    from cloud.training import TrainParams, train
+    from cloud.train.datasets import load_dataset
+    from cloud.package.export import export_onnx
+    from cloud.package.packaging import build_package
+    from cloud.train.training import TrainParams, train
     ds = load_dataset()
     _, _, test = ds.split()
     r = train(ds, TrainParams(epochs=epochs))

@@ -1,5 +1,5 @@
 """Signing primitives with none of the release path's checks, for tests that build states the
-release path (cloud/release.py) never makes: an assignment the image repository does not back,
+release path (cloud/release/releaser.py) never makes: an assignment the image repository does not back,
 a forged or replayed announcement, a delta signed by hand. Production code never uses these."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from tuf.api.metadata import TargetFile
 
 from contracts.messages import Announce
 from contracts.topics import assignment_path
-from cloud.delta import make_delta
+from cloud.release.delta import make_delta
 from cloud.errors import NotFound
 
 

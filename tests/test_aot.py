@@ -186,7 +186,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    from cloud.datasets import load_dataset
+    from cloud.train.datasets import load_dataset
 
     ds = load_dataset()
     return np.asarray(ds.x, dtype=np.float32), np.asarray(ds.y).astype(np.int64)
@@ -207,7 +207,7 @@ def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 60) -> N
 @pytest.fixture(scope="module")
 def zoo(digits: tuple[np.ndarray, np.ndarray]) -> Callable[[str], bytes]:
     """Converted .tflite bytes by name, converted once on first use."""
-    from cloud import quantize
+    from cloud.package import quantize
 
     cache: dict[str, bytes] = {}
 
@@ -451,7 +451,7 @@ def test_an_unsupported_fused_activation_is_refused(zoo):
 
 
 def test_a_float_model_is_refused_as_not_fully_int8():
-    from cloud import quantize
+    from cloud.package import quantize
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -13,10 +13,10 @@ import pytest
 
 from contracts.bundle import Bundle, read_bundle, sha256_hex, write_bundle
 from contracts.messages import Announce
-from cloud.datasets import load_dataset
-from cloud.pipeline import package_model, train_model
+from cloud.train.datasets import load_dataset
+from cloud.loop.pipeline import package_model, train_model
 from cloud.registry import Registry
-from cloud.training import TrainParams
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
 from device_sdk import aot_runtime
 from device_sdk.aot_runtime import AOTModel, int8_outputs

@@ -2,8 +2,8 @@
 attacked without tokens, with revoked and forged ones, and with roles too low; and the CLI
 talking to it with ``--server``.
 
-Rollout endpoints run against a recording double of cloud.rollouts.RolloutController's
-public API (cloud.api.RolloutService): these tests are about who may call them.
+Rollout endpoints run against a recording double of cloud.rollouts.controller.RolloutController's
+public API (cloud.api.server.RolloutService): these tests are about who may call them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cloud.api import ApiServer, TokenStore
+from cloud.api.server import ApiServer, TokenStore
 from cloud.errors import NotFound, UserError
 from cloud.fleet_registry import FleetRegistry
 from cloud.registry import Registry
@@ -38,7 +38,7 @@ SPEC = {"model_version": "digits-mlp:2", "target": "tier=edge-gateway", "strateg
 
 
 class RecordingRollouts:
-    """Behind cloud.api.RolloutService: remembers what it was asked, answers like the controller."""
+    """Behind cloud.api.server.RolloutService: remembers what it was asked, answers like the controller."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
@@ -293,7 +293,7 @@ def test_remote_cli_token_from_the_environment_and_its_refusals(api, capsys, mon
 
 
 def test_bad_rollouts_are_refused_by_the_real_controller_and_change_nothing(tmp_path, monkeypatch):
-    from cloud.rollouts import RolloutController
+    from cloud.rollouts.controller import RolloutController
 
     monkeypatch.setenv("EDGELOOP_KEY_PASSPHRASE", "api-tests")
     ws = Workspace.init(tmp_path / "ws")

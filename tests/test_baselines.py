@@ -1,5 +1,5 @@
 """The package baseline is stored once when the package is built and read through one function
-(cloud/baselines.py); a missing or corrupt one is an error, never a silent "no baseline"."""
+(cloud/drift/baselines.py); a missing or corrupt one is an error, never a silent "no baseline"."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 
 from contracts.bundle import read_bundle, sha256_hex
 from contracts.messages import as_dict, encode, parse
-from cloud.baselines import NO_BASELINE, model_baseline, package_baseline, store_baseline
-from cloud.datasets import load_dataset
-from cloud.drift import drift_report
+from cloud.drift.baselines import NO_BASELINE, model_baseline, package_baseline, store_baseline
+from cloud.train.datasets import load_dataset
+from cloud.drift.monitor import drift_report
 from cloud.errors import IntegrityError
-from cloud.ingest_checks import TelemetryGate
-from cloud.pipeline import package_model, train_model
+from cloud.ingest.checks import TelemetryGate
+from cloud.loop.pipeline import package_model, train_model
 from cloud.registry import Registry
-from cloud.training import TrainParams
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
 from device_sdk.telemetry import TelemetryWindow
 

@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cloud.control_plane import ControlPlane
+from cloud.ingest.control_plane import ControlPlane
 from cloud.fleet_registry import FleetRegistry
 from cloud.registry import Registry
 from cloud.workspace import Workspace
@@ -593,7 +593,7 @@ def test_demo_over_mutual_tls_enrolls_each_simulated_device_and_connects_it_as_i
 
 
 def test_serve_ingests_over_mutual_tls_and_serves_the_api(env, capsys):
-    from cloud.api import TokenStore
+    from cloud.api.server import TokenStore
 
     secret = TokenStore(env.registry).create("serve-test", "viewer")[1]
     serve_file = env.ws.root / "serve.json"

@@ -257,7 +257,7 @@ def test_train_json_names_the_run_and_version(trained):
     assert re.fullmatch(r"run-[0-9a-f]{12}", t["run_id"])
     assert re.fullmatch(r"[0-9a-f]{64}", t["weights_sha256"])
     assert 0.0 <= t["metrics"]["test_accuracy"] <= 1.0
-    from cloud.datasets import default_dataset_path
+    from cloud.train.datasets import default_dataset_path
     assert t["dataset_sha256"] == hashlib.sha256(default_dataset_path().read_bytes()).hexdigest()
 
 

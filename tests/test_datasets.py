@@ -1,4 +1,4 @@
-"""Data sets beyond one CSV (cloud/datasets.py): NumPy .npz, image folders, regression CSV.
+"""Data sets beyond one CSV (cloud/train/datasets.py): NumPy .npz, image folders, regression CSV.
 
 Each follows what an operator does: write or bring the data, register it, register it again,
 change it, register it under the same name, train from it; and the bad files a real user brings.
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cloud.datasets import load_dataset
+from cloud.train.datasets import load_dataset
 from cloud.errors import IntegrityError, UserError
-from cloud.example_data import EXAMPLE_DATA, write_example
-from cloud.pipeline import register_dataset, resolve_dataset
+from cloud.train.example_data import EXAMPLE_DATA, write_example
+from cloud.loop.pipeline import register_dataset, resolve_dataset
 from cloud.registry import Registry
 from cloud.workspace import Workspace
 from fleet.cli import main
@@ -229,9 +229,9 @@ def test_cli_example_add_ls_and_bad_input(reg, tmp_path, capsys):
 def test_train_a_cnn_from_an_image_folder(reg, tmp_path):
     """What a user brings: a folder of PNGs per class. The digits written as images train a CNN
     whose feature contract says 1x8x8 NCHW."""
-    from cloud.datasets import load_dataset as load
-    from cloud.pipeline import train_model
-    from cloud.training import TrainParams
+    from cloud.train.datasets import load_dataset as load
+    from cloud.loop.pipeline import train_model
+    from cloud.train.training import TrainParams
 
     ws, registry = reg
     digits = load()

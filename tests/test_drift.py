@@ -11,11 +11,11 @@ import pytest
 from contracts.bundle import read_bundle
 from contracts.errors import SchemaError
 from contracts.messages import as_dict, encode, parse
-from cloud.datasets import load_dataset
-from cloud.drift import compare, drift_report, js, ks, merge, psi
-from cloud.pipeline import package_model, train_model
+from cloud.train.datasets import load_dataset
+from cloud.drift.monitor import compare, drift_report, js, ks, merge, psi
+from cloud.loop.pipeline import package_model, train_model
 from cloud.registry import Registry
-from cloud.training import TrainParams
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
 from device_sdk.telemetry import TelemetryWindow
 
@@ -109,8 +109,8 @@ def test_feature_summaries_that_do_not_add_up_are_refused(fleet):
 
 
 # -- the streaming detector and its targets (bench/drift_detection.py measures them at length) -------
-from cloud.drift import DriftConfig, DriftMonitor, holm  # noqa: E402
-from cloud.ingest_checks import TelemetryGate  # noqa: E402
+from cloud.drift.monitor import DriftConfig, DriftMonitor, holm  # noqa: E402
+from cloud.ingest.checks import TelemetryGate  # noqa: E402
 from device_sdk.telemetry import FeatureSummary  # noqa: E402
 from simulators.datastream import Drift, drifted_windows  # noqa: E402
 
@@ -277,7 +277,7 @@ def test_drift_on_large_images_is_detected_per_channel(layout):
     """A 3x16x16 camera (768 values, over the per-value limit): the baseline and the devices
     summarise the mean of each channel, so calm frames raise no alarm and a red-channel gain
     drift is found, in channel 0's distribution, through the wire format."""
-    from cloud.packaging import baseline_stats
+    from cloud.package.packaging import baseline_stats
     from contracts.features import FeatureSpec
 
     rng = np.random.default_rng(7)
@@ -315,9 +315,9 @@ def test_drift_on_large_images_is_detected_per_channel(layout):
     assert by_psi[0].feature == 0 and by_psi[0].psi > 0.5 > max(f.psi for f in by_psi[1:])
 
 
-# -- weighted Holm and the monitor's alpha split (cloud/drift.py: DriftConfig.mean_weight, look_weights) --
-from cloud.drift import MONITOR_CONFIG  # noqa: E402
-from cloud.packaging import baseline_stats  # noqa: E402
+# -- weighted Holm and the monitor's alpha split (cloud/drift/monitor.py: DriftConfig.mean_weight, look_weights) --
+from cloud.drift.monitor import MONITOR_CONFIG  # noqa: E402
+from cloud.package.packaging import baseline_stats  # noqa: E402
 
 
 def test_weighted_holm_keeps_the_family_wise_rate_and_favours_the_heavy_tests():

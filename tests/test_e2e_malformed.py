@@ -13,7 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from contracts.topics import DEFAULT_FLEET, Fleet
 from contracts.messages import MAX_PAYLOAD_BYTES, Telemetry, encode
-from cloud.control_plane import ControlPlane
+from cloud.ingest.control_plane import ControlPlane
 from cloud.registry import Registry
 from device_sdk.agent import Agent, AgentConfig
 
@@ -101,7 +101,7 @@ def test_agent_drops_malformed_payloads_and_keeps_running(broker, tmp_path, publ
     device = f"agent-{uuid.uuid4().hex[:6]}"
     agent = Agent(AgentConfig(device_id=device, tier="junk-tier", state_dir=tmp_path / device,
                               mqtt_host=broker.host, mqtt_port=broker.port))
-    from cloud.signing import Repository
+    from cloud.release.signing import Repository
     from device_sdk.tuf_fetch import provision
     repo = Repository(tmp_path / "repo", tmp_path / "keys")
     repo.init()

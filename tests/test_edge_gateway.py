@@ -11,7 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from cloud.control_plane import ControlPlane
+from cloud.ingest.control_plane import ControlPlane
 from cloud.registry import Registry
 from conftest import edge_gateway_package, wait_for
 from contracts.messages import Announce

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud.rollouts import RolloutController, RolloutSpec
+from cloud.rollouts.controller import RolloutController, RolloutSpec
 from cloud.workspace import Workspace
 from conftest import TIER, make_live, own_broker, run_cli, wait_for
 from contracts.messages import Announce, parse

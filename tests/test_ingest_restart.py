@@ -52,7 +52,7 @@ CONFIRM_S = 2.0         # a record the ingest has not confirmed is sent again af
 WORKER = """
 import sys, time
 from pathlib import Path
-from cloud.control_plane import ControlPlane
+from cloud.ingest.control_plane import ControlPlane
 from cloud.registry import Registry
 store = Registry.add_telemetry
 def slow_store(self, rows):          # a slow disk: the worker holds received, unstored messages

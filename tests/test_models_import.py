@@ -1,4 +1,4 @@
-"""``edgeloop models import``: a model trained elsewhere becomes a model version (cloud/importing.py).
+"""``edgeloop models import``: a model trained elsewhere becomes a model version (cloud/package/importing.py).
 
 A tiny digits MLP is trained here and written as ONNX, TorchScript, torch.export (.pt2), a float
 .tflite and a fully int8 .tflite; each imports on the digits data with its lineage (run record
@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from cloud.datasets import default_dataset_path, load_dataset
+from cloud.train.datasets import default_dataset_path, load_dataset
 from cloud.errors import UserError
-from cloud.export import export_onnx
+from cloud.package.export import export_onnx
 from cloud.registry import Registry
 from cloud.workspace import Workspace
 from cloud.store.readonly import query as raw_rows
@@ -47,8 +47,8 @@ class _Logits(nn.Module):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The float digits model, its test accuracy, and the model files of every format."""
-    from cloud import quantize
-    from cloud.training import TrainParams, train
+    from cloud.package import quantize
+    from cloud.train.training import TrainParams, train
 
     ds = load_dataset()
     train_split, _, test = ds.split()
@@ -158,7 +158,7 @@ def imported(models, tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export"])
 def test_onnx_backed_import_packages_for_edge_gateway(fmt, imported):
-    from cloud.pipeline import package_model
+    from cloud.loop.pipeline import package_model
 
     ws, registry, mv = imported(fmt)
     result = package_model(ws, registry, mv, "edge-gateway")
@@ -169,7 +169,7 @@ def test_onnx_backed_import_packages_for_edge_gateway(fmt, imported):
 
 def test_onnx_import_packages_for_mobile_through_onnx2torch(imported):
     """onnx2torch rebuilds a PyTorch module from the imported graph; litert-torch traces it."""
-    from cloud.pipeline import package_model
+    from cloud.loop.pipeline import package_model
 
     ws, registry, mv = imported("onnx")
     result = package_model(ws, registry, mv, "mobile")
@@ -178,7 +178,7 @@ def test_onnx_import_packages_for_mobile_through_onnx2torch(imported):
 
 
 def test_int8_tflite_packages_for_mcu_and_refuses_onnx_tiers(imported, tmp_path, capsys):
-    from cloud.pipeline import package_model
+    from cloud.loop.pipeline import package_model
 
     ws, registry, mv = imported("tflite-int8")
     result = package_model(ws, registry, mv, "mcu")
@@ -197,7 +197,7 @@ def test_int8_tflite_packages_for_mcu_and_refuses_onnx_tiers(imported, tmp_path,
 
 
 def test_float_tflite_packages_for_mobile_not_mcu(imported):
-    from cloud.pipeline import package_model
+    from cloud.loop.pipeline import package_model
 
     ws, registry, mv = imported("tflite")
     result = package_model(ws, registry, mv, "mobile")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from cloud.models import GateFailed, lineage, promote
-from cloud.pipeline import train_model
+from cloud.loop.pipeline import train_model
 from cloud.registry import Registry
-from cloud.training import TrainParams
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
 from fleet.demo import DemoOptions, run_demo
 

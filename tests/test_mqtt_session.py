@@ -1,4 +1,4 @@
-"""The control plane's MQTT 5 client (cloud/mqtt_session.py) against a real Mosquitto, with the
+"""The control plane's MQTT 5 client (cloud/ingest/mqtt_session.py) against a real Mosquitto, with the
 Mosquitto command-line clients on the other side: batches in, manual PUBACKs, QoS 1 out,
 reconnects, refusals."""
 
@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from cloud.mqtt_session import ConnectRefused, Incoming, MqttSession
+from cloud.ingest.mqtt_session import ConnectRefused, Incoming, MqttSession
 from conftest import Broker, mosquitto_binary, wait_for
 
 

@@ -96,9 +96,9 @@ def _register_head_only_retrain(env, base_mv: str) -> str:
 
     import torch
 
-    from cloud.export import export_onnx
-    from cloud.packaging import store_blob
-    from cloud.pipeline import _torch_model, package_model
+    from cloud.package.export import export_onnx
+    from cloud.package.packaging import store_blob
+    from cloud.loop.pipeline import _torch_model, package_model
 
     mv = env.registry.model_version(base_mv)
     model = _torch_model(env.registry, mv)

@@ -11,10 +11,10 @@ import pytest
 
 from contracts.bundle import Manifest, read_bundle, write_bundle
 from contracts.messages import Announce
-from cloud.datasets import load_dataset
-from cloud.export import export_onnx
-from cloud.packaging import build_package
-from cloud.training import TrainParams, train
+from cloud.train.datasets import load_dataset
+from cloud.package.export import export_onnx
+from cloud.package.packaging import build_package
+from cloud.train.training import TrainParams, train
 from device_sdk.errors import TransientError
 from contracts.messages import as_dict
 from device_sdk.ota import MAX_RESUMES, TRANSITIONS, Event, Installer, InstallState

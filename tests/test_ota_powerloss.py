@@ -13,10 +13,10 @@ import pytest
 
 from contracts.bundle import read_bundle
 from contracts.messages import Announce, as_dict
-from cloud.datasets import load_dataset
-from cloud.export import export_onnx
-from cloud.packaging import build_package
-from cloud.training import TrainParams, train
+from cloud.train.datasets import load_dataset
+from cloud.package.export import export_onnx
+from cloud.package.packaging import build_package
+from cloud.train.training import TrainParams, train
 from device_sdk.ota import Installer, InstallState
 from device_sdk.runtime import health_check, load_runtime
 

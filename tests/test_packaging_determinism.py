@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from contracts.bundle import read_bundle
-from cloud.packaging import TIMING_KEYS
-from cloud.pipeline import package_model, train_model
+from cloud.package.packaging import TIMING_KEYS
+from cloud.loop.pipeline import package_model, train_model
 from cloud.registry import Registry
-from cloud.training import TrainParams
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
 
 TIERS = ("gpu-server", "edge-gateway", "mobile", "mcu")
@@ -48,7 +48,7 @@ def test_packaging_a_version_twice_gives_the_same_bytes(trained, tier):
 def test_another_process_with_another_hash_seed_and_one_thread_packages_the_same_bytes(trained):
     ws, registry, mv = trained
     here = {tier: package_model(ws, registry, mv, tier).sha256 for tier in TIERS}
-    script = ("import json, sys\nfrom cloud.pipeline import package_model\nfrom cloud.registry import Registry\n"
+    script = ("import json, sys\nfrom cloud.loop.pipeline import package_model\nfrom cloud.registry import Registry\n"
               "from cloud.workspace import Workspace\nws = Workspace.open(sys.argv[1])\nr = Registry(ws.registry_path)\n"
               "print(json.dumps({t: package_model(ws, r, sys.argv[2], t).sha256 for t in sys.argv[3:]}))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1",

@@ -13,12 +13,12 @@ import pytest
 
 from contracts.errors import SchemaError
 from contracts.messages import Telemetry, as_dict, encode, parse
-from cloud.datasets import load_dataset
+from cloud.train.datasets import load_dataset
 from cloud.errors import UserError
-from cloud.loop import load_pipeline, pipeline_runs, run_pipeline
-from cloud.pipeline import train_model
+from cloud.loop.closed_loop import load_pipeline, pipeline_runs, run_pipeline
+from cloud.loop.pipeline import train_model
 from cloud.registry import Registry
-from cloud.training import TrainParams
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
 from fleet.loop_demo import LoopOptions, run_loop_demo
 
@@ -134,7 +134,7 @@ def build(input_shape, n_outputs):
 def test_pipeline_with_your_model_def_on_image_data_retrains_when_the_definition_changes(tmp_path):
     """model_def in [train], relative to the pipeline file; device samples of 1x8x8 images are
     collected into an .npz that keeps the shape; an edited definition retrains, an unchanged one not."""
-    from cloud.example_data import write_example
+    from cloud.train.example_data import write_example
 
     ws = Workspace.init(tmp_path / "ws")
     registry = Registry(ws.registry_path)
@@ -164,7 +164,7 @@ def test_pipeline_with_your_model_def_on_image_data_retrains_when_the_definition
 
 
 def test_regression_pipeline_gates_on_mae(tmp_path):
-    from cloud.example_data import example_arrays, write_example
+    from cloud.train.example_data import example_arrays, write_example
 
     ws = Workspace.init(tmp_path / "ws")
     registry = Registry(ws.registry_path)
@@ -228,7 +228,7 @@ def test_pipeline_without_device_data_says_how_to_get_it(trained_ws, tmp_path):
 def test_cli_pipeline_run_with_a_rollout_needs_a_serving_control_plane(tmp_path):
     ws = tmp_path / "ws"
     Workspace.init(ws)
-    shipped = ROOT / "cloud" / "pipelines" / "digits-retrain.toml"
+    shipped = ROOT / "cloud" / "loop" / "pipelines" / "digits-retrain.toml"
     proc = subprocess.run([sys.executable, "-m", "fleet.cli", "pipeline", "run", str(shipped), "-w", str(ws)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

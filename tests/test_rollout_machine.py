@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 
 from contracts.messages import Command, encode, parse
-from cloud.packaging import store_blob
+from cloud.package.packaging import store_blob
 from cloud.registry import Registry
-from cloud.rollout_machine import (DEVICE_TRANSITIONS, ROLLOUT_TRANSITIONS, DeviceEvent, DeviceRolloutState,
+from cloud.rollouts.machine import (DEVICE_TRANSITIONS, ROLLOUT_TRANSITIONS, DeviceEvent, DeviceRolloutState,
                                    IllegalTransition, RolloutEvent, RolloutState, device_next, rollout_next)
-from cloud.rollouts import RolloutController, RolloutSpec
+from cloud.rollouts.controller import RolloutController, RolloutSpec
 from cloud.store import AttemptEnd
 from cloud.store.readonly import query
 from cloud.workspace import Workspace
 
 TIER = "edge-gateway"
-DEADLINE = 300.0                 # cloud/tiers/edge-gateway.toml in_progress_timeout_s
+DEADLINE = 300.0                 # cloud/package/tiers/edge-gateway.toml in_progress_timeout_s
 S, D, E, V = RolloutState, DeviceRolloutState, RolloutEvent, DeviceEvent
 Seen = set[tuple[str, str, str]]
 

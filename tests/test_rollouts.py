@@ -1,4 +1,4 @@
-"""Staged rollouts (cloud/rollouts.py). Unit tests drive the real controller on a real SQLite
+"""Staged rollouts (cloud/rollouts/controller.py). Unit tests drive the real controller on a real SQLite
 registry and real TUF signing, with a fake clock and a fake sender standing in for MQTT;
 integration tests run it against real agents over a real Mosquitto."""
 
@@ -12,9 +12,9 @@ import pytest
 
 from contracts.messages import Command, encode, parse
 from cloud.errors import UserError
-from cloud.packaging import store_blob
+from cloud.package.packaging import store_blob
 from cloud.registry import Registry
-from cloud.rollouts import RolloutController, RolloutEvent, RolloutSpec, js_distance, parse_selector
+from cloud.rollouts.controller import RolloutController, RolloutEvent, RolloutSpec, js_distance, parse_selector
 from cloud.workspace import Workspace
 from conftest import wait_for
 
@@ -211,7 +211,7 @@ def test_silent_device_times_out_at_the_tier_deadline_and_is_retried_then_failed
     ctl = unit.controller()
     rid = ctl.create(RolloutSpec("m:2", "tier=edge-gateway", retries=1, max_failure_pct=100))
     deadline = ctl.status(rid)["spec"]["timeouts"][TIER]
-    assert deadline == 300.0                               # cloud/tiers/edge-gateway.toml
+    assert deadline == 300.0                               # cloud/package/tiers/edge-gateway.toml
     ctl.step()
     answer(unit, "d00")
     unit.clock.now += deadline - 1
@@ -393,7 +393,7 @@ def test_regression_mae_rise_on_labelled_canary_aborts_with_the_task_metric(unit
     ("regression", (40, 40, 80.0), (40, 40, 60.0), -0.25),       # MAE 2.0 -> 1.5: better, negative
 ])
 def test_quality_drop_reads_the_tasks_metric(task, old, new, drop):
-    from cloud.rollout_health import compare
+    from cloud.rollouts.health import compare
 
     def row(is_new: int, labelled: int, correct: int, abs_err: float | None) -> dict:
         return {"new": is_new, "count": 50, "errors": 0, "latency_ms_p50": 1.0, "predictions": [25, 25],
@@ -646,7 +646,7 @@ def test_device_that_never_answers_times_out_at_the_tier_deadline(rig):
                                 "update_id": None, "reason": None})
     override = rig.ws.root / "tiers" / f"{TIER}.toml"
     override.parent.mkdir(exist_ok=True)
-    shipped = (__import__("pathlib").Path(__import__("cloud").__file__).parent / "tiers" / f"{TIER}.toml").read_text()
+    shipped = (__import__("pathlib").Path(__import__("cloud.package").package.__file__).parent / "tiers" / f"{TIER}.toml").read_text()
     override.write_text(shipped.replace("in_progress_timeout_s = 300.0", "in_progress_timeout_s = 1.0"))
     try:
         rec = Recorder(rig.cp)
@@ -718,7 +718,7 @@ def test_edgeloop_serve_drives_a_rollout_started_from_the_cli(rig, capsys):
         assert main(["rollout", "ls", "-w", str(rig.ws.root)]) == 0
         assert rid in capsys.readouterr().out                # the table, for people
         # the same through the control plane's HTTP API: a viewer may look, not steer
-        from cloud.api import TokenStore
+        from cloud.api.server import TokenStore
         api = ["--server", json.loads(serve_file.read_text())["api_url"], "--json"]
         viewer = TokenStore(rig.registry).create("rollout-viewer", "viewer")[1]
         assert main(["rollout", "status", rid, *api, "--token", viewer]) == 0
@@ -732,7 +732,7 @@ def test_edgeloop_serve_drives_a_rollout_started_from_the_cli(rig, capsys):
 
 
 def test_health_compare_flags_each_measure_against_the_previous_version():
-    from cloud.rollout_health import compare
+    from cloud.rollouts.health import compare
 
     def row(new: int, errors: int, latency: float, confidence_bin: int) -> dict:
         hist = [0] * 10
@@ -750,9 +750,9 @@ def test_health_compare_flags_each_measure_against_the_previous_version():
 
 
 def test_tier_deadline_must_be_positive(tmp_path):
-    from cloud.tiers import tier
+    from cloud.package.tiers import tier
 
-    shipped = (__import__("pathlib").Path(__import__("cloud").__file__).parent / "tiers" / f"{TIER}.toml").read_text()
+    shipped = (__import__("pathlib").Path(__import__("cloud.package").package.__file__).parent / "tiers" / f"{TIER}.toml").read_text()
     (tmp_path / "tiers").mkdir()
     (tmp_path / "tiers" / f"{TIER}.toml").write_text(shipped.replace("in_progress_timeout_s = 300.0",
                                                                        "in_progress_timeout_s = 0"))

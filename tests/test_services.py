@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud import services
-from cloud.control_plane import ControlPlane
+from cloud.ingest.control_plane import ControlPlane
 from cloud.errors import ServiceUnavailable
 from cloud.services import PlainLink, ServiceStack, StackOptions
 from cloud.workspace import Workspace

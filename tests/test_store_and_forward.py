@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cloud.control_plane import ControlPlane
+from cloud.ingest.control_plane import ControlPlane
 from cloud.registry import Registry
 from conftest import Broker, edge_gateway_package, wait_for
 from contracts.messages import Announce

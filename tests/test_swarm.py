@@ -2,7 +2,7 @@
 
 Real components: a private Mosquitto over TCP, the control plane ingesting into SQLite, the
 repository served over HTTP, python-tuf verifying signed director and image metadata, and
-cloud/rollouts.py's controller sending commands. Only the devices' hardware is simulated.
+cloud/rollouts/controller.py's controller sending commands. Only the devices' hardware is simulated.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ TIER = "edge-gateway"
 
 @pytest.fixture(scope="module")
 def env(broker, tmp_path_factory):
-    from cloud.control_plane import ControlPlane
-    from cloud.pipeline import package_model, train_model
+    from cloud.ingest.control_plane import ControlPlane
+    from cloud.loop.pipeline import package_model, train_model
     from cloud.registry import Registry
-    from cloud.repo_server import RepositoryServer
-    from cloud.training import TrainParams
+    from cloud.release.repo_server import RepositoryServer
+    from cloud.train.training import TrainParams
     from cloud.workspace import Workspace
 
     ws = Workspace.init(tmp_path_factory.mktemp("swarm") / "ws", mqtt=broker.address)
@@ -86,7 +86,7 @@ def forget(env, swarm: SwarmThread) -> None:
 
 
 def run_rollout(env, spec, timeout: float = 50.0) -> tuple[str, dict]:
-    from cloud.rollouts import RolloutController
+    from cloud.rollouts.controller import RolloutController
 
     ctl = RolloutController(env.ws, env.registry, send=env.cp.send_command, repository_url=env.server.url)
     rid = ctl.create(spec)
@@ -99,7 +99,7 @@ def run_rollout(env, spec, timeout: float = 50.0) -> tuple[str, dict]:
 
 
 def test_500_devices_canary_then_waves_all_commit_with_one_command_each(env):
-    from cloud.rollouts import RolloutSpec
+    from cloud.rollouts.controller import RolloutSpec
 
     swarm = start_swarm(env, 500)
     try:
@@ -129,7 +129,7 @@ def test_500_devices_canary_then_waves_all_commit_with_one_command_each(env):
 
 
 def test_20pct_failing_health_checks_abort_the_rollout_and_roll_back_updated_devices(env):
-    from cloud.rollouts import RolloutSpec
+    from cloud.rollouts.controller import RolloutSpec
 
     swarm = start_swarm(env, 100, fail_pct=20)
     try:
@@ -151,12 +151,12 @@ def test_20pct_failing_health_checks_abort_the_rollout_and_roll_back_updated_dev
 
 
 def test_devices_that_lose_their_connection_or_downloads_mid_rollout_still_commit(env):
-    from cloud.rollouts import RolloutSpec
+    from cloud.rollouts.controller import RolloutSpec
 
     swarm = start_swarm(env, 40, network=NetworkProfile(latency_ms=20, drop_pct=30, reconnect_s=0.3),
                         download_retries=6)
     try:
-        from cloud.rollouts import RolloutController
+        from cloud.rollouts.controller import RolloutController
 
         ctl = RolloutController(env.ws, env.registry, send=env.cp.send_command, repository_url=env.server.url)
         rid = ctl.create(RolloutSpec(model_version=env.v2, target=f"tier={TIER}", strategy="all"))
@@ -256,7 +256,7 @@ def test_bad_model_telemetry_aborts_the_canary_on_model_health_and_rolls_it_back
     """Every device installs the new model fine but then reports a high error rate in its
     telemetry windows: the controller compares them with the same devices' windows under v1
     and aborts during the bake, before any wave."""
-    from cloud.rollouts import RolloutSpec
+    from cloud.rollouts.controller import RolloutSpec
 
     swarm = start_swarm(env, 30, bad_model_pct=100, telemetry_s=1)
     try:
@@ -366,7 +366,7 @@ def test_swarm_runs_the_real_agent_and_says_what_it_shares(env):
 def test_dropped_download_is_retried_by_the_agent_and_its_error_report_goes_through_its_outbox(env):
     """Every transfer drops: each device retries (the agent's back-off), then gives up with
     transport.download, and that report reaches the cloud through the device's own outbox."""
-    from cloud.rollouts import RolloutSpec  # noqa: F401 - the same cloud as the other tests
+    from cloud.rollouts.controller import RolloutSpec  # noqa: F401 - the same cloud as the other tests
 
     msg = None
     swarm = start_swarm(env, 4, network=NetworkProfile(drop_pct=100), download_retries=2)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cloud.pipeline import package_model, train_model
+from cloud.loop.pipeline import package_model, train_model
 from cloud.registry import Registry
-from cloud.tflm_arena import ArenaSearchError, _run_child, min_arena_bytes
-from cloud.training import TrainParams
+from cloud.package.tflm_arena import ArenaSearchError, _run_child, min_arena_bytes
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
 from contracts.bundle import ARENA_MIN_SEARCH, read_bundle
 from device_sdk.runtime import TFLMModel, load_runtime

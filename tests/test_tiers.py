@@ -19,15 +19,15 @@ from contracts.bundle import Bundle, read_bundle, write_bundle
 from contracts.errors import SchemaError
 from contracts.messages import Announce
 from cloud.errors import IntegrityError, UserError
-from cloud.export import export_onnx
-from cloud.packaging import build_tier_package
-from cloud.pipeline import _torch_model, package_model, train_model
+from cloud.package.export import export_onnx
+from cloud.package.packaging import build_tier_package
+from cloud.loop.pipeline import _torch_model, package_model, train_model
 from cloud.registry import Registry
-from cloud.tier_packagers import BudgetExceeded, UnsupportedOperator, captured_output, check_operators, convert
-from cloud.tiers import load_tiers
-from cloud.training import TrainParams
+from cloud.package.tier_packagers import BudgetExceeded, UnsupportedOperator, captured_output, check_operators, convert
+from cloud.package.tiers import load_tiers
+from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
-from cloud.datasets import load_dataset
+from cloud.train.datasets import load_dataset
 from device_sdk.ota import Installer, InstallState
 from device_sdk.errors import UpdateRefused
 from device_sdk.runtime import LiteRTModel, OnnxModel, TFLMModel, health_check, load_runtime

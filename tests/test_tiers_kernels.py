@@ -19,11 +19,11 @@ from torch import nn
 
 from contracts.bundle import Bundle, Manifest
 from contracts.features import FeatureSpec
-from cloud.datasets import load_dataset
-from cloud.export import export_onnx
-from cloud.tier_packagers import captured_output, convert
-from cloud.tiers import load_tiers
-from cloud.training import TrainParams, train
+from cloud.train.datasets import load_dataset
+from cloud.package.export import export_onnx
+from cloud.package.tier_packagers import captured_output, convert
+from cloud.package.tiers import load_tiers
+from cloud.train.training import TrainParams, train
 from device_sdk.runtime import LiteRTModel, TFLMModel, quantize
 from kernels.int8_reference import FCLayer, fully_connected, quantize_multiplier, requantize_fixed_point, \
     requantize_float
@@ -165,7 +165,7 @@ def test_a_model_with_over_256_kb_of_weights_runs_on_tflm_with_its_real_weights(
     """ai-edge-quantizer stores buffers outside the flatbuffer once they pass 256 KB, and TFLM
     silently ignores such buffers (garbage outputs, every layer off by up to 255 LSB). The mcu
     packager inlines them; TFLM must then follow the fixed-point rule on every layer."""
-    from cloud import quantize
+    from cloud.package import quantize
 
     torch.manual_seed(0)
     rng = np.random.default_rng(1)

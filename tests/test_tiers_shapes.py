@@ -19,12 +19,12 @@ from torch import nn
 
 from contracts.bundle import Bundle, Manifest
 from contracts.features import FeatureSpec
-from cloud.datasets import load_dataset
-from cloud.export import INPUT_NAME, OUTPUT_NAME
-from cloud.packaging import GOLDEN_ATOL
-from cloud.tier_packagers import (TierArtifact, UnsupportedOperator, captured_output, check_operators, convert,
+from cloud.train.datasets import load_dataset
+from cloud.package.export import INPUT_NAME, OUTPUT_NAME
+from cloud.package.packaging import GOLDEN_ATOL
+from cloud.package.tier_packagers import (TierArtifact, UnsupportedOperator, captured_output, check_operators, convert,
                                   tflm_arena_bytes, triton_config)
-from cloud.tiers import tier
+from cloud.package.tiers import tier
 from device_sdk.runtime import LiteRTModel, load_runtime
 
 TIERS = ("gpu-server", "edge-gateway", "mobile", "mcu")
@@ -270,8 +270,8 @@ def test_the_layout_transpose_before_a_flatten_folds_into_the_fc_weights_bit_for
     operator and one buffer fewer, the same int8 outputs on TFLM for every input."""
     from tflite_micro.python.tflite_micro import runtime as tflm
 
-    from cloud import quantize
-    from cloud.tflite_passes import fold_layout_transposes
+    from cloud.package import quantize
+    from cloud.package.tflite_passes import fold_layout_transposes
 
     torch.manual_seed(0)
     rng = np.random.default_rng(3)
@@ -301,7 +301,7 @@ def test_the_layout_transpose_before_a_flatten_folds_into_the_fc_weights_bit_for
 def test_the_mcu_tier_takes_what_the_installed_tflm_registers():
     """The operator list is read from the TFLM build: the layout and activation operators that
     convolutional and recurrent models need are there (the hand list lacked them)."""
-    from cloud.tflm_ops import tflm_builtin_operators
+    from cloud.package.tflm_ops import tflm_builtin_operators
 
     ops = set(tier("mcu").supported_ops)
     assert ops == set(tflm_builtin_operators()) and len(ops) > 80

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cloud.datasets import load_dataset
-from cloud.export import export_onnx
-from cloud.packaging import build_package
-from cloud.training import TrainParams, train
+from cloud.train.datasets import load_dataset
+from cloud.package.export import export_onnx
+from cloud.package.packaging import build_package
+from cloud.train.training import TrainParams, train
 from contracts.bundle import read_bundle
 from device_sdk.runtime import OnnxModel
 

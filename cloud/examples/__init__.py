@@ -3,7 +3,7 @@
 ``edgeloop demo --example NAME`` runs one through the whole loop; ``bench/examples.py`` runs all
 of them through training and per-tier packaging. The data sets ship inside installed packages
 (scikit-learn's wheel, edgeloop's own digits) and are written into the workspace by
-:mod:`cloud.example_data`; the model definitions are in :mod:`cloud.examples.models`.
+:mod:`cloud.train.example_data`; the model definitions are in :mod:`cloud.examples.models`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 __all__ = ["Example", "EXAMPLES", "EXAMPLE_DATA"]
 
-# the example data sets by name (cloud.example_data writes them); here, without numpy, so the
+# the example data sets by name (cloud.train.example_data writes them); here, without numpy, so the
 # CLI can offer the names without importing it
 EXAMPLE_DATA: dict[str, str] = {
     "diabetes": "regression: scikit-learn's diabetes data (442 rows, 10 features)",
@@ -25,7 +25,7 @@ EXAMPLE_DATA: dict[str, str] = {
 @dataclass(frozen=True)
 class Example:
     name: str
-    data: str               # cloud.example_data name
+    data: str               # cloud.train.example_data name
     model_def: str          # MODULE:FUNCTION
     task: str
     epochs: int

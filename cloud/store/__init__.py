@@ -17,7 +17,7 @@ inspect raw rows use :func:`cloud.store.readonly.query`.
       fleet.py       devices, enrolment, telemetry, error reports, refused telemetry, label feedback
       access.py      alerts, API tokens
       rollouts.py    rollouts and their devices, groups, attempts (transitions checked against
-                     cloud.rollout_machine's tables)
+                     cloud.rollouts.machine's tables)
     readonly.py    read-only raw queries for tests and diagnostics
 """
 

@@ -3,7 +3,7 @@
 
 Every device transition is a conditional UPDATE keyed by (rollout, device, attempt, state,
 update id), so two controllers on one database never apply one twice; the state each writes
-is looked up in cloud.rollout_machine's tables (:func:`device_next`, :func:`rollout_next`), so
+is looked up in cloud.rollouts.machine's tables (:func:`device_next`, :func:`rollout_next`), so
 a transition that is not a table row raises IllegalTransition before anything is written.
 """
 
@@ -13,7 +13,7 @@ import json
 from typing import Any, Iterable, NamedTuple
 
 from contracts.codes import ErrorCode
-from cloud.rollout_machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
+from cloud.rollouts.machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
 from cloud.store._base import SqliteBase, marks
 
 __all__ = ["AttemptEnd", "RolloutOps"]

@@ -129,7 +129,7 @@ def _v2(conn: sqlite3.Connection) -> None:
 
 def _v3(conn: sqlite3.Connection) -> None:
     """Version 3: ``packages.baseline_sha256``, the drift baseline stored once per package
-    (cloud/baselines.py). Packages from before it have none recorded: their readers say so."""
+    (cloud/drift/baselines.py). Packages from before it have none recorded: their readers say so."""
     have = {row[1] for row in conn.execute('PRAGMA table_info("packages")')}
     if "baseline_sha256" not in have:
         conn.execute('ALTER TABLE "packages" ADD COLUMN "baseline_sha256" TEXT')

@@ -1,0 +1,1 @@
+"""Drift: per-cohort drift detection over devices' mergeable feature summaries."""

@@ -1,0 +1,1 @@
+"""The closed loop: pipeline files and their steps (collect, train, gate, package, roll out, promote)."""
