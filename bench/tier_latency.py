@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from contracts.bundle import Bundle, Manifest  # noqa: E402
+from contracts.package import Package, Manifest  # noqa: E402
 from contracts.features import FeatureSpec  # noqa: E402
 from cloud.train.datasets import load_dataset  # noqa: E402
 from cloud.package.export import export_onnx  # noqa: E402
@@ -102,9 +102,9 @@ def p50_ms(runtime, x: np.ndarray, runs: int) -> float:
     return round(statistics.median(times), 4)
 
 
-def bundle(entry: str, data: bytes, runtime: str, features: FeatureSpec) -> Bundle:
+def bundle(entry: str, data: bytes, runtime: str, features: FeatureSpec) -> Package:
     m = Manifest("bench", 1, "bench", runtime, "fp32", entry, [], [], features, [], "g", 0.0, 0.0)
-    return Bundle(m, {entry: data})
+    return Package(m, {entry: data})
 
 
 def tflm_vs_reference(model: bytes, trials: int = 200) -> dict:

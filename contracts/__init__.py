@@ -6,7 +6,7 @@ in ``docs/contracts/``:
 
 - :mod:`contracts.topics`    the MQTT topic scheme
 - :mod:`contracts.messages`  every MQTT message schema, with bounds and validation
-- :mod:`contracts.bundle`    the package (bundle) file format and its manifest
+- :mod:`contracts.package`    the package (bundle) file format and its manifest
 - :mod:`contracts.features`  the feature contract: preprocessing defined once, applied everywhere
 """
 

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from contracts.codes import ErrorCode
-from contracts.bundle import Bundle
+from contracts.package import Package
 from device_sdk.errors import UpdateRefused
 from device_sdk.runtime import _check_declared, _PerSampleInt8
 
@@ -90,7 +90,7 @@ def _refuse(message: str) -> UpdateRefused:
     return UpdateRefused(ErrorCode.HEALTH_LOAD, "AOT library: " + " ".join(message.split())[:400])
 
 
-def _sources(bundle: Bundle) -> tuple[str, dict[str, bytes]]:
+def _sources(bundle: Package) -> tuple[str, dict[str, bytes]]:
     layout = bundle.manifest.layout.get("aot")
     if not isinstance(layout, dict):
         raise _refuse("the package has no layout.aot")
@@ -145,7 +145,7 @@ def _build(prefix: str, files: dict[str, bytes], cc: str, folder: Path) -> _Libr
                     (float(scales[1]), int(ints[4])), threading.Lock())
 
 
-def _library(bundle: Bundle, build_dir: str | os.PathLike[str] | None) -> _Library:
+def _library(bundle: Package, build_dir: str | os.PathLike[str] | None) -> _Library:
     """The package's library, built at most once per process per source content."""
     prefix, files = _sources(bundle)
     cc_name = os.environ.get("CC", "gcc")
@@ -172,7 +172,7 @@ class AOTModel(_PerSampleInt8):
     Same surface as :class:`~device_sdk.runtime.TFLMModel` (``manifest``, ``predict``); TFLM
     stays the reference: :meth:`check_against_tflm` compares raw int8 outputs."""
 
-    def __init__(self, bundle: Bundle, build_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, bundle: Package, build_dir: str | os.PathLike[str] | None = None) -> None:
         self.manifest = bundle.manifest
         self._bundle = bundle
         self._lib = _library(bundle, build_dir)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from contracts.codes import ErrorCode
-from contracts.bundle import Bundle, read_bundle, sha256_hex
+from contracts.package import Package, read_package, sha256_hex
 from contracts.errors import ContractError
 from contracts.messages import Announce, as_dict
 from device_sdk.errors import TransientError, UpdateRefused
@@ -151,14 +151,14 @@ class Installer:
             return None
         return (self.root / "slots" / slot / "package.elpkg").read_bytes()
 
-    def active_bundle(self) -> Bundle | None:
+    def active_package(self) -> Package | None:
         data = self.active_package_bytes()
-        return None if data is None else read_bundle(data)
+        return None if data is None else read_package(data)
 
     def load_active(self) -> ModelRuntime | None:
         """The runtime of the active slot's package (start-up), or None without one."""
         data = self.active_package_bytes()
-        return None if data is None else self.runtimes.load(read_bundle(data), sha256_hex(data))
+        return None if data is None else self.runtimes.load(read_package(data), sha256_hex(data))
 
     def factory_install(self, data: bytes) -> None:
         """The package a device leaves the factory with: written to slot ``a`` and made active,
@@ -167,7 +167,7 @@ class Installer:
         if self._state["active_slot"] is not None or self.update_id is not None:
             raise ValueError("factory install on a device that already has a model")
         try:
-            manifest = read_bundle(data).manifest
+            manifest = read_package(data).manifest
         except ContractError as e:
             raise UpdateRefused(ErrorCode.VERIFY_PACKAGE, str(e)) from e
         if manifest.tier != self.tier:
@@ -262,9 +262,9 @@ class Installer:
         self._fire(event, update_id, reason=error.message, code=error.code)
         return InstallResult(self.state, update_id, self.model_version, error.message, error.code)
 
-    def _verify(self, announce: Announce, data: bytes) -> Bundle:
+    def _verify(self, announce: Announce, data: bytes) -> Package:
         try:
-            bundle = read_bundle(data)
+            bundle = read_package(data)
         except ContractError as e:
             raise UpdateRefused(ErrorCode.VERIFY_PACKAGE, str(e)) from e
         m = bundle.manifest

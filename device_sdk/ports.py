@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from contracts.bundle import Bundle
+from contracts.package import Package
 from contracts.messages import Announce
 from device_sdk.outbox import Pending
 from device_sdk.runtime import HealthReport, ModelRuntime
@@ -70,10 +70,10 @@ class UpdateFetcher(Protocol):
 class RuntimeLoader(Protocol):
     """Loads a package's model and runs its health check (golden vectors, latency budget)."""
 
-    def load(self, bundle: Bundle, package_sha256: str) -> ModelRuntime:
+    def load(self, bundle: Package, package_sha256: str) -> ModelRuntime:
         """``package_sha256``: the verified package's hash (the same hash is the same model).
         Raises UpdateRefused (``health.load``)."""
-    def check(self, runtime: ModelRuntime, bundle: Bundle) -> HealthReport: ...
+    def check(self, runtime: ModelRuntime, bundle: Package) -> HealthReport: ...
 
 
 class StateStore(Protocol):

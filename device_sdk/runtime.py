@@ -1,6 +1,6 @@
 """Model runtimes on the device, behind one small interface.
 
-A runtime is made from a verified package (:class:`contracts.bundle.Bundle`). It applies the
+A runtime is made from a verified package (:class:`contracts.package.Package`). It applies the
 package's feature contract to raw inputs, quantizes them if the model takes int8, runs the
 tier's real runtime, dequantizes int8 outputs, and returns class probabilities:
 
@@ -33,7 +33,7 @@ from typing import Protocol
 import numpy as np
 
 from contracts.codes import ErrorCode
-from contracts.bundle import ARENA_MIN_SEARCH, Bundle, Manifest
+from contracts.package import ARENA_MIN_SEARCH, Package, Manifest
 from device_sdk.errors import UpdateRefused
 
 __all__ = ["ModelRuntime", "OnnxModel", "LiteRTModel", "TFLMModel", "load_runtime", "health_check",
@@ -66,7 +66,7 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 class OnnxModel:
     """An ONNX package on onnxruntime (CPU), one intra-op thread: devices are small."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Package) -> None:
         import onnxruntime as ort
 
         self.manifest = bundle.manifest
@@ -131,7 +131,7 @@ class LiteRTModel(_PerSampleInt8):
     """A .tflite package on LiteRT (ai-edge-litert). ``reference=True`` uses LiteRT's reference
     kernels, the yardstick TFLite Micro is compared against."""
 
-    def __init__(self, bundle: Bundle, reference: bool = False) -> None:
+    def __init__(self, bundle: Package, reference: bool = False) -> None:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         self.manifest = bundle.manifest
@@ -167,7 +167,7 @@ class TFLMModel(_PerSampleInt8):
     from the manifest would get it: packaging found it as the smallest arena TFLM runs the model
     in. Packages from before that search get 4 KB more; ``arena_size`` overrides."""
 
-    def __init__(self, bundle: Bundle, arena_size: int | None = None) -> None:
+    def __init__(self, bundle: Package, arena_size: int | None = None) -> None:
         from tflite_micro.python.tflite_micro import runtime as tflm
 
         self.manifest = bundle.manifest
@@ -195,7 +195,7 @@ class TFLMModel(_PerSampleInt8):
 _RUNTIMES = {"onnxruntime": OnnxModel, "litert": LiteRTModel, "tflite-micro": TFLMModel}
 
 
-def load_runtime(bundle: Bundle, prefer_aot: bool = True) -> ModelRuntime:
+def load_runtime(bundle: Package, prefer_aot: bool = True) -> ModelRuntime:
     """The runtime a package names. Raises UpdateRefused('health.load') if it cannot load.
 
     A ``tflite-micro`` package that carries its AOT C library (``layout.aot``) runs on it
@@ -225,7 +225,7 @@ class HealthReport:
     latency_ms: float
 
 
-def health_check(runtime: ModelRuntime, bundle: Bundle) -> HealthReport:
+def health_check(runtime: ModelRuntime, bundle: Package) -> HealthReport:
     """Run the package's golden vectors; refuse if outputs or latency are out of bounds."""
     m = bundle.manifest
     try:
@@ -254,10 +254,10 @@ def health_check(runtime: ModelRuntime, bundle: Bundle) -> HealthReport:
 class DefaultRuntimeLoader:
     """The device's own runtimes (:func:`load_runtime`, :func:`health_check`)."""
 
-    def load(self, bundle: Bundle, package_sha256: str | None = None) -> ModelRuntime:
+    def load(self, bundle: Package, package_sha256: str | None = None) -> ModelRuntime:
         return load_runtime(bundle)
 
-    def check(self, runtime: ModelRuntime, bundle: Bundle) -> HealthReport:
+    def check(self, runtime: ModelRuntime, bundle: Package) -> HealthReport:
         return health_check(runtime, bundle)
 
 

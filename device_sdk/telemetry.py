@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from contracts.baseline_digest import edges_digest
-from contracts.bundle import Manifest
+from contracts.package import Manifest
 from contracts.messages import Telemetry
 from contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
 from device_sdk.storage import read_json, write_json

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
-from contracts.bundle import read_bundle
+from contracts.package import read_package
 from cloud.errors import UserError
 from cloud.package.tiers import load_tiers
 from cloud.workspace import Workspace
@@ -17,7 +17,7 @@ __all__ = ["package_command", "export_triton", "export_c"]
 
 def export_triton(package: bytes, folder: Path) -> list[str]:
     """Write a gpu-server package's Triton model repository layout into ``folder``."""
-    bundle = read_bundle(package)
+    bundle = read_package(package)
     layout = bundle.manifest.layout.get("triton")
     if not layout:
         raise UserError(f"the {bundle.manifest.tier} package has no Triton layout (only gpu-server packages do)")
@@ -33,7 +33,7 @@ def export_triton(package: bytes, folder: Path) -> list[str]:
 def export_c(package: bytes, folder: Path) -> list[str]:
     """Write an mcu package's AOT C library (model.c, model.h, edgeloop_kernels.c/.h) into
     ``folder``, for a firmware build. Refuses to overwrite a different file there."""
-    bundle = read_bundle(package)
+    bundle = read_package(package)
     layout = bundle.manifest.layout.get("aot")
     if not layout:
         why = bundle.manifest.measured.get("aot_refused") or "only mcu packages carry one"

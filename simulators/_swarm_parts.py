@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from contracts.bundle import Bundle
+from contracts.package import Package
 from contracts.codes import ErrorCode
 from contracts.messages import Announce
 from device_sdk.errors import TransientError, UpdateRefused
@@ -151,7 +151,7 @@ class SharedRuntimes:
         self._inputs: dict[int, np.ndarray] = {}
         self.loads = 0
 
-    def load(self, bundle: Bundle, package_sha256: str) -> ModelRuntime:
+    def load(self, bundle: Package, package_sha256: str) -> ModelRuntime:
         runtime = self._runtimes.get(package_sha256)
         if runtime is None:
             runtime = DEFAULT_LOADER.load(bundle, package_sha256)
@@ -161,7 +161,7 @@ class SharedRuntimes:
             self._inputs[id(runtime)] = np.asarray(golden["inputs"], dtype=np.float32)
         return runtime
 
-    def check(self, runtime: ModelRuntime, bundle: Bundle) -> HealthReport:
+    def check(self, runtime: ModelRuntime, bundle: Package) -> HealthReport:
         verdict = self._health.get(id(runtime))
         if verdict is None:
             try:
@@ -199,13 +199,13 @@ class DeviceRuntimes:
         self.faulty, self.bad_model = faulty, bad_model
         self.rng = rng or random.Random(0)
 
-    def load(self, bundle: Bundle, package_sha256: str) -> ModelRuntime:
+    def load(self, bundle: Package, package_sha256: str) -> ModelRuntime:
         runtime = self.shared.load(bundle, package_sha256)
         if self.bad_model and bundle.manifest.model_version != self.first_version:
             return _Erring(runtime, self.rng)
         return runtime
 
-    def check(self, runtime: ModelRuntime, bundle: Bundle) -> HealthReport:
+    def check(self, runtime: ModelRuntime, bundle: Package) -> HealthReport:
         if self.faulty and bundle.manifest.model_version != self.first_version:
             raise UpdateRefused(ErrorCode.HEALTH_GOLDEN, "golden vectors disagree with the package (injected fault)")
         return self.shared.check(getattr(runtime, "inner", runtime), bundle)

@@ -199,7 +199,7 @@ def assert_refused_and_still_serving(env, msg, code: str, model_version: str | N
     for agent in env.agents:
         assert agent.last_result.code == code, agent.last_result
         assert agent.model_version == keep
-        assert agent.installer.active_bundle().manifest.model_version == keep
+        assert agent.installer.active_package().manifest.model_version == keep
         prediction = agent.infer(env.test.x[:1])
         assert prediction is not None and 0 <= prediction[0] < 10
     ids = {a.device_id for a in env.agents}

@@ -24,7 +24,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from contracts import blocks, delta, messages
-from contracts.bundle import MANIFEST, Manifest, read_bundle
+from contracts.package import MANIFEST, Manifest, read_package
 from contracts.errors import ContractError
 
 __all__ = ["TARGETS", "Target"]
@@ -201,7 +201,7 @@ def _apply_delta(args: tuple[bytes, bytes]) -> Any:
 TARGETS: list[Target] = [
     Target("mqtt message (device and cloud, json)", untrusted_json(_valid_messages()), _parse_message),
     Target("mqtt message (control plane, orjson)", untrusted_json(_valid_messages()), _parse_message_orjson),
-    Target("package archive", package_bytes(), read_bundle),
+    Target("package archive", package_bytes(), read_package),
     Target("package manifest", untrusted_json([_manifest_obj()]), _manifest_from_json),
     Target("block request", untrusted_json([_valid_block_request]), blocks.BlockRequest.decode),
     Target("block", block_payloads(), blocks.decode_block),

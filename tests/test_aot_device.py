@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from contracts.bundle import Bundle, read_bundle, sha256_hex, write_bundle
+from contracts.package import Package, read_package, sha256_hex, write_package
 from contracts.messages import Announce
 from cloud.train.datasets import load_dataset
 from cloud.loop.pipeline import package_model, train_model
@@ -31,7 +31,7 @@ AOT_LAYOUT = {"model.c": "aot-model.c", "model.h": "aot-model.h", "edgeloop_kern
 def _with_aot(data: bytes) -> bytes:
     """The package as the packager ships it; if it does not carry the AOT library yet, add it
     from a compile of its own .tflite (the layout the packager writes)."""
-    bundle = read_bundle(data)
+    bundle = read_package(data)
     if "aot" in bundle.manifest.layout and "aot-model.c" in bundle.files:
         return data
     from kernels.aot import compile_tflite
@@ -39,11 +39,11 @@ def _with_aot(data: bytes) -> bytes:
     compiled = compile_tflite(bundle.model_bytes)
     files = {**bundle.files, **{"aot-" + name: text.encode() for name, text in compiled.files.items()}}
     layout = {**bundle.manifest.layout, "aot": AOT_LAYOUT}
-    return write_bundle(dataclasses.replace(bundle.manifest, layout=layout), files)
+    return write_package(dataclasses.replace(bundle.manifest, layout=layout), files)
 
 
-def _rewritten(bundle: Bundle, files: dict[str, bytes] | None = None, **changes) -> bytes:
-    return write_bundle(dataclasses.replace(bundle.manifest, **changes), files or dict(bundle.files))
+def _rewritten(bundle: Package, files: dict[str, bytes] | None = None, **changes) -> bytes:
+    return write_package(dataclasses.replace(bundle.manifest, **changes), files or dict(bundle.files))
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +54,18 @@ def mcu(tmp_path_factory):
     pkg = package_model(ws, registry, mv, "mcu")
     data = _with_aot(pkg.data)
     _, _, test = load_dataset().split()
-    return pkg, data, read_bundle(data), test.x[:200]
+    return pkg, data, read_package(data), test.x[:200]
 
 
 def _announce(data: bytes, uid: str) -> Announce:
-    m = read_bundle(data).manifest
+    m = read_package(data).manifest
     return Announce(uid, m.model, m.model_version, m.tier, f"{m.model}/{m.version}/{m.tier}.elpkg", len(data),
                     sha256_hex(data), "http://unused", "http://unused", time.time())
 
 
 def test_the_package_carries_the_aot_library_and_load_runtime_picks_it(mcu):
     pkg, _, bundle, _ = mcu
-    shipped = read_bundle(pkg.data)
+    shipped = read_package(pkg.data)
     # the packager ships the library when the emulated board proved it (else it says why)
     assert "aot-model.c" in shipped.files or "aot_refused" in shipped.manifest.measured
     assert bundle.manifest.layout["aot"] == AOT_LAYOUT
@@ -97,7 +97,7 @@ def test_a_second_load_reuses_the_cached_build(mcu, tmp_path):
     _, _, bundle, rows = mcu
     # new source content (a comment) so this test sees its own first build
     files = {**bundle.files, "aot-model.c": bundle.files["aot-model.c"] + b"\n/* cache test */\n"}
-    fresh = read_bundle(_rewritten(bundle, files))
+    fresh = read_package(_rewritten(bundle, files))
     before = aot_runtime.build_count()
     start = time.perf_counter()
     first = AOTModel(fresh, build_dir=tmp_path)
@@ -118,7 +118,7 @@ def test_two_devices_loading_one_package_at_once_build_it_once_and_serve_in_para
 
     _, _, bundle, rows = mcu
     files = {**bundle.files, "aot-model.c": bundle.files["aot-model.c"] + b"\n/* two at once */\n"}
-    fresh = read_bundle(_rewritten(bundle, files))
+    fresh = read_package(_rewritten(bundle, files))
     before = aot_runtime.build_count()
     with ThreadPoolExecutor(4) as pool:
         models = list(pool.map(lambda _: AOTModel(fresh, build_dir=tmp_path), range(4)))
@@ -133,7 +133,7 @@ def test_a_package_without_aot_files_still_runs_on_tflm(mcu):
     _, _, bundle, rows = mcu
     files = {k: v for k, v in bundle.files.items() if not k.startswith("aot-")}
     layout = {k: v for k, v in bundle.manifest.layout.items() if k != "aot"}
-    plain = read_bundle(_rewritten(bundle, files, layout=layout))
+    plain = read_package(_rewritten(bundle, files, layout=layout))
     runtime = load_runtime(plain)
     assert type(runtime) is TFLMModel
     np.testing.assert_array_equal(runtime.predict(rows[:20]), TFLMModel(bundle).predict(rows[:20]))
@@ -142,7 +142,7 @@ def test_a_package_without_aot_files_still_runs_on_tflm(mcu):
 def test_a_library_for_other_sizes_or_without_a_compiler_is_refused(mcu, monkeypatch):
     _, _, bundle, _ = mcu
     out = bundle.manifest.outputs[0]
-    wrong = read_bundle(_rewritten(bundle, outputs=[dataclasses.replace(out, shape=[11])]))
+    wrong = read_package(_rewritten(bundle, outputs=[dataclasses.replace(out, shape=[11])]))
     with pytest.raises(UpdateRefused, match=r"^health\.load: AOT library: the library takes 64 int8 values and "
                                             r"gives 10; the manifest declares 64 and 11$"):
         load_runtime(wrong)
@@ -165,5 +165,5 @@ def test_a_package_whose_c_does_not_compile_is_rolled_back_and_the_working_model
     assert result.reason.startswith("AOT library: the C compiler rejected the package's C sources: ")
     assert "model.c" in result.reason and "error" in result.reason
     assert inst.model_version == working
-    assert Installer(tmp_path, "mcu", 1 << 20).active_bundle().manifest.model_version == working
+    assert Installer(tmp_path, "mcu", 1 << 20).active_package().manifest.model_version == working
     assert inst.already_handled("u2")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from contracts.bundle import read_bundle, sha256_hex
+from contracts.package import read_package, sha256_hex
 from contracts.messages import as_dict, encode, parse
 from cloud.drift.baselines import NO_BASELINE, model_baseline, package_baseline, store_baseline
 from cloud.train.datasets import load_dataset
@@ -57,7 +57,7 @@ def _corrupt_baseline(registry: Registry, mv: str) -> Path:
 
 def test_the_baseline_is_stored_once_keyed_by_the_package_and_equals_the_shipped_one(packaged):
     ws, registry, mv, result = packaged
-    shipped = read_bundle(result.data).manifest.baseline
+    shipped = read_package(result.data).manifest.baseline
     row = registry.package_for(mv, TIER)
     assert row["baseline_sha256"] == sha256_hex(json.dumps(shipped, sort_keys=True, separators=(",", ":")).encode())
     assert package_baseline(registry, row) == shipped == model_baseline(registry, mv, TIER)
@@ -67,7 +67,7 @@ def test_the_baseline_is_stored_once_keyed_by_the_package_and_equals_the_shipped
 
 def test_drift_report_reads_the_stored_baseline_not_the_package_tar(packaged):
     ws, registry, mv, result = packaged
-    _telemetry(registry, read_bundle(result.data).manifest.baseline, mv)
+    _telemetry(registry, read_package(result.data).manifest.baseline, mv)
     Path(registry.artifact_path(result.sha256)).write_bytes(b"not a tar any more")   # the package itself
     (entry,) = drift_report(registry, by="device", store_alerts=False)
     assert entry["status"] == "ok" and entry.get("max_psi") is not None, entry     # judged, not "no-baseline"
@@ -77,7 +77,7 @@ def test_a_corrupt_stored_baseline_is_an_error_in_the_drift_report_and_at_ingest
     from fleet.cli import main
 
     ws, registry, mv, result = packaged
-    records = _telemetry(registry, read_bundle(result.data).manifest.baseline, mv)
+    records = _telemetry(registry, read_package(result.data).manifest.baseline, mv)
     path = _corrupt_baseline(registry, mv)
     with pytest.raises(IntegrityError, match="drift baseline .* is corrupt"):
         drift_report(registry, by="device", store_alerts=False)
@@ -97,7 +97,7 @@ def test_a_package_recorded_without_its_baseline_is_an_error_until_packaged_agai
         model_baseline(registry, mv, TIER)
     again = package_model(ws, registry, mv, TIER)       # the fix the error names: the same bytes, recorded again
     assert again.sha256 == result.sha256
-    assert model_baseline(registry, mv, TIER) == read_bundle(result.data).manifest.baseline
+    assert model_baseline(registry, mv, TIER) == read_package(result.data).manifest.baseline
 
 
 def test_a_missing_stored_baseline_is_an_error(packaged):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contracts.bundle import read_bundle
+from contracts.package import read_package
 from contracts.tasks import TaskKind
 from cloud.errors import UserError
 from cloud.train.example_data import write_example
@@ -214,7 +214,7 @@ def test_anomaly_detector_threshold_metrics_and_fleet(broker, tmp_path):
     assert 0.02 < m["test_anomaly_rate"] < 0.3       # about a tenth of the digits are 7s
     assert result["tiers"]["edge-gateway"]["packaged"]
     assert result["fleet_anomaly_rate"] is not None and 0.0 < result["fleet_anomaly_rate"] < 0.4
-    pkg = read_bundle(Path(registry.artifact_path(registry.package_for(result["model_version"], "edge-gateway")
+    pkg = read_package(Path(registry.artifact_path(registry.package_for(result["model_version"], "edge-gateway")
                                                   ["sha256"])).read_bytes())
     assert pkg.manifest.baseline["predictions"] and len(pkg.manifest.baseline["predictions"]) == 2
 

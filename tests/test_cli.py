@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from contracts.bundle import read_bundle
+from contracts.package import read_package
 from fleet.cli import main
 from conftest import run_cli  # noqa: E402
 
@@ -269,7 +269,7 @@ def test_package_json_gives_the_stored_package(trained):
     blob = trained["ws"] / "artifacts" / p["sha256"][:2] / p["sha256"]
     data = blob.read_bytes()
     assert len(data) == p["bytes"] and hashlib.sha256(data).hexdigest() == p["sha256"]
-    manifest = read_bundle(data).manifest
+    manifest = read_package(data).manifest
     assert manifest.model_version == "digits-mlp:1" and manifest.tier == "edge-gateway"
     assert manifest.lineage["run_id"] == trained["train"]["run_id"]
 

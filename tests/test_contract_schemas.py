@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from contracts import topics
-from contracts.bundle import Manifest, TensorSpec, read_bundle, write_bundle
+from contracts.package import Manifest, TensorSpec, read_package, write_package
 from contracts.delta import DeltaError, apply_delta, encode_delta
 from contracts.errors import PayloadTooLarge, SchemaError
 from contracts.features import FeatureSpec
@@ -106,9 +106,9 @@ FILES = {"model.onnx": b"\x08\x07model", "golden.json": b'{"inputs": [], "output
 
 
 def test_packages_are_deterministic_and_round_trip():
-    a, b = write_bundle(_manifest(), FILES), write_bundle(_manifest(), dict(reversed(FILES.items())))
+    a, b = write_package(_manifest(), FILES), write_package(_manifest(), dict(reversed(FILES.items())))
     assert a == b
-    bundle = read_bundle(a)
+    bundle = read_package(a)
     assert bundle.files == FILES and bundle.manifest.model_version == "m:1"
 
 
@@ -125,7 +125,7 @@ def _tar(members: list[tuple[str, bytes, bytes]]) -> bytes:
 
 
 def _members(**override) -> list[tuple[str, bytes, bytes]]:
-    good = read_bundle(write_bundle(_manifest(), FILES))
+    good = read_package(write_package(_manifest(), FILES))
     manifest = json.dumps(good.manifest.to_obj()).encode()
     files = {**FILES, **override}
     return [("manifest.json", tarfile.REGTYPE, manifest)] + [(n, tarfile.REGTYPE, d) for n, d in files.items()]
@@ -142,12 +142,12 @@ def _members(**override) -> list[tuple[str, bytes, bytes]]:
 ], ids=["tampered", "no-manifest", "traversal", "nested", "symlink", "extra", "duplicate"])
 def test_malformed_packages_are_refused(members):
     with pytest.raises(SchemaError):
-        read_bundle(_tar(members))
+        read_package(_tar(members))
 
 
 def test_garbage_is_not_a_package():
     with pytest.raises(SchemaError):
-        read_bundle(b"definitely not a tar archive" * 10)
+        read_package(b"definitely not a tar archive" * 10)
 
 
 def test_deltas_only_rebuild_their_own_target_from_their_own_base():

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from contracts import topics
-from contracts.bundle import (
+from contracts.package import (
     MANIFEST,
-    Bundle,
+    Package,
     Manifest,
     TensorSpec,
-    read_bundle,
+    read_package,
     sha256_hex,
-    write_bundle,
+    write_package,
 )
 from contracts.errors import ContractError, PayloadTooLarge, SchemaError
 from contracts.features import FeatureSpec
@@ -381,14 +381,14 @@ def make_tar(entries: list[tuple[str, bytes | None, bytes]]) -> bytes:
 
 
 def good_members() -> list[tuple[str, bytes, bytes]]:
-    data = write_bundle(manifest(), FILES)
+    data = write_package(manifest(), FILES)
     return [(name, blob, tarfile.REGTYPE) for name, blob in members_of(data).items()]
 
 
-def test_bundle_round_trip():
-    data = write_bundle(manifest(), FILES)
-    bundle = read_bundle(data)
-    assert isinstance(bundle, Bundle)
+def test_package_round_trip():
+    data = write_package(manifest(), FILES)
+    bundle = read_package(data)
+    assert isinstance(bundle, Package)
     assert bundle.files == FILES
     assert bundle.model_bytes == FILES["model.onnx"]
     m = bundle.manifest
@@ -402,8 +402,8 @@ def test_bundle_round_trip():
     assert Manifest(**{**m.__dict__, "files": {}}) == manifest()
 
 
-def test_bundle_layout_is_manifest_first_then_sorted_plain_files():
-    data = write_bundle(manifest(), FILES)
+def test_package_layout_is_manifest_first_then_sorted_plain_files():
+    data = write_package(manifest(), FILES)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         infos = tar.getmembers()
     assert [i.name for i in infos] == [MANIFEST, "golden.json", "model.onnx"]
@@ -411,19 +411,19 @@ def test_bundle_layout_is_manifest_first_then_sorted_plain_files():
 
 
 def test_same_inputs_make_the_same_bytes():
-    a = write_bundle(manifest(), FILES)
-    b = write_bundle(manifest(), dict(reversed(list(FILES.items()))))    # insertion order does not matter
+    a = write_package(manifest(), FILES)
+    b = write_package(manifest(), dict(reversed(list(FILES.items()))))    # insertion order does not matter
     assert a == b and sha256_hex(a) == sha256_hex(b)
-    changed = write_bundle(manifest(), {**FILES, "model.onnx": FILES["model.onnx"] + b"!"})
+    changed = write_package(manifest(), {**FILES, "model.onnx": FILES["model.onnx"] + b"!"})
     assert sha256_hex(changed) != sha256_hex(a)
-    assert sha256_hex(write_bundle(manifest(version=4), FILES)) != sha256_hex(a)
+    assert sha256_hex(write_package(manifest(version=4), FILES)) != sha256_hex(a)
 
 
 def test_writer_refuses_a_manifest_that_names_a_file_it_does_not_carry():
     with pytest.raises(SchemaError):
-        write_bundle(manifest(), {"model.onnx": FILES["model.onnx"]})    # no golden.json
+        write_package(manifest(), {"model.onnx": FILES["model.onnx"]})    # no golden.json
     with pytest.raises(SchemaError):
-        write_bundle(manifest(runtime="tensorflow"), FILES)
+        write_package(manifest(runtime="tensorflow"), FILES)
 
 
 def test_member_changed_after_writing_is_refused():
@@ -431,14 +431,14 @@ def test_member_changed_after_writing_is_refused():
     tampered = [(n, (b[:-1] + bytes([b[-1] ^ 1])) if n == "model.onnx" else b, k) for n, b, k in members]
     assert [len(b) for _, b, _ in tampered] == [len(b) for _, b, _ in members]   # same length, other bytes
     with pytest.raises(SchemaError, match="does not match its manifest hash"):
-        read_bundle(make_tar(tampered))
-    assert read_bundle(make_tar(members)).files == FILES     # the hand-built tar itself is fine
+        read_package(make_tar(tampered))
+    assert read_package(make_tar(members)).files == FILES     # the hand-built tar itself is fine
 
 
 def test_member_of_another_length_is_refused():
     members = [(n, b + b"extra" if n == "golden.json" else b, k) for n, b, k in good_members()]
     with pytest.raises(SchemaError, match="does not match"):
-        read_bundle(make_tar(members))
+        read_package(make_tar(members))
 
 
 def test_manifest_edited_to_match_nothing_is_refused():
@@ -446,51 +446,51 @@ def test_manifest_edited_to_match_nothing_is_refused():
     obj = json.loads(members[0][1])
     obj["files"]["model.onnx"]["sha256"] = "0" * 64
     with pytest.raises(SchemaError):
-        read_bundle(make_tar([(MANIFEST, json.dumps(obj).encode(), tarfile.REGTYPE), *members[1:]]))
+        read_package(make_tar([(MANIFEST, json.dumps(obj).encode(), tarfile.REGTYPE), *members[1:]]))
 
 
 def test_missing_manifest_is_refused():
     members = [m for m in good_members() if m[0] != MANIFEST]
     with pytest.raises(SchemaError, match="no manifest.json"):
-        read_bundle(make_tar(members))
+        read_package(make_tar(members))
 
 
 @pytest.mark.parametrize("name", ["../evil", "dir/x", "/etc/passwd", "./model.onnx", ".hidden", "model.onnx\n"],
                          ids=repr)
 def test_member_outside_the_top_level_is_refused(name):
     with pytest.raises(SchemaError):
-        read_bundle(make_tar([*good_members(), (name, b"payload", tarfile.REGTYPE)]))
+        read_package(make_tar([*good_members(), (name, b"payload", tarfile.REGTYPE)]))
 
 
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE],
                          ids=["symlink", "hardlink", "directory", "fifo"])
 def test_member_that_is_not_a_plain_file_is_refused(kind):
     with pytest.raises(SchemaError, match="not a plain top-level file"):
-        read_bundle(make_tar([*good_members(), ("link", None if kind != tarfile.FIFOTYPE else b"", kind)]))
+        read_package(make_tar([*good_members(), ("link", None if kind != tarfile.FIFOTYPE else b"", kind)]))
 
 
 def test_symlink_in_place_of_a_listed_file_is_refused():
     members = [(n, b, k) if n != "golden.json" else ("golden.json", None, tarfile.SYMTYPE)
                for n, b, k in good_members()]
     with pytest.raises(SchemaError):
-        read_bundle(make_tar(members))
+        read_package(make_tar(members))
 
 
 def test_extra_member_not_in_the_manifest_is_refused():
     with pytest.raises(SchemaError, match="do not match the manifest"):
-        read_bundle(make_tar([*good_members(), ("extra.bin", b"smuggled", tarfile.REGTYPE)]))
+        read_package(make_tar([*good_members(), ("extra.bin", b"smuggled", tarfile.REGTYPE)]))
 
 
 def test_member_listed_in_the_manifest_but_absent_is_refused():
     members = [m for m in good_members() if m[0] != "golden.json"]
     with pytest.raises(SchemaError):
-        read_bundle(make_tar(members))
+        read_package(make_tar(members))
 
 
 def test_member_that_appears_twice_is_refused():
     members = good_members()
     with pytest.raises(SchemaError, match="twice"):
-        read_bundle(make_tar([*members, members[-1]]))
+        read_package(make_tar([*members, members[-1]]))
 
 
 @pytest.mark.parametrize("data", [b"", b"not a tar at all", b"\x00" * 10, b"\x1f\x8b\x08\x00gzip-ish" * 100,
@@ -498,13 +498,13 @@ def test_member_that_appears_twice_is_refused():
                          ids=["empty", "text", "zeros", "gzip-header", "json"])
 def test_bytes_that_are_not_a_tar_are_refused(data):
     with pytest.raises(SchemaError):
-        read_bundle(data)
+        read_package(data)
 
 
-def test_truncated_bundle_is_refused():
-    data = write_bundle(manifest(), FILES)
+def test_truncated_package_is_refused():
+    data = write_package(manifest(), FILES)
     with pytest.raises(SchemaError):
-        read_bundle(data[:700])
+        read_package(data[:700])
 
 
 @pytest.mark.parametrize("raw", [b"[1, 2]", b"{not json", b'{"format": "edgeloop.bundle/2"}',
@@ -512,7 +512,7 @@ def test_truncated_bundle_is_refused():
 def test_manifest_that_is_not_a_valid_manifest_is_refused(raw):
     members = good_members()
     with pytest.raises(SchemaError):
-        read_bundle(make_tar([(MANIFEST, raw, tarfile.REGTYPE), *members[1:]]))
+        read_package(make_tar([(MANIFEST, raw, tarfile.REGTYPE), *members[1:]]))
 
 
 def test_manifest_that_is_not_utf8_is_refused():
@@ -520,7 +520,7 @@ def test_manifest_that_is_not_utf8_is_refused():
     raw = members[0][1].replace(b'"tiny"', b'"t\xffny"')
     assert raw != members[0][1]
     with pytest.raises(SchemaError):
-        read_bundle(make_tar([(MANIFEST, raw, tarfile.REGTYPE), *members[1:]]))
+        read_package(make_tar([(MANIFEST, raw, tarfile.REGTYPE), *members[1:]]))
 
 
 # -- features ----------------------------------------------------------------------------------
@@ -625,7 +625,7 @@ def test_nan_feature_spec_from_the_wire_is_refused():
 def test_file_name_with_a_trailing_newline_is_refused_by_the_writer():
     """Names are 1-128 of [A-Za-z0-9_.-]; a regex anchored with '$' also lets 'name\\n' through."""
     with pytest.raises(SchemaError):
-        write_bundle(manifest(), {**FILES, "notes.txt\n": b"x"})
+        write_package(manifest(), {**FILES, "notes.txt\n": b"x"})
 
 
 @pytest.mark.parametrize("field", ["atol", "max_latency_ms"])
@@ -634,7 +634,7 @@ def test_manifest_number_too_large_for_a_float_is_refused(field):
     obj = json.loads(members[0][1])
     obj["health"][field] = 10 ** 400
     with pytest.raises(SchemaError):
-        read_bundle(make_tar([(MANIFEST, json.dumps(obj).encode(), tarfile.REGTYPE), *members[1:]]))
+        read_package(make_tar([(MANIFEST, json.dumps(obj).encode(), tarfile.REGTYPE), *members[1:]]))
 
 
 def test_shaped_feature_spec_round_trips_and_reshapes():

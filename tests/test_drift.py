@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from contracts.bundle import read_bundle
+from contracts.package import read_package
 from contracts.errors import SchemaError
 from contracts.messages import as_dict, encode, parse
 from cloud.train.datasets import load_dataset
@@ -34,7 +34,7 @@ def fleet(tmp_path_factory):
     mv = train_model(ws, registry, TrainParams(epochs=5))["model_version"]
     pkg = package_model(ws, registry, mv, "edge-gateway")
     _, _, test = load_dataset().split()
-    return ws, registry, mv, read_bundle(pkg.data).manifest.baseline, test
+    return ws, registry, mv, read_package(pkg.data).manifest.baseline, test
 
 
 def windows(baseline, x, mv, device, seqs, size=200, transform=lambda v: v, y=None):

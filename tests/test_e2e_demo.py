@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from contracts.bundle import read_bundle
+from contracts.package import read_package
 from cloud.registry import Registry
 from cloud.workspace import Workspace
 from cloud.store.readonly import query as raw_rows
@@ -36,7 +36,7 @@ def test_demo_updates_every_device_and_stores_all_telemetry(broker, tmp_path):
         assert device["model_version"] == "digits-mlp:1"
         state = json.loads((ws.fleet_dir / device["device_id"] / "state.json").read_text())
         installed = (ws.fleet_dir / device["device_id"] / "slots" / state["active_slot"] / "package.elpkg").read_bytes()
-        assert read_bundle(installed).manifest.model_version == "digits-mlp:1"
+        assert read_package(installed).manifest.model_version == "digits-mlp:1"
         assert len(installed) == package["length"]
     per_device = raw_rows(registry.path, "select device_id, count(*) as n, min(seq) as lo, max(seq) as hi "
                                          "from telemetry where device_id like 'e2e-%' group by device_id")
@@ -57,7 +57,7 @@ def test_second_demo_upgrades_the_same_devices(broker, tmp_path):
         assert state["model_version"] == "digits-mlp:2"
         # the previous package is still in the other slot
         other = "b" if state["active_slot"] == "a" else "a"
-        assert read_bundle((ws.fleet_dir / device["device_id"] / "slots" / other / "package.elpkg")
+        assert read_package((ws.fleet_dir / device["device_id"] / "slots" / other / "package.elpkg")
                            .read_bytes()).manifest.model_version == "digits-mlp:1"
 
 

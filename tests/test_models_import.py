@@ -93,7 +93,7 @@ def _counts(ws: Workspace) -> tuple[int, int]:
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export", "tflite", "tflite-int8"])
 def test_import_registers_lineage_and_metrics(fmt, models, tmp_path, capsys):
-    from contracts.bundle import sha256_hex
+    from contracts.package import sha256_hex
 
     ws, registry = _ws(tmp_path)
     path = models["files"][fmt]

@@ -13,7 +13,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, TargetFile
 from tuf.api.serialization.json import JSONSerializer
 
-from contracts.bundle import Manifest, read_bundle, write_bundle
+from contracts.package import Manifest, read_package, write_package
 from contracts.topics import assignment_path
 from cloud.release.signing import RoleKeys
 from conftest import TIER, assert_refused_and_still_serving, settled, wait_for
@@ -127,8 +127,8 @@ def test_wrong_software_a_valid_package_for_another_tier_is_refused(live):
     v2 = live.new_version()
     pkg = live.registry.package_for(v2, TIER)
     path = Path(live.registry.artifact_path(pkg["sha256"]))
-    bundle = read_bundle(path.read_bytes())
-    other = write_bundle(Manifest(**{**bundle.manifest.__dict__, "tier": "mobile"}), dict(bundle.files))
+    bundle = read_package(path.read_bytes())
+    other = write_package(Manifest(**{**bundle.manifest.__dict__, "tier": "mobile"}), dict(bundle.files))
     path.write_bytes(other)   # correctly signed by both repositories, but built for phones
     live.registry.set_package_length(pkg["sha256"], len(other))
     assert_refused_and_still_serving(live, live.sign_and_announce(v2), "verify.mismatch")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from contracts.bundle import Manifest, read_bundle, write_bundle
+from contracts.package import Manifest, read_package, write_package
 from contracts.messages import Announce
 from cloud.train.datasets import load_dataset
 from cloud.package.export import export_onnx
@@ -45,12 +45,12 @@ def announce(pkg, update_id="u") -> Announce:
 
 def rebuilt(pkg, **changes) -> bytes:
     """The same package with manifest fields or files changed, re-hashed (a well-formed but bad package)."""
-    bundle = read_bundle(pkg.data)
+    bundle = read_package(pkg.data)
     files = dict(bundle.files)
     if "golden" in changes:
         files["golden.json"] = changes.pop("golden")
     manifest = Manifest(**{**bundle.manifest.__dict__, **changes})
-    return write_bundle(manifest, files)
+    return write_package(manifest, files)
 
 
 def test_good_update_commits_into_the_inactive_slot(tmp_path, packages):
@@ -62,9 +62,9 @@ def test_good_update_commits_into_the_inactive_slot(tmp_path, packages):
     assert result.state == InstallState.COMMITTED
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["active_slot"] == "b" and state["model_version"] == "m:2"
-    assert read_bundle((tmp_path / "slots" / "a" / "package.elpkg").read_bytes()).manifest.model_version == "m:1"
+    assert read_package((tmp_path / "slots" / "a" / "package.elpkg").read_bytes()).manifest.model_version == "m:1"
     # a restarted agent finds the same model
-    assert Installer(tmp_path, TIER, 1 << 20).active_bundle().manifest.model_version == "m:2"
+    assert Installer(tmp_path, TIER, 1 << 20).active_package().manifest.model_version == "m:2"
 
 
 FAILED, ROLLED_BACK = InstallState.FAILED, InstallState.ROLLED_BACK
@@ -74,12 +74,12 @@ FAILED, ROLLED_BACK = InstallState.FAILED, InstallState.ROLLED_BACK
     ("corrupted bytes", lambda p: p.data[:100] + b"\0" * 50 + p.data[150:], "verify.package", FAILED),
     ("not a package", lambda p: b"MZ\x90\x00 definitely not a tar", "verify.package", FAILED),
     ("wrong golden outputs", lambda p: rebuilt(p, golden=json.dumps(
-        {"inputs": json.loads(read_bundle(p.data).files["golden.json"])["inputs"],
+        {"inputs": json.loads(read_package(p.data).files["golden.json"])["inputs"],
          "outputs": [[0.1] * 10] * 8}).encode()), "health.golden", ROLLED_BACK),
     ("over the latency budget", lambda p: rebuilt(p, max_latency_ms=1e-9), "health.latency", ROLLED_BACK),
     ("package for another tier", lambda p: rebuilt(p, tier="mcu"), "verify.mismatch", FAILED),
-    ("model that does not load", lambda p: write_bundle(read_bundle(p.data).manifest,
-                                                        {**read_bundle(p.data).files, "model.onnx": b"garbage"}),
+    ("model that does not load", lambda p: write_package(read_package(p.data).manifest,
+                                                        {**read_package(p.data).files, "model.onnx": b"garbage"}),
      "health.load", ROLLED_BACK),
 ])
 def test_bad_update_is_refused_and_the_working_model_stays(tmp_path, packages, fault, make, code, end):
@@ -92,7 +92,7 @@ def test_bad_update_is_refused_and_the_working_model_stays(tmp_path, packages, f
     assert inst.model_version == "m:1"
     after = json.loads((tmp_path / "state.json").read_text())
     assert after["active_slot"] == json.loads(before)["active_slot"]
-    assert Installer(tmp_path, TIER, 1 << 20).active_bundle().manifest.model_version == "m:1"
+    assert Installer(tmp_path, TIER, 1 << 20).active_package().manifest.model_version == "m:1"
     assert inst.already_handled("u2")  # not retried
 
 
@@ -112,7 +112,7 @@ def test_restart_mid_install_resumes_the_update(tmp_path, packages):
     restarted = Installer(tmp_path, TIER, 1 << 20)
     resume = restarted.recover()
     assert resume is not None and resume.update_id == "u2"
-    assert restarted.active_bundle().manifest.model_version == "m:1"   # still serving the old model
+    assert restarted.active_package().manifest.model_version == "m:1"   # still serving the old model
     result, _ = restarted.install(resume, lambda a: packages[2].data)
     assert result.state == InstallState.COMMITTED and restarted.model_version == "m:2"
 
@@ -122,7 +122,7 @@ def test_restart_while_testing_rolls_back(tmp_path, packages):
     restarted = Installer(tmp_path, TIER, 1 << 20)
     assert restarted.recover() is None
     assert restarted.state == InstallState.ROLLED_BACK
-    assert restarted.active_bundle().manifest.model_version == "m:1"
+    assert restarted.active_package().manifest.model_version == "m:1"
 
 
 def test_an_update_interrupted_again_and_again_is_given_up(tmp_path, packages):
@@ -132,7 +132,7 @@ def test_an_update_interrupted_again_and_again_is_given_up(tmp_path, packages):
     final = Installer(tmp_path, TIER, 1 << 20)
     assert final.recover() is None                                       # ...until it gives up
     assert final.state == InstallState.FAILED and final.already_handled("u2")
-    assert final.active_bundle().manifest.model_version == "m:1"
+    assert final.active_package().manifest.model_version == "m:1"
 
 
 def test_network_failure_postpones_without_refusing(tmp_path, packages):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from contracts.bundle import read_bundle
+from contracts.package import read_package
 from contracts.messages import Announce, as_dict
 from cloud.train.datasets import load_dataset
 from cloud.package.export import export_onnx
@@ -54,7 +54,7 @@ def _announce(pkg, uid: str) -> Announce:
 def _check_working(device, allowed: set[str]) -> str:
     """The device has an active, verified, healthy model of an allowed version; returns it."""
     installer = Installer(device, TIER, 1 << 22)
-    bundle = installer.active_bundle()           # read_bundle verifies every file's hash
+    bundle = installer.active_package()           # read_package verifies every file's hash
     assert bundle is not None, "the device was left without a model"
     health_check(load_runtime(bundle), bundle)   # loads and passes its golden vectors
     assert bundle.manifest.model_version in allowed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from contracts.bundle import read_bundle
+from contracts.package import read_package
 from cloud.package.packaging import TIMING_KEYS
 from cloud.loop.pipeline import package_model, train_model
 from cloud.registry import Registry
@@ -39,7 +39,7 @@ def test_packaging_a_version_twice_gives_the_same_bytes(trained, tier):
     second = package_model(ws, registry, mv, tier)
     assert second.sha256 == first.sha256 and second.data == first.data
     assert second.target_path == first.target_path == f"{mv.replace(':', '/')}/{tier}.elpkg"
-    measured = read_bundle(first.data).manifest.measured
+    measured = read_package(first.data).manifest.measured
     assert not set(TIMING_KEYS) & set(measured)                 # host timings stay out of the bytes
     assert set(TIMING_KEYS) <= set(first.timings)               # and are still reported
     assert [p["sha256"] for p in registry.packages_of(mv) if p["tier"] == tier] == [first.sha256]

@@ -91,7 +91,7 @@ def test_a_repackage_with_other_bytes_becomes_a_new_signed_target_and_every_devi
     status = _roll_out(rig, v3)
     assert status["state"] == "completed", status
     assert status["counts"]["committed"] == DEVICES
-    assert all(a.model_version == v3 and a.installer.active_bundle().manifest.golden for a in rig.agents)
+    assert all(a.model_version == v3 and a.installer.active_package().manifest.golden for a in rig.agents)
     _image_agrees(rig, v3)
     # the first package is still signed as it was: anything assigned with it still verifies
     assert rig.repo.targets()[first["target"]].hashes["sha256"] == first["sha256"]

@@ -12,7 +12,7 @@ from cloud.registry import Registry
 from cloud.package.tflm_arena import ArenaSearchError, _run_child, min_arena_bytes
 from cloud.train.training import TrainParams
 from cloud.workspace import Workspace
-from contracts.bundle import ARENA_MIN_SEARCH, read_bundle
+from contracts.package import ARENA_MIN_SEARCH, read_package
 from device_sdk.runtime import TFLMModel, load_runtime
 
 
@@ -22,7 +22,7 @@ def mcu_package(tmp_path_factory):
     registry = Registry(ws.registry_path)
     mv = train_model(ws, registry, TrainParams(epochs=2))["model_version"]
     pkg = package_model(ws, registry, mv, "mcu")
-    yield read_bundle(pkg.data), tmp_path_factory.mktemp("model")
+    yield read_package(pkg.data), tmp_path_factory.mktemp("model")
     registry.close()
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.bundle import Bundle, read_bundle, write_bundle
+from contracts.package import Package, read_package, write_package
 from contracts.errors import SchemaError
 from contracts.messages import Announce
 from cloud.errors import IntegrityError, UserError
@@ -60,7 +60,7 @@ def test_each_tier_gets_its_runtime_and_format(built):
 
 def test_float_tier_matches_the_training_pipeline_on_raw_inputs(built):
     _, _, _, packages, test, float_probs = built
-    bundle = read_bundle(packages["gpu-server"].data)
+    bundle = read_package(packages["gpu-server"].data)
     assert np.max(np.abs(OnnxModel(bundle).predict(test.x) - float_probs)) < 1e-5
     fp16 = OnnxModel(type(bundle)(bundle.manifest, {**bundle.files, "model.onnx": bundle.files["model_fp16.onnx"]}))
     assert np.max(np.abs(fp16.predict(test.x) - float_probs)) < 1e-2
@@ -72,7 +72,7 @@ def test_float_tier_matches_the_training_pipeline_on_raw_inputs(built):
 @pytest.mark.parametrize("tier", ["edge-gateway", "mobile", "mcu"])
 def test_int8_tiers_agree_with_the_float_model_on_held_out_data(built, tier):
     _, _, _, packages, test, float_probs = built
-    bundle = read_bundle(packages[tier].data)
+    bundle = read_package(packages[tier].data)
     probs = load_runtime(bundle).predict(test.x)           # raw pixels in, as on a device
     agreement = float((probs.argmax(1) == float_probs.argmax(1)).mean())
     assert agreement >= 0.99, f"{tier}: top-1 agreement {agreement:.4f}"
@@ -87,7 +87,7 @@ def test_tflm_against_litert_reference_kernels_on_random_int8_inputs(built):
     softmax turns one logit LSB into up to ~7 output LSB (scale 1/256). Measured: over 99% of random
     int8 inputs and of held-out inputs bit-exact, the rest a few LSB off, the top-1 class the same."""
     _, _, _, packages, test, _ = built
-    bundle = read_bundle(packages["mcu"].data)
+    bundle = read_package(packages["mcu"].data)
     micro, reference = TFLMModel(bundle), LiteRTModel(bundle, reference=True)
     assert micro.in_dtype == np.int8 and micro.out_q == (1 / 256, -128)     # int8 in and out, TFLM softmax spec
     assert reference.op_names() == ["FULLY_CONNECTED"] * 3 + ["SOFTMAX"]
@@ -106,7 +106,7 @@ def test_raw_inputs_reach_the_int8_model_through_the_feature_contract_and_its_ow
     """raw -> FeatureSpec.apply (float32) -> q = clamp(round_half_away(x / scale) + zero_point),
     with (scale, zero_point) read from the model and declared in the manifest: the documented path."""
     _, _, _, packages, test, _ = built
-    bundle = read_bundle(packages["mcu"].data)
+    bundle = read_package(packages["mcu"].data)
     declared = bundle.manifest.inputs[0]
     micro = TFLMModel(bundle)
     assert declared.dtype == "int8" and declared.quantization == micro.in_q
@@ -122,7 +122,7 @@ def test_raw_inputs_reach_the_int8_model_through_the_feature_contract_and_its_ow
 
 def test_mcu_package_carries_its_c_array_and_measured_budgets(built):
     _, _, _, packages, _, _ = built
-    bundle = read_bundle(packages["mcu"].data)
+    bundle = read_package(packages["mcu"].data)
     header = bundle.files["model_data.h"].decode()
     values = bytes(int(v, 16) for v in header.split("{", 1)[1].split("}", 1)[0].replace(",", " ").split())
     assert values == bundle.files["model.tflite"]
@@ -266,11 +266,11 @@ def test_a_corrupted_model_file_is_refused_and_nothing_registered(built):
     assert registry.count_packages() == before
 
 
-def _rewritten(pkg, **changes) -> Bundle:
-    bundle = read_bundle(pkg.data)
+def _rewritten(pkg, **changes) -> Package:
+    bundle = read_package(pkg.data)
     manifest = dataclasses.replace(bundle.manifest, **changes)
     files = {k: v for k, v in bundle.files.items()}
-    return read_bundle(write_bundle(manifest, files))
+    return read_package(write_package(manifest, files))
 
 
 def test_a_device_refuses_an_int8_package_whose_manifest_misstates_the_quantization(built):
@@ -283,11 +283,11 @@ def test_a_device_refuses_an_int8_package_whose_manifest_misstates_the_quantizat
 
 def test_an_int8_package_with_wrong_golden_outputs_fails_its_health_check(built):
     pkg = built[3]["mcu"]
-    bundle = read_bundle(pkg.data)
+    bundle = read_package(pkg.data)
     golden = json.loads(bundle.files["golden.json"])
     assert health_check(load_runtime(bundle), bundle).golden_max_abs_diff == 0.0   # TFLM reproduces itself
     golden["outputs"][0][0] += 3 / 256
-    tampered = read_bundle(write_bundle(bundle.manifest, {**bundle.files, "golden.json": json.dumps(golden).encode()}))
+    tampered = read_package(write_package(bundle.manifest, {**bundle.files, "golden.json": json.dumps(golden).encode()}))
     with pytest.raises(UpdateRefused, match="health.golden"):
         health_check(load_runtime(tampered), tampered)
 
@@ -333,10 +333,10 @@ def _with_manifest(data: bytes, edit) -> bytes:
     {"scale": 0.1, "zero_point": 1.5}, {"scale": 0.1}, [0.1, 0]])
 def test_a_manifest_with_malformed_quantization_is_refused_by_the_reader(built, quantization):
     pkg = built[3]["mcu"]
-    assert read_bundle(_with_manifest(pkg.data, lambda m: None)).manifest.inputs == pkg.manifest.inputs
+    assert read_package(_with_manifest(pkg.data, lambda m: None)).manifest.inputs == pkg.manifest.inputs
     bad = _with_manifest(pkg.data, lambda m: m["inputs"][0].update(quantization=quantization))
     with pytest.raises(SchemaError, match="quantization"):
-        read_bundle(bad)
+        read_package(bad)
 
 
 def test_package_report_shows_the_microcontroller_memory(built, capsys):
@@ -347,7 +347,7 @@ def test_package_report_shows_the_microcontroller_memory(built, capsys):
     ws, registry, mv, packages, _, _ = built
     assert main(["package", mv, "--tier", "mcu", "--report", "-w", str(ws.root)]) == 0
     text = capsys.readouterr().out
-    measured = read_bundle(registry_package(registry, mv)).manifest.measured
+    measured = read_package(registry_package(registry, mv)).manifest.measured
     assert "microcontroller memory" in text and f"{measured['ram_bytes']:,} B" in text
     assert f"{measured['tflm_reported_arena_bytes']:,} B" in text and "FULLY_CONNECTED" in text
 
@@ -361,7 +361,7 @@ def test_mcu_package_carries_the_aot_library_proven_on_the_emulated_cortex_m4(bu
     """The package holds the generated C beside the .tflite; its flash and RAM were measured on
     the firmware qemu ran, whose outputs equalled TFLM's on the golden and held-out vectors."""
     _, _, _, packages, _, _ = built
-    bundle = read_bundle(packages["mcu"].data)
+    bundle = read_package(packages["mcu"].data)
     m, layout = bundle.manifest.measured, bundle.manifest.layout["aot"]
     assert {layout[k] for k in ("model.c", "model.h", "edgeloop_kernels.c", "edgeloop_kernels.h")} <= set(bundle.files)
     assert b"edgeloop_model_invoke" in bundle.files[layout["model.h"]]
@@ -385,7 +385,7 @@ def test_a_model_the_aot_compiler_lacks_ships_for_tflm_and_says_why(built):
     with the reason in one line."""
     torch.manual_seed(0)
     pkg = _build(built, "mcu", _Upsampled())
-    bundle = read_bundle(pkg.data)
+    bundle = read_package(pkg.data)
     reason = bundle.manifest.measured["aot_refused"]
     assert "RESIZE_NEAREST_NEIGHBOR" in reason and "does not take this model" in reason and "\n" not in reason
     assert "aot" not in bundle.manifest.layout and not any(n.startswith("aot-") for n in bundle.files)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.bundle import Bundle, Manifest
+from contracts.package import Package, Manifest
 from contracts.features import FeatureSpec
 from cloud.train.datasets import load_dataset
 from cloud.package.export import export_onnx
@@ -32,12 +32,12 @@ from kernels.tflite_layers import LiteRTReader, TFLMReader, check_fc_layers, fc_
 RANDOM_INPUTS = 200
 
 
-def _mcu_bundle(model: nn.Module, features: FeatureSpec, calib_raw: np.ndarray) -> Bundle:
+def _mcu_package(model: nn.Module, features: FeatureSpec, calib_raw: np.ndarray) -> Package:
     with captured_output():
         artifact = convert(load_tiers()["mcu"], model, export_onnx(model.eval(), features.n_features), features,
                            calib_raw, "k", 1, 10)
     manifest = Manifest("k", 1, "mcu", "tflite-micro", "int8", "model.tflite", [], [], features, [], "g", 0.0, 0.0)
-    return Bundle(manifest, {"model.tflite": artifact.files["model.tflite"]})
+    return Package(manifest, {"model.tflite": artifact.files["model.tflite"]})
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def mlp():
     ds = load_dataset()
     train_split, _, test = ds.split()
     result = train(ds, TrainParams(epochs=8))
-    bundle = _mcu_bundle(result.model, result.features, train_split.x[:256])
+    bundle = _mcu_package(result.model, result.features, train_split.x[:256])
     return bundle, test.x
 
 
@@ -64,7 +64,7 @@ def _interpreters(model: bytes):
     return ref, micro
 
 
-def _int8_inputs(bundle: Bundle, raw: np.ndarray) -> list[np.ndarray]:
+def _int8_inputs(bundle: Package, raw: np.ndarray) -> list[np.ndarray]:
     """Random int8 inputs plus held-out rows through the feature contract and input quantization."""
     runtime = TFLMModel(bundle)
     rng = np.random.default_rng(11)
@@ -152,7 +152,7 @@ def test_convolutions_agree_bit_for_bit_between_tflm_and_litert_reference():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     features = FeatureSpec(n_features=64)
-    bundle = _mcu_bundle(_Convs(), features, rng.standard_normal((64, 64)).astype(np.float32))
+    bundle = _mcu_package(_Convs(), features, rng.standard_normal((64, 64)).astype(np.float32))
     micro, ref = TFLMModel(bundle), LiteRTModel(bundle, reference=True)
     assert {"CONV_2D", "DEPTHWISE_CONV_2D"} <= set(ref.op_names())
     assert "FULLY_CONNECTED" not in ref.op_names()
@@ -174,7 +174,7 @@ def test_a_model_with_over_256_kb_of_weights_runs_on_tflm_with_its_real_weights(
     with captured_output():
         external = quantize.litert_full_int8(quantize.litert_fp32(model, 1024), calib)
     assert quantize.has_external_buffers(external)          # what the quantizer makes
-    bundle = _mcu_bundle(model, FeatureSpec(n_features=1024), calib)
+    bundle = _mcu_package(model, FeatureSpec(n_features=1024), calib)
     assert not quantize.has_external_buffers(bundle.model_bytes)
     ops = fc_ops(bundle.model_bytes)
     ref, micro = _interpreters(bundle.model_bytes)

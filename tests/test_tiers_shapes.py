@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.bundle import Bundle, Manifest
+from contracts.package import Package, Manifest
 from contracts.features import FeatureSpec
 from cloud.train.datasets import load_dataset
 from cloud.package.export import INPUT_NAME, OUTPUT_NAME
@@ -149,7 +149,7 @@ def _convert(case: Case, tier_name: str) -> TierArtifact:
     return _built[key]
 
 
-def _bundle(case: Case, tier_name: str, artifact: TierArtifact) -> Bundle:
+def _bundle(case: Case, tier_name: str, artifact: TierArtifact) -> Package:
     profile = tier(tier_name)
     model = artifact.files[artifact.entrypoint]
     measured = {"ram_bytes": tflm_arena_bytes(model)} if profile.runtime == "tflite-micro" else {}
@@ -159,10 +159,10 @@ def _bundle(case: Case, tier_name: str, artifact: TierArtifact) -> Bundle:
                      features=case.features, labels=labels, golden="golden.json",
                      golden_atol=GOLDEN_ATOL[artifact.numeric_format], max_latency_ms=profile.latency_budget_ms,
                      measured=measured)
-    return Bundle(draft, artifact.files)
+    return Package(draft, artifact.files)
 
 
-def _device_outputs(case: Case, bundle: Bundle) -> np.ndarray:
+def _device_outputs(case: Case, bundle: Package) -> np.ndarray:
     """The device runtime's outputs on raw rows; for an ONNX package, onnxruntime fed
     ``model_input`` directly if this tree's OnnxModel does not reshape yet."""
     with captured_output():

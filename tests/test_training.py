@@ -10,7 +10,7 @@ from cloud.train.datasets import load_dataset
 from cloud.package.export import export_onnx
 from cloud.package.packaging import build_package
 from cloud.train.training import TrainParams, train
-from contracts.bundle import read_bundle
+from contracts.package import read_package
 from device_sdk.runtime import OnnxModel
 
 
@@ -32,7 +32,7 @@ def test_device_runtime_on_raw_inputs_matches_training_pipeline():
     onnx = export_onnx(result.model, ds.x.shape[1], check_inputs=result.features.apply(test.x[:32]))
     pkg = build_package("m", 1, "edge-gateway", onnx, result.features, [str(i) for i in range(10)],
                         test.x[:8], {})
-    runtime = OnnxModel(read_bundle(pkg.data))
+    runtime = OnnxModel(read_package(pkg.data))
     with torch.no_grad():
         want = result.model(torch.from_numpy(result.features.apply(test.x))).numpy()
     got = runtime.predict(test.x)            # the device gets raw pixels, as in the field

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from contracts.bundle import sha256_hex
+from contracts.package import sha256_hex
 from cloud.errors import IntegrityError, NotFound
 from cloud.registry import Registry
 from cloud.workspace import Workspace

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from contracts.bundle import sha256_hex
+from contracts.package import sha256_hex
 from contracts.features import FeatureSpec
 from contracts.messages import Announce
 from cloud.train.datasets import Dataset, load_dataset

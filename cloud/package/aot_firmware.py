@@ -26,9 +26,9 @@ import numpy as np
 
 from cloud.errors import UserError
 
-__all__ = ["AotProof", "AotRefused", "prove_on_cortex_m4", "tflm_int8_outputs", "BUNDLE_PREFIX"]
+__all__ = ["AotProof", "AotRefused", "prove_on_cortex_m4", "tflm_int8_outputs", "PACKAGE_PREFIX"]
 
-BUNDLE_PREFIX = "aot-"     # bundle member names are flat: aot-model.c, aot-edgeloop_kernels.h, ...
+PACKAGE_PREFIX = "aot-"     # bundle member names are flat: aot-model.c, aot-edgeloop_kernels.h, ...
 
 
 class AotRefused(UserError):
@@ -90,7 +90,7 @@ def prove_on_cortex_m4(model: bytes, inputs: np.ndarray, timeout_s: float = 120.
         "aot_instructions": run.instructions, "aot_bitexact_tflm": True, "aot_vectors_checked": int(len(want)),
         "aot_board": "qemu mps2-an386 (Cortex-M4)",
     }
-    files = {BUNDLE_PREFIX + name: text.encode() for name, text in compiled.files.items()}
-    layout = {name: BUNDLE_PREFIX + name for name in compiled.files}
+    files = {PACKAGE_PREFIX + name: text.encode() for name, text in compiled.files.items()}
+    layout = {name: PACKAGE_PREFIX + name for name in compiled.files}
     layout["prefix"] = compiled.prefix
     return AotProof(files, layout, measured)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.bundle import Bundle, Manifest, read_bundle, sha256_hex, write_bundle
+from contracts.package import Package, Manifest, read_package, sha256_hex, write_package
 from contracts.features import FeatureSpec
 from contracts.tasks import TaskKind, TaskSpec
 from cloud.errors import IntegrityError, UserError
@@ -535,7 +535,7 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
                      labels=labels, golden="golden.json", golden_atol=GOLDEN_ATOL[fmt],
                      max_latency_ms=profile.latency_budget_ms,
                      measured=dict(arena), task=task)
-    bundle = Bundle(draft, artifact.files)
+    bundle = Package(draft, artifact.files)
     float_out = reference(features.model_input(test.x))
     golden_raw = test.x[:GOLDEN_COUNT]
     with captured_output():
@@ -562,9 +562,9 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
     manifest = Manifest(**{**draft.__dict__, **io_specs, "lineage": lineage, "layout": artifact.layout,
                            "golden_atol": atol, "baseline": baseline_stats(train_split.x, train_out, task, features),
                            "measured": {**recorded, "input_quantization": in_q, "output_quantization": out_q}})
-    data = write_bundle(manifest, {**artifact.files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
+    data = write_package(manifest, {**artifact.files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
     from cloud.package.packaging import PackageResult
     from cloud.release.releaser import register_package
 
-    result = PackageResult(data, sha256_hex(data), read_bundle(data).manifest, timings)
+    result = PackageResult(data, sha256_hex(data), read_package(data).manifest, timings)
     return register_package(ws, registry, name, result)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contracts.bundle import Bundle, Manifest, TensorSpec, read_bundle, sha256_hex, write_bundle
+from contracts.package import Package, Manifest, TensorSpec, read_package, sha256_hex, write_package
 from contracts.features import FeatureSpec
 from contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
 from cloud.errors import UserError
@@ -92,9 +92,9 @@ def build_package(model: str, version: int, tier: str, onnx_bytes: bytes, featur
         features=features, labels=labels, golden="golden.json", golden_atol=1e-4,
         max_latency_ms=latency_ms, lineage=lineage,
     )
-    data = write_bundle(manifest, {"model.onnx": onnx_bytes,
+    data = write_package(manifest, {"model.onnx": onnx_bytes,
                                    "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
-    return PackageResult(data, sha256_hex(data), read_bundle(data).manifest)
+    return PackageResult(data, sha256_hex(data), read_package(data).manifest)
 
 
 def store_blob(artifacts_dir: Path, data: bytes) -> tuple[str, Path]:
@@ -217,7 +217,7 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
                      inputs=[], outputs=[], features=features, labels=labels, golden="golden.json",
                      golden_atol=GOLDEN_ATOL[artifact.numeric_format], max_latency_ms=profile.latency_budget_ms,
                      measured=dict(arena), task=task)
-    bundle = Bundle(draft, artifact.files)
+    bundle = Package(draft, artifact.files)
     with torch.no_grad():
         float_probs = model(torch.from_numpy(features.model_input(test_x))).reshape(len(test_x), -1).numpy()
     with captured_output():   # runtimes log to the file descriptors; the CLI stays clean
@@ -244,8 +244,8 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
     manifest = Manifest(**{**draft.__dict__, **io, "lineage": lineage, "layout": layout, "golden_atol": atol,
                            "baseline": baseline or {},
                            "measured": {**recorded, "input_quantization": in_q, "output_quantization": out_q}})
-    data = write_bundle(manifest, {**files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
-    return PackageResult(data, sha256_hex(data), read_bundle(data).manifest, timings)
+    data = write_package(manifest, {**files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
+    return PackageResult(data, sha256_hex(data), read_package(data).manifest, timings)
 
 
 AOT_EXTRA_ROWS = 48     # held-out rows the AOT firmware is checked on, besides the golden vectors
@@ -340,7 +340,7 @@ def check_fidelity(profile: TierProfile, task: TaskSpec, measured: dict, fmt: st
                          f"{measured['top1_agreement_with_float']:.3f} of held-out rows (tier tolerance {limit})")
 
 
-def _load(bundle: Bundle) -> ModelRuntime:
+def _load(bundle: Package) -> ModelRuntime:
     from device_sdk.errors import UpdateRefused
     from device_sdk.runtime import load_runtime
 

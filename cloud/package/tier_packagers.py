@@ -48,7 +48,7 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from contracts.bundle import ARENA_MIN_SEARCH, Bundle
+from contracts.package import ARENA_MIN_SEARCH, Package
 from contracts.features import FeatureSpec
 from cloud.package import quantize
 from cloud.errors import UserError
@@ -357,7 +357,7 @@ def tflm_arena_bytes(model: bytes, reported: int | None = None) -> int:
             raise BudgetExceeded(f"TFLite Micro cannot run this model in {_kb(top)} of arena: {e}") from None
 
 
-def measure(profile: TierProfile, bundle: Bundle, runtime: Any, float_probs: np.ndarray,
+def measure(profile: TierProfile, bundle: Package, runtime: Any, float_probs: np.ndarray,
             test_x: np.ndarray, test_y: np.ndarray, latency_runs: int = 50) -> dict[str, Any]:
     """Accuracy, agreement with the float model, latency, size and flash, on the real runtime
     (the TFLM arena is measured separately, before loading: :func:`tflm_arena_bytes`)."""

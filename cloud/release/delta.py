@@ -19,7 +19,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.bundle import sha256_hex
+from contracts.package import sha256_hex
 from contracts.delta import apply_delta, encode_delta
 
 __all__ = ["make_delta", "DeltaStats"]

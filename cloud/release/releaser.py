@@ -46,7 +46,7 @@ from typing import Any
 
 from tuf.api.metadata import TargetFile
 
-from contracts.bundle import sha256_hex
+from contracts.package import sha256_hex
 from contracts.messages import Announce
 from contracts.topics import assignment_path
 from cloud.drift.baselines import store_baseline

@@ -1,10 +1,10 @@
-"""The package (bundle) format, version 1 (docs/contracts/bundle.md).
+"""The package (bundle) format, version 1 (docs/contracts/package.md).
 
 A package is one uncompressed POSIX tar file (``.elpkg``) holding ``manifest.json`` as its
 first member and every file the manifest lists. The tar is deterministic (sorted members,
 mtime 0, uid/gid 0), so the same inputs make the same bytes and the same sha256.
 
-:func:`read_bundle` is pure: it takes bytes, enforces the size bounds, refuses any member
+:func:`read_package` is pure: it takes bytes, enforces the size bounds, refuses any member
 that is not a plain file at the top level, and checks every file against the length and
 sha256 in the manifest. It raises :class:`~contracts.errors.SchemaError` for anything wrong.
 """
@@ -26,7 +26,7 @@ from contracts.tasks import CLASSIFICATION, TaskSpec
 
 FORMAT = "edgeloop.bundle/1"
 MANIFEST = "manifest.json"
-MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+MAX_PACKAGE_BYTES = 512 * 1024 * 1024
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_MEMBERS = 64
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -35,7 +35,7 @@ RUNTIMES = ("onnxruntime", "litert", "tflite-micro", "triton")
 # smallest arena it runs in, which a device (or firmware) can be given exactly
 ARENA_MIN_SEARCH = "tflm-min-search"
 
-__all__ = ["FORMAT", "MANIFEST", "ARENA_MIN_SEARCH", "Bundle", "Manifest", "TensorSpec", "read_bundle", "write_bundle", "sha256_hex"]
+__all__ = ["FORMAT", "MANIFEST", "ARENA_MIN_SEARCH", "Package", "Manifest", "TensorSpec", "read_package", "write_package", "sha256_hex"]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -168,7 +168,7 @@ def _s(obj: dict[str, Any], key: str) -> str:
 
 
 @dataclass(frozen=True)
-class Bundle:
+class Package:
     manifest: Manifest
     files: dict[str, bytes]
 
@@ -177,7 +177,7 @@ class Bundle:
         return self.files[self.manifest.entrypoint]
 
 
-def write_bundle(manifest: Manifest, files: dict[str, bytes]) -> bytes:
+def write_package(manifest: Manifest, files: dict[str, bytes]) -> bytes:
     """Make the package bytes. ``manifest.files`` is filled in from ``files``."""
     listed = {name: {"sha256": sha256_hex(data), "length": len(data)} for name, data in files.items()}
     full = Manifest(**{**manifest.__dict__, "files": listed})
@@ -194,10 +194,10 @@ def write_bundle(manifest: Manifest, files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def read_bundle(data: bytes) -> Bundle:
+def read_package(data: bytes) -> Package:
     """Parse and check package bytes. Raises SchemaError or PayloadTooLarge."""
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise PayloadTooLarge(f"package of {len(data)} bytes is over {MAX_BUNDLE_BYTES}")
+    if len(data) > MAX_PACKAGE_BYTES:
+        raise PayloadTooLarge(f"package of {len(data)} bytes is over {MAX_PACKAGE_BYTES}")
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             members = tar.getmembers()
@@ -231,4 +231,4 @@ def read_bundle(data: bytes) -> Bundle:
         blob = contents[name]
         if len(blob) != meta["length"] or sha256_hex(blob) != meta["sha256"]:
             raise SchemaError(f"package file {name!r} does not match its manifest hash")
-    return Bundle(manifest, contents)
+    return Package(manifest, contents)
