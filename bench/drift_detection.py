@@ -1,11 +1,11 @@
 """Drift detection: delay per scenario and false alarms over a long run without drift.
 
-The detector is the real one (``cloud.drift.monitor.DriftMonitor`` with ``MONITOR_CONFIG``: per window,
+The detector is the real one (``edgeloop.cloud.drift.monitor.DriftMonitor`` with ``MONITOR_CONFIG``: per window,
 the newest 1, 2, 4 and 8 windows merged, every feature's mean test and binned KS test and the
 prediction chi-square together under weighted Holm, the mean tests weighted up, alpha split over
 the looks with most of it on the 2-window look). Windows are summarised by the device's own code
-(``device_sdk.telemetry.FeatureSummary``) on a baseline made as the package makes it
-(``cloud.package.packaging.baseline_stats``: 64 features, 10 bins), and predictions come from a digits
+(``edgeloop.device_sdk.telemetry.FeatureSummary``) on a baseline made as the package makes it
+(``edgeloop.cloud.package.packaging.baseline_stats``: 64 features, 10 bins), and predictions come from a digits
 MLP trained here. Every false-alarm run is one monitor over a long calm stream; every window with
 an alarm counts.
 
@@ -51,12 +51,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloud.train.datasets import load_dataset  # noqa: E402
-from cloud.drift.monitor import MONITOR_CONFIG, DriftConfig, DriftMonitor  # noqa: E402
-from cloud.package.packaging import baseline_stats  # noqa: E402
-from cloud.train.training import TrainParams, train  # noqa: E402
-from device_sdk.telemetry import FeatureSummary  # noqa: E402
-from simulators.datastream import Drift, drifted_windows  # noqa: E402
+from edgeloop.cloud.train.datasets import load_dataset  # noqa: E402
+from edgeloop.cloud.drift.monitor import MONITOR_CONFIG, DriftConfig, DriftMonitor  # noqa: E402
+from edgeloop.cloud.package.packaging import baseline_stats  # noqa: E402
+from edgeloop.cloud.train.training import TrainParams, train  # noqa: E402
+from edgeloop.device_sdk.telemetry import FeatureSummary  # noqa: E402
+from edgeloop.simulators.datastream import Drift, drifted_windows  # noqa: E402
 
 WARMUP = 8
 MAX_WINDOWS = 20

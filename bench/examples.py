@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloud.train.example_data import write_example  # noqa: E402
-from cloud.examples import EXAMPLES  # noqa: E402
-from cloud.loop.pipeline import package_model, train_model  # noqa: E402
-from cloud.registry import Registry  # noqa: E402
-from cloud.package.tier_packagers import DoesNotFit, OutOfTolerance  # noqa: E402
-from cloud.package.tiers import load_tiers  # noqa: E402
-from cloud.train.training import TrainParams  # noqa: E402
-from cloud.workspace import Workspace  # noqa: E402
+from edgeloop.cloud.train.example_data import write_example  # noqa: E402
+from edgeloop.cloud.examples import EXAMPLES  # noqa: E402
+from edgeloop.cloud.loop.pipeline import package_model, train_model  # noqa: E402
+from edgeloop.cloud.registry import Registry  # noqa: E402
+from edgeloop.cloud.package.tier_packagers import DoesNotFit, OutOfTolerance  # noqa: E402
+from edgeloop.cloud.package.tiers import load_tiers  # noqa: E402
+from edgeloop.cloud.train.training import TrainParams  # noqa: E402
+from edgeloop.cloud.workspace import Workspace  # noqa: E402
 
 
 def main() -> int:

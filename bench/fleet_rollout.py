@@ -41,12 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cloud.ingest.control_plane import ControlPlane  # noqa: E402
-from cloud.loop.pipeline import package_model, train_model  # noqa: E402
-from cloud.registry import Registry  # noqa: E402
-from cloud.rollouts.controller import RolloutController, RolloutSpec  # noqa: E402
-from cloud.train.training import TrainParams  # noqa: E402
-from cloud.workspace import Workspace  # noqa: E402
+from edgeloop.cloud.ingest.control_plane import ControlPlane  # noqa: E402
+from edgeloop.cloud.loop.pipeline import package_model, train_model  # noqa: E402
+from edgeloop.cloud.registry import Registry  # noqa: E402
+from edgeloop.cloud.rollouts.controller import RolloutController, RolloutSpec  # noqa: E402
+from edgeloop.cloud.train.training import TrainParams  # noqa: E402
+from edgeloop.cloud.workspace import Workspace  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -130,7 +130,7 @@ def prepare(ws: Workspace, registry: Registry, tiers: list[str]) -> tuple[str, s
 
 
 def swarm_command(args: argparse.Namespace, ws: Workspace, v1: str, report: Path) -> list[str]:
-    return [sys.executable, "-m", "fleet.cli", "swarm", "-w", str(ws.root), "--json", "--devices", str(args.devices),
+    return [sys.executable, "-m", "edgeloop.fleet.cli", "swarm", "-w", str(ws.root), "--json", "--devices", str(args.devices),
             "--tier-mix", f"{args.tier}:1", "--initial-version", v1, "--fail-pct", str(args.fail_pct),
             "--heartbeat-s", "0", "--install-s", str(args.install_s), "--prefix", "bench",
             "--download-concurrency", str(args.download_concurrency), "--report", str(report)]

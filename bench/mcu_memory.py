@@ -35,11 +35,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cloud.package.aot_firmware import AotRefused, prove_on_cortex_m4  # noqa: E402
-from cloud.package.export import export_onnx  # noqa: E402
-from cloud.package.tier_packagers import captured_output, check_operators, convert, tflm_arena_measured  # noqa: E402
-from cloud.package.tiers import load_tiers  # noqa: E402
-from contracts.features import FeatureSpec  # noqa: E402
+from edgeloop.cloud.package.aot_firmware import AotRefused, prove_on_cortex_m4  # noqa: E402
+from edgeloop.cloud.package.export import export_onnx  # noqa: E402
+from edgeloop.cloud.package.tier_packagers import captured_output, check_operators, convert, tflm_arena_measured  # noqa: E402
+from edgeloop.cloud.package.tiers import load_tiers  # noqa: E402
+from edgeloop.contracts.features import FeatureSpec  # noqa: E402
 from ota_bytes import DSCNN  # noqa: E402
 from tier_latency import AutoEncoder, ResNet8  # noqa: E402
 

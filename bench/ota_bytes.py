@@ -30,15 +30,15 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tuf.api import exceptions as tuf_exc  # noqa: E402
 
-from contracts.features import FeatureSpec  # noqa: E402
-from cloud.train.datasets import load_dataset  # noqa: E402
-from cloud.release.delta import make_delta  # noqa: E402
-from cloud.package.export import export_onnx  # noqa: E402
-from cloud.package.packaging import build_package  # noqa: E402
-from cloud.release.repo_server import RepositoryServer  # noqa: E402
-from cloud.train.training import TrainParams, train  # noqa: E402
-from device_sdk.fetcher import ResumableFetcher  # noqa: E402
-from simulators.network import Fault, LinkProxy  # noqa: E402
+from edgeloop.contracts.features import FeatureSpec  # noqa: E402
+from edgeloop.cloud.train.datasets import load_dataset  # noqa: E402
+from edgeloop.cloud.release.delta import make_delta  # noqa: E402
+from edgeloop.cloud.package.export import export_onnx  # noqa: E402
+from edgeloop.cloud.package.packaging import build_package  # noqa: E402
+from edgeloop.cloud.release.repo_server import RepositoryServer  # noqa: E402
+from edgeloop.cloud.train.training import TrainParams, train  # noqa: E402
+from edgeloop.device_sdk.fetcher import ResumableFetcher  # noqa: E402
+from edgeloop.simulators.network import Fault, LinkProxy  # noqa: E402
 
 LINK_BYTES_PER_S = 256_000 / 8
 LABELS = [str(i) for i in range(10)]

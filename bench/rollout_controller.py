@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloud.package.packaging import store_blob  # noqa: E402
-from cloud.registry import Registry  # noqa: E402
-from cloud.rollouts.controller import RolloutController, RolloutSpec  # noqa: E402
-from cloud.workspace import Workspace  # noqa: E402
+from edgeloop.cloud.package.packaging import store_blob  # noqa: E402
+from edgeloop.cloud.registry import Registry  # noqa: E402
+from edgeloop.cloud.rollouts.controller import RolloutController, RolloutSpec  # noqa: E402
+from edgeloop.cloud.workspace import Workspace  # noqa: E402
 
 TIER = "edge-gateway"
 

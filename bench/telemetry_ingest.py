@@ -7,7 +7,7 @@ JSON, as real devices send). Each measured run has its own private broker and th
 
 - raw: ``mosquitto_sub -q 1`` subscribed to every device's telemetry topic, writing to /dev/null,
   exits after the last record: what the broker and a consumer that does nothing deliver;
-- ingest: N control-plane processes (``cloud.ingest.control_plane.ControlPlane``, N from ``--workers``)
+- ingest: N control-plane processes (``edgeloop.cloud.ingest.control_plane.ControlPlane``, N from ``--workers``)
   splitting the stream through one MQTT 5 shared subscription, each with manual acks after each
   batch is stored, the ingest checks, batched ``INSERT OR IGNORE`` into SQLite in WAL mode
   (synchronous=NORMAL), and a confirmation to each device after each batch
@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from contracts.messages import Telemetry, encode  # noqa: E402
+from edgeloop.contracts.messages import Telemetry, encode  # noqa: E402
 
 TOPIC = "edgeloop/v2/default/devices/+/telemetry"   # the control plane's fleet: ControlPlane's default
 
@@ -56,9 +56,9 @@ def _free_port() -> int:
 def _features() -> dict:
     import numpy as np
 
-    from cloud.train.datasets import load_dataset
-    from cloud.package.packaging import baseline_stats
-    from device_sdk.telemetry import FeatureSummary
+    from edgeloop.cloud.train.datasets import load_dataset
+    from edgeloop.cloud.package.packaging import baseline_stats
+    from edgeloop.device_sdk.telemetry import FeatureSummary
     train = load_dataset().split()[0]
     summary = FeatureSummary(baseline_stats(train.x, np.eye(10)[train.y]))
     summary.record_batch(train.x[:20])
@@ -78,7 +78,7 @@ def publisher(port: int, devices: list[str], records: int, features: dict, start
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from contracts import topics
+    from edgeloop.contracts import topics
     clients = []
     for d in devices:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=f"{d}-{tag}")
@@ -126,8 +126,8 @@ def raw_rate(port: int, args: argparse.Namespace, features: dict) -> float:
 
 def ingest_worker(port: int, db: str, name: str, ready: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
     """One ingest worker process: a control plane in the shared subscription group."""
-    from cloud.ingest.control_plane import ControlPlane
-    from cloud.registry import Registry
+    from edgeloop.cloud.ingest.control_plane import ControlPlane
+    from edgeloop.cloud.registry import Registry
     registry = Registry(Path(db))
     cp = ControlPlane(registry, "127.0.0.1", port, session=name).start(30)
     cpu0 = time.process_time()
@@ -143,7 +143,7 @@ def ingest_worker(port: int, db: str, name: str, ready: mp.Event, stop: mp.Event
 
 
 def _stored(db: Path) -> int:
-    from cloud.registry import Registry
+    from edgeloop.cloud.registry import Registry
     registry = Registry(db)
     try:
         return registry.telemetry_count()
@@ -152,7 +152,7 @@ def _stored(db: Path) -> int:
 
 
 def ingest_rate(port: int, args: argparse.Namespace, workers_n: int, features: dict, workdir: Path) -> dict:
-    from cloud.registry import Registry
+    from edgeloop.cloud.registry import Registry
     db = workdir / "registry.db"
     Registry(db).close()
     stop, out = mp.Event(), mp.Queue()

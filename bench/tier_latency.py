@@ -27,15 +27,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from contracts.package import Package, Manifest  # noqa: E402
-from contracts.features import FeatureSpec  # noqa: E402
-from cloud.train.datasets import load_dataset  # noqa: E402
-from cloud.package.export import export_onnx  # noqa: E402
-from cloud.package.tier_packagers import captured_output, convert  # noqa: E402
-from cloud.package.tiers import load_tiers  # noqa: E402
-from cloud.train.training import TrainParams, train  # noqa: E402
-from device_sdk.runtime import LiteRTModel, OnnxModel, TFLMModel  # noqa: E402
-from kernels.tflite_layers import LiteRTReader, TFLMReader, check_fc_layers, fc_ops  # noqa: E402
+from edgeloop.contracts.package import Package, Manifest  # noqa: E402
+from edgeloop.contracts.features import FeatureSpec  # noqa: E402
+from edgeloop.cloud.train.datasets import load_dataset  # noqa: E402
+from edgeloop.cloud.package.export import export_onnx  # noqa: E402
+from edgeloop.cloud.package.tier_packagers import captured_output, convert  # noqa: E402
+from edgeloop.cloud.package.tiers import load_tiers  # noqa: E402
+from edgeloop.cloud.train.training import TrainParams, train  # noqa: E402
+from edgeloop.device_sdk.runtime import LiteRTModel, OnnxModel, TFLMModel  # noqa: E402
+from edgeloop.kernels.tflite_layers import LiteRTReader, TFLMReader, check_fc_layers, fc_ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ota_bytes import DSCNN  # noqa: E402

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloud.train.datasets import load_dataset  # noqa: E402
-from cloud.train.launcher import DistConfig, run_job  # noqa: E402
-from cloud.train.training import TrainParams  # noqa: E402
+from edgeloop.cloud.train.datasets import load_dataset  # noqa: E402
+from edgeloop.cloud.train.launcher import DistConfig, run_job  # noqa: E402
+from edgeloop.cloud.train.training import TrainParams  # noqa: E402
 
 MODELS = {
     "demo_mlp": TrainParams(epochs=6, hidden=32, layers=2, batch_size=64, checkpoint_every=0),

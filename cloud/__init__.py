@@ -12,12 +12,12 @@
 ``api``         the HTTP API
 ==============  ==========================================================================
 
-Beside them: :mod:`cloud.services` (the one composition root of the service stack),
-:mod:`cloud.workspace`, :mod:`cloud.registry` (the workspace's store), :mod:`cloud.models`,
-:mod:`cloud.fleet_registry` and :mod:`cloud.errors`.
+Beside them: :mod:`edgeloop.cloud.services` (the one composition root of the service stack),
+:mod:`edgeloop.cloud.workspace`, :mod:`edgeloop.cloud.registry` (the workspace's store), :mod:`edgeloop.cloud.models`,
+:mod:`edgeloop.cloud.fleet_registry` and :mod:`edgeloop.cloud.errors`.
 
 Cloud code may import :mod:`contracts`. Of the device side it imports only
-:mod:`device_sdk.runtime` and :mod:`device_sdk.errors`, to measure and health-check packages with
+:mod:`edgeloop.device_sdk.runtime` and :mod:`edgeloop.device_sdk.errors`, to measure and health-check packages with
 the exact runtime classes devices run (tests/test_layout.py enforces this). Device code never
 imports cloud code.
 """

@@ -38,9 +38,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from cloud.errors import NotFound
-from cloud.registry import Registry
-from cloud.store import DeviceFilter
+from edgeloop.cloud.errors import NotFound
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.store import DeviceFilter
 
 ONLINE_WINDOW_S = 150.0     # 2.5 default heartbeats (device_sdk AgentConfig.heartbeat_s = 60)
 

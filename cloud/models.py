@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from contracts.features import FeatureSpec
-from contracts.tasks import TaskSpec
-from cloud.errors import NotFound, UserError
-from cloud.registry import Registry
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.contracts.tasks import TaskSpec
+from edgeloop.cloud.errors import NotFound, UserError
+from edgeloop.cloud.registry import Registry
 
 STAGES = ("candidate", "staging", "production", "archived")
 ALLOWED = {("candidate", "staging"), ("candidate", "production"), ("staging", "production"),
@@ -66,7 +66,7 @@ def falls_short(task: TaskSpec, candidate: float, production: float, tolerance: 
 
 
 def promote(registry: Registry, model_version: str, to_stage: str, tolerance: float = DEFAULT_TOLERANCE) -> Promotion:
-    from cloud.loop.pipeline import _training_data   # the candidate's own held-out split
+    from edgeloop.cloud.loop.pipeline import _training_data   # the candidate's own held-out split
 
     if to_stage not in STAGES:
         raise UserError(f"unknown stage {to_stage!r}; stages: {', '.join(STAGES)}")

@@ -1,6 +1,6 @@
 """The registry: the name the rest of edgeloop knows the control plane's store by.
 
-:class:`Registry` is :class:`cloud.store.SqliteStore` (the only connection, lock, schema and
+:class:`Registry` is :class:`edgeloop.cloud.store.SqliteStore` (the only connection, lock, schema and
 SQL; see cloud.store): data sets, runs, model versions with their stage, artifacts, packages,
 updates, lineage (edges ``kind:id -> kind:id``: data set -> run -> model version -> package ->
 update -> device), devices, telemetry (primary key ``(device_id, seq)``, so a record delivered
@@ -10,7 +10,7 @@ one migrates an older database and refuses one from a newer edgeloop (SchemaTooN
 
 from __future__ import annotations
 
-from cloud.store import SCHEMA_VERSION, SqliteStore
+from edgeloop.cloud.store import SCHEMA_VERSION, SqliteStore
 
 __all__ = ["Registry", "SCHEMA_VERSION"]
 

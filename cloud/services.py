@@ -15,7 +15,7 @@ Guarantees:
 - Every control plane serves the workspace's fleet (``Workspace.fleet``: its topics, its
   shared-subscription group ``<share_group>-<fleet>``) and connects the way the options say
   (plain TCP, or mutual TLS as the identity its link holds); serve and the demos get their
-  options from one function (:func:`fleet.broker.stack_options`), so they cannot differ.
+  options from one function (:func:`edgeloop.fleet.broker.stack_options`), so they cannot differ.
 - A stack that fails to start stops what it had started, in reverse, before the error
   (ServiceUnavailable, UserError) reaches the caller; :meth:`ServiceStack.stop` is idempotent and
   leaves no thread or socket of the stack behind.
@@ -29,14 +29,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
-from cloud.ingest.control_plane import SHARE_GROUP, ControlPlane
-from cloud.registry import Registry
-from cloud.release.repo_server import RepositoryServer
-from cloud.workspace import Workspace
+from edgeloop.cloud.ingest.control_plane import SHARE_GROUP, ControlPlane
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.release.repo_server import RepositoryServer
+from edgeloop.cloud.workspace import Workspace
 
 if TYPE_CHECKING:
-    from cloud.api.server import ApiServer
-    from cloud.rollouts.controller import RolloutController
+    from edgeloop.cloud.api.server import ApiServer
+    from edgeloop.cloud.rollouts.controller import RolloutController
 
 __all__ = ["BrokerLink", "PlainLink", "ServiceStack", "StackOptions"]
 
@@ -179,7 +179,7 @@ class ServiceStack:
     def _start_rollouts(self) -> None:
         if not self.options.rollouts:
             return
-        from cloud.rollouts.controller import RolloutController
+        from edgeloop.cloud.rollouts.controller import RolloutController
 
         self.rollouts = RolloutController(self.ws, self.registry, self.control_plane.send_command,
                                           repository_url=self.repository_url)
@@ -187,7 +187,7 @@ class ServiceStack:
     def _start_api(self) -> None:
         if self.options.api is None:
             return
-        from cloud.api.server import ApiServer
+        from edgeloop.cloud.api.server import ApiServer
 
         host, port = self.options.api
         api = ApiServer(self.registry, host, port, rollouts=self.rollouts).start()

@@ -22,8 +22,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud.errors import NotFound, UserError
-from contracts.topics import DEFAULT_FLEET, valid_fleet
+from edgeloop.cloud.errors import NotFound, UserError
+from edgeloop.contracts.topics import DEFAULT_FLEET, valid_fleet
 
 CONFIG_NAME = "edgeloop.toml"
 DEFAULT_MQTT = "127.0.0.1:1883"
@@ -65,11 +65,11 @@ class Workspace:
         return self.root / "director"
 
     def image_repository(self):  # noqa: ANN201 - cloud.release.signing.Repository, imported lazily
-        from cloud.release.signing import Repository
+        from edgeloop.cloud.release.signing import Repository
         return Repository(self.repository_dir, self.keys_dir / "image")
 
     def director_repository(self):  # noqa: ANN201
-        from cloud.release.signing import Repository
+        from edgeloop.cloud.release.signing import Repository
         return Repository(self.director_dir, self.keys_dir / "director")
 
     @property
@@ -83,7 +83,7 @@ class Workspace:
     @property
     def topics(self):  # noqa: ANN201 - contracts.topics.Fleet
         """The MQTT topic scheme of this workspace's fleet (contracts/topics.py)."""
-        from contracts.topics import Fleet
+        from edgeloop.contracts.topics import Fleet
         return Fleet(self.fleet)
 
     @classmethod

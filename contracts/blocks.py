@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.errors import PayloadTooLarge, SchemaError
+from edgeloop.contracts.errors import PayloadTooLarge, SchemaError
 
 SCHEMA = "edgeloop.block-request/1"
 DEFAULT_BLOCK_SIZE = 8192

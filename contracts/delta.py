@@ -21,7 +21,7 @@ import struct
 import zlib
 from typing import Any
 
-from contracts.errors import ContractError, PayloadTooLarge, SchemaError
+from edgeloop.contracts.errors import ContractError, PayloadTooLarge, SchemaError
 
 FORMAT = "edgeloop.delta/1"
 MAX_TARGET_BYTES = 512 * 1024 * 1024

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from contracts.errors import SchemaError
+from edgeloop.contracts.errors import SchemaError
 
 __all__ = ["FeatureSpec"]
 

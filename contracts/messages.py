@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Callable, ClassVar, TypeVar, Union, overload
 
-from contracts.errors import PayloadTooLarge, SchemaError
+from edgeloop.contracts.errors import PayloadTooLarge, SchemaError
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_CLASSES = 1024

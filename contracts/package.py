@@ -20,9 +20,9 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from contracts.errors import PayloadTooLarge, SchemaError
-from contracts.features import FeatureSpec
-from contracts.tasks import CLASSIFICATION, TaskSpec
+from edgeloop.contracts.errors import PayloadTooLarge, SchemaError
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.contracts.tasks import CLASSIFICATION, TaskSpec
 
 FORMAT = "edgeloop.bundle/1"
 MANIFEST = "manifest.json"

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from contracts.errors import SchemaError
+from edgeloop.contracts.errors import SchemaError
 
 __all__ = ["TaskKind", "TaskSpec", "CLASSIFICATION", "Decision"]
 

@@ -4,6 +4,6 @@ Device code imports :mod:`contracts` and third-party device libraries only; it n
 :mod:`cloud` or :mod:`fleet` (a test enforces this).
 """
 
-from device_sdk.agent import Agent, AgentConfig
+from edgeloop.device_sdk.agent import Agent, AgentConfig
 
 __all__ = ["Agent", "AgentConfig"]

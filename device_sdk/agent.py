@@ -5,9 +5,9 @@ the threaded fleet simulator, or the swarm's asyncio loop) calls :meth:`Agent.st
 next step of an install, run a due retry or handle one queued message, and :meth:`Agent.infer`
 to serve requests, from the same thread or from two (a serving thread and a control thread):
 the model switch and the telemetry window are guarded by one lock, held only for bookkeeping,
-never during inference or a download. Its parts are :mod:`device_sdk.ports` Protocols (the MQTT
+never during inference or a download. Its parts are :mod:`edgeloop.device_sdk.ports` Protocols (the MQTT
 link, the update fetcher, the runtime loader, the state, outbox and sequence stores), built by
-:mod:`device_sdk.factory` unless given. An install is the installer's steps
+:mod:`edgeloop.device_sdk.factory` unless given. An install is the installer's steps
 (device_sdk/ota.py): ``begin``, the fetcher's download (a blocking fetcher does it inside one
 ``step`` on the control thread; an asynchronous one in the background of the caller's loop),
 then ``complete``; the new model is loaded and health-checked beside the serving one and the
@@ -15,7 +15,7 @@ switch happens between requests, so no request fails or waits on an install.
 
 Bad input never stops it: a malformed message is logged and dropped; a bad update is refused,
 reported on the status topic and through the outbox on the errors topic (codes:
-:class:`contracts.codes.ErrorCode`), and the current model keeps serving.
+:class:`edgeloop.contracts.codes.ErrorCode`), and the current model keeps serving.
 """
 
 from __future__ import annotations
@@ -31,20 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts import topics
-from contracts.codes import ErrorCode
-from contracts.errors import ContractError
-from contracts.messages import (MAX_FEATURES, Announce, Command, DeviceState, ErrorReport, Status, TelemetryAck, encode,
+from edgeloop.contracts import topics
+from edgeloop.contracts.codes import ErrorCode
+from edgeloop.contracts.errors import ContractError
+from edgeloop.contracts.messages import (MAX_FEATURES, Announce, Command, DeviceState, ErrorReport, Status, TelemetryAck, encode,
                                parse)
-from contracts.tasks import TaskKind
-from device_sdk import factory
-from device_sdk.delivery import Delivery
-from device_sdk.errors import StorageError, TransientError, UpdateRefused
-from device_sdk.ota import InstallResult, Installer, InstallState
-from device_sdk.outbox import PRIORITY_ERROR, PRIORITY_TELEMETRY
-from device_sdk.ports import Link, OutboxStore, RuntimeLoader, Sent, SequenceStore, StateStore, UpdateFetcher
-from device_sdk.runtime import ModelRuntime
-from device_sdk.telemetry import TelemetryWindow
+from edgeloop.contracts.tasks import TaskKind
+from edgeloop.device_sdk import factory
+from edgeloop.device_sdk.delivery import Delivery
+from edgeloop.device_sdk.errors import StorageError, TransientError, UpdateRefused
+from edgeloop.device_sdk.ota import InstallResult, Installer, InstallState
+from edgeloop.device_sdk.outbox import PRIORITY_ERROR, PRIORITY_TELEMETRY
+from edgeloop.device_sdk.ports import Link, OutboxStore, RuntimeLoader, Sent, SequenceStore, StateStore, UpdateFetcher
+from edgeloop.device_sdk.runtime import ModelRuntime
+from edgeloop.device_sdk.telemetry import TelemetryWindow
 
 log = logging.getLogger("edgeloop.agent")
 
@@ -95,7 +95,7 @@ class Agent:
     def __init__(self, config: AgentConfig, *, link: Link | None = None, fetcher: UpdateFetcher | None = None,
                  runtimes: RuntimeLoader | None = None, state: StateStore | None = None,
                  outbox: OutboxStore | None = None, sequence: SequenceStore | None = None) -> None:
-        """Every part not given is the real one (:mod:`device_sdk.factory`). Raises ValueError
+        """Every part not given is the real one (:mod:`edgeloop.device_sdk.factory`). Raises ValueError
         for an invalid device id or transport."""
         if not topics.valid_device_id(config.device_id):
             raise ValueError(f"invalid device id {config.device_id!r}")

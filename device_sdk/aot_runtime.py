@@ -33,10 +33,10 @@ from typing import Callable
 
 import numpy as np
 
-from contracts.codes import ErrorCode
-from contracts.package import Package
-from device_sdk.errors import UpdateRefused
-from device_sdk.runtime import _check_declared, _PerSampleInt8
+from edgeloop.contracts.codes import ErrorCode
+from edgeloop.contracts.package import Package
+from edgeloop.device_sdk.errors import UpdateRefused
+from edgeloop.device_sdk.runtime import _check_declared, _PerSampleInt8
 
 __all__ = ["AOTModel", "AOT_SOURCES", "build_count", "int8_outputs"]
 
@@ -207,7 +207,7 @@ class AOTModel(_PerSampleInt8):
 
     def check_against_tflm(self, raw: np.ndarray) -> bool:
         """True when this library's int8 outputs equal TFLite Micro's, bit for bit, on ``raw``."""
-        from device_sdk.runtime import TFLMModel
+        from edgeloop.device_sdk.runtime import TFLMModel
 
         return bool(np.array_equal(int8_outputs(self, raw), int8_outputs(TFLMModel(self._bundle), raw)))
 

@@ -31,7 +31,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
-    from device_sdk.ports import OutboxStore
+    from edgeloop.device_sdk.ports import OutboxStore
 
 __all__ = ["Delivery"]
 

@@ -4,7 +4,7 @@
 
     AgentError                  base
     ├── UpdateRefused           this update must not be installed: keep the current model,
-    │                           report ``code`` (a :class:`contracts.codes.ErrorCode`:
+    │                           report ``code`` (a :class:`edgeloop.contracts.codes.ErrorCode`:
     │                           verify.*, health.*) and do not retry the same update
     ├── TransientError          network or broker trouble: retry later, same update
     │                           (reported as ``transport.download`` once retries run out)
@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from contracts.codes import ErrorCode
+from edgeloop.contracts.codes import ErrorCode
 
 
 class AgentError(Exception):

@@ -1,6 +1,6 @@
 """The real parts of an agent, built from its config (what ``Agent(AgentConfig(...))`` gets).
 
-Each function builds one :mod:`device_sdk.ports` part; a caller that swaps one part (a test, the
+Each function builds one :mod:`edgeloop.device_sdk.ports` part; a caller that swaps one part (a test, the
 swarm) passes its own to :class:`~device_sdk.agent.Agent` and gets these for the rest.
 """
 
@@ -9,17 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from contracts import topics
-from contracts.messages import DeviceState, Status, encode
-from device_sdk.mqtt import MqttLink
-from device_sdk.mqtt_fetcher import MqttBlockFetcher
-from device_sdk.outbox import Outbox, OutboxConfig
-from device_sdk.telemetry import SequenceCounter
-from device_sdk.tuf_fetch import UpdateClient
+from edgeloop.contracts import topics
+from edgeloop.contracts.messages import DeviceState, Status, encode
+from edgeloop.device_sdk.mqtt import MqttLink
+from edgeloop.device_sdk.mqtt_fetcher import MqttBlockFetcher
+from edgeloop.device_sdk.outbox import Outbox, OutboxConfig
+from edgeloop.device_sdk.telemetry import SequenceCounter
+from edgeloop.device_sdk.tuf_fetch import UpdateClient
 
 if TYPE_CHECKING:
-    from device_sdk.agent import AgentConfig
-    from device_sdk.ports import Link
+    from edgeloop.device_sdk.agent import AgentConfig
+    from edgeloop.device_sdk.ports import Link
 
 __all__ = ["link", "fetcher", "outbox", "sequence"]
 

@@ -4,7 +4,7 @@ The link never runs agent logic on paho's network thread: incoming messages go i
 bounded queue that the agent drains in :meth:`Agent.step`, so a slow install never blocks
 acknowledgements or keep-alives. When the queue is full, new messages are dropped and counted.
 
-Two ways to run it (:class:`device_sdk.ports.Link`): with paho's network thread
+Two ways to run it (:class:`edgeloop.device_sdk.ports.Link`): with paho's network thread
 (``threaded=True``, the default: the link's thread, never the agent's), or polled, where every
 :meth:`MqttLink.receive` and :meth:`MqttLink.poll` does the network I/O itself (``client.loop``)
 and the device runs on one thread.
@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from device_sdk.errors import TransientError
+from edgeloop.device_sdk.errors import TransientError
 
 log = logging.getLogger("edgeloop.agent.mqtt")
 

@@ -20,10 +20,10 @@ from typing import Any, Callable, Protocol
 from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
-from contracts import topics
-from contracts.blocks import DEFAULT_BLOCK_SIZE, MAX_BLOCKS_PER_REQUEST, BlockRequest, decode_block
-from contracts.errors import ContractError
-from device_sdk.storage import atomic_write
+from edgeloop.contracts import topics
+from edgeloop.contracts.blocks import DEFAULT_BLOCK_SIZE, MAX_BLOCKS_PER_REQUEST, BlockRequest, decode_block
+from edgeloop.contracts.errors import ContractError
+from edgeloop.device_sdk.storage import atomic_write
 
 __all__ = ["MqttBlockFetcher"]
 

@@ -32,16 +32,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from contracts.codes import ErrorCode
-from contracts.package import Package, read_package, sha256_hex
-from contracts.errors import ContractError
-from contracts.messages import Announce, as_dict
-from device_sdk.errors import TransientError, UpdateRefused
-from device_sdk.runtime import DEFAULT_LOADER, HealthReport, ModelRuntime
-from device_sdk.storage import JsonFile, atomic_write
+from edgeloop.contracts.codes import ErrorCode
+from edgeloop.contracts.package import Package, read_package, sha256_hex
+from edgeloop.contracts.errors import ContractError
+from edgeloop.contracts.messages import Announce, as_dict
+from edgeloop.device_sdk.errors import TransientError, UpdateRefused
+from edgeloop.device_sdk.runtime import DEFAULT_LOADER, HealthReport, ModelRuntime
+from edgeloop.device_sdk.storage import JsonFile, atomic_write
 
 if TYPE_CHECKING:
-    from device_sdk.ports import RuntimeLoader, StateStore
+    from edgeloop.device_sdk.ports import RuntimeLoader, StateStore
 
 STATE_SCHEMA = "edgeloop.agent-state/1"
 SLOTS = ("a", "b")

@@ -7,7 +7,7 @@ report (it has ``ref``, its report_id) is kept after the PUBACK, marked with whe
 took it, until the ingest confirms it stored it
 (:meth:`Outbox.confirm`, from an ``edgeloop.telemetry_ack/1``): the broker taking a message is not
 the store having it (a broker restarted before any ingest worker subscribed again delivers it
-to nobody). :mod:`device_sdk.delivery` sends, resends and deletes.
+to nobody). :mod:`edgeloop.device_sdk.delivery` sends, resends and deletes.
 
 While offline the outbox grows up to ``max_bytes`` and ``max_age_s``; beyond that the oldest
 lowest-priority messages are dropped first, and the number dropped is kept so the next

@@ -2,7 +2,7 @@
 
 The agent (device_sdk/agent.py) owns no thread and no I/O of its own; it talks to the world
 through these Protocols, each with one real implementation in device_sdk built by
-:mod:`device_sdk.factory` when none is given:
+:mod:`edgeloop.device_sdk.factory` when none is given:
 
 ==============  ==========================================  =====================================
 part            real implementation                         what the swarm swaps in
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from contracts.package import Package
-from contracts.messages import Announce
-from device_sdk.outbox import Pending
-from device_sdk.runtime import HealthReport, ModelRuntime
+from edgeloop.contracts.package import Package
+from edgeloop.contracts.messages import Announce
+from edgeloop.device_sdk.outbox import Pending
+from edgeloop.device_sdk.runtime import HealthReport, ModelRuntime
 
 __all__ = ["Sent", "Link", "UpdateFetcher", "RuntimeLoader", "StateStore", "OutboxStore", "SequenceStore"]
 

@@ -1,6 +1,6 @@
 """Model runtimes on the device, behind one small interface.
 
-A runtime is made from a verified package (:class:`contracts.package.Package`). It applies the
+A runtime is made from a verified package (:class:`edgeloop.contracts.package.Package`). It applies the
 package's feature contract to raw inputs, quantizes them if the model takes int8, runs the
 tier's real runtime, dequantizes int8 outputs, and returns class probabilities:
 
@@ -32,9 +32,9 @@ from typing import Protocol
 
 import numpy as np
 
-from contracts.codes import ErrorCode
-from contracts.package import ARENA_MIN_SEARCH, Package, Manifest
-from device_sdk.errors import UpdateRefused
+from edgeloop.contracts.codes import ErrorCode
+from edgeloop.contracts.package import ARENA_MIN_SEARCH, Package, Manifest
+from edgeloop.device_sdk.errors import UpdateRefused
 
 __all__ = ["ModelRuntime", "OnnxModel", "LiteRTModel", "TFLMModel", "load_runtime", "health_check",
            "HealthReport", "quantize", "dequantize"]
@@ -199,7 +199,7 @@ def load_runtime(bundle: Package, prefer_aot: bool = True) -> ModelRuntime:
     """The runtime a package names. Raises UpdateRefused('health.load') if it cannot load.
 
     A ``tflite-micro`` package that carries its AOT C library (``layout.aot``) runs on it
-    (:class:`device_sdk.aot_runtime.AOTModel`, the code proven on the emulated board) unless
+    (:class:`edgeloop.device_sdk.aot_runtime.AOTModel`, the code proven on the emulated board) unless
     ``prefer_aot`` is false; a library that does not build is refused, not silently replaced
     by TFLM, so the device keeps its working model and reports why."""
     runtime = bundle.manifest.runtime
@@ -207,7 +207,7 @@ def load_runtime(bundle: Package, prefer_aot: bool = True) -> ModelRuntime:
         raise UpdateRefused(ErrorCode.HEALTH_LOAD, f"runtime {runtime!r} is not available on this device")
     try:
         if runtime == "tflite-micro" and prefer_aot and "aot" in bundle.manifest.layout:
-            from device_sdk.aot_runtime import AOTModel
+            from edgeloop.device_sdk.aot_runtime import AOTModel
 
             return AOTModel(bundle)
         return _RUNTIMES[runtime](bundle)

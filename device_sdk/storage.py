@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from device_sdk.errors import StorageError
+from edgeloop.device_sdk.errors import StorageError
 
 __all__ = ["atomic_write", "read_json", "write_json", "JsonFile"]
 

@@ -2,7 +2,7 @@
 
 A window accumulates counts (inferences, labelled, correct), a prediction histogram, a
 confidence histogram (10 bins over [0, 1]) and latencies, then becomes one
-:class:`contracts.messages.Telemetry` record with the next per-device sequence number. The
+:class:`edgeloop.contracts.messages.Telemetry` record with the next per-device sequence number. The
 sequence counter is persisted before the record is handed to the transport, so a restart
 never reuses a number (the cloud deduplicates on (device_id, seq)).
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.baseline_digest import edges_digest
-from contracts.package import Manifest
-from contracts.messages import Telemetry
-from contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
-from device_sdk.storage import read_json, write_json
+from edgeloop.contracts.baseline_digest import edges_digest
+from edgeloop.contracts.package import Manifest
+from edgeloop.contracts.messages import Telemetry
+from edgeloop.contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
+from edgeloop.device_sdk.storage import read_json, write_json
 
 CONFIDENCE_BINS = 10
 

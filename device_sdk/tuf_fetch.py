@@ -31,16 +31,16 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 
-from contracts.codes import ErrorCode
-from contracts.delta import apply_delta
-from contracts.errors import ContractError
-from contracts.messages import Announce
-from contracts.topics import assignment_path
-from device_sdk.errors import TransientError, UpdateRefused
-from device_sdk.fetcher import ResumableFetcher
-from device_sdk.mqtt_fetcher import MqttBlockFetcher
+from edgeloop.contracts.codes import ErrorCode
+from edgeloop.contracts.delta import apply_delta
+from edgeloop.contracts.errors import ContractError
+from edgeloop.contracts.messages import Announce
+from edgeloop.contracts.topics import assignment_path
+from edgeloop.device_sdk.errors import TransientError, UpdateRefused
+from edgeloop.device_sdk.fetcher import ResumableFetcher
+from edgeloop.device_sdk.mqtt_fetcher import MqttBlockFetcher
 from tuf.ngclient.fetcher import FetcherInterface
-from device_sdk.storage import atomic_write
+from edgeloop.device_sdk.storage import atomic_write
 
 log = logging.getLogger("edgeloop.agent.update")
 
@@ -76,7 +76,7 @@ class UpdateClient:
         self._started: tuple[Announce, bytes | None] | None = None
 
     def start(self, announce: Announce, base: bytes | None) -> None:
-        """:class:`device_sdk.ports.UpdateFetcher`: remember what :meth:`result` fetches."""
+        """:class:`edgeloop.device_sdk.ports.UpdateFetcher`: remember what :meth:`result` fetches."""
         self._started = (announce, base)
 
     def result(self) -> bytes | None:

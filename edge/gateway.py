@@ -1,6 +1,6 @@
 """The edge-gateway runtime: the device agent, plus local inference for the devices behind it.
 
-A gateway runs one :class:`device_sdk.agent.Agent` (OTA updates, telemetry, store-and-forward,
+A gateway runs one :class:`edgeloop.device_sdk.agent.Agent` (OTA updates, telemetry, store-and-forward,
 exactly as on any device) and serves the model the agent has installed to sensors and
 controllers on its local network, over plain HTTP/JSON (stdlib only, no extra dependency)::
 
@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from contracts.tasks import TaskKind
-from contracts.topics import DEFAULT_FLEET
-from device_sdk.agent import Agent, AgentConfig
+from edgeloop.contracts.tasks import TaskKind
+from edgeloop.contracts.topics import DEFAULT_FLEET
+from edgeloop.device_sdk.agent import Agent, AgentConfig
 
 log = logging.getLogger("edgeloop.gateway")
 

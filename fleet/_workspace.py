@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from cloud.workspace import Workspace
+from edgeloop.cloud.workspace import Workspace
 
 __all__ = ["ago", "open_registry", "open_workspace"]
 
@@ -15,7 +15,7 @@ def open_workspace(args: argparse.Namespace) -> Workspace:
 
 
 def open_registry(ws: Workspace):  # noqa: ANN202
-    from cloud.registry import Registry
+    from edgeloop.cloud.registry import Registry
     return Registry(ws.registry_path)
 
 

@@ -53,15 +53,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from cloud.errors import ServiceUnavailable, UserError
-from cloud.fleet_registry import DeviceFilter, FleetRegistry
-from cloud.release.signing import atomic_write
-from cloud.workspace import Workspace, parse_host_port
-from contracts import topics
-from fleet.identity import TlsFiles, control_plane_cn, control_plane_cns, control_plane_tls, ensure_services, pki_dir
+from edgeloop.cloud.errors import ServiceUnavailable, UserError
+from edgeloop.cloud.fleet_registry import DeviceFilter, FleetRegistry
+from edgeloop.cloud.release.signing import atomic_write
+from edgeloop.cloud.workspace import Workspace, parse_host_port
+from edgeloop.contracts import topics
+from edgeloop.fleet.identity import TlsFiles, control_plane_cn, control_plane_cns, control_plane_tls, ensure_services, pki_dir
 
 if TYPE_CHECKING:
-    from cloud.services import StackOptions
+    from edgeloop.cloud.services import StackOptions
 
 DEFAULT_PORT = 8883
 DEFAULT_BIND = "127.0.0.1"
@@ -156,7 +156,7 @@ class MqttLink:
 def control_plane_link(ws: Workspace, address: str | None = None, worker: str | None = None) -> MqttLink:
     """Where and how a control-plane process connects. ``address`` (HOST:PORT, for example the
     CLI's ``--mqtt``) overrides the broker's own address. ``worker``: the process's own identity
-    (:func:`fleet.identity.control_plane_tls`); a new one is added to the ACL and a running
+    (:func:`edgeloop.fleet.identity.control_plane_tls`); a new one is added to the ACL and a running
     broker reloads it. Raises UserError for a malformed broker.json or worker name."""
     info_path = broker_dir(ws) / "broker.json"
     if not info_path.exists():
@@ -183,7 +183,7 @@ def stack_options(ws: Workspace, address: str | None = None, worker: str = "serv
     ingest workers as ``<worker>-2``, ...), the workspace's secret share group, and what else the
     caller asks for. The one place serve and the demos get these from (cloud/services.py).
     Raises UserError for a bad address, worker name or worker count."""
-    from cloud.services import StackOptions
+    from edgeloop.cloud.services import StackOptions
 
     if ingest_workers < 1:
         raise UserError(f"invalid number of ingest workers {ingest_workers}: use 1 or more")
@@ -193,7 +193,7 @@ def stack_options(ws: Workspace, address: str | None = None, worker: str = "serv
 
 
 def _reload_acl(ws: Workspace) -> None:
-    from cloud.registry import Registry
+    from edgeloop.cloud.registry import Registry
 
     registry = Registry(ws.registry_path)
     try:

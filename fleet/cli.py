@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cloud.errors import CloudError, ServiceUnavailable, UserError
-from cloud.workspace import DEFAULT_MQTT, Workspace
-from fleet import remote
-from fleet._args import positive_int as _positive
-from fleet._output import Output
-from fleet._parser import Parser as _Parser
-from fleet._parser import action as _action, common as _common, group as _group
-from fleet._workspace import open_registry as _registry, open_workspace as _open
-from fleet.remote import remote_ok
+from edgeloop.cloud.errors import CloudError, ServiceUnavailable, UserError
+from edgeloop.cloud.workspace import DEFAULT_MQTT, Workspace
+from edgeloop.fleet import remote
+from edgeloop.fleet._args import positive_int as _positive
+from edgeloop.fleet._output import Output
+from edgeloop.fleet._parser import Parser as _Parser
+from edgeloop.fleet._parser import action as _action, common as _common, group as _group
+from edgeloop.fleet._workspace import open_registry as _registry, open_workspace as _open
+from edgeloop.fleet.remote import remote_ok
 
 SERVE_FILE = "serve.json"
 EXIT_INTERNAL = 70
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ingest-workers", type=_positive, default=1, metavar="N",
                    help="control-plane connections in this process splitting the stream (shared ingest only)")
 
-    from fleet.cli_devices import add_broker_commands, add_devices_commands
+    from edgeloop.fleet.cli_devices import add_broker_commands, add_devices_commands
     add_devices_commands(sub)
     add_broker_commands(sub)
 
@@ -135,24 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy the candidate may lose against production (default 0.01)")
     _action(models, "archive", "archive a model version", _models_archive).add_argument(
         "model_version", metavar="MODEL_VERSION")
-    from fleet.cli_models_import import add_models_import
+    from edgeloop.fleet.cli_models_import import add_models_import
     add_models_import(models, _action)
     drift = _group(sub, "drift", "drift and skew against the training baseline, per cohort", _drift_report)
     p = _action(drift, "report", "compare device telemetry with each model version's training baseline",
                 _drift_report)
     p.add_argument("--cohort", choices=["device", "tier", "tag", "site", "model_version", "fleet"], default="device")
-    from fleet.cli_labels import add_labels_commands
+    from edgeloop.fleet.cli_labels import add_labels_commands
     add_labels_commands(sub, _group, _action)
-    from fleet.cli_keys import add_keys_commands
+    from edgeloop.fleet.cli_keys import add_keys_commands
     add_keys_commands(sub, _group, _action)
-    from fleet.cli_tokens import add_tokens_commands
+    from edgeloop.fleet.cli_tokens import add_tokens_commands
     add_tokens_commands(sub, _group, _action)
-    from fleet.cli_rollout import add_rollout_commands
+    from edgeloop.fleet.cli_rollout import add_rollout_commands
     add_rollout_commands(sub, _group, _action)
-    from fleet.cli_pipeline import add_pipeline_commands
+    from edgeloop.fleet.cli_pipeline import add_pipeline_commands
     add_pipeline_commands(sub, _group, _action)
     cmd("status", "summarize the fleet: models, updates, device states, telemetry", _status)
-    from fleet.cli_swarm import add_swarm_command
+    from edgeloop.fleet.cli_swarm import add_swarm_command
     add_swarm_command(sub, _common)
 
     p = cmd("simulate", "run a simulated fleet against the broker: full agents (thread each) up to "
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _example_names() -> list[str]:
-    from cloud.examples import EXAMPLES   # no heavy imports: a dict of names
+    from edgeloop.cloud.examples import EXAMPLES   # no heavy imports: a dict of names
     return sorted(EXAMPLES)
 
 
@@ -197,7 +197,7 @@ def _dist_args(p: argparse.ArgumentParser) -> None:
 
 
 def _dist_config(args: argparse.Namespace):  # noqa: ANN202
-    from cloud.train.launcher import DistConfig
+    from edgeloop.cloud.train.launcher import DistConfig
     if args.nnodes != "1" and not args.rdzv_endpoint:
         raise UserError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
     return DistConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
@@ -206,7 +206,7 @@ def _dist_config(args: argparse.Namespace):  # noqa: ANN202
 
 # -- commands ----------------------------------------------------------------------------------
 def _init(args: argparse.Namespace, out: Output) -> int:
-    from cloud.registry import Registry
+    from edgeloop.cloud.registry import Registry
 
     existed = (args.workspace / "edgeloop.toml").exists()
     ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT, http=args.http, fleet=args.fleet)
@@ -221,8 +221,8 @@ def _init(args: argparse.Namespace, out: Output) -> int:
 
 
 def _train(args: argparse.Namespace, out: Output) -> int:
-    from cloud.loop.pipeline import train_model
-    from cloud.train.training import TrainParams
+    from edgeloop.cloud.loop.pipeline import train_model
+    from edgeloop.cloud.train.training import TrainParams
 
     ws = _open(args)
     registry = _registry(ws)
@@ -252,8 +252,8 @@ def quality_line(m: dict) -> str:
 
 
 def _reproduce(args: argparse.Namespace, out: Output) -> int:
-    from cloud.train.launcher import DistConfig
-    from cloud.loop.pipeline import reproduce_run
+    from edgeloop.cloud.train.launcher import DistConfig
+    from edgeloop.cloud.loop.pipeline import reproduce_run
 
     ws = _open(args)
     dist = DistConfig(nproc_per_node=args.nproc_per_node) if args.nproc_per_node else None
@@ -296,7 +296,7 @@ def _runs_show(args: argparse.Namespace, out: Output) -> int:
 
 
 def _data_add(args: argparse.Namespace, out: Output) -> int:
-    from cloud.loop.pipeline import register_dataset
+    from edgeloop.cloud.loop.pipeline import register_dataset
 
     dataset, dataset_id, created = register_dataset(_registry(_open(args)), args.name, args.path, args.task)
     out.result({"dataset_id": dataset_id, "created": created, "sha256": dataset.sha256, "schema": dataset.schema},
@@ -311,12 +311,12 @@ def _shape_text(shape: Any) -> str:
 
 
 def _example_data_names() -> list[str]:
-    from cloud.examples import EXAMPLE_DATA   # a dict of names: no numpy at start-up
+    from edgeloop.cloud.examples import EXAMPLE_DATA   # a dict of names: no numpy at start-up
     return sorted(EXAMPLE_DATA)
 
 
 def _data_example(args: argparse.Namespace, out: Output) -> int:
-    from cloud.train.example_data import EXAMPLE_DATA, write_example
+    from edgeloop.cloud.train.example_data import EXAMPLE_DATA, write_example
 
     path = write_example(args.example, args.dest)
     out.result({"example": args.example, "path": str(path)},
@@ -335,7 +335,7 @@ def _data_ls(args: argparse.Namespace, out: Output) -> int:
 
 
 def _lineage(args: argparse.Namespace, out: Output) -> int:
-    from cloud.models import lineage
+    from edgeloop.cloud.models import lineage
 
     chain = lineage(_registry(_open(args)), args.device_id)
     if "update" not in chain:
@@ -357,7 +357,7 @@ def _lineage(args: argparse.Namespace, out: Output) -> int:
 
 
 def _package(args: argparse.Namespace, out: Output) -> int:
-    from fleet.cli_package import package_command
+    from edgeloop.fleet.cli_package import package_command
 
     return package_command(args, out, _open(args), _registry)
 
@@ -372,10 +372,10 @@ def _serve_url(ws: Workspace) -> str:
 
 
 def _publish(args: argparse.Namespace, out: Output) -> int:
-    from cloud.ingest.control_plane import ControlPlane
-    from cloud.loop.pipeline import publish_update
+    from edgeloop.cloud.ingest.control_plane import ControlPlane
+    from edgeloop.cloud.loop.pipeline import publish_update
 
-    from fleet.broker import control_plane_link
+    from edgeloop.fleet.broker import control_plane_link
 
     ws = _open(args)
     registry = _registry(ws)
@@ -393,9 +393,9 @@ def _publish(args: argparse.Namespace, out: Output) -> int:
 
 
 def _serve(args: argparse.Namespace, out: Output) -> int:
-    from cloud.services import ServiceStack
-    from cloud.workspace import parse_host_port
-    from fleet.broker import stack_options
+    from edgeloop.cloud.services import ServiceStack
+    from edgeloop.cloud.workspace import parse_host_port
+    from edgeloop.fleet.broker import stack_options
 
     ws = _open(args)
     api = parse_host_port(args.api, "API address", allow_zero=True)
@@ -460,7 +460,7 @@ def _models_show(args: argparse.Namespace, out: Output) -> int:
 
 
 def _models_promote(args: argparse.Namespace, out: Output) -> int:
-    from cloud.models import promote
+    from edgeloop.cloud.models import promote
 
     p = promote(_registry(_open(args)), args.model_version, args.stage, args.tolerance)
     extra = ""
@@ -472,7 +472,7 @@ def _models_promote(args: argparse.Namespace, out: Output) -> int:
 
 
 def _models_archive(args: argparse.Namespace, out: Output) -> int:
-    from cloud.models import promote
+    from edgeloop.cloud.models import promote
 
     p = promote(_registry(_open(args)), args.model_version, "archived")
     out.result(p.__dict__, f"{p.model_version}: {p.from_stage} -> archived")
@@ -510,9 +510,9 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
         argv += ["--mqtt", args.mqtt] if args.mqtt else []
         swarm_args = build_parser().parse_args(argv)
         return swarm_args.fn(swarm_args, out)
-    from cloud.train.datasets import load_dataset
-    from simulators.datastream import DataStream
-    from simulators.fleet import FleetSpec, SimulatedFleet
+    from edgeloop.cloud.train.datasets import load_dataset
+    from edgeloop.simulators.datastream import DataStream
+    from edgeloop.simulators.fleet import FleetSpec, SimulatedFleet
 
     ws = _open(args)
     _, _, test = load_dataset().split()
@@ -543,13 +543,13 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
 def _device_link(ws: Workspace, mqtt: str | None, tier: str):  # noqa: ANN202
     """The broker link, and for a workspace with a generated broker each simulated device's own
     mutual-TLS identity (enrolled on first use)."""
-    from fleet.broker import control_plane_link
-    from fleet.identity import agent_tls, simulated_device_tls
+    from edgeloop.fleet.broker import control_plane_link
+    from edgeloop.fleet.identity import agent_tls, simulated_device_tls
 
     link = control_plane_link(ws, mqtt, "demo")
     if link.tls is None:
         return link, None
-    from fleet.cli_devices import open_fleet
+    from edgeloop.fleet.cli_devices import open_fleet
     fleet = open_fleet(ws)
     return link, lambda device_id: agent_tls(simulated_device_tls(ws, fleet, device_id, tier))
 
@@ -557,7 +557,7 @@ def _device_link(ws: Workspace, mqtt: str | None, tier: str):  # noqa: ANN202
 def _demo(args: argparse.Namespace, out: Output) -> int:
     if args.loop:
         return _loop_demo(args, out)
-    from fleet.demo import DemoOptions, run_demo
+    from edgeloop.fleet.demo import DemoOptions, run_demo
 
     args.devices = args.devices or DemoOptions.devices
     ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT).with_mqtt(args.mqtt)
@@ -568,7 +568,7 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
     out.info(f"edgeloop demo: {args.devices} devices, broker {ws.mqtt_host}:{ws.mqtt_port}, workspace {ws.root}"
              if not (ws.root / "broker" / "broker.json").exists() else
              f"edgeloop demo: {args.devices} devices, the workspace's mutual-TLS broker, workspace {ws.root}")
-    from fleet.demo import TIER
+    from edgeloop.fleet.demo import TIER
 
     link, own = _device_link(ws, args.mqtt, TIER)
     with out.progress() as progress:
@@ -606,11 +606,11 @@ def _example_text(r: dict) -> str:
 
 
 def _loop_demo(args: argparse.Namespace, out: Output) -> int:
-    from fleet.loop_demo import LoopOptions, run_loop_demo
+    from edgeloop.fleet.loop_demo import LoopOptions, run_loop_demo
 
     devices = args.devices or LoopOptions.devices
-    from fleet.broker import stack_options
-    from fleet.loop_demo import TIER
+    from edgeloop.fleet.broker import stack_options
+    from edgeloop.fleet.loop_demo import TIER
 
     ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT).with_mqtt(args.mqtt)
     link, own = _device_link(ws, args.mqtt, TIER)     # serve's link and share group: one stack (cloud/services.py)
@@ -634,7 +634,7 @@ def _loop_demo(args: argparse.Namespace, out: Output) -> int:
 
 
 def _drift_report(args: argparse.Namespace, out: Output) -> int:
-    from cloud.drift.monitor import drift_report
+    from edgeloop.cloud.drift.monitor import drift_report
 
     cohort = getattr(args, "cohort", "device")
     report = drift_report(_registry(_open(args)), by=cohort)
@@ -667,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:
             raise
-        from device_sdk.errors import AgentError
+        from edgeloop.device_sdk.errors import AgentError
         code = ServiceUnavailable.exit_code if isinstance(e, AgentError) else EXIT_INTERNAL
         sys.stderr.write(f"edgeloop: error: {type(e).__name__}: {e} (rerun with --debug for details)\n")
         return code

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud.workspace import Workspace
-from fleet import remote
-from fleet._output import Output
-from fleet._parser import Parser, ShowByDefault, action, common, group
-from fleet._workspace import ago, open_registry, open_workspace
-from fleet.remote import remote_ok
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet import remote
+from edgeloop.fleet._output import Output
+from edgeloop.fleet._parser import Parser, ShowByDefault, action, common, group
+from edgeloop.fleet._workspace import ago, open_registry, open_workspace
+from edgeloop.fleet.remote import remote_ok
 
 __all__ = ["add_broker_commands", "add_devices_commands", "open_fleet"]
 
@@ -71,14 +71,14 @@ def add_broker_commands(sub: Any) -> None:
 
 def open_fleet(ws: Workspace):  # noqa: ANN201
     """The workspace's fleet registry (devices, certificates, tags and groups)."""
-    from cloud.fleet_registry import FleetRegistry
+    from edgeloop.cloud.fleet_registry import FleetRegistry
     return FleetRegistry(open_registry(ws))
 
 
 @remote_ok
 def _devices_ls(args: argparse.Namespace, out: Output) -> int:
-    from cloud.fleet_registry import DeviceFilter
-    from fleet.identity import parse_tags
+    from edgeloop.cloud.fleet_registry import DeviceFilter
+    from edgeloop.fleet.identity import parse_tags
 
     where = DeviceFilter(tier=getattr(args, "tier", None), state=getattr(args, "state", None),
                          tags=parse_tags(getattr(args, "tag", None) or []), group=getattr(args, "group", None),
@@ -96,7 +96,7 @@ def _devices_ls(args: argparse.Namespace, out: Output) -> int:
 
 @remote_ok
 def _devices_show(args: argparse.Namespace, out: Output) -> int:
-    from cloud.api.server import device_detail
+    from edgeloop.cloud.api.server import device_detail
 
     device = remote.client(args).device(args.device_id) if args.server \
         else device_detail(open_fleet(open_workspace(args)), args.device_id)
@@ -105,7 +105,7 @@ def _devices_show(args: argparse.Namespace, out: Output) -> int:
 
 
 def _devices_enroll(args: argparse.Namespace, out: Output) -> int:
-    from fleet.identity import enroll, enrolment_from
+    from edgeloop.fleet.identity import enroll, enrolment_from
 
     ws = open_workspace(args)
     req = enrolment_from(args.device_id, args.tier, args.hardware, args.tag, args.group, args.csr)
@@ -119,8 +119,8 @@ def _devices_enroll(args: argparse.Namespace, out: Output) -> int:
 
 
 def _devices_revoke(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import apply_revocations
-    from fleet.identity import revoke
+    from edgeloop.fleet.broker import apply_revocations
+    from edgeloop.fleet.identity import revoke
 
     ws = open_workspace(args)
     fleet = open_fleet(ws)
@@ -133,7 +133,7 @@ def _devices_revoke(args: argparse.Namespace, out: Output) -> int:
 
 
 def _broker_config(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import describe, write_config
+    from edgeloop.fleet.broker import describe, write_config
 
     ws = open_workspace(args)
     cfg = write_config(ws, open_fleet(ws), args.port, args.out, args.bind, args.san)
@@ -143,7 +143,7 @@ def _broker_config(args: argparse.Namespace, out: Output) -> int:
 
 
 def _broker_up(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import start
+    from edgeloop.fleet.broker import start
 
     ws = open_workspace(args)
     st = start(ws, open_fleet(ws), args.port, args.bind)
@@ -154,7 +154,7 @@ def _broker_up(args: argparse.Namespace, out: Output) -> int:
 
 
 def _broker_down(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import stop
+    from edgeloop.fleet.broker import stop
 
     pid = stop(open_workspace(args))
     out.result({"stopped": pid}, f"stopped the broker (pid {pid})" if pid else "no broker was running")
@@ -162,7 +162,7 @@ def _broker_down(args: argparse.Namespace, out: Output) -> int:
 
 
 def _broker_status(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import status
+    from edgeloop.fleet.broker import status
 
     st = status(open_workspace(args))
     out.result(st, f"broker running (pid {st['pid']}) at mqtts://{st['address']}" if st["pid"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from cloud.errors import UserError
-from cloud.release.signing import ROLES, RoleKeys
-from cloud.workspace import Workspace
-from fleet._output import Output
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.release.signing import ROLES, RoleKeys
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet._output import Output
 
 __all__ = ["add_keys_commands"]
 

@@ -16,8 +16,8 @@ import csv
 from pathlib import Path
 from typing import Any, Callable
 
-from cloud.errors import UserError
-from fleet._output import Output
+from edgeloop.cloud.errors import UserError
+from edgeloop.fleet._output import Output
 
 __all__ = ["add_labels_commands", "read_label_csv"]
 
@@ -68,8 +68,8 @@ def _usage(args: argparse.Namespace, out: Output) -> int:
 
 
 def _add(args: argparse.Namespace, out: Output) -> int:
-    from cloud.registry import Registry
-    from cloud.workspace import Workspace
+    from edgeloop.cloud.registry import Registry
+    from edgeloop.cloud.workspace import Workspace
 
     rows = read_label_csv(args.file)
     registry = Registry(Workspace.open(args.workspace).registry_path)

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
-from fleet._output import Output
+from edgeloop.fleet._output import Output
 
 __all__ = ["add_models_import"]
 
@@ -31,10 +31,10 @@ def add_models_import(models: Any, action: Callable) -> None:
 
 
 def _import(args: argparse.Namespace, out: Output) -> int:
-    from cloud.package.importing import import_model
-    from cloud.registry import Registry
-    from cloud.workspace import Workspace
-    from fleet.cli import quality_line
+    from edgeloop.cloud.package.importing import import_model
+    from edgeloop.cloud.registry import Registry
+    from edgeloop.cloud.workspace import Workspace
+    from edgeloop.fleet.cli import quality_line
 
     ws = Workspace.open(args.workspace).with_mqtt(args.mqtt)
     r = import_model(ws, Registry(ws.registry_path), args.file, args.name, args.data, task=args.task,

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
-from contracts.package import read_package
-from cloud.errors import UserError
-from cloud.package.tiers import load_tiers
-from cloud.workspace import Workspace
-from fleet._output import Output
+from edgeloop.contracts.package import read_package
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.package.tiers import load_tiers
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet._output import Output
 
 __all__ = ["package_command", "export_triton", "export_c"]
 
@@ -62,8 +62,8 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
     """Package one tier, or every tier with ``--tier all``: there a tier whose artifact does not
     fit is reported (and nothing registered for it) while the other tiers are still packaged,
     and the command exits 2."""
-    from cloud.loop.pipeline import package_model
-    from cloud.package.tier_packagers import DoesNotFit
+    from edgeloop.cloud.loop.pipeline import package_model
+    from edgeloop.cloud.package.tier_packagers import DoesNotFit
 
     registry = registry_for(ws)
     tiers = sorted(load_tiers(ws.root), key=_tier_order) if args.tier == "all" else [args.tier]

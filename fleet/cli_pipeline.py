@@ -12,11 +12,11 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
-from cloud.errors import UserError
-from cloud.loop.closed_loop import controller_driver, load_pipeline, pipeline_runs, run_pipeline
-from cloud.registry import Registry
-from cloud.workspace import Workspace
-from fleet._output import Output
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.loop.closed_loop import controller_driver, load_pipeline, pipeline_runs, run_pipeline
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet._output import Output
 
 __all__ = ["add_pipeline_commands"]
 
@@ -40,7 +40,7 @@ def _registry(args: argparse.Namespace) -> tuple[Workspace, Registry]:
 
 
 def _run(args: argparse.Namespace, out: Output) -> int:
-    from fleet.cli_rollout import _controller, _serve_url
+    from edgeloop.fleet.cli_rollout import _controller, _serve_url
 
     pipe = load_pipeline(args.file)
     ws, registry = _registry(args)

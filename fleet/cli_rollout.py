@@ -12,12 +12,12 @@ import json
 import time
 from typing import Any, Callable
 
-from cloud.errors import UserError
-from cloud.registry import Registry
-from cloud.rollouts.controller import DEVICE_STATES, RolloutController, RolloutSpec, STRATEGIES
-from cloud.workspace import Workspace
-from fleet._output import Output
-from fleet.remote import client, remote_ok
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.rollouts.controller import DEVICE_STATES, RolloutController, RolloutSpec, STRATEGIES
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet._output import Output
+from edgeloop.fleet.remote import client, remote_ok
 
 __all__ = ["add_rollout_commands"]
 

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cloud.errors import ServiceUnavailable, UserError
-from cloud.workspace import Workspace
-from fleet._args import positive_int
-from fleet._output import Output
+from edgeloop.cloud.errors import ServiceUnavailable, UserError
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet._args import positive_int
+from edgeloop.fleet._output import Output
 
 __all__ = ["add_swarm_command"]
 
@@ -65,8 +65,8 @@ def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None
 
 
 def _swarm(args: argparse.Namespace, out: Output) -> int:
-    from fleet.broker import control_plane_link
-    from simulators.swarm import NetworkProfile, Swarm, SwarmConfig, parse_tier_mix
+    from edgeloop.fleet.broker import control_plane_link
+    from edgeloop.simulators.swarm import NetworkProfile, Swarm, SwarmConfig, parse_tier_mix
 
     ws = Workspace.open(args.workspace).with_mqtt(args.mqtt)
     link = control_plane_link(ws, args.mqtt)      # only where, and whether over TLS
@@ -138,7 +138,7 @@ def _initial_packages(ws: Workspace, version: str | None, mix: dict[str, float])
     with). Raises NotFound for a version or tier that has none."""
     if version is None:
         return {}
-    from cloud.registry import Registry
+    from edgeloop.cloud.registry import Registry
 
     registry = Registry(ws.registry_path)
     try:
@@ -154,10 +154,10 @@ def _initial_packages(ws: Workspace, version: str | None, mix: dict[str, float])
 def _identities(ws: Workspace, config: Any, out: Output) -> None:
     """The workspace runs its own mutual-TLS broker: every simulated device connects as itself,
     with a certificate from the fleet CA (enrolled on first use, tagged simulated=true)."""
-    from cloud.fleet_registry import FleetRegistry
-    from cloud.registry import Registry
-    from fleet.identity import simulated_device_tls
-    from simulators.swarm import plan
+    from edgeloop.cloud.fleet_registry import FleetRegistry
+    from edgeloop.cloud.registry import Registry
+    from edgeloop.fleet.identity import simulated_device_tls
+    from edgeloop.simulators.swarm import plan
 
     registry = Registry(ws.registry_path)
     try:

@@ -13,10 +13,10 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable
 
-from cloud.api.server import Role, TokenStore
-from cloud.registry import Registry
-from cloud.workspace import Workspace
-from fleet._output import Output
+from edgeloop.cloud.api.server import Role, TokenStore
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet._output import Output
 
 __all__ = ["add_tokens_commands"]
 

@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any, Callable
 
-from cloud.train.datasets import load_dataset
-from cloud.loop.pipeline import package_model, publish_update, train_model
-from cloud.registry import Registry
-from cloud.services import ServiceStack, StackOptions
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from simulators.datastream import DataStream
-from simulators.fleet import FleetSpec, SimulatedFleet
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.loop.pipeline import package_model, publish_update, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.services import ServiceStack, StackOptions
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.simulators.datastream import DataStream
+from edgeloop.simulators.fleet import FleetSpec, SimulatedFleet
 
 if TYPE_CHECKING:
-    from fleet.broker import MqttLink
+    from edgeloop.fleet.broker import MqttLink
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -60,7 +60,7 @@ def run_demo(ws: Workspace, opts: DemoOptions, progress: Progress | None = None,
     image.init()
     director.init()
     if link is not None:
-        from fleet.broker import stack_options
+        from edgeloop.fleet.broker import stack_options
         options = stack_options(ws, f"{link.host}:{link.port}", "demo", rollouts=False)
     else:
         options = StackOptions(rollouts=False)
@@ -80,7 +80,7 @@ def _run(ws: Workspace, stack: ServiceStack, opts: DemoOptions, progress: Progre
     try:
         tiers: dict[str, Any] = {}
         if opts.model_version is not None:
-            from cloud.loop.pipeline import _training_data
+            from edgeloop.cloud.loop.pipeline import _training_data
 
             mv = opts.model_version
             row = registry.model_version(mv)
@@ -128,7 +128,7 @@ def _run(ws: Workspace, stack: ServiceStack, opts: DemoOptions, progress: Progre
             "workspace": str(ws.root), "seconds": round(time.time() - t0, 2),
         }
         if opts.example is not None:
-            from cloud.drift.monitor import drift_report
+            from edgeloop.cloud.drift.monitor import drift_report
 
             out.update(example=opts.example, task=trained["task"]["kind"], metrics=trained["metrics"],
                        tiers=tiers, fleet_mae=summary["mae"], fleet_anomaly_rate=summary["anomaly_rate"],
@@ -145,11 +145,11 @@ def _run(ws: Workspace, stack: ServiceStack, opts: DemoOptions, progress: Progre
 def _train_example(ws: Workspace, registry: Registry, opts: DemoOptions,
                    report: Progress) -> tuple[dict, Any, dict[str, Any]]:
     """Write the example's data into the workspace, train its model, package it for every tier."""
-    from cloud.train.example_data import write_example
-    from cloud.examples import EXAMPLES
-    from cloud.loop.pipeline import resolve_dataset
-    from cloud.package.tier_packagers import DoesNotFit
-    from cloud.package.tiers import load_tiers
+    from edgeloop.cloud.train.example_data import write_example
+    from edgeloop.cloud.examples import EXAMPLES
+    from edgeloop.cloud.loop.pipeline import resolve_dataset
+    from edgeloop.cloud.package.tier_packagers import DoesNotFit
+    from edgeloop.cloud.package.tiers import load_tiers
 
     example = EXAMPLES[opts.example]
     path = write_example(example.data, ws.root / "data")

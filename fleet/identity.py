@@ -2,7 +2,7 @@
 
 Every client of the fleet's broker proves who it is with an x509 certificate issued by this
 CA (mutual TLS). The broker takes the certificate's common name (CN) as the client's
-username, and its ACL (:mod:`fleet.broker`) grants a device only its own topics.
+username, and its ACL (:mod:`edgeloop.fleet.broker`) grants a device only its own topics.
 
 Rules:
 
@@ -18,7 +18,7 @@ Rules:
   the requester holds the key), its key type, and that its subject names this device or no
   one, then issues the certificate; no private key exists outside the device.
 - Revocation puts the certificate's serial on the CRL, re-signed by the CA with the next CRL
-  number. The broker reads the CRL when it starts and when it reloads (:mod:`fleet.broker`).
+  number. The broker reads the CRL when it starts and when it reloads (:mod:`edgeloop.fleet.broker`).
 - Nothing is written before every check has passed; files are written atomically, private
   keys with mode 0600.
 
@@ -52,11 +52,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cloud.errors import IntegrityError, NotFound, UserError
-from cloud.fleet_registry import EnrolledDevice, FleetRegistry
-from cloud.release.signing import PASSPHRASE_ENV, Keyring, atomic_write
-from cloud.workspace import Workspace
-from contracts import topics
+from edgeloop.cloud.errors import IntegrityError, NotFound, UserError
+from edgeloop.cloud.fleet_registry import EnrolledDevice, FleetRegistry
+from edgeloop.cloud.release.signing import PASSPHRASE_ENV, Keyring, atomic_write
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.contracts import topics
 
 RESERVED_PREFIX = "edgeloop-"
 CONTROL_PLANE = "edgeloop-control-plane"     # the control plane's CN: the ACL's wider rights
@@ -479,7 +479,7 @@ def _write_identity(folder: Path, issued: Issued, ca: FleetCA) -> list[str]:
 def revoke(ws: Workspace, fleet: FleetRegistry, device_id: str) -> RevokeResult:
     """Put the device's certificate on the CRL and mark it revoked in the registry. Revoking a
     revoked device changes nothing. Raises NotFound for a device that was never enrolled.
-    The broker learns of it when it reloads (:func:`fleet.broker.apply_revocations`)."""
+    The broker learns of it when it reloads (:func:`edgeloop.fleet.broker.apply_revocations`)."""
     row = fleet.enrolled(device_id)
     if row is None:
         raise NotFound(f"no enrolled device {device_id!r} (see: edgeloop devices)")

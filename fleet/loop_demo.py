@@ -20,18 +20,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cloud.train.datasets import load_dataset
-from cloud.drift.monitor import drift_report
-from cloud.loop.closed_loop import controller_driver, load_pipeline, run_pipeline
-from cloud.models import promote
-from cloud.loop.pipeline import package_model, publish_update, train_model
-from cloud.registry import Registry
-from cloud.services import ServiceStack, StackOptions
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from simulators.datastream import Drift
-from simulators.fed import FedFleet
-from simulators.fleet import FleetSpec
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.drift.monitor import drift_report
+from edgeloop.cloud.loop.closed_loop import controller_driver, load_pipeline, run_pipeline
+from edgeloop.cloud.models import promote
+from edgeloop.cloud.loop.pipeline import package_model, publish_update, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.services import ServiceStack, StackOptions
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.simulators.datastream import Drift
+from edgeloop.simulators.fed import FedFleet
+from edgeloop.simulators.fleet import FleetSpec
 
 __all__ = ["LoopOptions", "run_loop_demo", "default_pipeline_path"]
 
@@ -41,7 +41,7 @@ DEMO_DRIFT = Drift(kind="gain", amount=0.5, offset=4.0, lo=0.0, hi=16.0)
 
 
 def default_pipeline_path() -> Path:
-    return Path(str(resources.files("cloud.loop") / "pipelines" / "digits-retrain.toml"))
+    return Path(str(resources.files("edgeloop.cloud.loop") / "pipelines" / "digits-retrain.toml"))
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,8 @@ def _split_lab_and_field(ws: Workspace, registry: Registry, seed: int
                          ) -> tuple[str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Register 80% of the shipped digits as the lab data set; return its id and the other 20%
     as two halves of field data (served before retraining / only after it)."""
-    from cloud.loop.closed_loop import _write_csv_gz
-    from cloud.loop.pipeline import register_dataset
+    from edgeloop.cloud.loop.closed_loop import _write_csv_gz
+    from edgeloop.cloud.loop.pipeline import register_dataset
 
     digits = load_dataset()
     order = np.random.default_rng(seed + 7).permutation(len(digits.y))

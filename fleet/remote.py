@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from cloud.errors import NotFound, ServiceUnavailable, UserError
+from edgeloop.cloud.errors import NotFound, ServiceUnavailable, UserError
 
 TOKEN_ENV = "EDGELOOP_TOKEN"
 TIMEOUT_S = 30.0

@@ -1,5 +1,5 @@
 """Read the int8 FULLY_CONNECTED layers of a .tflite model into :class:`FCLayer` objects, and
-compare two interpreters with the reference rules of :mod:`kernels.int8_reference` layer by
+compare two interpreters with the reference rules of :mod:`edgeloop.kernels.int8_reference` layer by
 layer: each interpreter's output of each layer against the reference applied to *that
 interpreter's own* input of the layer, so a difference is attributed to the layer that made it.
 """
@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kernels.int8_reference import FCLayer, Rule, fully_connected
+from edgeloop.kernels.int8_reference import FCLayer, Rule, fully_connected
 
 __all__ = ["FCOp", "TensorReader", "LiteRTReader", "TFLMReader", "fc_ops", "LayerCheck", "check_fc_layers"]
 

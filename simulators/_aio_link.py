@@ -1,8 +1,8 @@
-"""A device's MQTT link on the swarm's asyncio loop: :class:`device_sdk.ports.Link` over paho.
+"""A device's MQTT link on the swarm's asyncio loop: :class:`edgeloop.device_sdk.ports.Link` over paho.
 
 Each link is one paho client (its own client id, MQTT 3.1.1 with a persistent session, a last
 will saying ``offline``; mutual TLS with the device's own certificate when it has one) whose
-socket :class:`simulators._aio_mqtt.LoopDriver` watches. Nothing blocks: :meth:`AioLink.connect`
+socket :class:`edgeloop.simulators._aio_mqtt.LoopDriver` watches. Nothing blocks: :meth:`AioLink.connect`
 starts connecting, incoming messages wait in the inbox and ``on_ready`` tells the swarm to step
 the device, and a lost connection is retried after ``reconnect_s``. The simulated network's
 latency delays each incoming message; :meth:`AioLink.disconnect_abruptly` is its dropped link.
@@ -19,8 +19,8 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_sdk.mqtt import configure_tls
-from simulators._aio_mqtt import LoopDriver
+from edgeloop.device_sdk.mqtt import configure_tls
+from edgeloop.simulators._aio_mqtt import LoopDriver
 
 __all__ = ["AioLink", "LinkStats"]
 

@@ -25,12 +25,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from contracts.package import Package
-from contracts.codes import ErrorCode
-from contracts.messages import Announce
-from device_sdk.errors import TransientError, UpdateRefused
-from device_sdk.runtime import DEFAULT_LOADER, HealthReport, ModelRuntime
-from simulators._swarm_verify import Verdict, VerdictCache
+from edgeloop.contracts.package import Package
+from edgeloop.contracts.codes import ErrorCode
+from edgeloop.contracts.messages import Announce
+from edgeloop.device_sdk.errors import TransientError, UpdateRefused
+from edgeloop.device_sdk.runtime import DEFAULT_LOADER, HealthReport, ModelRuntime
+from edgeloop.simulators._swarm_verify import Verdict, VerdictCache
 
 __all__ = ["Downloads", "SwarmFetcher", "SharedRuntimes", "DeviceRuntimes", "target_url"]
 

@@ -27,10 +27,10 @@ from pathlib import Path
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import Updater, UpdaterConfig
 
-from contracts.codes import ErrorCode
-from contracts.messages import Announce
-from contracts.topics import assignment_path
-from device_sdk.tuf_fetch import provision
+from edgeloop.contracts.codes import ErrorCode
+from edgeloop.contracts.messages import Announce
+from edgeloop.contracts.topics import assignment_path
+from edgeloop.device_sdk.tuf_fetch import provision
 
 __all__ = ["Verdict", "VerdictCache"]
 

@@ -17,8 +17,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from simulators.datastream import DataStream
-from simulators.fleet import DeviceRun, FleetSpec, SimulatedFleet
+from edgeloop.simulators.datastream import DataStream
+from edgeloop.simulators.fleet import DeviceRun, FleetSpec, SimulatedFleet
 
 __all__ = ["FedFleet"]
 

@@ -1,7 +1,7 @@
 """A simulated fleet: N real agents (real MQTT clients, real TUF client, real onnxruntime)
 in one process, each with its own client id and state folder.
 
-Each device is a :class:`device_sdk.agent.Agent` driven by a thread of this simulator's (the agent
+Each device is a :class:`edgeloop.device_sdk.agent.Agent` driven by a thread of this simulator's (the agent
 has none of its own): it steps the agent, and once it has a model it serves ``samples`` requests
 from its data stream, then flushes its last telemetry window. This thread-per-device driver
 suits tens to hundreds of devices; fleet-scale runs drive the same agents on one event loop
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from device_sdk.agent import Agent, AgentConfig
-from contracts.topics import DEFAULT_FLEET
-from device_sdk.tuf_fetch import provision
-from simulators.datastream import DataStream
+from edgeloop.device_sdk.agent import Agent, AgentConfig
+from edgeloop.contracts.topics import DEFAULT_FLEET
+from edgeloop.device_sdk.tuf_fetch import provision
+from edgeloop.simulators.datastream import DataStream
 
 log = logging.getLogger("edgeloop.simulators.fleet")
 

@@ -1,15 +1,15 @@
 """A swarm: thousands of real device agents in one process, on one asyncio event loop.
 
-Every simulated device is a :class:`device_sdk.agent.Agent`, the class a real device runs: its
+Every simulated device is a :class:`edgeloop.device_sdk.agent.Agent`, the class a real device runs: its
 own install state machine (device_sdk/ota.py), ``state.json``, two slots, outbox, sequence
 numbers, statuses, retries and error reports. The swarm only drives it (``agent.step()`` when
 a message arrives, a download finishes or a retry is due) and builds it from parts that fit one
 event loop (device_sdk/ports.py):
 
-- its link is :class:`simulators._aio_link.AioLink`: paho on this loop through
+- its link is :class:`edgeloop.simulators._aio_link.AioLink`: paho on this loop through
   :class:`~simulators._aio_mqtt.LoopDriver` (its own client id, a persistent session, a last
   will; mutual TLS with its own certificate when ``tls_dir`` holds one);
-- its fetcher is :class:`simulators._swarm_parts.SwarmFetcher`: its own HTTP download of the
+- its fetcher is :class:`edgeloop.simulators._swarm_parts.SwarmFetcher`: its own HTTP download of the
   package (one shared aiohttp session, at most ``download_concurrency`` transfers at a time),
   checked against the announcement and the signed metadata;
 - its runtime loader and its outbox are the shipped ones, with the shared work below.
@@ -47,16 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts import topics
-from contracts.errors import ContractError
-from contracts.messages import Command, DeviceState, Status, encode, parse
-from device_sdk.agent import Agent, AgentConfig
-from device_sdk.outbox import Outbox
-from device_sdk.tuf_fetch import provision
-from simulators._aio_link import AioLink, LinkStats
-from simulators._aio_mqtt import LoopDriver
-from simulators._swarm_parts import DeviceRuntimes, Downloads, SharedRuntimes, SwarmFetcher, target_url
-from simulators._swarm_verify import VerdictCache
+from edgeloop.contracts import topics
+from edgeloop.contracts.errors import ContractError
+from edgeloop.contracts.messages import Command, DeviceState, Status, encode, parse
+from edgeloop.device_sdk.agent import Agent, AgentConfig
+from edgeloop.device_sdk.outbox import Outbox
+from edgeloop.device_sdk.tuf_fetch import provision
+from edgeloop.simulators._aio_link import AioLink, LinkStats
+from edgeloop.simulators._aio_mqtt import LoopDriver
+from edgeloop.simulators._swarm_parts import DeviceRuntimes, Downloads, SharedRuntimes, SwarmFetcher, target_url
+from edgeloop.simulators._swarm_verify import VerdictCache
 
 __all__ = ["NetworkProfile", "SwarmConfig", "Swarm", "SwarmDevice", "SwarmThread", "parse_tier_mix", "plan",
            "target_url", "DEVICE_CODE", "SHARED_WORK"]

@@ -105,17 +105,17 @@ def make_live(broker, tmp_path, devices: int = 2, agent_overrides: dict | None =
     fleet of real agents, with version 1 of the model installed everywhere."""
     from pathlib import Path as _P
 
-    from contracts.messages import Announce
-    from cloud.ingest.control_plane import ControlPlane
-    from cloud.train.datasets import load_dataset
-    from cloud.loop.pipeline import package_model, train_model
+    from edgeloop.contracts.messages import Announce
+    from edgeloop.cloud.ingest.control_plane import ControlPlane
+    from edgeloop.cloud.train.datasets import load_dataset
+    from edgeloop.cloud.loop.pipeline import package_model, train_model
     from release_primitives import assign, delta_from_current   # tests forge states the release path refuses
-    from cloud.registry import Registry
-    from cloud.release.repo_server import RepositoryServer
-    from cloud.train.training import TrainParams
-    from cloud.workspace import Workspace
-    from simulators.datastream import DataStream
-    from simulators.fleet import FleetSpec, SimulatedFleet
+    from edgeloop.cloud.registry import Registry
+    from edgeloop.cloud.release.repo_server import RepositoryServer
+    from edgeloop.cloud.train.training import TrainParams
+    from edgeloop.cloud.workspace import Workspace
+    from edgeloop.simulators.datastream import DataStream
+    from edgeloop.simulators.fleet import FleetSpec, SimulatedFleet
 
     ws = Workspace.init(tmp_path / "ws", mqtt=broker.address)
     registry = Registry(ws.registry_path)
@@ -217,7 +217,7 @@ def assert_refused_and_still_serving(env, msg, code: str, model_version: str | N
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001
     """``edgeloop ARGV`` in this process: (exit code, stdout, stderr)."""
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     try:
         code = main(argv)
@@ -230,10 +230,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001
 def edge_gateway_package(epochs: int = 1):
     """A small digits model packaged for the edge-gateway tier (fp32 ONNX, no signing), with the
     held-out test split: (PackageResult, test split). For tests that install it directly."""
-    from cloud.train.datasets import load_dataset
-    from cloud.package.export import export_onnx
-    from cloud.package.packaging import build_package
-    from cloud.train.training import TrainParams, train
+    from edgeloop.cloud.train.datasets import load_dataset
+    from edgeloop.cloud.package.export import export_onnx
+    from edgeloop.cloud.package.packaging import build_package
+    from edgeloop.cloud.train.training import TrainParams, train
     ds = load_dataset()
     _, _, test = ds.split()
     r = train(ds, TrainParams(epochs=epochs))

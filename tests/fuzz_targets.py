@@ -23,9 +23,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from contracts import blocks, delta, messages
-from contracts.package import MANIFEST, Manifest, read_package
-from contracts.errors import ContractError
+from edgeloop.contracts import blocks, delta, messages
+from edgeloop.contracts.package import MANIFEST, Manifest, read_package
+from edgeloop.contracts.errors import ContractError
 
 __all__ = ["TARGETS", "Target"]
 

@@ -10,8 +10,8 @@ import signal
 import time
 from pathlib import Path
 
-from contracts.messages import Announce
-from device_sdk.ota import Installer
+from edgeloop.contracts.messages import Announce
+from edgeloop.device_sdk.ota import Installer
 
 
 def die() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tuf.api.metadata import TargetFile
 
-from contracts.messages import Announce
-from contracts.topics import assignment_path
-from cloud.release.delta import make_delta
-from cloud.errors import NotFound
+from edgeloop.contracts.messages import Announce
+from edgeloop.contracts.topics import assignment_path
+from edgeloop.cloud.release.delta import make_delta
+from edgeloop.cloud.errors import NotFound
 
 
 def assign(ws, group: str, msg: Announce, data: bytes) -> None:  # noqa: ANN001

@@ -12,7 +12,7 @@ from conftest import make_live
 
 
 def test_an_agent_driven_only_by_step_on_one_thread_installs_an_update(broker, tmp_path, monkeypatch):
-    from device_sdk.agent import Agent
+    from edgeloop.device_sdk.agent import Agent
 
     env = make_live(broker, tmp_path, devices=1, agent_overrides={"network_thread": False})
     try:

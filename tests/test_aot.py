@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.aot import CompiledModel, UnsupportedByCompiler, build_host, compile_tflite, run_host
-from kernels.aot._graph import read_graph
-from kernels.aot._planner import plan
-from kernels.aot.compiler import lowered_steps
+from edgeloop.kernels.aot import CompiledModel, UnsupportedByCompiler, build_host, compile_tflite, run_host
+from edgeloop.kernels.aot._graph import read_graph
+from edgeloop.kernels.aot._planner import plan
+from edgeloop.kernels.aot.compiler import lowered_steps
 from test_tiers_shapes import SeriesConv1d   # the Conv1d net: TRANSPOSE, PAD + stride 2, MEAN
 
 N_RANDOM = 200
@@ -186,7 +186,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    from cloud.train.datasets import load_dataset
+    from edgeloop.cloud.train.datasets import load_dataset
 
     ds = load_dataset()
     return np.asarray(ds.x, dtype=np.float32), np.asarray(ds.y).astype(np.int64)
@@ -207,7 +207,7 @@ def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 60) -> N
 @pytest.fixture(scope="module")
 def zoo(digits: tuple[np.ndarray, np.ndarray]) -> Callable[[str], bytes]:
     """Converted .tflite bytes by name, converted once on first use."""
-    from cloud.package import quantize
+    from edgeloop.cloud.package import quantize
 
     cache: dict[str, bytes] = {}
 
@@ -373,7 +373,7 @@ def test_a_fused_convolution_never_writes_over_a_buffer_it_reads_around(zoo):
 
 
 def test_kernels_use_no_heap_and_no_floats():
-    from kernels.aot.compiler import _kernel_sources
+    from edgeloop.kernels.aot.compiler import _kernel_sources
 
     import re
 
@@ -451,7 +451,7 @@ def test_an_unsupported_fused_activation_is_refused(zoo):
 
 
 def test_a_float_model_is_refused_as_not_fully_int8():
-    from cloud.package import quantize
+    from edgeloop.cloud.package import quantize
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -476,6 +476,6 @@ def test_a_truncated_model_is_refused_in_one_line(zoo):
 
 
 def test_the_refusal_is_a_user_error():
-    from cloud.errors import UserError
+    from edgeloop.cloud.errors import UserError
 
     assert issubclass(UnsupportedByCompiler, UserError)

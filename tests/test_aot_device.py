@@ -11,18 +11,18 @@ import time
 import numpy as np
 import pytest
 
-from contracts.package import Package, read_package, sha256_hex, write_package
-from contracts.messages import Announce
-from cloud.train.datasets import load_dataset
-from cloud.loop.pipeline import package_model, train_model
-from cloud.registry import Registry
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from device_sdk import aot_runtime
-from device_sdk.aot_runtime import AOTModel, int8_outputs
-from device_sdk.errors import UpdateRefused
-from device_sdk.ota import Installer, InstallState
-from device_sdk.runtime import TFLMModel, health_check, load_runtime
+from edgeloop.contracts.package import Package, read_package, sha256_hex, write_package
+from edgeloop.contracts.messages import Announce
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.loop.pipeline import package_model, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.device_sdk import aot_runtime
+from edgeloop.device_sdk.aot_runtime import AOTModel, int8_outputs
+from edgeloop.device_sdk.errors import UpdateRefused
+from edgeloop.device_sdk.ota import Installer, InstallState
+from edgeloop.device_sdk.runtime import TFLMModel, health_check, load_runtime
 
 AOT_LAYOUT = {"model.c": "aot-model.c", "model.h": "aot-model.h", "edgeloop_kernels.c": "aot-edgeloop_kernels.c",
               "edgeloop_kernels.h": "aot-edgeloop_kernels.h", "prefix": "edgeloop_model"}
@@ -34,7 +34,7 @@ def _with_aot(data: bytes) -> bytes:
     bundle = read_package(data)
     if "aot" in bundle.manifest.layout and "aot-model.c" in bundle.files:
         return data
-    from kernels.aot import compile_tflite
+    from edgeloop.kernels.aot import compile_tflite
 
     compiled = compile_tflite(bundle.model_bytes)
     files = {**bundle.files, **{"aot-" + name: text.encode() for name, text in compiled.files.items()}}

@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from cloud.api.server import ApiServer, TokenStore
-from cloud.errors import NotFound, UserError
-from cloud.fleet_registry import FleetRegistry
-from cloud.registry import Registry
-from cloud.workspace import Workspace
-from cloud.store.readonly import query as raw_rows
+from edgeloop.cloud.api.server import ApiServer, TokenStore
+from edgeloop.cloud.errors import NotFound, UserError
+from edgeloop.cloud.fleet_registry import FleetRegistry
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.cloud.store.readonly import query as raw_rows
 from conftest import free_port, run_cli
-from fleet import identity
-from fleet.identity import Enrolment
+from edgeloop.fleet import identity
+from edgeloop.fleet.identity import Enrolment
 
 ENDPOINTS = [("GET", "/api/v1/devices"), ("GET", "/api/v1/devices/gw-1"), ("GET", "/api/v1/models"),
              ("GET", "/api/v1/rollouts"), ("GET", "/api/v1/rollouts/ro-1"), ("POST", "/api/v1/rollouts"),
@@ -293,7 +293,7 @@ def test_remote_cli_token_from_the_environment_and_its_refusals(api, capsys, mon
 
 
 def test_bad_rollouts_are_refused_by_the_real_controller_and_change_nothing(tmp_path, monkeypatch):
-    from cloud.rollouts.controller import RolloutController
+    from edgeloop.cloud.rollouts.controller import RolloutController
 
     monkeypatch.setenv("EDGELOOP_KEY_PASSPHRASE", "api-tests")
     ws = Workspace.init(tmp_path / "ws")

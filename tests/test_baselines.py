@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from contracts.package import read_package, sha256_hex
-from contracts.messages import as_dict, encode, parse
-from cloud.drift.baselines import NO_BASELINE, model_baseline, package_baseline, store_baseline
-from cloud.train.datasets import load_dataset
-from cloud.drift.monitor import drift_report
-from cloud.errors import IntegrityError
-from cloud.ingest.checks import TelemetryGate
-from cloud.loop.pipeline import package_model, train_model
-from cloud.registry import Registry
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from device_sdk.telemetry import TelemetryWindow
+from edgeloop.contracts.package import read_package, sha256_hex
+from edgeloop.contracts.messages import as_dict, encode, parse
+from edgeloop.cloud.drift.baselines import NO_BASELINE, model_baseline, package_baseline, store_baseline
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.drift.monitor import drift_report
+from edgeloop.cloud.errors import IntegrityError
+from edgeloop.cloud.ingest.checks import TelemetryGate
+from edgeloop.cloud.loop.pipeline import package_model, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.device_sdk.telemetry import TelemetryWindow
 
 TIER = "edge-gateway"
 
@@ -74,7 +74,7 @@ def test_drift_report_reads_the_stored_baseline_not_the_package_tar(packaged):
 
 
 def test_a_corrupt_stored_baseline_is_an_error_in_the_drift_report_and_at_ingest(packaged, capsys):
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     ws, registry, mv, result = packaged
     records = _telemetry(registry, read_package(result.data).manifest.baseline, mv)

@@ -31,18 +31,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cloud.ingest.control_plane import ControlPlane
-from cloud.fleet_registry import FleetRegistry
-from cloud.registry import Registry
-from cloud.workspace import Workspace
+from edgeloop.cloud.ingest.control_plane import ControlPlane
+from edgeloop.cloud.fleet_registry import FleetRegistry
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
 from conftest import free_port, wait_for
-from contracts.topics import Fleet
-from contracts.messages import ErrorReport, encode
-from device_sdk.agent import Agent, AgentConfig
-from device_sdk.tuf_fetch import provision
-from fleet import broker, identity
-from fleet.cli import main
-from fleet.identity import Enrolment, FleetCA, TlsFiles
+from edgeloop.contracts.topics import Fleet
+from edgeloop.contracts.messages import ErrorReport, encode
+from edgeloop.device_sdk.agent import Agent, AgentConfig
+from edgeloop.device_sdk.tuf_fetch import provision
+from edgeloop.fleet import broker, identity
+from edgeloop.fleet.cli import main
+from edgeloop.fleet.identity import Enrolment, FleetCA, TlsFiles
 
 pytestmark = pytest.mark.e2e
 DEVICES = ("dev-a", "dev-b", "dev-c", "dev-revoked", "dev-agent")
@@ -593,12 +593,12 @@ def test_demo_over_mutual_tls_enrolls_each_simulated_device_and_connects_it_as_i
 
 
 def test_serve_ingests_over_mutual_tls_and_serves_the_api(env, capsys):
-    from cloud.api.server import TokenStore
+    from edgeloop.cloud.api.server import TokenStore
 
     secret = TokenStore(env.registry).create("serve-test", "viewer")[1]
     serve_file = env.ws.root / "serve.json"
     serve_file.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "-w", str(env.ws.root), "--duration", "60",
+    proc = subprocess.Popen([sys.executable, "-m", "edgeloop.fleet.cli", "serve", "-w", str(env.ws.root), "--duration", "60",
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: serve_file.exists() or proc.poll() is not None, 30, "serve to start")

@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contracts.package import read_package
-from contracts.tasks import TaskKind
-from cloud.errors import UserError
-from cloud.train.example_data import write_example
-from cloud.train.launcher import DistConfig
-from cloud.models import GateFailed, promote
-from cloud.loop.pipeline import package_model, reproduce_run, train_model
-from cloud.registry import Registry
-from cloud.package.tier_packagers import DoesNotFit
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from fleet.demo import DemoOptions, run_demo
+from edgeloop.contracts.package import read_package
+from edgeloop.contracts.tasks import TaskKind
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.train.example_data import write_example
+from edgeloop.cloud.train.launcher import DistConfig
+from edgeloop.cloud.models import GateFailed, promote
+from edgeloop.cloud.loop.pipeline import package_model, reproduce_run, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.package.tier_packagers import DoesNotFit
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet.demo import DemoOptions, run_demo
 
 USER_MODELS = '''
 """A user's own models, in their own file."""
@@ -125,7 +125,7 @@ def test_a_killed_rank_resumes_a_user_model_from_its_checkpoint_to_the_same_weig
     """After a crash: rank 1 of the user's CNN dies at step 13; torchrun restarts it, every rank
     rebuilds the user's model from the source the launcher gave it and resumes from the step-8
     checkpoint; the weights equal an uninterrupted run's."""
-    from cloud.train.training import FAULT_ENV
+    from edgeloop.cloud.train.training import FAULT_ENV
 
     images = write_example("digits-images", tmp_path / "data")
     params = TrainParams(epochs=2, checkpoint_every=8)
@@ -225,10 +225,10 @@ def test_anomaly_scores_rise_on_anomalies(tmp_path):
     registry = Registry(ws.registry_path)
     data = write_example("digits-anomaly", tmp_path / "data")
     trained = train_model(ws, registry, TrainParams(epochs=30), data=str(data), model="ae",
-                          model_def="cloud.examples.models:autoencoder")
-    from cloud.loop.pipeline import _torch_model, _training_data
-    from cloud.train.training import outputs_of
-    from contracts.features import FeatureSpec
+                          model_def="edgeloop.cloud.examples.models:autoencoder")
+    from edgeloop.cloud.loop.pipeline import _torch_model, _training_data
+    from edgeloop.cloud.train.training import outputs_of
+    from edgeloop.contracts.features import FeatureSpec
 
     mv = registry.model_version(trained["model_version"])
     dataset, _ = _training_data(registry, mv["run_id"])

@@ -1,4 +1,4 @@
-"""The ``edgeloop`` command line, run in-process (``fleet.cli.main``) with no broker: help for
+"""The ``edgeloop`` command line, run in-process (``edgeloop.fleet.cli.main``) with no broker: help for
 every command, one clear error line (never a traceback) with a non-zero exit for each mistake,
 and the --json contract (one JSON object as the last stdout line) through init, train, package,
 models and status."""
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from contracts.package import read_package
-from fleet.cli import main
+from edgeloop.contracts.package import read_package
+from edgeloop.fleet.cli import main
 from conftest import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def test_subcommand_help_exits_zero(command, capsys):
 
 
 def test_help_from_a_separate_process():
-    proc = subprocess.run([sys.executable, "-m", "fleet.cli", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "edgeloop.fleet.cli", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: edgeloop")
@@ -257,7 +257,7 @@ def test_train_json_names_the_run_and_version(trained):
     assert re.fullmatch(r"run-[0-9a-f]{12}", t["run_id"])
     assert re.fullmatch(r"[0-9a-f]{64}", t["weights_sha256"])
     assert 0.0 <= t["metrics"]["test_accuracy"] <= 1.0
-    from cloud.train.datasets import default_dataset_path
+    from edgeloop.cloud.train.datasets import default_dataset_path
     assert t["dataset_sha256"] == hashlib.sha256(default_dataset_path().read_bytes()).hexdigest()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.cli import build_parser, main
+from edgeloop.fleet.cli import build_parser, main
 from conftest import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +96,6 @@ def test_scripts_get_one_json_object_as_the_last_line(tmp_path, capsys):
 
 
 def test_the_installed_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "fleet.cli", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "edgeloop.fleet.cli", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=60)
     assert proc.returncode == 0 and "demo" in proc.stdout

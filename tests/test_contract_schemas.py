@@ -9,12 +9,12 @@ import tarfile
 import numpy as np
 import pytest
 
-from contracts import topics
-from contracts.package import Manifest, TensorSpec, read_package, write_package
-from contracts.delta import DeltaError, apply_delta, encode_delta
-from contracts.errors import PayloadTooLarge, SchemaError
-from contracts.features import FeatureSpec
-from contracts.messages import (MAX_PAYLOAD_BYTES, Announce, DeviceState, ErrorReport, Status, Telemetry,
+from edgeloop.contracts import topics
+from edgeloop.contracts.package import Manifest, TensorSpec, read_package, write_package
+from edgeloop.contracts.delta import DeltaError, apply_delta, encode_delta
+from edgeloop.contracts.errors import PayloadTooLarge, SchemaError
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.contracts.messages import (MAX_PAYLOAD_BYTES, Announce, DeviceState, ErrorReport, Status, Telemetry,
                                 encode, parse)
 
 TELEMETRY = Telemetry("d1", 3, "m:1", 1.0, 2.0, 5, 4, 3, [2, 3], [0] * 9 + [5], 0.5, 1.5)

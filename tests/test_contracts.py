@@ -13,8 +13,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from contracts import topics
-from contracts.package import (
+from edgeloop.contracts import topics
+from edgeloop.contracts.package import (
     MANIFEST,
     Package,
     Manifest,
@@ -23,9 +23,9 @@ from contracts.package import (
     sha256_hex,
     write_package,
 )
-from contracts.errors import ContractError, PayloadTooLarge, SchemaError
-from contracts.features import FeatureSpec
-from contracts.messages import (
+from edgeloop.contracts.errors import ContractError, PayloadTooLarge, SchemaError
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.contracts.messages import (
     MAX_PAYLOAD_BYTES,
     MAX_TEXT,
     Announce,
@@ -650,7 +650,7 @@ def test_shaped_feature_spec_round_trips_and_reshapes():
 
 
 def test_task_specs_decide_and_refuse():
-    from contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
+    from edgeloop.contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
 
     reg = TaskSpec(TaskKind.REGRESSION, tolerance=5.0, bins=[0.0, 10.0, 20.0, 30.0])
     assert TaskSpec.from_obj(json.loads(json.dumps(reg.to_obj()))) == reg

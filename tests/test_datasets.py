@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cloud.train.datasets import load_dataset
-from cloud.errors import IntegrityError, UserError
-from cloud.train.example_data import EXAMPLE_DATA, write_example
-from cloud.loop.pipeline import register_dataset, resolve_dataset
-from cloud.registry import Registry
-from cloud.workspace import Workspace
-from fleet.cli import main
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.errors import IntegrityError, UserError
+from edgeloop.cloud.train.example_data import EXAMPLE_DATA, write_example
+from edgeloop.cloud.loop.pipeline import register_dataset, resolve_dataset
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet.cli import main
 
 
 @pytest.fixture
@@ -229,9 +229,9 @@ def test_cli_example_add_ls_and_bad_input(reg, tmp_path, capsys):
 def test_train_a_cnn_from_an_image_folder(reg, tmp_path):
     """What a user brings: a folder of PNGs per class. The digits written as images train a CNN
     whose feature contract says 1x8x8 NCHW."""
-    from cloud.train.datasets import load_dataset as load
-    from cloud.loop.pipeline import train_model
-    from cloud.train.training import TrainParams
+    from edgeloop.cloud.train.datasets import load_dataset as load
+    from edgeloop.cloud.loop.pipeline import train_model
+    from edgeloop.cloud.train.training import TrainParams
 
     ws, registry = reg
     digits = load()
@@ -242,7 +242,7 @@ def test_train_a_cnn_from_an_image_folder(reg, tmp_path):
         pixels = (digits.x[i].reshape(8, 8) * 15).astype(np.uint8)     # 0..16 -> 0..240
         Image.fromarray(pixels, "L").save(folder / f"{i:04d}.png")
     trained = train_model(ws, registry, TrainParams(epochs=12), data=str(root), model="png-cnn",
-                          model_def="cloud.examples.models:digits_cnn")
+                          model_def="edgeloop.cloud.examples.models:digits_cnn")
     mv = registry.model_version(trained["model_version"])
     assert mv["features"]["input_shape"] == [1, 8, 8] and mv["features"]["layout"] == "NCHW"
     assert mv["metrics"]["test_accuracy"] > 0.6

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from device_sdk.delivery import Delivery
-from device_sdk.outbox import PRIORITY_ERROR, Outbox
+from edgeloop.device_sdk.delivery import Delivery
+from edgeloop.device_sdk.outbox import PRIORITY_ERROR, Outbox
 
 
 @dataclass

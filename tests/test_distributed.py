@@ -8,14 +8,14 @@ import shutil
 
 import pytest
 
-from cloud.errors import IntegrityError
-from cloud.train.launcher import DistConfig, run_job
-from cloud.train.datasets import load_dataset
-from cloud.loop.pipeline import reproduce_run, train_model
-from cloud.registry import Registry
-from cloud.train.worker import STARTUP_FAULT_ENV
-from cloud.train.training import FAULT_ENV, TrainParams, TrainingFailed
-from cloud.workspace import Workspace
+from edgeloop.cloud.errors import IntegrityError
+from edgeloop.cloud.train.launcher import DistConfig, run_job
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.loop.pipeline import reproduce_run, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.train.worker import STARTUP_FAULT_ENV
+from edgeloop.cloud.train.training import FAULT_ENV, TrainParams, TrainingFailed
+from edgeloop.cloud.workspace import Workspace
 
 PARAMS = TrainParams(epochs=2, checkpoint_every=8)
 
@@ -94,7 +94,7 @@ def test_changed_data_set_under_the_same_name_is_refused(tmp_path):
     registry = Registry(ws.registry_path)
     data = tmp_path / "digits.csv.gz"
     shutil.copy(load_dataset().path, data)
-    from cloud.loop.pipeline import register_dataset
+    from edgeloop.cloud.loop.pipeline import register_dataset
     register_dataset(registry, "mine", data)
     trained = train_model(ws, registry, TrainParams(epochs=1), data="mine")
     assert trained["dataset_id"] == "mine:1"

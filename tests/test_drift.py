@@ -8,16 +8,16 @@ import time
 import numpy as np
 import pytest
 
-from contracts.package import read_package
-from contracts.errors import SchemaError
-from contracts.messages import as_dict, encode, parse
-from cloud.train.datasets import load_dataset
-from cloud.drift.monitor import compare, drift_report, js, ks, merge, psi
-from cloud.loop.pipeline import package_model, train_model
-from cloud.registry import Registry
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from device_sdk.telemetry import TelemetryWindow
+from edgeloop.contracts.package import read_package
+from edgeloop.contracts.errors import SchemaError
+from edgeloop.contracts.messages import as_dict, encode, parse
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.drift.monitor import compare, drift_report, js, ks, merge, psi
+from edgeloop.cloud.loop.pipeline import package_model, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.device_sdk.telemetry import TelemetryWindow
 
 
 def test_distances_are_zero_on_equal_and_large_on_different_histograms():
@@ -109,10 +109,10 @@ def test_feature_summaries_that_do_not_add_up_are_refused(fleet):
 
 
 # -- the streaming detector and its targets (bench/drift_detection.py measures them at length) -------
-from cloud.drift.monitor import DriftConfig, DriftMonitor, holm  # noqa: E402
-from cloud.ingest.checks import TelemetryGate  # noqa: E402
-from device_sdk.telemetry import FeatureSummary  # noqa: E402
-from simulators.datastream import Drift, drifted_windows  # noqa: E402
+from edgeloop.cloud.drift.monitor import DriftConfig, DriftMonitor, holm  # noqa: E402
+from edgeloop.cloud.ingest.checks import TelemetryGate  # noqa: E402
+from edgeloop.device_sdk.telemetry import FeatureSummary  # noqa: E402
+from edgeloop.simulators.datastream import Drift, drifted_windows  # noqa: E402
 
 
 def _summaries(baseline, x, y, drift, windows, rng, size=200):
@@ -206,8 +206,8 @@ def test_a_summary_counted_on_other_bin_edges_is_refused_at_ingest(fleet):
 
 
 def test_operator_labels_become_live_accuracy_per_site_cohort(fleet, tmp_path, capsys):
-    from cloud.fleet_registry import EnrolledDevice, FleetRegistry
-    from fleet.cli import main
+    from edgeloop.cloud.fleet_registry import EnrolledDevice, FleetRegistry
+    from edgeloop.fleet.cli import main
 
     ws, registry, mv, baseline, test = fleet
     fleet_registry = FleetRegistry(registry)
@@ -245,7 +245,7 @@ def _entry(registry, device_id: str) -> dict:   # noqa: ANN001
 def test_regression_label_feedback_gives_live_mae_once_even_when_sent_twice(fleet, tmp_path, capsys):
     """A regression fleet's delayed ground truth carries the error (mae), not just counts; the
     same file added twice changes nothing; a window without mae keeps the device's own error rate."""
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     ws, registry, mv, baseline, test = fleet
     rows = [as_dict(r) for r in windows(baseline, test.x, mv, "reg-dev", range(3), 50)]
@@ -277,8 +277,8 @@ def test_drift_on_large_images_is_detected_per_channel(layout):
     """A 3x16x16 camera (768 values, over the per-value limit): the baseline and the devices
     summarise the mean of each channel, so calm frames raise no alarm and a red-channel gain
     drift is found, in channel 0's distribution, through the wire format."""
-    from cloud.package.packaging import baseline_stats
-    from contracts.features import FeatureSpec
+    from edgeloop.cloud.package.packaging import baseline_stats
+    from edgeloop.contracts.features import FeatureSpec
 
     rng = np.random.default_rng(7)
     shape = (3, 16, 16) if layout == "NCHW" else (16, 16, 3)
@@ -316,8 +316,8 @@ def test_drift_on_large_images_is_detected_per_channel(layout):
 
 
 # -- weighted Holm and the monitor's alpha split (cloud/drift/monitor.py: DriftConfig.mean_weight, look_weights) --
-from cloud.drift.monitor import MONITOR_CONFIG  # noqa: E402
-from cloud.package.packaging import baseline_stats  # noqa: E402
+from edgeloop.cloud.drift.monitor import MONITOR_CONFIG  # noqa: E402
+from edgeloop.cloud.package.packaging import baseline_stats  # noqa: E402
 
 
 def test_weighted_holm_keeps_the_family_wise_rate_and_favours_the_heavy_tests():

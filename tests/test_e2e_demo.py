@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from contracts.package import read_package
-from cloud.registry import Registry
-from cloud.workspace import Workspace
-from cloud.store.readonly import query as raw_rows
-from fleet.demo import DemoOptions, run_demo
+from edgeloop.contracts.package import read_package
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.cloud.store.readonly import query as raw_rows
+from edgeloop.fleet.demo import DemoOptions, run_demo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def test_second_demo_upgrades_the_same_devices(broker, tmp_path):
 
 def test_demo_command_prints_one_json_summary(broker, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "fleet.cli", "demo", "--json", "--devices", "3", "--samples", "20",
+        [sys.executable, "-m", "edgeloop.fleet.cli", "demo", "--json", "--devices", "3", "--samples", "20",
          "--epochs", "5", "--prefix", "cli", "-w", str(tmp_path / "ws"), "--mqtt", broker.address],
         capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0, proc.stderr

@@ -11,11 +11,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from contracts.topics import DEFAULT_FLEET, Fleet
-from contracts.messages import MAX_PAYLOAD_BYTES, Telemetry, encode
-from cloud.ingest.control_plane import ControlPlane
-from cloud.registry import Registry
-from device_sdk.agent import Agent, AgentConfig
+from edgeloop.contracts.topics import DEFAULT_FLEET, Fleet
+from edgeloop.contracts.messages import MAX_PAYLOAD_BYTES, Telemetry, encode
+from edgeloop.cloud.ingest.control_plane import ControlPlane
+from edgeloop.cloud.registry import Registry
+from edgeloop.device_sdk.agent import Agent, AgentConfig
 
 topics = Fleet(DEFAULT_FLEET)      # the fleet a ControlPlane or agent built without one is in
 
@@ -101,8 +101,8 @@ def test_agent_drops_malformed_payloads_and_keeps_running(broker, tmp_path, publ
     device = f"agent-{uuid.uuid4().hex[:6]}"
     agent = Agent(AgentConfig(device_id=device, tier="junk-tier", state_dir=tmp_path / device,
                               mqtt_host=broker.host, mqtt_port=broker.port))
-    from cloud.release.signing import Repository
-    from device_sdk.tuf_fetch import provision
+    from edgeloop.cloud.release.signing import Repository
+    from edgeloop.device_sdk.tuf_fetch import provision
     repo = Repository(tmp_path / "repo", tmp_path / "keys")
     repo.init()
     provision(tmp_path / device / "tuf", repo.trusted_root(), repo.trusted_root())

@@ -11,13 +11,13 @@ import urllib.request
 import numpy as np
 import pytest
 
-from cloud.ingest.control_plane import ControlPlane
-from cloud.registry import Registry
+from edgeloop.cloud.ingest.control_plane import ControlPlane
+from edgeloop.cloud.registry import Registry
 from conftest import edge_gateway_package, wait_for
-from contracts.messages import Announce
-from device_sdk.agent import Agent, AgentConfig
-from device_sdk.ota import Installer
-from edge.gateway import MAX_ROWS, GatewayServer, main
+from edgeloop.contracts.messages import Announce
+from edgeloop.device_sdk.agent import Agent, AgentConfig
+from edgeloop.device_sdk.ota import Installer
+from edgeloop.edge.gateway import MAX_ROWS, GatewayServer, main
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from contracts.codes import RETRYABLE, ErrorCode, retryable
+from edgeloop.contracts.codes import RETRYABLE, ErrorCode, retryable
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""kernels.firmware: C libraries built for a Cortex-M4 and run on QEMU's mps2-an386, with measured
+"""edgeloop.kernels.firmware: C libraries built for a Cortex-M4 and run on QEMU's mps2-an386, with measured
 flash, RAM, stack and instructions. Stand-in libraries follow the AOT compiler's entry point,
 ``int edgeloop_model_invoke(const int8_t *input, int8_t *output)``.
 
@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from kernels.firmware import FirmwareError, build_firmware, run_on_qemu
+from edgeloop.kernels.firmware import FirmwareError, build_firmware, run_on_qemu
 
 TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "arm-none-eabi-nm", "qemu-system-arm")
 
@@ -251,7 +251,7 @@ def test_missing_toolchain_names_the_install_script(tmp_path, monkeypatch):
 
 
 def test_a_plugin_qemu_refuses_leaves_instructions_none(tmp_path, monkeypatch):
-    import kernels.firmware.build as build
+    import edgeloop.kernels.firmware.build as build
 
     bogus = tmp_path / "not-a-plugin.so"
     bogus.write_text("not an ELF")

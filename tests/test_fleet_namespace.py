@@ -16,13 +16,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud.rollouts.controller import RolloutController, RolloutSpec
-from cloud.workspace import Workspace
+from edgeloop.cloud.rollouts.controller import RolloutController, RolloutSpec
+from edgeloop.cloud.workspace import Workspace
 from conftest import TIER, make_live, own_broker, run_cli, wait_for
-from contracts.messages import Announce, parse
-from contracts.topics import Fleet
-from device_sdk.agent import Agent, AgentConfig
-from device_sdk.tuf_fetch import provision
+from edgeloop.contracts.messages import Announce, parse
+from edgeloop.contracts.topics import Fleet
+from edgeloop.device_sdk.agent import Agent, AgentConfig
+from edgeloop.device_sdk.tuf_fetch import provision
 
 pytestmark = pytest.mark.e2e
 

@@ -30,8 +30,8 @@ def test_a_delta_op_naming_its_source_with_a_list_is_refused_not_a_crash() -> No
     import struct
     import zlib
 
-    from contracts.delta import FORMAT, apply_delta
-    from contracts.errors import SchemaError
+    from edgeloop.contracts.delta import FORMAT, apply_delta
+    from edgeloop.contracts.errors import SchemaError
     body = {"format": FORMAT, "base_sha256": hashlib.sha256(b"base").hexdigest(), "target_sha256": "0" * 64,
             "target_length": 1, "ops": [[["copy"], 0, 1]]}
     header = json.dumps(body).encode()

@@ -16,12 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cloud.errors import IntegrityError, NotFound, UserError
-from cloud.fleet_registry import DeviceFilter, FleetRegistry
-from cloud.registry import Registry
-from cloud.workspace import Workspace
-from fleet import broker, identity
-from fleet.identity import Enrolment, FleetCA
+from edgeloop.cloud.errors import IntegrityError, NotFound, UserError
+from edgeloop.cloud.fleet_registry import DeviceFilter, FleetRegistry
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet import broker, identity
+from edgeloop.fleet.identity import Enrolment, FleetCA
 from conftest import run_cli  # noqa: E402
 
 

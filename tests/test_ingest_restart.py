@@ -37,12 +37,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud.registry import Registry
+from edgeloop.cloud.registry import Registry
 from conftest import Broker, wait_for
-from contracts.topics import DEFAULT_FLEET, Fleet
-from contracts.messages import ErrorReport, Telemetry, TelemetryAck, encode, parse
-from device_sdk.delivery import Delivery
-from device_sdk.outbox import PRIORITY_ERROR, Outbox
+from edgeloop.contracts.topics import DEFAULT_FLEET, Fleet
+from edgeloop.contracts.messages import ErrorReport, Telemetry, TelemetryAck, encode, parse
+from edgeloop.device_sdk.delivery import Delivery
+from edgeloop.device_sdk.outbox import PRIORITY_ERROR, Outbox
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 16
@@ -52,8 +52,8 @@ CONFIRM_S = 2.0         # a record the ingest has not confirmed is sent again af
 WORKER = """
 import sys, time
 from pathlib import Path
-from cloud.ingest.control_plane import ControlPlane
-from cloud.registry import Registry
+from edgeloop.cloud.ingest.control_plane import ControlPlane
+from edgeloop.cloud.registry import Registry
 store = Registry.add_telemetry
 def slow_store(self, rows):          # a slow disk: the worker holds received, unstored messages
     time.sleep(0.2)

@@ -14,7 +14,7 @@ RULES = {
 }
 # The control plane measures packages with the device's own runtime classes and their error type
 # (what it verifies is what devices run); nothing else of the device side.
-ALLOWED = {("cloud", "device_sdk.runtime"), ("cloud", "device_sdk.errors")}
+ALLOWED = {("cloud", "edgeloop.device_sdk.runtime"), ("cloud", "edgeloop.device_sdk.errors")}
 
 
 def imports(path: Path) -> list[tuple[int, str]]:
@@ -31,5 +31,14 @@ def test_packages_import_only_what_the_architecture_allows():
     offences = [f"{path.relative_to(ROOT)}:{line} imports {name}"
                 for package, banned in RULES.items() for path in (ROOT / package).rglob("*.py")
                 for line, name in imports(path)
-                if name.split(".")[0] in banned and (package, name) not in ALLOWED]
+                if name.removeprefix("edgeloop.").split(".")[0] in banned and (package, name) not in ALLOWED]
+    assert offences == []
+
+
+def test_every_import_of_our_own_code_goes_through_the_edgeloop_package():
+    """``import cloud`` works only in a checkout: installed, the folders are edgeloop's subpackages."""
+    parts = ("cloud", "fleet", "device_sdk", "edge", "kernels", "contracts", "simulators")
+    offences = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+                for folder in (*parts, "bench", "tests") for path in (ROOT / folder).rglob("*.py")
+                for line, name in imports(path) if name.split(".")[0] in parts]
     assert offences == []

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from cloud.train.datasets import load_dataset
-from cloud.package.tier_packagers import UnsupportedOperator, check_operators
-from contracts.features import FeatureSpec
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.package.tier_packagers import UnsupportedOperator, check_operators
+from edgeloop.contracts.features import FeatureSpec
 from test_tiers_shapes import _bundle, _case, _convert, _device_outputs, tier
 
 
@@ -135,9 +135,9 @@ def test_each_family_runs_on_tflm_or_is_refused_naming_its_layer(family, digits,
     assert agreement >= 0.9, (family, agreement)
     assert np.abs(out - want).max() < 0.25
     # the AOT compiler takes the family too, bit for bit against TFLM on the held-out rows
-    from cloud.package.aot_firmware import tflm_int8_outputs
-    from device_sdk.runtime import quantize
-    from kernels.aot import build_host, compile_tflite, run_host
+    from edgeloop.cloud.package.aot_firmware import tflm_int8_outputs
+    from edgeloop.device_sdk.runtime import quantize
+    from edgeloop.kernels.aot import build_host, compile_tflite, run_host
 
     model = artifact.files["model.tflite"]
     compiled = compile_tflite(model)

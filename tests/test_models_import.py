@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from cloud.train.datasets import default_dataset_path, load_dataset
-from cloud.errors import UserError
-from cloud.package.export import export_onnx
-from cloud.registry import Registry
-from cloud.workspace import Workspace
-from cloud.store.readonly import query as raw_rows
+from edgeloop.cloud.train.datasets import default_dataset_path, load_dataset
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.package.export import export_onnx
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.cloud.store.readonly import query as raw_rows
 from conftest import run_cli  # noqa: E402
 
 DIGITS = str(default_dataset_path())
@@ -47,8 +47,8 @@ class _Logits(nn.Module):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The float digits model, its test accuracy, and the model files of every format."""
-    from cloud.package import quantize
-    from cloud.train.training import TrainParams, train
+    from edgeloop.cloud.package import quantize
+    from edgeloop.cloud.train.training import TrainParams, train
 
     ds = load_dataset()
     train_split, _, test = ds.split()
@@ -93,7 +93,7 @@ def _counts(ws: Workspace) -> tuple[int, int]:
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export", "tflite", "tflite-int8"])
 def test_import_registers_lineage_and_metrics(fmt, models, tmp_path, capsys):
-    from contracts.package import sha256_hex
+    from edgeloop.contracts.package import sha256_hex
 
     ws, registry = _ws(tmp_path)
     path = models["files"][fmt]
@@ -158,7 +158,7 @@ def imported(models, tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export"])
 def test_onnx_backed_import_packages_for_edge_gateway(fmt, imported):
-    from cloud.loop.pipeline import package_model
+    from edgeloop.cloud.loop.pipeline import package_model
 
     ws, registry, mv = imported(fmt)
     result = package_model(ws, registry, mv, "edge-gateway")
@@ -169,7 +169,7 @@ def test_onnx_backed_import_packages_for_edge_gateway(fmt, imported):
 
 def test_onnx_import_packages_for_mobile_through_onnx2torch(imported):
     """onnx2torch rebuilds a PyTorch module from the imported graph; litert-torch traces it."""
-    from cloud.loop.pipeline import package_model
+    from edgeloop.cloud.loop.pipeline import package_model
 
     ws, registry, mv = imported("onnx")
     result = package_model(ws, registry, mv, "mobile")
@@ -178,7 +178,7 @@ def test_onnx_import_packages_for_mobile_through_onnx2torch(imported):
 
 
 def test_int8_tflite_packages_for_mcu_and_refuses_onnx_tiers(imported, tmp_path, capsys):
-    from cloud.loop.pipeline import package_model
+    from edgeloop.cloud.loop.pipeline import package_model
 
     ws, registry, mv = imported("tflite-int8")
     result = package_model(ws, registry, mv, "mcu")
@@ -197,7 +197,7 @@ def test_int8_tflite_packages_for_mcu_and_refuses_onnx_tiers(imported, tmp_path,
 
 
 def test_float_tflite_packages_for_mobile_not_mcu(imported):
-    from cloud.loop.pipeline import package_model
+    from edgeloop.cloud.loop.pipeline import package_model
 
     ws, registry, mv = imported("tflite")
     result = package_model(ws, registry, mv, "mobile")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.models import GateFailed, lineage, promote
-from cloud.loop.pipeline import train_model
-from cloud.registry import Registry
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from fleet.demo import DemoOptions, run_demo
+from edgeloop.cloud.models import GateFailed, lineage, promote
+from edgeloop.cloud.loop.pipeline import train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet.demo import DemoOptions, run_demo
 
 
 def test_promotion_gate_blocks_a_worse_model_and_leaves_stages_alone(tmp_path):
@@ -35,7 +35,7 @@ def test_unknown_stage_moves_are_refused(tmp_path):
     registry = Registry(ws.registry_path)
     mv = train_model(ws, registry, TrainParams(epochs=1))["model_version"]
     promote(registry, mv, "archived")
-    from cloud.errors import UserError
+    from edgeloop.cloud.errors import UserError
     with pytest.raises(UserError, match="cannot move"):
         promote(registry, mv, "production")
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from cloud.ingest.mqtt_session import ConnectRefused, Incoming, MqttSession
+from edgeloop.cloud.ingest.mqtt_session import ConnectRefused, Incoming, MqttSession
 from conftest import Broker, mosquitto_binary, wait_for
 
 

@@ -13,9 +13,9 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, TargetFile
 from tuf.api.serialization.json import JSONSerializer
 
-from contracts.package import Manifest, read_package, write_package
-from contracts.topics import assignment_path
-from cloud.release.signing import RoleKeys
+from edgeloop.contracts.package import Manifest, read_package, write_package
+from edgeloop.contracts.topics import assignment_path
+from edgeloop.cloud.release.signing import RoleKeys
 from conftest import TIER, assert_refused_and_still_serving, settled, wait_for
 
 SERIALIZER = JSONSerializer(compact=False)
@@ -189,7 +189,7 @@ def test_a_good_update_after_refused_ones_installs(live):
 
 
 def test_devices_follow_a_root_key_rotation_and_refuse_the_old_root_key_afterwards(live):
-    from cloud.release.signing import ROLES  # noqa: F401 - the roles rotated below are TUF's own
+    from edgeloop.cloud.release.signing import ROLES  # noqa: F401 - the roles rotated below are TUF's own
     old_root = Metadata.from_file(str(latest(live.repo.meta_dir, "root"))).signed
     stolen_old_targets = live.repo.keys.load("targets", old_root.roles["targets"].keyids[0])
     live.repo.rotate("root")

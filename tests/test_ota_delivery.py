@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import TIER, make_live, wait_for
-from simulators.network import Fault, LinkProxy
+from edgeloop.simulators.network import Fault, LinkProxy
 
 
 @pytest.fixture
@@ -96,9 +96,9 @@ def _register_head_only_retrain(env, base_mv: str) -> str:
 
     import torch
 
-    from cloud.package.export import export_onnx
-    from cloud.package.packaging import store_blob
-    from cloud.loop.pipeline import _torch_model, package_model
+    from edgeloop.cloud.package.export import export_onnx
+    from edgeloop.cloud.package.packaging import store_blob
+    from edgeloop.cloud.loop.pipeline import _torch_model, package_model
 
     mv = env.registry.model_version(base_mv)
     model = _torch_model(env.registry, mv)
@@ -143,7 +143,7 @@ def test_a_delta_that_does_not_reproduce_the_package_falls_back_to_the_full_down
     def corrupt_delta(target):
         # the delta target is re-signed over wrong content: TUF accepts it, reconstruction must not
         delta_path = next(p for p in slow_live.repo.targets() if p.endswith(".delta"))
-        from contracts.delta import encode_delta
+        from edgeloop.contracts.delta import encode_delta
         bogus = encode_delta(slow_live.registry.package_for(slow_live.v1, TIER)["sha256"], b"x" * 100,
                              [["data", 0, 100]], b"x" * 100)
         slow_live.repo.add_target(delta_path, bogus)

@@ -9,16 +9,16 @@ import time
 
 import pytest
 
-from contracts.package import Manifest, read_package, write_package
-from contracts.messages import Announce
-from cloud.train.datasets import load_dataset
-from cloud.package.export import export_onnx
-from cloud.package.packaging import build_package
-from cloud.train.training import TrainParams, train
-from device_sdk.errors import TransientError
-from contracts.messages import as_dict
-from device_sdk.ota import MAX_RESUMES, TRANSITIONS, Event, Installer, InstallState
-from device_sdk.storage import write_json
+from edgeloop.contracts.package import Manifest, read_package, write_package
+from edgeloop.contracts.messages import Announce
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.package.export import export_onnx
+from edgeloop.cloud.package.packaging import build_package
+from edgeloop.cloud.train.training import TrainParams, train
+from edgeloop.device_sdk.errors import TransientError
+from edgeloop.contracts.messages import as_dict
+from edgeloop.device_sdk.ota import MAX_RESUMES, TRANSITIONS, Event, Installer, InstallState
+from edgeloop.device_sdk.storage import write_json
 
 TIER = "edge-gateway"
 

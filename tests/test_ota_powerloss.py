@@ -11,14 +11,14 @@ import time
 
 import pytest
 
-from contracts.package import read_package
-from contracts.messages import Announce, as_dict
-from cloud.train.datasets import load_dataset
-from cloud.package.export import export_onnx
-from cloud.package.packaging import build_package
-from cloud.train.training import TrainParams, train
-from device_sdk.ota import Installer, InstallState
-from device_sdk.runtime import health_check, load_runtime
+from edgeloop.contracts.package import read_package
+from edgeloop.contracts.messages import Announce, as_dict
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.package.export import export_onnx
+from edgeloop.cloud.package.packaging import build_package
+from edgeloop.cloud.train.training import TrainParams, train
+from edgeloop.device_sdk.ota import Installer, InstallState
+from edgeloop.device_sdk.runtime import health_check, load_runtime
 
 TIER = "edge-gateway"
 TRANSITIONS_PER_INSTALL = 5        # downloading, verifying, installing, testing, committed
@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
     template = root / "template"
     Installer(template, TIER, 1 << 22).install(_announce(packages[1][0], "u1"), lambda a: packages[1][0].data)
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["powerloss_child", "device_sdk.runtime", "onnxruntime", "numpy"])
+    ctx.set_forkserver_preload(["powerloss_child", "edgeloop.device_sdk.runtime", "onnxruntime", "numpy"])
     return root, packages, template, ctx
 
 

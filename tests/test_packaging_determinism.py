@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from contracts.package import read_package
-from cloud.package.packaging import TIMING_KEYS
-from cloud.loop.pipeline import package_model, train_model
-from cloud.registry import Registry
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
+from edgeloop.contracts.package import read_package
+from edgeloop.cloud.package.packaging import TIMING_KEYS
+from edgeloop.cloud.loop.pipeline import package_model, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
 
 TIERS = ("gpu-server", "edge-gateway", "mobile", "mcu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_another_process_with_another_hash_seed_and_one_thread_packages_the_same
 
 
 def test_cli_package_still_reports_the_host_timings(trained, capsys):
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     ws, _, mv = trained
     assert main(["package", mv, "--tier", "edge-gateway", "--report", "--json", "-w", str(ws.root)]) == 0

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contracts.errors import SchemaError
-from contracts.messages import Telemetry, as_dict, encode, parse
-from cloud.train.datasets import load_dataset
-from cloud.errors import UserError
-from cloud.loop.closed_loop import load_pipeline, pipeline_runs, run_pipeline
-from cloud.loop.pipeline import train_model
-from cloud.registry import Registry
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from fleet.loop_demo import LoopOptions, run_loop_demo
+from edgeloop.contracts.errors import SchemaError
+from edgeloop.contracts.messages import Telemetry, as_dict, encode, parse
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.loop.closed_loop import load_pipeline, pipeline_runs, run_pipeline
+from edgeloop.cloud.loop.pipeline import train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet.loop_demo import LoopOptions, run_loop_demo
 
 from conftest import own_broker  # noqa: E402
 
@@ -134,7 +134,7 @@ def build(input_shape, n_outputs):
 def test_pipeline_with_your_model_def_on_image_data_retrains_when_the_definition_changes(tmp_path):
     """model_def in [train], relative to the pipeline file; device samples of 1x8x8 images are
     collected into an .npz that keeps the shape; an edited definition retrains, an unchanged one not."""
-    from cloud.train.example_data import write_example
+    from edgeloop.cloud.train.example_data import write_example
 
     ws = Workspace.init(tmp_path / "ws")
     registry = Registry(ws.registry_path)
@@ -164,21 +164,21 @@ def test_pipeline_with_your_model_def_on_image_data_retrains_when_the_definition
 
 
 def test_regression_pipeline_gates_on_mae(tmp_path):
-    from cloud.train.example_data import example_arrays, write_example
+    from edgeloop.cloud.train.example_data import example_arrays, write_example
 
     ws = Workspace.init(tmp_path / "ws")
     registry = Registry(ws.registry_path)
     data = write_example("diabetes", tmp_path / "data")
     first = train_model(ws, registry, TrainParams(epochs=40), data=str(data), model="dia",
-                        model_def="cloud.examples.models:regression_mlp")
-    from cloud.models import promote
+                        model_def="edgeloop.cloud.examples.models:regression_mlp")
+    from edgeloop.cloud.models import promote
     promote(registry, first["model_version"], "production")
     arrays = example_arrays("diabetes")
     row = _telemetry("clinic-1", 0, arrays["x"][:30].tolist(), arrays["y"][:30].tolist())
     registry.add_telemetry([row])
     pipe_file = tmp_path / "p.toml"
     pipe_file.write_text(PIPE.replace('name = "t"', 'name = "t"\nmodel = "dia"')
-                         .replace("epochs = 3", 'epochs = 40\nmodel_def = "cloud.examples.models:regression_mlp"\n'
+                         .replace("epochs = 3", 'epochs = 40\nmodel_def = "edgeloop.cloud.examples.models:regression_mlp"\n'
                                                 'task = "regression"')
                          .replace("tolerance = 1.0", "tolerance = 0.5\nmax_mae = 80.0"))
     run = run_pipeline(ws, registry, load_pipeline(pipe_file))
@@ -229,11 +229,11 @@ def test_cli_pipeline_run_with_a_rollout_needs_a_serving_control_plane(tmp_path)
     ws = tmp_path / "ws"
     Workspace.init(ws)
     shipped = ROOT / "cloud" / "loop" / "pipelines" / "digits-retrain.toml"
-    proc = subprocess.run([sys.executable, "-m", "fleet.cli", "pipeline", "run", str(shipped), "-w", str(ws)],
+    proc = subprocess.run([sys.executable, "-m", "edgeloop.fleet.cli", "pipeline", "run", str(shipped), "-w", str(ws)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "edgeloop serve" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "fleet.cli", "pipeline", "show", "nope", "-w", str(ws)],
+    proc = subprocess.run([sys.executable, "-m", "edgeloop.fleet.cli", "pipeline", "show", "nope", "-w", str(ws)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode != 0 and "no pipeline run" in proc.stderr and "Traceback" not in proc.stderr
 

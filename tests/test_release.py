@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import TIER, make_live, own_broker, wait_for
-from cloud.errors import IntegrityError
-from cloud.package.packaging import store_blob
-from cloud.registry import Registry
-from cloud.rollouts.controller import RolloutController, RolloutSpec
-from cloud.workspace import Workspace
+from edgeloop.cloud.errors import IntegrityError
+from edgeloop.cloud.package.packaging import store_blob
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.rollouts.controller import RolloutController, RolloutSpec
+from edgeloop.cloud.workspace import Workspace
 
 # this module's own broker: rollouts select devices from the statuses a broker retains
 broker = pytest.fixture(scope="module", name="broker")(own_broker)
@@ -62,7 +62,7 @@ def _image_agrees(env, model_version: str) -> None:
 
 
 def test_repackaging_a_published_version_then_rolling_it_out_updates_every_device(rig):
-    from cloud.loop.pipeline import package_model, publish_update
+    from edgeloop.cloud.loop.pipeline import package_model, publish_update
 
     v2 = rig.new_version()
     first = rig.registry.package_for(v2, TIER)
@@ -77,8 +77,8 @@ def test_repackaging_a_published_version_then_rolling_it_out_updates_every_devic
 
 
 def test_a_repackage_with_other_bytes_becomes_a_new_signed_target_and_every_device_updates(rig, monkeypatch):
-    import cloud.loop.pipeline as pipeline
-    from cloud.loop.pipeline import package_model, publish_update
+    import edgeloop.cloud.loop.pipeline as pipeline
+    from edgeloop.cloud.loop.pipeline import package_model, publish_update
 
     v3 = rig.new_version()
     first = rig.registry.package_for(v3, TIER)
@@ -128,7 +128,7 @@ def _nothing_assigned(ws, registry) -> bool:
 
 
 def _cli_start(ws, capsys) -> tuple[int, str]:
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     code = main(["rollout", "start", "m:1", "--target", f"tier={TIER}", "-w", str(ws.root),
                  "--repository-url", "http://127.0.0.1:9/repository"])
@@ -170,7 +170,7 @@ def test_rollout_start_refuses_a_package_whose_stored_bytes_are_corrupt(unit, ca
 
 
 def test_publish_and_rollouts_record_updates_the_same_way(unit):
-    from cloud.release.releaser import Assignment, Releaser
+    from edgeloop.cloud.release.releaser import Assignment, Releaser
 
     ws, registry = unit
     sha = _register(ws, registry, b"a package")
@@ -195,7 +195,7 @@ def test_publish_and_rollouts_record_updates_the_same_way(unit):
 
 
 def test_publish_refuses_a_package_the_image_repository_signs_with_other_bytes(unit):
-    from cloud.loop.pipeline import publish_update
+    from edgeloop.cloud.loop.pipeline import publish_update
 
     ws, registry = unit
     ws.image_repository().add_target(f"m/1/{TIER}.elpkg", b"the bytes signed first")
@@ -207,7 +207,7 @@ def test_publish_refuses_a_package_the_image_repository_signs_with_other_bytes(u
 
 
 def test_a_new_package_gets_the_plain_name_and_other_bytes_get_their_own(unit):
-    from cloud.release.releaser import target_name
+    from edgeloop.cloud.release.releaser import target_name
 
     ws, registry = unit
     plain = f"m/1/{TIER}.elpkg"

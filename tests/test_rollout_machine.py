@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-from contracts.messages import Command, encode, parse
-from cloud.package.packaging import store_blob
-from cloud.registry import Registry
-from cloud.rollouts.machine import (DEVICE_TRANSITIONS, ROLLOUT_TRANSITIONS, DeviceEvent, DeviceRolloutState,
+from edgeloop.contracts.messages import Command, encode, parse
+from edgeloop.cloud.package.packaging import store_blob
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.rollouts.machine import (DEVICE_TRANSITIONS, ROLLOUT_TRANSITIONS, DeviceEvent, DeviceRolloutState,
                                    IllegalTransition, RolloutEvent, RolloutState, device_next, rollout_next)
-from cloud.rollouts.controller import RolloutController, RolloutSpec
-from cloud.store import AttemptEnd
-from cloud.store.readonly import query
-from cloud.workspace import Workspace
+from edgeloop.cloud.rollouts.controller import RolloutController, RolloutSpec
+from edgeloop.cloud.store import AttemptEnd
+from edgeloop.cloud.store.readonly import query
+from edgeloop.cloud.workspace import Workspace
 
 TIER = "edge-gateway"
 DEADLINE = 300.0                 # cloud/package/tiers/edge-gateway.toml in_progress_timeout_s

@@ -10,12 +10,12 @@ import threading
 
 import pytest
 
-from contracts.messages import Command, encode, parse
-from cloud.errors import UserError
-from cloud.package.packaging import store_blob
-from cloud.registry import Registry
-from cloud.rollouts.controller import RolloutController, RolloutEvent, RolloutSpec, js_distance, parse_selector
-from cloud.workspace import Workspace
+from edgeloop.contracts.messages import Command, encode, parse
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.package.packaging import store_blob
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.rollouts.controller import RolloutController, RolloutEvent, RolloutSpec, js_distance, parse_selector
+from edgeloop.cloud.workspace import Workspace
 from conftest import wait_for
 
 TIER = "edge-gateway"
@@ -393,7 +393,7 @@ def test_regression_mae_rise_on_labelled_canary_aborts_with_the_task_metric(unit
     ("regression", (40, 40, 80.0), (40, 40, 60.0), -0.25),       # MAE 2.0 -> 1.5: better, negative
 ])
 def test_quality_drop_reads_the_tasks_metric(task, old, new, drop):
-    from cloud.rollouts.health import compare
+    from edgeloop.cloud.rollouts.health import compare
 
     def row(is_new: int, labelled: int, correct: int, abs_err: float | None) -> dict:
         return {"new": is_new, "count": 50, "errors": 0, "latency_ms_p50": 1.0, "predictions": [25, 25],
@@ -546,7 +546,7 @@ def test_canary_then_waves_update_every_real_device_once(rig):
 
 
 def test_health_check_failures_abort_at_threshold_and_updated_devices_roll_back(rig, monkeypatch):
-    from device_sdk.errors import UpdateRefused
+    from edgeloop.device_sdk.errors import UpdateRefused
 
     before = {a.device_id: a.model_version for a in rig.agents}
     target = _other_version(rig)
@@ -556,7 +556,7 @@ def test_health_check_failures_abort_at_threshold_and_updated_devices_roll_back(
                                  max_failure_pct=30, min_devices=4))
     first_wave = [d["device_id"] for d in rig.registry.rollout_devices(rid)][:4]
     bad = set(first_wave[:2])                      # half of the first wave fails its health check
-    from device_sdk.runtime import DEFAULT_LOADER
+    from edgeloop.device_sdk.runtime import DEFAULT_LOADER
 
     class Flaky:       # the agent's runtime loader (device_sdk.ports.RuntimeLoader), failing on the target
         def load(self, bundle, package_sha256):  # noqa: ANN001, ANN202
@@ -646,7 +646,7 @@ def test_device_that_never_answers_times_out_at_the_tier_deadline(rig):
                                 "update_id": None, "reason": None})
     override = rig.ws.root / "tiers" / f"{TIER}.toml"
     override.parent.mkdir(exist_ok=True)
-    shipped = (__import__("pathlib").Path(__import__("cloud.package").package.__file__).parent / "tiers" / f"{TIER}.toml").read_text()
+    shipped = (__import__("pathlib").Path(__import__("edgeloop.cloud.package").package.__file__).parent / "tiers" / f"{TIER}.toml").read_text()
     override.write_text(shipped.replace("in_progress_timeout_s = 300.0", "in_progress_timeout_s = 1.0"))
     try:
         rec = Recorder(rig.cp)
@@ -663,7 +663,7 @@ def test_device_that_never_answers_times_out_at_the_tier_deadline(rig):
 
 
 def test_cli_rollout_bad_input_is_one_line_and_changes_nothing(rig, capsys):
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     base = ["-w", str(rig.ws.root)]
     before = _controller(rig, Recorder(rig.cp)).list()
@@ -690,13 +690,13 @@ def test_edgeloop_serve_drives_a_rollout_started_from_the_cli(rig, capsys):
     import subprocess
     import sys
 
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     target = _other_version(rig)
     serve_file = rig.ws.root / "serve.json"
     serve_file.unlink(missing_ok=True)
     log = (rig.ws.root / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "-w", str(rig.ws.root), "--duration", "90",
+    proc = subprocess.Popen([sys.executable, "-m", "edgeloop.fleet.cli", "serve", "-w", str(rig.ws.root), "--duration", "90",
                              "--json", "--debug"], stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: serve_file.exists() or proc.poll() is not None, 30, "serve to start")
@@ -718,7 +718,7 @@ def test_edgeloop_serve_drives_a_rollout_started_from_the_cli(rig, capsys):
         assert main(["rollout", "ls", "-w", str(rig.ws.root)]) == 0
         assert rid in capsys.readouterr().out                # the table, for people
         # the same through the control plane's HTTP API: a viewer may look, not steer
-        from cloud.api.server import TokenStore
+        from edgeloop.cloud.api.server import TokenStore
         api = ["--server", json.loads(serve_file.read_text())["api_url"], "--json"]
         viewer = TokenStore(rig.registry).create("rollout-viewer", "viewer")[1]
         assert main(["rollout", "status", rid, *api, "--token", viewer]) == 0
@@ -732,7 +732,7 @@ def test_edgeloop_serve_drives_a_rollout_started_from_the_cli(rig, capsys):
 
 
 def test_health_compare_flags_each_measure_against_the_previous_version():
-    from cloud.rollouts.health import compare
+    from edgeloop.cloud.rollouts.health import compare
 
     def row(new: int, errors: int, latency: float, confidence_bin: int) -> dict:
         hist = [0] * 10
@@ -750,9 +750,9 @@ def test_health_compare_flags_each_measure_against_the_previous_version():
 
 
 def test_tier_deadline_must_be_positive(tmp_path):
-    from cloud.package.tiers import tier
+    from edgeloop.cloud.package.tiers import tier
 
-    shipped = (__import__("pathlib").Path(__import__("cloud.package").package.__file__).parent / "tiers" / f"{TIER}.toml").read_text()
+    shipped = (__import__("pathlib").Path(__import__("edgeloop.cloud.package").package.__file__).parent / "tiers" / f"{TIER}.toml").read_text()
     (tmp_path / "tiers").mkdir()
     (tmp_path / "tiers" / f"{TIER}.toml").write_text(shipped.replace("in_progress_timeout_s = 300.0",
                                                                        "in_progress_timeout_s = 0"))

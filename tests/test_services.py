@@ -16,11 +16,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud import services
-from cloud.ingest.control_plane import ControlPlane
-from cloud.errors import ServiceUnavailable
-from cloud.services import PlainLink, ServiceStack, StackOptions
-from cloud.workspace import Workspace
+from edgeloop.cloud import services
+from edgeloop.cloud.ingest.control_plane import ControlPlane
+from edgeloop.cloud.errors import ServiceUnavailable
+from edgeloop.cloud.services import PlainLink, ServiceStack, StackOptions
+from edgeloop.cloud.workspace import Workspace
 from conftest import free_port, run_cli, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from cloud.errors import SchemaTooNew
-from cloud.registry import Registry
-from cloud.store import SCHEMA_VERSION, DeviceFilter, open_store
-from cloud.store.readonly import query
-from cloud.store.schema import INDEXES, TABLES
-from cloud.workspace import Workspace
+from edgeloop.cloud.errors import SchemaTooNew
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.store import SCHEMA_VERSION, DeviceFilter, open_store
+from edgeloop.cloud.store.readonly import query
+from edgeloop.cloud.store.schema import INDEXES, TABLES
+from edgeloop.cloud.workspace import Workspace
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

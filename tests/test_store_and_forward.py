@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from cloud.ingest.control_plane import ControlPlane
-from cloud.registry import Registry
+from edgeloop.cloud.ingest.control_plane import ControlPlane
+from edgeloop.cloud.registry import Registry
 from conftest import Broker, edge_gateway_package, wait_for
-from contracts.messages import Announce
-from device_sdk.agent import Agent, AgentConfig
-from device_sdk.ota import Installer
-from device_sdk.outbox import Outbox, OutboxConfig
+from edgeloop.contracts.messages import Announce
+from edgeloop.device_sdk.agent import Agent, AgentConfig
+from edgeloop.device_sdk.ota import Installer
+from edgeloop.device_sdk.outbox import Outbox, OutboxConfig
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_outbox_bound_drops_oldest_low_priority_first_and_counts_it(tmp_path):
 
 # -- bad input on ingest: refused, counted, never stored, never a crash ------------------------------
 def _record(device_id: str, seq: int, window_end: float | None = None):
-    from contracts.messages import Telemetry
+    from edgeloop.contracts.messages import Telemetry
     now = time.time()
     return Telemetry(device_id=device_id, seq=seq, model_version="m:1", window_start=now - 1,
                      window_end=window_end or now, count=4, labelled=4, correct=3, predictions=[2, 2],
@@ -105,9 +105,9 @@ def test_unknown_revoked_future_and_malformed_telemetry_is_refused_and_counted(t
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from cloud.fleet_registry import EnrolledDevice, FleetRegistry
-    from contracts.topics import DEFAULT_FLEET, Fleet
-    from contracts.messages import TelemetryAck, encode, parse
+    from edgeloop.cloud.fleet_registry import EnrolledDevice, FleetRegistry
+    from edgeloop.contracts.topics import DEFAULT_FLEET, Fleet
+    from edgeloop.contracts.messages import TelemetryAck, encode, parse
 
     registry = Registry(tmp_path / "registry.db")
     topics = Fleet(DEFAULT_FLEET)          # the fleet a ControlPlane built without one serves

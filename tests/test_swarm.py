@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import json
 
 import pytest
-from cloud.store.readonly import query as raw_rows
+from edgeloop.cloud.store.readonly import query as raw_rows
 
 from conftest import wait_for
-from contracts.messages import Announce, Command, DeviceState
-from simulators.swarm import NetworkProfile, SwarmConfig, SwarmThread, _tiers, parse_tier_mix
+from edgeloop.contracts.messages import Announce, Command, DeviceState
+from edgeloop.simulators.swarm import NetworkProfile, SwarmConfig, SwarmThread, _tiers, parse_tier_mix
 
 from conftest import own_broker  # noqa: E402
 
@@ -31,12 +31,12 @@ TIER = "edge-gateway"
 
 @pytest.fixture(scope="module")
 def env(broker, tmp_path_factory):
-    from cloud.ingest.control_plane import ControlPlane
-    from cloud.loop.pipeline import package_model, train_model
-    from cloud.registry import Registry
-    from cloud.release.repo_server import RepositoryServer
-    from cloud.train.training import TrainParams
-    from cloud.workspace import Workspace
+    from edgeloop.cloud.ingest.control_plane import ControlPlane
+    from edgeloop.cloud.loop.pipeline import package_model, train_model
+    from edgeloop.cloud.registry import Registry
+    from edgeloop.cloud.release.repo_server import RepositoryServer
+    from edgeloop.cloud.train.training import TrainParams
+    from edgeloop.cloud.workspace import Workspace
 
     ws = Workspace.init(tmp_path_factory.mktemp("swarm") / "ws", mqtt=broker.address)
     registry = Registry(ws.registry_path)
@@ -86,7 +86,7 @@ def forget(env, swarm: SwarmThread) -> None:
 
 
 def run_rollout(env, spec, timeout: float = 50.0) -> tuple[str, dict]:
-    from cloud.rollouts.controller import RolloutController
+    from edgeloop.cloud.rollouts.controller import RolloutController
 
     ctl = RolloutController(env.ws, env.registry, send=env.cp.send_command, repository_url=env.server.url)
     rid = ctl.create(spec)
@@ -99,7 +99,7 @@ def run_rollout(env, spec, timeout: float = 50.0) -> tuple[str, dict]:
 
 
 def test_500_devices_canary_then_waves_all_commit_with_one_command_each(env):
-    from cloud.rollouts.controller import RolloutSpec
+    from edgeloop.cloud.rollouts.controller import RolloutSpec
 
     swarm = start_swarm(env, 500)
     try:
@@ -129,7 +129,7 @@ def test_500_devices_canary_then_waves_all_commit_with_one_command_each(env):
 
 
 def test_20pct_failing_health_checks_abort_the_rollout_and_roll_back_updated_devices(env):
-    from cloud.rollouts.controller import RolloutSpec
+    from edgeloop.cloud.rollouts.controller import RolloutSpec
 
     swarm = start_swarm(env, 100, fail_pct=20)
     try:
@@ -151,12 +151,12 @@ def test_20pct_failing_health_checks_abort_the_rollout_and_roll_back_updated_dev
 
 
 def test_devices_that_lose_their_connection_or_downloads_mid_rollout_still_commit(env):
-    from cloud.rollouts.controller import RolloutSpec
+    from edgeloop.cloud.rollouts.controller import RolloutSpec
 
     swarm = start_swarm(env, 40, network=NetworkProfile(latency_ms=20, drop_pct=30, reconnect_s=0.3),
                         download_retries=6)
     try:
-        from cloud.rollouts.controller import RolloutController
+        from edgeloop.cloud.rollouts.controller import RolloutController
 
         ctl = RolloutController(env.ws, env.registry, send=env.cp.send_command, repository_url=env.server.url)
         rid = ctl.create(RolloutSpec(model_version=env.v2, target=f"tier={TIER}", strategy="all"))
@@ -214,8 +214,8 @@ def test_simulators_define_no_second_device_or_install_state_machine():
     transition table, an install-state enum or a class with the install's states."""
     import ast
 
-    from contracts.messages import DeviceState
-    from device_sdk.ota import InstallState
+    from edgeloop.contracts.messages import DeviceState
+    from edgeloop.device_sdk.ota import InstallState
 
     states = {str(s) for s in InstallState} | {str(s) for s in DeviceState}
     for path in sorted(Path("simulators").glob("*.py")):
@@ -233,7 +233,7 @@ def test_simulators_define_no_second_device_or_install_state_machine():
 
 
 def test_swarm_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     ws = str(tmp_path / "ws")
     assert main(["init", "-w", ws, "--mqtt", "127.0.0.1:1"]) == 0
@@ -256,7 +256,7 @@ def test_bad_model_telemetry_aborts_the_canary_on_model_health_and_rolls_it_back
     """Every device installs the new model fine but then reports a high error rate in its
     telemetry windows: the controller compares them with the same devices' windows under v1
     and aborts during the bake, before any wave."""
-    from cloud.rollouts.controller import RolloutSpec
+    from edgeloop.cloud.rollouts.controller import RolloutSpec
 
     swarm = start_swarm(env, 30, bad_model_pct=100, telemetry_s=1)
     try:
@@ -280,12 +280,12 @@ def test_bad_model_telemetry_aborts_the_canary_on_model_health_and_rolls_it_back
 def test_swarm_over_mutual_tls_connects_each_device_as_its_own_enrolled_identity(tmp_path, monkeypatch, capsys):
     import json
 
-    from cloud.fleet_registry import FleetRegistry
-    from cloud.registry import Registry
-    from cloud.workspace import Workspace
+    from edgeloop.cloud.fleet_registry import FleetRegistry
+    from edgeloop.cloud.registry import Registry
+    from edgeloop.cloud.workspace import Workspace
     from conftest import free_port
-    from fleet import broker
-    from fleet.cli import main
+    from edgeloop.fleet import broker
+    from edgeloop.fleet.cli import main
 
     monkeypatch.setenv("EDGELOOP_KEY_PASSPHRASE", "swarm-tests")
     ws = Workspace.init(tmp_path / "ws")
@@ -313,7 +313,7 @@ def test_swarm_over_mutual_tls_connects_each_device_as_its_own_enrolled_identity
 def test_batched_status_ingest_stores_exactly_what_one_status_at_a_time_stores(tmp_path):
     """The control plane stores a batch's statuses in one transaction (Registry.record_statuses);
     the rows must be those record_status leaves, including a last will that keeps the model."""
-    from cloud.registry import Registry
+    from edgeloop.cloud.registry import Registry
 
     def status(device: str, state: str, mv: str | None, update: str | None = None, reason: str | None = None):
         return {"device_id": device, "tier": TIER, "state": state, "model_version": mv, "update_id": update,
@@ -337,7 +337,7 @@ def test_batched_status_ingest_stores_exactly_what_one_status_at_a_time_stores(t
 
 
 def test_simulate_beyond_the_full_agent_limit_runs_the_swarm(broker, tmp_path, capsys):
-    from fleet.cli import FULL_AGENTS_MAX, main
+    from edgeloop.fleet.cli import FULL_AGENTS_MAX, main
 
     ws = tmp_path / "ws"
     assert main(["init", "-w", str(ws), "--mqtt", broker.address]) == 0
@@ -349,7 +349,7 @@ def test_simulate_beyond_the_full_agent_limit_runs_the_swarm(broker, tmp_path, c
 
 
 def test_swarm_runs_the_real_agent_and_says_what_it_shares(env):
-    from device_sdk.agent import Agent
+    from edgeloop.device_sdk.agent import Agent
 
     swarm = start_swarm(env, 3)
     try:
@@ -358,7 +358,7 @@ def test_swarm_runs_the_real_agent_and_says_what_it_shares(env):
     finally:
         forget(env, swarm)
     assert classes == {Agent}
-    assert report["device_code"] == "device_sdk.agent.Agent" and report["device_classes"] == ["device_sdk.agent.Agent"]
+    assert report["device_code"] == "edgeloop.device_sdk.agent.Agent" and report["device_classes"] == ["edgeloop.device_sdk.agent.Agent"]
     assert any(w.startswith("tuf_verdict") for w in report["shared_work"])
     assert any(w.startswith("runtime") for w in report["shared_work"]) and len(report["shared_work"]) == 2
 
@@ -366,7 +366,7 @@ def test_swarm_runs_the_real_agent_and_says_what_it_shares(env):
 def test_dropped_download_is_retried_by_the_agent_and_its_error_report_goes_through_its_outbox(env):
     """Every transfer drops: each device retries (the agent's back-off), then gives up with
     transport.download, and that report reaches the cloud through the device's own outbox."""
-    from cloud.rollouts.controller import RolloutSpec  # noqa: F401 - the same cloud as the other tests
+    from edgeloop.cloud.rollouts.controller import RolloutSpec  # noqa: F401 - the same cloud as the other tests
 
     msg = None
     swarm = start_swarm(env, 4, network=NetworkProfile(drop_pct=100), download_retries=2)

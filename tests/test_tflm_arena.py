@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cloud.loop.pipeline import package_model, train_model
-from cloud.registry import Registry
-from cloud.package.tflm_arena import ArenaSearchError, _run_child, min_arena_bytes
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from contracts.package import ARENA_MIN_SEARCH, read_package
-from device_sdk.runtime import TFLMModel, load_runtime
+from edgeloop.cloud.loop.pipeline import package_model, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.package.tflm_arena import ArenaSearchError, _run_child, min_arena_bytes
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.contracts.package import ARENA_MIN_SEARCH, read_package
+from edgeloop.device_sdk.runtime import TFLMModel, load_runtime
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,22 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.package import Package, read_package, write_package
-from contracts.errors import SchemaError
-from contracts.messages import Announce
-from cloud.errors import IntegrityError, UserError
-from cloud.package.export import export_onnx
-from cloud.package.packaging import build_tier_package
-from cloud.loop.pipeline import _torch_model, package_model, train_model
-from cloud.registry import Registry
-from cloud.package.tier_packagers import BudgetExceeded, UnsupportedOperator, captured_output, check_operators, convert
-from cloud.package.tiers import load_tiers
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
-from cloud.train.datasets import load_dataset
-from device_sdk.ota import Installer, InstallState
-from device_sdk.errors import UpdateRefused
-from device_sdk.runtime import LiteRTModel, OnnxModel, TFLMModel, health_check, load_runtime
+from edgeloop.contracts.package import Package, read_package, write_package
+from edgeloop.contracts.errors import SchemaError
+from edgeloop.contracts.messages import Announce
+from edgeloop.cloud.errors import IntegrityError, UserError
+from edgeloop.cloud.package.export import export_onnx
+from edgeloop.cloud.package.packaging import build_tier_package
+from edgeloop.cloud.loop.pipeline import _torch_model, package_model, train_model
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.package.tier_packagers import BudgetExceeded, UnsupportedOperator, captured_output, check_operators, convert
+from edgeloop.cloud.package.tiers import load_tiers
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.device_sdk.ota import Installer, InstallState
+from edgeloop.device_sdk.errors import UpdateRefused
+from edgeloop.device_sdk.runtime import LiteRTModel, OnnxModel, TFLMModel, health_check, load_runtime
 
 TIERS = ("gpu-server", "edge-gateway", "mobile", "mcu")
 
@@ -178,7 +178,7 @@ def test_a_malformed_tier_profile_is_refused(tmp_path):
 def test_an_mcu_device_installs_and_health_checks_its_package_on_the_aot_library(built, tmp_path):
     """The device serves the C library that ran on the emulated board (TFLM is the reference the
     packager checked it against); its golden health check reproduces TFLM's outputs exactly."""
-    from device_sdk.aot_runtime import AOTModel
+    from edgeloop.device_sdk.aot_runtime import AOTModel
 
     _, _, _, packages, _, _ = built
     pkg = packages["mcu"]
@@ -295,7 +295,7 @@ def test_an_int8_package_with_wrong_golden_outputs_fails_its_health_check(built)
 def test_package_all_reports_every_tier_and_refuses_only_the_one_that_does_not_fit(built, capsys):
     """`package --tier all --report --json`: fp32 first, each tier's accuracy drop and size ratio,
     the mcu tier refused with its numbers (exit 2), the other tiers still packaged."""
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     ws, registry, mv, _, _, _ = built
     try:
@@ -342,7 +342,7 @@ def test_a_manifest_with_malformed_quantization_is_refused_by_the_reader(built, 
 def test_package_report_shows_the_microcontroller_memory(built, capsys):
     """`package --tier mcu --report`: the TFLM arena (the smallest that runs), TFLM's own report
     beside it, the folded layout transposes and the operator list."""
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     ws, registry, mv, packages, _, _ = built
     assert main(["package", mv, "--tier", "mcu", "--report", "-w", str(ws.root)]) == 0
@@ -394,7 +394,7 @@ def test_a_model_the_aot_compiler_lacks_ships_for_tflm_and_says_why(built):
 def test_export_c_writes_the_aot_library_that_builds_and_refuses_to_overwrite(built, tmp_path, capsys):
     import subprocess
 
-    from fleet.cli import main
+    from edgeloop.fleet.cli import main
 
     ws, _, mv, _, _, _ = built
     dest = tmp_path / "fw"

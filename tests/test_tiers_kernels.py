@@ -17,17 +17,17 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.package import Package, Manifest
-from contracts.features import FeatureSpec
-from cloud.train.datasets import load_dataset
-from cloud.package.export import export_onnx
-from cloud.package.tier_packagers import captured_output, convert
-from cloud.package.tiers import load_tiers
-from cloud.train.training import TrainParams, train
-from device_sdk.runtime import LiteRTModel, TFLMModel, quantize
-from kernels.int8_reference import FCLayer, fully_connected, quantize_multiplier, requantize_fixed_point, \
+from edgeloop.contracts.package import Package, Manifest
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.package.export import export_onnx
+from edgeloop.cloud.package.tier_packagers import captured_output, convert
+from edgeloop.cloud.package.tiers import load_tiers
+from edgeloop.cloud.train.training import TrainParams, train
+from edgeloop.device_sdk.runtime import LiteRTModel, TFLMModel, quantize
+from edgeloop.kernels.int8_reference import FCLayer, fully_connected, quantize_multiplier, requantize_fixed_point, \
     requantize_float
-from kernels.tflite_layers import LiteRTReader, TFLMReader, check_fc_layers, fc_ops
+from edgeloop.kernels.tflite_layers import LiteRTReader, TFLMReader, check_fc_layers, fc_ops
 
 RANDOM_INPUTS = 200
 
@@ -165,7 +165,7 @@ def test_a_model_with_over_256_kb_of_weights_runs_on_tflm_with_its_real_weights(
     """ai-edge-quantizer stores buffers outside the flatbuffer once they pass 256 KB, and TFLM
     silently ignores such buffers (garbage outputs, every layer off by up to 255 LSB). The mcu
     packager inlines them; TFLM must then follow the fixed-point rule on every layer."""
-    from cloud.package import quantize
+    from edgeloop.cloud.package import quantize
 
     torch.manual_seed(0)
     rng = np.random.default_rng(1)

@@ -17,15 +17,15 @@ import pytest
 import torch
 from torch import nn
 
-from contracts.package import Package, Manifest
-from contracts.features import FeatureSpec
-from cloud.train.datasets import load_dataset
-from cloud.package.export import INPUT_NAME, OUTPUT_NAME
-from cloud.package.packaging import GOLDEN_ATOL
-from cloud.package.tier_packagers import (TierArtifact, UnsupportedOperator, captured_output, check_operators, convert,
+from edgeloop.contracts.package import Package, Manifest
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.package.export import INPUT_NAME, OUTPUT_NAME
+from edgeloop.cloud.package.packaging import GOLDEN_ATOL
+from edgeloop.cloud.package.tier_packagers import (TierArtifact, UnsupportedOperator, captured_output, check_operators, convert,
                                   tflm_arena_bytes, triton_config)
-from cloud.package.tiers import tier
-from device_sdk.runtime import LiteRTModel, load_runtime
+from edgeloop.cloud.package.tiers import tier
+from edgeloop.device_sdk.runtime import LiteRTModel, load_runtime
 
 TIERS = ("gpu-server", "edge-gateway", "mobile", "mcu")
 ONNX_TIERS = ("gpu-server", "edge-gateway")
@@ -270,8 +270,8 @@ def test_the_layout_transpose_before_a_flatten_folds_into_the_fc_weights_bit_for
     operator and one buffer fewer, the same int8 outputs on TFLM for every input."""
     from tflite_micro.python.tflite_micro import runtime as tflm
 
-    from cloud.package import quantize
-    from cloud.package.tflite_passes import fold_layout_transposes
+    from edgeloop.cloud.package import quantize
+    from edgeloop.cloud.package.tflite_passes import fold_layout_transposes
 
     torch.manual_seed(0)
     rng = np.random.default_rng(3)
@@ -301,7 +301,7 @@ def test_the_layout_transpose_before_a_flatten_folds_into_the_fc_weights_bit_for
 def test_the_mcu_tier_takes_what_the_installed_tflm_registers():
     """The operator list is read from the TFLM build: the layout and activation operators that
     convolutional and recurrent models need are there (the hand list lacked them)."""
-    from cloud.package.tflm_ops import tflm_builtin_operators
+    from edgeloop.cloud.package.tflm_ops import tflm_builtin_operators
 
     ops = set(tier("mcu").supported_ops)
     assert ops == set(tflm_builtin_operators()) and len(ops) > 80
@@ -325,7 +325,7 @@ def test_triton_configs_carry_the_real_shapes(cases):
 
 def test_an_onnx_export_that_disagrees_with_the_feature_contract_is_refused_in_one_line(cases):
     case = cases["cnn"]
-    from cloud.errors import UserError
+    from edgeloop.cloud.errors import UserError
 
     flat = dataclasses.replace(case.features, input_shape=(), layout="flat")
     with pytest.raises(UserError, match=r"takes inputs of shape \(batch, 1, 8, 8\), the feature contract gives "

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cloud.train.datasets import load_dataset
-from cloud.package.export import export_onnx
-from cloud.package.packaging import build_package
-from cloud.train.training import TrainParams, train
-from contracts.package import read_package
-from device_sdk.runtime import OnnxModel
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.package.export import export_onnx
+from edgeloop.cloud.package.packaging import build_package
+from edgeloop.cloud.train.training import TrainParams, train
+from edgeloop.contracts.package import read_package
+from edgeloop.device_sdk.runtime import OnnxModel
 
 
 def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not():

@@ -8,7 +8,7 @@ import threading
 
 from aiohttp import web
 
-from cloud.errors import ServiceUnavailable
+from edgeloop.cloud.errors import ServiceUnavailable
 
 __all__ = ["ThreadedHttpServer"]
 

@@ -42,10 +42,10 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 
-from cloud.api.http_thread import ThreadedHttpServer
-from cloud.errors import CloudError, NotFound, ServiceUnavailable, UserError
-from cloud.fleet_registry import DeviceFilter, FleetRegistry
-from cloud.registry import Registry
+from edgeloop.cloud.api.http_thread import ThreadedHttpServer
+from edgeloop.cloud.errors import CloudError, NotFound, ServiceUnavailable, UserError
+from edgeloop.cloud.fleet_registry import DeviceFilter, FleetRegistry
+from edgeloop.cloud.registry import Registry
 
 log = logging.getLogger("edgeloop.api")
 
@@ -156,7 +156,7 @@ class RolloutService(Protocol):
 
 def _spec(body: dict[str, Any]) -> Any:
     """A cloud.rollouts.controller.RolloutSpec from a request body; unknown or missing fields are bad input."""
-    from cloud.rollouts.controller import RolloutSpec
+    from edgeloop.cloud.rollouts.controller import RolloutSpec
 
     names = {f.name for f in fields(RolloutSpec)}
     unknown = sorted(set(body) - names)

@@ -1,7 +1,7 @@
 """A package's drift baseline, stored once when the package is built and read through one function.
 
 The baseline (training-split feature histograms, prediction and confidence distributions,
-the residual model: :func:`cloud.package.packaging.baseline_stats`) travels inside every package for
+the residual model: :func:`edgeloop.cloud.package.packaging.baseline_stats`) travels inside every package for
 the devices, and is stored beside it for the cloud: canonical JSON in the artifact store
 (kind ``baseline``), its sha256 in the package's registry record (``packages.baseline_sha256``).
 Drift reports and the telemetry gate read it with :func:`package_baseline` /
@@ -22,10 +22,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from contracts.package import sha256_hex
-from cloud.errors import IntegrityError, NotFound
-from cloud.registry import Registry
-from cloud.workspace import Workspace
+from edgeloop.contracts.package import sha256_hex
+from edgeloop.cloud.errors import IntegrityError, NotFound
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
 
 __all__ = ["NO_BASELINE", "store_baseline", "package_baseline", "model_baseline"]
 
@@ -35,7 +35,7 @@ NO_BASELINE = "none"      # packages.baseline_sha256 of a package built without 
 def store_baseline(ws: Workspace, registry: Registry, baseline: dict[str, Any] | None) -> str:
     """Store a baseline (canonical JSON, content-addressed); returns what the package record
     keeps: its sha256, or ``NO_BASELINE`` for an empty one."""
-    from cloud.package.packaging import store_blob
+    from edgeloop.cloud.package.packaging import store_blob
 
     if not baseline:
         return NO_BASELINE

@@ -406,7 +406,7 @@ def drift_report(registry, by: str = "device", cfg: DriftConfig = DriftConfig(),
     is not diluted by a long calm history. Drift and skew are stored as alerts.
     Raises UserError for an unknown cohort."""
     if by not in COHORTS:
-        from cloud.errors import UserError
+        from edgeloop.cloud.errors import UserError
         raise UserError(f"unknown cohort {by!r}; use one of {', '.join(COHORTS)}")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in _stored_rows(registry):
@@ -430,7 +430,7 @@ def drift_report(registry, by: str = "device", cfg: DriftConfig = DriftConfig(),
 def _baseline(registry, model_version: str, tier: str) -> dict | None:  # noqa: ANN001
     """The stored baseline (cloud/drift/baselines.py): None only when the version has no package here
     or its record says it has none; a missing or corrupt one raises IntegrityError."""
-    from cloud.drift.baselines import model_baseline
+    from edgeloop.cloud.drift.baselines import model_baseline
     return model_baseline(registry, model_version, tier)
 
 

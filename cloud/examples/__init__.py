@@ -3,7 +3,7 @@
 ``edgeloop demo --example NAME`` runs one through the whole loop; ``bench/examples.py`` runs all
 of them through training and per-tier packaging. The data sets ship inside installed packages
 (scikit-learn's wheel, edgeloop's own digits) and are written into the workspace by
-:mod:`cloud.train.example_data`; the model definitions are in :mod:`cloud.examples.models`.
+:mod:`edgeloop.cloud.train.example_data`; the model definitions are in :mod:`edgeloop.cloud.examples.models`.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ class Example:
 
 
 EXAMPLES: dict[str, Example] = {e.name: e for e in (
-    Example("digits-cnn", "digits-images", "cloud.examples.models:digits_cnn", "classification", 15,
+    Example("digits-cnn", "digits-images", "edgeloop.cloud.examples.models:digits_cnn", "classification", 15,
             "a CNN on the 8x8 handwritten digits read as 1x8x8 images (NCHW)"),
-    Example("diabetes-regression", "diabetes", "cloud.examples.models:regression_mlp", "regression", 80,
+    Example("diabetes-regression", "diabetes", "edgeloop.cloud.examples.models:regression_mlp", "regression", 80,
             "regression of disease progression on scikit-learn's diabetes data (442 patients, 10 features)"),
-    Example("breast-cancer", "breast-cancer", "cloud.examples.models:binary_mlp", "classification", 40,
+    Example("breast-cancer", "breast-cancer", "edgeloop.cloud.examples.models:binary_mlp", "classification", 40,
             "a binary classifier on scikit-learn's breast cancer data (569 tumours, 30 features)"),
-    Example("digits-anomaly", "digits-anomaly", "cloud.examples.models:autoencoder", "anomaly", 40,
+    Example("digits-anomaly", "digits-anomaly", "edgeloop.cloud.examples.models:autoencoder", "anomaly", 40,
             "an autoencoder anomaly detector: trained on the other digits, the digit 7 is the anomaly"),
 )}

@@ -1,6 +1,6 @@
 """Which telemetry records are good data: the checks ingest runs on every batch.
 
-A record that passed the wire schema (``contracts.messages.Telemetry``) is still refused when:
+A record that passed the wire schema (``edgeloop.contracts.messages.Telemetry``) is still refused when:
 
 ===================== ==========================================================================
 reason                rule
@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from contracts.baseline_digest import edges_digest
-from contracts.messages import Telemetry
-from cloud.registry import Registry
+from edgeloop.contracts.baseline_digest import edges_digest
+from edgeloop.contracts.messages import Telemetry
+from edgeloop.cloud.registry import Registry
 
 __all__ = ["IngestLimits", "Reject", "TelemetryGate"]
 
@@ -116,7 +116,7 @@ class TelemetryGate:
         """The baseline every tier's package of this model version carries (stored once:
         cloud/drift/baselines.py); None if unknown here. A missing or corrupt one raises IntegrityError
         (the batch is not stored; devices send it again)."""
-        from cloud.drift.baselines import model_baseline
+        from edgeloop.cloud.drift.baselines import model_baseline
         baseline = model_baseline(self.registry, model_version)
         if not baseline or not baseline.get("features"):
             return None

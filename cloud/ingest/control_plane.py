@@ -33,16 +33,16 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from contracts import topics
-from contracts.errors import ContractError
-from contracts.messages import MAX_ACK_SEQS
-from contracts.messages import (Announce, Command, DeviceState, ErrorReport, Status, Telemetry, TelemetryAck, as_dict,
+from edgeloop.contracts import topics
+from edgeloop.contracts.errors import ContractError
+from edgeloop.contracts.messages import MAX_ACK_SEQS
+from edgeloop.contracts.messages import (Announce, Command, DeviceState, ErrorReport, Status, Telemetry, TelemetryAck, as_dict,
                                 encode, parse)
-from cloud.release.block_server import BlockServer
-from cloud.errors import ServiceUnavailable, UserError
-from cloud.ingest.checks import Reject, TelemetryGate
-from cloud.ingest.mqtt_session import ConnectRefused, Incoming, MqttSession, Publication
-from cloud.registry import Registry
+from edgeloop.cloud.release.block_server import BlockServer
+from edgeloop.cloud.errors import ServiceUnavailable, UserError
+from edgeloop.cloud.ingest.checks import Reject, TelemetryGate
+from edgeloop.cloud.ingest.mqtt_session import ConnectRefused, Incoming, MqttSession, Publication
+from edgeloop.cloud.registry import Registry
 
 try:
     from orjson import loads as _loads   # ~3x faster than json on telemetry records

@@ -50,11 +50,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cloud.errors import UserError
-from cloud.train.launcher import DistConfig
-from cloud.registry import Registry
-from cloud.train.training import TrainParams
-from cloud.workspace import Workspace
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.train.launcher import DistConfig
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.train.training import TrainParams
+from edgeloop.cloud.workspace import Workspace
 
 __all__ = ["PipelineFile", "PipelineRun", "StepResult", "load_pipeline", "run_pipeline", "pipeline_runs",
            "STEPS"]
@@ -85,7 +85,7 @@ class PipelineFile:
         ref = self.train.get("model_def")
         if not ref:
             return None
-        from cloud.train.model_def import names_a_file
+        from edgeloop.cloud.train.model_def import names_a_file
 
         where, sep, function = str(ref).rpartition(":")
         if sep and names_a_file(where) and not Path(where).is_absolute():
@@ -295,7 +295,7 @@ def _collect_inputs(registry: Registry, pipe: PipelineFile) -> dict[str, Any]:
 
 def _collect(ws: Workspace, registry: Registry, pipe: PipelineFile, c: dict[str, Any],
              say: Progress) -> dict[str, Any]:
-    from cloud.loop.pipeline import load_registered, register_dataset
+    from edgeloop.cloud.loop.pipeline import load_registered, register_dataset
 
     minimum = int(pipe.collect.get("min_samples", 1))
     if len(c["y"]) < minimum:
@@ -325,7 +325,7 @@ def _collect(ws: Workspace, registry: Registry, pipe: PipelineFile, c: dict[str,
         dataset, dataset_id, created = register_dataset(registry, f"{pipe.name}-collected", folder)
     else:
         # shaped inputs or another task: one .npz that keeps the shape, layout, task and numeric labels
-        from cloud.train.example_data import write_npz
+        from edgeloop.cloud.train.example_data import write_npz
 
         label_dtype = np.float32 if base.task == "regression" else np.int64
         arrays = {"x": np.concatenate([base.x, dev_x]).reshape(-1, *base.shape),
@@ -370,7 +370,7 @@ def _model_def_sha256(pipe: PipelineFile) -> str | None:
     """The source hash of ``[train] model_def``: part of the train key, so an edit retrains."""
     if pipe.model_def is None:
         return None
-    from cloud.train.model_def import load_model_def
+    from edgeloop.cloud.train.model_def import load_model_def
     return load_model_def(pipe.model_def).sha256
 
 
@@ -384,7 +384,7 @@ def _train_params(pipe: PipelineFile) -> TrainParams:
 
 def _train(ws: Workspace, registry: Registry, pipe: PipelineFile, data: dict[str, Any], params: TrainParams,
            say: Progress) -> dict[str, Any]:
-    from cloud.loop.pipeline import train_model
+    from edgeloop.cloud.loop.pipeline import train_model
 
     nproc = int(pipe.train.get("nproc_per_node", 1))
     trained = train_model(ws, registry, params, data=data["dataset_id"], model=pipe.model,
@@ -401,9 +401,9 @@ def _evaluate(registry: Registry, pipe: PipelineFile, data: dict[str, Any], mv: 
               say: Progress) -> dict[str, Any]:
     """The gate, with the task's metric: ``<who>_<metric>`` and ``<who>_device_<metric>`` for
     candidate and production (metric ``accuracy``, or ``mae`` for regression)."""
-    from cloud.models import evaluate_version, falls_short
-    from cloud.loop.pipeline import _training_data
-    from contracts.tasks import TaskSpec
+    from edgeloop.cloud.models import evaluate_version, falls_short
+    from edgeloop.cloud.loop.pipeline import _training_data
+    from edgeloop.contracts.tasks import TaskSpec
 
     task = TaskSpec.from_obj(registry.model_version(mv).get("task"))
     metric = task.score_metric
@@ -457,8 +457,8 @@ def _scores(out: dict[str, Any]) -> str:
 
 
 def _package(ws: Workspace, registry: Registry, pipe: PipelineFile, mv: str, say: Progress) -> dict[str, Any]:
-    from cloud.errors import NotFound
-    from cloud.loop.pipeline import package_model
+    from edgeloop.cloud.errors import NotFound
+    from edgeloop.cloud.loop.pipeline import package_model
 
     shas = {}
     for tier in pipe.tiers:
@@ -481,7 +481,7 @@ def _watch(watch: Watch, rollout_id: str, timeout_s: float, say: Progress) -> di
 
 
 def _promote(registry: Registry, mv: str, final: dict[str, Any], pipe: PipelineFile, say: Progress) -> dict[str, Any]:
-    from cloud.models import promote
+    from edgeloop.cloud.models import promote
 
     if final["state"] != "completed":
         if registry.model_version(mv)["stage"] in ("candidate", "staging"):
@@ -495,12 +495,12 @@ def _promote(registry: Registry, mv: str, final: dict[str, Any], pipe: PipelineF
 
 
 def controller_driver(ctl: Any, drive: bool, interval_s: float = 0.2) -> tuple[Deploy, Watch]:
-    """``deploy``/``watch`` over a :class:`cloud.rollouts.controller.RolloutController`. ``drive``: this
+    """``deploy``/``watch`` over a :class:`edgeloop.cloud.rollouts.controller.RolloutController`. ``drive``: this
     process steps the controller itself (no ``edgeloop serve`` running); otherwise it only
     watches the rollout's persisted state while the serving process drives it."""
     from dataclasses import fields as dc_fields
 
-    from cloud.rollouts.controller import RolloutSpec
+    from edgeloop.cloud.rollouts.controller import RolloutSpec
 
     known = {f.name for f in dc_fields(RolloutSpec)} - {"model_version"}
 

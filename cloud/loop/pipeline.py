@@ -15,22 +15,22 @@ from typing import Any, Callable
 
 import torch
 
-from contracts.package import sha256_hex
-from contracts.features import FeatureSpec
-from contracts.messages import Announce
-from cloud.train.datasets import Dataset, load_dataset
-from cloud.errors import CloudError, IntegrityError, NotFound, UserError
-from cloud.train.launcher import DistConfig, run_job
-from cloud.train.runrecord import code_record, environment_record, hardware_record
-from cloud.package.export import export_onnx
-from cloud.package.packaging import PackageResult, baseline_stats, build_tier_package, store_blob
-from cloud.release.releaser import Assignment, Releaser, register_package
-from cloud.package.tiers import tier as tier_profile
-from cloud.registry import Registry
-from contracts.tasks import TaskKind, TaskSpec
-from cloud.train.model_def import ModelDef, load_model_def, model_def_from_source
-from cloud.train.training import (TrainParams, build_model, dataset_shape, n_outputs_for, outputs_of, wrap_for_task)
-from cloud.workspace import Workspace
+from edgeloop.contracts.package import sha256_hex
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.contracts.messages import Announce
+from edgeloop.cloud.train.datasets import Dataset, load_dataset
+from edgeloop.cloud.errors import CloudError, IntegrityError, NotFound, UserError
+from edgeloop.cloud.train.launcher import DistConfig, run_job
+from edgeloop.cloud.train.runrecord import code_record, environment_record, hardware_record
+from edgeloop.cloud.package.export import export_onnx
+from edgeloop.cloud.package.packaging import PackageResult, baseline_stats, build_tier_package, store_blob
+from edgeloop.cloud.release.releaser import Assignment, Releaser, register_package
+from edgeloop.cloud.package.tiers import tier as tier_profile
+from edgeloop.cloud.registry import Registry
+from edgeloop.contracts.tasks import TaskKind, TaskSpec
+from edgeloop.cloud.train.model_def import ModelDef, load_model_def, model_def_from_source
+from edgeloop.cloud.train.training import (TrainParams, build_model, dataset_shape, n_outputs_for, outputs_of, wrap_for_task)
+from edgeloop.cloud.workspace import Workspace
 
 __all__ = ["train_model", "reproduce_run", "register_dataset", "resolve_dataset", "package_model",
            "publish_update", "GOLDEN_COUNT"]
@@ -162,7 +162,7 @@ def _preflight(definition: ModelDef, dataset: Dataset, kind: TaskKind) -> None:
     """Build the user's model once and run it on two rows of the data, before a run is recorded:
     a model that does not build, does not take the data's shape or outputs the wrong shape for
     the task is refused with one line and nothing is registered."""
-    from cloud.train.training import _check_output, feature_spec_for
+    from edgeloop.cloud.train.training import _check_output, feature_spec_for
 
     shape = dataset_shape(dataset)
     n_out = n_outputs_for(kind, int(dataset.n_classes), int(dataset.x.shape[1]))
@@ -251,7 +251,7 @@ def package_model(ws: Workspace, registry: Registry, model_version: str, tier: s
     mv = registry.model_version(model_version)
     profile = tier_profile(tier, ws.root)
     if (mv.get("arch") or {}).get("kind") == "imported" and mv["arch"].get("format") == "tflite":
-        from cloud.package.importing import package_imported_tflite   # the file as it is: no ONNX, no PyTorch
+        from edgeloop.cloud.package.importing import package_imported_tflite   # the file as it is: no ONNX, no PyTorch
         return package_imported_tflite(ws, registry, mv, profile)
     onnx_bytes = _read_artifact(registry, mv["onnx_sha256"], f"ONNX export of {model_version}")
     dataset, seed = _training_data(registry, mv["run_id"])
@@ -272,7 +272,7 @@ def package_model(ws: Workspace, registry: Registry, model_version: str, tier: s
 def _torch_model(registry: Registry, mv: dict[str, Any]) -> torch.nn.Module:
     """A model version's float PyTorch model as exported (the task's wrapper on top)."""
     if (mv.get("arch") or {}).get("kind") == "imported":
-        from cloud.package.importing import torch_model as imported_torch_model   # its ONNX graph, via onnx2torch
+        from edgeloop.cloud.package.importing import torch_model as imported_torch_model   # its ONNX graph, via onnx2torch
         return imported_torch_model(registry, mv)
     if not mv.get("state_sha256") or not mv.get("arch"):
         raise UserError(f"{mv['model_version']} has no PyTorch weights recorded (trained before tier "

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud.errors import UserError
+from edgeloop.cloud.errors import UserError
 
 __all__ = ["AotProof", "AotRefused", "prove_on_cortex_m4", "tflm_int8_outputs", "PACKAGE_PREFIX"]
 
@@ -46,7 +46,7 @@ def tflm_int8_outputs(model: bytes, inputs: np.ndarray) -> np.ndarray:
     """TFLM's raw int8 outputs for raw int8 input vectors (n, input size)."""
     from tflite_micro.python.tflite_micro import runtime as tflm
 
-    from cloud.package.tier_packagers import TFLM_MEASURE_ARENA
+    from edgeloop.cloud.package.tier_packagers import TFLM_MEASURE_ARENA
 
     interpreter = tflm.Interpreter.from_bytes(bytes(model), arena_size=max(len(model) * 10, TFLM_MEASURE_ARENA))
     shape = tuple(interpreter.get_input_details(0)["shape"])
@@ -61,8 +61,8 @@ def tflm_int8_outputs(model: bytes, inputs: np.ndarray) -> np.ndarray:
 def prove_on_cortex_m4(model: bytes, inputs: np.ndarray, timeout_s: float = 120.0) -> AotProof:
     """Compile, build, run on the emulated Cortex-M4 and compare with TFLM (module text).
     ``inputs``: raw int8 vectors (n, input size). Raises AotRefused."""
-    from kernels.aot import UnsupportedByCompiler, compile_tflite
-    from kernels.firmware import FirmwareError, build_firmware, run_on_qemu
+    from edgeloop.kernels.aot import UnsupportedByCompiler, compile_tflite
+    from edgeloop.kernels.firmware import FirmwareError, build_firmware, run_on_qemu
 
     inputs = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1)
     try:

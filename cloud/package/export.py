@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cloud.errors import IntegrityError
+from edgeloop.cloud.errors import IntegrityError
 
 __all__ = ["export_onnx", "INPUT_NAME", "OUTPUT_NAME"]
 

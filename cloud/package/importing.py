@@ -51,17 +51,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.package import Package, Manifest, read_package, sha256_hex, write_package
-from contracts.features import FeatureSpec
-from contracts.tasks import TaskKind, TaskSpec
-from cloud.errors import IntegrityError, UserError
+from edgeloop.contracts.package import Package, Manifest, read_package, sha256_hex, write_package
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.contracts.tasks import TaskKind, TaskSpec
+from edgeloop.cloud.errors import IntegrityError, UserError
 
 if TYPE_CHECKING:
-    from cloud.train.datasets import Dataset
-    from cloud.package.packaging import PackageResult
-    from cloud.registry import Registry
-    from cloud.package.tiers import TierProfile
-    from cloud.workspace import Workspace
+    from edgeloop.cloud.train.datasets import Dataset
+    from edgeloop.cloud.package.packaging import PackageResult
+    from edgeloop.cloud.registry import Registry
+    from edgeloop.cloud.package.tiers import TierProfile
+    from edgeloop.cloud.workspace import Workspace
 
 __all__ = ["FORMATS", "ImportedModel", "detect_and_load", "import_model", "torch_model", "is_imported_tflite",
            "package_imported_tflite", "PREPROCESS"]
@@ -260,11 +260,11 @@ def import_model(ws: Workspace, registry: Registry, file: Path, name: str, data:
                  threshold: float | None = None) -> dict[str, Any]:
     """Check and register an externally trained model as a new version of ``name``. Every check
     runs before the first registry write; a refused import registers nothing."""
-    from cloud.package.export import export_onnx
-    from cloud.package.packaging import store_blob
-    from cloud.loop.pipeline import _labels, resolve_dataset
-    from cloud.train.runrecord import code_record, environment_record, hardware_record
-    from cloud.train.training import _metrics, _task_spec, dataset_shape, feature_spec_for
+    from edgeloop.cloud.package.export import export_onnx
+    from edgeloop.cloud.package.packaging import store_blob
+    from edgeloop.cloud.loop.pipeline import _labels, resolve_dataset
+    from edgeloop.cloud.train.runrecord import code_record, environment_record, hardware_record
+    from edgeloop.cloud.train.training import _metrics, _task_spec, dataset_shape, feature_spec_for
 
     if task is not None and task not in {k.value for k in TaskKind}:
         raise UserError(f"unknown task {task!r}; tasks: {', '.join(k.value for k in TaskKind)}")
@@ -471,7 +471,7 @@ def is_imported_tflite(mv: dict[str, Any]) -> bool:
 
 def torch_model(registry: Registry, mv: dict[str, Any]) -> nn.Module:
     """An imported version's float PyTorch module (from its ONNX graph, via onnx2torch)."""
-    from cloud.loop.pipeline import _read_artifact
+    from edgeloop.cloud.loop.pipeline import _read_artifact
 
     if is_imported_tflite(mv) or not mv.get("onnx_sha256"):
         raise UserError(f"{mv['model_version']} is an imported .tflite: it has no PyTorch model; it runs only on "
@@ -495,13 +495,13 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
                             profile: TierProfile) -> PackageResult:
     """An imported .tflite packaged as it is for a .tflite tier, measured and checked like any
     tier package (operators, arena, budgets, golden vectors), and stored."""
-    from cloud.package.packaging import GOLDEN_ATOL, baseline_stats, check_fidelity, golden_atol, split_timings, task_fidelity
-    from cloud.package.packaging import _load, _tensor, aot_library
-    from cloud.loop.pipeline import GOLDEN_COUNT, _read_artifact, _training_data
-    from cloud.package.tier_packagers import (TierArtifact, arena_for_tier, captured_output, check_budgets, check_operators,
+    from edgeloop.cloud.package.packaging import GOLDEN_ATOL, baseline_stats, check_fidelity, golden_atol, split_timings, task_fidelity
+    from edgeloop.cloud.package.packaging import _load, _tensor, aot_library
+    from edgeloop.cloud.loop.pipeline import GOLDEN_COUNT, _read_artifact, _training_data
+    from edgeloop.cloud.package.tier_packagers import (TierArtifact, arena_for_tier, captured_output, check_budgets, check_operators,
                                       measure)
-    from cloud.package import quantize
-    from cloud.package.export import INPUT_NAME, OUTPUT_NAME
+    from edgeloop.cloud.package import quantize
+    from edgeloop.cloud.package.export import INPUT_NAME, OUTPUT_NAME
 
     name = mv["model_version"]
     arch = mv["arch"]
@@ -563,8 +563,8 @@ def package_imported_tflite(ws: Workspace, registry: Registry, mv: dict[str, Any
                            "golden_atol": atol, "baseline": baseline_stats(train_split.x, train_out, task, features),
                            "measured": {**recorded, "input_quantization": in_q, "output_quantization": out_q}})
     data = write_package(manifest, {**artifact.files, "golden.json": json.dumps(golden, separators=(",", ":")).encode()})
-    from cloud.package.packaging import PackageResult
-    from cloud.release.releaser import register_package
+    from edgeloop.cloud.package.packaging import PackageResult
+    from edgeloop.cloud.release.releaser import register_package
 
     result = PackageResult(data, sha256_hex(data), read_package(data).manifest, timings)
     return register_package(ws, registry, name, result)

@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contracts.package import Package, Manifest, TensorSpec, read_package, sha256_hex, write_package
-from contracts.features import FeatureSpec
-from contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
-from cloud.errors import UserError
-from cloud.package.export import INPUT_NAME, OUTPUT_NAME
-from cloud.package.tiers import TierProfile
+from edgeloop.contracts.package import Package, Manifest, TensorSpec, read_package, sha256_hex, write_package
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.contracts.tasks import CLASSIFICATION, TaskKind, TaskSpec
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.package.export import INPUT_NAME, OUTPUT_NAME
+from edgeloop.cloud.package.tiers import TierProfile
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from device_sdk.runtime import ModelRuntime
+    from edgeloop.device_sdk.runtime import ModelRuntime
 
 __all__ = ["TIERS", "PackageResult", "build_package", "build_tier_package", "golden_vectors", "baseline_stats",
            "store_blob", "split_timings", "GOLDEN_ATOL", "TIMING_KEYS"]
@@ -203,7 +203,7 @@ def build_tier_package(profile: TierProfile, model: nn.Module, onnx_bytes: bytes
     BudgetExceeded (does not fit the tier); nothing is written anywhere."""
     import torch
 
-    from cloud.package.tier_packagers import (arena_for_tier, captured_output, check_budgets, check_operators, convert,
+    from edgeloop.cloud.package.tier_packagers import (arena_for_tier, captured_output, check_budgets, check_operators, convert,
                                       measure)
 
     n_outputs = len(labels) if task.kind is TaskKind.CLASSIFICATION else 1
@@ -262,8 +262,8 @@ def aot_library(profile: TierProfile, tflite: bytes, features: FeatureSpec, gold
     Nothing for other tiers."""
     if profile.runtime != "tflite-micro":
         return {}, {}, {}
-    from cloud.package.aot_firmware import AotRefused, prove_on_cortex_m4
-    from device_sdk.runtime import quantize as quantize_rows
+    from edgeloop.cloud.package.aot_firmware import AotRefused, prove_on_cortex_m4
+    from edgeloop.device_sdk.runtime import quantize as quantize_rows
 
     if in_q is None:
         return {}, {}, {"aot_refused": "the model's input is not int8"}
@@ -325,7 +325,7 @@ def task_fidelity(task: TaskSpec, outputs: np.ndarray, float_outputs: np.ndarray
 
 def check_fidelity(profile: TierProfile, task: TaskSpec, measured: dict, fmt: str) -> None:
     """Refuse an artifact that does not stay within its tier's tolerance of the float model."""
-    from cloud.package.tier_packagers import OutOfTolerance as DoesNotFit
+    from edgeloop.cloud.package.tier_packagers import OutOfTolerance as DoesNotFit
 
     if task.kind is TaskKind.REGRESSION:
         limit = FIDELITY_MAX_MAE_LOSS.get(fmt, 0.10)
@@ -341,8 +341,8 @@ def check_fidelity(profile: TierProfile, task: TaskSpec, measured: dict, fmt: st
 
 
 def _load(bundle: Package) -> ModelRuntime:
-    from device_sdk.errors import UpdateRefused
-    from device_sdk.runtime import load_runtime
+    from edgeloop.device_sdk.errors import UpdateRefused
+    from edgeloop.device_sdk.runtime import load_runtime
 
     try:
         return load_runtime(bundle)

@@ -17,7 +17,7 @@ c_header               the model as a C byte array for firmware builds
 =====================  ===========================================================================
 
 Calibration data is always *model inputs*: raw training rows after the feature contract, in
-the model's input shape, ``(n, *shape)`` (:meth:`contracts.features.FeatureSpec.model_input`),
+the model's input shape, ``(n, *shape)`` (:meth:`edgeloop.contracts.features.FeatureSpec.model_input`),
 so the input scale and zero point are measured on exactly what devices will feed the model. The
 quantizers calibrate one example at a time, each fed as a batch of one, ``(1, *shape)``: the
 shape the ``.tflite`` models are converted with and the ONNX graph's input with batch 1.
@@ -41,7 +41,7 @@ silently (measured: the MLPerf Tiny autoencoder's outputs 2.4x the fp32 norm awa
 off by up to 255 LSB). Every model for TFLM is therefore re-serialized with inline data
 (4-byte aligned within the flatbuffer; the C array itself is 16-byte aligned).
 
-Every function raises whatever its converter raises; :func:`cloud.package.tier_packagers.convert`
+Every function raises whatever its converter raises; :func:`edgeloop.cloud.package.tier_packagers.convert`
 turns that into one :class:`~cloud.errors.UserError` line.
 """
 
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cloud.package.export import INPUT_NAME
+from edgeloop.cloud.package.export import INPUT_NAME
 
 __all__ = ["onnx_int8_qdq", "onnx_fp16", "litert_fp32", "litert_dynamic_int8", "litert_full_int8",
            "has_external_buffers", "inline_buffers", "Operator", "tflite_operators", "c_header"]

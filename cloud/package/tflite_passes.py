@@ -33,7 +33,7 @@ class FoldResult:
 
 
 def _opcode_names(model) -> list[str]:  # noqa: ANN001 - schema ModelT
-    from kernels.aot._graph import builtin_operator_names
+    from edgeloop.kernels.aot._graph import builtin_operator_names
 
     names = builtin_operator_names()
     return [names.get(max(int(c.builtinCode), int(c.deprecatedBuiltinCode)), "?") for c in model.operatorCodes]

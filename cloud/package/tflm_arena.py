@@ -2,7 +2,7 @@
 
 TFLM's own report (``print_allocations``) can be up to 30% below the arena it needs, and just
 below the true minimum its interpreter can crash the process instead of raising. So the search
-runs in a child (``python -m cloud.package.tflm_arena MODEL LO HI``), which bisects the arena size and
+runs in a child (``python -m edgeloop.cloud.package.tflm_arena MODEL LO HI``), which bisects the arena size and
 prints a line per probe::
 
     try N      before building an interpreter in an arena of N bytes
@@ -80,7 +80,7 @@ def _run_child(path: Path, lo: int, hi: int, probe_top: bool, timeout_s: float) 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                          os.environ.get("PYTHONPATH", "")])}
     try:
-        proc = subprocess.run([sys.executable, "-m", "cloud.package.tflm_arena", str(path), str(lo), str(hi),
+        proc = subprocess.run([sys.executable, "-m", "edgeloop.cloud.package.tflm_arena", str(path), str(lo), str(hi),
                                "1" if probe_top else "0"], capture_output=True, text=True, timeout=timeout_s,
                               env=env)
     except subprocess.TimeoutExpired as e:

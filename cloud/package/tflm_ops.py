@@ -40,7 +40,7 @@ def tflm_library_path() -> Path:
 @lru_cache(maxsize=1)
 def tflm_builtin_operators() -> tuple[str, ...]:
     """The builtin operators the installed TFLM registers, sorted."""
-    from kernels.aot._graph import builtin_operator_names
+    from edgeloop.kernels.aot._graph import builtin_operator_names
 
     symbols = {m.decode() for m in _SYMBOL.findall(tflm_library_path().read_bytes())}
     return tuple(sorted(symbols & set(builtin_operator_names().values())))

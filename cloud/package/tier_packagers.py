@@ -1,7 +1,7 @@
 """Per-tier packagers: one model version -> an artifact each tier's real runtime runs.
 
 ============  =======================================================================
-tier          artifact (``cloud.package.quantize`` makes the model files)
+tier          artifact (``edgeloop.cloud.package.quantize`` makes the model files)
 ============  =======================================================================
 gpu-server    ONNX fp32 (+ fp16 where the graph converts), each with a Triton
               ``config.pbtxt``; the Triton model repository layout is in the manifest
@@ -19,7 +19,7 @@ converter and quantizer gets shaped model inputs ``(n, *shape)``.
 
 Before an artifact is measured, :func:`check_operators` refuses operators its tier's runtime
 lacks (by name, saying which ones the converter inserted for the model's layout) and, for int8 ``.tflite`` tiers, any operator left computing in float. Then
-:func:`measure` runs it on the runtime the device uses (``device_sdk.runtime``): held-out
+:func:`measure` runs it on the runtime the device uses (``edgeloop.device_sdk.runtime``): held-out
 accuracy and top-1 agreement with the float model, host latency (p50) scaled by the tier
 profile, size and flash; for the mcu tier :func:`tflm_arena_bytes` first finds the smallest
 arena TFLM runs the model in (a search in a child process: cloud/package/tflm_arena.py).
@@ -48,13 +48,13 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from contracts.package import ARENA_MIN_SEARCH, Package
-from contracts.features import FeatureSpec
-from cloud.package import quantize
-from cloud.errors import UserError
-from cloud.package.export import INPUT_NAME, OUTPUT_NAME
-from cloud.package.tflite_passes import fold_layout_transposes
-from cloud.package.tiers import TierProfile
+from edgeloop.contracts.package import ARENA_MIN_SEARCH, Package
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.cloud.package import quantize
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.package.export import INPUT_NAME, OUTPUT_NAME
+from edgeloop.cloud.package.tflite_passes import fold_layout_transposes
+from edgeloop.cloud.package.tiers import TierProfile
 
 __all__ = ["DoesNotFit", "BudgetExceeded", "UnsupportedOperator", "TierArtifact", "convert", "check_operators",
            "measure", "check_budgets", "tflm_arena_bytes", "tflm_arena_measured", "arena_for_tier", "tflm_reported_arena_bytes",
@@ -344,7 +344,7 @@ def tflm_arena_bytes(model: bytes, reported: int | None = None) -> int:
     a child process (cloud/package/tflm_arena.py; TFLM can crash just below it). This is the figure the
     manifest records and the RAM budget checks. Raises BudgetExceeded or UserError as
     :func:`tflm_reported_arena_bytes`."""
-    from cloud.package.tflm_arena import ArenaSearchError, min_arena_bytes
+    from edgeloop.cloud.package.tflm_arena import ArenaSearchError, min_arena_bytes
 
     reported = tflm_reported_arena_bytes(model) if reported is None else reported
     top = max(len(model) * 10, TFLM_MEASURE_ARENA)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from cloud.errors import NotFound, UserError
+from edgeloop.cloud.errors import NotFound, UserError
 
 RUNTIMES = ("onnxruntime", "litert", "tflite-micro")
 FORMATS = ("fp32", "int8", "dynamic-int8")
@@ -59,7 +59,7 @@ class TierProfile:
 def _supported_ops(value: object) -> tuple[str, ...]:
     """A list of operator names, or "tflite-micro": the builtin operators the installed TFLM
     build registers (cloud/package/tflm_ops.py)."""
-    from cloud.package.tflm_ops import FROM_RUNTIME, tflm_builtin_operators
+    from edgeloop.cloud.package.tflm_ops import FROM_RUNTIME, tflm_builtin_operators
 
     if value == FROM_RUNTIME:
         return tflm_builtin_operators()
@@ -69,7 +69,7 @@ def _supported_ops(value: object) -> tuple[str, ...]:
 
 
 def load_tiers(workspace_root: Path | None = None) -> dict[str, TierProfile]:
-    shipped = Path(str(resources.files("cloud.package") / "tiers"))
+    shipped = Path(str(resources.files("edgeloop.cloud.package") / "tiers"))
     paths = sorted(shipped.glob("*.toml"))
     if workspace_root is not None and (workspace_root / "tiers").is_dir():
         paths += sorted((workspace_root / "tiers").glob("*.toml"))

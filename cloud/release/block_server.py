@@ -14,9 +14,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from contracts import topics
-from contracts.blocks import Block, BlockRequest, encode_block
-from contracts.errors import ContractError
+from edgeloop.contracts import topics
+from edgeloop.contracts.blocks import Block, BlockRequest, encode_block
+from edgeloop.contracts.errors import ContractError
 
 log = logging.getLogger("edgeloop.blocks")
 

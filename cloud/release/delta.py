@@ -1,4 +1,4 @@
-"""Making delta packages for retrained models (the device side is :mod:`contracts.delta`).
+"""Making delta packages for retrained models (the device side is :mod:`edgeloop.contracts.delta`).
 
 When a model is retrained and only some tensors change (a fine-tuned head), most bytes of the
 new package already sit on the device in the old one. :func:`make_delta` walks the new
@@ -19,8 +19,8 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.package import sha256_hex
-from contracts.delta import apply_delta, encode_delta
+from edgeloop.contracts.package import sha256_hex
+from edgeloop.contracts.delta import apply_delta, encode_delta
 
 __all__ = ["make_delta", "DeltaStats"]
 

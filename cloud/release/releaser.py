@@ -19,7 +19,7 @@ director is touched; a package the two repositories would disagree on raises
 :class:`~cloud.errors.IntegrityError` with one line, and nothing is assigned or recorded.
 
 Registering a built package (:func:`register_package`, the last step of
-``cloud.loop.pipeline.package_model`` and of packaging an imported model) stores its bytes and its
+``edgeloop.cloud.loop.pipeline.package_model`` and of packaging an imported model) stores its bytes and its
 drift baseline (cloud/drift/baselines.py) and decides its target name. A package's target name
 (``packages.target``, :func:`target_name`) belongs to one sha256 for ever. Packaging
 is deterministic, so re-packaging a version gives the same bytes and the same name; a
@@ -46,15 +46,15 @@ from typing import Any
 
 from tuf.api.metadata import TargetFile
 
-from contracts.package import sha256_hex
-from contracts.messages import Announce
-from contracts.topics import assignment_path
-from cloud.drift.baselines import store_baseline
-from cloud.release.delta import make_delta
-from cloud.errors import IntegrityError, NotFound
-from cloud.package.packaging import PackageResult, store_blob
-from cloud.registry import Registry
-from cloud.workspace import Workspace
+from edgeloop.contracts.package import sha256_hex
+from edgeloop.contracts.messages import Announce
+from edgeloop.contracts.topics import assignment_path
+from edgeloop.cloud.drift.baselines import store_baseline
+from edgeloop.cloud.release.delta import make_delta
+from edgeloop.cloud.errors import IntegrityError, NotFound
+from edgeloop.cloud.package.packaging import PackageResult, store_blob
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.workspace import Workspace
 
 __all__ = ["Assignment", "Released", "Releaser", "director_url_for", "register_package", "target_name", "update_id_for"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud.api.http_thread import ThreadedHttpServer
+from edgeloop.cloud.api.http_thread import ThreadedHttpServer
 
 __all__ = ["RepositoryServer"]
 

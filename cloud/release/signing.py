@@ -37,7 +37,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from cloud.errors import IntegrityError, UserError
+from edgeloop.cloud.errors import IntegrityError, UserError
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90),

@@ -27,7 +27,7 @@ Public API (everything else is private)::
   in them, so a transition that is not a row raises IllegalTransition. :meth:`step` applies
   device results and deadlines, checks the abort criteria, then runs one small handler per
   rollout state (``_on_pending``, ``_on_canary``, ...). Retries follow
-  ``contracts.codes.retryable`` of the code the device reported.
+  ``edgeloop.contracts.codes.retryable`` of the code the device reported.
 
 Rollout states (:class:`RolloutState`)::
 
@@ -68,17 +68,17 @@ from dataclasses import asdict, dataclass, fields
 from hashlib import sha256
 from typing import Any, Callable
 
-from contracts.codes import ErrorCode, retryable
-from contracts.messages import Announce, Command
-from cloud.errors import NotFound, UserError
-from cloud.registry import Registry
-from cloud.rollouts.health import compare, js_distance
-from cloud.rollouts.machine import (ACTIVE, DEVICE_TRANSITIONS, FINAL_DEVICE_STATES, PAUSABLE, ROLLOUT_TRANSITIONS,
+from edgeloop.contracts.codes import ErrorCode, retryable
+from edgeloop.contracts.messages import Announce, Command
+from edgeloop.cloud.errors import NotFound, UserError
+from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.rollouts.health import compare, js_distance
+from edgeloop.cloud.rollouts.machine import (ACTIVE, DEVICE_TRANSITIONS, FINAL_DEVICE_STATES, PAUSABLE, ROLLOUT_TRANSITIONS,
                                    DeviceEvent, DeviceRolloutState, IllegalTransition, RolloutEvent, RolloutState,
                                    rollout_next)
-from cloud.store import AttemptEnd
-from cloud.package.tiers import tier as tier_profile
-from cloud.workspace import Workspace
+from edgeloop.cloud.store import AttemptEnd
+from edgeloop.cloud.package.tiers import tier as tier_profile
+from edgeloop.cloud.workspace import Workspace
 
 log = logging.getLogger("edgeloop.rollouts")
 
@@ -230,7 +230,7 @@ class RolloutController:
     def create(self, spec: RolloutSpec, now: float | None = None) -> str:
         """Validate, sign the update (and the rollback of each device's current version), and
         persist a ``pending`` rollout. Raises UserError with nothing changed for bad input."""
-        from cloud.fleet_registry import FleetRegistry
+        from edgeloop.cloud.fleet_registry import FleetRegistry
 
         now = self.clock() if now is None else now
         spec.validate()
@@ -304,7 +304,7 @@ class RolloutController:
         image repository, delta from ``bases[(kind, tier, prev)]``, director, updates), in one
         director signing; returns the rollout_groups rows. Raises IntegrityError, with nothing
         assigned, for a package the two repositories would disagree on."""
-        from cloud.release.releaser import Assignment, Releaser
+        from edgeloop.cloud.release.releaser import Assignment, Releaser
 
         assignments = []
         for kind, tier, prev, mv, attempt in wanted:
@@ -481,7 +481,7 @@ class RolloutController:
         changes = self.registry.abort_devices(rid, r["model_version"], now)
         changes += self._send(rid, r, "rollback", now)
         if not self.registry.in_flight(rid):
-            from cloud.fleet_registry import FleetRegistry
+            from edgeloop.cloud.fleet_registry import FleetRegistry
             FleetRegistry(self.registry).set_target([d["device_id"] for d in self.registry.rollout_devices(rid)], None)
             changes += self._move(rid, S.ABORTING, E.ROLLED_BACK, now)
         return changes

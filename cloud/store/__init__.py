@@ -1,11 +1,11 @@
 """The one owner of the control plane's database: its connection, lock, schema and SQL.
 
 Nothing outside this package writes SQL or touches the connection; the rest of edgeloop calls
-the domain operations of :class:`Store` (``cloud.store.interface``), which
+the domain operations of :class:`Store` (``edgeloop.cloud.store.interface``), which
 :class:`SqliteStore` implements over SQLite in WAL mode (PostgreSQL is to come behind the same
 Protocol). :func:`open_store` migrates an older database in place and refuses one a newer
 edgeloop wrote (:class:`~cloud.errors.SchemaTooNew`, exit code 5). Tests that deliberately
-inspect raw rows use :func:`cloud.store.readonly.query`.
+inspect raw rows use :func:`edgeloop.cloud.store.readonly.query`.
 
 ::
 
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloud.store.fleet import DeviceFilter
-from cloud.store.interface import Store
-from cloud.store.rollouts import AttemptEnd
-from cloud.store.schema import SCHEMA_VERSION
-from cloud.store.sqlite import SqliteStore
+from edgeloop.cloud.store.fleet import DeviceFilter
+from edgeloop.cloud.store.interface import Store
+from edgeloop.cloud.store.rollouts import AttemptEnd
+from edgeloop.cloud.store.schema import SCHEMA_VERSION
+from edgeloop.cloud.store.sqlite import SqliteStore
 
 __all__ = ["AttemptEnd", "DeviceFilter", "SCHEMA_VERSION", "SqliteStore", "Store", "open_store"]
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import sqlite_utils
 
-from cloud.store.schema import migrate
+from edgeloop.cloud.store.schema import migrate
 
 try:   # the ingest path stores a few KB of JSON per telemetry record: orjson is ~10x faster
     import orjson

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cloud.store._base import SqliteBase
+from edgeloop.cloud.store._base import SqliteBase
 
 _TOKEN_COLUMNS = "token_id, name, role, created_at, revoked_at, last_used_at, expires_at"
 

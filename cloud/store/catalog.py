@@ -7,8 +7,8 @@ import json
 import time
 from typing import Any
 
-from cloud.errors import NotFound
-from cloud.store._base import SqliteBase, decode, dumps
+from edgeloop.cloud.errors import NotFound
+from edgeloop.cloud.store._base import SqliteBase, decode, dumps
 
 _RUN_JSON = ("params", "dist", "code", "environment", "hardware", "metrics", "history")
 _VERSION_JSON = ("features", "labels", "metrics", "arch", "task")

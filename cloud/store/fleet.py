@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from cloud.errors import UserError
-from cloud.store._base import SqliteBase, dumps, marks
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.store._base import SqliteBase, dumps, marks
 
 __all__ = ["DeviceFilter", "FleetOps"]
 

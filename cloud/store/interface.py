@@ -1,7 +1,7 @@
 """The store interface: what the rest of edgeloop may ask of the control plane's database.
 
 Domain operations only (insert a telemetry batch, upsert device statuses, move a rollout's
-devices through their transitions, ...), never SQL: :class:`cloud.store.SqliteStore`
+devices through their transitions, ...), never SQL: :class:`edgeloop.cloud.store.SqliteStore`
 implements it over SQLite, and a PostgreSQL store is to implement the same Protocol. One
 Protocol per table family; :class:`Store` is all of them. Rows are plain dicts keyed by column
 name (JSON columns decoded where the operation says so). Lookups of one named thing raise
@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
-from cloud.store.fleet import DeviceFilter
-from cloud.store.rollouts import AttemptEnd
+from edgeloop.cloud.store.fleet import DeviceFilter
+from edgeloop.cloud.store.rollouts import AttemptEnd
 
 __all__ = ["AccessStore", "CatalogStore", "FleetStore", "RolloutStore", "Store"]
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, NamedTuple
 
-from contracts.codes import ErrorCode
-from cloud.rollouts.machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
-from cloud.store._base import SqliteBase, marks
+from edgeloop.contracts.codes import ErrorCode
+from edgeloop.cloud.rollouts.machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
+from edgeloop.cloud.store._base import SqliteBase, marks
 
 __all__ = ["AttemptEnd", "RolloutOps"]
 

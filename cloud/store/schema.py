@@ -20,7 +20,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Callable
 
-from cloud.errors import SchemaTooNew
+from edgeloop.cloud.errors import SchemaTooNew
 
 __all__ = ["INDEXES", "MIGRATIONS", "SCHEMA_VERSION", "TABLES", "migrate", "stored_version"]
 

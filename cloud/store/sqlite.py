@@ -1,6 +1,6 @@
 """The SQLite store: the control plane's one database connection, lock and schema owner.
 
-:class:`SqliteStore` implements :class:`cloud.store.interface.Store` from one operation module
+:class:`SqliteStore` implements :class:`edgeloop.cloud.store.interface.Store` from one operation module
 per table family (catalog, fleet, access, rollouts). Opening one migrates the database in
 place (cloud.store.schema) or raises SchemaTooNew for one from a newer edgeloop. One store may
 be shared by threads: every operation holds its re-entrant lock.
@@ -8,10 +8,10 @@ be shared by threads: every operation holds its re-entrant lock.
 
 from __future__ import annotations
 
-from cloud.store.access import AccessOps
-from cloud.store.catalog import CatalogOps
-from cloud.store.fleet import FleetOps
-from cloud.store.rollouts import RolloutOps
+from edgeloop.cloud.store.access import AccessOps
+from edgeloop.cloud.store.catalog import CatalogOps
+from edgeloop.cloud.store.fleet import FleetOps
+from edgeloop.cloud.store.rollouts import RolloutOps
 
 __all__ = ["SqliteStore"]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.errors import NotFound, UserError
+from edgeloop.cloud.errors import NotFound, UserError
 
 __all__ = ["Dataset", "Split", "load_dataset", "default_dataset_path", "TASKS", "LAYOUTS"]
 
@@ -40,7 +40,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp")
 
 
 def default_dataset_path() -> Path:
-    return Path(str(resources.files("cloud.data") / "digits" / "digits.csv.gz"))
+    return Path(str(resources.files("edgeloop.cloud.data") / "digits" / "digits.csv.gz"))
 
 
 @dataclass(frozen=True)

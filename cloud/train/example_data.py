@@ -28,8 +28,8 @@ from typing import Callable
 
 import numpy as np
 
-from cloud.errors import UserError
-from cloud.examples import EXAMPLE_DATA
+from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.examples import EXAMPLE_DATA
 
 __all__ = ["EXAMPLE_DATA", "write_example", "write_npz", "example_arrays"]
 
@@ -49,7 +49,7 @@ def _breast_cancer() -> dict[str, np.ndarray]:
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from cloud.train.datasets import load_dataset
+    from edgeloop.cloud.train.datasets import load_dataset
 
     d = load_dataset()
     return d.x, d.y

@@ -2,7 +2,7 @@
 
 :class:`DistConfig` carries torchrun's own options (``--nproc-per-node``, ``--nnodes``,
 ``--node-rank``, ``--rdzv-endpoint``, ``--max-restarts``); :func:`run_job` launches
-``python -m torch.distributed.run`` with them and the worker :mod:`cloud.train.worker`,
+``python -m torch.distributed.run`` with them and the worker :mod:`edgeloop.cloud.train.worker`,
 follows its progress file, and returns the result that global rank 0 wrote, or raises
 :class:`TrainingFailed` with the reason. On one machine, restarts are relaunches of the whole
 job with a fresh rendezvous (each resuming from the last checkpoint); across machines they are
@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from contracts.features import FeatureSpec
-from cloud.train.datasets import Dataset
-from contracts.tasks import TaskSpec
-from cloud.train.training import (TrainParams, TrainResult, TrainingFailed, build_model, dataset_shape, n_outputs_for,
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.cloud.train.datasets import Dataset
+from edgeloop.contracts.tasks import TaskSpec
+from edgeloop.cloud.train.training import (TrainParams, TrainResult, TrainingFailed, build_model, dataset_shape, n_outputs_for,
                             train, wrap_for_task)
 
 if TYPE_CHECKING:
-    from cloud.train.model_def import ModelDef
+    from edgeloop.cloud.train.model_def import ModelDef
 
 __all__ = ["DistConfig", "run_job"]
 
@@ -127,7 +127,7 @@ def run_job(dataset: Dataset, params: TrainParams, cfg: DistConfig, run_dir: Pat
 
 def _launch(cfg: DistConfig, run_dir: Path, attempt: int, seen: int,
             on_epoch: Callable[[int, dict[str, float]], None] | None) -> tuple[int, int]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", *_torchrun_args(cfg), "-m", "cloud.train.worker",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *_torchrun_args(cfg), "-m", "edgeloop.cloud.train.worker",
            str((run_dir / "job.json").resolve())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGELOOP_LAUNCH_ATTEMPT": str(attempt),
            "PYTHONPATH": _source_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}

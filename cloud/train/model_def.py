@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from cloud.errors import UserError
+from edgeloop.cloud.errors import UserError
 
 __all__ = ["ModelDef", "load_model_def", "model_def_from_source", "names_a_file"]
 
@@ -84,6 +84,10 @@ def names_a_file(where: str) -> bool:
     return where.endswith(".py") or "/" in where
 
 
+# run records made before edgeloop became one import package name the shipped examples so
+_MOVED = {"cloud.examples.models": "edgeloop.cloud.examples.models"}
+
+
 def load_model_def(ref: str) -> ModelDef:
     """Import a model definition by reference. Raises UserError with one line."""
     where, function = _split(ref)
@@ -97,6 +101,7 @@ def load_model_def(ref: str) -> ModelDef:
             raise UserError(f"cannot read model definition {where}: {e.strerror}") from None
         module = _exec(source, f"edgeloop_user_model_{hashlib.sha256(source).hexdigest()[:12]}", ref, path)
     else:
+        where = _MOVED.get(where, where)
         try:
             module = importlib.import_module(where)
         except Exception as e:  # noqa: BLE001

@@ -1,7 +1,7 @@
 """Training with PyTorch: one loop for one process or many (DistributedDataParallel).
 
 What is trained is the built-in MLP (``--hidden``, ``--layers``) or the user's own model
-(:mod:`cloud.train.model_def`), for one of three tasks (:mod:`contracts.tasks`): classification
+(:mod:`edgeloop.cloud.train.model_def`), for one of three tasks (:mod:`edgeloop.contracts.tasks`): classification
 (cross-entropy on logits), regression (mean squared error on the standardized target) or anomaly
 detection (an autoencoder trained on the normal rows by mean squared reconstruction error, its
 threshold chosen on the validation split's normal rows). A model definition may bring its own
@@ -9,7 +9,7 @@ threshold chosen on the validation split's normal rows). A model definition may 
 contract says: probabilities, the target in real units, or the anomaly score.
 
 The same :func:`train` runs in-process (world size 1) or inside a ``torch.distributed`` worker
-launched with torchrun semantics (:mod:`cloud.train.worker`): the training split is sharded
+launched with torchrun semantics (:mod:`edgeloop.cloud.train.worker`): the training split is sharded
 with :class:`DistributedSampler`, gradients are averaged by DDP (gloo on CPU, NCCL on CUDA),
 the training loss is reduced across ranks, and only global rank 0 writes checkpoints.
 
@@ -39,13 +39,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from contracts.features import FeatureSpec
-from contracts.tasks import REGRESSION_BINS, TaskKind, TaskSpec
-from cloud.train.datasets import Dataset, Split
-from cloud.errors import CloudError, UserError
+from edgeloop.contracts.features import FeatureSpec
+from edgeloop.contracts.tasks import REGRESSION_BINS, TaskKind, TaskSpec
+from edgeloop.cloud.train.datasets import Dataset, Split
+from edgeloop.cloud.errors import CloudError, UserError
 
 if TYPE_CHECKING:
-    from cloud.train.model_def import ModelDef
+    from edgeloop.cloud.train.model_def import ModelDef
 
 __all__ = ["TrainParams", "TrainResult", "TrainingFailed", "train", "build_model", "weights_sha256",
            "feature_spec_for", "ProbabilityModel", "RegressionModel", "AnomalyScoreModel", "wrap_for_task",

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cloud.train.datasets import load_dataset
-from cloud.errors import CloudError
-from cloud.train.model_def import model_def_from_source
-from cloud.train.training import TrainParams, TrainingFailed, train, RegressionModel
+from edgeloop.cloud.train.datasets import load_dataset
+from edgeloop.cloud.errors import CloudError
+from edgeloop.cloud.train.model_def import model_def_from_source
+from edgeloop.cloud.train.training import TrainParams, TrainingFailed, train, RegressionModel
 
 STARTUP_FAULT_ENV = "EDGELOOP_FAULT_BEFORE_INIT"   # set: every rank exits before joining, first launch only
 

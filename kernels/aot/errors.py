@@ -12,7 +12,7 @@ Every message is one line: what, where (operator index, type and output tensor n
 
 from __future__ import annotations
 
-from cloud.errors import UserError
+from edgeloop.cloud.errors import UserError
 
 __all__ = ["UnsupportedByCompiler"]
 

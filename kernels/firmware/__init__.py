@@ -6,6 +6,6 @@ and measures its flash and static RAM; ``run_on_qemu`` runs it and returns the o
 stack peak measured by painting and the instructions of each invocation.
 """
 
-from kernels.firmware.build import Firmware, FirmwareError, QemuRun, build_firmware, run_on_qemu
+from edgeloop.kernels.firmware.build import Firmware, FirmwareError, QemuRun, build_firmware, run_on_qemu
 
 __all__ = ["Firmware", "FirmwareError", "QemuRun", "build_firmware", "run_on_qemu"]
