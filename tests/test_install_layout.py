@@ -36,7 +36,7 @@ def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"edgeloop"}
-    assert "edgeloop/cloud/tiers/mcu.toml" in names and "edgeloop/kernels/aot/c/edgeloop_kernels.c" in names
+    assert "edgeloop/cloud/package/tiers/mcu.toml" in names and "edgeloop/kernels/aot/c/edgeloop_kernels.c" in names
 
 
 def test_edgeloop_imports_beside_another_package_named_kernels(wheel: Path, tmp_path: Path) -> None:
@@ -44,11 +44,11 @@ def test_edgeloop_imports_beside_another_package_named_kernels(wheel: Path, tmp_
     (site / "kernels").mkdir(parents=True)
     (site / "kernels" / "__init__.py").write_text("WHO = 'the other kernels'\n")
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import kernels, edgeloop.kernels.aot, edgeloop.kernels.int8_reference, edgeloop.cloud.tiers, "
+    code = ("import kernels, edgeloop.kernels.aot, edgeloop.kernels.int8_reference, edgeloop.cloud.package.tiers, "
             "edgeloop.contracts.messages\n"
             "assert kernels.WHO == 'the other kernels', kernels.__file__\n"
             "print(edgeloop.kernels.aot.__file__)\n"
-            "print(edgeloop.cloud.tiers.__file__)")
+            "print(edgeloop.cloud.package.tiers.__file__)")
     # -I: no user site, no cwd on the path (the checkout must not shadow what was installed)
     result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(site)!r}); exec({code!r})"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)

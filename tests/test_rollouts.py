@@ -646,7 +646,7 @@ def test_device_that_never_answers_times_out_at_the_tier_deadline(rig):
                                 "update_id": None, "reason": None})
     override = rig.ws.root / "tiers" / f"{TIER}.toml"
     override.parent.mkdir(exist_ok=True)
-    shipped = (__import__("pathlib").Path(__import__("edgeloop.cloud.package").package.__file__).parent / "tiers" / f"{TIER}.toml").read_text()
+    shipped = (__import__("pathlib").Path(__import__("edgeloop.cloud.package", fromlist=["tiers"]).__file__).parent / "tiers" / f"{TIER}.toml").read_text()
     override.write_text(shipped.replace("in_progress_timeout_s = 300.0", "in_progress_timeout_s = 1.0"))
     try:
         rec = Recorder(rig.cp)
@@ -752,7 +752,7 @@ def test_health_compare_flags_each_measure_against_the_previous_version():
 def test_tier_deadline_must_be_positive(tmp_path):
     from edgeloop.cloud.package.tiers import tier
 
-    shipped = (__import__("pathlib").Path(__import__("edgeloop.cloud.package").package.__file__).parent / "tiers" / f"{TIER}.toml").read_text()
+    shipped = (__import__("pathlib").Path(__import__("edgeloop.cloud.package", fromlist=["tiers"]).__file__).parent / "tiers" / f"{TIER}.toml").read_text()
     (tmp_path / "tiers").mkdir()
     (tmp_path / "tiers" / f"{TIER}.toml").write_text(shipped.replace("in_progress_timeout_s = 300.0",
                                                                        "in_progress_timeout_s = 0"))
