@@ -2,8 +2,8 @@
 
 Brings up, all private to the run: a Mosquitto broker (open-files limit raised to the hard
 limit), a workspace with two trained and packaged model versions (v1 on every device at start,
-v2 rolled out), the repository server (its own process), the control plane and
-cloud/rollouts/controller.py's controller (this process), and ``edgeloop swarm`` (its own process, one
+v2 rolled out), the repository server (its own process), the control plane and the rollout
+controller (this process, built by cloud/services.py's ServiceStack as `serve` builds them), and ``edgeloop swarm`` (its own process, one
 event loop, one MQTT connection per device). Then: create the rollout, step the controller
 until it completes or aborts, and stop the swarm, which reports when each device committed.
 
@@ -41,10 +41,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgeloop.cloud.ingest.control_plane import ControlPlane  # noqa: E402
 from edgeloop.cloud.loop.pipeline import package_model, train_model  # noqa: E402
 from edgeloop.cloud.registry import Registry  # noqa: E402
-from edgeloop.cloud.rollouts.controller import RolloutController, RolloutSpec  # noqa: E402
+from edgeloop.cloud.rollouts.controller import RolloutSpec  # noqa: E402
+from edgeloop.cloud.services import PlainLink, ServiceStack, StackOptions  # noqa: E402
 from edgeloop.cloud.train.training import TrainParams  # noqa: E402
 from edgeloop.cloud.workspace import Workspace  # noqa: E402
 
@@ -85,7 +85,7 @@ def start_repository(ws: Workspace) -> tuple[subprocess.Popen, str]:
     """The repository server in its own process, so its CPU is not the control plane's."""
     port = free_port()
     code = ("import sys, threading; sys.path.insert(0, %r)\n"
-            "from cloud.release.repo_server import RepositoryServer\n"
+            "from edgeloop.cloud.release.repo_server import RepositoryServer\n"
             "RepositoryServer(%r, '127.0.0.1', %d, %r).start(); threading.Event().wait()"
             % (str(ROOT), str(ws.repository_dir), port, str(ws.director_dir)))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
@@ -151,7 +151,11 @@ def run(args: argparse.Namespace) -> dict:
         v1, v2 = prepare(ws, registry, [args.tier])
         repo, url = start_repository(ws)
         procs.append(repo)
-        cp = ControlPlane(registry, "127.0.0.1", port, fleet=ws.fleet).start()   # the swarm runs in ws.fleet
+        registry.close()
+        # the one service stack serve uses (cloud/services.py), less the repository (its own process here)
+        stack = ServiceStack(ws, StackOptions(broker=PlainLink("127.0.0.1", port), repository=False,
+                                              repository_url=url, blocks=False)).start()
+        registry, cp = stack.registry, stack.control_plane
         began = time.time()
         report_path = tmp / "swarm.json"
         swarm = subprocess.Popen(swarm_command(args, ws, v1, report_path), cwd=ROOT, stdout=subprocess.PIPE,
@@ -166,7 +170,8 @@ def run(args: argparse.Namespace) -> dict:
         wait(registered, 60 + args.devices / 50, "every simulated device to connect and register", 0.5)
         connect_s = time.time() - began
 
-        ctl = RolloutController(ws, registry, send=cp.send_command, repository_url=url)
+        ctl = stack.rollouts
+        assert ctl is not None
         spec = RolloutSpec(model_version=v2, target=f"tier={args.tier}",
                            strategy="canary", canary=args.canary, bake_s=args.bake_s, growth=args.growth,
                            rate_per_min=args.rate_per_min, max_failure_pct=args.max_failure_pct,
@@ -197,7 +202,7 @@ def run(args: argparse.Namespace) -> dict:
         counts = status["counts"]
         updated = len(times)
         seconds = t1 - t0
-        cp.stop()
+        stack.stop()
         return {
             "devices": args.devices, "updated": updated, "failed": counts["failed"] + counts["timed_out"],
             "seconds": round(seconds, 2), "updates_per_min": round(updated / seconds * 60, 1),

@@ -70,7 +70,8 @@ class StackOptions:
     ingest workers, one identity each (a client id is its certificate CN on an edgeloop broker):
     ``1 + len(workers)`` control planes split the stream in the shared group. ``session``: the
     persistent MQTT session of the first (further ones get ``-2``, ``-3``, ...). ``http``: where the
-    repository server listens (default: the workspace's HTTP address); ``repository=False``: none.
+    repository server listens (default: the workspace's HTTP address); ``repository=False``: none
+    here (``repository_url``: the one served elsewhere, which rollouts announce).
     ``api``: (host, port) of the HTTP API, None for none. ``rollouts``: build a rollout controller.
     ``blocks``: also serve the repositories over MQTT in blocks (contracts/blocks.py)."""
 
@@ -80,6 +81,7 @@ class StackOptions:
     shared: bool = True
     session: str | None = None
     repository: bool = True
+    repository_url: str | None = None   # with repository=False: where a repository served elsewhere is
     http: tuple[str, int] | None = None
     api: tuple[str, int] | None = None
     rollouts: bool = True
@@ -120,7 +122,7 @@ class ServiceStack:
 
     @property
     def repository_url(self) -> str | None:
-        return self.repository.url if self.repository else None
+        return self.repository.url if self.repository else self.options.repository_url
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> ServiceStack:

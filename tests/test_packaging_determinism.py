@@ -48,8 +48,8 @@ def test_packaging_a_version_twice_gives_the_same_bytes(trained, tier):
 def test_another_process_with_another_hash_seed_and_one_thread_packages_the_same_bytes(trained):
     ws, registry, mv = trained
     here = {tier: package_model(ws, registry, mv, tier).sha256 for tier in TIERS}
-    script = ("import json, sys\nfrom cloud.loop.pipeline import package_model\nfrom cloud.registry import Registry\n"
-              "from cloud.workspace import Workspace\nws = Workspace.open(sys.argv[1])\nr = Registry(ws.registry_path)\n"
+    script = ("import json, sys\nfrom edgeloop.cloud.loop.pipeline import package_model\nfrom edgeloop.cloud.registry import Registry\n"
+              "from edgeloop.cloud.workspace import Workspace\nws = Workspace.open(sys.argv[1])\nr = Registry(ws.registry_path)\n"
               "print(json.dumps({t: package_model(ws, r, sys.argv[2], t).sha256 for t in sys.argv[3:]}))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1"}
