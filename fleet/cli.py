@@ -37,6 +37,8 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgeloop", description="Train, package, sign and ship ML models to device fleets "
                      "over MQTT, and watch them in the field.")
+    from edgeloop import __version__
+    parser.add_argument("--version", action="version", version=f"edgeloop {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

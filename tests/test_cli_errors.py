@@ -99,3 +99,10 @@ def test_the_installed_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "edgeloop.fleet.cli", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=60)
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_version_prints_the_installed_version_and_exits_0():
+    from importlib.metadata import version
+    proc = subprocess.run([sys.executable, "-m", "edgeloop.fleet.cli", "--version"], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"edgeloop {version('edgeloop')}"
