@@ -159,9 +159,6 @@ class CatalogOps(SqliteBase):
         return self._rows("select * from packages where model_version = ? order by created_at desc",
                           [model_version])
 
-    def package_by_sha(self, sha256: str) -> dict[str, Any] | None:
-        return self._one("select * from packages where sha256 = ?", [sha256])
-
     def packages_named(self, target: str) -> list[str]:
         """The sha256 of every package registered under this target name."""
         return [r["sha256"] for r in self._rows("select sha256 from packages where target = ?", [target])]
@@ -174,10 +171,6 @@ class CatalogOps(SqliteBase):
         the database would do; the release path must not trust it)."""
         with self._tx() as conn:
             conn.execute("update packages set length = ? where sha256 = ?", [length, sha256])
-
-    def add_update(self, row: dict[str, Any]) -> None:
-        with self._lock:
-            self._db["updates"].insert(row, pk="update_id")
 
     def upsert_update(self, row: dict[str, Any]) -> None:
         """Record an update, replacing one with the same id (signing the same update again)."""

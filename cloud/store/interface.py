@@ -92,12 +92,8 @@ class CatalogStore(Protocol):
     def packages_of(self, model_version: str) -> list[dict[str, Any]]:
         """Every package of ``model_version``, newest first."""
 
-    def package_by_sha(self, sha256: str) -> dict[str, Any] | None: ...
-
     def packages_named(self, target: str) -> list[str]:
         """The sha256 of every package registered under this target name."""
-
-    def add_update(self, row: dict[str, Any]) -> None: ...
 
     def upsert_update(self, row: dict[str, Any]) -> None:
         """Record an update, replacing one with the same id (signing the same update again)."""
