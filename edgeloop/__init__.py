@@ -13,7 +13,10 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 from pathlib import Path as _Path
 
-_PARTS = ("cloud", "fleet", "device_sdk", "edge", "kernels", "contracts", "simulators")
+__all__ = ["PARTS", "__version__"]
+
+# the repository folders that are, installed, edgeloop.<part> (pyproject.toml maps them)
+PARTS = ("cloud", "fleet", "device_sdk", "edge", "kernels", "contracts", "simulators")
 
 _here = _Path(__file__).resolve().parent
 if not (_here / "cloud").is_dir() and (_here.parent / "cloud" / "__init__.py").is_file():

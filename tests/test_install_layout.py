@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("cloud", "fleet", "device_sdk", "edge", "kernels", "contracts", "simulators")
+from edgeloop import PARTS
 
 
 def test_every_folder_with_code_is_listed_as_an_installed_package() -> None:

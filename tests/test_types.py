@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-PARTS = ("cloud", "fleet", "device_sdk", "edge", "kernels", "contracts", "simulators")
+from edgeloop import PARTS
 
 
 def test_mypy_is_clean_on_contracts_and_device_sdk(tmp_path):
