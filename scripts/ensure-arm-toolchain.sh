@@ -19,14 +19,6 @@ have_all() {
 }
 
 if ! have_all; then
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "edgeloop: no apt-get here: install arm-none-eabi-gcc, newlib for it and qemu-system-arm by hand" >&2
-    exit 1
-  fi
-  echo "edgeloop: installing the Arm toolchain (Debian packages gcc-arm-none-eabi, libnewlib-arm-none-eabi, qemu-system-arm)"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
-    gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm >/dev/null
+  bash "$(dirname "$0")/apt-install.sh" "the Arm toolchain" gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
 fi
 have_all || { echo "edgeloop: arm-none-eabi-gcc, newlib or qemu-system-arm still missing after the install" >&2; exit 1; }

@@ -10,10 +10,7 @@ find_mosquitto() {
 }
 
 if [ -z "$(find_mosquitto)" ] || ! command -v mosquitto_pub >/dev/null 2>&1; then
-  echo "edgeloop: installing Mosquitto (Debian packages mosquitto, mosquitto-clients)"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  bash "$(dirname "$0")/apt-install.sh" Mosquitto mosquitto mosquitto-clients
 fi
 MOSQUITTO="$(find_mosquitto)"
 [ -n "$MOSQUITTO" ] || { echo "edgeloop: mosquitto binary not found after install" >&2; exit 1; }

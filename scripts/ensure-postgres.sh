@@ -7,13 +7,6 @@ set -euo pipefail
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; }
 
 if ! have_pg; then
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "edgeloop: no apt-get here: install PostgreSQL's server binaries (initdb, pg_ctl) by hand" >&2
-    exit 1
-  fi
-  echo "edgeloop: installing PostgreSQL (Debian package postgresql)"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+  bash "$(dirname "$0")/apt-install.sh" PostgreSQL postgresql
 fi
 have_pg || { echo "edgeloop: PostgreSQL's initdb still missing after the install" >&2; exit 1; }
