@@ -217,3 +217,39 @@ def test_a_new_package_gets_the_plain_name_and_other_bytes_get_their_own(unit):
     assert target_name(ws, registry, "m", 1, TIER, other) == f"m/1/{TIER}.{other[:12]}.elpkg"
     ws.image_repository().add_target(plain, b"signed bytes")                      # the image repository decides
     assert target_name(ws, registry, "m", 1, TIER, first) == f"m/1/{TIER}.{first[:12]}.elpkg"
+
+
+def test_two_releases_at_once_each_land_in_one_consistent_director(unit):
+    """Two control-plane workers release at the same moment (serve and a CLI rollout start): the
+    release lock orders them, so neither assignment is lost and the image repository signs the
+    package once."""
+    import threading
+
+    from edgeloop.cloud.release.releaser import Assignment, Releaser
+
+    ws, registry = unit
+    sha = _register(ws, registry, b"a package")
+    groups = [f"ro-{i}-u1-edge" for i in range(6)]
+    results: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def release(group: str) -> None:
+        try:
+            rel = Releaser(ws, registry, "http://127.0.0.1:9/repository")
+            results[group] = rel.release([Assignment(group, "m:1", TIER, f"{group}/update", named=True)])[0] \
+                .announce.update_id
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=release, args=(g,)) for g in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and set(results) == set(groups)
+    director = ws.director_repository().targets()
+    assert {p for p in director} == {f"assignments/{g}/m/1/{TIER}.elpkg" for g in groups}
+    assert all(director[f"assignments/{g}/m/1/{TIER}.elpkg"].custom["update_id"] == results[g] for g in groups)
+    assert list(ws.image_repository().targets()) == [f"m/1/{TIER}.elpkg"]
+    assert ws.image_repository().targets()[f"m/1/{TIER}.elpkg"].hashes["sha256"] == sha
+    assert {u["update_id"] for u in registry.updates()} == set(results.values())
