@@ -98,6 +98,11 @@ def _run(ws: Workspace, stack: ServiceStack, opts: LoopOptions, say: Say | None,
         # -- v1: train, gate (first production version), package, deploy to the whole fleet ---------
         trained = train_model(ws, registry, TrainParams(seed=opts.seed, epochs=opts.epochs), data=lab_id)
         v1 = trained["model_version"]
+        for earlier in registry.in_stage(_model_name(registry, v1), "production"):
+            # a re-run in the same folder starts the story over: v1 becomes production again
+            # (an earlier run's retrained version would otherwise gate it out); said, not hidden
+            promote(registry, earlier, "archived")
+            note("deploy", f"archived {earlier}, production from an earlier demo --loop in this workspace")
         promote(registry, v1, "production")
         package_model(ws, registry, v1, TIER)
         note("deploy", f"{v1} trained (test accuracy {trained['metrics']['test_accuracy']:.3f}), "
@@ -148,7 +153,7 @@ def _run(ws: Workspace, stack: ServiceStack, opts: LoopOptions, say: Say | None,
 
         # -- detection: which devices does the drift report flag? ------------------------------------
         report = drift_report(registry, by="device")
-        flagged = sorted({r["key"] for r in report if r["status"] in ("drift", "skew")})
+        flagged = sorted({r["key"] for r in report if r["status"] in ("drift", "skew") and r["model_version"] == v1})
         note("detect", f"drift report flags {len(flagged)} devices: "
                        f"{len(set(flagged) & drifted)} of the {len(drifted)} drifted, "
                        f"{len(set(flagged) - drifted)} of the {opts.devices - len(drifted)} others")
@@ -203,6 +208,10 @@ def _split_lab_and_field(ws: Workspace, registry: Registry, seed: int
     half = n_field // 2
     return (lab_id, (digits.x[field[:half]], digits.y[field[:half]]),
             (digits.x[field[half:]], digits.y[field[half:]]))
+
+
+def _model_name(registry: Registry, model_version: str) -> str:
+    return registry.model_version(model_version)["model"]
 
 
 def _stored(registry: Registry, marks: dict[str, tuple[int, int]]) -> bool:

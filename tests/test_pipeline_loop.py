@@ -254,3 +254,10 @@ def test_the_closed_loop_detects_drift_retrains_on_device_data_and_recovers(tmp_
     # and the fleet recovered on rows no model was trained on
     assert r["accuracy_after_v2"]["drifted_devices"] > r["accuracy_after_drift"]["drifted_devices"] + 0.2
     assert r["accuracy_after_v2"]["fleet"] > r["accuracy_after_drift"]["fleet"]
+    # run again in the same workspace (the operator re-runs `demo --loop` in one folder): the
+    # story starts over on the fleet as it is now, and is not answered from the first run's records
+    again = run_loop_demo(ws, LoopOptions(devices=6, samples=160, epochs=20, timeout_s=180))
+    assert again["pipeline_status"] == "succeeded" and again["rollout_id"] != r["rollout_id"]
+    assert again["v1"] != r["v1"] and again["production"] == [again["v2"]]
+    assert again["rollout_counts"]["committed"] == 6
+    assert again["flagged_drifted"] == drifted

@@ -235,7 +235,9 @@ def run_pipeline(ws: Workspace, registry: Registry, pipe: PipelineFile, deploy: 
             run.status = "succeeded"
             run.reason = "packaged; no rollout configured" if pipe.rollout is None else "packaged; no control plane"
             return run
-        rolled = step("rollout", _key("rollout", packages, pipe.rollout),
+        # a rollout acts on the fleet as it is now: reused only while the production version it
+        # was meant to replace is still production (a re-run after another version shipped rolls out again)
+        rolled = step("rollout", _key("rollout", packages, pipe.rollout, incumbent),
                       lambda: {"rollout_id": deploy(pipe.rollout or {}, mv), "model_version": mv})
         final = step("watch", _key("watch", rolled["rollout_id"]),
                      lambda: _watch(watch, rolled["rollout_id"], float(pipe.watch.get("timeout_s", 600)), say))
@@ -489,6 +491,11 @@ def _promote(registry: Registry, mv: str, final: dict[str, Any], pipe: PipelineF
         reason = f"rollout {final['rollout_id']} {final['state']}" + (f": {final['reason']}" if final.get("reason") else "")
         say("promote", f"not promoted ({reason}); {mv} archived")
         return {"promoted": False, "model_version": mv, "reason": reason}
+    if registry.model_version(mv)["stage"] == "archived":
+        # the same data trained the same model once before (the train step was reused), and it has
+        # since been replaced: it comes back through staging, the one way an archived version returns
+        promote(registry, mv, "staging")
+        say("promote", f"{mv} was archived: back to staging before the gate")
     result = promote(registry, mv, "production", float(pipe.gate.get("tolerance", 0.01)))
     say("promote", f"{mv} is production" + (f", replacing {result.replaced}" if result.replaced else ""))
     return {"promoted": True, "model_version": mv, "replaced": result.replaced, "reason": None}
