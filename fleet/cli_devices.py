@@ -1,4 +1,4 @@
-"""``edgeloop devices [ls|show|enroll|revoke]`` and ``edgeloop broker config|up|down|status``:
+"""``edgeloop devices [ls|show|enroll|provision|revoke]`` and ``edgeloop broker config|up|down|status``:
 the fleet's devices, their certificates, and the mutual-TLS broker they connect to."""
 
 from __future__ import annotations
@@ -48,6 +48,22 @@ def add_devices_commands(sub: Any) -> None:
     p.add_argument("--group", action="append", default=[], metavar="GROUP", help="a group it belongs to (repeatable)")
     p.add_argument("--csr", type=Path, metavar="FILE", help="sign this PEM CSR: the device keeps its own key")
     p.add_argument("--out", type=Path, metavar="DIR", help="identity folder (default: WORKSPACE/devices/DEVICE_ID)")
+    p = action(devices, "provision", "write one device's provisioning bundle: identity, fleet CA, trusted roots, "
+               "broker (enrolls it first if needed)", _devices_provision)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR|FILE.tar",
+                   help="the bundle: a folder, or a tar file (name ending in .tar)")
+    p.add_argument("--tier", help="its hardware tier, for example edge-gateway (when it is enrolled here)")
+    p.add_argument("--hardware", metavar="PROFILE", help="its hardware profile (when it is enrolled here)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable)")
+    p.add_argument("--group", action="append", default=[], metavar="GROUP", help="a group it belongs to (repeatable)")
+    p.add_argument("--csr", type=Path, metavar="FILE", help="sign this PEM CSR: the device keeps its own key, "
+                   "the bundle carries none")
+    p.add_argument("--broker", metavar="HOST:PORT", help="the address the device dials (default: the generated "
+                   "broker's; its certificate must name HOST: broker config --san HOST)")
+    p.add_argument("--repository-url", metavar="URL", help="recorded in the manifest (default: the running "
+                   "serve's); devices take the repository from each announcement")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p = action(devices, "revoke", "revoke a device's certificate (CRL) and cut it off the broker", _devices_revoke)
     p.add_argument("device_id", metavar="DEVICE_ID")
 
@@ -115,6 +131,23 @@ def _devices_enroll(args: argparse.Namespace, out: Output) -> int:
                f"enrolled {r.device_id}: certificate serial {r.serial[:16]}, valid until "
                f"{time.strftime('%Y-%m-%d', time.gmtime(r.not_after))}; identity folder {r.folder}: "
                f"{', '.join(r.files)}{note}")
+    return 0
+
+
+def _devices_provision(args: argparse.Namespace, out: Output) -> int:
+    from edgeloop.fleet.identity import enrolment_from
+    from edgeloop.fleet.provision import provision_device
+
+    ws = open_workspace(args)
+    req = enrolment_from(args.device_id, args.tier, args.hardware, args.tag, args.group, args.csr)
+    r = provision_device(ws, open_fleet(ws), req, args.out, force=args.force, broker=args.broker,
+                         repository_url=args.repository_url)
+    how = "enrolled" if r.enrolled else "already enrolled, certificate re-used"
+    key = "" if r.key_included else "; no device.key inside: the device uses its own (edgeloop-gateway --tls-key)"
+    out.result({**r.__dict__, "out": str(r.out)},
+               f"provisioned {r.device_id} ({how}, serial {r.serial[:16]}) for fleet {r.fleet}, broker "
+               f"mqtts://{r.broker}: {r.out}{key}; keep it secret, copy it to the device and start it: "
+               f"edgeloop-gateway --bundle {r.out.name} --state-dir /var/lib/edgeloop")
     return 0
 
 
