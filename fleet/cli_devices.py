@@ -77,10 +77,14 @@ def add_broker_commands(sub: Any) -> None:
                    help="where to write it (default: WORKSPACE/broker/mosquitto.conf)")
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--san", action="append", default=[], metavar="HOST",
-                   help="another name or IP devices dial, for the server certificate (repeatable)")
+                   help="another name or IP devices dial, for the server certificate (repeatable; "
+                        "default: the last given)")
     p = action(broker, "up", "start Mosquitto in the background with the generated configuration", _broker_up)
     p.add_argument("--port", type=int, help="TLS listener port (default: the last configured, else 8883)")
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--san", action="append", default=[], metavar="HOST",
+                   help="another name or IP devices dial, for the server certificate (repeatable; "
+                        "default: the last given)")
     action(broker, "down", "stop the workspace's broker", _broker_down)
     action(broker, "status", "is the workspace's broker running, and where", _broker_status)
 
@@ -179,7 +183,7 @@ def _broker_up(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.fleet.broker import start
 
     ws = open_workspace(args)
-    st = start(ws, open_fleet(ws), args.port, args.bind)
+    st = start(ws, open_fleet(ws), args.port, args.bind, args.san)
     out.result({**st.__dict__, "conf": str(st.conf), "log": str(st.log)},
                f"broker {'already ' if st.already_running else ''}running (pid {st.pid}) at mqtts://{st.address}; "
                f"log {st.log}")

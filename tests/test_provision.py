@@ -339,3 +339,15 @@ def test_every_install_step_reaches_the_observer_with_the_refusal_code(env, tmp_
     assert line.startswith("update u-wrong: refused [verify.mismatch]: package is ") and "\n" not in line
     assert console_line(events[3]) == "update u-good: health check"
     registry.close()
+
+
+def test_the_broker_keeps_the_names_devices_dial_so_their_bundles_can_name_it(env, tmp_path):
+    ws = str(tmp_path / "named")
+    _cli("init", "-w", ws)
+    port = free_port()
+    _cli("broker", "config", "-w", ws, "--port", str(port), "--san", "broker.lan")
+    _cli("broker", "config", "-w", ws)                  # regenerated, e.g. by `broker up`: the name stays
+    made = _cli("devices", "provision", "gw-lan", "-w", ws, "--tier", TIER, "--broker", f"broker.lan:{port}",
+                "--out", str(tmp_path / "gw-lan"))
+    bundle = dp.load_bundle(tmp_path / "gw-lan")
+    assert made["broker"] == bundle.broker == f"broker.lan:{port}" and bundle.repository_url is None
