@@ -181,10 +181,9 @@ def test_provisioning_twice_reuses_the_certificate_and_never_overwrites_a_bundle
     assert code == 2 and "already enrolled with --tier 'edge-gateway'" in err and not (tmp_path / "c").exists()
 
 
-def test_a_bundle_tar_starts_the_gateway_like_the_folder(env, tmp_path):
+def test_a_bundle_tar_unpacks_into_a_config_the_broker_accepts(env, tmp_path):
     out = tmp_path / "gw-tar.tar"
     _cli("devices", "provision", "gw-tar", "-w", env.ws, "--tier", TIER, "--out", str(out))
-    config = None
     with tarfile_members(out) as names:
         assert names == sorted(["manifest.json", "manifest.sig", "ca.crt", "device.crt", "device.key",
                                 "image-root.json", "director-root.json"])
@@ -351,3 +350,20 @@ def test_the_broker_keeps_the_names_devices_dial_so_their_bundles_can_name_it(en
                 "--out", str(tmp_path / "gw-lan"))
     bundle = dp.load_bundle(tmp_path / "gw-lan")
     assert made["broker"] == bundle.broker == f"broker.lan:{port}" and bundle.repository_url is None
+
+
+def test_an_update_refused_before_it_is_installed_reaches_the_observer_too(tmp_path):
+    from edgeloop.contracts.messages import encode
+    from edgeloop.contracts.topics import Fleet
+    from edgeloop.device_sdk.agent import Agent, AgentConfig
+
+    agent = Agent(AgentConfig(device_id="gw-obs", tier=TIER, state_dir=tmp_path / "s", fleet=FLEET,
+                              max_package_bytes=1000))          # never connected: nothing leaves it
+    events: list[UpdateEvent] = []
+    agent.observe(events.append)
+    agent.observe(lambda e: 1 / 0)                              # a broken observer breaks nothing
+    big = Announce("u-big", "digits-mlp", "digits-mlp:3", TIER, "t", 10_000, "0" * 64, "http://r", "http://d",
+                   time.time())
+    agent.handle(Fleet(FLEET).announce(TIER), encode(big))
+    assert [(e.step, e.update_id, e.code) for e in events] == [("failed", "u-big", "verify.package")]
+    assert console_line(events[0]).startswith("update u-big: refused [verify.package]: package of 10000 bytes")
