@@ -31,8 +31,8 @@ def _device_filters(p: argparse.ArgumentParser, inherit: bool = False) -> None:
 
 
 def add_devices_commands(sub: Any) -> None:
-    p = sub.add_parser("devices", help="list, show, enroll and revoke devices",
-                       description="list devices (the default), show one (`devices DEVICE`), enroll or revoke one")
+    p = sub.add_parser("devices", help="list, show, enroll, provision and revoke devices",
+                       description="list devices (the default), show one (`devices DEVICE`), enroll, provision or revoke one")
     common(p)
     _device_filters(p)
     p.set_defaults(fn=_devices_ls)

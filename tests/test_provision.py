@@ -367,3 +367,34 @@ def test_an_update_refused_before_it_is_installed_reaches_the_observer_too(tmp_p
     agent.handle(Fleet(FLEET).announce(TIER), encode(big))
     assert [(e.step, e.update_id, e.code) for e in events] == [("failed", "u-big", "verify.package")]
     assert console_line(events[0]).startswith("update u-big: refused [verify.package]: package of 10000 bytes")
+
+
+def test_the_gateway_refuses_a_bundle_whose_certificate_expired_in_one_line(env, tmp_path, monkeypatch):
+    """A bundle consistent in every other way (signed by the fleet CA), its certificate expired."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+    from edgeloop.fleet.identity import FleetCA
+
+    monkeypatch.setenv("EDGELOOP_KEY_PASSPHRASE", "provision-tests")
+    copy = _copy(_bundle(env, "gw-bad"), tmp_path)
+    ca = FleetCA.open(Workspace.open(Path(env.ws)))
+    key = serialization.load_pem_private_key((copy / "device.key").read_bytes(), None)
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-bad")]))
+               .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=2)).not_valid_after(now - dt.timedelta(days=1))
+               .sign(ca._key, hashes.SHA256()))
+    (copy / "device.crt").write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    _edit_manifest(copy, lambda m: m["files"].update({"device.crt": dp.sha256_file((copy / "device.crt").read_bytes())}))
+    (copy / "manifest.sig").write_bytes(ca.sign((copy / "manifest.json").read_bytes()))
+    code, out, err = _gateway("--bundle", str(copy), "--state-dir", str(tmp_path / "state"))
+    assert code == 2 and err.count("\n") == 1 and "expired on" in err and "Traceback" not in err, err
+    assert not (tmp_path / "state" / "tuf").exists()
+
+
+def test_a_gateway_whose_broker_is_unreachable_says_so_and_exits_3(env, tmp_path):
+    code, out, err = _gateway("--bundle", str(_bundle(env, "gw-bad")), "--state-dir", str(tmp_path / "state"),
+                              "--mqtt", f"127.0.0.1:{free_port()}")
+    assert code == 3 and err.count("\n") == 1 and "cannot reach the broker" in err and "Traceback" not in err
