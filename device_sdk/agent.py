@@ -28,6 +28,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -48,7 +49,7 @@ from edgeloop.device_sdk.telemetry import TelemetryWindow
 
 log = logging.getLogger("edgeloop.agent")
 
-__all__ = ["Agent", "AgentConfig"]
+__all__ = ["Agent", "AgentConfig", "UpdateEvent"]
 
 _OTA_STATUS = {
     InstallState.DOWNLOADING: DeviceState.DOWNLOADING, InstallState.VERIFYING: DeviceState.VERIFYING,
@@ -91,6 +92,20 @@ class AgentConfig:
                                         # runs inside step(), and the device is one thread)
 
 
+@dataclass(frozen=True)
+class UpdateEvent:
+    """One step of an update on this device, for :meth:`Agent.observe`: ``announced``, then each
+    state the install enters (``downloading``, ``verifying``, ``installing``, ``testing``,
+    ``committed``, ``failed``, ``rolled_back``, or ``idle`` when a download is postponed), or
+    ``failed`` for an update refused before or outside the install (``code``: ErrorCode)."""
+
+    step: str
+    update_id: str
+    model_version: str | None          # the announced version
+    reason: str | None = None
+    code: str | None = None
+
+
 class Agent:
     def __init__(self, config: AgentConfig, *, link: Link | None = None, fetcher: UpdateFetcher | None = None,
                  runtimes: RuntimeLoader | None = None, state: StateStore | None = None,
@@ -129,6 +144,8 @@ class Agent:
         self._samples: list[tuple[list[float], float | None]] = []   # sampled raw inputs of this window
         self._sample_rng = np.random.default_rng(zlib.crc32(config.device_id.encode()))
         self._status_lock = threading.RLock()   # a heartbeat never re-sends a status older than the last one
+        self._observers: list[Callable[[UpdateEvent], None]] = []
+        self.installer.observer = lambda state, uid, reason, code: self._emit(str(state), uid, reason, code)
 
     @property
     def model_version(self) -> str | None:
@@ -147,6 +164,23 @@ class Agent:
     def next_due(self) -> float | None:
         """When a postponed update is due to be tried again (time.time()), if one waits."""
         return self._retry[2] if self._retry else None
+
+    def observe(self, callback: Callable[[UpdateEvent], None]) -> None:
+        """Call ``callback`` with every :class:`UpdateEvent`, on the thread taking the step (keep
+        it quick; an exception it raises is logged and ignored). None by default: the agent is quiet."""
+        self._observers.append(callback)
+
+    def _emit(self, step: str, update_id: str, reason: str | None = None, code: str | None = None) -> None:
+        if not self._observers:
+            return
+        version = self._job[0].model_version if self._job is not None and self._job[0].update_id == update_id \
+            else None
+        event = UpdateEvent(step, update_id, version, reason, None if code is None else str(code))
+        for callback in self._observers:
+            try:
+                callback(event)
+            except Exception:  # noqa: BLE001 - an observer never breaks an install
+                log.exception("%s: update observer failed", self.device_id)
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -322,6 +356,7 @@ class Agent:
         self._retry = None
         if announce.length > self.config.max_package_bytes:
             msg = f"package of {announce.length} bytes is over this device's {self.config.max_package_bytes} byte limit"
+            self._emit("failed", announce.update_id, msg, ErrorCode.VERIFY_PACKAGE)
             self._publish_error(announce.update_id, ErrorCode.VERIFY_PACKAGE, msg)
             self._publish_status(DeviceState.FAILED, announce.update_id, reason=msg)
             return
@@ -346,6 +381,8 @@ class Agent:
     def _begin(self, announce: Announce, attempts: int) -> None:
         """Install step 1: enter ``downloading`` and start the fetcher."""
         self._job = (announce, attempts)
+        if attempts == 0:
+            self._emit("announced", announce.update_id)
         try:
             base = self.installer.active_package_bytes()
             self.installer.begin(announce)
@@ -395,6 +432,7 @@ class Agent:
                 log.error("%s: update %s failed: %s", self.device_id, announce.update_id, error)
                 self._publish_error(announce.update_id, code, f"{type(error).__name__}: {error}")
                 reason = f"{code}: {error}" if code is ErrorCode.STORAGE_WRITE else f"internal: {error}"
+                self._emit("failed", announce.update_id, reason, code)
                 self._publish_status(DeviceState.FAILED, announce.update_id, reason=reason)
             elif result is not None:
                 self.last_result = result
@@ -419,6 +457,8 @@ class Agent:
             self._publish_status(DeviceState.ONLINE, announce.update_id, reason=f"retrying: {error}")
             return
         self._publish_error(announce.update_id, ErrorCode.TRANSPORT_DOWNLOAD, str(error))
+        self._emit("failed", announce.update_id, f"download failed {attempts + 1} times: {error}",
+                   ErrorCode.TRANSPORT_DOWNLOAD)
         self._publish_status(DeviceState.FAILED, announce.update_id,
                              reason=f"download failed {attempts + 1} times: {error}")
 

@@ -118,6 +118,8 @@ class Installer:
         self.tier = tier
         self.max_package_bytes = max_package_bytes
         self._on_state = on_state or (lambda state, update_id: None)
+        # told every transition with its reason and code, after it is persisted (Agent.observe)
+        self.observer: Callable[[InstallState, str, str | None, ErrorCode | None], None] | None = None
         self._store: StateStore = store if store is not None else JsonFile(self.root / "state.json")
         self.runtimes: RuntimeLoader = runtimes if runtimes is not None else DEFAULT_LOADER
         self._state: dict[str, Any] = self._store.load() or {
@@ -290,3 +292,5 @@ class Installer:
         self._state["update"] = entry
         self._store.save(self._state)
         self._on_state(new, update_id)
+        if self.observer is not None:
+            self.observer(new, update_id, reason, code)

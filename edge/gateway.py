@@ -15,8 +15,19 @@ switches models between two requests, never during one. Requests are served one 
 request (not JSON, wrong shape, wrong number of features, too many rows), 503 while no model
 is installed yet.
 
-Run it: ``edgeloop-gateway --device-id gw-7 --tier edge-gateway --fleet acme --state-dir /var/lib/edgeloop
---mqtt broker:8883 --tls-ca ca.pem --tls-cert gw-7.pem --tls-key gw-7.key --listen 0.0.0.0:8480``.
+Run it from a provisioning bundle (``edgeloop devices provision gw-7 --tier edge-gateway --out gw-7``,
+device_sdk/provision.py): ``edgeloop-gateway --bundle gw-7 --state-dir /var/lib/edgeloop --listen
+0.0.0.0:8480``; on first start the bundle's trusted roots are copied into the state folder (never
+over roots the device has rotated to since). Or from explicit flags: ``--device-id gw-7 --tier
+edge-gateway --fleet acme --mqtt broker:8883 --tls-ca ca.pem --tls-cert gw-7.pem --tls-key gw-7.key``
+(the trusted roots then already in ``<state>/tuf``).
+
+The console gets one line per step of every update (announced, downloading, verifying,
+installing, health check, then committed, refused or rolled back with the reason code, or
+postponed), from :meth:`Agent.observe`. A bad start is one line on stderr and an exit code:
+2 bad flags or an unusable bundle (a missing file, expired, another device's or fleet's),
+3 broker unreachable, 4 a bundle that fails verification or a broker that refuses this
+device's certificate (revoked).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,11 +47,14 @@ import numpy as np
 
 from edgeloop.contracts.tasks import TaskKind
 from edgeloop.contracts.topics import DEFAULT_FLEET
-from edgeloop.device_sdk.agent import Agent, AgentConfig
+from edgeloop.device_sdk.agent import Agent, AgentConfig, UpdateEvent
+from edgeloop.device_sdk.errors import TransientError
+from edgeloop.device_sdk.provision import (BrokerRefused, BundleError, BundleInvalid, agent_config, install_roots,
+                                           load_bundle, probe_broker, unpack_bundle)
 
 log = logging.getLogger("edgeloop.gateway")
 
-__all__ = ["GatewayServer", "main", "MAX_ROWS", "MAX_BODY_BYTES"]
+__all__ = ["GatewayServer", "console_line", "main", "MAX_ROWS", "MAX_BODY_BYTES"]
 
 MAX_ROWS = 256                  # inputs per request
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -158,33 +173,101 @@ def _parse(body: bytes) -> tuple[np.ndarray, list[float | None]]:
     return x, labels
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edgeloop-gateway", description=__doc__.splitlines()[0])
-    ap.add_argument("--device-id", required=True)
-    ap.add_argument("--tier", default="edge-gateway")
+EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_INTEGRITY = 2, 3, 4
+
+_STEPS = {"announced": "announced", "downloading": "downloading", "verifying": "verifying",
+          "installing": "installing", "testing": "health check", "committed": "committed",
+          "failed": "refused", "rolled_back": "rolled back", "idle": "postponed"}
+
+
+def console_line(event: UpdateEvent, serving: str | None = None) -> str:
+    """The console's line for one step of an update (``serving``: the model now serving)."""
+    line = f"update {event.update_id}: {_STEPS.get(event.step, event.step)}"
+    if event.step == "announced" and event.model_version:
+        line += f" {event.model_version}"
+    if event.step == "committed" and serving:
+        line += f", now serving {serving}"
+    if event.code:
+        line += f" [{event.code}]"
+    if event.reason:
+        line += f": {event.reason}"
+    return line
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgeloop-gateway", description=__doc__.splitlines()[0],
+                                 epilog="exit codes: 0 stopped, 2 bad flags or an unusable bundle (missing file, "
+                                        "expired, another device's or fleet's), 3 broker unreachable, 4 bundle "
+                                        "failed verification or the broker refused this device's certificate "
+                                        "(revoked)")
+    ap.add_argument("--bundle", type=Path, metavar="DIR|FILE.tar",
+                    help="start from a provisioning bundle (edgeloop devices provision): identity, fleet, broker "
+                         "and trusted roots; the flags below then only override or must agree")
+    ap.add_argument("--device-id", help="required without --bundle")
+    ap.add_argument("--tier", help="default edge-gateway, or the bundle's")
     ap.add_argument("--state-dir", type=Path, required=True, help="where the agent keeps its slots and outbox")
-    ap.add_argument("--mqtt", default="127.0.0.1:1883", metavar="HOST:PORT")
-    ap.add_argument("--fleet", default=DEFAULT_FLEET, metavar="FLEET_ID",
+    ap.add_argument("--mqtt", metavar="HOST:PORT", help="broker address (default 127.0.0.1:1883, or the bundle's)")
+    ap.add_argument("--fleet", metavar="FLEET_ID",
                     help="the fleet id of the workspace that runs this device (its edgeloop.toml `fleet`)")
     ap.add_argument("--tls-ca", type=Path)
     ap.add_argument("--tls-cert", type=Path)
-    ap.add_argument("--tls-key", type=Path)
+    ap.add_argument("--tls-key", type=Path, help="with --bundle: the device's own key, for a bundle without one")
     ap.add_argument("--listen", default="127.0.0.1:8480", metavar="HOST:PORT", help="local inference address")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return ap
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    """The agent's config from the flags, or from the bundle. Raises ValueError or BundleError."""
+    mqtt = _address(args.mqtt, "--mqtt") if args.mqtt else None
+    if args.bundle is None:
+        if not args.device_id:
+            raise ValueError("give --bundle DIR (edgeloop devices provision), or --device-id with the broker flags")
+        host, port = mqtt or ("127.0.0.1", 1883)
+        return AgentConfig(device_id=args.device_id, tier=args.tier or "edge-gateway", state_dir=args.state_dir,
+                           mqtt_host=host, mqtt_port=port, fleet=args.fleet or DEFAULT_FLEET, tls_ca=args.tls_ca,
+                           tls_cert=args.tls_cert, tls_key=args.tls_key)
+    if args.tls_ca or args.tls_cert:
+        raise ValueError("--tls-ca and --tls-cert come from the bundle: leave them out (or the bundle)")
+    folder = args.bundle
+    if folder.is_file():
+        folder = unpack_bundle(folder, args.state_dir / "bundle")
+    bundle = load_bundle(folder)
+    for flag, given, have in (("--device-id", args.device_id, bundle.device_id), ("--fleet", args.fleet, bundle.fleet),
+                              ("--tier", args.tier, bundle.tier)):
+        if given is not None and given != have:
+            raise BundleInvalid(f"{flag} {given} contradicts the bundle ({flag} {have}): leave {flag} out, "
+                                "or use the bundle made for it")
+    install_roots(bundle, args.state_dir)
+    overrides = {"mqtt_host": mqtt[0], "mqtt_port": mqtt[1]} if mqtt else {}
+    return agent_config(bundle, args.state_dir, args.tls_key, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        mqtt_host, mqtt_port = _address(args.mqtt, "--mqtt")
         host, port = _address(args.listen, "--listen")
-        agent = Agent(AgentConfig(device_id=args.device_id, tier=args.tier, state_dir=args.state_dir,
-                                  mqtt_host=mqtt_host, mqtt_port=mqtt_port, fleet=args.fleet, tls_ca=args.tls_ca,
-                                  tls_cert=args.tls_cert, tls_key=args.tls_key))
+        config = _config(args)
+        if config.tls_ca is not None:
+            probe_broker(config)      # an unreachable broker and a refused certificate, told apart
+        agent = Agent(config)
+        agent.observe(lambda e: _say(console_line(e, agent.model_version)))
         agent.start()
-        server = GatewayServer(agent, host, port).start()
+    except (BundleError, BrokerRefused) as e:
+        return _fail(str(e), e.exit_code)
+    except TransientError as e:
+        return _fail(f"{e} (is the broker up?)", EXIT_UNREACHABLE)
     except (ValueError, OSError) as e:
-        print(f"edgeloop-gateway: error: {e}", file=sys.stderr)
-        return 2
-    print(f"edgeloop-gateway: {args.device_id} serving {agent.model_version or 'no model yet'} on {server.url}",
-          flush=True)
+        return _fail(str(e), EXIT_BAD_INPUT)
+    try:
+        server = GatewayServer(agent, host, port).start()
+    except OSError as e:
+        agent.stop(drain_s=0)
+        return _fail(f"cannot listen on {args.listen}: {e.strerror or e}", EXIT_BAD_INPUT)
+    _say(f"{config.device_id} of fleet {config.fleet} connected to {config.mqtt_host}:{config.mqtt_port}"
+         f"{' (mutual TLS)' if config.tls_cert else ''}; serving {agent.model_version or 'no model yet'} on "
+         f"{server.url}")
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             agent.step(0.5)
@@ -193,7 +276,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
         agent.stop()
+    _say("stopped")
     return 0
+
+
+def _say(line: str) -> None:
+    print(f"edgeloop-gateway: {line}", flush=True)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"edgeloop-gateway: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _address(text: str, flag: str) -> tuple[str, int]:

@@ -277,8 +277,10 @@ def write_config(ws: Workspace, fleet: FleetRegistry, port: int | None = None, o
     """Write mosquitto.conf (to ``out``, default ``<workspace>/broker/mosquitto.conf``) and its
     ACL beside it (``<stem>.acl``, or ``acl`` for the default), issuing the broker's and the
     control plane's certificates if they are missing or due. ``port``: default the last one
-    configured, else 8883. Raises UserError for a bad port or address."""
+    configured, else 8883; ``hostnames`` (the server certificate's extra names): default the
+    last ones given. Raises UserError for a bad port or address."""
     port = _pick_port(ws, port)
+    hostnames = tuple(hostnames) or _last_hostnames(ws)
     if not 1 <= port < 65536:
         raise UserError(f"invalid port {port}: use 1-65535")
     hosts = ["127.0.0.1", "localhost", *(h for h in (bind, *hostnames) if h not in ("0.0.0.0", "::"))]
@@ -293,8 +295,17 @@ def write_config(ws: Workspace, fleet: FleetRegistry, port: int | None = None, o
     atomic_write(conf, config_text(ws, acl, port, bind).encode())
     connect_host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
     atomic_write(folder / "broker.json", json.dumps({"host": connect_host, "port": port, "conf": str(conf),
-                                                     "acl": str(acl)}, indent=1).encode())
+                                                     "acl": str(acl), "hostnames": list(hostnames)},
+                                                    indent=1).encode())
     return BrokerConfig(conf, acl, connect_host, port, control_plane_tls(ws))
+
+
+def _last_hostnames(ws: Workspace) -> tuple[str, ...]:
+    try:
+        names = json.loads((broker_dir(ws) / "broker.json").read_text()).get("hostnames", [])
+    except (FileNotFoundError, ValueError, AttributeError):
+        return ()
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
 
 
 def _pick_port(ws: Workspace, port: int | None) -> int:
@@ -332,7 +343,8 @@ def status(ws: Workspace) -> dict[str, object]:
     return {"pid": running_pid(ws), "address": address, "conf": info.get("conf")}
 
 
-def start(ws: Workspace, fleet: FleetRegistry, port: int | None = None, bind: str = DEFAULT_BIND) -> BrokerStatus:
+def start(ws: Workspace, fleet: FleetRegistry, port: int | None = None, bind: str = DEFAULT_BIND,
+          hostnames: Sequence[str] = ()) -> BrokerStatus:
     """Start Mosquitto in the background with a freshly generated configuration, and wait until
     it accepts connections. A broker already running for this workspace is left as it is.
     Raises ServiceUnavailable if Mosquitto exits or does not listen within 10 s."""
@@ -342,7 +354,7 @@ def start(ws: Workspace, fleet: FleetRegistry, port: int | None = None, bind: st
     if pid is not None:
         info = json.loads((folder / "broker.json").read_text())
         return BrokerStatus(pid, f"{info['host']}:{info['port']}", Path(info["conf"]), log, True)
-    cfg = write_config(ws, fleet, port, bind=bind)
+    cfg = write_config(ws, fleet, port, bind=bind, hostnames=hostnames)
     with open(folder / "stderr.log", "ab") as err:
         proc = subprocess.Popen([mosquitto_binary(), "-c", str(cfg.conf)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)

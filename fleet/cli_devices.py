@@ -1,4 +1,4 @@
-"""``edgeloop devices [ls|show|enroll|revoke]`` and ``edgeloop broker config|up|down|status``:
+"""``edgeloop devices [ls|show|enroll|provision|revoke]`` and ``edgeloop broker config|up|down|status``:
 the fleet's devices, their certificates, and the mutual-TLS broker they connect to."""
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def _device_filters(p: argparse.ArgumentParser, inherit: bool = False) -> None:
 
 
 def add_devices_commands(sub: Any) -> None:
-    p = sub.add_parser("devices", help="list, show, enroll and revoke devices",
-                       description="list devices (the default), show one (`devices DEVICE`), enroll or revoke one")
+    p = sub.add_parser("devices", help="list, show, enroll, provision and revoke devices",
+                       description="list devices (the default), show one (`devices DEVICE`), enroll, provision or revoke one")
     common(p)
     _device_filters(p)
     p.set_defaults(fn=_devices_ls)
@@ -48,6 +48,22 @@ def add_devices_commands(sub: Any) -> None:
     p.add_argument("--group", action="append", default=[], metavar="GROUP", help="a group it belongs to (repeatable)")
     p.add_argument("--csr", type=Path, metavar="FILE", help="sign this PEM CSR: the device keeps its own key")
     p.add_argument("--out", type=Path, metavar="DIR", help="identity folder (default: WORKSPACE/devices/DEVICE_ID)")
+    p = action(devices, "provision", "write one device's provisioning bundle: identity, fleet CA, trusted roots, "
+               "broker (enrolls it first if needed)", _devices_provision)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR|FILE.tar",
+                   help="the bundle: a folder, or a tar file (name ending in .tar)")
+    p.add_argument("--tier", help="its hardware tier, for example edge-gateway (when it is enrolled here)")
+    p.add_argument("--hardware", metavar="PROFILE", help="its hardware profile (when it is enrolled here)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable)")
+    p.add_argument("--group", action="append", default=[], metavar="GROUP", help="a group it belongs to (repeatable)")
+    p.add_argument("--csr", type=Path, metavar="FILE", help="sign this PEM CSR: the device keeps its own key, "
+                   "the bundle carries none")
+    p.add_argument("--broker", metavar="HOST:PORT", help="the address the device dials (default: the generated "
+                   "broker's; its certificate must name HOST: broker config --san HOST)")
+    p.add_argument("--repository-url", metavar="URL", help="recorded in the manifest (default: the running "
+                   "serve's); devices take the repository from each announcement")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p = action(devices, "revoke", "revoke a device's certificate (CRL) and cut it off the broker", _devices_revoke)
     p.add_argument("device_id", metavar="DEVICE_ID")
 
@@ -61,10 +77,14 @@ def add_broker_commands(sub: Any) -> None:
                    help="where to write it (default: WORKSPACE/broker/mosquitto.conf)")
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--san", action="append", default=[], metavar="HOST",
-                   help="another name or IP devices dial, for the server certificate (repeatable)")
+                   help="another name or IP devices dial, for the server certificate (repeatable; "
+                        "default: the last given)")
     p = action(broker, "up", "start Mosquitto in the background with the generated configuration", _broker_up)
     p.add_argument("--port", type=int, help="TLS listener port (default: the last configured, else 8883)")
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--san", action="append", default=[], metavar="HOST",
+                   help="another name or IP devices dial, for the server certificate (repeatable; "
+                        "default: the last given)")
     action(broker, "down", "stop the workspace's broker", _broker_down)
     action(broker, "status", "is the workspace's broker running, and where", _broker_status)
 
@@ -118,6 +138,23 @@ def _devices_enroll(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _devices_provision(args: argparse.Namespace, out: Output) -> int:
+    from edgeloop.fleet.identity import enrolment_from
+    from edgeloop.fleet.provision import provision_device
+
+    ws = open_workspace(args)
+    req = enrolment_from(args.device_id, args.tier, args.hardware, args.tag, args.group, args.csr)
+    r = provision_device(ws, open_fleet(ws), req, args.out, force=args.force, broker=args.broker,
+                         repository_url=args.repository_url)
+    how = "enrolled" if r.enrolled else "already enrolled, certificate re-used"
+    key = "" if r.key_included else "; no device.key inside: the device uses its own (edgeloop-gateway --tls-key)"
+    out.result({**r.__dict__, "out": str(r.out)},
+               f"provisioned {r.device_id} ({how}, serial {r.serial[:16]}) for fleet {r.fleet}, broker "
+               f"mqtts://{r.broker}: {r.out}{key}; keep it secret, copy it to the device and start it: "
+               f"edgeloop-gateway --bundle {r.out.name} --state-dir /var/lib/edgeloop")
+    return 0
+
+
 def _devices_revoke(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.fleet.broker import apply_revocations
     from edgeloop.fleet.identity import revoke
@@ -146,7 +183,7 @@ def _broker_up(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.fleet.broker import start
 
     ws = open_workspace(args)
-    st = start(ws, open_fleet(ws), args.port, args.bind)
+    st = start(ws, open_fleet(ws), args.port, args.bind, args.san)
     out.result({**st.__dict__, "conf": str(st.conf), "log": str(st.log)},
                f"broker {'already ' if st.already_running else ''}running (pid {st.pid}) at mqtts://{st.address}; "
                f"log {st.log}")

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -225,6 +225,23 @@ class FleetCA:
         pem = cert.public_bytes(serialization.Encoding.PEM)
         atomic_write(self.pki / "issued" / f"{cn}-{cert.serial_number:x}.crt", pem)
         return Issued(pem, key_pem, cert.serial_number, _fingerprint(cert), cert.not_valid_after_utc.timestamp())
+
+    def sign(self, data: bytes) -> bytes:
+        """An ECDSA P-256 / SHA-256 signature (DER) by the CA's key over ``data``: what a device
+        verifies a provisioning manifest with, using ``ca.crt`` (device_sdk/provision.py)."""
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    def issued(self, cn: str, serial: str) -> x509.Certificate:
+        """A certificate this CA issued to ``cn`` (serial in hex), from the audit folder.
+        Raises IntegrityError if it is missing or not this CA's."""
+        path = self.pki / "issued" / f"{cn}-{serial}.crt"
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            cert.verify_directly_issued_by(self.cert)
+        except (OSError, ValueError, TypeError, InvalidSignature) as e:
+            raise IntegrityError(f"the certificate {path} that the registry names is missing or not this CA's: "
+                                 f"{e}") from None
+        return cert
 
     def _authority_key_id(self) -> x509.AuthorityKeyIdentifier:
         ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
