@@ -226,7 +226,7 @@ def _init(args: argparse.Namespace, out: Output) -> int:
     ws.image_repository().init()
     ws.director_repository().init()
     out.result({"workspace": str(ws.root), "created": not existed, "mqtt": f"{ws.mqtt_host}:{ws.mqtt_port}",
-                "fleet": ws.fleet, "registry_recreated": bool(args.recreate_registry)},
+                "fleet": ws.fleet, **({"registry_recreated": True} if args.recreate_registry else {})},
                f"{'created an empty registry in' if args.recreate_registry else 'using existing' if existed else 'created'}"
                f" workspace {ws.root} "
                f"(broker {ws.mqtt_host}:{ws.mqtt_port}, fleet {ws.fleet})")
