@@ -158,8 +158,9 @@ def test_missing_image_keys_refuse_signing_with_exit_4_and_sign_nothing(ws, caps
 
 
 # -- training runs that did not end ---------------------------------------------------------------------
-def _train_process(ws: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgeloop.fleet.cli", "train", "-w", str(ws), "--epochs", "100000"],
+def _train_process(ws: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgeloop.fleet.cli", "train", "-w", str(ws), "--epochs", "100000",
+                             *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -196,6 +197,36 @@ def test_ctrl_c_or_sigterm_during_train_marks_the_run_interrupted_at_once(ws, ca
     (listed,) = json.loads(out.strip().splitlines()[-1])["runs"]
     assert listed["status"] == "interrupted" and listed["ended_at"]
     assert run_cli(["models", "-w", str(ws), "--json"], capsys)[1].count("model_version\": \"") == 0
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_ctrl_c_during_distributed_train_stops_every_worker(ws):
+    proc = _train_process(ws, "--nproc-per-node", "2")
+    try:
+        run = _wait_running(ws, proc)
+        job = str((ws / "runs" / run["run_id"] / "job.json").resolve())
+        wait_for(lambda: len(_processes_naming(job)) >= 2, 90, "the workers to start", interval=0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    one_line(proc.returncode, err, 130, "interrupted")
+    assert _raw_runs(ws)[0]["status"] == "interrupted"
+    try:
+        wait_for(lambda: not _processes_naming(job), 30, "every worker to stop", interval=0.2)
+    finally:
+        for pid in _processes_naming(job):           # left training: this test's failure, not the next one's
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_run_left_running_by_kill_9_is_marked_interrupted_at_the_next_command(ws, capsys):
