@@ -16,10 +16,10 @@
 Opening a workspace checks that it is whole (:meth:`Workspace.check`) and refuses, with one
 line naming what is missing and how to get it back (WorkspaceDamaged, exit code 4), rather than
 letting a command recreate it empty: a missing or empty ``registry.db`` beside data (keys,
-signed repositories, artifacts, runs), a registry that is not a whole SQLite database, a
-repository's trusted root, the director's signing keys (they sign online), or the key
-passphrase file the keys were encrypted with. Only ``edgeloop init --recreate-registry``
-starts an empty registry beside existing data.
+signed repositories, artifacts, runs), a repository's trusted root, the director's signing
+keys (they sign online), or the key passphrase file the keys were encrypted with. A registry that is not a whole SQLite database
+is refused the same way when it is opened (cloud.store). Only ``edgeloop init
+--recreate-registry`` starts an empty registry beside existing data.
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ class Workspace:
         return [f"{sub}/" for sub in DATA_FOLDERS if _holds_a_file(self.root / sub)]
 
     def _registry_problems(self) -> list[str]:
-        from edgeloop.cloud.store._file import check_database_file   # stdlib only: no start-up cost
-
+        """Missing or empty beside data. A file that is not a whole database is refused by the
+        store when it is opened (cloud/store/_file.py), not here: no store import at start-up."""
         path = self.registry_path
         if not path.exists() or path.stat().st_size == 0:
             data = self.data_present()
@@ -170,10 +170,6 @@ class Workspace:
                     f"{', '.join(data)}: restore it from a backup, or start an empty registry that keeps "
                     f"the keys and repositories (models, runs and devices recorded in it are lost): "
                     f"edgeloop init -w {self.root} --recreate-registry"]
-        try:
-            check_database_file(path)
-        except WorkspaceDamaged as e:
-            return [str(e)]
         return []
 
     def _repository_problems(self) -> list[str]:
