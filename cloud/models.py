@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from edgeloop.contracts.features import FeatureSpec
 from edgeloop.contracts.tasks import TaskSpec
-from edgeloop.cloud.errors import NotFound, UserError
+from edgeloop.cloud.errors import LineageBroken, NotFound, UserError
 from edgeloop.cloud.registry import Registry
 
 STAGES = ("candidate", "staging", "production", "archived")
@@ -103,7 +103,12 @@ def promote(registry: Registry, model_version: str, to_stage: str, tolerance: fl
 
 
 def lineage(registry: Registry, device_id: str) -> dict[str, Any]:
-    """What a device runs and where it came from: update, package, model version, run, data set."""
+    """What a device runs and where it came from: update, package, model version, run, data set.
+
+    Raises NotFound for a device this workspace does not know, and LineageBroken naming the
+    first link it does not record (an update the device installed from elsewhere, or a registry
+    restored from a backup older than the device's update). A device with no installed update
+    recorded gets the device part and a ``note``."""
     rows = [d for d in registry.devices() if d["device_id"] == device_id]
     if not rows:
         raise NotFound(f"no device {device_id!r} (see: edgeloop devices)")
@@ -118,18 +123,37 @@ def lineage(registry: Registry, device_id: str) -> dict[str, Any]:
     # the update that installed the version the device reports now
     current = next((u for u in updates if _update_version(registry, u) == device["model_version"]), updates[0])
     update_id = current.split(":", 1)[1]
-    update = next(u for u in registry.updates() if u["update_id"] == update_id)
+
+    def broken(what: str) -> LineageBroken:
+        return LineageBroken(f"lineage of {device_id} is broken: it installed update {update_id}, but {what} is not "
+                             "recorded in this workspace (was registry.db restored from an older backup, or did the "
+                             "device get its update from another workspace?)")
+
+    update = registry.update(update_id)
+    if update is None:
+        raise broken(f"update {update_id}")
     chain["update"] = update
-    package = registry.parents(current)[0]["src"].split(":", 1)[1]
-    chain["package"] = registry.package(package)
-    mv = registry.model_version(update["model_version"])
+    published = [p["src"] for p in registry.parents(current) if p["relation"] == "published"]
+    sha = published[0].split(":", 1)[1] if published else update["sha256"]
+    chain["package"] = _link(lambda: registry.package(sha), broken, f"its package {str(sha)[:12]}")
+    mv = _link(lambda: registry.model_version(update["model_version"]), broken,
+               f"its model version {update['model_version']}")
     chain["model_version"] = {k: mv[k] for k in ("model_version", "stage", "onnx_sha256", "metrics", "run_id")}
-    run = registry.run(mv["run_id"])
+    run = _link(lambda: registry.run(mv["run_id"]), broken, f"the run {mv['run_id']} of {mv['model_version']}")
     chain["run"] = {k: run[k] for k in ("run_id", "status", "params", "dist", "code", "environment", "hardware",
                                         "weights_sha256", "started_at", "ended_at")}
-    ds = registry.dataset(run["dataset_id"])
+    ds = _link(lambda: registry.dataset(run["dataset_id"] or ""), broken,
+               f"the data set {run['dataset_id']} of run {run['run_id']}")
     chain["dataset"] = {k: ds[k] for k in ("dataset_id", "sha256", "path", "files", "schema")}
     return chain
+
+
+def _link(lookup: Callable[[], dict[str, Any]], broken: Callable[[str], LineageBroken], what: str) -> dict[str, Any]:
+    """One step of the chain; a step the registry does not record raises ``broken(what)``."""
+    try:
+        return lookup()
+    except NotFound:
+        raise broken(what) from None
 
 
 def _update_version(registry: Registry, node: str) -> str | None:

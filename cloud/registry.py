@@ -5,10 +5,14 @@ SQL; see cloud.store): data sets, runs, model versions with their stage, artifac
 updates, lineage (edges ``kind:id -> kind:id``: data set -> run -> model version -> package ->
 update -> device), devices, telemetry (primary key ``(device_id, seq)``, so a record delivered
 twice is stored once), error reports, alerts, API tokens, pipeline runs and rollouts. Opening
-one migrates an older database and refuses one from a newer edgeloop (SchemaTooNew).
+one migrates an older database and refuses one from a newer edgeloop (SchemaTooNew) or a file
+that is not a whole database (WorkspaceDamaged); it also marks ``interrupted`` every training
+run left ``running`` by a process of this host that is gone (cloud.train.runrecord).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from edgeloop.cloud.store import SCHEMA_VERSION, SqliteStore
 
@@ -17,3 +21,9 @@ __all__ = ["Registry", "SCHEMA_VERSION"]
 
 class Registry(SqliteStore):
     """The workspace's store (``registry.db``); see cloud.store.interface for its operations."""
+
+    def __init__(self, path: Path | str) -> None:
+        from edgeloop.cloud.train.runrecord import reap_orphaned_runs
+
+        super().__init__(path)
+        reap_orphaned_runs(self)

@@ -12,6 +12,14 @@
       director/metadata/   the director repository (TUF): which package each device group installs
       artifacts/           content-addressed blobs: <sha256[:2]>/<sha256>
       fleet/               state folders of simulated devices
+
+Opening a workspace checks that it is whole (:meth:`Workspace.check`) and refuses, with one
+line naming what is missing and how to get it back (WorkspaceDamaged, exit code 4), rather than
+letting a command recreate it empty: a missing or empty ``registry.db`` beside data (keys,
+signed repositories, artifacts, runs), a repository's trusted root, the director's signing
+keys (they sign online), or the key passphrase file the keys were encrypted with. A registry that is not a whole SQLite database
+is refused the same way when it is opened (cloud.store). Only ``edgeloop init
+--recreate-registry`` starts an empty registry beside existing data.
 """
 
 from __future__ import annotations
@@ -22,12 +30,15 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeloop.cloud.errors import NotFound, UserError
+from edgeloop.cloud.errors import KeysMissing, NotFound, UserError, WorkspaceDamaged
 from edgeloop.contracts.topics import DEFAULT_FLEET, valid_fleet
 
 CONFIG_NAME = "edgeloop.toml"
 DEFAULT_MQTT = "127.0.0.1:1883"
 WORKSPACE_VERSION = 1
+PASSPHRASE_ENV = "EDGELOOP_KEY_PASSPHRASE"     # as cloud.release.signing reads it
+# folders whose content means the workspace has been used: a registry must sit beside them
+DATA_FOLDERS = ("keys", "repository/metadata", "repository/targets", "director/metadata", "artifacts", "runs")
 
 __all__ = ["Workspace", "parse_host_port", "DEFAULT_MQTT"]
 
@@ -91,7 +102,8 @@ class Workspace:
              fleet: str | None = None) -> Workspace:
         """Create a workspace (or return the existing one unchanged). ``fleet``: its fleet id
         (default: ``fleet-`` + 12 random hex digits, so two workspaces on one broker never share
-        topics). Raises UserError for a malformed address or fleet id."""
+        topics). Raises UserError for a malformed address or fleet id, WorkspaceDamaged for an
+        existing workspace that is not whole (nothing is recreated)."""
         root = Path(root).resolve()
         if (root / CONFIG_NAME).exists():
             return cls.open(root)
@@ -112,7 +124,9 @@ class Workspace:
         return cls.open(root)
 
     @classmethod
-    def open(cls, root: Path) -> Workspace:
+    def open(cls, root: Path, check: bool = True) -> Workspace:
+        """The workspace at ``root``. Raises NotFound (none there), UserError (a malformed
+        config) or, with ``check``, WorkspaceDamaged (:meth:`check`)."""
         root = Path(root).resolve()   # the registry stores absolute paths: any working directory works
         path = root / CONFIG_NAME
         if not path.exists():
@@ -127,7 +141,79 @@ class Workspace:
         if not valid_fleet(ws.fleet):
             raise UserError(f"malformed workspace config {path}: invalid fleet id {ws.fleet!r} "
                             "(use 1-32 of [a-z0-9-], starting with a letter or digit)")
+        if check:
+            ws.check()
         return ws
+
+    # -- is it whole? --------------------------------------------------------------------------
+    def check(self, registry: bool = True) -> None:
+        """Raises WorkspaceDamaged naming everything of the workspace that is missing or corrupt
+        (see the module docstring; ``registry=False``: all but the registry); changes nothing."""
+        problems = (self._registry_problems() if registry else []) + self._repository_problems()
+        if problems:
+            cls = KeysMissing if all(p.startswith("missing signing key") for p in problems) else WorkspaceDamaged
+            raise cls(f"workspace {self.root} is damaged: " + "; ".join(problems))
+
+    def data_present(self) -> list[str]:
+        """The folders of :data:`DATA_FOLDERS` that hold at least one file."""
+        return [f"{sub}/" for sub in DATA_FOLDERS if _holds_a_file(self.root / sub)]
+
+    def _registry_problems(self) -> list[str]:
+        """Missing or empty beside data. A file that is not a whole database is refused by the
+        store when it is opened (cloud/store/_file.py), not here: no store import at start-up."""
+        path = self.registry_path
+        if not path.exists() or path.stat().st_size == 0:
+            data = self.data_present()
+            if not data:
+                return []            # a new workspace: its registry is created on first use
+            return [f"{path.name} is {'missing' if not path.exists() else 'empty'} beside "
+                    f"{', '.join(data)}: restore it from a backup, or start an empty registry that keeps "
+                    f"the keys and repositories (models, runs and devices recorded in it are lost): "
+                    f"edgeloop init -w {self.root} --recreate-registry"]
+        return []
+
+    def _repository_problems(self) -> list[str]:
+        problems = []
+        for name, repo_dir in (("image", self.repository_dir), ("director", self.director_dir)):
+            keys = self.keys_dir / name
+            root = repo_dir / "metadata" / "1.root.json"
+            if not root.exists() and (_holds_a_file(repo_dir / "metadata") or _holds_a_file(keys)):
+                problems.append(f"the {name} repository's trusted root {root.relative_to(self.root)} is missing "
+                                "(devices are provisioned with it): restore it from a backup")
+        if self.director_repository_initialized():
+            problems += self._missing_director_keys()
+        if not os.environ.get(PASSPHRASE_ENV):    # a new passphrase would be made, and decrypt nothing
+            for folder, pattern in (("image", "*/*.pem"), ("director", "*/*.pem"), ("", "fleet-ca.pem")):
+                keys = self.keys_dir / folder
+                if any(keys.glob(pattern)) and not (keys / ".passphrase").exists():
+                    where = (keys / ".passphrase").relative_to(self.root)
+                    problems.append(f"{where} is missing (the keys beside it are encrypted with it): restore it "
+                                    f"from a backup, or set {PASSPHRASE_ENV} to the passphrase they were made with")
+        return problems
+
+    def director_repository_initialized(self) -> bool:
+        return (self.director_dir / "metadata" / "1.root.json").exists()
+
+    def _missing_director_keys(self) -> list[str]:
+        """The director signs online (rollouts, publish): every role needs its threshold of keys here."""
+        import json
+
+        meta = self.director_dir / "metadata"
+        roots = sorted(meta.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]) if
+                       p.name.split(".")[0].isdigit() else 0)
+        try:
+            roles = json.loads(roots[-1].read_text())["signed"]["roles"]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            return [f"the director's root metadata {roots[-1] if roots else meta} is unreadable ({e}): "
+                    "restore it from a backup"]
+        short = []
+        for role, spec in sorted(roles.items()):
+            have = sum((self.keys_dir / "director" / role / f"{k}.pem").exists() for k in spec["keyids"])
+            if have < spec["threshold"]:
+                short.append(f"keys/director/{role}/ ({have} of {spec['threshold']})")
+        if not short:
+            return []
+        return [f"missing signing keys: {', '.join(short)}: the director signs online; restore them from a backup"]
 
     def with_mqtt(self, address: str | None) -> Workspace:
         """A copy pointing at another broker (for one command, not saved)."""
@@ -135,3 +221,7 @@ class Workspace:
             return self
         host, port = parse_host_port(address, "broker address")
         return Workspace(self.root, host, port, self.http_host, self.http_port, self.fleet)
+
+
+def _holds_a_file(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -25,10 +24,10 @@ from edgeloop.fleet._args import positive_int as _positive
 from edgeloop.fleet._output import Output
 from edgeloop.fleet._parser import Parser as _Parser
 from edgeloop.fleet._parser import action as _action, common as _common, group as _group
+from edgeloop.fleet._serve_lock import SERVE_FILE
 from edgeloop.fleet._workspace import open_registry as _registry, open_workspace as _open
 from edgeloop.fleet.remote import remote_ok
 
-SERVE_FILE = "serve.json"
 EXIT_INTERNAL = 70
 
 __all__ = ["main", "build_parser"]
@@ -54,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet", metavar="FLEET_ID",
                    help="the fleet id, the namespace of its MQTT topics: 1-32 of [a-z0-9-] "
                         "(default: fleet- and 12 random hex digits)")
+    p.add_argument("--recreate-registry", action="store_true",
+                   help="start an empty registry.db in an existing workspace whose registry is missing, keeping "
+                        "its keys and signed repositories (what the registry recorded is lost; restoring "
+                        "registry.db from a backup is better)")
 
     p = cmd("train", "train a model (one process, or distributed with torchrun) and register a model version", _train)
     p.add_argument("--data", metavar="NAME[:V]|PATH",
@@ -211,13 +214,21 @@ def _init(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.cloud.registry import Registry
 
     existed = (args.workspace / "edgeloop.toml").exists()
-    ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT, http=args.http, fleet=args.fleet)
+    if args.recreate_registry:           # the one way to an empty registry beside existing data
+        ws = Workspace.open(args.workspace, check=False)
+        if ws.registry_path.exists() and ws.registry_path.stat().st_size > 0:
+            raise UserError(f"{ws.registry_path} exists: --recreate-registry only replaces a missing one "
+                            "(a damaged one: move it aside first)")
+        ws.check(registry=False)         # missing keys or trusted roots: still refused, nothing created
+    else:
+        ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT, http=args.http, fleet=args.fleet)
     Registry(ws.registry_path).close()
     ws.image_repository().init()
     ws.director_repository().init()
     out.result({"workspace": str(ws.root), "created": not existed, "mqtt": f"{ws.mqtt_host}:{ws.mqtt_port}",
-                "fleet": ws.fleet},
-               f"{'using existing' if existed else 'created'} workspace {ws.root} "
+                "fleet": ws.fleet, **({"registry_recreated": True} if args.recreate_registry else {})},
+               f"{'created an empty registry in' if args.recreate_registry else 'using existing' if existed else 'created'}"
+               f" workspace {ws.root} "
                f"(broker {ws.mqtt_host}:{ws.mqtt_port}, fleet {ws.fleet})")
     return 0
 
@@ -230,14 +241,23 @@ def _train(args: argparse.Namespace, out: Output) -> int:
     registry = _registry(ws)
     params = TrainParams(seed=args.seed, epochs=args.epochs, hidden=args.hidden, layers=args.layers,
                          batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every)
-    with out.progress() as progress:
-        result = train_model(ws, registry, params, args.data, args.model, _dist_config(args),
-                             on_epoch=lambda e, row: progress("train", e, args.epochs),
-                             model_def=args.model_def, task=args.task)
+    previous = signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM ends the run interrupted, as Ctrl-C does
+    try:
+        with out.progress() as progress:
+            result = train_model(ws, registry, params, args.data, args.model, _dist_config(args),
+                                 on_epoch=lambda e, row: progress("train", e, args.epochs),
+                                 model_def=args.model_def, task=args.task)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     out.result(result, f"registered {result['model_version']} (run {result['run_id']}, data {result['dataset_id']}, "
                        f"{result['world_size']} process(es), {result['task']['kind']}): "
                        f"{quality_line(result['metrics'])}")
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    from edgeloop.cloud.errors import Interrupted
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def quality_line(m: dict) -> str:
@@ -365,12 +385,9 @@ def _package(args: argparse.Namespace, out: Output) -> int:
 
 
 def _serve_url(ws: Workspace) -> str:
-    info = ws.root / SERVE_FILE
-    try:
-        return json.loads(info.read_text())["repository_url"]
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        raise UserError("no control plane is serving this workspace (start one: edgeloop serve), "
-                        "or pass --repository-url") from None
+    from edgeloop.fleet._serve_lock import serving_url   # a stale serve.json is no control plane
+
+    return serving_url(ws.root)
 
 
 def _publish(args: argparse.Namespace, out: Output) -> int:
@@ -399,6 +416,8 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.cloud.workspace import parse_host_port
     from edgeloop.fleet.broker import stack_options
 
+    from edgeloop.fleet._serve_lock import ServeLock
+
     ws = _open(args)
     api = parse_host_port(args.api, "API address", allow_zero=True)
     if args.ingest == "exclusive" and args.ingest_workers > 1:
@@ -408,11 +427,13 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     options = stack_options(ws, args.mqtt, args.worker, ingest_workers=args.ingest_workers, session=session,
                             api=api, shared=args.ingest == "shared")
     stop = threading.Event()
-    with ServiceStack(ws, options) as stack:
-        (ws.root / SERVE_FILE).write_text(json.dumps({"repository_url": stack.repository_url,
-                                                      "api_url": stack.api.url, "pid": os.getpid()}))
+    # one control plane per workspace: the lock before any port or broker session (fleet/_serve_lock.py)
+    with ServeLock(ws.root) as lock, ServiceStack(ws, options) as stack:
+        lock.publish(stack.repository_url, stack.api.url, ws.fleet)
         signal.signal(signal.SIGTERM, lambda *a: stop.set())
         link = options.broker
+        if lock.replaced is not None:
+            out.info(f"replaced a stale {SERVE_FILE} (pid {lock.replaced.pid}, no longer serving)")
         out.info(f"serving {stack.repository_url}, API {stack.api.url}, fleet {ws.fleet}, ingesting from "
                  f"{link.host}:{link.port}{' (mutual TLS)' if link.control_plane_kwargs() else ''}"
                  f"{f' with {options.ingest_workers} workers' if options.ingest_workers > 1 else ''} (Ctrl-C to stop)")
@@ -420,8 +441,6 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
             stack.rollouts.run(stop, until=time.time() + args.duration if args.duration else None)
         except KeyboardInterrupt:
             pass
-        finally:
-            (ws.root / SERVE_FILE).unlink(missing_ok=True)
     out.result({"repository_url": stack.repository_url, "api_url": stack.api.url, "fleet": ws.fleet,
                 **_ingest_totals([cp.stats.__dict__ for cp in stack.ingest])})
     return 0

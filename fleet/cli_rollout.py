@@ -8,7 +8,6 @@ action goes through the control plane's HTTP API instead.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any, Callable
 
@@ -20,8 +19,6 @@ from edgeloop.fleet._output import Output
 from edgeloop.fleet.remote import client, remote_ok
 
 __all__ = ["add_rollout_commands"]
-
-SERVE_FILE = "serve.json"     # written by `edgeloop serve` (fleet/cli.py)
 
 
 def _number(kind: type, low: float, what: str) -> Callable[[str], Any]:
@@ -96,12 +93,9 @@ def _no_sender(device_id: str, command: Any) -> None:
 
 
 def _serve_url(args: argparse.Namespace) -> str:
-    ws = Workspace.open(args.workspace)
-    try:
-        return json.loads((ws.root / SERVE_FILE).read_text())["repository_url"]
-    except (FileNotFoundError, KeyError, ValueError):
-        raise UserError("no control plane is serving this workspace (start one: edgeloop serve), "
-                        "or pass --repository-url") from None
+    from edgeloop.fleet._serve_lock import serving_url   # a stale serve.json is no control plane
+
+    return serving_url(Workspace.open(args.workspace).root)
 
 
 @remote_ok

@@ -43,6 +43,8 @@ def _listening(host: str, port: int) -> bool:
 @pytest.fixture
 def ws(broker, tmp_path):
     w = Workspace.init(tmp_path / "ws", mqtt=broker.address)
+    from edgeloop.cloud.registry import Registry
+    Registry(w.registry_path).close()     # as `edgeloop init` does: keys without a registry is a damaged workspace
     w.image_repository().init()
     w.director_repository().init()
     return w

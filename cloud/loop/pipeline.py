@@ -21,7 +21,8 @@ from edgeloop.contracts.messages import Announce
 from edgeloop.cloud.train.datasets import Dataset, load_dataset
 from edgeloop.cloud.errors import CloudError, IntegrityError, NotFound, UserError
 from edgeloop.cloud.train.launcher import DistConfig, run_job
-from edgeloop.cloud.train.runrecord import code_record, environment_record, hardware_record
+from edgeloop.cloud.train.runrecord import (code_record, environment_record, hardware_record, interrupt_marks,
+                                            process_record)
 from edgeloop.cloud.package.export import export_onnx
 from edgeloop.cloud.package.packaging import PackageResult, baseline_stats, build_tier_package, store_blob
 from edgeloop.cloud.release.releaser import Assignment, Releaser, register_package
@@ -80,8 +81,10 @@ def train_model(ws: Workspace, registry: Registry, params: TrainParams, data: st
 
     ``model_def`` names the user's own model (``FILE.py:FUNCTION``, cloud/train/model_def.py); without
     it the built-in MLP is trained. ``task`` (classification, regression, anomaly) defaults to
-    what the data set declares. The run is recorded as ``running`` before training starts and
-    ends ``succeeded`` or ``failed`` with the reason; a failed run registers no model version.
+    what the data set declares. The run is recorded as ``running`` (with this process's pid and
+    host) before training starts and ends ``succeeded``, ``failed`` with the reason, or
+    ``interrupted`` on Ctrl-C or SIGTERM (the interrupt propagates); a run that did not succeed
+    registers no model version.
     Bad input (a model definition that does not load, an output that does not fit the task, a
     data set that does not fit the model) is refused before anything is registered.
     """
@@ -107,41 +110,42 @@ def train_model(ws: Workspace, registry: Registry, params: TrainParams, data: st
                         "dataset_sha256": dataset.sha256, "params": params.to_obj(),
                         "dist": {**dist.to_obj(), "world_size": dist.world_size}, "code": code,
                         "environment": environment_record(), "hardware": hardware_record(),
-                        "started_at": time.time()})
-    try:
-        result = run_job(dataset, params, dist, ws.root / "runs" / run_id, on_epoch, definition)
-        _, _, test = dataset.split(seed=params.split_seed)
-        onnx_bytes = export_onnx(result.model, result.features.shape,
-                                 check_inputs=result.features.model_input(test.x[:64]))
-    except CloudError as e:
-        registry.finish_run(run_id, status="failed", reason=str(e))
-        raise
-    except Exception as e:
-        registry.finish_run(run_id, status="failed", reason=f"{type(e).__name__}: {e}")
-        raise
-    onnx_sha, onnx_path = store_blob(ws.artifacts_dir, onnx_bytes)
-    registry.add_artifact(onnx_sha, "onnx", len(onnx_bytes), str(onnx_path))
-    buf = io.BytesIO()
-    torch.save(result.model.inner.state_dict(), buf)   # the tier converters start from PyTorch
-    state_sha, state_path = store_blob(ws.artifacts_dir, buf.getvalue())
-    registry.add_artifact(state_sha, "torch-state-dict", len(buf.getvalue()), str(state_path))
-    version = registry.next_version(model)
-    model_version = f"{model}:{version}"
-    arch: dict[str, Any] = {"n_features": int(dataset.x.shape[1]), "n_classes": int(dataset.n_classes),
-                            "hidden": params.hidden, "layers": params.layers,
-                            "input_shape": list(dataset_shape(dataset)),
-                            "target": [getattr(result.model, "mean", 0.0), getattr(result.model, "std", 1.0)]}
-    if definition is not None:
-        arch["model_def"] = code["model_def"]
-    registry.add_model_version({"model_version": model_version, "model": model, "version": version,
-                                "run_id": run_id, "stage": "candidate", "onnx_sha256": onnx_sha,
-                                "state_sha256": state_sha, "arch": arch, "task": result.task.to_obj(),
-                                "features": result.features.to_obj(),
-                                "labels": _labels(dataset, result.task), "metrics": result.metrics})
-    registry.finish_run(run_id, status="succeeded", metrics=result.metrics, history=result.history,
-                        weights_sha256=result.weights_sha256)
-    registry.add_edge(f"dataset:{dataset_id}", f"run:{run_id}", "trained")
-    registry.add_edge(f"run:{run_id}", f"model_version:{model_version}", "produced")
+                        "started_at": time.time(), **process_record()})
+    with interrupt_marks(registry, run_id):   # Ctrl-C or SIGTERM: the run ends interrupted
+        try:
+            result = run_job(dataset, params, dist, ws.root / "runs" / run_id, on_epoch, definition)
+            _, _, test = dataset.split(seed=params.split_seed)
+            onnx_bytes = export_onnx(result.model, result.features.shape,
+                                     check_inputs=result.features.model_input(test.x[:64]))
+        except CloudError as e:
+            registry.finish_run(run_id, status="failed", reason=str(e))
+            raise
+        except Exception as e:
+            registry.finish_run(run_id, status="failed", reason=f"{type(e).__name__}: {e}")
+            raise
+        onnx_sha, onnx_path = store_blob(ws.artifacts_dir, onnx_bytes)
+        registry.add_artifact(onnx_sha, "onnx", len(onnx_bytes), str(onnx_path))
+        buf = io.BytesIO()
+        torch.save(result.model.inner.state_dict(), buf)   # the tier converters start from PyTorch
+        state_sha, state_path = store_blob(ws.artifacts_dir, buf.getvalue())
+        registry.add_artifact(state_sha, "torch-state-dict", len(buf.getvalue()), str(state_path))
+        version = registry.next_version(model)
+        model_version = f"{model}:{version}"
+        arch: dict[str, Any] = {"n_features": int(dataset.x.shape[1]), "n_classes": int(dataset.n_classes),
+                                "hidden": params.hidden, "layers": params.layers,
+                                "input_shape": list(dataset_shape(dataset)),
+                                "target": [getattr(result.model, "mean", 0.0), getattr(result.model, "std", 1.0)]}
+        if definition is not None:
+            arch["model_def"] = code["model_def"]
+        registry.add_model_version({"model_version": model_version, "model": model, "version": version,
+                                    "run_id": run_id, "stage": "candidate", "onnx_sha256": onnx_sha,
+                                    "state_sha256": state_sha, "arch": arch, "task": result.task.to_obj(),
+                                    "features": result.features.to_obj(),
+                                    "labels": _labels(dataset, result.task), "metrics": result.metrics})
+        registry.finish_run(run_id, status="succeeded", metrics=result.metrics, history=result.history,
+                            weights_sha256=result.weights_sha256)
+        registry.add_edge(f"dataset:{dataset_id}", f"run:{run_id}", "trained")
+        registry.add_edge(f"run:{run_id}", f"model_version:{model_version}", "produced")
     return {"run_id": run_id, "model_version": model_version, "metrics": result.metrics,
             "weights_sha256": result.weights_sha256, "onnx_sha256": onnx_sha, "dataset_id": dataset_id,
             "dataset_sha256": dataset.sha256, "world_size": result.world_size,

@@ -37,7 +37,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from edgeloop.cloud.errors import IntegrityError, UserError
+from edgeloop.cloud.errors import IntegrityError, KeysMissing, UserError
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90),
@@ -297,8 +297,9 @@ class Repository:
         ids = root.roles[role].keyids
         signers = [s for s in (self.keys.load(role, k) for k in ids) if s is not None]
         if len(signers) < root.roles[role].threshold:
-            raise UserError(f"role {role} needs {root.roles[role].threshold} signatures but only "
-                            f"{len(signers)} of its keys are on this machine ({self.keys.dir / role})")
+            raise KeysMissing(f"missing signing keys: role {role} needs {root.roles[role].threshold} "
+                              f"signature(s) but only {len(signers)} of its keys are on this machine "
+                              f"({self.keys.dir / role}): restore them from a backup (nothing was signed)")
         return signers
 
     def _write(self, md: Metadata, role: str, root: Root, also_signed_by: Root | None = None) -> None:

@@ -13,6 +13,7 @@ inspect raw rows use :func:`edgeloop.cloud.store.readonly.query`.
     schema.py      every table's DDL, the ordered MIGRATIONS, SCHEMA_VERSION
     sqlite.py      SqliteStore, assembled from:
       _base.py       connection, lock, migrate on open
+      _file.py       is the file a whole SQLite database (refuse a truncated or foreign one unopened)
       catalog.py     data sets, runs, lineage, model versions, artifacts, packages, updates, pipelines
       fleet.py       devices, enrolment, telemetry, error reports, refused telemetry, label feedback
       access.py      alerts, API tokens

@@ -2,7 +2,9 @@
 
 One connection (``check_same_thread=False``), WAL mode so readers never block the ingest
 writer, ``synchronous=NORMAL``; one re-entrant lock held by every operation, so one store may
-be shared by threads. Opening migrates the database (cloud.store.schema) or refuses it.
+be shared by threads. Opening migrates the database (cloud.store.schema) or refuses it: one
+from a newer edgeloop (SchemaTooNew), or a file that is not a whole database (WorkspaceDamaged,
+before SQLite touches it, so a damaged registry is never rewritten as a new one).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import sqlite_utils
 
+from edgeloop.cloud.errors import WorkspaceDamaged
+from edgeloop.cloud.store._file import check_database_file
 from edgeloop.cloud.store.schema import migrate
 
 try:   # the ingest path stores a few KB of JSON per telemetry record: orjson is ~10x faster
@@ -46,11 +50,19 @@ class SqliteBase:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        check_database_file(self.path)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             migrate(conn, str(self.path))
+        except sqlite3.OperationalError:     # locked, unreadable, disk full: not damage
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as e:   # "file is not a database", "disk image is malformed"
+            conn.close()
+            raise WorkspaceDamaged(f"{self.path} is corrupt ({e}): restore it from a backup "
+                                   "(move this file aside first; nothing was changed)") from None
         except BaseException:
             conn.close()
             raise

@@ -7,10 +7,20 @@ import json
 import time
 from typing import Any
 
-from edgeloop.cloud.errors import NotFound
+from edgeloop.cloud.errors import IntegrityError, NotFound
 from edgeloop.cloud.store._base import SqliteBase, decode, dumps
+from edgeloop.cloud.store.schema import TABLES
 
 _RUN_JSON = ("params", "dist", "code", "environment", "hardware", "metrics", "history")
+_RUN_COLUMNS = frozenset(c for c, _ in TABLES["runs"][0]) - {"run_id"}
+
+# a training run's status: from -> the statuses it may move to (every other move is refused)
+RUN_TRANSITIONS: dict[str, frozenset[str]] = {
+    "running": frozenset({"succeeded", "failed", "interrupted"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "interrupted": frozenset(),
+}
 _VERSION_JSON = ("features", "labels", "metrics", "arch", "task")
 
 
@@ -46,14 +56,41 @@ class CatalogOps(SqliteBase):
         return [decode(r, "files", "schema") for r in self._rows("select * from datasets order by name, version")]
 
     def start_run(self, row: dict[str, Any]) -> None:
+        """Record a run as ``running`` (``pid`` and ``host``: the process training it)."""
         with self._lock:
             self._db["runs"].insert({**row, "status": "running",
                                      **{k: dumps(row[k]) for k in _RUN_JSON if k in row}}, pk="run_id")
 
     def finish_run(self, run_id: str, **fields: Any) -> None:
-        with self._lock:
-            self._db["runs"].update(run_id, {**fields, **{k: dumps(fields[k]) for k in _RUN_JSON if k in fields},
-                                             "ended_at": time.time()})
+        """End a run: ``status`` (succeeded, failed or interrupted) and any other fields. Raises
+        NotFound, or IntegrityError for a move :data:`RUN_TRANSITIONS` does not allow (a run
+        already ended, for example marked interrupted while its process looked gone)."""
+        status = fields.get("status")
+        with self._tx() as conn:
+            current = conn.execute("select status from runs where run_id = ?", [run_id]).fetchone()
+            if current is None:
+                raise NotFound(f"no run {run_id!r} (see: edgeloop runs ls)")
+            if status is not None and status not in RUN_TRANSITIONS.get(current[0], frozenset()):
+                raise IntegrityError(f"run {run_id} is {current[0]}: it cannot become {status}")
+            values = {**fields, **{k: dumps(fields[k]) for k in _RUN_JSON if k in fields}, "ended_at": time.time()}
+            names = [n for n in values if n in _RUN_COLUMNS]
+            if len(names) != len(values):
+                raise ValueError(f"runs has no column {sorted(set(values) - _RUN_COLUMNS)}")
+            conn.execute(f"update runs set {', '.join(f'{n} = ?' for n in names)} where run_id = ?",
+                         [values[n] for n in names] + [run_id])
+
+    def interrupt_run(self, run_id: str, reason: str) -> bool:
+        """Mark a ``running`` run ``interrupted`` with ``reason``. False (nothing changed) when it is
+        not running any more: the move happens once, however many processes try it."""
+        with self._tx() as conn:
+            cur = conn.execute("update runs set status = 'interrupted', reason = ?, ended_at = ? "
+                               "where run_id = ? and status = 'running'", [reason, time.time(), run_id])
+            return cur.rowcount == 1
+
+    def running_runs(self) -> list[dict[str, Any]]:
+        """The runs recorded as ``running``: run_id, pid, host, started_at."""
+        return self._rows("select run_id, pid, host, started_at from runs where status = 'running' "
+                          "order by started_at")
 
     def run(self, run_id: str) -> dict[str, Any]:
         """Raises NotFound."""

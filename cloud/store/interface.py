@@ -32,9 +32,18 @@ class CatalogStore(Protocol):
 
     def datasets(self) -> list[dict[str, Any]]: ...
 
-    def start_run(self, row: dict[str, Any]) -> None: ...
+    def start_run(self, row: dict[str, Any]) -> None:
+        """Record a run as ``running`` (``pid`` and ``host``: the process training it)."""
 
-    def finish_run(self, run_id: str, **fields: Any) -> None: ...
+    def finish_run(self, run_id: str, **fields: Any) -> None:
+        """End a running run (status succeeded, failed or interrupted). Raises NotFound, or
+        IntegrityError for a move the run status table does not allow."""
+
+    def interrupt_run(self, run_id: str, reason: str) -> bool:
+        """Mark a running run interrupted; False when it was not running any more."""
+
+    def running_runs(self) -> list[dict[str, Any]]:
+        """The runs recorded as running: run_id, pid, host, started_at."""
 
     def run(self, run_id: str) -> dict[str, Any]:
         """Raises NotFound."""

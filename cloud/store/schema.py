@@ -34,7 +34,8 @@ TABLES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
                   ("schema", T), ("added_at", R)), ("dataset_id",)),
     "runs": ((("run_id", T), ("model", T), ("status", T), ("reason", T), ("dataset_id", T), ("dataset_sha256", T),
               ("params", T), ("dist", T), ("code", T), ("environment", T), ("hardware", T), ("metrics", T),
-              ("history", T), ("weights_sha256", T), ("reproduces", T), ("started_at", R), ("ended_at", R)),
+              ("history", T), ("weights_sha256", T), ("reproduces", T), ("started_at", R), ("ended_at", R),
+              ("pid", I), ("host", T)),
              ("run_id",)),
     "lineage": ((("src", T), ("dst", T), ("relation", T), ("created_at", R)), ("src", "dst", "relation")),
     "model_versions": ((("model_version", T), ("model", T), ("version", I), ("run_id", T), ("stage", T),
@@ -135,8 +136,18 @@ def _v3(conn: sqlite3.Connection) -> None:
         conn.execute('ALTER TABLE "packages" ADD COLUMN "baseline_sha256" TEXT')
 
 
+def _v4(conn: sqlite3.Connection) -> None:
+    """Version 4: ``runs.pid`` and ``runs.host``, the process training a run, so a run left
+    ``running`` by a process that is gone is recognised (and marked ``interrupted``). Runs from
+    before it have none recorded: they stay as they are."""
+    have = {row[1] for row in conn.execute('PRAGMA table_info("runs")')}
+    for column, kind in (("pid", "INTEGER"), ("host", "TEXT")):
+        if column not in have:
+            conn.execute(f'ALTER TABLE "runs" ADD COLUMN "{column}" {kind}')
+
+
 # MIGRATIONS[i] takes a database from version i to version i + 1
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

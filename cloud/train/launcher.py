@@ -133,9 +133,17 @@ def _launch(cfg: DistConfig, run_dir: Path, attempt: int, seen: int,
            "PYTHONPATH": _source_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(run_dir / "torchrun.log", "ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            seen = _follow(run_dir / "progress.jsonl", seen, on_epoch)
-            time.sleep(0.2)
+        try:
+            while proc.poll() is None:
+                seen = _follow(run_dir / "progress.jsonl", seen, on_epoch)
+                time.sleep(0.2)
+        except BaseException:        # Ctrl-C or SIGTERM here: stop the workers too, not leave them training
+            proc.terminate()         # torchrun passes it on to every worker
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     return proc.returncode, _follow(run_dir / "progress.jsonl", seen, on_epoch)
 
 
