@@ -27,6 +27,7 @@ from edgeloop.contracts.errors import PayloadTooLarge, SchemaError
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_CLASSES = 1024
 MAX_TEXT = 1024
+MAX_FAULTS = 16
 _GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 __all__ = [
@@ -155,6 +156,10 @@ class Status:
     update_id: str | None = None       # the update this state is about, if any
     reason: str | None = None          # why, for failed / rolled_back
     ts: float = 0.0
+    # faults the device has now, by code (contracts/codes.py: storage.full, storage.readonly,
+    # clock.skewed, ...) with a line of detail each; empty when all is well
+    faults: dict[str, str] = field(default_factory=dict)
+    clock_offset_s: float | None = None   # the control plane's signed time minus the device's clock
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> Status:
@@ -163,10 +168,16 @@ class Status:
             parsed_state = DeviceState(state)
         except ValueError:
             raise SchemaError(f"unknown device state {state!r}") from None
+        faults = _opt(obj, "faults", dict, {})
+        if len(faults) > MAX_FAULTS or not all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str)
+                                               and len(v) <= MAX_TEXT for k, v in faults.items()):
+            raise SchemaError(f"field 'faults' must map at most {MAX_FAULTS} codes to lines of text")
+        offset = _opt_finite(obj, "clock_offset_s")
         return cls(
             device_id=_req(obj, "device_id", str), state=parsed_state, tier=_req(obj, "tier", str),
             model_version=_opt(obj, "model_version", str), update_id=_opt(obj, "update_id", str),
             reason=_opt(obj, "reason", str), ts=float(_opt(obj, "ts", (int, float), 0.0)),
+            faults=dict(faults), clock_offset_s=offset,
         )
 
 

@@ -16,6 +16,11 @@ switch happens between requests, so no request fails or waits on an install.
 Bad input never stops it: a malformed message is logged and dropped; a bad update is refused,
 reported on the status topic and through the outbox on the errors topic (codes:
 :class:`edgeloop.contracts.codes.ErrorCode`), and the current model keeps serving.
+
+Nor does the disk: telemetry and error reports reach the outbox through a
+:class:`~device_sdk.spool.Spool`, which holds them in memory (bounded, drops counted) while the
+state folder is full or read-only and stores them, numbered in order, once it takes writes again;
+the fault (``storage.full``, ``storage.readonly``) is on the device's status (``faults``) meanwhile.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ from edgeloop.device_sdk import factory
 from edgeloop.device_sdk.delivery import Delivery
 from edgeloop.device_sdk.errors import StorageError, TransientError, UpdateRefused
 from edgeloop.device_sdk.ota import InstallResult, Installer, InstallState
-from edgeloop.device_sdk.outbox import PRIORITY_ERROR, PRIORITY_TELEMETRY
 from edgeloop.device_sdk.ports import Link, OutboxStore, RuntimeLoader, Sent, SequenceStore, StateStore, UpdateFetcher
 from edgeloop.device_sdk.runtime import ModelRuntime
+from edgeloop.device_sdk.spool import Spool, SpoolLimits
+from edgeloop.device_sdk.storage import fault_code
 from edgeloop.device_sdk.telemetry import TelemetryWindow
 
 log = logging.getLogger("edgeloop.agent")
@@ -77,6 +83,8 @@ class AgentConfig:
     transport: str = "http"             # how packages travel: "http" (Range resume) or "mqtt" (blocks)
     outbox_max_bytes: int = 16 * 1024 * 1024     # store-and-forward bound while offline
     outbox_max_age_s: float = 7 * 24 * 3600.0
+    held_max: int = 1024                # telemetry held in memory while the disk refuses writes
+    held_max_bytes: int = 4 * 1024 * 1024   # (device_sdk/spool.py; beyond it drops are counted)
     max_in_flight: int = 64             # outbox messages published but not yet acknowledged
     confirm_timeout_s: float | None = 60.0   # telemetry the ingest has not confirmed is sent again after
                                              # this (None: delete on the broker's PUBACK; device_sdk/delivery.py)
@@ -112,6 +120,8 @@ class Agent:
                                    on_state=self._report_ota, store=state, runtimes=runtimes)
         self.seq: SequenceStore = sequence if sequence is not None else factory.sequence(config)
         self.outbox: OutboxStore = outbox if outbox is not None else factory.outbox(config)   # (an empty one is falsy)
+        self.spool = Spool(self.outbox, self.seq, SpoolLimits(config.held_max, config.held_max_bytes))
+        self._faults_published: dict[str, str] = {}
         self.delivery = Delivery(self.outbox, lambda topic, payload: self.link.publish(topic, payload, qos=1),
                                  lambda: self.link.connected, max_in_flight=config.max_in_flight,
                                  confirm_timeout_s=config.confirm_timeout_s)
@@ -199,6 +209,7 @@ class Agent:
         """Take the install's next step, run a due retry, or handle one queued message (waiting
         up to ``timeout`` for one). True if work was done."""
         self._heartbeat()
+        self._flush_spool()
         self.pump()
         if self._job is not None and self._advance():
             return True
@@ -270,8 +281,17 @@ class Agent:
         return pred, conf
 
     def flush_telemetry(self) -> None:
+        """Close the open window, and store what the spool holds in memory if the disk takes it."""
         with self._lock:
             self._flush_locked(self.runtime)
+        self._flush_spool(force=True)
+
+    def _flush_spool(self, force: bool = False) -> None:
+        """Store what is held in memory, if the disk takes it now; say so if the fault changed."""
+        if self.spool.held:
+            with self._lock:
+                self.spool.flush(force)
+        self._report_faults()
 
     def _flush_locked(self, serving_runtime: ModelRuntime | None) -> None:
         if self.window is not None:
@@ -281,14 +301,12 @@ class Agent:
         if window.count == 0 and window.errors == 0:
             return
         serving = serving_runtime.manifest.model_version if serving_runtime else None   # the model that answered
-        record = window.close(self.device_id, self.seq.take(), serving)
-        dropped = self.outbox.take_dropped()
-        if dropped:
-            record = replace(record, extra={**record.extra, "outbox_dropped": dropped})
+        record = window.close(self.device_id, 0, serving)   # numbered by the spool as it is persisted
         if self._samples and window is self.window:
             record = replace(record, samples={"x": [x for x, _ in self._samples], "y": [y for _, y in self._samples]})
             self._samples = []
-        self.outbox.put(self.topics.telemetry(self.device_id), encode(record), PRIORITY_TELEMETRY, seq=record.seq)
+        self.spool.telemetry(self.topics.telemetry(self.device_id), record)
+        self._report_faults()
         self.pump()
 
     def pump(self) -> int:
@@ -391,10 +409,11 @@ class Agent:
             if isinstance(error, TransientError):
                 self._postpone(announce, attempts, error)
             elif error is not None:
-                code = ErrorCode.STORAGE_WRITE if isinstance(error, StorageError) else ErrorCode.AGENT_INTERNAL
+                storage = isinstance(error, (StorageError, OSError))
+                code = fault_code(error) if storage else ErrorCode.AGENT_INTERNAL
                 log.error("%s: update %s failed: %s", self.device_id, announce.update_id, error)
                 self._publish_error(announce.update_id, code, f"{type(error).__name__}: {error}")
-                reason = f"{code}: {error}" if code is ErrorCode.STORAGE_WRITE else f"internal: {error}"
+                reason = f"{code}: {error}" if storage else f"internal: {error}"
                 self._publish_status(DeviceState.FAILED, announce.update_id, reason=reason)
             elif result is not None:
                 self.last_result = result
@@ -442,13 +461,32 @@ class Agent:
                     and time.time() - self._status_at >= self.config.heartbeat_s:
                 self._publish_status(*self._last_status)
 
+    def _faults(self) -> dict[str, str]:
+        """The faults this device has now, by code (its status's ``faults``)."""
+        faults: dict[str, str] = {}
+        storage = self.spool.fault
+        if storage is not None:
+            faults[str(storage[0])] = storage[1]
+        return faults
+
+    def _report_faults(self) -> None:
+        """A fault appeared or cleared: say so on the status topic now, not at the next heartbeat."""
+        faults = self._faults()
+        if faults.keys() != self._faults_published.keys():
+            with self._status_lock:
+                if self._last_status is not None:
+                    self._publish_status(*self._last_status)
+
     def _publish_status(self, state: DeviceState, update_id: str | None = None, reason: str | None = None) -> Sent:
-        status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason, time.time())
+        faults = self._faults()
+        status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason, time.time(),
+                        faults)
+        self._faults_published = faults
         with self._status_lock:
             self._last_status, self._status_at = (state, update_id, reason), status.ts
             return self.link.publish(self.topics.status(self.device_id), encode(status), qos=1, retain=True)
 
     def _publish_error(self, update_id: str | None, code: ErrorCode, message: str) -> None:
         report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time(), uuid.uuid4().hex[:16])
-        self.outbox.put(self.topics.errors(self.device_id), encode(report), PRIORITY_ERROR, ref=report.report_id)
+        self.spool.report(self.topics.errors(self.device_id), encode(report), report.report_id)
         self.pump()

@@ -245,7 +245,8 @@ class ControlPlane:
             elif isinstance(msg, Status):
                 self.stats.statuses += 1
                 statuses.append({"device_id": msg.device_id, "tier": msg.tier, "state": str(msg.state),
-                                 "model_version": msg.model_version, "update_id": msg.update_id, "reason": msg.reason})
+                                 "model_version": msg.model_version, "update_id": msg.update_id, "reason": msg.reason,
+                                 "faults": msg.faults, "clock_offset_s": msg.clock_offset_s})
                 if msg.state == DeviceState.COMMITTED and msg.update_id:
                     installed.append((msg.update_id, msg.device_id))
             elif isinstance(msg, ErrorReport):
