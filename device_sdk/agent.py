@@ -21,6 +21,11 @@ Nor does the disk: telemetry and error reports reach the outbox through a
 :class:`~device_sdk.spool.Spool`, which holds them in memory (bounded, drops counted) while the
 state folder is full or read-only and stores them, numbered in order, once it takes writes again;
 the fault (``storage.full``, ``storage.readonly``) is on the device's status (``faults``) meanwhile.
+
+Time comes from the control plane: on every connect and every ``time_sync_s`` the agent asks for
+signed time (device_sdk/clock.py); TUF expiry, telemetry windows and statuses use that trusted
+clock, and a clock off by more than ``clock_tolerance_s`` is a ``clock.skewed`` fault on the status,
+with the offset in ``clock_offset_s``.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ import numpy as np
 from edgeloop.contracts import topics
 from edgeloop.contracts.codes import ErrorCode
 from edgeloop.contracts.errors import ContractError
-from edgeloop.contracts.messages import (MAX_FEATURES, Announce, Command, DeviceState, ErrorReport, Status, TelemetryAck, encode,
-                               parse)
+from edgeloop.contracts.messages import (MAX_FEATURES, Announce, Command, DeviceState, ErrorReport, SignedTime, Status,
+                                        TelemetryAck, encode, parse)
 from edgeloop.contracts.tasks import TaskKind
 from edgeloop.device_sdk import factory
+from edgeloop.device_sdk.clock import TrustedClock
 from edgeloop.device_sdk.delivery import Delivery
 from edgeloop.device_sdk.errors import StorageError, TransientError, UpdateRefused
 from edgeloop.device_sdk.ota import InstallResult, Installer, InstallState
@@ -97,6 +103,11 @@ class AgentConfig:
     sample_max: int = 8                 # at most this many sampled inputs per telemetry window
     network_thread: bool = True         # the default link's paho network thread (False: its I/O
                                         # runs inside step(), and the device is one thread)
+    time_sync_s: float = 3600.0         # ask for the control plane's signed time this often, and on
+                                        # every connect (0: never; the wall clock is trusted)
+    clock_tolerance_s: float = 300.0    # a clock further off than this is a clock.skewed fault
+    clock_skew_s: float = 0.0           # a simulated device's wall clock runs this far off (fault
+                                        # tests, simulators); 0 on a real device
 
 
 class Agent:
@@ -115,7 +126,12 @@ class Agent:
         self.link: Link = link if link is not None else factory.link(config)
         self.link.on_acked = self._on_acked
         self.link.on_connection_change = self._on_link
-        self.client: UpdateFetcher = fetcher if fetcher is not None else factory.fetcher(config, self.link)
+        root = Path(config.state_dir)
+        self.clock = TrustedClock(config.device_id, root / "tuf" / "director" / "metadata" / "root.json",
+                                  root / "clock.json", wall=self._wall, tolerance_s=config.clock_tolerance_s)
+        self._time_asked = -float("inf")                           # monotonic time of the last request
+        self.client: UpdateFetcher = fetcher if fetcher is not None else factory.fetcher(config, self.link,
+                                                                                         self.clock.now)
         self.installer = Installer(Path(config.state_dir), config.tier, config.max_package_bytes,
                                    on_state=self._report_ota, store=state, runtimes=runtimes)
         self.seq: SequenceStore = sequence if sequence is not None else factory.sequence(config)
@@ -139,6 +155,10 @@ class Agent:
         self._samples: list[tuple[list[float], float | None]] = []   # sampled raw inputs of this window
         self._sample_rng = np.random.default_rng(zlib.crc32(config.device_id.encode()))
         self._status_lock = threading.RLock()   # a heartbeat never re-sends a status older than the last one
+
+    def _wall(self) -> float:
+        """The device's own clock (off by ``clock_skew_s`` on a simulated device)."""
+        return time.time() + self.config.clock_skew_s
 
     @property
     def model_version(self) -> str | None:
@@ -172,6 +192,9 @@ class Agent:
         if self.config.confirm_timeout_s is not None:
             self.link.route(self.topics.telemetry_ack(self.device_id), self._on_telemetry_ack)
             self.link.subscribe(self.topics.telemetry_ack(self.device_id), qos=0)
+        if self.config.time_sync_s:
+            self.link.route(self.topics.time(self.device_id), self._on_time)
+            self.link.subscribe(self.topics.time(self.device_id), qos=0)
         with self._status_lock:
             self._last_status = (DeviceState.ONLINE, None, None)
         self.link.connect()
@@ -200,6 +223,7 @@ class Agent:
         again where this device is (the broker published its last will while it was away)."""
         self.delivery.reset()
         if up:
+            self._ask_time()
             with self._status_lock:
                 if self._last_status is not None:
                     self._publish_status(*self._last_status)
@@ -268,7 +292,7 @@ class Agent:
         with self._lock:
             if self.runtime is not runtime:
                 # the model switched during this request: its record goes out under the old version
-                late = TelemetryWindow.for_manifest(runtime.manifest)
+                late = TelemetryWindow.for_manifest(runtime.manifest, self.clock.now)
                 late.record(pred, conf, latency_ms, label, raw, decision.bin)
                 self._publish_window(late, runtime)
             elif self.window is not None:
@@ -447,7 +471,7 @@ class Agent:
 
     def _serve(self, runtime: ModelRuntime) -> None:
         self.runtime = runtime
-        self.window = TelemetryWindow.for_manifest(runtime.manifest)
+        self.window = TelemetryWindow.for_manifest(runtime.manifest, self.clock.now)
 
     def _report_ota(self, state: InstallState, update_id: str) -> None:
         if state in _OTA_STATUS:   # final states are published by _finish, with the model now serving
@@ -455,11 +479,36 @@ class Agent:
 
     def _heartbeat(self) -> None:
         """Re-publish the last status once ``heartbeat_s`` passed without one, so the control
-        plane's last-seen time stays fresh (a device whose last will was lost still turns offline)."""
+        plane's last-seen time stays fresh (a device whose last will was lost still turns offline).
+        Ask for the signed time again when it is due (every 30 s until the first answer)."""
+        every = self.config.time_sync_s if self.clock.synced else min(30.0, self.config.time_sync_s)
+        if self.config.time_sync_s and self.link.connected and time.monotonic() - self._time_asked >= every:
+            self._ask_time()
         with self._status_lock:
             if self.config.heartbeat_s and self._last_status is not None and self.link.connected \
                     and time.time() - self._status_at >= self.config.heartbeat_s:
                 self._publish_status(*self._last_status)
+
+    def _ask_time(self) -> None:
+        if self.config.time_sync_s:
+            self._time_asked = time.monotonic()
+            self.link.publish(self.topics.time_request(self.device_id), encode(self.clock.request()), qos=0)
+
+    def _on_time(self, payload: bytes) -> None:
+        """The link's thread or loop: the control plane's signed time (device_sdk/clock.py)."""
+        try:
+            answer = parse(payload, expect=SignedTime)
+        except ContractError as e:
+            self.malformed += 1
+            log.warning("%s: dropped malformed signed time: %s", self.device_id, e)
+            return
+        if self.clock.accept(answer):
+            if self.clock.skewed:
+                log.warning("%s: this device's clock is %+.0f s off the control plane's signed time",
+                            self.device_id, -(self.clock.offset_s or 0.0))
+            with self._status_lock:
+                if self._last_status is not None:
+                    self._publish_status(*self._last_status)    # with the offset now known
 
     def _faults(self) -> dict[str, str]:
         """The faults this device has now, by code (its status's ``faults``)."""
@@ -467,6 +516,9 @@ class Agent:
         storage = self.spool.fault
         if storage is not None:
             faults[str(storage[0])] = storage[1]
+        if self.clock.skewed:
+            faults[str(ErrorCode.CLOCK_SKEWED)] = (f"the device clock is {-(self.clock.offset_s or 0.0):+.0f} s off "
+                                                   "the control plane's signed time (in use instead)")
         return faults
 
     def _report_faults(self) -> None:
@@ -479,14 +531,14 @@ class Agent:
 
     def _publish_status(self, state: DeviceState, update_id: str | None = None, reason: str | None = None) -> Sent:
         faults = self._faults()
-        status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason, time.time(),
-                        faults)
+        status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason,
+                        self.clock.now(), faults, self.clock.offset_s)
         self._faults_published = faults
         with self._status_lock:
-            self._last_status, self._status_at = (state, update_id, reason), status.ts
+            self._last_status, self._status_at = (state, update_id, reason), time.time()
             return self.link.publish(self.topics.status(self.device_id), encode(status), qos=1, retain=True)
 
     def _publish_error(self, update_id: str | None, code: ErrorCode, message: str) -> None:
-        report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time(), uuid.uuid4().hex[:16])
+        report = ErrorReport(self.device_id, code, message[:1000], update_id, self.clock.now(), uuid.uuid4().hex[:16])
         self.spool.report(self.topics.errors(self.device_id), encode(report), report.report_id)
         self.pump()

@@ -7,7 +7,7 @@ swarm) passes its own to :class:`~device_sdk.agent.Agent` and gets these for the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from edgeloop.contracts import topics
 from edgeloop.contracts.messages import DeviceState, Status, encode
@@ -34,14 +34,15 @@ def link(config: AgentConfig) -> MqttLink:
                     threaded=config.network_thread)
 
 
-def fetcher(config: AgentConfig, link: Link) -> UpdateClient:
-    """python-tuf over two repositories; package bytes over HTTP (resumable) or MQTT blocks."""
+def fetcher(config: AgentConfig, link: Link, clock: Callable[[], float] | None = None) -> UpdateClient:
+    """python-tuf over two repositories, judging expiry at ``clock()`` (the agent's trusted
+    clock); package bytes over HTTP (resumable) or MQTT blocks."""
     root = Path(config.state_dir)
     blocks = MqttBlockFetcher(link, config.device_id, root / "tuf" / "partial",
                               timeout_s=config.download_timeout_s,
                               fleet=topics.Fleet(config.fleet)) if config.transport == "mqtt" else None
     return UpdateClient(root / "tuf", config.group or config.tier, config.max_package_bytes,
-                        read_timeout_s=config.download_timeout_s, fetcher=blocks)
+                        read_timeout_s=config.download_timeout_s, fetcher=blocks, clock=clock)
 
 
 def outbox(config: AgentConfig) -> Outbox:
