@@ -135,7 +135,8 @@ class Agent:
         self.installer = Installer(Path(config.state_dir), config.tier, config.max_package_bytes,
                                    on_state=self._report_ota, store=state, runtimes=runtimes)
         self.seq: SequenceStore = sequence if sequence is not None else factory.sequence(config)
-        self.outbox: OutboxStore = outbox if outbox is not None else factory.outbox(config)   # (an empty one is falsy)
+        self._outbox_fault: tuple[ErrorCode, str] | None = None
+        self.outbox: OutboxStore = outbox if outbox is not None else self._open_outbox()   # (an empty one is falsy)
         self.spool = Spool(self.outbox, self.seq, SpoolLimits(config.held_max, config.held_max_bytes))
         self._faults_published: dict[str, str] = {}
         self.delivery = Delivery(self.outbox, lambda topic, payload: self.link.publish(topic, payload, qos=1),
@@ -155,6 +156,16 @@ class Agent:
         self._samples: list[tuple[list[float], float | None]] = []   # sampled raw inputs of this window
         self._sample_rng = np.random.default_rng(zlib.crc32(config.device_id.encode()))
         self._status_lock = threading.RLock()   # a heartbeat never re-sends a status older than the last one
+
+    def _open_outbox(self) -> OutboxStore:
+        """The outbox on disk, or, when the disk will not open it, one in memory for this run
+        (a fault on the status until the agent is restarted with a working disk)."""
+        try:
+            return factory.outbox(self.config)
+        except StorageError as e:
+            log.error("%s: %s; keeping the outbox in memory (lost on restart)", self.device_id, e)
+            self._outbox_fault = (e.code, f"outbox kept in memory until a restart: {e}"[:500])
+            return factory.memory_outbox(self.config)
 
     def _wall(self) -> float:
         """The device's own clock (off by ``clock_skew_s`` on a simulated device)."""
@@ -513,9 +524,9 @@ class Agent:
     def _faults(self) -> dict[str, str]:
         """The faults this device has now, by code (its status's ``faults``)."""
         faults: dict[str, str] = {}
-        storage = self.spool.fault
-        if storage is not None:
-            faults[str(storage[0])] = storage[1]
+        for storage in (self._outbox_fault, self.spool.fault):
+            if storage is not None:
+                faults[str(storage[0])] = storage[1]
         if self.clock.skewed:
             faults[str(ErrorCode.CLOCK_SKEWED)] = (f"the device clock is {-(self.clock.offset_s or 0.0):+.0f} s off "
                                                    "the control plane's signed time (in use instead)")

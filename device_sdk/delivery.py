@@ -30,7 +30,6 @@ called on the link's network thread. Paho is never called while this class's loc
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -143,7 +142,7 @@ class Delivery:
         """An outbox bookkeeping write; a refusing disk costs a resend, never the caller."""
         try:
             return op(*args)
-        except (StorageError, OSError, sqlite3.Error) as e:
+        except (StorageError, OSError) as e:
             self.write_failures += 1
             log.warning("outbox bookkeeping write failed (%s): the message may be sent again", e)
             return None

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from edgeloop.device_sdk.agent import AgentConfig
     from edgeloop.device_sdk.ports import Link
 
-__all__ = ["link", "fetcher", "outbox", "sequence"]
+__all__ = ["link", "fetcher", "memory_outbox", "outbox", "sequence"]
 
 
 def link(config: AgentConfig) -> MqttLink:
@@ -46,8 +46,13 @@ def fetcher(config: AgentConfig, link: Link, clock: Callable[[], float] | None =
 
 
 def outbox(config: AgentConfig) -> Outbox:
-    """SQLite (WAL) at ``<state>/outbox.db``, bounded by the config."""
+    """SQLite (WAL) at ``<state>/outbox.db``, bounded by the config. Raises StorageError."""
     return Outbox(Path(config.state_dir) / "outbox.db", OutboxConfig(config.outbox_max_bytes, config.outbox_max_age_s))
+
+
+def memory_outbox(config: AgentConfig) -> Outbox:
+    """The same outbox in memory (lost on exit): for a disk that will not open the real one."""
+    return Outbox(Path(":memory:"), OutboxConfig(config.outbox_max_bytes, config.outbox_max_age_s))
 
 
 def sequence(config: AgentConfig) -> SequenceCounter:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from edgeloop.contracts.codes import ErrorCode
 from edgeloop.device_sdk.errors import StorageError
 from edgeloop.device_sdk.storage import fault_code
 
@@ -60,12 +61,31 @@ class Pending:
         return self.seq is not None or self.ref is not None
 
 
+def _fault(error: sqlite3.Error) -> ErrorCode:
+    """What SQLite's refusal says about the disk (its primary result code)."""
+    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return ErrorCode.STORAGE_FULL
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN):
+        return ErrorCode.STORAGE_READONLY
+    return ErrorCode.STORAGE_WRITE
+
+
 class Outbox:
     def __init__(self, path: Path, config: OutboxConfig = OutboxConfig()) -> None:
         """``path``: the SQLite file (``Path(":memory:")``: the same outbox, lost on exit; for
-        simulated devices that never restart)."""
+        simulated devices that never restart). Raises StorageError when the disk will not open
+        or create it (full, read-only)."""
         self.config = config
         self._lock = threading.Lock()
+        try:
+            self._open(path)
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot open the outbox {path}: {e}", _fault(e)) from e
+        except OSError as e:
+            raise StorageError(f"cannot open the outbox {path}: {e}", fault_code(e)) from e
+
+    def _open(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -150,7 +170,7 @@ class Outbox:
             try:
                 yield
             except sqlite3.Error as e:
-                raise StorageError(f"outbox cannot {what}: {e}", fault_code(e)) from e
+                raise StorageError(f"outbox cannot {what}: {e}", _fault(e)) from e
 
     def _enforce_bounds(self) -> None:
         dropped = self._db.execute("DELETE FROM outbox WHERE created < ?",

@@ -7,8 +7,7 @@ directly, so serving never depends on the disk:
   number from the :class:`~device_sdk.ports.SequenceStore` (which persists it first and hands out
   nothing if that fails), then puts the record into the outbox. Numbers are contiguous and a
   restart never reuses one.
-- While the state folder is full or read-only (a StorageError, OSError or sqlite3 error from
-  either store), messages wait in memory in the order they came, and :attr:`fault` names the
+- While the state folder is full or read-only (a StorageError or OSError from either store), messages wait in memory in the order they came, and :attr:`fault` names the
   fault (``storage.full``, ``storage.readonly`` or ``storage.write``: the agent reports it on its
   status topic). Each later message, and :meth:`flush`, tries again (at most every
   ``retry_s`` unless forced); once the disk takes writes, everything held goes to the outbox in
@@ -25,7 +24,6 @@ What is held in memory when the process dies is lost with it (the disk would not
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -45,7 +43,7 @@ log = logging.getLogger("edgeloop.agent.spool")
 
 __all__ = ["Spool", "SpoolLimits"]
 
-_REFUSED = (StorageError, OSError, sqlite3.Error)
+_REFUSED = (StorageError, OSError)     # the real stores raise StorageError; a bare OSError is a disk's too
 
 
 @dataclass(frozen=True)

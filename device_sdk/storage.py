@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +27,12 @@ _READONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 def fault_code(error: BaseException) -> ErrorCode:
     """What a failed write says about the disk: ``storage.full``, ``storage.readonly`` or
-    ``storage.write``, for an OSError, an sqlite3 error or a StorageError (and what it came from)."""
+    ``storage.write``, for an OSError or a StorageError (the outbox classifies SQLite's own)."""
     if isinstance(error, StorageError):
         return error.code
     if isinstance(error, OSError):
         return ErrorCode.STORAGE_FULL if error.errno in _FULL else \
             ErrorCode.STORAGE_READONLY if error.errno in _READONLY else ErrorCode.STORAGE_WRITE
-    if isinstance(error, sqlite3.Error):
-        code = getattr(error, "sqlite_errorcode", None)
-        if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
-            return ErrorCode.STORAGE_FULL
-        if code is not None and code & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN):
-            return ErrorCode.STORAGE_READONLY
     return ErrorCode.STORAGE_WRITE
 
 

@@ -285,8 +285,20 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
         return False
 
 
-def test_a_really_full_tmpfs_costs_no_prediction_and_no_record(tmp_path, broker, packages):
-    """The real stores (JsonFile, SequenceCounter, SQLite outbox) on a real file system that fills."""
+def _fill(path: Path) -> None:
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("full_at_start", [False, True], ids=["fills-while-serving", "full-at-start"])
+def test_a_really_full_tmpfs_costs_no_prediction_and_no_record(tmp_path, broker, packages, full_at_start):
+    """The real stores (JsonFile, SequenceCounter, SQLite outbox) on a real file system that fills,
+    while serving or before the agent starts (then its outbox lives in memory for the run)."""
     v1, _, test = packages
     root = tmp_path / "fs"
     if not _mount_tmpfs(root, "4m"):
@@ -295,28 +307,28 @@ def test_a_really_full_tmpfs_costs_no_prediction_and_no_record(tmp_path, broker,
     cp = ControlPlane(registry, broker.host, broker.port).start()
     state = root / "dev"
     Installer(state, TIER, 1 << 22).install(_announce(v1, "factory"), lambda a: v1.data)
-    config = AgentConfig(device_id="disk-tmpfs", tier=TIER, state_dir=state, mqtt_host=broker.host,
+    device = f"disk-tmpfs-{int(full_at_start)}"
+    config = AgentConfig(device_id=device, tier=TIER, state_dir=state, mqtt_host=broker.host,
                          mqtt_port=broker.port, telemetry_window=4)
-    agent = Agent(config)
     filler = root / "filler"
+    if full_at_start:
+        _fill(filler)
+    agent = Agent(config)
     try:
         agent.start()
         wait_for(lambda: agent.link.connected, what="the device online")
-        with open(filler, "wb") as f:                                  # fill the file system
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
+        if full_at_start:
+            assert "storage.full" in agent._faults() and "in memory" in agent._faults()["storage.full"]
+        else:
+            _fill(filler)                                              # fill the file system
         assert _serve(agent, test, 40) == 40
         assert agent.spool.held > 0 and str(agent.spool.fault[0]) == "storage.full"   # the real ENOSPC
         filler.unlink()                                                # space returns
         agent.flush_telemetry()
         assert agent.spool.held == 0
-        wait_for(lambda: (agent.pump(), cp.drain(), registry.telemetry_count(["disk-tmpfs"]) == 10)[2],
+        wait_for(lambda: (agent.pump(), cp.drain(), registry.telemetry_count([device]) == 10)[2],
                  what="all 10 records stored")
-        assert sorted(r["seq"] for r in registry.telemetry_records("disk-tmpfs")) == list(range(10))
+        assert sorted(r["seq"] for r in registry.telemetry_records(device)) == list(range(10))
     finally:
         agent.stop(drain_s=0)
         cp.stop()
