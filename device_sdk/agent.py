@@ -130,6 +130,7 @@ class Agent:
         self.clock = TrustedClock(config.device_id, root / "tuf" / "director" / "metadata" / "root.json",
                                   root / "clock.json", wall=self._wall, tolerance_s=config.clock_tolerance_s)
         self._time_asked = -float("inf")                           # monotonic time of the last request
+        self._time_every = min(30.0, config.time_sync_s)           # until answered: 30 s, doubling
         self.client: UpdateFetcher = fetcher if fetcher is not None else factory.fetcher(config, self.link,
                                                                                          self.clock.now)
         self.installer = Installer(Path(config.state_dir), config.tier, config.max_package_bytes,
@@ -491,10 +492,14 @@ class Agent:
     def _heartbeat(self) -> None:
         """Re-publish the last status once ``heartbeat_s`` passed without one, so the control
         plane's last-seen time stays fresh (a device whose last will was lost still turns offline).
-        Ask for the signed time again when it is due (every 30 s until the first answer)."""
-        every = self.config.time_sync_s if self.clock.synced else min(30.0, self.config.time_sync_s)
+        Ask for the signed time again when it is due (until the first answer: after 30 s, then
+        twice as long each time, up to ``time_sync_s``: a control plane without a time server is
+        not asked thousands of times)."""
+        every = self.config.time_sync_s if self.clock.synced else self._time_every
         if self.config.time_sync_s and self.link.connected and time.monotonic() - self._time_asked >= every:
             self._ask_time()
+            if not self.clock.synced:
+                self._time_every = min(2 * self._time_every, self.config.time_sync_s)
         with self._status_lock:
             if self.config.heartbeat_s and self._last_status is not None and self.link.connected \
                     and time.time() - self._status_at >= self.config.heartbeat_s:
