@@ -53,7 +53,7 @@ class SpoolLimits:
     retry_s: float = 1.0                # between attempts to write again (unforced)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Held:
     topic: str
     priority: int
@@ -97,7 +97,7 @@ class Spool:
 
     def telemetry(self, topic: str, record: Telemetry) -> None:
         """Store a closed window's record (its ``seq`` is replaced by the number it gets)."""
-        self._hold(_Held(topic, PRIORITY_TELEMETRY, len(encode(record)), record=record))
+        self._hold(_Held(topic, PRIORITY_TELEMETRY, 0, record=record))      # sized only if it must wait
 
     def report(self, topic: str, payload: bytes, ref: str | None) -> None:
         """Store an error report (``ref``: its report_id)."""
@@ -128,8 +128,12 @@ class Spool:
         with self._lock:
             self._held.append(item)
             self._bytes += item.size
+            if self.flush():
+                return
+            if item.record is not None:          # still held (the last in line): now it counts
+                item.size = len(encode(item.record))
+                self._bytes += item.size
             self._enforce_bounds()
-            self.flush()
 
     def _store(self, item: _Held) -> None:
         if item.record is None:
