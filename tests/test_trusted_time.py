@@ -157,3 +157,47 @@ def test_signed_time_is_refused_unless_it_answers_our_nonce_in_time_signed_by_tr
     again = TrustedClock("dev-t", root, tmp_path / "clock.json", wall=lambda: 1_000_000_000.0,
                          monotonic=lambda: 0.0)
     assert again.now() == pytest.approx(t0) and again.now() > 1_000_000_000.0
+
+
+@pytest.mark.parametrize("payload", [
+    {"device_id": "d", "nonce": "short"},
+    {"device_id": "d", "nonce": "G" * 32},
+    {"device_id": 7, "nonce": "ab" * 16},
+    {"device_id": "d", "nonce": ["ab" * 16]},
+    {"device_id": "d", "nonce": "ab" * 16, "time": 1e400, "signatures": []},
+    {"device_id": "d", "nonce": "ab" * 16, "time": -1, "signatures": []},
+    {"device_id": "d", "nonce": "ab" * 16, "time": True, "signatures": []},
+    {"device_id": "d", "nonce": "ab" * 16, "time": 1.0, "signatures": [{"keyid": "zz", "sig": "00"}]},
+    {"device_id": "d", "nonce": "ab" * 16, "time": 1.0, "signatures": [{"keyid": "aa", "sig": "00", "x": "1"}]},
+    {"device_id": "d", "nonce": "ab" * 16, "time": 1.0, "signatures": [{"keyid": "aa", "sig": "00"}] * 17},
+    {"device_id": "d", "nonce": "ab" * 16, "time": 1.0, "signatures": [[[[[]]]]]},
+    {"device_id": "d", "nonce": "ab" * 16, "time": 1.0},
+])
+@pytest.mark.parametrize("schema", ["edgeloop.time_request/1", "edgeloop.time/1"])
+def test_malformed_time_messages_are_refused_as_schema_errors(payload, schema):
+    from edgeloop.contracts.errors import SchemaError
+    from edgeloop.contracts.messages import parse
+
+    body = json.dumps({"schema": schema, **payload})
+    if schema == "edgeloop.time_request/1" and "time" in payload and payload["nonce"] == "ab" * 16 \
+            and payload["device_id"] == "d":
+        assert parse(body).nonce == "ab" * 16          # extra fields are tolerated on a request
+        return
+    with pytest.raises(SchemaError):
+        parse(body)
+
+
+def test_status_faults_and_clock_offset_round_trip_and_are_bounded():
+    from edgeloop.contracts.errors import SchemaError
+    from edgeloop.contracts.messages import DeviceState, Status, encode, parse
+
+    status = Status("d", DeviceState.ONLINE, "edge-gateway", faults={"storage.full": "12 held"}, clock_offset_s=-172800.0)
+    assert parse(encode(status)) == status
+    assert parse(encode(Status("d", DeviceState.ONLINE, "edge-gateway"))).faults == {}
+    for faults in ({str(i): "x" for i in range(17)}, {"storage.full": 1}, {"x" * 65: "y"}, ["storage.full"]):
+        with pytest.raises(SchemaError):
+            parse(json.dumps({"schema": "edgeloop.status/1", "device_id": "d", "state": "online",
+                              "tier": "edge-gateway", "faults": faults}))
+    with pytest.raises(SchemaError):
+        parse(json.dumps({"schema": "edgeloop.status/1", "device_id": "d", "state": "online", "tier": "t",
+                          "clock_offset_s": "soon"}))
