@@ -201,3 +201,21 @@ def test_status_faults_and_clock_offset_round_trip_and_are_bounded():
     with pytest.raises(SchemaError):
         parse(json.dumps({"schema": "edgeloop.status/1", "device_id": "d", "state": "online", "tier": "t",
                           "clock_offset_s": "soon"}))
+
+
+def test_after_a_timestamp_key_rotation_the_time_is_signed_with_the_new_keys(tmp_path):
+    from edgeloop.cloud.release.signing import Repository
+
+    director = Repository(tmp_path / "director", tmp_path / "keys")
+    director.init()
+    root = tmp_path / "root.json"
+    root.write_bytes(director.trusted_root())
+    clock = TrustedClock("dev-r", root, None)
+    server = TimeServer.for_director(director)
+    assert clock.accept(server.answer(clock.request()))
+    old = TimeServer(list(server.signers))                                     # keeps the key about to retire
+    version = director.rotate("timestamp")
+    root.write_bytes((director.meta_dir / f"{version}.root.json").read_bytes())   # what TUF's refresh brings
+    assert clock.accept(server.answer(clock.request()))                        # signed with the new key
+    assert server.signers[0].public_key.keyid != old.signers[0].public_key.keyid
+    assert not clock.accept(old.answer(clock.request()))                        # the retired key: refused
