@@ -549,8 +549,8 @@ class Agent:
         faults = self._faults()
         status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason,
                         self.clock.now(), faults, self.clock.offset_s)
-        self._faults_published = faults
         with self._status_lock:
+            self._faults_published = faults
             self._last_status, self._status_at = (state, update_id, reason), time.time()
             return self.link.publish(self.topics.status(self.device_id), encode(status), qos=1, retain=True)
 
