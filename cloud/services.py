@@ -24,15 +24,19 @@ Guarantees:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
+from edgeloop.cloud.errors import UserError
 from edgeloop.cloud.ingest.control_plane import SHARE_GROUP, ControlPlane
 from edgeloop.cloud.registry import Registry
 from edgeloop.cloud.release.repo_server import RepositoryServer
 from edgeloop.cloud.workspace import Workspace
+
+log = logging.getLogger("edgeloop.services")
 
 if TYPE_CHECKING:
     from edgeloop.cloud.api.server import ApiServer
@@ -166,14 +170,26 @@ class ServiceStack:
     def _repositories(self) -> dict[str, Path] | None:
         return {"image": self.ws.repository_dir, "director": self.ws.director_dir} if self.options.blocks else None
 
+    def _time_server(self):  # noqa: ANN202 - cloud.ingest.time_server.TimeServer | None
+        """Signed time for devices, with the director's timestamp keys (device_sdk/clock.py); none
+        (devices keep their own clocks) when the director is not set up or its keys are not here."""
+        from edgeloop.cloud.ingest.time_server import TimeServer
+
+        try:
+            return TimeServer.for_director(self.ws.director_repository())
+        except UserError as e:
+            log.warning("no signed time for devices: %s", e)
+            return None
+
     def _start_control_planes(self) -> None:
         o = self.options
+        time_server = self._time_server()
         links = [o.broker or PlainLink(self.ws.mqtt_host, self.ws.mqtt_port), *o.workers]
         for i, link in enumerate(links):
             session = o.session if o.session is None or i == 0 else f"{o.session}-{i + 1}"
             cp = ControlPlane(self.registry, link.host, link.port, session=session, fleet=self.ws.fleet,
                               repositories=self._repositories(), share_group=o.share_group, shared=o.shared,
-                              **link.control_plane_kwargs())     # type: ignore[arg-type]
+                              time_server=time_server, **link.control_plane_kwargs())     # type: ignore[arg-type]
             cp.start()
             self.ingest.append(cp)                  # kept after stop: their stats stay readable
             self._stops.append(cp.stop)

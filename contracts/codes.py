@@ -1,4 +1,5 @@
-"""The codes a device reports when an update does not install: one enum, shared by both sides.
+"""The codes a device reports when an update does not install, or a fault on its status topic:
+one enum, shared by both sides.
 
 A code travels in ``edgeloop.error/1`` reports and in the install history; its wire value is
 stable (``family.reason``). Each code says what the cloud may do about it:
@@ -18,7 +19,10 @@ health.latency       no         inference is over the package's latency budget
 health.unknown       no         rolled back, and the device sent no code (cloud-side default)
 transport.download   yes        the package or its metadata could not be fetched: network trouble
 agent.internal       yes        the agent failed in a way that is not about this update
-storage.write        yes        the device's own storage failed (disk full, read-only)
+storage.write        yes        the device's own storage failed (another I/O error)
+storage.full         yes        the device's state folder is full (ENOSPC, EDQUOT)
+storage.readonly     yes        the device's state folder is read-only (EROFS, EACCES, EPERM)
+clock.skewed         yes        the device's clock is off the control plane's signed time (status fault)
 install.unknown      no         failed, and the device sent no code (cloud-side default)
 rollback.none        no         a rollout aborted and the device has nothing to roll back to (cloud-side)
 ===================  =========  ==============================================================
@@ -49,6 +53,9 @@ class ErrorCode(StrEnum):
     TRANSPORT_DOWNLOAD = "transport.download"
     AGENT_INTERNAL = "agent.internal"
     STORAGE_WRITE = "storage.write"
+    STORAGE_FULL = "storage.full"
+    STORAGE_READONLY = "storage.readonly"
+    CLOCK_SKEWED = "clock.skewed"
     INSTALL_UNKNOWN = "install.unknown"
     ROLLBACK_NONE = "rollback.none"
 
@@ -58,7 +65,8 @@ class ErrorCode(StrEnum):
 
 
 RETRYABLE: frozenset[ErrorCode] = frozenset({ErrorCode.TRANSPORT_DOWNLOAD, ErrorCode.AGENT_INTERNAL,
-                                             ErrorCode.STORAGE_WRITE})
+                                             ErrorCode.STORAGE_WRITE, ErrorCode.STORAGE_FULL,
+                                             ErrorCode.STORAGE_READONLY, ErrorCode.CLOCK_SKEWED})
 
 
 def retryable(code: str | None) -> bool:

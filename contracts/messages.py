@@ -27,6 +27,7 @@ from edgeloop.contracts.errors import PayloadTooLarge, SchemaError
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_CLASSES = 1024
 MAX_TEXT = 1024
+MAX_FAULTS = 16
 _GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 __all__ = [
@@ -37,10 +38,13 @@ __all__ = [
     "ErrorReport",
     "Message",
     "Status",
+    "SignedTime",
     "Telemetry",
     "TelemetryAck",
+    "TimeRequest",
     "encode",
     "parse",
+    "time_signing_bytes",
 ]
 
 
@@ -155,6 +159,10 @@ class Status:
     update_id: str | None = None       # the update this state is about, if any
     reason: str | None = None          # why, for failed / rolled_back
     ts: float = 0.0
+    # faults the device has now, by code (contracts/codes.py: storage.full, storage.readonly,
+    # clock.skewed, ...) with a line of detail each; empty when all is well
+    faults: dict[str, str] = field(default_factory=dict)
+    clock_offset_s: float | None = None   # the control plane's signed time minus the device's clock
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> Status:
@@ -163,10 +171,16 @@ class Status:
             parsed_state = DeviceState(state)
         except ValueError:
             raise SchemaError(f"unknown device state {state!r}") from None
+        faults = _opt(obj, "faults", dict, {})
+        if len(faults) > MAX_FAULTS or not all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str)
+                                               and len(v) <= MAX_TEXT for k, v in faults.items()):
+            raise SchemaError(f"field 'faults' must map at most {MAX_FAULTS} codes to lines of text")
+        offset = _opt_finite(obj, "clock_offset_s")
         return cls(
             device_id=_req(obj, "device_id", str), state=parsed_state, tier=_req(obj, "tier", str),
             model_version=_opt(obj, "model_version", str), update_id=_opt(obj, "update_id", str),
             reason=_opt(obj, "reason", str), ts=float(_opt(obj, "ts", (int, float), 0.0)),
+            faults=dict(faults), clock_offset_s=offset,
         )
 
 
@@ -235,7 +249,7 @@ def _opt_finite(obj: dict[str, Any], key: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise SchemaError(f"telemetry {key!r} must be a finite number")
+        raise SchemaError(f"field {key!r} must be a finite number")
     return float(v)
 
 
@@ -387,11 +401,70 @@ class TelemetryAck:
         return cls(device_id=_req(obj, "device_id", str), seqs=seqs, refused=refused, errors=list(errors))
 
 
-Message = Union[Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck]
-_BY_SCHEMA: dict[str, Any] = {c.SCHEMA: c for c in (Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck)}
+_NONCE = re.compile(r"^[0-9a-f]{16,64}$")
+_HEX = re.compile(r"^[0-9a-f]{1,256}$")
+MAX_TIME_SIGNATURES = 16
 
 
-M = TypeVar("M", Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck)
+@dataclass(frozen=True)
+class TimeRequest:
+    """Device -> cloud, on ``devices/<id>/time/req`` (QoS 0): "sign the time for this nonce"
+    (the Uptane time server's request; a fresh random nonce each time)."""
+
+    SCHEMA: ClassVar[str] = "edgeloop.time_request/1"
+    device_id: str
+    nonce: str
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> TimeRequest:
+        nonce = _req(obj, "nonce", str)
+        if not _NONCE.fullmatch(nonce):
+            raise SchemaError("field 'nonce' must be 16-64 lowercase hex digits")
+        return cls(device_id=_req(obj, "device_id", str), nonce=nonce)
+
+
+@dataclass(frozen=True)
+class SignedTime:
+    """Cloud -> one device, on ``devices/<id>/time`` (QoS 0): the control plane's time, signed
+    over :func:`time_signing_bytes` by keys of the director's ``timestamp`` role (whose public
+    halves are in the director root the device trusts). ``signatures``: ``{"keyid", "sig"}``
+    objects, lowercase hex."""
+
+    SCHEMA: ClassVar[str] = "edgeloop.time/1"
+    device_id: str
+    nonce: str
+    time: float
+    signatures: list[dict[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> SignedTime:
+        nonce = _req(obj, "nonce", str)
+        if not _NONCE.fullmatch(nonce):
+            raise SchemaError("field 'nonce' must be 16-64 lowercase hex digits")
+        t = _opt_finite(obj, "time")
+        if t is None or t < 0:
+            raise SchemaError("field 'time' must be a non-negative number")
+        sigs = _req(obj, "signatures", list)
+        if len(sigs) > MAX_TIME_SIGNATURES or not all(
+                isinstance(g, dict) and set(g) == {"keyid", "sig"} and all(isinstance(v, str) and _HEX.fullmatch(v)
+                                                                          for v in g.values()) for g in sigs):
+            raise SchemaError(f"field 'signatures' must hold at most {MAX_TIME_SIGNATURES} {{keyid, sig}} hex pairs")
+        return cls(device_id=_req(obj, "device_id", str), nonce=nonce, time=t, signatures=[dict(g) for g in sigs])
+
+
+def time_signing_bytes(device_id: str, nonce: str, t: float) -> bytes:
+    """What a :class:`SignedTime` signature covers (canonical JSON, with its schema name so it
+    can never be mistaken for TUF metadata or another message)."""
+    return json.dumps({"schema": SignedTime.SCHEMA, "device_id": device_id, "nonce": nonce, "time": t},
+                      sort_keys=True, separators=(",", ":")).encode()
+
+
+Message = Union[Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck, TimeRequest, SignedTime]
+_BY_SCHEMA: dict[str, Any] = {c.SCHEMA: c for c in (Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck,
+                                                    TimeRequest, SignedTime)}
+
+
+M = TypeVar("M", Announce, Status, Telemetry, ErrorReport, Command, TelemetryAck, TimeRequest, SignedTime)
 
 
 @overload

@@ -10,7 +10,7 @@ workspace) and none sees another's devices, announcements, telemetry or statuses
 
 Devices publish only under their own ``devices/<device_id>/`` prefix of their own fleet and
 subscribe only to that fleet's ``updates/<tier>`` and their own ``devices/<device_id>/cmd``,
-``.../blocks`` and ``.../telemetry/ack``, which a per-device broker ACL on the client's identity
+``.../blocks``, ``.../telemetry/ack`` and ``.../time``, which a per-device broker ACL on the client's identity
 can enforce (fleet/broker.py).
 
 Fleet ids are validated like tiers (``[a-z0-9-]``, up to 32, starting alphanumeric); device ids
@@ -27,7 +27,8 @@ ROOT = "edgeloop/v2"
 DEFAULT_FLEET = "default"           # the fleet of a workspace (or device) configured without one
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TIER = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-_DEVICE_KINDS = frozenset({"cmd", "status", "telemetry", "errors", "telemetry/ack", "blocks", "blocks/req"})
+_DEVICE_KINDS = frozenset({"cmd", "status", "telemetry", "errors", "telemetry/ack", "blocks", "blocks/req",
+                           "time", "time/req"})
 
 __all__ = [
     "DEFAULT_FLEET",
@@ -119,6 +120,17 @@ class Fleet:
     def blocks(self, device_id: str) -> str:
         """Cloud -> device: the blocks it asked for (QoS 1, binary)."""
         return self._device(device_id, "blocks")
+
+    def time_request(self, device_id: str) -> str:
+        """Device -> cloud: a nonce for the control plane to sign the time over (QoS 0)."""
+        return self._device(device_id, "time/req")
+
+    def time(self, device_id: str) -> str:
+        """Cloud -> device: the signed time answering its nonce (QoS 0, not retained)."""
+        return self._device(device_id, "time")
+
+    def time_requests_all(self) -> str:
+        return f"{self.prefix}/devices/+/time/req"
 
     def status_all(self) -> str:
         return f"{self.prefix}/devices/+/status"

@@ -16,6 +16,16 @@ switch happens between requests, so no request fails or waits on an install.
 Bad input never stops it: a malformed message is logged and dropped; a bad update is refused,
 reported on the status topic and through the outbox on the errors topic (codes:
 :class:`edgeloop.contracts.codes.ErrorCode`), and the current model keeps serving.
+
+Nor does the disk: telemetry and error reports reach the outbox through a
+:class:`~device_sdk.spool.Spool`, which holds them in memory (bounded, drops counted) while the
+state folder is full or read-only and stores them, numbered in order, once it takes writes again;
+the fault (``storage.full``, ``storage.readonly``) is on the device's status (``faults``) meanwhile.
+
+Time comes from the control plane: on every connect and every ``time_sync_s`` the agent asks for
+signed time (device_sdk/clock.py); TUF expiry, telemetry windows and statuses use that trusted
+clock, and a clock off by more than ``clock_tolerance_s`` is a ``clock.skewed`` fault on the status,
+with the offset in ``clock_offset_s``.
 """
 
 from __future__ import annotations
@@ -35,16 +45,18 @@ import numpy as np
 from edgeloop.contracts import topics
 from edgeloop.contracts.codes import ErrorCode
 from edgeloop.contracts.errors import ContractError
-from edgeloop.contracts.messages import (MAX_FEATURES, Announce, Command, DeviceState, ErrorReport, Status, TelemetryAck, encode,
-                               parse)
+from edgeloop.contracts.messages import (MAX_FEATURES, Announce, Command, DeviceState, ErrorReport, SignedTime, Status,
+                                        TelemetryAck, encode, parse)
 from edgeloop.contracts.tasks import TaskKind
 from edgeloop.device_sdk import factory
+from edgeloop.device_sdk.clock import TrustedClock
 from edgeloop.device_sdk.delivery import Delivery
 from edgeloop.device_sdk.errors import StorageError, TransientError, UpdateRefused
 from edgeloop.device_sdk.ota import InstallResult, Installer, InstallState
-from edgeloop.device_sdk.outbox import PRIORITY_ERROR, PRIORITY_TELEMETRY
 from edgeloop.device_sdk.ports import Link, OutboxStore, RuntimeLoader, Sent, SequenceStore, StateStore, UpdateFetcher
 from edgeloop.device_sdk.runtime import ModelRuntime
+from edgeloop.device_sdk.spool import Spool, SpoolLimits
+from edgeloop.device_sdk.storage import fault_code
 from edgeloop.device_sdk.telemetry import TelemetryWindow
 
 log = logging.getLogger("edgeloop.agent")
@@ -78,6 +90,8 @@ class AgentConfig:
     transport: str = "http"             # how packages travel: "http" (Range resume) or "mqtt" (blocks)
     outbox_max_bytes: int = 16 * 1024 * 1024     # store-and-forward bound while offline
     outbox_max_age_s: float = 7 * 24 * 3600.0
+    held_max: int = 1024                # telemetry held in memory while the disk refuses writes
+    held_max_bytes: int = 4 * 1024 * 1024   # (device_sdk/spool.py; beyond it drops are counted)
     max_in_flight: int = 64             # outbox messages published but not yet acknowledged
     confirm_timeout_s: float | None = 60.0   # telemetry the ingest has not confirmed is sent again after
                                              # this (None: delete on the broker's PUBACK; device_sdk/delivery.py)
@@ -90,6 +104,11 @@ class AgentConfig:
     sample_max: int = 8                 # at most this many sampled inputs per telemetry window
     network_thread: bool = True         # the default link's paho network thread (False: its I/O
                                         # runs inside step(), and the device is one thread)
+    time_sync_s: float = 3600.0         # ask for the control plane's signed time this often, and on
+                                        # every connect (0: never; the wall clock is trusted)
+    clock_tolerance_s: float = 300.0    # a clock further off than this is a clock.skewed fault
+    clock_skew_s: float = 0.0           # a simulated device's wall clock runs this far off (fault
+                                        # tests, simulators); 0 on a real device
 
 
 @dataclass(frozen=True)
@@ -122,11 +141,20 @@ class Agent:
         self.link: Link = link if link is not None else factory.link(config)
         self.link.on_acked = self._on_acked
         self.link.on_connection_change = self._on_link
-        self.client: UpdateFetcher = fetcher if fetcher is not None else factory.fetcher(config, self.link)
+        root = Path(config.state_dir)
+        self.clock = TrustedClock(config.device_id, root / "tuf" / "director" / "metadata" / "root.json",
+                                  root / "clock.json", wall=self._wall, tolerance_s=config.clock_tolerance_s)
+        self._time_asked = -float("inf")                           # monotonic time of the last request
+        self._time_every = min(30.0, config.time_sync_s)           # until answered: 30 s, doubling
+        self.client: UpdateFetcher = fetcher if fetcher is not None else factory.fetcher(config, self.link,
+                                                                                         self.clock.now)
         self.installer = Installer(Path(config.state_dir), config.tier, config.max_package_bytes,
                                    on_state=self._report_ota, store=state, runtimes=runtimes)
         self.seq: SequenceStore = sequence if sequence is not None else factory.sequence(config)
-        self.outbox: OutboxStore = outbox if outbox is not None else factory.outbox(config)   # (an empty one is falsy)
+        self._outbox_fault: tuple[ErrorCode, str] | None = None
+        self.outbox: OutboxStore = outbox if outbox is not None else self._open_outbox()   # (an empty one is falsy)
+        self.spool = Spool(self.outbox, self.seq, SpoolLimits(config.held_max, config.held_max_bytes))
+        self._faults_published: dict[str, str] = {}
         self.delivery = Delivery(self.outbox, lambda topic, payload: self.link.publish(topic, payload, qos=1),
                                  lambda: self.link.connected, max_in_flight=config.max_in_flight,
                                  confirm_timeout_s=config.confirm_timeout_s)
@@ -146,6 +174,20 @@ class Agent:
         self._status_lock = threading.RLock()   # a heartbeat never re-sends a status older than the last one
         self._observers: list[Callable[[UpdateEvent], None]] = []
         self.installer.observer = lambda state, uid, reason, code: self._emit(str(state), uid, reason, code)
+
+    def _open_outbox(self) -> OutboxStore:
+        """The outbox on disk, or, when the disk will not open it, one in memory for this run
+        (a fault on the status until the agent is restarted with a working disk)."""
+        try:
+            return factory.outbox(self.config)
+        except StorageError as e:
+            log.error("%s: %s; keeping the outbox in memory (lost on restart)", self.device_id, e)
+            self._outbox_fault = (e.code, f"outbox kept in memory until a restart: {e}"[:500])
+            return factory.memory_outbox(self.config)
+
+    def _wall(self) -> float:
+        """The device's own clock (off by ``clock_skew_s`` on a simulated device)."""
+        return time.time() + self.config.clock_skew_s
 
     @property
     def model_version(self) -> str | None:
@@ -196,6 +238,9 @@ class Agent:
         if self.config.confirm_timeout_s is not None:
             self.link.route(self.topics.telemetry_ack(self.device_id), self._on_telemetry_ack)
             self.link.subscribe(self.topics.telemetry_ack(self.device_id), qos=0)
+        if self.config.time_sync_s:
+            self.link.route(self.topics.time(self.device_id), self._on_time)
+            self.link.subscribe(self.topics.time(self.device_id), qos=0)
         with self._status_lock:
             self._last_status = (DeviceState.ONLINE, None, None)
         self.link.connect()
@@ -224,6 +269,7 @@ class Agent:
         again where this device is (the broker published its last will while it was away)."""
         self.delivery.reset()
         if up:
+            self._ask_time()
             with self._status_lock:
                 if self._last_status is not None:
                     self._publish_status(*self._last_status)
@@ -233,6 +279,7 @@ class Agent:
         """Take the install's next step, run a due retry, or handle one queued message (waiting
         up to ``timeout`` for one). True if work was done."""
         self._heartbeat()
+        self._flush_spool()
         self.pump()
         if self._job is not None and self._advance():
             return True
@@ -291,7 +338,7 @@ class Agent:
         with self._lock:
             if self.runtime is not runtime:
                 # the model switched during this request: its record goes out under the old version
-                late = TelemetryWindow.for_manifest(runtime.manifest)
+                late = TelemetryWindow.for_manifest(runtime.manifest, self.clock.now)
                 late.record(pred, conf, latency_ms, label, raw, decision.bin)
                 self._publish_window(late, runtime)
             elif self.window is not None:
@@ -304,8 +351,17 @@ class Agent:
         return pred, conf
 
     def flush_telemetry(self) -> None:
+        """Close the open window, and store what the spool holds in memory if the disk takes it."""
         with self._lock:
             self._flush_locked(self.runtime)
+        self._flush_spool(force=True)
+
+    def _flush_spool(self, force: bool = False) -> None:
+        """Store what is held in memory, if the disk takes it now; say so if the fault changed."""
+        if self.spool.held:
+            with self._lock:
+                self.spool.flush(force)
+        self._report_faults()
 
     def _flush_locked(self, serving_runtime: ModelRuntime | None) -> None:
         if self.window is not None:
@@ -315,14 +371,12 @@ class Agent:
         if window.count == 0 and window.errors == 0:
             return
         serving = serving_runtime.manifest.model_version if serving_runtime else None   # the model that answered
-        record = window.close(self.device_id, self.seq.take(), serving)
-        dropped = self.outbox.take_dropped()
-        if dropped:
-            record = replace(record, extra={**record.extra, "outbox_dropped": dropped})
+        record = window.close(self.device_id, 0, serving)   # numbered by the spool as it is persisted
         if self._samples and window is self.window:
             record = replace(record, samples={"x": [x for x, _ in self._samples], "y": [y for _, y in self._samples]})
             self._samples = []
-        self.outbox.put(self.topics.telemetry(self.device_id), encode(record), PRIORITY_TELEMETRY, seq=record.seq)
+        self.spool.telemetry(self.topics.telemetry(self.device_id), record)
+        self._report_faults()
         self.pump()
 
     def pump(self) -> int:
@@ -428,10 +482,11 @@ class Agent:
             if isinstance(error, TransientError):
                 self._postpone(announce, attempts, error)
             elif error is not None:
-                code = ErrorCode.STORAGE_WRITE if isinstance(error, StorageError) else ErrorCode.AGENT_INTERNAL
+                storage = isinstance(error, (StorageError, OSError))
+                code = fault_code(error) if storage else ErrorCode.AGENT_INTERNAL
                 log.error("%s: update %s failed: %s", self.device_id, announce.update_id, error)
                 self._publish_error(announce.update_id, code, f"{type(error).__name__}: {error}")
-                reason = f"{code}: {error}" if code is ErrorCode.STORAGE_WRITE else f"internal: {error}"
+                reason = f"{code}: {error}" if storage else f"internal: {error}"
                 self._emit("failed", announce.update_id, reason, code)
                 self._publish_status(DeviceState.FAILED, announce.update_id, reason=reason)
             elif result is not None:
@@ -468,7 +523,7 @@ class Agent:
 
     def _serve(self, runtime: ModelRuntime) -> None:
         self.runtime = runtime
-        self.window = TelemetryWindow.for_manifest(runtime.manifest)
+        self.window = TelemetryWindow.for_manifest(runtime.manifest, self.clock.now)
 
     def _report_ota(self, state: InstallState, update_id: str) -> None:
         if state in _OTA_STATUS:   # final states are published by _finish, with the model now serving
@@ -476,19 +531,70 @@ class Agent:
 
     def _heartbeat(self) -> None:
         """Re-publish the last status once ``heartbeat_s`` passed without one, so the control
-        plane's last-seen time stays fresh (a device whose last will was lost still turns offline)."""
+        plane's last-seen time stays fresh (a device whose last will was lost still turns offline).
+        Ask for the signed time again when it is due (until the first answer: after 30 s, then
+        twice as long each time, up to ``time_sync_s``: a control plane without a time server is
+        not asked thousands of times)."""
+        every = self.config.time_sync_s if self.clock.synced else self._time_every
+        if self.config.time_sync_s and self.link.connected and time.monotonic() - self._time_asked >= every:
+            self._ask_time()
+            if not self.clock.synced:
+                self._time_every = min(2 * self._time_every, self.config.time_sync_s)
         with self._status_lock:
             if self.config.heartbeat_s and self._last_status is not None and self.link.connected \
                     and time.time() - self._status_at >= self.config.heartbeat_s:
                 self._publish_status(*self._last_status)
 
+    def _ask_time(self) -> None:
+        if self.config.time_sync_s:
+            self._time_asked = time.monotonic()
+            self.link.publish(self.topics.time_request(self.device_id), encode(self.clock.request()), qos=0)
+
+    def _on_time(self, payload: bytes) -> None:
+        """The link's thread or loop: the control plane's signed time (device_sdk/clock.py)."""
+        try:
+            answer = parse(payload, expect=SignedTime)
+        except ContractError as e:
+            self.malformed += 1
+            log.warning("%s: dropped malformed signed time: %s", self.device_id, e)
+            return
+        if self.clock.accept(answer):
+            if self.clock.skewed:
+                log.warning("%s: this device's clock is %+.0f s off the control plane's signed time",
+                            self.device_id, -(self.clock.offset_s or 0.0))
+            with self._status_lock:
+                if self._last_status is not None:
+                    self._publish_status(*self._last_status)    # with the offset now known
+
+    def _faults(self) -> dict[str, str]:
+        """The faults this device has now, by code (its status's ``faults``)."""
+        faults: dict[str, str] = {}
+        for storage in (self._outbox_fault, self.spool.fault):
+            if storage is not None:
+                faults[str(storage[0])] = storage[1]
+        if self.clock.skewed:
+            faults[str(ErrorCode.CLOCK_SKEWED)] = (f"the device clock is {-(self.clock.offset_s or 0.0):+.0f} s off "
+                                                   "the control plane's signed time (in use instead)")
+        return faults
+
+    def _report_faults(self) -> None:
+        """A fault appeared or cleared: say so on the status topic now, not at the next heartbeat."""
+        faults = self._faults()
+        if faults.keys() != self._faults_published.keys():
+            with self._status_lock:
+                if self._last_status is not None:
+                    self._publish_status(*self._last_status)
+
     def _publish_status(self, state: DeviceState, update_id: str | None = None, reason: str | None = None) -> Sent:
-        status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason, time.time())
+        faults = self._faults()
+        status = Status(self.device_id, state, self.config.tier, self.model_version, update_id, reason,
+                        self.clock.now(), faults, self.clock.offset_s)
         with self._status_lock:
-            self._last_status, self._status_at = (state, update_id, reason), status.ts
+            self._faults_published = faults
+            self._last_status, self._status_at = (state, update_id, reason), time.time()
             return self.link.publish(self.topics.status(self.device_id), encode(status), qos=1, retain=True)
 
     def _publish_error(self, update_id: str | None, code: ErrorCode, message: str) -> None:
-        report = ErrorReport(self.device_id, code, message[:1000], update_id, time.time(), uuid.uuid4().hex[:16])
-        self.outbox.put(self.topics.errors(self.device_id), encode(report), PRIORITY_ERROR, ref=report.report_id)
+        report = ErrorReport(self.device_id, code, message[:1000], update_id, self.clock.now(), uuid.uuid4().hex[:16])
+        self.spool.report(self.topics.errors(self.device_id), encode(report), report.report_id)
         self.pump()

@@ -20,20 +20,28 @@ A message's life, per outbox row::
 ``confirm_timeout_s=None`` turns confirmations off: telemetry is then deleted on its PUBACK, as
 for a control plane that sends no confirmations.
 
+A disk that refuses the outbox's bookkeeping writes (full, read-only) costs at most a resend:
+a record not marked taken or not deleted is sent again later and deduplicated by the store.
+
 Threads: :meth:`pump` runs on the device's work loop; :meth:`puback` and :meth:`confirm` may be
 called on the link's network thread. Paho is never called while this class's lock is held.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from edgeloop.device_sdk.errors import StorageError
 
 if TYPE_CHECKING:
     from edgeloop.device_sdk.ports import OutboxStore
 
 __all__ = ["Delivery"]
+
+log = logging.getLogger("edgeloop.agent.delivery")
 
 
 class _Sent(Protocol):     # paho's MQTTMessageInfo, as far as this needs it
@@ -53,6 +61,7 @@ class Delivery:
         self.confirm_timeout_s = confirm_timeout_s
         self.resent = 0                               # telemetry records sent again for lack of confirmation
         self.confirmed = 0                            # records the ingest confirmed that were still here
+        self.write_failures = 0                       # outbox writes the disk refused (a resend each, at most)
         self._lock = threading.Lock()
         self._in_flight: dict[int, tuple[int, bool]] = {}   # paho mid -> (outbox id, waits for confirmation)
         self._early: set[int] = set()                 # PUBACKed before pump recorded the mid
@@ -90,7 +99,7 @@ class Delivery:
         sent = 0
         for item in self.outbox.pending(room, after=after, resend_before=resend_before):
             if item.resend:
-                self.outbox.taken(item.id)          # restart its clock first: one resend per timeout
+                self._write(self.outbox.taken, item.id)   # restart its clock first: one resend per timeout
                 self.resent += 1
             info = self._publish(item.topic, item.payload)
             if info.rc != 0:                        # not connected any more: the reconnect resends
@@ -121,10 +130,19 @@ class Delivery:
     def confirm(self, seqs: list[int], errors: list[str] | None = None) -> None:
         """The ingest is done with these telemetry records (stored, duplicates, or refused) and
         error reports (by report_id)."""
-        self.confirmed += self.outbox.confirm(seqs, errors)
+        self.confirmed += self._write(self.outbox.confirm, seqs, errors) or 0
 
     def _taken(self, outbox_id: int, waits: bool) -> None:
         if not waits or self.confirm_timeout_s is None:
-            self.outbox.ack(outbox_id)
+            self._write(self.outbox.ack, outbox_id)
         else:
-            self.outbox.taken(outbox_id)
+            self._write(self.outbox.taken, outbox_id)
+
+    def _write(self, op: Callable[..., Any], *args: Any) -> Any:
+        """An outbox bookkeeping write; a refusing disk costs a resend, never the caller."""
+        try:
+            return op(*args)
+        except (StorageError, OSError) as e:
+            self.write_failures += 1
+            log.warning("outbox bookkeeping write failed (%s): the message may be sent again", e)
+            return None

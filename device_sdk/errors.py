@@ -8,7 +8,8 @@
     │                           verify.*, health.*) and do not retry the same update
     ├── TransientError          network or broker trouble: retry later, same update
     │                           (reported as ``transport.download`` once retries run out)
-    └── StorageError            the device's own storage failed (reported as ``storage.write``)
+    └── StorageError            the device's own storage failed: ``code`` is ``storage.full``,
+                                ``storage.readonly`` or ``storage.write`` (device_sdk/storage.py)
 """
 
 from __future__ import annotations
@@ -34,4 +35,8 @@ class TransientError(AgentError):
 
 
 class StorageError(AgentError):
-    """Local storage failed (disk full, permissions)."""
+    """Local storage failed (disk full, read-only, another I/O error): ``code`` says which."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.STORAGE_WRITE) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code

@@ -7,7 +7,7 @@ swarm) passes its own to :class:`~device_sdk.agent.Agent` and gets these for the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from edgeloop.contracts import topics
 from edgeloop.contracts.messages import DeviceState, Status, encode
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from edgeloop.device_sdk.agent import AgentConfig
     from edgeloop.device_sdk.ports import Link
 
-__all__ = ["link", "fetcher", "outbox", "sequence"]
+__all__ = ["link", "fetcher", "memory_outbox", "outbox", "sequence"]
 
 
 def link(config: AgentConfig) -> MqttLink:
@@ -34,19 +34,25 @@ def link(config: AgentConfig) -> MqttLink:
                     threaded=config.network_thread)
 
 
-def fetcher(config: AgentConfig, link: Link) -> UpdateClient:
-    """python-tuf over two repositories; package bytes over HTTP (resumable) or MQTT blocks."""
+def fetcher(config: AgentConfig, link: Link, clock: Callable[[], float] | None = None) -> UpdateClient:
+    """python-tuf over two repositories, judging expiry at ``clock()`` (the agent's trusted
+    clock); package bytes over HTTP (resumable) or MQTT blocks."""
     root = Path(config.state_dir)
     blocks = MqttBlockFetcher(link, config.device_id, root / "tuf" / "partial",
                               timeout_s=config.download_timeout_s,
                               fleet=topics.Fleet(config.fleet)) if config.transport == "mqtt" else None
     return UpdateClient(root / "tuf", config.group or config.tier, config.max_package_bytes,
-                        read_timeout_s=config.download_timeout_s, fetcher=blocks)
+                        read_timeout_s=config.download_timeout_s, fetcher=blocks, clock=clock)
 
 
 def outbox(config: AgentConfig) -> Outbox:
-    """SQLite (WAL) at ``<state>/outbox.db``, bounded by the config."""
+    """SQLite (WAL) at ``<state>/outbox.db``, bounded by the config. Raises StorageError."""
     return Outbox(Path(config.state_dir) / "outbox.db", OutboxConfig(config.outbox_max_bytes, config.outbox_max_age_s))
+
+
+def memory_outbox(config: AgentConfig) -> Outbox:
+    """The same outbox in memory (lost on exit): for a disk that will not open the real one."""
+    return Outbox(Path(":memory:"), OutboxConfig(config.outbox_max_bytes, config.outbox_max_age_s))
 
 
 def sequence(config: AgentConfig) -> SequenceCounter:

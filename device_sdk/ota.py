@@ -9,8 +9,10 @@
          any in-flight state ──postponed──▶ idle                      (network trouble: retry)
 
 The state (with the announcement being installed) is persisted in ``state.json`` (a
-:class:`~device_sdk.ports.StateStore`, atomic writes) before each step; a write that fails raises
-StorageError, reported as ``storage.write``. The install is a sequence of steps
+:class:`~device_sdk.ports.StateStore`, atomic writes) before each step, and the state in memory
+changes only once that write succeeded: a write that fails (a full or read-only disk) raises
+StorageError (``storage.full``, ``storage.readonly``, ``storage.write``) and leaves memory and
+disk in agreement, on the last state that was written, with the serving model unchanged. The install is a sequence of steps
 (:meth:`Installer.begin`, then :meth:`Installer.complete` or :meth:`Installer.fetch_failed`) that
 its driver takes when it is ready, so it needs no thread; the download between them is the
 fetcher's. The package is written to the *inactive* slot (fsynced,
@@ -175,8 +177,7 @@ class Installer:
         if manifest.tier != self.tier:
             raise UpdateRefused(ErrorCode.VERIFY_MISMATCH, f"a {manifest.tier} package on a {self.tier} device")
         atomic_write(self.root / "slots" / "a" / "package.elpkg", data)
-        self._state["active_slot"], self._state["model_version"] = "a", manifest.model_version
-        self._store.save(self._state)
+        self._save({**self._state, "active_slot": "a", "model_version": manifest.model_version})
 
     # -- the machine ----------------------------------------------------------------------
     def recover(self) -> Announce | None:
@@ -188,12 +189,10 @@ class Installer:
             self._fire(Event.UNHEALTHY, update["id"], reason="interrupted while testing: rolled back")
             return None
         if update.get("resumes", 0) >= MAX_RESUMES or not update.get("announce"):
-            self._remember_refused(update["id"])
-            self._fire(Event.REFUSED, update["id"],
-                       reason=f"interrupted {update.get('resumes', 0)} times: given up")
+            self._fire(Event.REFUSED, update["id"], reason=f"interrupted {update.get('resumes', 0)} times: given up",
+                       refused=True)
             return None
-        update["resumes"] = update.get("resumes", 0) + 1
-        self._store.save(self._state)
+        self._save({**self._state, "update": {**update, "resumes": update.get("resumes", 0) + 1}})
         return Announce.from_obj(update["announce"])
 
     def install(self, announce: Announce, fetch: Fetch,
@@ -218,6 +217,8 @@ class Installer:
     def begin(self, announce: Announce) -> None:
         """Step 1: enter ``downloading`` (a resumed update re-enters the state it was cut off in)."""
         uid = announce.update_id
+        if self.state == S.TESTING:   # the switch's write failed (a full disk): as after a restart
+            self._fire(Event.UNHEALTHY, self._state["update"]["id"], reason="interrupted while testing: rolled back")
         resumed = self._state["update"]["id"] == uid and self.state in _IN_FLIGHT
         self._fire(Event.START, uid, announce=announce, keep_resumes=resumed)
 
@@ -254,14 +255,12 @@ class Installer:
             return self._refuse(uid, e, Event.UNHEALTHY), None
         if prepared:
             prepared(runtime)
-        self._state["active_slot"] = slot
-        self._state["model_version"] = bundle.manifest.model_version
-        self._fire(Event.PASSED, uid)   # this write is the switch
+        self._fire(Event.PASSED, uid,   # this write is the switch
+                   changes={"active_slot": slot, "model_version": bundle.manifest.model_version})
         return InstallResult(S.COMMITTED, uid, self.model_version, health=health), runtime
 
     def _refuse(self, update_id: str, error: UpdateRefused, event: Event) -> InstallResult:
-        self._remember_refused(update_id)
-        self._fire(event, update_id, reason=error.message, code=error.code)
+        self._fire(event, update_id, reason=error.message, code=error.code, refused=True)
         return InstallResult(self.state, update_id, self.model_version, error.message, error.code)
 
     def _verify(self, announce: Announce, data: bytes) -> Package:
@@ -276,11 +275,16 @@ class Installer:
                                 f"{announce.model_version} for {announce.tier}, device tier {self.tier}")
         return bundle
 
-    def _remember_refused(self, update_id: str) -> None:
-        self._state["refused"] = (self._state["refused"] + [update_id])[-32:]
+    def _save(self, state: dict[str, Any]) -> None:
+        """Persist, then adopt: memory never runs ahead of the disk. Raises StorageError."""
+        self._store.save(state)
+        self._state = state
 
     def _fire(self, event: Event, update_id: str, reason: str | None = None, code: ErrorCode | None = None,
-              announce: Announce | None = None, keep_resumes: bool = False) -> None:
+              announce: Announce | None = None, keep_resumes: bool = False, refused: bool = False,
+              changes: dict[str, Any] | None = None) -> None:
+        """One transition, persisted before it takes effect (with ``changes`` to the state and,
+        with ``refused``, the update remembered as never to be tried again)."""
         key = (self.state, event)
         if key not in TRANSITIONS:
             raise RuntimeError(f"install state machine: no transition for {key}")
@@ -289,8 +293,10 @@ class Installer:
         entry = {"id": update_id, "state": str(new), "reason": reason, "code": code, "at": time.time(),
                  "announce": as_dict(announce) if announce else old.get("announce") if old.get("id") == update_id else None,
                  "resumes": old.get("resumes", 0) if keep_resumes or event != Event.START else 0}
-        self._state["update"] = entry
-        self._store.save(self._state)
+        state = {**self._state, **(changes or {}), "update": entry}
+        if refused:
+            state["refused"] = (self._state["refused"] + [update_id])[-32:]
+        self._save(state)
         self._on_state(new, update_id)
         if self.observer is not None:
             self.observer(new, update_id, reason, code)

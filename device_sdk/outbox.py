@@ -14,6 +14,10 @@ lowest-priority messages are dropped first, and the number dropped is kept so th
 telemetry record can report it. On reconnect, or after a restart, the outbox is flushed in
 order. A message may be sent twice (acknowledgement lost); receivers deduplicate on
 (device_id, seq).
+
+A write the disk refuses (full, read-only) raises :class:`~device_sdk.errors.StorageError` with
+the fault's code and changes nothing; the agent then holds the message in memory
+(device_sdk/spool.py) and hands it over again, in order, once the disk takes writes.
 """
 
 from __future__ import annotations
@@ -21,8 +25,14 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from edgeloop.contracts.codes import ErrorCode
+from edgeloop.device_sdk.errors import StorageError
+from edgeloop.device_sdk.storage import fault_code
 
 __all__ = ["Outbox", "OutboxConfig", "Pending"]
 
@@ -51,12 +61,31 @@ class Pending:
         return self.seq is not None or self.ref is not None
 
 
+def _fault(error: sqlite3.Error) -> ErrorCode:
+    """What SQLite's refusal says about the disk (its primary result code)."""
+    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return ErrorCode.STORAGE_FULL
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN):
+        return ErrorCode.STORAGE_READONLY
+    return ErrorCode.STORAGE_WRITE
+
+
 class Outbox:
     def __init__(self, path: Path, config: OutboxConfig = OutboxConfig()) -> None:
         """``path``: the SQLite file (``Path(":memory:")``: the same outbox, lost on exit; for
-        simulated devices that never restart)."""
+        simulated devices that never restart). Raises StorageError when the disk will not open
+        or create it (full, read-only)."""
         self.config = config
         self._lock = threading.Lock()
+        try:
+            self._open(path)
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot open the outbox {path}: {e}", _fault(e)) from e
+        except OSError as e:
+            raise StorageError(f"cannot open the outbox {path}: {e}", fault_code(e)) from e
+
+    def _open(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -75,7 +104,7 @@ class Outbox:
             ref: str | None = None) -> None:
         """Keep a message to send. ``seq`` (a telemetry record's sequence number) or ``ref`` (an
         error report's id) makes it wait for the ingest's confirmation after the broker took it."""
-        with self._lock:
+        with self._writing("keep a message"):
             self._db.execute("INSERT INTO outbox (topic, payload, priority, created, size, seq, ref) VALUES "
                              "(?, ?, ?, ?, ?, ?, ?)", (topic, payload, priority, time.time(), len(payload), seq, ref))
             self._enforce_bounds()
@@ -94,7 +123,7 @@ class Outbox:
 
     def ack(self, message_id: int) -> None:
         """The message is done with: delete it."""
-        with self._lock:
+        with self._writing("delete a sent message"):
             self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
 
     def taken(self, message_id: int) -> None:
@@ -108,7 +137,7 @@ class Outbox:
         many were here."""
         if not seqs and not refs:
             return 0
-        with self._lock:
+        with self._writing("delete confirmed messages"):
             before = self._db.total_changes
             self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
             self._db.executemany("DELETE FROM outbox WHERE ref = ?", [(r,) for r in refs or ()])
@@ -125,7 +154,7 @@ class Outbox:
 
     def take_dropped(self) -> int:
         """How many messages were dropped since the last call (and reset the count)."""
-        with self._lock:
+        with self._writing("reset the drop count"):
             row = self._db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', 0)")
         return int(row[0]) if row else 0
@@ -133,6 +162,15 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Under the lock; an sqlite error (the disk full or read-only) becomes StorageError."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as e:
+                raise StorageError(f"outbox cannot {what}: {e}", _fault(e)) from e
 
     def _enforce_bounds(self) -> None:
         dropped = self._db.execute("DELETE FROM outbox WHERE created < ?",

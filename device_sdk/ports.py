@@ -15,6 +15,11 @@ OutboxStore     device_sdk.outbox.Outbox (SQLite)           the same, SQLite in 
 SequenceStore   device_sdk.telemetry.SequenceCounter        the same, on tmpfs
 ==============  ==========================================  =====================================
 
+The three stores' writes raise :class:`~device_sdk.errors.StorageError` whose ``code`` names the
+fault (``storage.full``, ``storage.readonly``, ``storage.write``; an OSError is taken the same
+way) and change nothing; the agent keeps serving through them (device_sdk/spool.py, the
+installer's persist-then-transition).
+
 A fetcher is *started* and then *asked*: :meth:`UpdateFetcher.result` returns ``None`` while a
 download is still under way (an asynchronous fetcher) or does the whole download before it
 returns (a blocking one, run from the device's control thread), so one agent works with both.
@@ -99,7 +104,8 @@ class OutboxStore(Protocol):
 
 
 class SequenceStore(Protocol):
-    """The device's persisted, strictly increasing telemetry record number."""
+    """The device's persisted, strictly increasing telemetry record number: :meth:`take`
+    persists the next number before it hands it out, and hands out nothing if that fails."""
 
     @property
     def issued(self) -> int: ...

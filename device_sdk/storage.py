@@ -2,19 +2,38 @@
 
 Every file the agent writes goes through :func:`atomic_write`: a temporary file in the same
 folder, fsync, ``os.replace``, then fsync of the folder, so a power cut leaves either the old
-or the new file, never a torn one.
+or the new file, never a torn one. A write that fails raises :class:`StorageError` whose
+``code`` names the fault (:func:`fault_code`): ``storage.full`` (ENOSPC, EDQUOT),
+``storage.readonly`` (EROFS, EACCES, EPERM) or ``storage.write``; the agent keeps serving and
+reports it (docs/ota.md, "Faults").
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from edgeloop.contracts.codes import ErrorCode
 from edgeloop.device_sdk.errors import StorageError
 
-__all__ = ["atomic_write", "read_json", "write_json", "JsonFile"]
+__all__ = ["atomic_write", "fault_code", "read_json", "write_json", "JsonFile"]
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def fault_code(error: BaseException) -> ErrorCode:
+    """What a failed write says about the disk: ``storage.full``, ``storage.readonly`` or
+    ``storage.write``, for an OSError or a StorageError (the outbox classifies SQLite's own)."""
+    if isinstance(error, StorageError):
+        return error.code
+    if isinstance(error, OSError):
+        return ErrorCode.STORAGE_FULL if error.errno in _FULL else \
+            ErrorCode.STORAGE_READONLY if error.errno in _READONLY else ErrorCode.STORAGE_WRITE
+    return ErrorCode.STORAGE_WRITE
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -36,7 +55,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         finally:
             os.close(dir_fd)
     except OSError as e:
-        raise StorageError(f"cannot write {path}: {e}") from e
+        raise StorageError(f"cannot write {path}: {e}", fault_code(e)) from e
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -64,5 +83,5 @@ class JsonFile:
         return data if isinstance(data, dict) else None
 
     def save(self, state: dict[str, Any]) -> None:
-        """Raises StorageError (reported as ``storage.write``)."""
+        """Raises StorageError (``storage.full``, ``storage.readonly``, ``storage.write``)."""
         write_json(self.path, state)

@@ -4,13 +4,15 @@ A window accumulates counts (inferences, labelled, correct), a prediction histog
 confidence histogram (10 bins over [0, 1]) and latencies, then becomes one
 :class:`edgeloop.contracts.messages.Telemetry` record with the next per-device sequence number. The
 sequence counter is persisted before the record is handed to the transport, so a restart
-never reuses a number (the cloud deduplicates on (device_id, seq)).
+never reuses a number (the cloud deduplicates on (device_id, seq)), and it advances only once
+that write succeeded, so a failed write (a full disk) skips no number either.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -38,9 +40,11 @@ class SequenceCounter:
         return self._next
 
     def take(self) -> int:
+        """The next number, persisted first. Raises StorageError, and hands out nothing, when
+        the write fails (the same number comes next time)."""
         seq = self._next
-        self._next += 1
-        write_json(self.path, {"next_seq": self._next})
+        write_json(self.path, {"next_seq": seq + 1})
+        self._next = seq + 1
         return seq
 
 
@@ -135,19 +139,22 @@ class TelemetryWindow:
     labels scored: classes (``n_bins`` of them), regression bins with the absolute error summed
     (``abs_err_sum``), or the normal/anomaly flags."""
 
-    def __init__(self, n_bins: int, baseline: dict | None = None, task: TaskSpec = CLASSIFICATION) -> None:
+    def __init__(self, n_bins: int, baseline: dict | None = None, task: TaskSpec = CLASSIFICATION,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``clock``: the time windows are stamped with (the agent's trusted clock, device_sdk/clock.py)."""
         self.task = task
+        self.clock = clock
         self.n_classes = task.n_bins(n_bins)
         self.baseline = baseline if baseline and baseline.get("features") else None
         self.reset()
 
     @classmethod
-    def for_manifest(cls, manifest: Manifest) -> TelemetryWindow:
-        return cls(len(manifest.labels), manifest.baseline, manifest.task)
+    def for_manifest(cls, manifest: Manifest, clock: Callable[[], float] = time.time) -> TelemetryWindow:
+        return cls(len(manifest.labels), manifest.baseline, manifest.task, clock)
 
     def reset(self) -> None:
         self.summary = FeatureSummary(self.baseline) if self.baseline else None
-        self.start = time.time()
+        self.start = self.clock()
         self.count = self.labelled = self.correct = self.errors = 0
         self.abs_err_sum = 0.0
         self.predictions = [0] * self.n_classes
@@ -179,7 +186,7 @@ class TelemetryWindow:
         lat = np.asarray(self.latencies or [0.0])
         record = Telemetry(
             device_id=device_id, seq=seq, model_version=model_version, window_start=self.start,
-            window_end=max(self.start, time.time()), count=self.count, labelled=self.labelled,
+            window_end=max(self.start, self.clock()), count=self.count, labelled=self.labelled,
             correct=self.correct, predictions=list(self.predictions), confidence_hist=list(self.confidence),
             latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_max=float(lat.max()), errors=self.errors,
             features=self.summary.to_obj() if self.summary is not None and self.count else None,

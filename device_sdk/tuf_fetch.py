@@ -11,6 +11,11 @@ and hashes, then downloads the package from the image repository through a
 Every failure becomes an :class:`UpdateRefused` with a specific code, or a
 :class:`TransientError` (network trouble; the download resumes on the next attempt).
 
+Expiry is judged at ``clock()`` (the agent's :class:`~device_sdk.clock.TrustedClock`: the control
+plane's signed time once the device has it, within its round-trip bound), not at the device's
+wall clock: python-tuf 7 reads the time once, as ``TrustedMetadataSet.reference_time`` when an
+Updater is made, and that one attribute is set right after (:func:`_judge_at`).
+
 Device layout (``<state>/tuf``)::
 
     image/metadata/root.json      trusted image root (provisioned), then newer versions
@@ -25,7 +30,9 @@ import hashlib
 import logging
 import shutil
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
@@ -64,10 +71,12 @@ class Resolved:
 
 class UpdateClient:
     def __init__(self, tuf_dir: Path, group: str, max_bytes: int, read_timeout_s: float = 30.0,
-                 fetcher: FetcherInterface | None = None) -> None:
+                 fetcher: FetcherInterface | None = None, clock: Callable[[], float] | None = None) -> None:
         """``fetcher``: how bytes travel (default: HTTP with resume). An MQTT block fetcher
-        ignores the announced URLs and uses ``mqtt://image`` and ``mqtt://director``."""
+        ignores the announced URLs and uses ``mqtt://image`` and ``mqtt://director``.
+        ``clock``: the time metadata expiry is judged at (default: the wall clock)."""
         self.tuf_dir = Path(tuf_dir)
+        self.clock = clock
         self.group = group
         self.config = UpdaterConfig(targets_max_length=max_bytes)
         self.fetcher = fetcher or ResumableFetcher(self.tuf_dir / "partial", read_timeout=read_timeout_s)
@@ -116,10 +125,13 @@ class UpdateClient:
         if not (meta / "root.json").exists():
             raise UpdateRefused(ErrorCode.VERIFY_METADATA, f"this device has no trusted {repo} root (not provisioned)")
         base = base_url.rstrip("/")
-        return Updater(metadata_dir=str(meta), metadata_base_url=f"{base}/metadata/",
-                       target_dir=str(self.tuf_dir / repo / "targets") if with_targets else None,
-                       target_base_url=f"{base}/targets/" if with_targets else None,
-                       fetcher=self.fetcher, config=self.config, bootstrap=None)
+        updater = Updater(metadata_dir=str(meta), metadata_base_url=f"{base}/metadata/",
+                          target_dir=str(self.tuf_dir / repo / "targets") if with_targets else None,
+                          target_base_url=f"{base}/targets/" if with_targets else None,
+                          fetcher=self.fetcher, config=self.config, bootstrap=None)
+        if self.clock is not None:
+            _judge_at(updater, self.clock())
+        return updater
 
     def _fetch(self, announce: Announce, base: bytes | None = None) -> bytes:
         director = self._updater("director", "mqtt://director" if self.over_mqtt else announce.director,
@@ -169,3 +181,12 @@ class UpdateClient:
             return None
         self.last_delivery = "delta"
         return data
+
+
+def _judge_at(updater: Updater, t: float) -> None:
+    """Make ``updater`` judge expiry at ``t`` (python-tuf 7: the trusted set's ``reference_time``,
+    read at every expiry check and set once, when the Updater is made; there is no public hook)."""
+    trusted = updater._trusted_set   # noqa: SLF001 - the one narrow patch point, see the module doc
+    if not hasattr(trusted, "reference_time"):
+        raise RuntimeError("this python-tuf has no TrustedMetadataSet.reference_time: update _judge_at")
+    trusted.reference_time = datetime.fromtimestamp(t, timezone.utc)

@@ -7,7 +7,8 @@ Rules the generated configuration enforces (Mosquitto 2.0, mosquitto.conf(5)):
   access. The certificate's CN is the client's username (``use_identity_as_username``).
 - A device (username = its device id) may publish only to its own fleet's
   ``edgeloop/v2/<fleet>/devices/<id>/`` ``status``, ``telemetry``, ``errors`` and
-  ``blocks/req``, and receive only its own ``cmd``, ``blocks`` and ``telemetry/ack`` and its
+  ``blocks/req`` and ``time/req``, and receive only its own ``cmd``, ``blocks``, ``telemetry/ack``
+  and ``time`` and its
   fleet's ``edgeloop/v2/<fleet>/updates/#``: ACL ``pattern`` lines on ``%u`` with the
   workspace's fleet id written in (``Workspace.fleet``), so nothing of another fleet on the
   same broker is reachable. Mosquitto
@@ -74,9 +75,11 @@ DEVICE_RULES = (
     ("write", "{fleet}/devices/%u/telemetry"),
     ("write", "{fleet}/devices/%u/errors"),
     ("write", "{fleet}/devices/%u/blocks/req"),
+    ("write", "{fleet}/devices/%u/time/req"),
     ("read", "{fleet}/devices/%u/cmd"),
     ("read", "{fleet}/devices/%u/blocks"),
     ("read", "{fleet}/devices/%u/telemetry/ack"),
+    ("read", "{fleet}/devices/%u/time"),
     ("read", "{fleet}/updates/#"),
 )
 

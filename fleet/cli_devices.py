@@ -106,12 +106,26 @@ def _devices_ls(args: argparse.Namespace, out: Output) -> int:
     rows = remote.client(args).devices(where.tier, where.state, where.tags, where.group, where.online) \
         if args.server else open_fleet(open_workspace(args)).devices(where)
     out.table("devices", ["device", "tier", "state", "online", "model", "target", "groups", "last seen",
-                          "reason / last error"],
+                          "clock", "reason / last error"],
               [[d["device_id"] + (" (revoked)" if d["revoked"] else ""), d["tier"], d["state"],
                 "yes" if d["online"] else "no", d["model_version"], d["target_model_version"],
                 ",".join(d["groups"]) or None, ago(d["last_seen"]) if d["last_seen"] else "never",
-                d["reason"] or d["last_error"]] for d in rows], {"devices": rows})
+                _clock(d.get("clock_offset_s")), d["reason"] or d["last_error"]] for d in rows], {"devices": rows})
     return 0
+
+
+def _clock(offset_s: float | None) -> str | None:
+    """How far the device's clock is off the control plane's signed time (its status's
+    ``clock_offset_s`` is signed time minus device clock: a device ahead shows ``+``)."""
+    if offset_s is None:
+        return None
+    ahead = -offset_s
+    if abs(ahead) < 1.0:
+        return "ok"
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if abs(ahead) >= size:
+            return f"{ahead / size:+.1f}{unit}"
+    return f"{ahead:+.0f}s"
 
 
 @remote_ok

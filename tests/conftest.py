@@ -123,8 +123,10 @@ def make_live(broker, tmp_path, devices: int = 2, agent_overrides: dict | None =
     repo.init()
     director.init()
     server = RepositoryServer(ws.repository_dir, director_dir=ws.director_dir).start()
+    from edgeloop.cloud.ingest.time_server import TimeServer
     cp = ControlPlane(registry, broker.host, broker.port, fleet=ws.fleet,
-                      repositories={"image": ws.repository_dir, "director": ws.director_dir}).start()
+                      repositories={"image": ws.repository_dir, "director": ws.director_dir},
+                      time_server=TimeServer.for_director(director)).start()
     _, _, test = load_dataset().split()
     env = SimpleNamespace(ws=ws, registry=registry, repo=repo, director=director, server=server, cp=cp,
                           test=test, seed=0, repository_url=server.url, director_url=server.director_url)

@@ -9,7 +9,6 @@ reason                rule
                       this id is not one of them
 ``revoked``           the device's certificate was revoked
 ``future-seq``        ``seq`` is more than ``max_seq_jump`` past the highest stored for the device
-``future-time``       the window ends more than ``max_clock_skew_s`` after the control plane's now
 ``baseline-mismatch`` the feature summary was counted on other bin edges than the baseline of the
                       record's model version (``features.edges`` digest, or the histogram shape)
 ===================== ==========================================================================
@@ -17,19 +16,29 @@ reason                rule
 Refused records are never stored as telemetry; ingest counts them and keeps one row per refusal
 in ``telemetry_rejects`` (reason and detail), so an operator sees what was refused and why. The
 checks read the registry once per batch, never per record.
+
+A record with an impossible time (its window ends more than ``max_clock_skew_s`` after the
+control plane's now, or starts before :data:`EARLIEST_TIME`: a device clock that runs ahead or
+was reset) is good data from a bad clock: it is *stored*, never refused, with its window moved
+to end at the ingest's receive time (its length kept), flagged ``clock_suspect`` and the device's
+own times kept in ``device_window_start`` / ``device_window_end`` (:data:`RETIMED` keys of
+``extra``, which the ingest turns into those columns). Only then is it confirmed to the device.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from edgeloop.contracts.baseline_digest import edges_digest
 from edgeloop.contracts.messages import Telemetry
 from edgeloop.cloud.registry import Registry
 
-__all__ = ["IngestLimits", "Reject", "TelemetryGate"]
+__all__ = ["EARLIEST_TIME", "IngestLimits", "RETIMED", "Reject", "TelemetryGate"]
+
+EARLIEST_TIME = 1_577_836_800.0     # 2020-01-01 UTC: no edgeloop device recorded a window before it
+RETIMED = ("clock_suspect", "device_window_start", "device_window_end")   # extra keys the gate sets
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,19 @@ class TelemetryGate:
             if reason:
                 rejects.append(Reject(r.device_id, r.seq, *reason))
             else:
-                good.append(r)
+                good.append(self._retimed(r, now))
                 last[r.device_id] = max(last.get(r.device_id, -1), r.seq)
         return good, rejects
+
+    def _retimed(self, r: Telemetry, now: float) -> Telemetry:
+        """The record, or, when its time is impossible, the same record at the receive time,
+        flagged, with the device's own times kept (a device cannot set these keys itself)."""
+        extra = {k: v for k, v in r.extra.items() if k not in RETIMED}
+        if r.window_end <= now + self.limits.max_clock_skew_s and r.window_start >= EARLIEST_TIME:
+            return replace(r, extra=extra) if len(extra) != len(r.extra) else r
+        length = min(max(0.0, r.window_end - r.window_start), self.limits.max_clock_skew_s)
+        extra.update(clock_suspect=True, device_window_start=r.window_start, device_window_end=r.window_end)
+        return replace(r, window_start=now - length, window_end=now, extra=extra)
 
     def _reason(self, r: Telemetry, enrolled: set[str] | None, revoked: set[str], last: dict[str, int],
                 now: float) -> tuple[str, str] | None:
@@ -82,8 +101,6 @@ class TelemetryGate:
             return "unknown-device", "not enrolled in this fleet"
         if r.device_id in last and r.seq > last[r.device_id] + self.limits.max_seq_jump:
             return "future-seq", f"seq {r.seq} is far past the last stored {last[r.device_id]}"
-        if r.window_end > now + self.limits.max_clock_skew_s:
-            return "future-time", f"window ends {r.window_end - now:.0f} s in the future"
         if r.features is not None and r.model_version:
             expected = self._baseline(r.model_version)
             if expected is not None:

@@ -21,6 +21,9 @@ and then each device whose telemetry was in the batch gets an ``edgeloop.telemet
 the records the store now has (or refused): only that lets the device delete them from its
 outbox (device_sdk/delivery.py), so a record the broker took but delivered to nobody (a broker
 restarted before the ingest subscribed again) is sent again, and stored exactly once.
+
+With a ``time_server`` (cloud/ingest/time_server.py) it also answers devices' time requests with
+signed time, straight from the connection's thread (nothing is stored).
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from pathlib import Path
 from edgeloop.contracts import topics
 from edgeloop.contracts.errors import ContractError
 from edgeloop.contracts.messages import MAX_ACK_SEQS
-from edgeloop.contracts.messages import (Announce, Command, DeviceState, ErrorReport, Status, Telemetry, TelemetryAck, as_dict,
-                                encode, parse)
+from edgeloop.contracts.messages import (Announce, Command, DeviceState, ErrorReport, Status, Telemetry, TelemetryAck,
+                                        TimeRequest, as_dict, encode, parse)
 from edgeloop.cloud.release.block_server import BlockServer
 from edgeloop.cloud.errors import ServiceUnavailable, UserError
-from edgeloop.cloud.ingest.checks import Reject, TelemetryGate
+from edgeloop.cloud.ingest.checks import RETIMED, Reject, TelemetryGate
+from edgeloop.cloud.ingest.time_server import TimeServer
 from edgeloop.cloud.ingest.mqtt_session import ConnectRefused, Incoming, MqttSession, Publication
 from edgeloop.cloud.registry import Registry
 
@@ -69,6 +73,8 @@ class IngestStats:
     rejected: int = 0                   # telemetry refused as data (cloud/ingest/checks.py), by reason:
     rejects: dict[str, int] = field(default_factory=dict)
     confirmations: int = 0              # edgeloop.telemetry_ack/1 messages sent to devices
+    clock_suspect: int = 0              # records stored at the receive time: the device's was impossible
+    times_signed: int = 0               # edgeloop.time/1 answers sent
 
 
 class ControlPlane:
@@ -76,7 +82,8 @@ class ControlPlane:
                  repositories: dict[str, Path] | None = None,
                  session: str | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
                  tls_key: Path | None = None, share_group: str = SHARE_GROUP, shared: bool = True,
-                 confirm: bool = True, fleet: str = topics.DEFAULT_FLEET) -> None:
+                 confirm: bool = True, fleet: str = topics.DEFAULT_FLEET,
+                 time_server: TimeServer | None = None) -> None:
         """``fleet``: the fleet id whose topics this control plane serves (the workspace's
         ``Workspace.fleet``); it neither hears nor addresses another fleet's devices.
         ``share_group``: the MQTT 5 shared-subscription group ingest workers split the stream
@@ -91,8 +98,9 @@ class ControlPlane:
         ``tls_ca``: connect over TLS, trusting this CA; with ``tls_cert`` and ``tls_key``, mutual
         TLS as the identity they hold (an edgeloop broker's ACL gives ``edgeloop-control-plane``
         the control plane's rights). ``confirm``: tell each device which of its records are stored
-        (``edgeloop.telemetry_ack/1``, QoS 0) after every batch. Raises UserError for TLS files that
-        cannot be used or a malformed fleet id."""
+        (``edgeloop.telemetry_ack/1``, QoS 0) after every batch. ``time_server``: answer devices'
+        time requests with signed time. Raises UserError for TLS files that cannot be used or a
+        malformed fleet id."""
         try:
             self.topics = topics.Fleet(fleet)
         except ValueError as e:
@@ -106,6 +114,7 @@ class ControlPlane:
         self.share_group = share_group
         self.shared = shared
         self.confirm = confirm
+        self.time_server = time_server
         tls = self._tls(tls_ca, tls_cert, tls_key) if tls_ca or tls_cert or tls_key else None
         self.client = MqttSession(session or client_id or f"edgeloop-cp-{uuid.uuid4().hex[:8]}", host, port,
                                   keepalive=30, clean_start=not session,
@@ -197,6 +206,8 @@ class ControlPlane:
                          (f"{prefix}{self.topics.errors_all()}", 1)]
         if self.blocks is not None:
             subscriptions.append((f"$share/{self.group}-blocks/{self.topics.block_requests_all()}", 1))
+        if self.time_server is not None:
+            subscriptions.append((f"$share/{self.group}-time/{self.topics.time_requests_all()}", 0))
         self._subscribe_mid = self.client.subscribe(subscriptions)
 
     def _on_subscribe(self, mid: int, reason_codes: list[int]) -> None:
@@ -214,6 +225,9 @@ class ControlPlane:
             for m in batch:
                 if self.blocks is not None and m.topic.endswith("/blocks/req"):
                     self.blocks.submit(m.topic, m.payload)      # its own thread answers
+                    served.append(m.packet_id)
+                elif m.topic.endswith("/time/req"):
+                    self._answer_time(m.topic, m.payload)
                     served.append(m.packet_id)
                 else:
                     rest.append(m)
@@ -245,7 +259,8 @@ class ControlPlane:
             elif isinstance(msg, Status):
                 self.stats.statuses += 1
                 statuses.append({"device_id": msg.device_id, "tier": msg.tier, "state": str(msg.state),
-                                 "model_version": msg.model_version, "update_id": msg.update_id, "reason": msg.reason})
+                                 "model_version": msg.model_version, "update_id": msg.update_id, "reason": msg.reason,
+                                 "faults": msg.faults, "clock_offset_s": msg.clock_offset_s})
                 if msg.state == DeviceState.COMMITTED and msg.update_id:
                     installed.append((msg.update_id, msg.device_id))
             elif isinstance(msg, ErrorReport):
@@ -259,12 +274,30 @@ class ControlPlane:
             # shallow: dataclasses.asdict would deep-copy every histogram (9 ms a record)
             rows = [{f.name: getattr(msg, f.name) for f in fields(msg)} for msg in good]
             for row in rows:
-                row.pop("extra", None)
+                extra = row.pop("extra", None) or {}
+                if extra.get("clock_suspect"):       # stored at the receive time (cloud/ingest/checks.py)
+                    row.update({k: extra[k] for k in RETIMED})
+                    self.stats.clock_suspect += 1
             new = self.registry.add_telemetry(rows)
             self.stats.telemetry_stored += new
             self.stats.telemetry_duplicates += len(rows) - new
         if self.confirm:
             self._confirm(good, refused, reports)
+
+    def _answer_time(self, topic: str, payload: bytes) -> None:
+        """Sign the time for a device's nonce; a malformed request is counted and dropped."""
+        device = self.topics.device_from_topic(topic)
+        try:
+            request = parse(payload, expect=TimeRequest)
+        except ContractError as e:
+            self.stats.malformed += 1
+            log.warning("dropped malformed time request on %s: %s", topic, e)
+            return
+        if self.time_server is None or device is None or request.device_id != device:
+            self.stats.malformed += 1
+            return
+        self.client.publish(self.topics.time(device), encode(self.time_server.answer(request)), qos=0)
+        self.stats.times_signed += 1
 
     def _confirm(self, good: list[Telemetry], refused: list[Reject], reports: list[ErrorReport]) -> None:
         """After the commit: tell each device which of its records (and error reports, by

@@ -258,6 +258,12 @@ class Repository:
         return report
 
     # -- internals ----------------------------------------------------------------------
+    def role_signers(self, role: str) -> list[CryptoSigner]:
+        """The keys of ``role`` in the current root that are on this machine (at least its
+        threshold; the time server signs with the director's timestamp keys). Raises UserError."""
+        self._require_init()
+        return self._signers(role, self._load("root").signed)
+
     def _require_init(self) -> None:
         if not self.initialized:
             raise UserError(f"the repository at {self.dir} is not initialized (run: edgeloop init)")

@@ -17,21 +17,26 @@ __all__ = ["DeviceFilter", "FleetOps"]
 
 _TELEMETRY_COLUMNS = ("device_id", "seq", "model_version", "window_start", "window_end", "count", "labelled", "correct",
                       "errors", "latency_ms_p50", "latency_ms_max", "predictions", "confidence_hist", "features",
-                      "samples", "abs_err_sum", "received_at")
+                      "samples", "abs_err_sum", "received_at", "clock_suspect", "device_window_start",
+                      "device_window_end")
 _INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) "
                      f"VALUES ({', '.join('?' * len(_TELEMETRY_COLUMNS))})")
 
 _STATUS_UPSERT = (
-    "insert into devices (device_id, tier, state, model_version, update_id, reason, first_seen, last_seen) "
-    "values (:device_id, :tier, :state, :model_version, :update_id, :reason, :now, :now) "
+    "insert into devices (device_id, tier, state, model_version, update_id, reason, faults, clock_offset_s, "
+    "first_seen, last_seen) "
+    "values (:device_id, :tier, :state, :model_version, :update_id, :reason, :faults, :clock_offset_s, :now, :now) "
     "on conflict(device_id) do update set tier = excluded.tier, state = excluded.state, "
     "model_version = case when excluded.state = 'offline' and excluded.model_version is null "
     "then devices.model_version else excluded.model_version end, "
     "update_id = case when excluded.state = 'offline' and excluded.model_version is null "
     "then coalesce(excluded.update_id, devices.update_id) else excluded.update_id end, "
     "reason = excluded.reason, first_seen = coalesce(devices.first_seen, excluded.first_seen), "
+    # the last will says nothing of faults or the clock: what the device said last stays
+    "faults = case when excluded.state = 'offline' then devices.faults else excluded.faults end, "
+    "clock_offset_s = coalesce(excluded.clock_offset_s, devices.clock_offset_s), "
     "last_seen = excluded.last_seen")
-_STATUS_KEYS = ("device_id", "tier", "state", "model_version", "update_id", "reason")
+_STATUS_KEYS = ("device_id", "tier", "state", "model_version", "update_id", "reason", "faults", "clock_offset_s")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ def _select(since: float, where: DeviceFilter, device_id: str | None = None) -> 
 
 def _fleet_row(row: dict[str, Any]) -> dict[str, Any]:
     row["tags"] = json.loads(row["tags"]) if row.get("tags") else {}
+    row["faults"] = json.loads(row["faults"]) if row.get("faults") else {}
     row["groups"] = json.loads(row["groups"]) if row.get("groups") else []
     row["online"] = bool(row["online"])
     row["revoked"] = bool(row.get("revoked"))
@@ -107,7 +113,9 @@ class FleetOps(SqliteBase):
             return
         now = time.time()
         with self._tx() as conn:
-            conn.executemany(_STATUS_UPSERT, [{**{k: r.get(k) for k in _STATUS_KEYS}, "now": now} for r in rows])
+            conn.executemany(_STATUS_UPSERT, [{**{k: r.get(k) for k in _STATUS_KEYS}, "now": now,
+                                               "faults": dumps(r["faults"]) if r.get("faults") else None}
+                                              for r in rows])
             conn.executemany(
                 "insert into lineage (src, dst, relation, created_at) values (?, ?, 'installed', ?) "
                 "on conflict(src, dst, relation) do update set created_at = excluded.created_at",
@@ -188,7 +196,9 @@ class FleetOps(SqliteBase):
                    r.get("count"), r.get("labelled"), r.get("correct"), r.get("errors", 0), r.get("latency_ms_p50"),
                    r.get("latency_ms_max"), dumps(r.get("predictions")), dumps(r.get("confidence_hist")),
                    dumps(r["features"]) if r.get("features") else None,
-                   dumps(r["samples"]) if r.get("samples") else None, r.get("abs_err_sum"), now) for r in rows]
+                   dumps(r["samples"]) if r.get("samples") else None, r.get("abs_err_sum"), now,
+                   1 if r.get("clock_suspect") else None, r.get("device_window_start"), r.get("device_window_end"))
+                  for r in rows]
         with self._lock:
             conn = self._conn
             before = conn.total_changes

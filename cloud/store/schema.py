@@ -53,11 +53,13 @@ TABLES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
     "devices": ((("device_id", T), ("tier", T), ("state", T), ("model_version", T), ("update_id", T), ("reason", T),
                  ("first_seen", R), ("last_seen", R), ("hardware", T), ("tags", T), ("groups", T),
                  ("target_model_version", T), ("enrolled_at", R), ("cert_serial", T), ("cert_fingerprint", T),
-                 ("cert_not_after", R), ("revoked", I), ("revoked_at", R)), ("device_id",)),
+                 ("cert_not_after", R), ("revoked", I), ("revoked_at", R), ("faults", T), ("clock_offset_s", R)),
+                ("device_id",)),
     "telemetry": ((("device_id", T), ("seq", I), ("model_version", T), ("window_start", R), ("window_end", R),
                    ("count", I), ("labelled", I), ("correct", I), ("errors", I), ("latency_ms_p50", R),
                    ("latency_ms_max", R), ("predictions", T), ("confidence_hist", T), ("features", T),
-                   ("samples", T), ("received_at", R), ("abs_err_sum", R)), ("device_id", "seq")),
+                   ("samples", T), ("received_at", R), ("abs_err_sum", R), ("clock_suspect", I),
+                   ("device_window_start", R), ("device_window_end", R)), ("device_id", "seq")),
     "device_errors": ((("id", I), ("device_id", T), ("update_id", T), ("code", T), ("message", T), ("ts", R),
                        ("received_at", R), ("report_id", T)), ("id",)),
     "telemetry_rejects": ((("id", I), ("device_id", T), ("seq", I), ("reason", T), ("detail", T), ("topic", T),
@@ -136,18 +138,31 @@ def _v3(conn: sqlite3.Connection) -> None:
         conn.execute('ALTER TABLE "packages" ADD COLUMN "baseline_sha256" TEXT')
 
 
+def _add_columns(conn: sqlite3.Connection, table: str, columns: tuple[tuple[str, str], ...]) -> None:
+    have = {row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')}
+    for column, kind in columns:
+        if column not in have:
+            conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}')
+
+
 def _v4(conn: sqlite3.Connection) -> None:
     """Version 4: ``runs.pid`` and ``runs.host``, the process training a run, so a run left
     ``running`` by a process that is gone is recognised (and marked ``interrupted``). Runs from
     before it have none recorded: they stay as they are."""
-    have = {row[1] for row in conn.execute('PRAGMA table_info("runs")')}
-    for column, kind in (("pid", "INTEGER"), ("host", "TEXT")):
-        if column not in have:
-            conn.execute(f'ALTER TABLE "runs" ADD COLUMN "{column}" {kind}')
+    _add_columns(conn, "runs", (("pid", I), ("host", T)))
+
+
+def _v5(conn: sqlite3.Connection) -> None:
+    """Version 5: the faults a device reports (``devices.faults``, ``devices.clock_offset_s``: its
+    clock against the control plane's signed time) and telemetry stored with the ingest's time
+    because the device's was impossible (``telemetry.clock_suspect``, the device's own window
+    times in ``device_window_start``/``device_window_end``). Rows from before have none."""
+    _add_columns(conn, "devices", (("faults", T), ("clock_offset_s", R)))
+    _add_columns(conn, "telemetry", (("clock_suspect", I), ("device_window_start", R), ("device_window_end", R)))
 
 
 # MIGRATIONS[i] takes a database from version i to version i + 1
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
