@@ -53,12 +53,13 @@ class Output:
         elif human is not None:
             self.line(human)
 
-    def view(self, obj: Mapping[str, Any], title: str | None = None, times: Sequence[str] = ()) -> None:
-        """One record: its JSON with --json, else aligned ``key  value`` lines (:func:`kv_lines`)."""
+    def view(self, obj: Mapping[str, Any], times: Sequence[str] = ()) -> None:
+        """One record: its JSON with --json (times stay epoch seconds), else aligned ``key  value``
+        lines (:func:`kv_lines`)."""
         if self.as_json:
             print(json.dumps(obj, sort_keys=True, default=str))
             return
-        self.line("\n".join(([title] if title else []) + kv_lines(obj, times)))
+        self.line("\n".join(kv_lines(obj, times)))
 
     def table(self, title: str, columns: Sequence[str], rows: list[Sequence[Any]], obj: Any) -> None:
         if self.as_json:
@@ -113,28 +114,52 @@ def printable(text: str) -> str:
 
 
 def kv_lines(obj: Mapping[str, Any], times: Sequence[str] = (), indent: int = 0) -> list[str]:
-    """``obj`` as aligned ``key  value`` lines: nested mappings indented under their key, lists of
-    scalars joined with commas, lists of mappings one indented block per item, None as ``-``;
-    the keys named in ``times`` (epoch seconds) as ISO 8601 UTC with how long ago."""
-    from edgeloop.fleet._workspace import when
-
+    """``obj`` as aligned ``key  value`` lines: nested mappings indented under their key, lists
+    of scalars joined with commas, lists of mappings one line per item where it fits (else an
+    indented block each), None as ``-``, floats to 6 significant digits. Times (epoch seconds)
+    read as ISO 8601 UTC and how long ago (:func:`edgeloop.fleet._workspace.when`): the keys
+    named in ``times`` and every key ending in ``_at``, ``_seen``, ``not_after`` or ``not_before``."""
     pad = " " * indent
     width = max((len(str(k)) for k in obj), default=0)
     lines: list[str] = []
     for key, value in obj.items():
         head = f"{pad}{str(key):<{width}}"
-        if key in times and isinstance(value, (int, float)) and not isinstance(value, bool):
-            lines.append(f"{head}  {when(value)}")
-        elif isinstance(value, Mapping):
+        if isinstance(value, Mapping):
             lines += [head.rstrip()] + (kv_lines(value, times, indent + 2) if value else [f"{pad}  -"])
         elif isinstance(value, (list, tuple)) and any(isinstance(v, Mapping) for v in value):
             lines.append(head.rstrip())
-            for i, item in enumerate(value):
-                lines += [f"{pad}  [{i}]"] + (kv_lines(item, times, indent + 4) if isinstance(item, Mapping)
-                                             else [f"{pad}    {_scalar(item)}"])
+            for item in value:
+                lines += _item_lines(item, times, indent + 2)
         else:
-            lines.append(f"{head}  {_scalar(value)}".rstrip())
+            lines.append(f"{head}  {_value(str(key), value, times)}".rstrip())
     return lines
+
+
+_LINE = 100     # a list item that fits on one line of this many characters is printed on one
+
+
+def _item_lines(item: Any, times: Sequence[str], indent: int) -> list[str]:
+    pad = " " * indent
+    if not isinstance(item, Mapping):
+        return [f"{pad}- {_scalar(item)}"]
+    if all(not isinstance(v, (Mapping, list, tuple)) for v in item.values()):
+        one = f"{pad}- " + "  ".join(f"{k} {_value(str(k), v, times)}" for k, v in item.items())
+        if len(one) <= _LINE:
+            return [one]
+    block = kv_lines(item, times, indent + 2)
+    return [f"{pad}- {block[0].lstrip()}", *block[1:]] if block else [f"{pad}- -"]
+
+
+def _is_time(key: str, times: Sequence[str]) -> bool:
+    return key in times or key.endswith(("_at", "_seen", "not_after", "not_before"))
+
+
+def _value(key: str, value: Any, times: Sequence[str]) -> str:
+    if _is_time(key, times) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        from edgeloop.fleet._workspace import when
+
+        return when(value)
+    return _scalar(value)
 
 
 def _scalar(value: Any) -> str:
@@ -142,6 +167,8 @@ def _scalar(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) < 1e6 else f"{value:.0f}"
     if isinstance(value, (list, tuple, set, frozenset)):
         return ", ".join(_scalar(v) for v in value) or "-"
     return str(value)

@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("status", "summarize the fleet: models, updates, device states, telemetry", _status)
     from edgeloop.fleet.cli_swarm import add_swarm_command
     add_swarm_command(sub, _common)
+    from edgeloop.fleet.completion import add_completion_command
+    add_completion_command(sub)
 
     p = cmd("simulate", "run a simulated fleet against the broker: full agents (thread each) up to "
                         f"{FULL_AGENTS_MAX} devices, the asyncio swarm beyond (see: edgeloop swarm --help)", _simulate)
@@ -295,7 +297,7 @@ def _test_metric(m: dict | None) -> str | None:
 
 def _runs_show(args: argparse.Namespace, out: Output) -> int:
     r = _registry(_open(args)).run(args.run_id)
-    out.result(r, json.dumps(r, indent=2, sort_keys=True, default=str))
+    out.view(r)
     return 0
 
 
@@ -459,7 +461,7 @@ def _models_show(args: argparse.Namespace, out: Output) -> int:
     mv = registry.model_version(args.model_version)
     mv["packages"] = registry.packages_of(args.model_version)
     mv.pop("features", None)
-    out.result(mv, json.dumps(mv, indent=2, sort_keys=True, default=str))
+    out.view(mv)
     return 0
 
 
