@@ -36,9 +36,9 @@ def ago(ts: float | None, now: float | None = None) -> str:
     if ts is None:
         return "-"
     delta = (time.time() if now is None else now) - ts
-    s = int(abs(delta))
-    span = f"{s} s" if s < 120 else f"{s // 60} min" if s < 7200 else f"{s // 3600} h" if s < 172800 \
-        else f"{s // 86400} d"
+    s = abs(delta)
+    span = f"{int(s)} s" if s < 120 else f"{round(s / 60)} min" if s < 7200 else f"{round(s / 3600)} h" \
+        if s < 172800 else f"{round(s / 86400)} d"
     return f"{span} ago" if delta >= 0 else f"in {span}"
 
 

@@ -162,7 +162,7 @@ def test_a_view_is_aligned_key_value_lines_not_a_repr():
     assert "{" not in text and "'" not in text and "[" not in text
     assert f"last_seen       {iso(now - 200)} (3 min ago)" in lines
     assert any(ln.startswith("enrolled_at") and "(2 h ago)" in ln for ln in lines)
-    assert any(ln.startswith("cert_not_after") and "(in 23 h)" in ln for ln in lines)
+    assert any(ln.startswith("cert_not_after") and "(in 24 h)" in ln for ln in lines)
     assert "tags" in lines and "  site  paris" in lines and "  rack  3" in lines
     assert "groups          canary, lab" in lines and "model_version   -" in lines and "revoked         no" in lines
     assert any(ln.startswith("  - code verify.hash  received_at ") for ln in lines)
