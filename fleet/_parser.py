@@ -32,7 +32,7 @@ class Parser(argparse.ArgumentParser):
         if Parser._width is None:
             import shutil
             Parser._width = shutil.get_terminal_size().columns - 2
-        return self.formatter_class(prog=self.prog, width=Parser._width)
+        return self.formatter_class(prog=self.prog, width=Parser._width)  # type: ignore[call-arg]
 
     def error(self, message: str) -> NoReturn:
         text = f"{message} (see: {self.prog} --help)"
@@ -48,7 +48,8 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
                          help=kwargs.get("help", "print the installed version and exit"))
 
-    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:  # noqa: ANN001
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> NoReturn:
         from edgeloop import __version__
 
         sys.stdout.write(f"{parser.prog} {__version__}\n")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from edgeloop.cloud.errors import CloudError, ServiceUnavailable, UserError
 from edgeloop.cloud.workspace import DEFAULT_MQTT, Workspace
 from edgeloop.fleet import remote
-from edgeloop.fleet._args import LazyChoices, duration as _duration, positive_int as _positive
+from edgeloop.fleet._args import duration as _duration, positive_int as _positive
 from edgeloop.fleet._output import Output, error_object
 from edgeloop.fleet._parser import Parser as _Parser, UsageError, VersionAction
 from edgeloop.fleet._parser import action as _action, common as _common, group as _group
