@@ -10,7 +10,6 @@ are found through ``__path__``.
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
 from pathlib import Path as _Path
 
 __all__ = ["PARTS", "__version__"]
@@ -22,7 +21,17 @@ _here = _Path(__file__).resolve().parent
 if not (_here / "cloud").is_dir() and (_here.parent / "cloud" / "__init__.py").is_file():
     __path__.append(str(_here.parent))  # noqa: F821 - a source checkout: its top-level folders are our subpackages
 
-try:
-    __version__ = _metadata.version("edgeloop")
-except _metadata.PackageNotFoundError:  # pragma: no cover - a checkout that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read from the installed metadata on first use: importlib.metadata costs
+    tens of milliseconds, and every ``edgeloop`` command imports this package."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import metadata
+
+    try:
+        version = metadata.version("edgeloop")
+    except metadata.PackageNotFoundError:  # pragma: no cover - a checkout that was never installed
+        version = "0+unknown"
+    globals()["__version__"] = version
+    return version

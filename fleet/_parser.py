@@ -11,13 +11,49 @@ from typing import NoReturn
 
 DEFAULT_WORKSPACE = "edgeloop-workspace"
 
-__all__ = ["DEFAULT_WORKSPACE", "Parser", "ShowByDefault", "action", "common", "group"]
+__all__ = ["DEFAULT_WORKSPACE", "Parser", "ShowByDefault", "UsageError", "VersionAction", "action", "common",
+           "group"]
+
+
+class UsageError(SystemExit):
+    """A command line argparse refused (exit 2); ``message`` is the line's text after ``error:``."""
+
+    kind = "UsageError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
 
 
 class Parser(argparse.ArgumentParser):
+    _width: int | None = None       # the terminal's, read once per process, not per argument added
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        if Parser._width is None:
+            import shutil
+            Parser._width = shutil.get_terminal_size().columns - 2
+        return self.formatter_class(prog=self.prog, width=Parser._width)  # type: ignore[call-arg]
+
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
-        raise SystemExit(2)
+        text = f"{message} (see: {self.prog} --help)"
+        sys.stderr.write(f"{self.prog}: error: {text}\n")
+        raise UsageError(text)
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the installed version, read only when asked for (importlib.metadata is slow
+    to import, and every command would pay for it)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help=kwargs.get("help", "print the installed version and exit"))
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> NoReturn:
+        from edgeloop import __version__
+
+        sys.stdout.write(f"{parser.prog} {__version__}\n")
+        parser.exit(0)
 
 
 def common(p: argparse.ArgumentParser, inherit: bool = False) -> None:

@@ -20,9 +20,9 @@ from typing import Any, Callable
 from edgeloop.cloud.errors import CloudError, ServiceUnavailable, UserError
 from edgeloop.cloud.workspace import DEFAULT_MQTT, Workspace
 from edgeloop.fleet import remote
-from edgeloop.fleet._args import positive_int as _positive
-from edgeloop.fleet._output import Output
-from edgeloop.fleet._parser import Parser as _Parser
+from edgeloop.fleet._args import duration as _duration, positive_int as _positive
+from edgeloop.fleet._output import Output, error_object
+from edgeloop.fleet._parser import Parser as _Parser, UsageError, VersionAction
 from edgeloop.fleet._parser import action as _action, common as _common, group as _group
 from edgeloop.fleet._serve_lock import SERVE_FILE
 from edgeloop.fleet._workspace import open_registry as _registry, open_workspace as _open
@@ -36,8 +36,7 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgeloop", description="Train, package, sign and ship ML models to device fleets "
                      "over MQTT, and watch them in the field.")
-    from edgeloop import __version__
-    parser.add_argument("--version", action="version", version=f"edgeloop {__version__}")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -114,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository-url", help="URL devices download from (default: the running `edgeloop serve`)")
 
     p = cmd("serve", "run the control plane: serve the update repository, ingest telemetry", _serve)
-    p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--duration", type=_duration, help="stop after this long: 30s, 5m, 1h, 2d or seconds "
+                   "(default: until Ctrl-C)")
     p.add_argument("--api", metavar="HOST:PORT", default="127.0.0.1:0",
                    help="where to serve the authenticated HTTP API (default 127.0.0.1, any free port)")
     p.add_argument("--worker", default="serve", metavar="NAME",
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("status", "summarize the fleet: models, updates, device states, telemetry", _status)
     from edgeloop.fleet.cli_swarm import add_swarm_command
     add_swarm_command(sub, _common)
+    from edgeloop.fleet.completion import add_completion_command
+    add_completion_command(sub)
 
     p = cmd("simulate", "run a simulated fleet against the broker: full agents (thread each) up to "
                         f"{FULL_AGENTS_MAX} devices, the asyncio swarm beyond (see: edgeloop swarm --help)", _simulate)
@@ -168,14 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{FULL_AGENTS_MAX} devices")
     p.add_argument("--tier", default="edge-gateway")
     p.add_argument("--samples", type=_positive, default=60, help="requests each device serves")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds to run at most")
+    p.add_argument("--duration", type=_duration, default=60.0, help="run at most this long: 30s, 5m, 1h or seconds "
+                   "(default 60)")
     p.add_argument("--prefix", default="sim", help="device id prefix")
 
     p = cmd("demo", "run the whole loop once: train, package, sign, announce, install, report", _demo)
     p.add_argument("--devices", type=_positive, help="simulated devices (default 20; 10 with --loop)")
     p.add_argument("--samples", type=_positive, default=60, help="requests each device serves")
     p.add_argument("--epochs", type=_positive, default=30)
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the fleet")
+    p.add_argument("--timeout", type=_duration, default=180.0, help="how long to wait for the fleet: 30s, 5m "
+                   "or seconds (default 180)")
     p.add_argument("--prefix", default="demo", help="device id prefix (default: demo)")
     p.add_argument("--loop", action="store_true",
                    help="the closed loop: deploy v1, inject sensor drift, detect it, retrain on device data, "
@@ -313,7 +317,7 @@ def _test_metric(m: dict | None) -> str | None:
 
 def _runs_show(args: argparse.Namespace, out: Output) -> int:
     r = _registry(_open(args)).run(args.run_id)
-    out.result(r, json.dumps(r, indent=2, sort_keys=True, default=str))
+    out.view(r)
     return 0
 
 
@@ -476,7 +480,7 @@ def _models_show(args: argparse.Namespace, out: Output) -> int:
     mv = registry.model_version(args.model_version)
     mv["packages"] = registry.packages_of(args.model_version)
     mv.pop("features", None)
-    out.result(mv, json.dumps(mv, indent=2, sort_keys=True, default=str))
+    out.view(mv)
     return 0
 
 
@@ -660,17 +664,30 @@ def _drift_report(args: argparse.Namespace, out: Output) -> int:
     cohort = getattr(args, "cohort", "device")
     report = drift_report(_registry(_open(args)), by=cohort)
     out.table(f"drift by {cohort}", [cohort, "model", "status", "inferences", "accuracy", "max PSI",
-                                          "drifted features", "predictions drift"],
+                                          "drifted feature ids", "predictions drift"],
               [[r["key"], r["model_version"], r["status"], r["inferences"],
                 None if r["accuracy"] is None else f"{r['accuracy']:.3f}",
                 None if r.get("max_psi") is None else f"{r['max_psi']:.3f} (f{r['max_psi_feature']})",
-                ",".join(map(str, r["drifted_features"][:8])) + ("..." if len(r["drifted_features"]) > 8 else ""),
-                r.get("prediction_drift")] for r in report], {"report": report})
+                _feature_ids(r["drifted_features"]), r.get("prediction_drift")] for r in report], {"report": report})
     return 0
 
 
+def _feature_ids(indices: list[int], most: int = 8) -> str | None:
+    """Feature indices as ids that cannot be read as a count: ``f3,f36`` (``+N more`` past ``most``)."""
+    if not indices:
+        return None
+    more = f" +{len(indices) - most} more" if len(indices) > most else ""
+    return ",".join(f"f{i}" for i in indices[:most]) + more
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:      # stderr has its line; with --json, stdout gets the object too
+        if "--json" in argv:
+            print(error_object(e.message, e.code, e.kind))
+        raise
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Output(args.json)
@@ -680,18 +697,26 @@ def main(argv: list[str] | None = None) -> int:
                             "on the control plane's workspace")
         return args.fn(args, out)
     except CloudError as e:
-        sys.stderr.write(f"edgeloop: error: {e}\n")
-        return e.exit_code
+        return _failed(out, str(e), e.exit_code, type(e).__name__)
     except KeyboardInterrupt:
-        sys.stderr.write("edgeloop: interrupted\n")
-        return 130
+        return _failed(out, "interrupted", 130, "Interrupted", prefix="edgeloop: ")
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:
             raise
+        from edgeloop.contracts.codes import ErrorCode
         from edgeloop.device_sdk.errors import AgentError
         code = ServiceUnavailable.exit_code if isinstance(e, AgentError) else EXIT_INTERNAL
-        sys.stderr.write(f"edgeloop: error: {type(e).__name__}: {e} (rerun with --debug for details)\n")
-        return code
+        reason = getattr(e, "code", None)
+        kind = str(reason) if isinstance(reason, ErrorCode) else type(e).__name__   # an agent's code, else the class
+        return _failed(out, f"{type(e).__name__}: {e} (rerun with --debug for details)", code, kind)
+
+
+def _failed(out: Output, message: str, code: int, kind: str, prefix: str = "edgeloop: error: ") -> int:
+    """A failed command: one line on stderr and, with --json, one JSON object on stdout."""
+    sys.stderr.write(f"{prefix}{message}\n")
+    if out.as_json:
+        print(error_object(message, code, kind))
+    return code
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def _devices_show(args: argparse.Namespace, out: Output) -> int:
 
     device = remote.client(args).device(args.device_id) if args.server \
         else device_detail(open_fleet(open_workspace(args)), args.device_id)
-    out.result(device, "\n".join(f"{k:>20}: {v}" for k, v in device.items()))
+    out.view(device)
     return 0
 
 

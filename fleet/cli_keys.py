@@ -6,7 +6,7 @@ import argparse
 from typing import Any, Callable
 
 from edgeloop.cloud.errors import UserError
-from edgeloop.cloud.release.signing import ROLES, RoleKeys
+from edgeloop.cloud.release.roles import ROLES
 from edgeloop.cloud.workspace import Workspace
 from edgeloop.fleet._output import Output
 
@@ -41,6 +41,8 @@ def _init(args: argparse.Namespace, out: Output) -> int:
     if repo.initialized:
         raise UserError(f"the {args.repo} repository already has keys (see: edgeloop keys list; "
                         f"to replace them: edgeloop keys rotate ROLE --repo {args.repo})")
+    from edgeloop.cloud.release.signing import RoleKeys
+
     layout = {role: RoleKeys(getattr(args, f"{role}_keys"), getattr(args, f"{role}_threshold")) for role in ROLES}
     repo.init(layout)
     report = repo.key_report()
@@ -53,6 +55,8 @@ def _rotate(args: argparse.Namespace, out: Output) -> int:
     ws = Workspace.open(args.workspace)
     repo = _repo(ws, args.repo)
     current = repo.key_report()["roles"][args.role]
+    from edgeloop.cloud.release.signing import RoleKeys
+
     layout = RoleKeys(args.keys or len(current["keyids"]), args.threshold or current["threshold"])
     version = repo.rotate(args.role, layout)
     new = repo.key_report()["roles"][args.role]

@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeloop.contracts.package import read_package
 from edgeloop.cloud.errors import UserError
-from edgeloop.cloud.package.tiers import load_tiers
 from edgeloop.cloud.workspace import Workspace
 from edgeloop.fleet._output import Output
 
@@ -17,6 +15,8 @@ __all__ = ["package_command", "export_triton", "export_c"]
 
 def export_triton(package: bytes, folder: Path) -> list[str]:
     """Write a gpu-server package's Triton model repository layout into ``folder``."""
+    from edgeloop.contracts.package import read_package
+
     bundle = read_package(package)
     layout = bundle.manifest.layout.get("triton")
     if not layout:
@@ -33,6 +33,8 @@ def export_triton(package: bytes, folder: Path) -> list[str]:
 def export_c(package: bytes, folder: Path) -> list[str]:
     """Write an mcu package's AOT C library (model.c, model.h, edgeloop_kernels.c/.h) into
     ``folder``, for a firmware build. Refuses to overwrite a different file there."""
+    from edgeloop.contracts.package import read_package
+
     bundle = read_package(package)
     layout = bundle.manifest.layout.get("aot")
     if not layout:
@@ -64,6 +66,7 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
     and the command exits 2."""
     from edgeloop.cloud.loop.pipeline import package_model
     from edgeloop.cloud.package.tier_packagers import DoesNotFit
+    from edgeloop.cloud.package.tiers import load_tiers
 
     registry = registry_for(ws)
     tiers = sorted(load_tiers(ws.root), key=_tier_order) if args.tier == "all" else [args.tier]
@@ -105,11 +108,12 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
         return status
     out.info(f"{args.model_version}: float (fp32 PyTorch) held-out accuracy {_fmt(fp32, '.4f')}; "
              "each package measured on its own runtime")
-    out.table("packages", ["tier", "format", "runtime", "model bytes", "vs fp32", "metric", "float", "drop (points)",
+    out.table("packages", ["tier", "format", "runtime", "model bytes", "size vs fp32", "metric", "float",
+                           "accuracy change (points)",
                            "agree with float", "host p50 ms", "device ms", "RAM", "flash"],
               [[r["tier"], r["format"], r["runtime"], r["model_bytes"], _fmt(r["size_ratio_vs_fp32"], ".3f"),
                 f"{r.get('metric', 'accuracy')} {r.get('metric_value', r['accuracy']):.4f}",
-                _fmt(r.get("metric_value_float"), ".4f"), _fmt(r["accuracy_drop_points"], "+.2f"),
+                _fmt(r.get("metric_value_float"), ".4f"), _change(r["accuracy_drop_points"]),
                 f"{r['top1_agreement_with_float']:.4f}", r["host_p50_ms"], r["device_latency_ms"],
                 _size(r["ram_bytes"]), _size(r["flash_bytes"])] for r in rows], obj)
     mcu = [r for r in rows if r["runtime"] == "tflite-micro"]
@@ -132,6 +136,15 @@ def package_command(args: argparse.Namespace, out: Output, ws: Workspace, regist
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+def _change(drop_points: float | None) -> str:
+    """A drop in accuracy points as a signed change against fp32: ``-0.42`` scored lower, ``+0.28``
+    scored higher, ``0.00`` the same (never a negative "drop" that means a gain)."""
+    if drop_points is None:
+        return "-"
+    change = -drop_points
+    return "0.00" if abs(change) < 0.005 else f"{change:+.2f}"
 
 
 def _bytes(n: int | None) -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgeloop.cloud.errors import UserError
-from edgeloop.cloud.loop.closed_loop import controller_driver, load_pipeline, pipeline_runs, run_pipeline
-from edgeloop.cloud.registry import Registry
 from edgeloop.cloud.workspace import Workspace
 from edgeloop.fleet._output import Output
+
+if TYPE_CHECKING:
+    from edgeloop.cloud.registry import Registry
 
 __all__ = ["add_pipeline_commands"]
 
@@ -35,11 +36,14 @@ def add_pipeline_commands(sub: Any, group: Callable, action: Callable) -> None:
 
 
 def _registry(args: argparse.Namespace) -> tuple[Workspace, Registry]:
+    from edgeloop.cloud.registry import Registry
+
     ws = Workspace.open(args.workspace)
     return ws, Registry(ws.registry_path)
 
 
 def _run(args: argparse.Namespace, out: Output) -> int:
+    from edgeloop.cloud.loop.closed_loop import controller_driver, load_pipeline, pipeline_runs, run_pipeline
     from edgeloop.fleet.cli_rollout import _controller, _serve_url
 
     pipe = load_pipeline(args.file)
@@ -67,6 +71,8 @@ def _run(args: argparse.Namespace, out: Output) -> int:
 
 
 def _ls(args: argparse.Namespace, out: Output) -> int:
+    from edgeloop.cloud.loop.closed_loop import pipeline_runs
+
     _, registry = _registry(args)
     rows = pipeline_runs(registry)
     out.table("pipeline runs", ["run", "pipeline", "status", "trigger", "steps (cached)", "reason"],
@@ -77,6 +83,8 @@ def _ls(args: argparse.Namespace, out: Output) -> int:
 
 
 def _show(args: argparse.Namespace, out: Output) -> int:
+    from edgeloop.cloud.loop.closed_loop import pipeline_runs
+
     _, registry = _registry(args)
     rows = [r for r in pipeline_runs(registry) if r["run_id"] == args.run_id]
     if not rows:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgeloop.cloud.errors import UserError
-from edgeloop.cloud.registry import Registry
-from edgeloop.cloud.rollouts.controller import DEVICE_STATES, RolloutController, RolloutSpec, STRATEGIES
 from edgeloop.cloud.workspace import Workspace
+from edgeloop.fleet._args import DURATION_HELP, LazyChoices, duration, duration_or_zero
 from edgeloop.fleet._output import Output
 from edgeloop.fleet.remote import client, remote_ok
+
+if TYPE_CHECKING:
+    from edgeloop.cloud.rollouts.controller import RolloutController
 
 __all__ = ["add_rollout_commands"]
 
@@ -39,10 +41,11 @@ def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
     p.add_argument("model_version", metavar="MODEL_VERSION")
     p.add_argument("--target", required=True, metavar="SEL",
                    help="tier=T, tag=K=V, group=G, device=ID; commas combine with AND")
-    p.add_argument("--strategy", choices=STRATEGIES, default="all")
+    p.add_argument("--strategy", choices=LazyChoices(_strategies), default="all", metavar="STRATEGY",
+                   help="%(choices)s (default all)")
     p.add_argument("--canary", metavar="N|P%", help="canary devices (count or share); needed by --strategy canary")
-    p.add_argument("--bake-s", type=_number(float, 0, "a number"), default=0.0,
-                   help="seconds to watch the canary before the waves (default 0)")
+    p.add_argument("--bake-s", type=duration_or_zero, default=0.0, metavar="DURATION",
+                   help=f"how long to watch the canary before the waves: {DURATION_HELP} (default 0)")
     p.add_argument("--rate", type=_number(float, 0.001, "a number"), metavar="PER_MIN",
                    help="devices per minute at most (default: no limit)")
     p.add_argument("--growth", type=_number(float, 1, "a number"), default=2.0,
@@ -57,8 +60,8 @@ def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
                    help="extra attempts after a download failure or a timeout (default 2)")
     p.add_argument("--include-offline", action="store_true",
                    help="also select devices whose last status is offline (they count as failed at their deadline)")
-    p.add_argument("--timeout-s", type=_number(float, 0.001, "a number"),
-                   help="per-device deadline (default: the tier's in_progress_timeout_s)")
+    p.add_argument("--timeout-s", type=duration, metavar="DURATION",
+                   help=f"per-device deadline: {DURATION_HELP} (default: the tier's in_progress_timeout_s)")
     p.add_argument("--max-error-rate", type=_number(float, 0, "a number"),
                    help="abort if the inference error rate rises by more than this (0.01 = 1 point)")
     p.add_argument("--max-latency-p95-ms", type=_number(float, 0, "a number"),
@@ -83,7 +86,16 @@ def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
             p.add_argument("--reason", default="aborted by the operator")
 
 
+def _strategies() -> tuple[str, ...]:
+    from edgeloop.cloud.rollouts.controller import STRATEGIES
+
+    return STRATEGIES
+
+
 def _controller(args: argparse.Namespace, url: str | None = None) -> RolloutController:
+    from edgeloop.cloud.registry import Registry
+    from edgeloop.cloud.rollouts.controller import RolloutController
+
     ws = Workspace.open(args.workspace)
     return RolloutController(ws, Registry(ws.registry_path), _no_sender, repository_url=url)
 
@@ -100,6 +112,7 @@ def _serve_url(args: argparse.Namespace) -> str:
 
 @remote_ok
 def _start(args: argparse.Namespace, out: Output) -> int:
+    from edgeloop.cloud.rollouts.controller import RolloutSpec
     spec = RolloutSpec(model_version=args.model_version, target=args.target, strategy=args.strategy,
                        canary=args.canary, bake_s=args.bake_s, rate_per_min=args.rate, growth=args.growth,
                        wave_size=args.wave_size, max_failure_pct=args.max_failure_pct, min_devices=args.min_devices,
@@ -132,6 +145,7 @@ def _ls(args: argparse.Namespace, out: Output) -> int:
 
 @remote_ok
 def _status(args: argparse.Namespace, out: Output) -> int:
+    from edgeloop.cloud.rollouts.controller import DEVICE_STATES
     r = client(args).rollout(args.rollout_id) if args.server else _controller(args).status(args.rollout_id)
     if out.as_json:
         out.result(r)

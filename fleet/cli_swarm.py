@@ -14,7 +14,6 @@ own certificate, enrolled on first use as ``edgeloop simulate`` does.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -25,7 +24,7 @@ from typing import Any, Callable
 
 from edgeloop.cloud.errors import ServiceUnavailable, UserError
 from edgeloop.cloud.workspace import Workspace
-from edgeloop.fleet._args import positive_int
+from edgeloop.fleet._args import DURATION_HELP, duration, duration_or_zero, positive_int
 from edgeloop.fleet._output import Output
 
 __all__ = ["add_swarm_command"]
@@ -50,15 +49,16 @@ def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None
     p.add_argument("--drop-pct", type=_pct, default=0.0, help="%% of downloads dropped mid-transfer (retried)")
     p.add_argument("--disconnect-pct", type=_pct, default=0.0,
                    help="%% of connected devices that lose their connection each minute")
-    p.add_argument("--install-s", type=_non_negative, default=0.05,
+    p.add_argument("--install-s", type=duration_or_zero, default=0.05, metavar="DURATION",
                    help="simulated flash time added to each download (the real install runs after it)")
     p.add_argument("--device-dir", type=Path, metavar="DIR",
                    help="where each device's state folder goes (default: /dev/shm if present, else the workspace)")
-    p.add_argument("--telemetry-s", type=_non_negative, default=0.0,
-                   help="seconds between telemetry windows per device (default 0: none)")
-    p.add_argument("--heartbeat-s", type=_non_negative, default=60.0, help="status heartbeat period (0: none)")
+    p.add_argument("--telemetry-s", type=duration_or_zero, default=0.0, metavar="DURATION",
+                   help=f"time between telemetry windows per device: {DURATION_HELP} (default 0: none)")
+    p.add_argument("--heartbeat-s", type=duration_or_zero, default=60.0, metavar="DURATION",
+                   help=f"status heartbeat period: {DURATION_HELP} (0: none; default 60)")
     p.add_argument("--download-concurrency", type=positive_int, default=64, help="HTTP downloads at once, swarm-wide")
-    p.add_argument("--duration", type=_non_negative, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--duration", type=duration, help=f"stop after this long: {DURATION_HELP} (default: until Ctrl-C)")
     p.add_argument("--prefix", default="swarm", help="device id prefix (ids: PREFIX-TIER-00042)")
     p.add_argument("--seed", type=int, default=0, help="picks which devices are faulty")
     p.add_argument("--report", type=Path, metavar="FILE", help="also write every device's result as JSON to FILE")
@@ -91,6 +91,8 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
         _identities(ws, config, out)
     _raise_fd_limit(args.devices)
     swarm = Swarm(config)
+    import asyncio
+
     profile = os.environ.get("EDGELOOP_SWARM_PROFILE")   # a cProfile of the whole run, for benchmarks
     if profile:
         import cProfile
@@ -112,6 +114,8 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
 
 
 async def _run(swarm: Any, duration: float | None, out: Output) -> dict[str, Any]:
+    import asyncio
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -49,6 +47,9 @@ class RemoteClient:
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
         """One API call. Raises UserError (401, 403, 400; NotFound for 404) or ServiceUnavailable."""
+        import urllib.error
+        import urllib.request     # here, not at start-up: http.client and email cost ~30 ms
+
         url = self.server.rstrip("/") + "/api/v1" + path
         if query:
             url += "?" + urllib.parse.urlencode(query)

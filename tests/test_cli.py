@@ -110,7 +110,9 @@ def test_workspace_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert not missing.exists()                          # status created nothing
     code, out, err = run(["status", "-w", "/nonexistent", "--json"], capsys)
     assert_one_line_error(code, out, err, "no edgeloop workspace")
-    assert out == ""                                     # a script gets no half answer on stdout
+    # a script gets no half answer on stdout: only the error, as one JSON object
+    assert json.loads(out) == {"error": err.strip().removeprefix("edgeloop: error: "), "code": code,
+                               "kind": "NotFound"}
 
 
 def test_malformed_workspace_config_is_one_line(tmp_path, capsys):
@@ -137,7 +139,7 @@ def test_unknown_model_version_for_package_is_one_line(tmp_path, capsys):
     before = snapshot(ws)
     code, out, err = run(["package", "digits-mlp:9", "-w", str(ws), "--json"], capsys)
     assert_one_line_error(code, out, err, "no model version 'digits-mlp:9'")
-    assert out == ""
+    assert json.loads(out)["code"] == code and len(out.splitlines()) == 1     # only the error object
     assert snapshot(ws) == before
 
 

@@ -38,8 +38,8 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 from tuf.api.serialization.json import JSONSerializer
 
 from edgeloop.cloud.errors import IntegrityError, KeysMissing, UserError
+from edgeloop.cloud.release.roles import ROLES
 
-ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90),
           "snapshot": timedelta(days=7), "timestamp": timedelta(days=1)}
 PASSPHRASE_ENV = "EDGELOOP_KEY_PASSPHRASE"

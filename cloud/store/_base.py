@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Sized
 
-import sqlite_utils
-
 from edgeloop.cloud.errors import WorkspaceDamaged
 from edgeloop.cloud.store._file import check_database_file
 from edgeloop.cloud.store.schema import migrate
@@ -67,7 +65,17 @@ class SqliteBase:
             conn.close()
             raise
         self._conn = conn
-        self._db = sqlite_utils.Database(conn)
+        self._utils_db: Any = None
+
+    @property
+    def _db(self) -> Any:
+        """sqlite-utils over the connection, for the writes; made on first use: importing it
+        imports numpy (~0.2 s), which a command that only reads (``edgeloop status``) skips."""
+        if self._utils_db is None:
+            import sqlite_utils
+
+            self._utils_db = sqlite_utils.Database(self._conn)
+        return self._utils_db
 
     def checkpoint(self) -> None:
         """Move everything committed into the main database file (the write-ahead log emptied)."""
@@ -80,7 +88,9 @@ class SqliteBase:
 
     def _rows(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
-            return list(self._db.query(sql, args))
+            cursor = self._conn.execute(sql, args)
+            keys = [c[0] for c in cursor.description or ()]
+            return [dict(zip(keys, row)) for row in cursor]
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
         rows = self._rows(sql, args)
