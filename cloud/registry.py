@@ -23,7 +23,8 @@ class Registry(SqliteStore):
     """The workspace's store (``registry.db``); see cloud.store.interface for its operations."""
 
     def __init__(self, path: Path | str) -> None:
-        from edgeloop.cloud.train.runrecord import reap_orphaned_runs
-
         super().__init__(path)
-        reap_orphaned_runs(self)
+        if self.running_runs():    # only then the training side is imported (a read-only command stays fast)
+            from edgeloop.cloud.train.runrecord import reap_orphaned_runs
+
+            reap_orphaned_runs(self)

@@ -75,12 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     _dist_args(p)
 
     p = cmd("reproduce", "re-run a recorded training run and verify its weights are bit-identical", _reproduce)
-    p.add_argument("run_id", metavar="RUN")
+    p.add_argument("run_id", metavar="RUN", help="a run id, or latest")
     p.add_argument("--nproc-per-node", type=_positive, help="default: the recorded world size")
 
     runs = _group(sub, "runs", "list training runs, or show one's full record", _runs_ls)
     _action(runs, "ls", "list runs", _runs_ls)
-    _action(runs, "show", "show a run record", _runs_show).add_argument("run_id", metavar="RUN")
+    _action(runs, "show", "show a run record", _runs_show).add_argument("run_id", metavar="RUN",
+                                                                    help="a run id, or latest")
 
     data = _group(sub, "data", "register and list data sets", _data_ls)
     p = _action(data, "add", "register a data set version (CSV file or folder, .npz, image folder)", _data_add)
@@ -283,8 +284,10 @@ def _reproduce(args: argparse.Namespace, out: Output) -> int:
 
     ws = _open(args)
     dist = DistConfig(nproc_per_node=args.nproc_per_node) if args.nproc_per_node else None
+    registry = _registry(ws)
+    args.run_id = _run_ref(registry, args.run_id)
     with out.progress() as progress:
-        r = reproduce_run(ws, _registry(ws), args.run_id, dist, on_epoch=lambda e, row: progress("train", e, 0))
+        r = reproduce_run(ws, registry, args.run_id, dist, on_epoch=lambda e, row: progress("train", e, 0))
     if r["identical"]:
         verdict = f"identical: weights sha256 {r['weights_sha256'][:16]} match run {args.run_id}"
     elif r["bit_identity_expected"]:
@@ -315,8 +318,22 @@ def _test_metric(m: dict | None) -> str | None:
     return f"{m['test_accuracy']:.3f}" if "test_accuracy" in m else None
 
 
+LATEST = "latest"
+
+
+def _run_ref(registry: Any, text: str) -> str:
+    """A run id, or ``latest``: the newest run. Raises UserError when there is none."""
+    if text != LATEST:
+        return text
+    runs = registry.runs()
+    if not runs:
+        raise UserError("no training runs yet: train one first (edgeloop train)")
+    return runs[-1]["run_id"]
+
+
 def _runs_show(args: argparse.Namespace, out: Output) -> int:
-    r = _registry(_open(args)).run(args.run_id)
+    registry = _registry(_open(args))
+    r = registry.run(_run_ref(registry, args.run_id))
     out.view(r)
     return 0
 

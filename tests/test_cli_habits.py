@@ -213,6 +213,17 @@ def test_runs_show_and_models_show_are_readable_views(trained, capsys):
     assert any(ln.startswith("created_at") and "ago)" in ln for ln in out.splitlines())
     code, out, _ = run_cli(["runs", "show", result["run_id"], "-w", str(ws), "--json"], capsys)
     assert isinstance(json.loads(out.splitlines()[-1])["started_at"], float)
+    # `latest` names the newest run, for runs show and reproduce alike
+    code, out, _ = run_cli(["runs", "show", "latest", "-w", str(ws), "--json"], capsys)
+    assert code == 0 and json.loads(out.splitlines()[-1])["run_id"] == result["run_id"]
+
+
+def test_latest_run_of_a_workspace_without_runs_is_one_line(tmp_path, capsys):
+    ws = tmp_path / "empty"
+    assert run_cli(["init", "-w", str(ws)], capsys)[0] == 0
+    for argv in (["runs", "show", "latest"], ["reproduce", "latest"]):
+        code, _, err = run_cli([*argv, "-w", str(ws)], capsys)
+        assert code == 2 and "no training runs yet" in err and len(err.strip().splitlines()) == 1
 
 
 # -- labels that cannot be misread ---------------------------------------------------------------
