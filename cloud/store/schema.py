@@ -75,7 +75,8 @@ TABLES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
                   ("finished_at", R)), ("rollout_id",)),
     "rollout_devices": ((("rollout_id", T), ("device_id", T), ("tier", T), ("prev_version", T), ("ord", T),
                          ("state", T), ("attempt", I), ("wave", I), ("update_id", T), ("sent_at", R),
-                         ("deadline", R), ("code", T), ("reason", T), ("finished_at", R), ("rb_attempt", I)),
+                         ("deadline", R), ("code", T), ("reason", T), ("finished_at", R), ("rb_attempt", I),
+                         ("resent_at", R), ("resends", I)),
                         ("rollout_id", "device_id")),
     "rollout_groups": ((("rollout_id", T), ("kind", T), ("tier", T), ("prev_version", T), ("attempt", I),
                         ("grp", T), ("update_id", T), ("announce", T)),
@@ -135,8 +136,17 @@ def _v3(conn: sqlite3.Connection) -> None:
         conn.execute('ALTER TABLE "packages" ADD COLUMN "baseline_sha256" TEXT')
 
 
+def _v4(conn: sqlite3.Connection) -> None:
+    """Version 4: ``rollout_devices.resent_at`` and ``resends``, a command sent again to a device
+    that never acknowledged it (cloud/rollouts/controller.py). Rows from before it have none."""
+    have = {row[1] for row in conn.execute('PRAGMA table_info("rollout_devices")')}
+    for column, kind in (("resent_at", "REAL"), ("resends", "INTEGER")):
+        if column not in have:
+            conn.execute(f'ALTER TABLE "rollout_devices" ADD COLUMN "{column}" {kind}')
+
+
 # MIGRATIONS[i] takes a database from version i to version i + 1
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
