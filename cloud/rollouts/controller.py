@@ -129,6 +129,7 @@ class RolloutSpec:
     wave_success_pct: float = 90.0     # a wave ends once this share of it committed ...
     wave_timeout_s: float | None = None    # ... or this long after its first command (None: the tier deadline)
     resend_s: float = 10.0             # a command no status has acknowledged goes out again after this long
+    force: bool = False                # roll out a version that failed or skipped its promotion gate
 
     def validate(self) -> None:
         """Raises UserError naming the first bad field."""
@@ -246,6 +247,7 @@ class RolloutController:
         if self.repository_url is None:
             raise UserError("no repository URL for the devices to download from (start: edgeloop serve)")
         self.registry.model_version(spec.model_version)            # NotFound if unknown
+        self._check_gate(spec)
         terms = parse_selector(spec.target)
         fleet = FleetRegistry(self.registry)
         devices = [d for d in fleet.devices() if _matches(d, terms) and not d["revoked"] and d.get("tier")]
@@ -289,6 +291,15 @@ class RolloutController:
             raise UserError(f"{busy[1]} of these devices are in active rollout {busy[0]}")
         fleet.set_target(ids, spec.model_version)
         return rid
+
+    def _check_gate(self, spec: RolloutSpec) -> None:
+        """Refuse (UserError) a version that failed or skipped its promotion gate, unless forced."""
+        from edgeloop.cloud.models import gate_result
+
+        gate = gate_result(self.registry, spec.model_version)
+        if gate.blocks and not spec.force:
+            raise UserError(f"{spec.model_version} {gate.verdict} its promotion gate: {gate.reason}; roll out a "
+                            f"version that passed it (edgeloop models promote VERSION), or start anyway with --force")
 
     # -- signing and assigning updates (one unit: see cloud/release/releaser.py) ----------------------------
     def _sign_release(self, rid: str, spec: RolloutSpec, tiers: list[str], devices: list[dict[str, Any]],
@@ -475,7 +486,9 @@ class RolloutController:
         if not self._wave_ended(rid, r, spec, now):
             return 0
         if self.registry.unassigned(rid) == 0:    # the canary was every device: complete once all are final
-            return int(self._move(rid, S.CANARY, E.COMPLETE, now)) if self.registry.wave_done(rid) else 0
+            if not self.registry.wave_done(rid) or self._grow(rid, r, spec, now, fresh=True):
+                return 0
+            return int(self._move(rid, S.CANARY, E.COMPLETE, now))
         return int(self._move(rid, S.CANARY, E.CANARY_DONE, now, bake_until=now + spec.bake_s))
 
     def _on_baking(self, rid: str, r: dict[str, Any], spec: RolloutSpec, now: float) -> int:
@@ -487,7 +500,8 @@ class RolloutController:
     def _on_waves(self, rid: str, r: dict[str, Any], spec: RolloutSpec, now: float) -> int:
         """The next wave when it is due; complete once every device is final (stragglers of
         earlier waves included)."""
-        if self.registry.unassigned(rid) == 0 and self.registry.wave_done(rid):
+        if self.registry.unassigned(rid) == 0 and self.registry.wave_done(rid) \
+                and not self._grow(rid, r, spec, now, fresh=True):     # a last look for devices that came back
             return int(self._move(rid, S.WAVES, E.COMPLETE, now))
         return self._dispatch(rid, r, spec, now)
 
@@ -661,14 +675,15 @@ class RolloutController:
         return w["first_sent"] is not None and now >= w["first_sent"] + timeout
 
     # -- membership and pruning ----------------------------------------------------------------------
-    def _grow(self, rid: str, r: dict[str, Any], spec: RolloutSpec, now: float) -> int:
+    def _grow(self, rid: str, r: dict[str, Any], spec: RolloutSpec, now: float, fresh: bool = False) -> int:
         """Add the target devices that appeared or came back online since the rollout started
         (membership is dynamic until it ends), every MEMBERSHIP_INTERVAL_S: they join the next
         wave. A device in another active rollout, revoked, offline, or of a tier the version is
-        not packaged for is left out. Returns how many were added."""
+        not packaged for is left out. ``fresh``: look now (before the rollout completes).
+        Returns how many were added."""
         from edgeloop.cloud.fleet_registry import FleetRegistry
 
-        if now - self._grown_at.get(rid, -math.inf) < MEMBERSHIP_INTERVAL_S:
+        if not fresh and now - self._grown_at.get(rid, -math.inf) < MEMBERSHIP_INTERVAL_S:
             return 0
         self._grown_at[rid] = now
         members = {d["device_id"] for d in self.registry.rollout_devices(rid)}
