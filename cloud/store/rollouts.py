@@ -73,7 +73,9 @@ class RolloutOps(SqliteBase):
         transaction, unless some of its devices are in an active rollout: then that rollout's
         (id, count) is returned and nothing is stored."""
         ids = [d["device_id"] for d in devices]
-        with self._tx():
+        with self._tx() as conn:
+            if not conn.in_transaction:
+                conn.execute("begin immediate")     # one transaction: nobody sees the rollout without its devices
             busy = self.busy_devices(ids)        # checked inside the transaction
             if busy:
                 return busy
