@@ -63,6 +63,10 @@ def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
                    help="also select devices whose last status is offline (they count as failed at their deadline)")
     p.add_argument("--timeout-s", type=_number(float, 0.001, "a number"),
                    help="per-device deadline (default: the tier's in_progress_timeout_s)")
+    p.add_argument("--wave-success-pct", type=_number(float, 0.001, "a number"), default=90.0,
+                   help="a wave ends once this share of it committed (default 90); its stragglers still count")
+    p.add_argument("--wave-timeout-s", type=_number(float, 0.001, "a number"),
+                   help="a wave ends this long after its first command at the latest (default: the tier deadline)")
     p.add_argument("--max-error-rate", type=_number(float, 0, "a number"),
                    help="abort if the inference error rate rises by more than this (0.01 = 1 point)")
     p.add_argument("--max-latency-p95-ms", type=_number(float, 0, "a number"),
@@ -120,7 +124,8 @@ def _start(args: argparse.Namespace, out: Output) -> int:
                        retries=args.retries, timeout_s=args.timeout_s, max_error_rate=args.max_error_rate,
                        max_latency_p95_ms=args.max_latency_p95_ms, max_prediction_js=args.max_prediction_js,
                        max_confidence_drop=args.max_confidence_drop, max_quality_drop=args.max_quality_drop,
-                       include_offline=args.include_offline, force=args.force)
+                       include_offline=args.include_offline, force=args.force,
+                       wave_success_pct=args.wave_success_pct, wave_timeout_s=args.wave_timeout_s)
     if args.server:
         status = client(args).start_rollout(spec.to_obj())
     else:
