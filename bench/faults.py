@@ -361,9 +361,10 @@ class ControlPlaneProcess:
 
 
 def rollout_crashes(root: Path, kills: int = 20, devices: int = 12, kills_per_rollout: int = 3,
-                    seed: int = 15) -> dict[str, Any]:
+                    deadline_s: float | None = None, seed: int = 15) -> dict[str, Any]:
     """Roll versions back and forth to ``devices`` real agents while killing the control plane
-    ``kills`` times mid-rollout (``kills_per_rollout`` each); returns the counts."""
+    ``kills`` times mid-rollout (``kills_per_rollout`` each); ``deadline_s``: the devices'
+    deadline (default: the tier's, 300 s). Returns the counts."""
     from conftest import Broker, make_live, wait_for
     from edgeloop.cloud.rollouts.controller import RolloutController, RolloutSpec
 
@@ -396,7 +397,7 @@ def rollout_crashes(root: Path, kills: int = 20, devices: int = 12, kills_per_ro
         version = v2
         while out["rollout_crashes"] < kills:
             rid = creator.create(RolloutSpec(version, f"tier={TIER}", strategy="waves", wave_size=2, growth=2.0,
-                                             force=True))
+                                             timeout_s=deadline_s, force=True))
             t0 = time.time()
             for i in range(kills_per_rollout):
                 after_mark = i % 2 == 1
