@@ -270,6 +270,7 @@ def power_cuts(root: Path, share: float = 1.0, recovery_share: float = 1.0, seed
     operations R), and cut it before each of those R operations (``recovery_share``: a random
     share), each cut followed by an uncut recovery. Returns the counts."""
     rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
 
     def points(n: int, part: float) -> list[int]:
         return list(range(1, n + 1)) if part >= 1 else sorted(rng.sample(range(1, n + 1), max(1, round(n * part))))
