@@ -20,8 +20,13 @@ Public API (everything else is private)::
   ``rollout_groups`` and ``rollout_attempts``. A controller built again on the same store
   carries on where the last one stopped: every transition is an idempotent conditional
   update keyed by (rollout, device, attempt), counts are derived from the rows, and a device
-  is marked ``sent`` before its command is published (a crash in between costs a timeout and
-  a retry, never a duplicate).
+  is marked ``sent`` before its command is published; a command no status has acknowledged
+  within ``resend_s`` goes out again, same attempt and update id (a crash in between costs
+  seconds, never a second attempt; devices ignore an update id they have).
+- A wave ends at its success share (``wave_success_pct``) or deadline (``wave_timeout_s``), not
+  with its slowest device; stragglers keep their own deadlines and still count. Membership is
+  dynamic until the rollout ends: target devices that appear or come back online join the next
+  wave. An ended rollout's director assignments are withdrawn (Releaser.withdraw).
 - The two machines are tables (cloud.rollouts.machine: ``StrEnum`` states and events,
   :data:`ROLLOUT_TRANSITIONS`, :data:`DEVICE_TRANSITIONS`); every state written is looked up
   in them, so a transition that is not a row raises IllegalTransition. :meth:`step` applies
@@ -427,9 +432,11 @@ class RolloutController:
         finished = counts["committed"] + counts["failed"] + counts["timed_out"] + counts["rolled_back"] \
             + counts["rollback_failed"] + counts["rolling_back"]
         failed = counts["failed"] + counts["timed_out"]
-        members = {d["device_id"] for d in self.registry.rollout_devices(rollout_id)}
+        skipped = set(r["spec"].get("skipped_offline", []))     # those that have not joined since
+        if skipped:
+            skipped -= {d["device_id"] for d in self.registry.rollout_devices(rollout_id)}
         return {**r, "counts": counts, "total": total, "progress": done / total if total else 1.0,
-                "skipped_offline": len(set(r["spec"].get("skipped_offline", [])) - members),
+                "skipped_offline": len(skipped),
                 "failure_pct": 100.0 * failed / finished if finished else 0.0,
                 "commands_sent": self.registry.commands_sent(rollout_id),
                 "commands_resent": self.registry.commands_resent(rollout_id)}
