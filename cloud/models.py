@@ -68,7 +68,7 @@ class GateResult:
 def gate_result(registry: Registry, model_version: str) -> GateResult:
     """What the promotion gate said about ``model_version``, from what was recorded: a version
     in production passed it; otherwise the last recorded evaluation of it decides (a pipeline's
-    ``evaluate`` step, or ``models promote --stage production``); a version a pipeline trained
+    ``evaluate`` step, or ``edgeloop models promote --to production``); a version a pipeline trained
     with no evaluation recorded skipped it. Raises NotFound for an unknown version."""
     mv = registry.model_version(model_version)
     if mv["stage"] == "production":
