@@ -236,3 +236,64 @@ def test_a_restarted_controller_resends_to_real_agents_that_install_the_update_o
         assert ctl.status(rid)["commands_sent"] == 3
     finally:
         env.close()
+
+
+class _Link:
+    """The Link interface, nothing on the wire: what the agent publishes is kept."""
+
+    def __init__(self) -> None:
+        self.on_acked = self.on_connection_change = None
+        self.published: list[tuple[str, bytes]] = []
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def connect(self, timeout: float = 10.0) -> None: ...
+    def subscribe(self, topic: str, qos: int = 1) -> None: ...
+    def route(self, topic, handler) -> None: ...  # noqa: ANN001
+    def receive(self, timeout: float = 0.0): return None  # noqa: ANN201
+    def poll(self, timeout: float) -> None: ...
+    def close(self, flush_s: float = 5.0) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False):  # noqa: ANN201
+        self.published.append((topic, payload))
+        return type("Sent", (), {"mid": len(self.published), "rc": 0})()
+
+
+class _DownFetcher:
+    """A repository that cannot be reached: every download is a transient failure."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def start(self, announce, base) -> None:  # noqa: ANN001
+        self.started.append(announce.update_id)
+
+    def result(self):  # noqa: ANN201
+        from edgeloop.device_sdk.errors import TransientError
+        raise TransientError("connection refused")
+
+    def discard_partial(self) -> None: ...
+
+
+def test_the_same_command_again_does_not_restart_an_install_that_is_backing_off(tmp_path):
+    from edgeloop.contracts.messages import Announce, Command, encode
+    from edgeloop.device_sdk.agent import Agent, AgentConfig
+
+    fetcher = _DownFetcher()
+    agent = Agent(AgentConfig(device_id="d-backoff", tier=TIER, state_dir=tmp_path, retry_delays_s=(30.0,)),
+                  link=_Link(), fetcher=fetcher)
+    announce = Announce(update_id="upd-1", model="m", model_version="m:2", tier=TIER, target="m/2/x.elpkg",
+                        length=100, sha256="0" * 64, repository="http://unused", director="http://unused",
+                        issued_at=time.time())
+    command = encode(Command(command="install", rollout_id="ro-1", announce=announce, issued_at=time.time()))
+    topic = agent.topics.command("d-backoff")
+    agent.handle(topic, command)
+    assert agent.installing and fetcher.started == ["upd-1"]
+    agent.handle(topic, command)                        # again while it downloads: ignored
+    agent.step()                                        # the download fails: a retry in 30 s
+    assert agent.pending_retry is not None and not agent.installing
+    agent.handle(topic, command)                        # again while it backs off: ignored too
+    agent.step()
+    assert fetcher.started == ["upd-1"] and agent.pending_retry is not None
