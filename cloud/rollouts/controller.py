@@ -92,6 +92,7 @@ __all__ = ["ACTIVE", "DEVICE_STATES", "DEVICE_TRANSITIONS", "ROLLOUT_STATES", "R
            "RolloutState", "Sender", "js_distance", "parse_selector"]
 
 Sender = Callable[[str, Command], Any]
+Rows = list[dict[str, Any]]       # (RolloutController.list shadows the builtin in its class body)
 
 ROLLOUT_STATES = tuple(s.value for s in RolloutState)
 DEVICE_STATES = tuple(s.value for s in DeviceRolloutState)
@@ -650,13 +651,17 @@ class RolloutController:
         ignore an update id they are installing or have installed. Returns how many went out."""
         rows = self.registry.unacknowledged(rid, now, spec.resend_s, MAX_RESENDS)
         commands: dict[str, Command] = {}
+        made: dict[tuple[str, str, str, int], tuple[str, Command] | None] = {}   # one per signed group
         for row in rows:
             rollback = row["state"] == D.ROLLING_BACK
-            g = self.registry.rollout_group(rid, "rollback" if rollback else "update", row["tier"],
-                                            row["prev_version"] if rollback else "",
-                                            row["rb_attempt"] if rollback else row["attempt"])
-            if g is not None and g["update_id"] == row["update_id"]:
-                commands[row["device_id"]] = _command(rid, g, now)
+            key = ("rollback" if rollback else "update", row["tier"], row["prev_version"] if rollback else "",
+                   row["rb_attempt"] if rollback else row["attempt"])
+            if key not in made:
+                g = self.registry.rollout_group(rid, *key)
+                made[key] = None if g is None else (g["update_id"], _command(rid, g, now))
+            entry = made[key]
+            if entry is not None and entry[0] == row["update_id"]:
+                commands[row["device_id"]] = entry[1]
         marked = self.registry.mark_resent(rid, [r for r in rows if r["device_id"] in commands], now) if commands else []
         for device_id in marked:
             log.info("rollout %s: %s has not acknowledged %s; sending it again", rid, device_id,
@@ -720,8 +725,8 @@ class RolloutController:
                      ", ".join(added[:10]))
         return len(added)
 
-    def _groups_for(self, rid: str, r: dict[str, Any], spec: RolloutSpec, devices: list[dict[str, Any]],
-                    now: float) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    def _groups_for(self, rid: str, r: dict[str, Any], spec: RolloutSpec, devices: Rows,
+                    now: float) -> tuple[Rows, dict[str, Any] | None]:
         """The signed groups joining ``devices`` need that the rollout has not signed yet (an
         update for a new tier, a rollback from a new previous version), and the spec with the
         new tiers' deadlines (None when no tier is new)."""
