@@ -398,7 +398,7 @@ def rollout_crashes(root: Path, kills: int = 20, devices: int = 12, kills_per_ro
         version = v2
         while out["rollout_crashes"] < kills:
             rid = creator.create(RolloutSpec(version, f"tier={TIER}", strategy="waves", wave_size=2, growth=2.0,
-                                             timeout_s=deadline_s, force=True))
+                                             timeout_s=deadline_s))
             t0 = time.time()
             for i in range(kills_per_rollout):
                 after_mark = i % 2 == 1

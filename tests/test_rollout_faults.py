@@ -215,7 +215,7 @@ def test_a_restarted_controller_resends_to_real_agents_that_install_the_update_o
 
         ctl = RolloutController(env.ws, env.registry, dies, repository_url=env.repository_url,
                                 director_url=env.director_url)
-        rid = ctl.create(RolloutSpec(v2, f"tier={TIER}", resend_s=0.5, force=True))
+        rid = ctl.create(RolloutSpec(v2, f"tier={TIER}", resend_s=0.5))
         with pytest.raises(Crash):
             ctl.step()
         ctl = RolloutController(env.ws, env.registry, send, repository_url=env.repository_url,
