@@ -11,6 +11,8 @@ are not compared. The version it replaces moves to ``archived``.
 
 from __future__ import annotations
 
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +30,8 @@ ALLOWED = {("candidate", "staging"), ("candidate", "production"), ("staging", "p
            ("archived", "staging")}
 DEFAULT_TOLERANCE = 0.01
 
-__all__ = ["GateFailed", "Promotion", "promote", "lineage", "STAGES", "evaluate_version", "falls_short"]
+__all__ = ["GateFailed", "GateResult", "Promotion", "promote", "lineage", "STAGES", "evaluate_version", "falls_short",
+           "gate_result"]
 
 
 class GateFailed(UserError):
@@ -44,6 +47,48 @@ class Promotion:
     production_accuracy: float | None = None
     replaced: str | None = None
     metric: str = "accuracy"           # what the two figures are (mae for regression)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The promotion gate's recorded verdict on a version (:func:`gate_result`): ``passed``,
+    ``failed``, ``skipped`` (a pipeline trained it, its run ended before the gate) or ``none``
+    (never put to the gate: trained and packaged by hand). ``reason`` says why it failed."""
+
+    model_version: str
+    verdict: str
+    reason: str | None = None
+
+    @property
+    def blocks(self) -> bool:
+        """Whether a rollout of it needs ``--force``."""
+        return self.verdict in ("failed", "skipped")
+
+
+def gate_result(registry: Registry, model_version: str) -> GateResult:
+    """What the promotion gate said about ``model_version``, from what was recorded: a version
+    in production passed it; otherwise the last recorded evaluation of it decides (a pipeline's
+    ``evaluate`` step, or ``edgeloop models promote --to production``); a version a pipeline trained
+    with no evaluation recorded skipped it. Raises NotFound for an unknown version."""
+    mv = registry.model_version(model_version)
+    if mv["stage"] == "production":
+        return GateResult(model_version, "passed")
+    verdicts = [o for step in ("evaluate", "gate") for o in registry.pipeline_step_outputs(step)
+                if o.get("candidate") == model_version]
+    if verdicts:
+        # the newest: "models promote" records carry their time; pipeline steps are in the order run
+        last = max(enumerate(verdicts), key=lambda iv: (float(iv[1].get("at", 0.0)), iv[0]))[1]
+        return GateResult(model_version, "passed" if last.get("passed") else "failed", last.get("reason"))
+    if any(o.get("model_version") == model_version for o in registry.pipeline_step_outputs("train")):
+        return GateResult(model_version, "skipped", "its pipeline run ended before the gate")
+    return GateResult(model_version, "none")
+
+
+def _record_gate(registry: Registry, model_version: str, passed: bool, reason: str | None) -> None:
+    """Remember a ``models promote`` gate verdict beside the pipelines' (read by gate_result)."""
+    registry.remember_pipeline_step(f"gate:{model_version}:{uuid.uuid4().hex[:12]}", "gate",
+                                    {"candidate": model_version, "passed": passed, "reason": reason,
+                                     "at": time.time()})
 
 
 def evaluate_version(registry: Registry, model_version: str, x: np.ndarray, y: np.ndarray) -> float:
@@ -86,15 +131,17 @@ def promote(registry: Registry, model_version: str, to_stage: str, tolerance: fl
     if incumbents:
         other = TaskSpec.from_obj(registry.model_version(incumbents[-1]).get("task"))
         if other.kind is not task.kind:
+            _record_gate(registry, model_version, False, f"a {task.kind.value} model against a {other.kind.value} one")
             raise GateFailed(f"{model_version} is a {task.kind.value} model and production {incumbents[-1]} a "
                              f"{other.kind.value} model: they cannot be compared; archive {incumbents[-1]} first")
         prod_acc = evaluate_version(registry, incumbents[-1], test.x, test.y)
         if falls_short(task, cand, prod_acc, tolerance):
-            raise GateFailed(f"{model_version} scores {task.score_metric} "
-                             f"{cand:.4f} on held-out data, below production {incumbents[-1]} at {prod_acc:.4f} "
-                             f"minus tolerance {tolerance}: not promoted" if task.higher_is_better else
-                             f"{model_version} has MAE {cand:.4f} on held-out data, above production "
-                             f"{incumbents[-1]} at {prod_acc:.4f} plus {tolerance:.0%}: not promoted")
+            why = (f"{model_version} scores {task.score_metric} {cand:.4f} on held-out data, below production "
+                   f"{incumbents[-1]} at {prod_acc:.4f} minus tolerance {tolerance}" if task.higher_is_better else
+                   f"{model_version} has MAE {cand:.4f} on held-out data, above production "
+                   f"{incumbents[-1]} at {prod_acc:.4f} plus {tolerance:.0%}")
+            _record_gate(registry, model_version, False, why)
+            raise GateFailed(f"{why}: not promoted")
     for old in incumbents:
         registry.set_stage(old, "archived")
     registry.set_stage(model_version, "production")

@@ -405,8 +405,11 @@ class Agent:
         if announce.tier != self.config.tier or self.installer.already_handled(announce.update_id) \
                 or announce.model_version == self.model_version:
             return
-        if self._retry is not None and self._retry[0].issued_at > announce.issued_at:
-            return   # older than the update waiting for a retry
+        if self._retry is not None and (self._retry[0].issued_at > announce.issued_at
+                                        or self._retry[0].update_id == announce.update_id):
+            return   # older than the update waiting for a retry, or that update again (its back-off stands)
+        if self._job is not None and self._job[0].update_id == announce.update_id:
+            return   # the update being installed, sent again (a restarted rollout controller does)
         self._retry = None
         if announce.length > self.config.max_package_bytes:
             msg = f"package of {announce.length} bytes is over this device's {self.config.max_package_bytes} byte limit"

@@ -8,6 +8,8 @@ action goes through the control plane's HTTP API instead.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -62,6 +64,11 @@ def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
                    help="also select devices whose last status is offline (they count as failed at their deadline)")
     p.add_argument("--timeout-s", type=duration, metavar="DURATION",
                    help=f"per-device deadline: {DURATION_HELP} (default: the tier's in_progress_timeout_s)")
+    p.add_argument("--wave-success-pct", type=_number(float, 0.001, "a number"), default=90.0,
+                   help="a wave ends once this share of it committed (default 90); its stragglers still count")
+    p.add_argument("--wave-timeout-s", type=duration, metavar="DURATION",
+                   help=f"a wave ends this long after its first command at the latest: {DURATION_HELP} "
+                        "(default: the tier deadline)")
     p.add_argument("--max-error-rate", type=_number(float, 0, "a number"),
                    help="abort if the inference error rate rises by more than this (0.01 = 1 point)")
     p.add_argument("--max-latency-p95-ms", type=_number(float, 0, "a number"),
@@ -74,9 +81,16 @@ def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
                    help="abort if the task's metric on labelled inferences gets worse by more than this: "
                         "accuracy drop (0.05 = 5 points), or for regression the relative MAE rise (0.1 = 10%%)")
     p.add_argument("--repository-url", help="URL devices download from (default: the running `edgeloop serve`)")
+    p.add_argument("--force", action="store_true",
+                   help="roll out a version that failed or skipped its promotion gate")
     action(rollouts, "ls", "list rollouts", _ls)
-    action(rollouts, "status", "one rollout: devices per state, progress, health", _status).add_argument(
-        "rollout_id", metavar="ID")
+    p = action(rollouts, "status", "one rollout: devices per state, progress, health", _status)
+    p.add_argument("rollout_id", metavar="ID", nargs="?", help="default: the newest rollout")
+    p.add_argument("--watch", action="store_true",
+                   help="follow it until it ends: a line per change (with --json, a JSON object per change); "
+                        "Ctrl-C stops watching, the rollout carries on (exit 130)")
+    p.add_argument("--interval", type=duration, default=1.0, metavar="DURATION",
+                   help=f"time between looks with --watch: {DURATION_HELP} (default 1s)")
     for name, help_ in (("pause", "stop sending (devices in flight still report)"),
                         ("resume", "carry on from where it paused"),
                         ("abort", "stop, and roll the updated devices back to their previous version")):
@@ -119,7 +133,8 @@ def _start(args: argparse.Namespace, out: Output) -> int:
                        retries=args.retries, timeout_s=args.timeout_s, max_error_rate=args.max_error_rate,
                        max_latency_p95_ms=args.max_latency_p95_ms, max_prediction_js=args.max_prediction_js,
                        max_confidence_drop=args.max_confidence_drop, max_quality_drop=args.max_quality_drop,
-                       include_offline=args.include_offline)
+                       include_offline=args.include_offline, force=args.force,
+                       wave_success_pct=args.wave_success_pct, wave_timeout_s=args.wave_timeout_s)
     if args.server:
         status = client(args).start_rollout(spec.to_obj())
     else:
@@ -145,11 +160,65 @@ def _ls(args: argparse.Namespace, out: Output) -> int:
 
 @remote_ok
 def _status(args: argparse.Namespace, out: Output) -> int:
+    ctl = None if args.server else _controller(args)
+    if args.rollout_id is None:
+        ids = [r["rollout_id"] for r in client(args).rollouts()] if ctl is None else ctl.registry.rollout_ids()
+        if not ids:
+            raise UserError("no rollouts yet: start one (edgeloop rollout start MODEL_VERSION --target SEL)")
+        args.rollout_id = ids[0]     # newest first
+
+    def fetch() -> dict[str, Any]:
+        return client(args).rollout(args.rollout_id) if ctl is None else ctl.status(args.rollout_id)
+    if args.watch:
+        return _watch(fetch, args.rollout_id, args.interval, out)
+    _print_status(fetch(), out)
+    return 0
+
+
+ENDED = ("completed", "aborted")
+_CHANGES = ("state", "counts", "reason", "total", "commands_resent")   # what a watcher is told about
+
+
+def _watch(fetch: Callable[[], dict[str, Any]], rollout_id: str, interval: float, out: Output) -> int:
+    """``status --watch``: look every ``interval`` seconds; on each change print one line (with
+    --json, the whole status as one JSON object) until the rollout ends (exit 0, whatever its
+    end). Ctrl-C stops watching and leaves the rollout running (exit 130, one line saying so)."""
+    last: dict[str, Any] | None = None
+    state = "unknown"
+    try:
+        while True:
+            r = fetch()
+            state = r["state"]
+            seen = {k: r.get(k) for k in _CHANGES}
+            if seen != last:
+                last = seen
+                if out.as_json:
+                    print(json.dumps(r, sort_keys=True, default=str), flush=True)
+                else:
+                    out.info(_progress_line(r))
+            if state in ENDED:
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"edgeloop: stopped watching; rollout {rollout_id} is still {state} and carries on "
+                         f"(stop it with: edgeloop rollout abort {rollout_id})\n")
+        return 130
+
+
+def _progress_line(r: dict[str, Any]) -> str:
+    c = r["counts"]
+    final = r["total"] - c["pending"] - c["sent"] - c["rolling_back"]
+    return (f"{time.strftime('%H:%M:%S')} rollout {r['rollout_id']}: {r['state']}, {final}/{r['total']} devices done "
+            f"(committed {c['committed']}, failed {c['failed'] + c['timed_out']}, in flight {c['sent']}, "
+            f"waiting {c['pending']})" + (f"; reason: {r['reason']}" if r.get("reason") else ""))
+
+
+def _print_status(r: dict[str, Any], out: Output) -> None:
     from edgeloop.cloud.rollouts.controller import DEVICE_STATES
-    r = client(args).rollout(args.rollout_id) if args.server else _controller(args).status(args.rollout_id)
+
     if out.as_json:
         out.result(r)
-        return 0
+        return
     out.info(f"rollout {r['rollout_id']}: {r['model_version']} to {r['target']} ({r['spec']['strategy']}), "
              f"{r['state']}, {100 * r['progress']:.0f}% done, failures {r['failure_pct']:.1f}%"
              + (f"; reason: {r['reason']}" if r.get("reason") else ""))
@@ -160,7 +229,6 @@ def _status(args: argparse.Namespace, out: Output) -> int:
         out.info(f"health: error rate {health['error_rate_increase']:+.4f}, latency p95 "
                  f"{health['latency_p95_increase_ms']:+.2f} ms, prediction JS {health['prediction_js']:.3f}, "
                  f"confidence {-health['confidence_drop']:+.3f}")
-    return 0
 
 
 @remote_ok

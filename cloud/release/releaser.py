@@ -13,6 +13,9 @@ release through :class:`Releaser`, which for each :class:`Assignment`, in order:
    hashes, replacing the group's previous assignment, all assignments in one director signing;
 4. **records** the update (``updates`` row, lineage edge ``package -> update``).
 
+:meth:`Releaser.withdraw` is the way back out: it removes the director assignments of groups
+that no longer assign anything (a rollout that ended), so the director's metadata stays bounded.
+
 Guarantee: the director never assigns a package the image repository does not sign with the
 same length and hashes and hold. Every check of step 1 runs for every assignment before the
 director is touched; a package the two repositories would disagree on raises
@@ -157,6 +160,20 @@ class Releaser:
         for r in out:
             self._record(r)
         return out
+
+    def withdraw(self, groups: Sequence[str]) -> int:
+        """Remove every director assignment of ``groups`` (a rollout that ended no longer assigns
+        anything), in one director signing; the image repository and the recorded updates stay.
+        Returns how many assignments were removed (none: nothing is signed)."""
+        prefixes = tuple(f"assignments/{g}/" for g in groups)
+        if not prefixes:
+            return 0
+        with self._locked():
+            director = self.ws.director_repository()
+            gone: dict[str, TargetFile | None] = {p: None for p in director.targets() if p.startswith(prefixes)}
+            if gone:
+                director.set_targets(gone)
+        return len(gone)
 
     # -- steps ------------------------------------------------------------------------------
     @contextmanager

@@ -20,8 +20,13 @@ Public API (everything else is private)::
   ``rollout_groups`` and ``rollout_attempts``. A controller built again on the same store
   carries on where the last one stopped: every transition is an idempotent conditional
   update keyed by (rollout, device, attempt), counts are derived from the rows, and a device
-  is marked ``sent`` before its command is published (a crash in between costs a timeout and
-  a retry, never a duplicate).
+  is marked ``sent`` before its command is published; a command no status has acknowledged
+  within ``resend_s`` goes out again, same attempt and update id (a crash in between costs
+  seconds, never a second attempt; devices ignore an update id they have).
+- A wave ends at its success share (``wave_success_pct``) or deadline (``wave_timeout_s``), not
+  with its slowest device; stragglers keep their own deadlines and still count. Membership is
+  dynamic until the rollout ends: target devices that appear or come back online join the next
+  wave. An ended rollout's director assignments are withdrawn (Releaser.withdraw).
 - The two machines are tables (cloud.rollouts.machine: ``StrEnum`` states and events,
   :data:`ROLLOUT_TRANSITIONS`, :data:`DEVICE_TRANSITIONS`); every state written is looked up
   in them, so a transition that is not a row raises IllegalTransition. :meth:`step` applies
@@ -87,10 +92,13 @@ __all__ = ["ACTIVE", "DEVICE_STATES", "DEVICE_TRANSITIONS", "ROLLOUT_STATES", "R
            "RolloutState", "Sender", "js_distance", "parse_selector"]
 
 Sender = Callable[[str, Command], Any]
+Rows = list[dict[str, Any]]       # (RolloutController.list shadows the builtin in its class body)
 
 ROLLOUT_STATES = tuple(s.value for s in RolloutState)
 DEVICE_STATES = tuple(s.value for s in DeviceRolloutState)
 STEP_INTERVAL_S = 1.0
+MAX_RESENDS = 3                  # per attempt, after resend_s, then twice and four times that
+MEMBERSHIP_INTERVAL_S = 5.0      # how often an active rollout looks for target devices that appeared or came back
 STRATEGIES = ("all", "canary", "waves")
 SELECTOR_KEYS = ("tier", "tag", "group", "device")
 S, D, E, V = RolloutState, DeviceRolloutState, RolloutEvent, DeviceEvent
@@ -124,6 +132,10 @@ class RolloutSpec:
     health_min_inferences: int = 20
     health_interval_s: float = 5.0
     include_offline: bool = False      # also select devices whose last word was "offline" (they time out)
+    wave_success_pct: float = 90.0     # a wave ends once this share of it committed ...
+    wave_timeout_s: float | None = None    # ... or this long after its first command (None: the tier deadline)
+    resend_s: float = 10.0             # a command no status has acknowledged goes out again after this long
+    force: bool = False                # roll out a version that failed or skipped its promotion gate
 
     def validate(self) -> None:
         """Raises UserError naming the first bad field."""
@@ -138,7 +150,9 @@ class RolloutSpec:
                   ("wave_size", self.wave_size is None or self.wave_size >= 1),
                   ("max_failure_pct", 0 <= self.max_failure_pct <= 100), ("min_devices", self.min_devices >= 1),
                   ("retries", 0 <= self.retries <= 100), ("timeout_s", self.timeout_s is None or self.timeout_s > 0),
-                  ("health_min_inferences", self.health_min_inferences >= 1)]
+                  ("health_min_inferences", self.health_min_inferences >= 1),
+                  ("wave_success_pct", 0 < self.wave_success_pct <= 100), ("resend_s", self.resend_s > 0),
+                  ("wave_timeout_s", self.wave_timeout_s is None or self.wave_timeout_s > 0)]
         checks += [(name, getattr(self, name) is None or getattr(self, name) >= 0)
                    for name in ("max_error_rate", "max_latency_p95_ms", "max_prediction_js", "max_confidence_drop",
                                 "max_quality_drop")]
@@ -216,6 +230,8 @@ class RolloutController:
         self._handlers: dict[RolloutState, Callable[[str, dict[str, Any], RolloutSpec, float], int]] = {
             S.PENDING: self._on_pending, S.CANARY: self._on_canary, S.BAKING: self._on_baking,
             S.WAVES: self._on_waves, S.PAUSED: self._on_paused, S.ABORTING: self._on_aborting}
+        self._grown_at: dict[str, float] = {}   # rollout -> when its membership was last looked at
+        self._swept = False                     # the ended rollouts' assignments withdrawn since this start
 
     def run(self, stop: threading.Event, interval_s: float = STEP_INTERVAL_S, until: float | None = None) -> None:
         """Call :meth:`step` every ``interval_s`` until ``stop`` is set or ``until`` (a time) passes."""
@@ -237,6 +253,7 @@ class RolloutController:
         if self.repository_url is None:
             raise UserError("no repository URL for the devices to download from (start: edgeloop serve)")
         self.registry.model_version(spec.model_version)            # NotFound if unknown
+        self._check_gate(spec)
         terms = parse_selector(spec.target)
         fleet = FleetRegistry(self.registry)
         devices = [d for d in fleet.devices() if _matches(d, terms) and not d["revoked"] and d.get("tier")]
@@ -280,6 +297,15 @@ class RolloutController:
             raise UserError(f"{busy[1]} of these devices are in active rollout {busy[0]}")
         fleet.set_target(ids, spec.model_version)
         return rid
+
+    def _check_gate(self, spec: RolloutSpec) -> None:
+        """Refuse (UserError) a version that failed or skipped its promotion gate, unless forced."""
+        from edgeloop.cloud.models import gate_result
+
+        gate = gate_result(self.registry, spec.model_version)
+        if gate.blocks and not spec.force:
+            raise UserError(f"{spec.model_version} {gate.verdict} its promotion gate: {gate.reason}; roll out a "
+                            f"version that passed it (edgeloop models promote VERSION), or start anyway with --force")
 
     # -- signing and assigning updates (one unit: see cloud/release/releaser.py) ----------------------------
     def _sign_release(self, rid: str, spec: RolloutSpec, tiers: list[str], devices: list[dict[str, Any]],
@@ -389,6 +415,8 @@ class RolloutController:
         moved = self.registry.move_rollout(rid, frm, sets)
         if moved:
             log.info("rollout %s: %s -> %s", rid, frm, to)
+            if to in (S.COMPLETED, S.ABORTED):
+                self._prune()
         return moved
 
     # -- reading ----------------------------------------------------------------------------
@@ -405,10 +433,14 @@ class RolloutController:
         finished = counts["committed"] + counts["failed"] + counts["timed_out"] + counts["rolled_back"] \
             + counts["rollback_failed"] + counts["rolling_back"]
         failed = counts["failed"] + counts["timed_out"]
+        skipped = set(r["spec"].get("skipped_offline", []))     # those that have not joined since
+        if skipped:
+            skipped -= {d["device_id"] for d in self.registry.rollout_devices(rollout_id)}
         return {**r, "counts": counts, "total": total, "progress": done / total if total else 1.0,
-                "skipped_offline": len(r["spec"].get("skipped_offline", [])),
+                "skipped_offline": len(skipped),
                 "failure_pct": 100.0 * failed / finished if finished else 0.0,
-                "commands_sent": self.registry.commands_sent(rollout_id)}
+                "commands_sent": self.registry.commands_sent(rollout_id),
+                "commands_resent": self.registry.commands_resent(rollout_id)}
 
     def list(self) -> list[dict[str, Any]]:
         return [self.status(rid) for rid in self.registry.rollout_ids()]
@@ -419,6 +451,8 @@ class RolloutController:
         check the abort criteria, then run its state's handler. Returns the number of transitions."""
         now = self.clock() if now is None else now
         changes = 0
+        if not self._swept:           # a crash may have come between a rollout's end and its pruning
+            self._swept = self._prune() is not None
         for rid in self.registry.rollout_ids(active_only=True):
             try:
                 changes += self._step_one(rid, now)
@@ -430,7 +464,10 @@ class RolloutController:
         r = self.rollout(rid)
         spec = RolloutSpec.from_obj(r["spec"])
         state = RolloutState(r["state"])
+        if state in (*PAUSABLE, S.PAUSED) and self._grow(rid, r, spec, now):
+            r = self.rollout(rid)
         changes = self._ingest(rid, spec, now) + self._deadlines(rid, r, now)
+        self._resend(rid, spec, now)
         if state != S.ABORTING:
             reason = self._abort_reason(rid, r, spec, now)
             if reason:
@@ -454,9 +491,11 @@ class RolloutController:
         done, bake it, or complete if it was every device."""
         if self.registry.last_wave(rid) is None:
             return self._dispatch(rid, r, spec, now)
-        if not self.registry.wave_done(rid):
+        if not self._wave_ended(rid, r, spec, now):
             return 0
-        if self.registry.unassigned(rid) == 0:
+        if self.registry.unassigned(rid) == 0:    # the canary was every device: complete once all are final
+            if not self.registry.wave_done(rid) or self._grow(rid, r, spec, now, fresh=True):
+                return 0
             return int(self._move(rid, S.CANARY, E.COMPLETE, now))
         return int(self._move(rid, S.CANARY, E.CANARY_DONE, now, bake_until=now + spec.bake_s))
 
@@ -467,8 +506,10 @@ class RolloutController:
         return 1 + self._dispatch(rid, self.rollout(rid), spec, now)
 
     def _on_waves(self, rid: str, r: dict[str, Any], spec: RolloutSpec, now: float) -> int:
-        """The next wave when it is due; complete once every device is done."""
-        if self.registry.unassigned(rid) == 0 and self.registry.wave_done(rid):
+        """The next wave when it is due; complete once every device is final (stragglers of
+        earlier waves included)."""
+        if self.registry.unassigned(rid) == 0 and self.registry.wave_done(rid) \
+                and not self._grow(rid, r, spec, now, fresh=True):     # a last look for devices that came back
             return int(self._move(rid, S.WAVES, E.COMPLETE, now))
         return self._dispatch(rid, r, spec, now)
 
@@ -554,7 +595,8 @@ class RolloutController:
     # -- sending --------------------------------------------------------------------------------
     def _send(self, rid: str, r: dict[str, Any], phase: str, now: float) -> int:
         """Send every device due a command in this phase: marked sent (next attempt) first, then
-        published, so a crash in between can cost a timeout but never a duplicate."""
+        published, so a crash in between never costs a second attempt; the command nobody
+        acknowledged goes out again (:meth:`_resend`)."""
         rollback = phase == "rollback"
         rows = self.registry.due(rid, phase)
         if not rows:
@@ -566,9 +608,7 @@ class RolloutController:
             if key not in commands:
                 g = self._group(rid, phase, key[0], key[1], key[2], key[1] if rollback else r["model_version"], now)
                 if g is not None:
-                    commands[key] = (g["update_id"], Command(
-                        command="install", rollout_id=rid, announce=Announce.from_obj(json.loads(g["announce"])),
-                        issued_at=now))
+                    commands[key] = (g["update_id"], _command(rid, g, now))
         sends = self.registry.mark_sent(rid, phase, commands, r["spec"].get("timeouts", {}), now)
         for device_id, command in sends:
             try:
@@ -578,11 +618,11 @@ class RolloutController:
         return len(sends)
 
     def _dispatch(self, rid: str, r: dict[str, Any], spec: RolloutSpec, now: float) -> int:
-        """Put the next wave's devices in it (and send them), when the previous wave is done and
-        the rate limit allows."""
+        """Put the next wave's devices in it (and send them), when the previous wave has ended
+        (:meth:`_wave_ended`) and the rate limit allows."""
         total = sum(self.counts(rid).values())
         remaining = self.registry.unassigned(rid)
-        if remaining == 0 or not self.registry.wave_done(rid):
+        if remaining == 0 or not self._wave_ended(rid, r, spec, now):
             return 0
         last = self.registry.last_wave(rid)
         wave = 0 if last is None else last + 1
@@ -602,3 +642,136 @@ class RolloutController:
         ids = self.registry.assign_wave(rid, wave, min(size, remaining), now, rate_limited=r["state"] == S.WAVES)
         log.info("rollout %s: wave %d, %d devices", rid, wave, len(ids))
         return self._send(rid, r, "update", now)
+
+    def _resend(self, rid: str, spec: RolloutSpec, now: float) -> int:
+        """Send the same command again (same attempt, same update id) to every device out whose
+        status has not named its update within ``resend_s`` of the last send (then twice and
+        four times that; at most MAX_RESENDS per attempt) and that is not offline: a controller that died between marking a device sent and publishing, or a
+        publish the broker never took, costs ``resend_s``, not the device's deadline. Devices
+        ignore an update id they are installing or have installed. Returns how many went out."""
+        rows = self.registry.unacknowledged(rid, now, spec.resend_s, MAX_RESENDS)
+        commands: dict[str, Command] = {}
+        made: dict[tuple[str, str, str, int], tuple[str, Command] | None] = {}   # one per signed group
+        for row in rows:
+            rollback = row["state"] == D.ROLLING_BACK
+            key = ("rollback" if rollback else "update", row["tier"], row["prev_version"] if rollback else "",
+                   row["rb_attempt"] if rollback else row["attempt"])
+            if key not in made:
+                g = self.registry.rollout_group(rid, *key)
+                made[key] = None if g is None else (g["update_id"], _command(rid, g, now))
+            entry = made[key]
+            if entry is not None and entry[0] == row["update_id"]:
+                commands[row["device_id"]] = entry[1]
+        marked = self.registry.mark_resent(rid, [r for r in rows if r["device_id"] in commands], now) if commands else []
+        for device_id in marked:
+            log.info("rollout %s: %s has not acknowledged %s; sending it again", rid, device_id,
+                     commands[device_id].announce.update_id)
+            try:
+                self.send(device_id, commands[device_id])
+            except Exception as e:  # noqa: BLE001 - the next resend, or the deadline
+                log.warning("rollout %s: could not send to %s again: %s", rid, device_id, e)
+        return len(marked)
+
+    def _wave_ended(self, rid: str, r: dict[str, Any], spec: RolloutSpec, now: float) -> bool:
+        """The last wave is over when every device of it is final, or ``wave_success_pct`` of it
+        committed, or ``wave_timeout_s`` (default: the longest tier deadline of the rollout)
+        passed since its first command. Its stragglers keep their own deadlines and still
+        count (abort criteria, completion); the wave just stops holding the next one back."""
+        last = self.registry.last_wave(rid)
+        if last is None:
+            return True
+        w = self.registry.wave_progress(rid, last)
+        if w["open"] == 0 or w["committed"] >= math.ceil(w["n"] * spec.wave_success_pct / 100 - 1e-9):
+            return True
+        timeout = spec.wave_timeout_s or max(r["spec"].get("timeouts", {}).values(), default=600.0)
+        return w["first_sent"] is not None and now >= w["first_sent"] + timeout
+
+    # -- membership and pruning ----------------------------------------------------------------------
+    def _grow(self, rid: str, r: dict[str, Any], spec: RolloutSpec, now: float, fresh: bool = False) -> int:
+        """Add the target devices that appeared or came back online since the rollout started
+        (membership is dynamic until it ends), every MEMBERSHIP_INTERVAL_S: they join the next
+        wave. A device in another active rollout, revoked, offline, or of a tier the version is
+        not packaged for is left out. ``fresh``: look now (before the rollout completes).
+        Returns how many were added."""
+        from edgeloop.cloud.fleet_registry import FleetRegistry
+
+        if not fresh and now - self._grown_at.get(rid, -math.inf) < MEMBERSHIP_INTERVAL_S:
+            return 0
+        self._grown_at[rid] = now
+        members = {d["device_id"] for d in self.registry.rollout_devices(rid)}
+        terms = parse_selector(r["target"])
+        fleet = FleetRegistry(self.registry)
+        new = [d for d in fleet.devices() if d["device_id"] not in members and _matches(d, terms)
+               and not d["revoked"] and d.get("tier") and d.get("state") != "offline"]
+        packaged = {}
+        for tier in sorted({d["tier"] for d in new}):
+            try:
+                self.registry.package_for(spec.model_version, tier)
+                packaged[tier] = True
+            except NotFound:
+                log.warning("rollout %s: %s is not packaged for tier %s; its new devices wait", rid,
+                            spec.model_version, tier)
+        new = [d for d in new if d["tier"] in packaged]
+        if not new:
+            return 0
+        groups, obj = self._groups_for(rid, r, spec, new, now)
+        rows = [{"rollout_id": rid, "device_id": d["device_id"], "tier": d["tier"],
+                 "prev_version": d.get("model_version") or "", "state": D.PENDING.value, "attempt": 0,
+                 "rb_attempt": 0, "ord": sha256(f"{rid}/{d['device_id']}".encode()).hexdigest()[:16]} for d in new]
+        added = self.registry.add_rollout_devices(rid, groups, rows, spec=obj)
+        if added:
+            fleet.set_target(added, spec.model_version)
+            log.info("rollout %s: %d devices joined (appeared or came back): %s", rid, len(added),
+                     ", ".join(added[:10]))
+        return len(added)
+
+    def _groups_for(self, rid: str, r: dict[str, Any], spec: RolloutSpec, devices: Rows,
+                    now: float) -> tuple[Rows, dict[str, Any] | None]:
+        """The signed groups joining ``devices`` need that the rollout has not signed yet (an
+        update for a new tier, a rollback from a new previous version), and the spec with the
+        new tiers' deadlines (None when no tier is new)."""
+        wanted = []
+        obj = dict(r["spec"])
+        timeouts = dict(obj.get("timeouts", {}))
+        for tier in sorted({d["tier"] for d in devices} - set(timeouts)):
+            timeouts[tier] = spec.timeout_s or tier_profile(tier, self.ws.root).in_progress_timeout_s
+            if not self.registry.has_rollout_group(rid, "update", tier, ""):
+                wanted.append(("update", tier, "", spec.model_version, 1))
+        for tier, prev in sorted({(d["tier"], d["model_version"]) for d in devices
+                                  if d.get("model_version") and d["model_version"] != spec.model_version}):
+            if self.registry.has_rollout_group(rid, "rollback", tier, prev):
+                continue
+            try:
+                self.registry.package_for(prev, tier)
+                wanted.append(("rollback", tier, prev, prev, 1))
+            except NotFound:
+                log.warning("rollout %s: no %s package of %s to roll back to", rid, tier, prev)
+        groups = self._sign(rid, wanted, now, self._delta_bases(spec.model_version, devices)) if wanted else []
+        if timeouts == obj.get("timeouts", {}):
+            return groups, None
+        obj["timeouts"] = timeouts
+        return groups, obj
+
+    def _prune(self) -> int | None:
+        """Withdraw the director assignments of every rollout that ended, through the release
+        path (Releaser.withdraw), so the director's metadata stays bounded. Returns how many
+        were removed, or None if it could not (logged; the next start tries again)."""
+        from edgeloop.cloud.release.releaser import Releaser
+
+        try:
+            if not self.ws.director_repository().initialized:
+                return 0
+            groups = self.registry.ended_rollout_groups()
+            removed = Releaser(self.ws, self.registry, self.repository_url or "", self.director_url).withdraw(groups)
+        except Exception:  # noqa: BLE001 - pruning never stops a rollout
+            log.exception("could not withdraw the assignments of ended rollouts")
+            return None
+        if removed:
+            log.info("withdrew %d director assignments of ended rollouts", removed)
+        return removed
+
+
+def _command(rid: str, group: dict[str, Any], now: float) -> Command:
+    """The install command of one signed group (its announcement, this rollout)."""
+    return Command(command="install", rollout_id=rid, announce=Announce.from_obj(json.loads(group["announce"])),
+                   issued_at=now)

@@ -296,6 +296,25 @@ class RolloutStore(Protocol):
     def unassigned(self, rollout_id: str) -> int:
         """Devices not yet in any wave."""
 
+    def wave_progress(self, rollout_id: str, wave: int) -> dict[str, Any]:
+        """One wave: ``n`` devices, ``committed``, ``open`` (not yet final) and ``first_sent``."""
+
+    def unacknowledged(self, rollout_id: str, now: float, after_s: float, most: int) -> list[dict[str, Any]]:
+        """Devices out whose status never named the update they were sent, not offline, sent
+        again fewer than ``most`` times this attempt, last sent ``after_s`` (doubling) ago."""
+
+    def commands_resent(self, rollout_id: str) -> int: ...
+
+    def mark_resent(self, rollout_id: str, rows: Iterable[dict[str, Any]], now: float) -> list[str]:
+        """Record a command sent again (same attempt) for rows still as read; returns those marked."""
+
+    def add_rollout_devices(self, rollout_id: str, groups: list[dict[str, Any]], devices: list[dict[str, Any]],
+                            spec: dict[str, Any] | None = None) -> list[str]:
+        """Add devices to an active rollout unless they are in it or in another active one."""
+
+    def ended_rollout_groups(self) -> list[str]:
+        """The director groups of every ended rollout."""
+
     def in_flight(self, rollout_id: str) -> int: ...
 
     def reported_results(self, rollout_id: str) -> list[dict[str, Any]]:

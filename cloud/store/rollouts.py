@@ -73,7 +73,9 @@ class RolloutOps(SqliteBase):
         transaction, unless some of its devices are in an active rollout: then that rollout's
         (id, count) is returned and nothing is stored."""
         ids = [d["device_id"] for d in devices]
-        with self._tx():
+        with self._tx() as conn:
+            if not conn.in_transaction:
+                conn.execute("begin immediate")     # one transaction: nobody sees the rollout without its devices
             busy = self.busy_devices(ids)        # checked inside the transaction
             if busy:
                 return busy
@@ -152,6 +154,35 @@ class RolloutOps(SqliteBase):
         return int(self._scalar(f"select count(*) from rollout_devices where rollout_id = ? and "
                                 f"state = '{D.PENDING}' and wave is null", [rollout_id]))
 
+    def wave_progress(self, rollout_id: str, wave: int) -> dict[str, Any]:
+        """One wave: its ``n`` devices, how many ``committed``, how many are ``open`` (waiting to
+        be sent or for their result) and ``first_sent`` (its first command's time; None before)."""
+        row = self._one(f"select count(*) as n, sum(case when state = '{D.COMMITTED}' then 1 else 0 end) as committed, "
+                        f"sum(case when state in ('{D.SENT}', '{D.PENDING}') then 1 else 0 end) as open, "
+                        "min(sent_at) as first_sent from rollout_devices where rollout_id = ? and wave = ?",
+                        [rollout_id, wave]) or {}
+        return {"n": int(row.get("n") or 0), "committed": int(row.get("committed") or 0),
+                "open": int(row.get("open") or 0), "first_sent": row.get("first_sent")}
+
+    def unacknowledged(self, rollout_id: str, now: float, after_s: float, most: int) -> list[dict[str, Any]]:
+        """Devices out (sent, rolling back) whose status has never named the update they were
+        sent, whose last word was not ``offline``, sent again fewer than ``most`` times in this
+        attempt and last sent ``after_s`` (doubling with each resend) before ``now``: their
+        row, with ``last_sent``, in dispatch order."""
+        return self._rows(
+            "select d.device_id, d.state, d.tier, d.prev_version, d.attempt, d.rb_attempt, d.update_id, "
+            "coalesce(d.resent_at, d.sent_at) as last_sent from rollout_devices d left join devices v on "
+            f"v.device_id = d.device_id where d.rollout_id = ? and d.state in ('{D.SENT}', '{D.ROLLING_BACK}') and "
+            "d.update_id is not null and coalesce(d.resends, 0) < ? and coalesce(d.resent_at, d.sent_at) + ? * "
+            "(case coalesce(d.resends, 0) when 0 then 1 when 1 then 2 when 2 then 4 else 8 end) <= ? and "
+            "coalesce(v.update_id, '') != d.update_id and coalesce(v.state, '') != 'offline' order by d.ord",
+            [rollout_id, most, after_s, now])
+
+    def commands_resent(self, rollout_id: str) -> int:
+        """Commands sent again in the devices' current attempts."""
+        return int(self._scalar("select coalesce(sum(resends), 0) from rollout_devices where rollout_id = ?",
+                                [rollout_id]) or 0)
+
     def in_flight(self, rollout_id: str) -> int:
         return int(self._scalar(f"select count(*) from rollout_devices where rollout_id = ? and "
                                 f"state in ('{D.SENT}', '{D.ROLLING_BACK}')", [rollout_id]))
@@ -210,7 +241,8 @@ class RolloutOps(SqliteBase):
         has one for, keyed by (tier, previous version or "" for updates, attempt): its attempt
         counted, its update id and deadline set, the attempt recorded, in one write transaction
         that no other writer can interleave. Returns the (device_id, command) pairs to publish
-        (after this commit: a crash in between costs a timeout, never a duplicate)."""
+        (after this commit: a crash in between costs a resend of the same attempt, never a
+        second attempt)."""
         rollback = phase == "rollback"
         column = "rb_attempt" if rollback else "attempt"
         frm = D.ROLLING_BACK if rollback else D.PENDING
@@ -233,11 +265,59 @@ class RolloutOps(SqliteBase):
                 attempts.append([rollout_id, device_id, phase, n, update_id, now])
                 sends.append((device_id, command))
             conn.executemany(f"update rollout_devices set state = ?, {column} = ?, update_id = ?, sent_at = ?, "
-                             f"deadline = ?, code = null, reason = null where rollout_id = ? and device_id = ? and "
+                             f"deadline = ?, code = null, reason = null, resent_at = null, resends = 0 where rollout_id = ? and device_id = ? and "
                              f"{_due(phase)} and {column} = ?", sent)
             conn.executemany("insert or ignore into rollout_attempts (rollout_id, device_id, phase, attempt, "
                              "update_id, sent_at) values (?, ?, ?, ?, ?, ?)", attempts)
         return sends
+
+    def mark_resent(self, rollout_id: str, rows: Iterable[dict[str, Any]], now: float) -> list[str]:
+        """Record that each device's command goes out again (same attempt, same update id), if
+        the row is still the one read (state, update id, last sent time): two controllers never
+        resend one command twice. Returns the devices marked, whose command is to be published."""
+        marked = []
+        with self._tx() as conn:
+            for row in rows:
+                cur = conn.execute("update rollout_devices set resent_at = ?, resends = coalesce(resends, 0) + 1 "
+                                   "where rollout_id = ? and device_id = ? and state = ? and update_id = ? and "
+                                   "coalesce(resent_at, sent_at) = ?", [now, rollout_id, row["device_id"], row["state"],
+                                                                        row["update_id"], row["last_sent"]])
+                if cur.rowcount:
+                    marked.append(row["device_id"])
+        return marked
+
+    def add_rollout_devices(self, rollout_id: str, groups: list[dict[str, Any]], devices: list[dict[str, Any]],
+                            spec: dict[str, Any] | None = None) -> list[str]:
+        """Add devices (and the signed groups they need; with ``spec``, the rollout's spec
+        becomes it) to a rollout that is still active and not aborting, in one transaction; a
+        device already in this rollout or in another active one is left out. Returns the ids
+        added."""
+        ids = [d["device_id"] for d in devices]
+        live = [s for s in _ACTIVE if s != "aborting"]
+        with self._tx() as conn:
+            if not conn.in_transaction:
+                conn.execute("begin immediate")     # no other writer between this read and the insert
+            if not conn.execute(f"select 1 from rollouts where rollout_id = ? and state in ({marks(live)})",
+                                [rollout_id, *live]).fetchone():
+                return []
+            taken: set[str] = set()
+            for chunk in self._chunks(ids):
+                taken.update(r[0] for r in conn.execute(
+                    f"select d.device_id from rollout_devices d join rollouts r on r.rollout_id = d.rollout_id "
+                    f"where (d.rollout_id = ? or r.state in ({marks(_ACTIVE)})) and d.device_id in ({marks(chunk)})",
+                    [rollout_id, *_ACTIVE, *chunk]))
+            added = [d for d in devices if d["device_id"] not in taken]
+            if spec is not None:
+                conn.execute("update rollouts set spec = ? where rollout_id = ?", [json.dumps(spec), rollout_id])
+            self._db["rollout_groups"].insert_all(groups, ignore=True)
+            self._db["rollout_devices"].insert_all(added)
+        return [d["device_id"] for d in added]
+
+    def ended_rollout_groups(self) -> list[str]:
+        """The director groups signed for every rollout that has ended (completed or aborted)."""
+        return [r["grp"] for r in self._rows(f"select g.grp from rollout_groups g join rollouts r on "
+                                             f"r.rollout_id = g.rollout_id where r.state not in ({marks(_ACTIVE)})",
+                                             _ACTIVE)]
 
     def end_attempts(self, rollout_id: str, ends: Iterable[AttemptEnd], now: float) -> int:
         """Devices' attempts end: each row moves to the state its event takes it to (a ``retry``

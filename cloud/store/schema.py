@@ -78,7 +78,8 @@ TABLES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
                   ("finished_at", R)), ("rollout_id",)),
     "rollout_devices": ((("rollout_id", T), ("device_id", T), ("tier", T), ("prev_version", T), ("ord", T),
                          ("state", T), ("attempt", I), ("wave", I), ("update_id", T), ("sent_at", R),
-                         ("deadline", R), ("code", T), ("reason", T), ("finished_at", R), ("rb_attempt", I)),
+                         ("deadline", R), ("code", T), ("reason", T), ("finished_at", R), ("rb_attempt", I),
+                         ("resent_at", R), ("resends", I)),
                         ("rollout_id", "device_id")),
     "rollout_groups": ((("rollout_id", T), ("kind", T), ("tier", T), ("prev_version", T), ("attempt", I),
                         ("grp", T), ("update_id", T), ("announce", T)),
@@ -161,8 +162,14 @@ def _v5(conn: sqlite3.Connection) -> None:
     _add_columns(conn, "telemetry", (("clock_suspect", I), ("device_window_start", R), ("device_window_end", R)))
 
 
+def _v6(conn: sqlite3.Connection) -> None:
+    """Version 6: ``rollout_devices.resent_at`` and ``resends``, a command sent again to a device
+    that never acknowledged it (cloud/rollouts/controller.py). Rows from before it have none."""
+    _add_columns(conn, "rollout_devices", (("resent_at", R), ("resends", I)))
+
+
 # MIGRATIONS[i] takes a database from version i to version i + 1
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
