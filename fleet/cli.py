@@ -613,7 +613,10 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.fleet.demo import TIER
 
     link, own = _device_link(ws, args.mqtt, TIER)
-    with out.progress() as progress:
+    from edgeloop.fleet._serve_lock import ServeLock
+
+    # the demo runs a control plane: the same one-per-workspace lock as serve
+    with ServeLock(ws.root), out.progress() as progress:
         result = run_demo(ws, opts, progress, link, own)
     if args.example:
         out.result(result, _example_text(result))
@@ -658,9 +661,12 @@ def _loop_demo(args: argparse.Namespace, out: Output) -> int:
     link, own = _device_link(ws, args.mqtt, TIER)     # serve's link and share group: one stack (cloud/services.py)
     out.info(f"edgeloop demo --loop: {devices} devices, broker {link.host}:{link.port}"
              f"{' (mutual TLS)' if link.tls else ''}, workspace {ws.root}")
-    r = run_loop_demo(ws, LoopOptions(devices=devices, epochs=args.epochs, timeout_s=args.timeout,
-                                      prefix=args.prefix if args.prefix != "demo" else "loop"),
-                      lambda stage, msg: out.info(f"{stage}: {msg}"), stack_options(ws, args.mqtt, "demo"), own)
+    from edgeloop.fleet._serve_lock import ServeLock
+
+    with ServeLock(ws.root):      # a control plane: one per workspace, as with serve
+        r = run_loop_demo(ws, LoopOptions(devices=devices, epochs=args.epochs, timeout_s=args.timeout,
+                                          prefix=args.prefix if args.prefix != "demo" else "loop"),
+                          lambda stage, msg: out.info(f"{stage}: {msg}"), stack_options(ws, args.mqtt, "demo"), own)
 
     def acc(phase: dict) -> str:
         return f"{phase['fleet']:.3f} (drifted devices {phase['drifted_devices']:.3f}, others {phase['other_devices']:.3f})"

@@ -166,3 +166,19 @@ def test_serve_killed_with_kill_9_leaves_a_stale_file_the_next_serve_replaces(br
     finally:
         _stop(after)
     assert after.returncode == 0, log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("extra", [[], ["--loop"]])
+def test_a_demo_on_a_workspace_another_control_plane_serves_is_refused(tmp_path, capsys, extra):
+    """demo and demo --loop run a control plane too: the same lock, refused before anything runs."""
+    ws = tmp_path / "ws"
+    assert run_cli(["init", "-w", str(ws)], capsys)[0] == 0
+    held = ServeLock(ws).acquire()
+    held.publish("http://127.0.0.1:1/repository", "http://127.0.0.1:2", "fleet-a")
+    try:
+        before = sorted(p.name for p in ws.iterdir())
+        code, _, err = run_cli(["demo", "-w", str(ws), "--devices", "1", *extra], capsys)
+        assert code == 2 and "another edgeloop serve is serving" in err and len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in ws.iterdir()) == before          # nothing trained, nothing written
+    finally:
+        held.release()
