@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["Output"]
 
@@ -61,3 +64,34 @@ class Output:
                     tasks[stage] = bars.add_task(stage, total=total)
                 bars.update(tasks[stage], completed=done, total=total)
             yield update
+
+    @contextmanager
+    def live(self, quiet_s: float = 10.0) -> Iterator[Callable[[str], None]]:
+        """Yields ``update(line)``: a status line redrawn in place while this process runs in the
+        foreground of a terminal; elsewhere (a pipe, a log file, a background job) each changed
+        line is written out, at most once every ``quiet_s`` seconds; nothing with --json."""
+        if self.as_json:
+            yield lambda line: None
+            return
+        if not _foreground(sys.stderr):
+            last: dict[str, Any] = {"line": None, "at": 0.0}
+
+            def write(line: str) -> None:
+                now = time.monotonic()
+                if line != last["line"] and now - last["at"] >= quiet_s:
+                    self.err.print(Text(line))
+                    last.update(line=line, at=now)
+            yield write
+            return
+        from rich.live import Live
+
+        with Live(Text(""), console=self.err, refresh_per_second=4, transient=False) as shown:
+            yield lambda line: shown.update(Text(line))
+
+
+def _foreground(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal this process owns now (not a background job's)."""
+    try:
+        return stream.isatty() and os.tcgetpgrp(stream.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False

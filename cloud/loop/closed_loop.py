@@ -299,8 +299,9 @@ def _collect(ws: Workspace, registry: Registry, pipe: PipelineFile, c: dict[str,
 
     minimum = int(pipe.collect.get("min_samples", 1))
     if len(c["y"]) < minimum:
-        raise UserError(f"devices sent {len(c['y'])} labelled samples; the pipeline needs at least {minimum} "
-                        "(turn sampling on: AgentConfig.sample_rate, and send labels)")
+        raise UserError(f"devices sent {len(c['y'])} labelled samples; the pipeline needs at least {minimum}: run "
+                        "a fleet that sends them (edgeloop simulate --sample-rate 0.2) or turn sampling on in "
+                        "your devices' agents (AgentConfig.sample_rate), and run the pipeline again")
     base = load_registered(c["base"])
     if base.sha256 != c["base_sha256"]:
         raise UserError(f"base data set {c['base']['dataset_id']} changed on disk since it was registered")
