@@ -540,15 +540,15 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
                      agent_overrides={"sample_rate": args.sample_rate} if args.sample_rate else {})
     fleet = SimulatedFleet(spec, DataStream(test.x, test.y))
     began = time.monotonic()
-    with Interrupted() as interrupted:
+    with Interrupted() as interrupted:      # from here a signal stops the fleet, even half started
         try:
-            fleet.start()
+            fleet.start(should_stop=lambda: interrupted.signum is not None)
         except BaseException:
             fleet.stop(drain_s=0.5)
             raise
-        interrupted.started()
         until = "Ctrl-C" if args.duration is None else f"{args.duration:g} s or Ctrl-C"
-        out.info(f"{args.devices} simulated devices online, waiting for updates ({until} to stop)")
+        if interrupted.signum is None:
+            out.info(f"{args.devices} simulated devices online, waiting for updates ({until} to stop)")
         with out.live() as show:
             while not interrupted.wait(_until(began, args.duration, 0.25)):
                 show(_fleet_line(fleet))
@@ -558,12 +558,12 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
         online = fleet.online_count()
         fleet.stop(drain_s=1.0)
     versions = fleet.model_versions()
-    obj = {"devices": args.devices, "online": online, "served": fleet.served_count(),
+    obj = {"devices": len(fleet.runs), "online": online, "served": fleet.served_count(),
            "updated": fleet.updated_count(), "model_versions": versions,
            "seconds": round(time.monotonic() - began, 2), "stopped_by": interrupted.name or "duration"}
     running = ", ".join(f"{v} on {n}" for v, n in versions.items())
-    out.result(obj, f"{args.devices} devices served {obj['served']:,} requests; updated {obj['updated']}/"
-                    f"{args.devices}; running: {running}; stopped by {obj['stopped_by']} after {obj['seconds']:g} s")
+    out.result(obj, f"{obj['devices']} devices served {obj['served']:,} requests; updated {obj['updated']}/"
+                    f"{obj['devices']}; running: {running}; stopped by {obj['stopped_by']} after {obj['seconds']:g} s")
     return interrupted.exit_code
 
 

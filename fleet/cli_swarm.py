@@ -263,13 +263,11 @@ def _exit_code(signum: int | None) -> int:
 
 class Interrupted:
     """SIGINT and SIGTERM as a request to stop, for a command whose main thread polls
-    :meth:`wait`. Before :meth:`started` a signal raises KeyboardInterrupt (there is nothing to
-    stop yet but the start itself); afterwards it is only recorded. The handlers are the
-    process's while the context is open (main thread only), the previous ones afterwards."""
+    :meth:`wait` (or :attr:`signum`): a signal is only recorded. The handlers are the process's
+    while the context is open (main thread only), the previous ones afterwards."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._started = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Interrupted:
@@ -284,11 +282,6 @@ class Interrupted:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signum = self.signum or signum
-        if not self._started:
-            raise KeyboardInterrupt
-
-    def started(self) -> None:
-        self._started = True
 
     def wait(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` seconds, less if a signal came; True once one came. (The handler

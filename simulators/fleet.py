@@ -77,8 +77,11 @@ class SimulatedFleet:
     def device_id(self, i: int) -> str:
         return f"{self.spec.prefix}-{self.spec.tier}-{i:05d}"
 
-    def start(self) -> SimulatedFleet:
+    def start(self, should_stop: Callable[[], bool] | None = None) -> SimulatedFleet:
+        """Start every device (or, once ``should_stop()`` says so, no more of them) and its thread."""
         for i in range(self.spec.devices):
+            if should_stop is not None and should_stop():
+                break
             state = self.spec.state_root / self.device_id(i)
             provision(state / "tuf", self.spec.image_root, self.spec.director_root)
             own = self.spec.device_overrides(self.device_id(i)) if self.spec.device_overrides else {}

@@ -183,6 +183,7 @@ class SwarmDevice:
         self.command_at: dict[str, float] = {}      # update id -> when its command arrived
         self.committed_at: dict[str, float] = {}
         self._scheduled = False
+        self._closed = False            # stopped: never stepped again (its download was cancelled)
         self._retry_handle: asyncio.TimerHandle | None = None
         self.next_telemetry = 0.0
         self.rows = _endless(cfg.stream, index) if cfg.stream is not None else None
@@ -215,12 +216,14 @@ class SwarmDevice:
 
     def kick(self) -> None:
         """Something happened for this device: step its agent soon (once per loop iteration)."""
-        if not self._scheduled:
+        if not self._scheduled and not self._closed:
             self._scheduled = True
             self.swarm.loop.call_soon(self._step)
 
     def _step(self) -> None:
         self._scheduled = False
+        if self._closed:
+            return
         for _ in range(64):
             self._note_command()
             if not self.agent.step():
@@ -270,6 +273,7 @@ class SwarmDevice:
         return status[0] if status is not None else DeviceState.OFFLINE
 
     def close(self) -> None:
+        self._closed = True
         self.fetcher.cancel()
         if self._retry_handle is not None:
             self._retry_handle.cancel()
