@@ -160,6 +160,7 @@ def test_simulate_stays_online_past_its_samples_takes_a_publish_and_stops_cleanl
         sim.kill()
     _no_abort(err)
     assert code == 130, err
+    assert "devices online 3/3, updated 0/3, served 0" in err      # what the progress line counts
     assert took < 5.0        # generous for a loaded machine; stopping device by device took 5 s each
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("3 devices served 60 requests; updated 3/3; running: digits-mlp:1 on 3; "
@@ -222,7 +223,7 @@ def test_the_readme_pipeline_retrains_on_what_simulate_sample_rate_sent_and_roll
     pipe = tmp_path / "digits-retrain.toml"
     pipe.write_text(shipped.replace("epochs = 30", "epochs = 3").replace("min_samples = 200", "min_samples = 60"))
     code, out, err = run_cli(["pipeline", "run", str(pipe), "-w", str(served), "--no-rollout"], capsys)
-    assert code == 2 and "edgeloop simulate --sample-rate 0.2" in err           # no samples yet: the CLI fix
+    assert code == 2 and "edgeloop simulate --devices 20 --sample-rate 0.5" in err           # no samples yet: the CLI fix
     sim = Proc("simulate", "-w", str(served), "--devices", "4", "--samples", "60", "--sample-rate", "1",
                "--prefix", "loop")
     try:
