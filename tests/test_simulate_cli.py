@@ -214,6 +214,26 @@ def test_swarm_stopped_by_sigint_in_the_middle_of_its_downloads_exits_130_withou
     assert summary.startswith("3 devices (3 edge-gateway): 3 downloading") and "stopped by SIGINT" in summary
 
 
+def test_swarm_sample_rate_sends_labelled_samples_every_telemetry_period(served, capsys):
+    code, _, err = run_cli(["publish", "-w", str(served), "digits-mlp:1", "--tier", TIER], capsys)
+    assert code == 0, err
+    code, out, err = run_cli_subprocess("swarm", "-w", str(served), "--devices", "2", "--prefix", "sws",
+                                        "--telemetry-s", "1", "--sample-rate", "1", "--duration", "4", "--json")
+    _no_abort(err)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == "duration"
+    registry = Registry(served / "registry.db")
+    try:
+        def samples() -> tuple[list, list]:
+            xs, ys, ids = registry.device_samples()
+            return [x for x, i in zip(xs, ids) if i.startswith("sws-")], [y for y, i in zip(ys, ids) if i.startswith("sws-")]
+        wait_for(lambda: len(samples()[1]) >= 8, 30, "the swarm's samples to be ingested")
+        xs, ys = samples()
+    finally:
+        registry.close()
+    assert all(len(x) == 64 for x in xs) and set(ys) <= set(range(10))    # digits rows with their labels
+
+
 # -- the closed loop from the command line -------------------------------------------------------
 def test_the_readme_pipeline_retrains_on_what_simulate_sample_rate_sent_and_rolls_it_out(served, tmp_path, capsys):
     """README: serve &, simulate --sample-rate &, publish, pipeline run digits-retrain.toml. The
