@@ -199,6 +199,38 @@ def test_simulate_ends_on_its_duration_and_sigterm_exits_143(served):
     assert result["stopped_by"] == "SIGTERM" and result["devices"] == 2 and result["online"] == 2
 
 
+def test_on_a_terminal_the_progress_line_says_what_it_counts_and_is_redrawn_in_place(served):
+    import fcntl
+    import pty
+    import termios
+
+    def own_terminal() -> None:          # the child's controlling terminal, it in the foreground
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(_cli("simulate", "-w", str(served), "--devices", "2", "--duration", "2", "--prefix",
+                                 "tty"), stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=_env(),
+                            preexec_fn=own_terminal)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:                   # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert proc.wait(30) == 0
+    text = shown.decode(errors="replace")
+    _no_abort(text)
+    redraws = text.count("\r\x1b[2Kdevices online 2/2, updated ")
+    assert redraws >= 3, text             # one line, rewritten in place while it runs
+    assert ", served " in text and "stopped by duration" in text
+
+
 def test_swarm_stopped_by_sigint_in_the_middle_of_its_downloads_exits_130_without_a_traceback(served, capsys):
     code, _, err = run_cli(["publish", "-w", str(served), "digits-mlp:1", "--tier", TIER], capsys)
     assert code == 0, err                     # every device downloads it as soon as it connects
