@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from edgeloop.device_sdk.agent import Agent, AgentConfig
 from edgeloop.contracts.topics import DEFAULT_FLEET
@@ -98,12 +98,11 @@ class SimulatedFleet:
         return self
 
     def _drive(self, index: int, run: DeviceRun) -> None:
-        samples = list(self.stream.for_device(index, self.spec.samples, self.spec.label_rate))
         try:
             while not self._stop.is_set():
                 run.agent.step(timeout=0.02 if not run.done.is_set() else 0.1)
                 if self._due(run):
-                    self._serve(run, samples)
+                    self._serve(run, self.stream.for_device(index, self.spec.samples, self.spec.label_rate))
         except Exception as e:  # noqa: BLE001 - recorded and reported by the fleet
             log.exception("simulated device %s stopped", run.agent.device_id)
             run.error = f"{type(e).__name__}: {e}"
@@ -119,7 +118,7 @@ class SimulatedFleet:
             return True
         return self.spec.per_version and version != run.served_version
 
-    def _serve(self, run: DeviceRun, samples: list) -> None:
+    def _serve(self, run: DeviceRun, samples: Iterable[tuple[Any, Any]]) -> None:
         run.served_version = run.agent.model_version
         for raw, label in samples:
             if self._stop.is_set():

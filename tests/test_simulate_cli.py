@@ -174,6 +174,26 @@ def run_cli_subprocess(*argv: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def test_sigint_while_every_device_is_inside_onnxruntime_ends_without_abort(served, capsys):
+    """The "terminate called without an active exception / Aborted" of issue 14: the process
+    exited while device threads were still running inferences. Each device now stops between two
+    requests and is joined before the agents stop and the process exits."""
+    code, _, err = run_cli(["publish", "-w", str(served), "digits-mlp:1", "--tier", TIER], capsys)
+    assert code == 0, err
+    sim = Proc("simulate", "-w", str(served), "--devices", "2", "--samples", "1000000", "--prefix", "busy")
+    registry = Registry(served / "registry.db")
+    try:
+        both = [f"busy-{TIER}-00000", f"busy-{TIER}-00001"]
+        wait_for(lambda: all(registry.telemetry_count([d]) >= 5 for d in both), 60, "both devices to be serving")
+        code, out, err, took = sim.signal(signal.SIGINT)
+    finally:
+        registry.close()
+        sim.kill()
+    _no_abort(err)
+    assert code == 130 and took < 5.0, err           # it stopped mid-request-stream, not after a million
+    assert "stopped by SIGINT" in out.strip().splitlines()[-1]
+
+
 def test_simulate_ends_on_its_duration_and_sigterm_exits_143(served):
     sim = Proc("simulate", "-w", str(served), "--devices", "2", "--duration", "2", "--prefix", "dur")
     try:
