@@ -10,9 +10,11 @@ device id or a model's name cannot move the terminal's cursor.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -104,6 +106,29 @@ class Output:
                 bars.update(tasks[stage], completed=done, total=total)
             yield update
 
+    @contextmanager
+    def live(self, quiet_s: float = 10.0) -> Iterator[Callable[[str], None]]:
+        """Yields ``update(line)``: a status line redrawn in place while this process runs in the
+        foreground of a terminal; elsewhere (a pipe, a log file, a background job) each changed
+        line is written out, at most once every ``quiet_s`` seconds; nothing with --json."""
+        if self.as_json:
+            yield lambda line: None
+            return
+        if not _foreground(sys.stderr):
+            last: dict[str, Any] = {"line": None, "at": 0.0}
+
+            def write(line: str) -> None:
+                now = time.monotonic()
+                if line != last["line"] and now - last["at"] >= quiet_s:
+                    self.err.print(_text(line))
+                    last.update(line=line, at=now)
+            yield write
+            return
+        from rich.live import Live
+
+        with Live(_text(""), console=self.err, refresh_per_second=4, transient=False) as shown:
+            yield lambda line: shown.update(_text(line))
+
 
 _CONTROL = {c: None for c in (*range(0, 9), *range(11, 32), 127)}     # C0 but tab and newline, and DEL
 
@@ -177,3 +202,17 @@ def _scalar(value: Any) -> str:
 def error_object(message: str, code: int, kind: str) -> str:
     """The one JSON line a failing command prints on stdout with --json."""
     return json.dumps({"error": message, "code": code, "kind": kind}, sort_keys=True)
+
+
+def _text(line: str) -> Any:
+    from rich.text import Text
+
+    return Text(line)
+
+
+def _foreground(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal this process owns now (not a background job's)."""
+    try:
+        return stream.isatty() and os.tcgetpgrp(stream.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False

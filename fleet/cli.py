@@ -163,17 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     from edgeloop.fleet.completion import add_completion_command
     add_completion_command(sub)
 
-    p = cmd("simulate", "run a simulated fleet against the broker: full agents (thread each) up to "
-                        f"{FULL_AGENTS_MAX} devices, the asyncio swarm beyond (see: edgeloop swarm --help)", _simulate)
+    from edgeloop.fleet.cli_swarm import sample_rate as _rate
+    p = cmd("simulate", "run a simulated fleet against the broker that waits for updates until --duration or "
+                        f"Ctrl-C: full agents (thread each) up to {FULL_AGENTS_MAX} devices, the asyncio swarm "
+                        "beyond (see: edgeloop swarm --help)", _simulate)
     p.add_argument("--devices", type=_positive, default=20)
     p.add_argument("--engine", choices=["auto", "agents", "swarm"], default="auto",
                    help=f"agents: full device agents; swarm: thousands on one event loop; auto: agents up to "
                         f"{FULL_AGENTS_MAX} devices")
     p.add_argument("--tier", default="edge-gateway")
-    p.add_argument("--samples", type=_positive, default=60, help="requests each device serves")
-    p.add_argument("--duration", type=_duration, default=60.0, help="run at most this long: 30s, 5m, 1h or seconds "
-                   "(default 60)")
-    p.add_argument("--prefix", default="sim", help="device id prefix")
+    p.add_argument("--samples", type=_positive, default=60,
+                   help="requests each device serves on each model version it installs (default 60)")
+    p.add_argument("--sample-rate", type=_rate, default=0.0, metavar="R",
+                   help="share (0..1) of served requests each device sends, labelled, in its telemetry: the "
+                        "device data `edgeloop pipeline run` retrains on (default 0: none)")
+    p.add_argument("--duration", type=_duration, metavar="DURATION",
+                   help="stop after this long: 30s, 5m, 1h, 2d or seconds (default: run until Ctrl-C or SIGTERM)")
+    p.add_argument("--prefix", default="sim", help="device id prefix (ids: PREFIX-TIER-00000)")
 
     p = cmd("demo", "run the whole loop once: train, package, sign, announce, install, report", _demo)
     p.add_argument("--devices", type=_positive, help="simulated devices (default 20; 10 with --loop)")
@@ -545,41 +551,72 @@ FULL_AGENTS_MAX = 200   # thread-per-device full agents; beyond this the asyncio
 
 
 def _simulate(args: argparse.Namespace, out: Output) -> int:
+    """A fleet that waits: every device serves ``--samples`` requests on each model version it
+    installs and stays online until ``--duration`` passes or SIGINT/SIGTERM; exits 0 at the end
+    of the duration, 130 on SIGINT, 143 on SIGTERM, after one summary line."""
     if args.engine == "swarm" or (args.engine == "auto" and args.devices > FULL_AGENTS_MAX):
         argv = ["swarm", "--devices", str(args.devices), "--tier-mix", f"{args.tier}:1", "--prefix", args.prefix,
-                "--duration", str(args.duration), "--workspace", str(args.workspace)]
+                "--workspace", str(args.workspace), "--sample-rate", str(args.sample_rate)]
+        argv += ["--telemetry-s", "10"] if args.sample_rate else []      # swarm devices serve that often
+        argv += ["--duration", str(args.duration)] if args.duration is not None else []
         argv += ["--json"] if args.json else []
         argv += ["--mqtt", args.mqtt] if args.mqtt else []
         swarm_args = build_parser().parse_args(argv)
         return swarm_args.fn(swarm_args, out)
     from edgeloop.cloud.train.datasets import load_dataset
+    from edgeloop.fleet.cli_swarm import Interrupted, reachable
     from edgeloop.simulators.datastream import DataStream
     from edgeloop.simulators.fleet import FleetSpec, SimulatedFleet
 
     ws = _open(args)
     _, _, test = load_dataset().split()
     link, own = _device_link(ws, args.mqtt, args.tier)
+    reachable(link.host, link.port)
     spec = FleetSpec(devices=args.devices, tier=args.tier, state_root=ws.fleet_dir, mqtt_host=link.host,
                      mqtt_port=link.port, fleet=ws.fleet, image_root=ws.image_repository().trusted_root(),
-                     director_root=ws.director_repository().trusted_root(),
-                     samples=args.samples, prefix=args.prefix, device_overrides=own)
-    fleet = SimulatedFleet(spec, DataStream(test.x, test.y)).start()
-    deadline = time.time() + args.duration
-    try:
-        with out.progress() as progress:
-            while time.time() < deadline and fleet.settled_count() < args.devices:
-                progress("devices", fleet.settled_count(), args.devices)
-                time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        fleet.stop()
-    served = sum(r.served for r in fleet.runs)
-    versions = sorted({r.agent.model_version or "-" for r in fleet.runs})
-    out.result({"devices": args.devices, "served": served, "settled": fleet.settled_count(),
-                "model_versions": versions},
-               f"{args.devices} devices served {served} requests; running: {', '.join(versions)}")
-    return 0
+                     director_root=ws.director_repository().trusted_root(), samples=args.samples,
+                     prefix=args.prefix, device_overrides=own, per_version=True,
+                     agent_overrides={"sample_rate": args.sample_rate} if args.sample_rate else {})
+    fleet = SimulatedFleet(spec, DataStream(test.x, test.y))
+    began = time.monotonic()
+    with Interrupted() as interrupted:      # from here a signal stops the fleet, even half started
+        try:
+            fleet.start(should_stop=lambda: interrupted.signum is not None)
+        except BaseException:
+            fleet.stop(drain_s=0.5)
+            raise
+        until = "Ctrl-C" if args.duration is None else f"{args.duration:g} s or Ctrl-C"
+        if interrupted.signum is None:
+            out.info(f"{args.devices} simulated devices online, waiting for updates ({until} to stop)")
+        with out.live() as show:
+            while not interrupted.wait(_until(began, args.duration, 0.25)):
+                show(_fleet_line(fleet))
+                if args.duration is not None and time.monotonic() - began >= args.duration:
+                    break
+            show(_fleet_line(fleet))
+        online = fleet.online_count()
+        fleet.stop(drain_s=1.0)
+    versions = fleet.model_versions()
+    obj = {"devices": len(fleet.runs), "online": online, "served": fleet.served_count(),
+           "updated": fleet.updated_count(), "model_versions": versions,
+           "seconds": round(time.monotonic() - began, 2), "stopped_by": interrupted.name or "duration"}
+    running = ", ".join(f"{v} on {n}" for v, n in versions.items())
+    out.result(obj, f"{obj['devices']} devices served {obj['served']:,} requests; updated {obj['updated']}/"
+                    f"{obj['devices']}; running: {running}; stopped by {obj['stopped_by']} after {obj['seconds']:g} s")
+    return interrupted.exit_code
+
+
+def _until(began: float, duration: float | None, tick: float) -> float:
+    """How long to wait for a signal before the next display update (never past the duration)."""
+    if duration is None:
+        return tick
+    return max(0.0, min(tick, began + duration - time.monotonic()))
+
+
+def _fleet_line(fleet: Any) -> str:
+    n = len(fleet.runs)
+    return (f"devices online {fleet.online_count()}/{n}, updated {fleet.updated_count()}/{n}, "
+            f"served {fleet.served_count():,}")
 
 
 def _device_link(ws: Workspace, mqtt: str | None, tier: str):  # noqa: ANN202

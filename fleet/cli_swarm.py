@@ -5,8 +5,11 @@ of them run on one event loop, for fleet-scale rollouts: every device is its own
 downloads, checks and installs its packages itself; the swarm shares only immutable work (the
 TUF verdict per announcement, the loaded runtime per package) and says so in its report. Device
 state folders go to ``--device-dir`` (default: tmpfs, /dev/shm, where there is one).
-It runs until ``--duration`` passes or it is interrupted (Ctrl-C, SIGTERM), then prints what
-every device ended in; ``--report FILE`` also writes each device's commit time. A workspace
+It runs until ``--duration`` passes (exit 0) or it is interrupted (Ctrl-C: exit 130, SIGTERM:
+exit 143), then prints what every device ended in; ``--report FILE`` also writes each device's
+commit time. With ``--sample-rate R`` every ``--telemetry-s`` each device serves labelled rows of
+the shipped digits test split (the inputs ``edgeloop simulate`` serves) and sends the share R of
+them, labelled, in its telemetry: the device data ``edgeloop pipeline run`` retrains on. A workspace
 with its own broker (``edgeloop broker up``) gets mutual TLS: every device connects with its
 own certificate, enrolled on first use as ``edgeloop simulate`` does.
 """
@@ -18,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +31,7 @@ from edgeloop.cloud.workspace import Workspace
 from edgeloop.fleet._args import DURATION_HELP, duration, duration_or_zero, positive_int
 from edgeloop.fleet._output import Output
 
-__all__ = ["add_swarm_command"]
+__all__ = ["add_swarm_command", "Interrupted", "reachable", "sample_rate"]
 
 
 def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -58,7 +62,11 @@ def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None
     p.add_argument("--heartbeat-s", type=duration_or_zero, default=60.0, metavar="DURATION",
                    help=f"status heartbeat period: {DURATION_HELP} (0: none; default 60)")
     p.add_argument("--download-concurrency", type=positive_int, default=64, help="HTTP downloads at once, swarm-wide")
-    p.add_argument("--duration", type=duration, help=f"stop after this long: {DURATION_HELP} (default: until Ctrl-C)")
+    p.add_argument("--sample-rate", type=sample_rate, default=0.0, metavar="R",
+                   help="share (0..1) of served requests each device sends, labelled, in its telemetry (needs "
+                        "--telemetry-s; default 0: none)")
+    p.add_argument("--duration", type=duration, metavar="DURATION",
+                   help=f"stop after this long: {DURATION_HELP} (default: until Ctrl-C or SIGTERM)")
     p.add_argument("--prefix", default="swarm", help="device id prefix (ids: PREFIX-TIER-00042)")
     p.add_argument("--seed", type=int, default=0, help="picks which devices are faulty")
     p.add_argument("--report", type=Path, metavar="FILE", help="also write every device's result as JSON to FILE")
@@ -70,6 +78,9 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
 
     ws = Workspace.open(args.workspace).with_mqtt(args.mqtt)
     link = control_plane_link(ws, args.mqtt)      # only where, and whether over TLS
+    if args.sample_rate and not args.telemetry_s:
+        raise UserError("--sample-rate needs --telemetry-s SECONDS: swarm devices serve requests only that often "
+                        "(e.g. --telemetry-s 5)")
     try:
         mix = parse_tier_mix(args.tier_mix)
         network = NetworkProfile(latency_ms=args.latency_ms, bandwidth_kbps=args.bandwidth_kbps,
@@ -83,10 +94,11 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
             fail_pct=args.fail_pct, bad_model_pct=args.bad_model_pct, network=network, install_s=args.install_s,
             telemetry_s=args.telemetry_s, heartbeat_s=args.heartbeat_s,
             download_concurrency=args.download_concurrency, seed=args.seed, fleet=ws.fleet,
-            tls_dir=ws.root / "devices" if link.tls else None)
+            tls_dir=ws.root / "devices" if link.tls else None, sample_rate=args.sample_rate,
+            stream=_labelled_stream() if args.sample_rate else None)
     except ValueError as e:
         raise UserError(str(e)) from None
-    _reachable(link.host, link.port)
+    reachable(link.host, link.port)
     if link.tls:
         _identities(ws, config, out)
     _raise_fd_limit(args.devices)
@@ -98,28 +110,31 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
         import cProfile
 
         with cProfile.Profile() as prof:
-            report = asyncio.run(_run(swarm, args.duration, out))
+            report, signum = asyncio.run(_run(swarm, args.duration, out))
         prof.dump_stats(profile)
     else:
-        report = asyncio.run(_run(swarm, args.duration, out))
+        report, signum = asyncio.run(_run(swarm, args.duration, out))
     if args.report:
         args.report.write_text(json.dumps(report, sort_keys=True))
     summary = {k: v for k, v in report.items() if k != "per_device"}
     states = ", ".join(f"{n} {s}" for s, n in sorted(report["states"].items()))
     times = "" if report["command_to_commit_p50_s"] is None else \
         f"; command to commit p50 {report['command_to_commit_p50_s']} s, p99 {report['command_to_commit_p99_s']} s"
+    summary["stopped_by"] = signal.Signals(signum).name if signum else "duration"
     out.result(summary, f"{report['devices']} devices ({', '.join(f'{n} {t}' for t, n in report['tiers'].items())})"
-                        f": {states}{times}")
-    return 0
+                        f": {states}{times}; stopped by {summary['stopped_by']}")
+    return _exit_code(signum)
 
 
-async def _run(swarm: Any, duration: float | None, out: Output) -> dict[str, Any]:
+async def _run(swarm: Any, duration: float | None, out: Output) -> tuple[dict[str, Any], int | None]:
+    """Run until ``duration`` or SIGINT/SIGTERM: (the report, the signal that stopped it or None)."""
     import asyncio
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    got: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda s=sig: (got.append(s), stop.set()))
     began = time.time()
     try:
         await swarm.start()
@@ -134,7 +149,18 @@ async def _run(swarm: Any, duration: float | None, out: Output) -> dict[str, Any
         pass
     report = swarm.report(per_device=True)
     await swarm.stop()
-    return report
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    return report, (got[0] if got else None)
+
+
+def _labelled_stream() -> Any:
+    """The rows simulated devices serve when they sample: the shipped digits test split, labelled."""
+    from edgeloop.cloud.train.datasets import load_dataset
+    from edgeloop.simulators.datastream import DataStream
+
+    _, _, test = load_dataset().split()
+    return DataStream(test.x, test.y)
 
 
 def _initial_packages(ws: Workspace, version: str | None, mix: dict[str, float]) -> dict[str, bytes]:
@@ -175,7 +201,8 @@ def _identities(ws: Workspace, config: Any, out: Output) -> None:
         registry.close()
 
 
-def _reachable(host: str, port: int) -> None:
+def reachable(host: str, port: int) -> None:
+    """Raises ServiceUnavailable (exit 3) if nothing accepts TCP connections at host:port."""
     try:
         socket.create_connection((host, port), timeout=5).close()
     except OSError as e:
@@ -211,3 +238,55 @@ def _pct(text: str) -> float:
     if value > 100:
         raise argparse.ArgumentTypeError(f"{text} is not a percentage (0-100)")
     return value
+
+
+def sample_rate(text: str) -> float:
+    """A share of requests, 0 to 1."""
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share of requests: use 0 to 1 (0.2: one in five)")
+    return value
+
+
+def _exit_code(signum: int | None) -> int:
+    """0 when the run ended by itself; 128 + the signal otherwise (130 SIGINT, 143 SIGTERM)."""
+    return 0 if signum is None else 128 + signum
+
+
+class Interrupted:
+    """SIGINT and SIGTERM as a request to stop, for a command whose main thread polls
+    :meth:`wait` (or :attr:`signum`): a signal is only recorded. The handlers are the process's
+    while the context is open (main thread only), the previous ones afterwards."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupted:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signum = self.signum or signum
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, less if a signal came; True once one came. (The handler
+        only sets a field: taking a lock in a signal handler could deadlock the thread it interrupts.)"""
+        end = time.monotonic() + timeout
+        while self.signum is None and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+        return self.signum is not None
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum else None
+
+    @property
+    def exit_code(self) -> int:
+        return _exit_code(self.signum)

@@ -81,6 +81,8 @@ class LoopDriver:
             if sock is None:
                 continue
             client.loop_write()
+            if client.socket() is not sock:
+                continue                 # the write failed and paho closed the socket
             if client.want_write() and sock not in self._watching:
                 self._watching.add(sock)
                 self.loop.add_writer(sock, self._writable, client, sock)

@@ -29,7 +29,9 @@ dropped downloads, abrupt disconnects, injected in the link and the fetcher), fa
 they report ``rolled_back`` and keep it, while going back to it succeeds) and bad models
 (``bad_model_pct`` of devices install fine but fail about 4 requests in 10 on any model but their
 first: their telemetry shows it), both injected in the runtime loader. With ``telemetry_s``
-every device serves a telemetry window of its package's golden inputs that often.
+every device serves a telemetry window of its package's golden inputs that often, or, with a
+``stream`` of labelled rows, a window of those rows (its own order, as :class:`DataStream`
+deals them), of which it sends the share ``sample_rate``, labelled, in its telemetry.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from edgeloop.contracts import topics
 from edgeloop.contracts.errors import ContractError
@@ -57,6 +59,7 @@ from edgeloop.simulators._aio_link import AioLink, LinkStats
 from edgeloop.simulators._aio_mqtt import LoopDriver
 from edgeloop.simulators._swarm_parts import DeviceRuntimes, Downloads, SharedRuntimes, SwarmFetcher, target_url
 from edgeloop.simulators._swarm_verify import VerdictCache
+from edgeloop.simulators.datastream import DataStream
 
 __all__ = ["NetworkProfile", "SwarmConfig", "Swarm", "SwarmDevice", "SwarmThread", "parse_tier_mix", "plan",
            "target_url", "DEVICE_CODE", "SHARED_WORK"]
@@ -116,6 +119,8 @@ class SwarmConfig:
     tls_dir: Path | None = None        # <tls_dir>/<device id>/{ca.crt,device.crt,device.key}: mutual TLS
     device_dir: Path | None = None     # where each device's own state folder goes (None: state_dir;
                                        # /dev/shm for large swarms), removed when the swarm stops
+    stream: DataStream | None = None   # labelled rows devices serve each telemetry_s (None: golden inputs)
+    sample_rate: float = 0.0           # share of served requests sent, labelled, in telemetry (AgentConfig)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -125,6 +130,8 @@ class SwarmConfig:
                 raise ValueError(f"{name} must be between 0 and 100")
         if self.download_concurrency < 1:
             raise ValueError("download_concurrency must be at least 1")
+        if not 0 <= self.sample_rate <= 1:
+            raise ValueError("sample_rate must be between 0 and 1")
         if self.initial_version is not None and not self.initial_packages:
             raise ValueError("initial_version needs its packages (initial_packages: tier -> package bytes)")
 
@@ -168,15 +175,18 @@ class SwarmDevice:
     """Drives one real agent on the swarm's loop: steps it when something happened for it.
     Holds no device state of its own beyond timings for the report."""
 
-    def __init__(self, swarm: Swarm, device_id: str, tier: str, faulty: bool, bad_model: bool) -> None:
+    def __init__(self, swarm: Swarm, device_id: str, tier: str, faulty: bool, bad_model: bool,
+                 index: int = 0) -> None:
         cfg = swarm.config
         self.swarm, self.device_id, self.tier = swarm, device_id, tier
         self.faulty, self.bad_model = faulty, bad_model
         self.command_at: dict[str, float] = {}      # update id -> when its command arrived
         self.committed_at: dict[str, float] = {}
         self._scheduled = False
+        self._closed = False            # stopped: never stepped again (its download was cancelled)
         self._retry_handle: asyncio.TimerHandle | None = None
         self.next_telemetry = 0.0
+        self.rows = _endless(cfg.stream, index) if cfg.stream is not None else None
         root = swarm.device_root / device_id
         self.topics = topics.Fleet(cfg.fleet)
         provision(root / "tuf", cfg.image_root, cfg.director_root)
@@ -193,7 +203,7 @@ class SwarmDevice:
                                        rng=random.Random(f"{cfg.seed}-{device_id}"))
         config = AgentConfig(device_id=device_id, tier=tier, state_dir=root, fleet=cfg.fleet,
                              max_package_bytes=cfg.max_package_bytes,
-                             heartbeat_s=cfg.heartbeat_s,
+                             heartbeat_s=cfg.heartbeat_s, sample_rate=cfg.sample_rate,
                              retry_delays_s=tuple(min(0.2 * 2 ** a, 5.0) for a in range(1, cfg.download_retries + 1)))
         self.agent = Agent(config, link=self.link, fetcher=self.fetcher, runtimes=self.runtimes,
                            outbox=Outbox(Path(":memory:")))
@@ -206,12 +216,14 @@ class SwarmDevice:
 
     def kick(self) -> None:
         """Something happened for this device: step its agent soon (once per loop iteration)."""
-        if not self._scheduled:
+        if not self._scheduled and not self._closed:
             self._scheduled = True
             self.swarm.loop.call_soon(self._step)
 
     def _step(self) -> None:
         self._scheduled = False
+        if self._closed:
+            return
         for _ in range(64):
             self._note_command()
             if not self.agent.step():
@@ -245,9 +257,13 @@ class SwarmDevice:
         cfg = self.swarm.config
         if cfg.telemetry_s and self.agent.runtime is not None and now >= self.next_telemetry:
             self.next_telemetry = now + cfg.telemetry_s
-            inputs = self.swarm.runtimes.inputs(self.agent.runtime)
-            for i in range(self.agent.config.telemetry_window):
-                self.agent.infer(inputs[i % len(inputs)][None, :])
+            if self.rows is not None:
+                for _ in range(self.agent.config.telemetry_window):
+                    self.agent.infer(*next(self.rows))
+            else:
+                inputs = self.swarm.runtimes.inputs(self.agent.runtime)
+                for i in range(self.agent.config.telemetry_window):
+                    self.agent.infer(inputs[i % len(inputs)][None, :])
             self.swarm.stats["telemetry"] += 1
         self.kick()
 
@@ -257,6 +273,7 @@ class SwarmDevice:
         return status[0] if status is not None else DeviceState.OFFLINE
 
     def close(self) -> None:
+        self._closed = True
         self.fetcher.cancel()
         if self._retry_handle is not None:
             self._retry_handle.cancel()
@@ -317,7 +334,7 @@ class Swarm:
         n_bad = round(cfg.devices * cfg.bad_model_pct / 100)
         faulty, bad = set(order[:n_fail]), set(order[n_fail:n_fail + n_bad])
         for i, (device_id, tier) in enumerate(plan(cfg)):
-            device = SwarmDevice(self, device_id, tier, i in faulty, i in bad)
+            device = SwarmDevice(self, device_id, tier, i in faulty, i in bad, index=i)
             device.next_telemetry = time.time() + self.rng.uniform(0, cfg.telemetry_s or 1)
             self.devices.append(device)
         deadline = time.time() + timeout
@@ -397,6 +414,12 @@ class Swarm:
         if per_device:
             result["per_device"] = reports
         return result
+
+
+def _endless(stream: DataStream, index: int) -> Iterator[tuple[Any, Any]]:
+    """Device ``index``'s rows of ``stream``, round and round."""
+    while True:
+        yield from stream.for_device(index, len(stream.x))
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

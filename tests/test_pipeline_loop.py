@@ -220,7 +220,7 @@ def test_bad_pipeline_files_are_refused_with_the_reason(tmp_path, text, message)
 def test_pipeline_without_device_data_says_how_to_get_it(trained_ws, tmp_path):
     ws, registry = trained_ws
     (tmp_path / "p.toml").write_text(PIPE)
-    with pytest.raises(UserError, match="sample_rate"):
+    with pytest.raises(UserError, match="edgeloop simulate --devices 20 --sample-rate 0.5"):
         run_pipeline(ws, registry, load_pipeline(tmp_path / "p.toml"))
     assert pipeline_runs(registry)[0]["status"] == "failed"
 

@@ -301,8 +301,9 @@ def _collect(ws: Workspace, registry: Registry, pipe: PipelineFile, c: dict[str,
 
     minimum = int(pipe.collect.get("min_samples", 1))
     if len(c["y"]) < minimum:
-        raise UserError(f"devices sent {len(c['y'])} labelled samples; the pipeline needs at least {minimum} "
-                        "(turn sampling on: AgentConfig.sample_rate, and send labels)")
+        raise UserError(f"devices sent {len(c['y'])} labelled samples; the pipeline needs at least {minimum}: run "
+                        "a fleet that sends them (edgeloop simulate --devices 20 --sample-rate 0.5) or turn sampling on in "
+                        "your devices' agents (AgentConfig.sample_rate), and run the pipeline again")
     base = load_registered(c["base"])
     if base.sha256 != c["base_sha256"]:
         raise UserError(f"base data set {c['base']['dataset_id']} changed on disk since it was registered")
@@ -316,8 +317,9 @@ def _collect(ws: Workspace, registry: Registry, pipe: PipelineFile, c: dict[str,
         rows.append((x, y))
     if len(rows) < minimum:
         what = f"{base.n_classes} classes" if base.task != "regression" else "numeric targets"
-        raise UserError(f"{len(rows)} device samples match the base data set's {width} features and "
-                        f"{what}; the pipeline needs {minimum}")
+        raise UserError(f"{len(rows)} distinct device samples match the base data set's {width} features and "
+                        f"{what}; the pipeline needs {minimum} (more devices, or a higher sample rate: edgeloop "
+                        "simulate --devices 20 --sample-rate 0.5)")
     folder = ws.root / "data" / f"{pipe.name}-{c['samples_sha256'][:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     dev_x = np.array([x for x, _ in rows], dtype=np.float32)
