@@ -25,7 +25,9 @@ __all__ = ["add_pipeline_commands"]
 def add_pipeline_commands(sub: Any, group: Callable, action: Callable) -> None:
     pipes = group(sub, "pipeline", "the closed loop: collect device data, retrain, gate, package, canary, promote", _ls)
     p = action(pipes, "run", "run a pipeline file; unchanged steps are reused, not redone", _run)
-    p.add_argument("file", type=Path, metavar="FILE", help="pipeline file (TOML), e.g. cloud/loop/pipelines/digits-retrain.toml")
+    p.add_argument("file", metavar="FILE|NAME",
+                   help="a pipeline file (TOML), or the name of a shipped one (digits-retrain: "
+                        "cloud/loop/pipelines/digits-retrain.toml)")
     p.add_argument("--on-drift", action="store_true",
                    help="run only if a drift alert was stored since this pipeline's last run")
     p.add_argument("--no-rollout", action="store_true", help="stop after packaging, even if the file has [rollout]")
@@ -33,6 +35,26 @@ def add_pipeline_commands(sub: Any, group: Callable, action: Callable) -> None:
     action(pipes, "ls", "list pipeline runs", _ls)
     p = action(pipes, "show", "show one pipeline run, step by step", _show)
     p.add_argument("run_id", metavar="RUN")
+
+
+def shipped_pipelines() -> dict[str, Path]:
+    """The pipeline files shipped with edgeloop, by name (their file stem)."""
+    import edgeloop.cloud.loop as loop   # a docstring-only package: nothing heavy
+
+    return {f.stem: f for f in sorted((Path(loop.__file__).parent / "pipelines").glob("*.toml"))}
+
+
+def pipeline_file(text: str) -> Path:
+    """``text`` as a pipeline file: a path that exists, else a shipped pipeline's name.
+    Raises UserError naming both ways when it is neither."""
+    path = Path(text)
+    if path.exists() or path.suffix == ".toml" or "/" in text:
+        return path              # load_pipeline says what is wrong with a path that does not read
+    shipped = shipped_pipelines()
+    if text in shipped:
+        return shipped[text]
+    raise UserError(f"no pipeline file {text!r}, and no shipped pipeline of that name "
+                    f"(shipped: {', '.join(shipped) or 'none'}); give a .toml path or one of those names")
 
 
 def _registry(args: argparse.Namespace) -> tuple[Workspace, Registry]:
@@ -46,7 +68,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.cloud.loop.closed_loop import controller_driver, load_pipeline, pipeline_runs, run_pipeline
     from edgeloop.fleet.cli_rollout import _controller, _serve_url
 
-    pipe = load_pipeline(args.file)
+    pipe = load_pipeline(pipeline_file(args.file))
     ws, registry = _registry(args)
     trigger = "manual"
     if args.on_drift:

@@ -261,3 +261,18 @@ def test_the_closed_loop_detects_drift_retrains_on_device_data_and_recovers(tmp_
     assert again["v1"] != r["v1"] and again["production"] == [again["v2"]]
     assert again["rollout_counts"]["committed"] == 6
     assert again["flagged_drifted"] == drifted
+
+
+def test_a_shipped_pipeline_is_named_by_its_stem_and_a_wrong_name_lists_them(tmp_path):
+    from edgeloop.cloud.errors import UserError
+    from edgeloop.fleet.cli_pipeline import pipeline_file, shipped_pipelines
+
+    shipped = shipped_pipelines()
+    assert "digits-retrain" in shipped and shipped["digits-retrain"].read_text().startswith("#")
+    assert pipeline_file("digits-retrain") == shipped["digits-retrain"]
+    own = tmp_path / "mine.toml"
+    own.write_text("[pipeline]\n")
+    assert pipeline_file(str(own)) == own                 # a path that exists is always the path
+    assert pipeline_file("nope.toml") == Path("nope.toml")  # a path: load_pipeline says it cannot read it
+    with pytest.raises(UserError, match="shipped: digits-retrain"):
+        pipeline_file("digits-retrian")
