@@ -145,7 +145,7 @@ STEPS = [
     Step("edgeloop lineage sim-edge-gateway-00003", r"(?s)device +sim-edge-gateway-00003.*data set +digits:1 sha256"),
     Step("edgeloop keys list", r"(?s)root.*targets.*timestamp"),
     Step("edgeloop drift report -w ws --cohort tier", r"edge-gateway"),
-    Step("edgeloop train -w ws --epochs 40 --seed 1", r"registered digits-mlp:2"),
+    Step("edgeloop train -w ws --epochs 40 --hidden 64", r"registered digits-mlp:2"),
     Step("edgeloop package -w ws digits-mlp:2", r"packaged digits-mlp:2 for edge-gateway"),
     Step("edgeloop models promote digits-mlp:2", r"digits-mlp:2: candidate -> production .*digits-mlp:1"),
     Step("edgeloop rollout start digits-mlp:2", rf"rollout ro-[0-9a-f]+: digits-mlp:2 to {DEVICES} devices"),
