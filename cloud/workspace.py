@@ -3,8 +3,9 @@
 ::
 
     <workspace>/
-      edgeloop.toml        settings (broker address, HTTP port, fleet id: the namespace of its MQTT topics)
-      registry.db          the store (cloud.store, schema-versioned SQLite): models, packages, devices, ...
+      edgeloop.toml        settings (broker address, HTTP port, fleet id: the namespace of its MQTT topics,
+                           and optionally ``store = "postgresql://..."``: the store on PostgreSQL)
+      registry.db          the store (cloud.store, schema-versioned SQLite) unless ``store`` names another
       keys/                Ed25519 signing keys, PKCS#8 PEM encrypted at rest, mode 0600
       repository/          the image repository (TUF): every package, signed (keys can live offline)
         metadata/          1.root.json, N.root.json, timestamp.json, N.snapshot.json, N.targets.json
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import secrets
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeloop.cloud.errors import NotFound, UserError
@@ -28,6 +29,7 @@ from edgeloop.contracts.topics import DEFAULT_FLEET, valid_fleet
 CONFIG_NAME = "edgeloop.toml"
 DEFAULT_MQTT = "127.0.0.1:1883"
 WORKSPACE_VERSION = 1
+STORE_SCHEMES = ("postgresql://", "postgres://")
 
 __all__ = ["Workspace", "parse_host_port", "DEFAULT_MQTT"]
 
@@ -47,10 +49,16 @@ class Workspace:
     http_host: str
     http_port: int          # 0: pick a free port when the control plane starts
     fleet: str
+    store: str | None = None    # a postgresql:// URL; None: the SQLite file at registry_path
 
     @property
     def registry_path(self) -> Path:
         return self.root / "registry.db"
+
+    @property
+    def store_location(self) -> Path | str:
+        """Where the store lives: the ``store`` URL, else the SQLite file :attr:`registry_path`."""
+        return self.store or self.registry_path
 
     @property
     def keys_dir(self) -> Path:
@@ -124,6 +132,12 @@ class Workspace:
                      fleet=str(cfg.get("fleet", DEFAULT_FLEET)))   # written before fleet ids: "default"
         except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"malformed workspace config {path}: {e}") from None
+        store = cfg.get("store")
+        if store is not None:
+            if not isinstance(store, str) or not store.startswith(STORE_SCHEMES):
+                raise UserError(f"malformed workspace config {path}: store is not a PostgreSQL URL "
+                                "(use postgresql://USER@HOST:PORT/DATABASE, or remove it for the SQLite file)")
+            ws = replace(ws, store=store)
         if not valid_fleet(ws.fleet):
             raise UserError(f"malformed workspace config {path}: invalid fleet id {ws.fleet!r} "
                             "(use 1-32 of [a-z0-9-], starting with a letter or digit)")
@@ -134,4 +148,4 @@ class Workspace:
         if not address:
             return self
         host, port = parse_host_port(address, "broker address")
-        return Workspace(self.root, host, port, self.http_host, self.http_port, self.fleet)
+        return replace(self, mqtt_host=host, mqtt_port=port)

@@ -36,7 +36,7 @@ def add_pipeline_commands(sub: Any, group: Callable, action: Callable) -> None:
 
 def _registry(args: argparse.Namespace) -> tuple[Workspace, Registry]:
     ws = Workspace.open(args.workspace)
-    return ws, Registry(ws.registry_path)
+    return ws, Registry(ws.store_location)
 
 
 def _run(args: argparse.Namespace, out: Output) -> int:

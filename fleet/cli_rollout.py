@@ -88,7 +88,7 @@ def add_rollout_commands(sub: Any, group: Callable, action: Callable) -> None:
 
 def _controller(args: argparse.Namespace, url: str | None = None) -> RolloutController:
     ws = Workspace.open(args.workspace)
-    return RolloutController(ws, Registry(ws.registry_path), _no_sender, repository_url=url)
+    return RolloutController(ws, Registry(ws.store_location), _no_sender, repository_url=url)
 
 
 def _no_sender(device_id: str, command: Any) -> None:

@@ -47,7 +47,7 @@ def _duration(text: str) -> float:
 
 
 def _store(args: argparse.Namespace) -> TokenStore:
-    return TokenStore(Registry(Workspace.open(args.workspace).registry_path))
+    return TokenStore(Registry(Workspace.open(args.workspace).store_location))
 
 
 def _create(args: argparse.Namespace, out: Output) -> int:
