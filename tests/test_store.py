@@ -465,3 +465,81 @@ def test_a_connection_lost_on_every_try_raises_one_error_with_nothing_half_store
         assert store.add_telemetry(_telemetry("d1", range(100))) == 100      # the store reconnected
     finally:
         store.close()
+
+
+# -- drift aggregates: the database's merge is the monitor's merge ----------------------------------
+def _reference_keys(row, by: str) -> list[str]:
+    """The cohorts of a drift row, as the report defines them (docs/drift.md)."""
+    import json
+    if by in ("device", "tier", "model_version"):
+        return [str(row[{"device": "device_id"}.get(by, by)])]
+    if by == "fleet":
+        return ["fleet"]
+    tags = json.loads(row.get("tags") or "{}")
+    if by == "site":
+        return [str(tags.get("site", "?"))]
+    return [f"{k}={v}" for k, v in sorted(tags.items())] or ["(untagged)"]
+
+
+def _summary(i: int, residuals: bool) -> dict:
+    out = {"hist": [[i, 2, 0], [0, 1, i + 2]], "n": [i + 2, i + 3], "missing": [0, i % 2],
+           "sum": [0.5 * i, 1.5], "sumsq": [0.25 * i, 2.5], "min": [-float(i), 0.0], "max": [float(i), 3.0 + i],
+           "edges": [[0, 1, 2, 3], [0, 1, 2, 3]]}
+    if residuals:
+        out.update(rn=i + 1, rsum=[0.1 * i, -0.2], rsumsq=[0.01 * i, 0.04])
+    return out
+
+
+def test_the_drift_aggregates_of_the_store_merge_as_the_monitor_merges_records(store_location):
+    import numpy as np
+
+    from edgeloop.cloud.drift.monitor import COHORTS, _cohort_summary, records_summary
+    store = open_store(store_location)
+    try:
+        store.record_statuses([{"device_id": f"d{i}", "tier": ("mcu", "edge-gateway")[i % 2], "state": "committed"}
+                               for i in range(4)])
+        store.enroll_device("d0", {"cert_serial": "s0", "tags": '{"site": "north", "line": "a"}'})
+        store.enroll_device("d1", {"cert_serial": "s1", "tags": '{"site": "south"}'})
+        rows = []
+        for i in range(24):
+            device, mv = f"d{i % 5}", ("m:1", "m:2")[i % 3 == 0]      # d4 has no device row
+            rows.append({"device_id": device, "seq": i, "model_version": mv, "window_end": float(i * 7 % 24),
+                         "count": 10 + i, "labelled": i % 4, "correct": i % 3 if i % 4 else 0, "errors": 0,
+                         "predictions": [i, 1, 2 * i], "abs_err_sum": 0.5 * i if i % 2 else None,
+                         "features": _summary(i, residuals=device != "d3") if i % 7 else None})
+        store.add_telemetry(rows)
+        store.add_label_feedback([{"device_id": "d1", "seq": 1, "labelled": 9, "correct": 8},
+                                  {"device_id": "d2", "seq": 2, "labelled": 5, "correct": 5, "abs_err_sum": 2.0}])
+        for by in COHORTS:
+            groups = {}
+            for r in store.drift_rows():
+                for key in _reference_keys(r, by):
+                    groups.setdefault((key, r["model_version"]), []).append(r)
+            totals = {(t["key"], t["model_version"]): t for t in store.drift_cohort_totals(by)}
+            features = store.drift_cohort_features(by)
+            assert set(totals) == set(groups), by
+            firsts = {(r["key"], r["model_version"]): r for r in store.drift_cohort_rows(by, 8) if r["first"]}
+            for cohort, members in groups.items():
+                t = totals[cohort]
+                assert (t["records"], t["inferences"], t["labelled"], t["correct"]) == (
+                    len(members), sum(m["count"] for m in members), sum(m["labelled"] or 0 for m in members),
+                    sum(m["correct"] or 0 for m in members)), (by, cohort)
+                errs = [m for m in members if m["abs_err_sum"] is not None]
+                assert t["err_records"] == len(errs) and t["err_labelled"] == sum(m["labelled"] for m in errs)
+                assert t["abs_err_sum"] == pytest.approx(sum(m["abs_err_sum"] for m in errs) if errs else None)
+                expected, preds = records_summary(members)
+                assert t["predictions"] == preds, (by, cohort)
+                got = _cohort_summary(features.get(cohort), t)
+                assert (got is None) == (expected is None), (by, cohort)
+                if expected is not None:
+                    assert set(got) == set(expected), (by, cohort)
+                    for k in expected:
+                        assert np.allclose(np.asarray(got[k], dtype=float), np.asarray(expected[k], dtype=float)), \
+                            (by, cohort, k)
+                assert firsts[cohort]["device_id"] == members[0]["device_id"]
+                assert firsts[cohort]["seq"] == members[0]["seq"]
+            recent = [r for r in store.drift_cohort_rows("fleet", 4) if r["recent"] and r["model_version"] == "m:1"]
+            assert [r["seq"] for r in recent] == [m["seq"] for m in groups.get(("fleet", "m:1"), [])][-4:] \
+                if by == "fleet" else True
+    finally:
+        store.close()

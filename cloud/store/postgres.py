@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import psycopg
 from psycopg.adapt import Dumper, Loader
 from psycopg.pq import TransactionStatus
+from psycopg.types.string import TextLoader
 
 from edgeloop.cloud.errors import ServiceUnavailable, UserError
 from edgeloop.cloud.store._base import ConnectionLost, Dialect
@@ -117,6 +118,7 @@ def _open(url: str) -> psycopg.Connection:
         raise ServiceUnavailable(f"cannot reach the store at {shown}: {text} "
                                  "(start PostgreSQL or fix `store` in edgeloop.toml, then retry)") from None
     conn.adapters.register_loader("numeric", _Numeric)
+    conn.adapters.register_loader("jsonb", TextLoader)      # JSON columns read back as text, as on SQLite
     conn.adapters.register_dumper(bool, _BoolAsInt)
     return conn
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from edgeloop.cloud.store.access import AccessOps
 from edgeloop.cloud.store.catalog import CatalogOps
+from edgeloop.cloud.store.drift import DriftOps
 from edgeloop.cloud.store.fleet import FleetOps
 from edgeloop.cloud.store.rollouts import RolloutOps
 
 __all__ = ["SqlStore"]
 
 
-class SqlStore(CatalogOps, FleetOps, AccessOps, RolloutOps):
+class SqlStore(CatalogOps, FleetOps, DriftOps, AccessOps, RolloutOps):
     """SQLite (WAL) or PostgreSQL behind the :class:`~cloud.store.interface.Store` Protocol."""
