@@ -173,8 +173,12 @@ def ingest_rate(port: int, args: argparse.Namespace, workers_n: int, features: d
     t0 = time.time()
     start.set()
     deadline = t0 + 600
-    while _stored(db) < total and time.time() < deadline:
-        time.sleep(0.02)
+    watcher = Registry(db)          # one connection to poll (opening a PostgreSQL store per poll costs its CPU)
+    try:
+        while watcher.telemetry_count() < total and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        watcher.close()
     elapsed = time.time() - t0
     for p in procs:
         p.join(60)

@@ -117,6 +117,10 @@ def _open(url: str) -> psycopg.Connection:
                             "(create it: createdb, or fix `store` in edgeloop.toml)") from None
         raise ServiceUnavailable(f"cannot reach the store at {shown}: {text} "
                                  "(start PostgreSQL or fix `store` in edgeloop.toml, then retry)") from None
+    try:      # telemetry summaries (~6 KB of JSON each) are compressed on insert: lz4 is ~2x cheaper than pglz
+        conn.execute("set default_toast_compression = 'lz4'")
+    except psycopg.Error:       # a server built without lz4 (or before PostgreSQL 14) keeps its default
+        pass
     conn.adapters.register_loader("numeric", _Numeric)
     conn.adapters.register_loader("jsonb", TextLoader)      # JSON columns read back as text, as on SQLite
     conn.adapters.register_dumper(bool, _BoolAsInt)
