@@ -107,7 +107,7 @@ class _Table:
     def _write(self, rows: Iterable[dict[str, Any]], conflict: Callable[[Sequence[str]], str]) -> int:
         groups: dict[tuple[str, ...], list[list[Any]]] = {}
         for row in rows:
-            groups.setdefault(tuple(row), []).append(list(row.values()))
+            groups.setdefault(tuple(row), []).append([_value(v) for v in row.values()])
         changed = 0
         with self.store._tx() as conn:
             for keys, values in groups.items():
@@ -140,7 +140,12 @@ class _Table:
         sets = ", ".join(f'"{k}" = ?' for k in fields)
         with self.store._tx() as conn:
             return conn.execute(f'update "{self.name}" set {sets} where "{self.pk[0]}" = ?',
-                                [*fields.values(), key]).rowcount
+                                [*map(_value, fields.values()), key]).rowcount
+
+
+def _value(value: Any) -> Any:
+    """A column value as stored: a dict or list as its JSON text (as sqlite_utils stored them)."""
+    return dumps(value) if isinstance(value, (dict, list, tuple)) else value
 
 
 class _Tables:
