@@ -543,3 +543,12 @@ def test_the_drift_aggregates_of_the_store_merge_as_the_monitor_merges_records(s
                 if by == "fleet" else True
     finally:
         store.close()
+
+
+def test_the_read_only_helper_cannot_write_on_postgresql_either(pg_server):
+    import psycopg
+    url = pg_server.fresh_database()
+    open_store(url).close()
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        query(url, "delete from devices")
+    assert query(url, "select value from meta where key = ?", ["schema_version"]) == [{"value": str(SCHEMA_VERSION)}]
