@@ -41,7 +41,7 @@ def main() -> int:
     within = True
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.init(Path(tmp) / "ws")
-        registry = Registry(ws.registry_path)
+        registry = Registry(ws.store_location)
         for name in args.only or sorted(EXAMPLES):
             ex = EXAMPLES[name]
             t0 = time.perf_counter()

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         broker, port = start_broker(tmp)
         procs.append(broker)
         ws = Workspace.init(tmp / "ws", mqtt=f"127.0.0.1:{port}")
-        registry = Registry(ws.registry_path)
+        registry = Registry(ws.store_location)
         v1, v2 = prepare(ws, registry, [args.tier])
         repo, url = start_repository(ws)
         procs.append(repo)

@@ -36,7 +36,7 @@ def run(devices: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="edgeloop-rollout-bench-"))
     try:
         ws = Workspace.init(root / "ws", mqtt="127.0.0.1:1")
-        registry = Registry(ws.registry_path)
+        registry = Registry(ws.store_location)
         ws.image_repository().init()
         ws.director_repository().init()
         for v in (1, 2):

@@ -13,6 +13,10 @@ JSON, as real devices send). Each measured run has its own private broker and th
   (synchronous=NORMAL), and a confirmation to each device after each batch
   (``edgeloop.telemetry_ack/1``), until every record is in the ``telemetry`` table.
 
+``--store postgresql``: the workers store into PostgreSQL instead (a private server started
+for the run, tests/pg_server.py, a fresh database per measured run; batched ``insert ... on
+conflict do nothing`` through psycopg's pipelined ``executemany``).
+
 Everything (publishers, broker, consumers) shares this machine's cores, so rates move with
 whatever else runs: each round measures raw and then every worker count back to back, the ratio
 is taken within a round, and the median over ``--repeats`` rounds is reported. Rates are records
@@ -128,7 +132,7 @@ def ingest_worker(port: int, db: str, name: str, ready: mp.Event, stop: mp.Event
     """One ingest worker process: a control plane in the shared subscription group."""
     from edgeloop.cloud.ingest.control_plane import ControlPlane
     from edgeloop.cloud.registry import Registry
-    registry = Registry(Path(db))
+    registry = Registry(db if "://" in db else Path(db))
     cp = ControlPlane(registry, "127.0.0.1", port, session=name).start(30)
     cpu0 = time.process_time()
     ready.set()
@@ -142,7 +146,7 @@ def ingest_worker(port: int, db: str, name: str, ready: mp.Event, stop: mp.Event
     registry.close()
 
 
-def _stored(db: Path) -> int:
+def _stored(db: Path | str) -> int:
     from edgeloop.cloud.registry import Registry
     registry = Registry(db)
     try:
@@ -151,9 +155,10 @@ def _stored(db: Path) -> int:
         registry.close()
 
 
-def ingest_rate(port: int, args: argparse.Namespace, workers_n: int, features: dict, workdir: Path) -> dict:
+def ingest_rate(port: int, args: argparse.Namespace, workers_n: int, features: dict, workdir: Path,
+                server=None) -> dict:  # noqa: ANN001 - tests.pg_server.PrivatePostgres for --store postgresql
     from edgeloop.cloud.registry import Registry
-    db = workdir / "registry.db"
+    db: Path | str = server.fresh_database() if server is not None else workdir / "registry.db"
     Registry(db).close()
     stop, out = mp.Event(), mp.Queue()
     workers = []
@@ -168,8 +173,12 @@ def ingest_rate(port: int, args: argparse.Namespace, workers_n: int, features: d
     t0 = time.time()
     start.set()
     deadline = t0 + 600
-    while _stored(db) < total and time.time() < deadline:
-        time.sleep(0.02)
+    watcher = Registry(db)          # one connection to poll (opening a PostgreSQL store per poll costs its CPU)
+    try:
+        while watcher.telemetry_count() < total and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        watcher.close()
     elapsed = time.time() - t0
     for p in procs:
         p.join(60)
@@ -214,7 +223,22 @@ def main() -> None:
                     help="ingest worker process counts to measure, comma-separated (one shared subscription)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of raw + each worker count, back to back; ratios are per round, medians reported")
+    ap.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="where the workers store: SQLite (WAL) or a private PostgreSQL")
     args = ap.parse_args()
+    server = None
+    if args.store == "postgresql":
+        from tests.pg_server import PrivatePostgres
+        server = PrivatePostgres()
+        server.start()
+    try:
+        run(args, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run(args: argparse.Namespace, server) -> None:  # noqa: ANN001
     counts = [int(w) for w in args.workers.split(",")]
     features = _features()
     total = args.devices * args.records
@@ -230,7 +254,7 @@ def main() -> None:
                 run_dir = workdir / f"round{r}-workers{n}"
                 run_dir.mkdir()
                 with _Broker(workdir) as port:
-                    ingest = ingest_rate(port, args, n, features, run_dir)
+                    ingest = ingest_rate(port, args, n, features, run_dir, server)
                 print(f"round {r + 1}: ingest, {n} worker(s): {ingest['records_per_s']:.0f} records/s, "
                       f"ratio {ingest['records_per_s'] / raw:.3f}", file=sys.stderr)
                 rounds.append({"round": r, "workers": n, "raw_per_s": raw, **ingest})
@@ -246,7 +270,7 @@ def main() -> None:
     best = max(counts, key=lambda n: by_workers[str(n)]["ratio_median"])
     head = [x for x in rounds if x["workers"] == best]
     print(json.dumps({
-        "devices": args.devices, "publisher_procs": args.procs, "repeats": args.repeats, "ingest_workers": best,
+        "store": args.store, "devices": args.devices, "publisher_procs": args.procs, "repeats": args.repeats, "ingest_workers": best,
         "records": total, "stored": min(x["stored"] for x in head),
         "lost": sum(total - x["stored"] for x in rounds), "duplicates": sum(x["duplicates"] for x in rounds),
         "rejected": sum(x["rejected"] for x in rounds), "store_failures": sum(x["store_failures"] for x in rounds),

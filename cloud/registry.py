@@ -1,7 +1,7 @@
 """The registry: the name the rest of edgeloop knows the control plane's store by.
 
-:class:`Registry` is :class:`edgeloop.cloud.store.SqliteStore` (the only connection, lock, schema and
-SQL; see cloud.store): data sets, runs, model versions with their stage, artifacts, packages,
+:class:`Registry` is :class:`edgeloop.cloud.store.SqlStore` (the only connection, lock, schema and
+SQL, on SQLite or PostgreSQL; see cloud.store): data sets, runs, model versions with their stage, artifacts, packages,
 updates, lineage (edges ``kind:id -> kind:id``: data set -> run -> model version -> package ->
 update -> device), devices, telemetry (primary key ``(device_id, seq)``, so a record delivered
 twice is stored once), error reports, alerts, API tokens, pipeline runs and rollouts. Opening
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeloop.cloud.store import SCHEMA_VERSION, SqliteStore
+from edgeloop.cloud.store import SCHEMA_VERSION, SqlStore
 
 __all__ = ["Registry", "SCHEMA_VERSION"]
 
 
-class Registry(SqliteStore):
-    """The workspace's store (``registry.db``); see cloud.store.interface for its operations."""
+class Registry(SqlStore):
+    """The workspace's store (``registry.db``, or the PostgreSQL database its ``store`` setting names:
+    ``Registry(ws.store_location)``); see cloud.store.interface for its operations."""
 
     def __init__(self, path: Path | str) -> None:
         super().__init__(path)

@@ -157,7 +157,7 @@ class ServiceStack:
 
     # -- the steps ---------------------------------------------------------------------------------
     def _start_registry(self) -> None:
-        self._registry = Registry(self.ws.registry_path)
+        self._registry = Registry(self.ws.store_location)
         self._stops.append(self._registry.close)
 
     def _start_repository(self) -> None:

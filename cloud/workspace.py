@@ -3,8 +3,9 @@
 ::
 
     <workspace>/
-      edgeloop.toml        settings (broker address, HTTP port, fleet id: the namespace of its MQTT topics)
-      registry.db          the store (cloud.store, schema-versioned SQLite): models, packages, devices, ...
+      edgeloop.toml        settings (broker address, HTTP port, fleet id: the namespace of its MQTT topics,
+                           and optionally ``store = "postgresql://..."``: the store on PostgreSQL)
+      registry.db          the store (cloud.store, schema-versioned SQLite) unless ``store`` names another
       keys/                Ed25519 signing keys, PKCS#8 PEM encrypted at rest, mode 0600
       repository/          the image repository (TUF): every package, signed (keys can live offline)
         metadata/          1.root.json, N.root.json, timestamp.json, N.snapshot.json, N.targets.json
@@ -27,7 +28,7 @@ from __future__ import annotations
 import os
 import secrets
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeloop.cloud.errors import KeysMissing, NotFound, UserError, WorkspaceDamaged
@@ -39,6 +40,7 @@ WORKSPACE_VERSION = 1
 PASSPHRASE_ENV = "EDGELOOP_KEY_PASSPHRASE"     # as cloud.release.signing reads it
 # folders whose content means the workspace has been used: a registry must sit beside them
 DATA_FOLDERS = ("keys", "repository/metadata", "repository/targets", "director/metadata", "artifacts", "runs")
+STORE_SCHEMES = ("postgresql://", "postgres://")
 
 __all__ = ["Workspace", "parse_host_port", "DEFAULT_MQTT"]
 
@@ -58,10 +60,16 @@ class Workspace:
     http_host: str
     http_port: int          # 0: pick a free port when the control plane starts
     fleet: str
+    store: str | None = None    # a postgresql:// URL; None: the SQLite file at registry_path
 
     @property
     def registry_path(self) -> Path:
         return self.root / "registry.db"
+
+    @property
+    def store_location(self) -> Path | str:
+        """Where the store lives: the ``store`` URL, else the SQLite file :attr:`registry_path`."""
+        return self.store or self.registry_path
 
     @property
     def keys_dir(self) -> Path:
@@ -138,6 +146,12 @@ class Workspace:
                      fleet=str(cfg.get("fleet", DEFAULT_FLEET)))   # written before fleet ids: "default"
         except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"malformed workspace config {path}: {e}") from None
+        store = cfg.get("store")
+        if store is not None:
+            if not isinstance(store, str) or not store.startswith(STORE_SCHEMES):
+                raise UserError(f"malformed workspace config {path}: store is not a PostgreSQL URL "
+                                "(use postgresql://USER@HOST:PORT/DATABASE, or remove it for the SQLite file)")
+            ws = replace(ws, store=store)
         if not valid_fleet(ws.fleet):
             raise UserError(f"malformed workspace config {path}: invalid fleet id {ws.fleet!r} "
                             "(use 1-32 of [a-z0-9-], starting with a letter or digit)")
@@ -160,7 +174,10 @@ class Workspace:
 
     def _registry_problems(self) -> list[str]:
         """Missing or empty beside data. A file that is not a whole database is refused by the
-        store when it is opened (cloud/store/_file.py), not here: no store import at start-up."""
+        store when it is opened (cloud/store/_file.py), not here: no store import at start-up.
+        A workspace whose store is a PostgreSQL database has no file to check here."""
+        if self.store is not None:
+            return []
         path = self.registry_path
         if not path.exists() or path.stat().st_size == 0:
             data = self.data_present()
@@ -220,7 +237,7 @@ class Workspace:
         if not address:
             return self
         host, port = parse_host_port(address, "broker address")
-        return Workspace(self.root, host, port, self.http_host, self.http_port, self.fleet)
+        return replace(self, mqtt_host=host, mqtt_port=port)
 
 
 def _holds_a_file(folder: Path) -> bool:

@@ -20,7 +20,7 @@ def open_workspace(args: argparse.Namespace) -> Workspace:
 
 def open_registry(ws: Workspace):  # noqa: ANN202
     from edgeloop.cloud.registry import Registry
-    return Registry(ws.registry_path)
+    return Registry(ws.store_location)
 
 
 def iso(ts: float | None) -> str:

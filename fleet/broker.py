@@ -198,7 +198,7 @@ def stack_options(ws: Workspace, address: str | None = None, worker: str = "serv
 def _reload_acl(ws: Workspace) -> None:
     from edgeloop.cloud.registry import Registry
 
-    registry = Registry(ws.registry_path)
+    registry = Registry(ws.store_location)
     try:
         if apply_revocations(ws, FleetRegistry(registry)) == "reloaded":
             time.sleep(0.2)               # Mosquitto re-reads the ACL on its next loop turn

@@ -233,7 +233,7 @@ def _init(args: argparse.Namespace, out: Output) -> int:
         ws.check(registry=False)         # missing keys or trusted roots: still refused, nothing created
     else:
         ws = Workspace.init(args.workspace, mqtt=args.mqtt or DEFAULT_MQTT, http=args.http, fleet=args.fleet)
-    Registry(ws.registry_path).close()
+    Registry(ws.store_location).close()
     ws.image_repository().init()
     ws.director_repository().init()
     out.result({"workspace": str(ws.root), "created": not existed, "mqtt": f"{ws.mqtt_host}:{ws.mqtt_port}",

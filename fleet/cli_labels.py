@@ -72,7 +72,7 @@ def _add(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.cloud.workspace import Workspace
 
     rows = read_label_csv(args.file)
-    registry = Registry(Workspace.open(args.workspace).registry_path)
+    registry = Registry(Workspace.open(args.workspace).store_location)
     try:
         known = registry.add_label_feedback(rows)
     finally:

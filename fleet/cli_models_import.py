@@ -37,7 +37,7 @@ def _import(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.fleet.cli import quality_line
 
     ws = Workspace.open(args.workspace).with_mqtt(args.mqtt)
-    r = import_model(ws, Registry(ws.registry_path), args.file, args.name, args.data, task=args.task,
+    r = import_model(ws, Registry(ws.store_location), args.file, args.name, args.data, task=args.task,
                      preprocess=args.preprocess, threshold=args.threshold)
     onnx = f"ONNX {r['onnx_sha256'][:12]}" if r["onnx_sha256"] else "no ONNX (packaged as the .tflite itself)"
     if not r["created"]:

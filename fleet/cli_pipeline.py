@@ -61,7 +61,7 @@ def _registry(args: argparse.Namespace) -> tuple[Workspace, Registry]:
     from edgeloop.cloud.registry import Registry
 
     ws = Workspace.open(args.workspace)
-    return ws, Registry(ws.registry_path)
+    return ws, Registry(ws.store_location)
 
 
 def _run(args: argparse.Namespace, out: Output) -> int:

@@ -111,7 +111,7 @@ def _controller(args: argparse.Namespace, url: str | None = None) -> RolloutCont
     from edgeloop.cloud.rollouts.controller import RolloutController
 
     ws = Workspace.open(args.workspace)
-    return RolloutController(ws, Registry(ws.registry_path), _no_sender, repository_url=url)
+    return RolloutController(ws, Registry(ws.store_location), _no_sender, repository_url=url)
 
 
 def _no_sender(device_id: str, command: Any) -> None:

@@ -170,7 +170,7 @@ def _initial_packages(ws: Workspace, version: str | None, mix: dict[str, float])
         return {}
     from edgeloop.cloud.registry import Registry
 
-    registry = Registry(ws.registry_path)
+    registry = Registry(ws.store_location)
     try:
         packages = {}
         for tier in mix:
@@ -189,7 +189,7 @@ def _identities(ws: Workspace, config: Any, out: Output) -> None:
     from edgeloop.fleet.identity import simulated_device_tls
     from edgeloop.simulators.swarm import plan
 
-    registry = Registry(ws.registry_path)
+    registry = Registry(ws.store_location)
     try:
         fleet = FleetRegistry(registry)
         devices = plan(config)

@@ -45,7 +45,7 @@ def _store(args: argparse.Namespace) -> TokenStore:
     from edgeloop.cloud.api.server import TokenStore
     from edgeloop.cloud.registry import Registry
 
-    return TokenStore(Registry(Workspace.open(args.workspace).registry_path))
+    return TokenStore(Registry(Workspace.open(args.workspace).store_location))
 
 
 def _create(args: argparse.Namespace, out: Output) -> int:

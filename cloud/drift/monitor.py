@@ -376,26 +376,18 @@ def records_summary(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, 
 COHORTS = ("device", "tier", "tag", "site", "model_version", "fleet")
 
 
-def _cohort_keys(row: dict[str, Any], by: str) -> list[str]:
-    """The cohorts a stored record belongs to (a device with two tags is in two tag cohorts)."""
-    if by in ("device", "tier", "model_version"):
-        return [str(row[{"device": "device_id"}.get(by, by)])]
-    if by == "fleet":
-        return ["fleet"]
-    try:
-        tags = json.loads(row.get("tags") or "{}")
-    except ValueError:
-        tags = {}
-    tags = tags if isinstance(tags, dict) else {}
-    if by == "site":
-        return [str(tags.get("site", "?"))]
-    return [f"{k}={v}" for k, v in sorted(tags.items())] or ["(untagged)"]
-
-
-def _stored_rows(registry) -> list[dict[str, Any]]:  # noqa: ANN001
-    """Telemetry with the device's tier and tags, and operator label feedback in place of the
-    device's own label counts where the operator sent some for that window."""
-    return registry.drift_rows()
+def _cohort_summary(features: dict[str, Any] | None, totals: dict[str, Any]) -> dict[str, Any] | None:
+    """The store's merged feature summary of a cohort as :func:`merge` returns one (arrays;
+    the residual sums only where every record with a summary has them)."""
+    if not features or not totals["featured"]:
+        return None
+    out: dict[str, Any] = {"hist": [np.array(h, dtype=np.int64) for h in features["hist"]],
+                           **{k: np.array(features.get(k, []), dtype=np.float64)
+                              for k in ("n", "missing", "sum", "sumsq", "min", "max")}}
+    if totals["residual"] == totals["featured"] and "rsum" in features:
+        out["rn"] = int(totals["rn"])
+        out.update({k: np.array(features.get(k, []), dtype=np.float64) for k in ("rsum", "rsumsq")})
+    return out
 
 
 def drift_report(registry, by: str = "device", cfg: DriftConfig = DriftConfig(),  # noqa: ANN001
@@ -404,21 +396,29 @@ def drift_report(registry, by: str = "device", cfg: DriftConfig = DriftConfig(),
     live accuracy from labelled telemetry and operator label feedback. The whole history and
     the newest 1, 2, 4, 8 records are each compared (alpha split over them), so a recent change
     is not diluted by a long calm history. Drift and skew are stored as alerts.
+
+    The whole history's counts, sums and merged feature summary are aggregated by the store
+    (cloud/store/drift.py: SQL over the records' mergeable summaries, no record's JSON loaded
+    here); only each cohort's first record and newest few come back as rows.
     Raises UserError for an unknown cohort."""
     if by not in COHORTS:
         from edgeloop.cloud.errors import UserError
         raise UserError(f"unknown cohort {by!r}; use one of {', '.join(COHORTS)}")
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in _stored_rows(registry):
-        for key in _cohort_keys(r, by):
-            groups.setdefault((key, r["model_version"]), []).append(r)
+    features = registry.drift_cohort_features(by)
+    edges: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in registry.drift_cohort_rows(by, max(cfg.looks)):
+        edges.setdefault((r["key"], r["model_version"]), []).append(r)
     baselines: dict[tuple[str, str], dict | None] = {}
     report = []
-    for (key, mv), members in sorted(groups.items()):
-        tier = members[0]["tier"]
+    for totals in registry.drift_cohort_totals(by):
+        key, mv = totals["key"], totals["model_version"]
+        rows = edges[(key, mv)]
+        tier = next(r["tier"] for r in rows if r["first"])
         if (mv, tier) not in baselines:
             baselines[(mv, tier)] = _baseline(registry, mv, tier)
-        entry = _judge_cohort(by, key, mv, members, baselines[(mv, tier)], cfg)
+        whole = (_cohort_summary(features.get((key, mv)), totals), totals["predictions"])
+        entry = _judge_cohort(registry, by, key, mv, totals, whole, [r for r in rows if r["recent"]],
+                              baselines[(mv, tier)], cfg)
         report.append(entry)
         if store_alerts and entry["status"] in ("drift", "skew"):
             registry.add_alert({"kind": entry["status"], "cohort": by, "key": key, "model_version": mv,
@@ -434,30 +434,33 @@ def _baseline(registry, model_version: str, tier: str) -> dict | None:  # noqa: 
     return model_baseline(registry, model_version, tier)
 
 
-def _judge_cohort(by: str, key: str, mv: str, members: list[dict[str, Any]], baseline: dict | None,
-                  cfg: DriftConfig) -> dict[str, Any]:
-    labelled = sum(r["labelled"] or 0 for r in members)
-    entry: dict[str, Any] = {"cohort": by, "key": key, "model_version": mv, "records": len(members),
-                             "inferences": sum(r["count"] for r in members), "labelled": labelled,
-                             "accuracy": sum(r["correct"] or 0 for r in members) / labelled if labelled else None}
-    regression = [r for r in members if r.get("abs_err_sum") is not None]
-    if regression:
+def _judge_cohort(registry, by: str, key: str, mv: str, totals: dict[str, Any],  # noqa: ANN001
+                  whole: tuple[dict[str, Any] | None, list[int] | None], recent: list[dict[str, Any]],
+                  baseline: dict | None, cfg: DriftConfig) -> dict[str, Any]:
+    """``totals`` and ``whole`` (merged summary, prediction counts): the cohort's whole history;
+    ``recent``: its newest records (all but the first, at most the widest look)."""
+    labelled = totals["labelled"]
+    entry: dict[str, Any] = {"cohort": by, "key": key, "model_version": mv, "records": totals["records"],
+                             "inferences": totals["inferences"], "labelled": labelled,
+                             "accuracy": totals["correct"] / labelled if labelled else None}
+    if totals["err_records"]:
         # regression: "accuracy" is the share within the task's tolerance; the MAE says how far off
-        n = sum(r["labelled"] or 0 for r in regression)
-        entry["mae"] = sum(r["abs_err_sum"] for r in regression) / n if n else None
+        n = totals["err_labelled"]
+        entry["mae"] = totals["abs_err_sum"] / n if n else None
     if not baseline:
         return {**entry, "status": "no-baseline", "drifted_features": [], "tests": []}
-    looks = [k for k in cfg.looks if k < len(members)]
+    looks = [k for k in cfg.looks if k < totals["records"]]
     split = DriftConfig(**{**cfg.__dict__, "alpha": cfg.alpha / (1 + len(looks))})
-    verdict = compare(baseline, *records_summary(members), cfg=split)
+    verdict = compare(baseline, *whole, cfg=split)
     for k in looks:
         if verdict.drifted:
             break
-        recent = compare(baseline, *records_summary(members[-k:]), cfg=split)
-        if recent.drifted:
-            verdict = recent
+        latest = compare(baseline, *records_summary(recent[-k:]), cfg=split)
+        if latest.drifted:
+            verdict = latest
     status = "insufficient" if verdict.note else ("drift" if verdict.drifted else "ok")
-    if by == "device" and verdict.drifted and _first_windows_drifted(baseline, members, split):
+    if by == "device" and verdict.drifted and _first_windows_drifted(
+            baseline, registry.telemetry_records(device_id=key, model_version=mv), split):
         status = "skew"
     worst = max(verdict.features, key=lambda f: f.psi, default=None)
     entry.update({"status": status, "rows": verdict.rows, "drifted_features": verdict.drifted_features,

@@ -5,13 +5,12 @@ cloud.store.interface and cloud.fleet_registry for the rules the device queries 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from edgeloop.cloud.errors import UserError
-from edgeloop.cloud.store._base import SqliteBase, dumps, marks
+from edgeloop.cloud.store._base import DUPLICATE_KEY, Dialect, SqliteBase, dumps, marks
 
 __all__ = ["DeviceFilter", "FleetOps"]
 
@@ -19,8 +18,8 @@ _TELEMETRY_COLUMNS = ("device_id", "seq", "model_version", "window_start", "wind
                       "errors", "latency_ms_p50", "latency_ms_max", "predictions", "confidence_hist", "features",
                       "samples", "abs_err_sum", "received_at", "clock_suspect", "device_window_start",
                       "device_window_end")
-_INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) "
-                     f"VALUES ({', '.join('?' * len(_TELEMETRY_COLUMNS))})")
+_INSERT_TELEMETRY = (f"insert into telemetry ({', '.join(_TELEMETRY_COLUMNS)}) "
+                     f"values ({', '.join('?' * len(_TELEMETRY_COLUMNS))}) on conflict do nothing")
 
 _STATUS_UPSERT = (
     "insert into devices (device_id, tier, state, model_version, update_id, reason, faults, clock_offset_s, "
@@ -54,7 +53,8 @@ class DeviceFilter:
 _ONLINE = "(d.state is not null and d.state != 'offline' and coalesce(d.last_seen, 0) >= ?)"
 
 
-def _select(since: float, where: DeviceFilter, device_id: str | None = None) -> tuple[str, list[Any]]:
+def _select(dialect: Dialect, since: float, where: DeviceFilter,
+            device_id: str | None = None) -> tuple[str, list[Any]]:
     sql = (f"select d.*, {_ONLINE} as online, "
            "(select e.code || ': ' || e.message from device_errors e where e.device_id = d.device_id "
            "order by e.id desc limit 1) as last_error, "
@@ -66,12 +66,13 @@ def _select(since: float, where: DeviceFilter, device_id: str | None = None) -> 
         if value:
             sql, args = sql + f" and d.{column} = ?", args + [value]
     for key, value in where.tags.items():
-        sql, args = sql + " and exists (select 1 from json_each(d.tags) where key = ? and value = ?)", \
+        sql, args = sql + f" and exists (select 1 from {dialect.json_pairs('d.tags')} where key = ? and value = ?)", \
             args + [key, value]
     if where.group:
-        sql, args = sql + " and exists (select 1 from json_each(d.groups) where value = ?)", args + [where.group]
+        sql, args = sql + f" and exists (select 1 from {dialect.json_values('d.groups')} where value = ?)", \
+            args + [where.group]
     if where.online is not None:
-        sql, args = sql + f" and {_ONLINE} = ?", args + [since, int(where.online)]
+        sql, args = sql + f" and (case when {_ONLINE} then 1 else 0 end) = ?", args + [since, int(where.online)]
     if where.revoked is not None:
         sql, args = sql + " and coalesce(d.revoked, 0) = ?", args + [int(where.revoked)]
     return sql + " order by d.device_id", args
@@ -150,7 +151,7 @@ class FleetOps(SqliteBase):
             try:
                 conn.execute(f"insert into devices ({', '.join(columns)}) values ({marks(columns)})",
                              [device_id, "offline", *values.values()])
-            except sqlite3.IntegrityError:
+            except DUPLICATE_KEY:
                 raise UserError(f"device {device_id!r} is already enrolled") from None
 
     def mark_revoked(self, device_id: str) -> None:
@@ -172,7 +173,7 @@ class FleetOps(SqliteBase):
                       device_id: str | None = None) -> list[dict[str, Any]]:
         """Devices matching ``where`` (and ``device_id``), by id, with ``online`` (heard from since
         ``online_since``, last status not offline), ``last_error`` and decoded tags and groups."""
-        sql, args = _select(online_since, where, device_id)
+        sql, args = _select(self.dialect, online_since, where, device_id)
         return [_fleet_row(r) for r in self._rows(sql, args)]
 
     def enrolment(self, device_ids: list[str]) -> tuple[set[str] | None, set[str]]:
@@ -199,12 +200,11 @@ class FleetOps(SqliteBase):
                    dumps(r["samples"]) if r.get("samples") else None, r.get("abs_err_sum"), now,
                    1 if r.get("clock_suspect") else None, r.get("device_window_start"), r.get("device_window_end"))
                   for r in rows]
-        with self._lock:
-            conn = self._conn
-            before = conn.total_changes
-            with conn:
-                conn.executemany(_INSERT_TELEMETRY, values)
-            return conn.total_changes - before
+
+        def insert() -> int:          # safe to run again: a record already stored is skipped
+            with self._tx() as conn:
+                return max(conn.executemany(_INSERT_TELEMETRY, values).rowcount, 0)
+        return self._retrying(insert)
 
     def last_seqs(self, device_ids: list[str]) -> dict[str, int]:
         """The highest stored telemetry seq of each of ``device_ids`` that has any."""
@@ -271,7 +271,7 @@ class FleetOps(SqliteBase):
                "coalesce(sum(labelled),0) as labelled, coalesce(sum(correct),0) as correct, "
                "coalesce(sum(errors),0) as errors, sum(abs_err_sum) as abs_err_sum, "
                "sum(case when abs_err_sum is not null then labelled else 0 end) as regression_labelled, "
-               "coalesce(sum(json_extract(predictions, '$[1]')), 0) as second_bin from telemetry")
+               f"coalesce(sum({self.dialect.json_item('predictions', 1)}), 0) as second_bin from telemetry")
         args: list[Any] = []
         if model_version:
             sql, args = sql + " where model_version = ?", [model_version]
@@ -305,10 +305,7 @@ class FleetOps(SqliteBase):
     def add_device_error(self, row: dict[str, Any]) -> bool:
         """Store an error report; one whose ``report_id`` is already stored is not stored again.
         Returns whether it was new."""
-        with self._lock:
-            before = self._conn.total_changes
-            self._db["device_errors"].insert({**row, "received_at": time.time()}, ignore=True)
-            return self._conn.total_changes > before
+        return self._db["device_errors"].insert({**row, "received_at": time.time()}, ignore=True) > 0
 
     def device_errors(self, device_id: str | None = None) -> list[dict[str, Any]]:
         sql, args = "select * from device_errors", []

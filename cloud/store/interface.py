@@ -2,7 +2,7 @@
 
 Domain operations only (insert a telemetry batch, upsert device statuses, move a rollout's
 devices through their transitions, ...), never SQL: :class:`edgeloop.cloud.store.SqliteStore`
-implements it over SQLite, and a PostgreSQL store is to implement the same Protocol. One
+implements it over SQLite and PostgreSQL with the same SQL. One
 Protocol per table family; :class:`Store` is all of them. Rows are plain dicts keyed by column
 name (JSON columns decoded where the operation says so). Lookups of one named thing raise
 :class:`~cloud.errors.NotFound`; every operation is atomic and safe to call from several
@@ -17,7 +17,7 @@ from typing import Any, Iterable, Protocol
 from edgeloop.cloud.store.fleet import DeviceFilter
 from edgeloop.cloud.store.rollouts import AttemptEnd
 
-__all__ = ["AccessStore", "CatalogStore", "FleetStore", "RolloutStore", "Store"]
+__all__ = ["AccessStore", "CatalogStore", "DriftStore", "FleetStore", "RolloutStore", "Store"]
 
 
 class CatalogStore(Protocol):
@@ -220,6 +220,24 @@ class FleetStore(Protocol):
 
 
 
+class DriftStore(Protocol):
+    """The drift report's per-cohort aggregates (cloud/store/drift.py): ``by`` is one of device,
+    tier, tag, site, model_version, fleet; every result is per (cohort key, model version)."""
+
+    def drift_cohort_totals(self, by: str) -> list[dict[str, Any]]:
+        """records, inferences, labelled, correct, err_records, abs_err_sum, err_labelled,
+        featured, residual, rn and the summed ``predictions`` of each cohort (``key``,
+        ``model_version``), over its whole history."""
+
+    def drift_cohort_features(self, by: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """The merged feature summary (hist, n, missing, sum, sumsq, min, max, rsum, rsumsq) of each
+        cohort's records that carry one."""
+
+    def drift_cohort_rows(self, by: str, newest: int) -> list[dict[str, Any]]:
+        """Each cohort's first record (``first``) and its newest ``newest`` short of all of
+        them (``recent``, with their summaries), as drift_rows gives them plus ``key``."""
+
+
 class AccessStore(Protocol):
     """Alerts and API tokens."""
 
@@ -360,7 +378,7 @@ class RolloutStore(Protocol):
         run ``model_version`` all the same roll back too. Returns how many devices moved."""
 
 
-class Store(CatalogStore, FleetStore, AccessStore, RolloutStore, Protocol):
+class Store(CatalogStore, FleetStore, DriftStore, AccessStore, RolloutStore, Protocol):
     """The whole store: every table family, on one database."""
 
     path: Path

@@ -219,8 +219,8 @@ class RolloutOps(SqliteBase):
         transaction."""
         with self._tx() as conn:
             ids = [r[0] for r in conn.execute(f"select device_id from rollout_devices where rollout_id = ? and "
-                                              f"state = '{D.PENDING}' and wave is null order by ord limit ?",
-                                              [rollout_id, size])]
+                                              f"state = '{D.PENDING}' and wave is null order by ord limit ?"
+                                              f"{self.dialect.skip_locked}", [rollout_id, size])]
             for chunk in self._chunks(ids):
                 conn.execute(f"update rollout_devices set wave = ? where rollout_id = ? and wave is null and "
                              f"device_id in ({marks(chunk)})", [wave, rollout_id, *chunk])
@@ -254,7 +254,8 @@ class RolloutOps(SqliteBase):
                 conn.execute("begin immediate")     # no other writer between this read and the marks
             for device_id, tier, prev, attempt, rb_attempt in conn.execute(
                     f"select device_id, tier, prev_version, attempt, rb_attempt from rollout_devices "
-                    f"where rollout_id = ? and {_due(phase)} order by ord", [rollout_id]).fetchall():
+                    f"where rollout_id = ? and {_due(phase)} order by ord{self.dialect.skip_locked}",
+                    [rollout_id]).fetchall():
                 n = (rb_attempt if rollback else attempt) + 1
                 made = commands.get((tier, prev if rollback else "", n))
                 if made is None:       # no rollback package, or a key that appeared since: the next step
@@ -267,8 +268,8 @@ class RolloutOps(SqliteBase):
             conn.executemany(f"update rollout_devices set state = ?, {column} = ?, update_id = ?, sent_at = ?, "
                              f"deadline = ?, code = null, reason = null, resent_at = null, resends = 0 where rollout_id = ? and device_id = ? and "
                              f"{_due(phase)} and {column} = ?", sent)
-            conn.executemany("insert or ignore into rollout_attempts (rollout_id, device_id, phase, attempt, "
-                             "update_id, sent_at) values (?, ?, ?, ?, ?, ?)", attempts)
+            conn.executemany("insert into rollout_attempts (rollout_id, device_id, phase, attempt, "
+                             "update_id, sent_at) values (?, ?, ?, ?, ?, ?) on conflict do nothing", attempts)
         return sends
 
     def mark_resent(self, rollout_id: str, rows: Iterable[dict[str, Any]], now: float) -> list[str]:

@@ -1,20 +1,30 @@
-"""The SQLite store: the control plane's one database connection, lock and schema owner.
+"""The SQLite backend: one file in WAL mode (readers never block the ingest writer),
+``synchronous=NORMAL``, one connection shared by the store's threads under its lock.
 
-:class:`SqliteStore` implements :class:`edgeloop.cloud.store.interface.Store` from one operation module
-per table family (catalog, fleet, access, rollouts). Opening one migrates the database in
-place (cloud.store.schema) or raises SchemaTooNew for one from a newer edgeloop. One store may
-be shared by threads: every operation holds its re-entrant lock.
+:func:`connect` is what :class:`~cloud.store._base.StoreBase` opens for a path;
+:class:`SqliteStore` is the store (cloud.store.sql.SqlStore) under the name it had before the
+PostgreSQL backend, for SQLite and PostgreSQL alike.
 """
 
 from __future__ import annotations
 
-from edgeloop.cloud.store.access import AccessOps
-from edgeloop.cloud.store.catalog import CatalogOps
-from edgeloop.cloud.store.fleet import FleetOps
-from edgeloop.cloud.store.rollouts import RolloutOps
+import sqlite3
 
-__all__ = ["SqliteStore"]
+from edgeloop.cloud.store._base import Dialect
+from edgeloop.cloud.store.sql import SqlStore
+
+__all__ = ["DIALECT", "SqliteStore", "connect"]
+
+DIALECT = Dialect("sqlite", skip_locked="")
+SqliteStore = SqlStore
 
 
-class SqliteStore(CatalogOps, FleetOps, AccessOps, RolloutOps):
-    """SQLite (WAL) behind the :class:`~cloud.store.interface.Store` Protocol."""
+def connect(path: str) -> tuple[sqlite3.Connection, Dialect]:
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn, DIALECT
