@@ -203,9 +203,9 @@ def test_catalog_operations_read_back_the_same_on_both_backends(store_location):
         assert store.add_dataset("digits", "bb", "/d2", [], {}) == ("digits:2", True)
         assert store.dataset("digits")["version"] == 2 and store.dataset("digits:1")["files"] == ["a.csv"]
         store.start_run({"run_id": "r1", "model": "m", "params": {"lr": 0.1}, "started_at": 1.0})
-        store.finish_run("r1", status="done", metrics={"acc": 0.9})
+        store.finish_run("r1", status="succeeded", metrics={"acc": 0.9})
         assert store.run("r1")["metrics"] == {"acc": 0.9} and store.run("r1")["params"] == {"lr": 0.1}
-        assert store.count_runs() == 1 and [r["status"] for r in store.runs()] == ["done"]
+        assert store.count_runs() == 1 and [r["status"] for r in store.runs()] == ["succeeded"]
         store.add_model_version({"model_version": "m:1", "model": "m", "version": 1, "run_id": "r1",
                                  "stage": "none", "features": ["a"], "labels": ["x", "y"], "task": {"kind": "anomaly"}})
         assert store.next_version("m") == 2

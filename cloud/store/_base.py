@@ -38,15 +38,10 @@ except ImportError:  # pragma: no cover - orjson is in the cloud extra
     def dumps(value: Any) -> str:
         return json.dumps(value, sort_keys=True)
 
-__all__ = ["DUPLICATE_KEY", "ConnectionLost", "Dialect", "StoreBase", "SqliteBase", "decode", "dumps", "is_url", "marks"]
+__all__ = ["ConnectionLost", "Dialect", "StoreBase", "SqliteBase", "decode", "dumps", "is_url", "marks"]
 
 R = TypeVar("R")
 
-try:       # what a backend raises for a duplicate primary or unique key
-    from psycopg.errors import UniqueViolation
-    DUPLICATE_KEY: tuple[type[Exception], ...] = (sqlite3.IntegrityError, UniqueViolation)
-except ImportError:  # pragma: no cover - psycopg is in the cloud extra
-    DUPLICATE_KEY = (sqlite3.IntegrityError,)
 
 
 def decode(row: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -76,6 +71,9 @@ class Dialect:
 
     name: str
     skip_locked: str        # appended to a SELECT whose rows the transaction then claims
+    # what the backend raises for a duplicate primary or unique key (psycopg is imported only
+    # by the PostgreSQL backend: a SQLite store, and `edgeloop status`, never load it)
+    duplicate_key: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
 
     def json_item(self, column: str, index: int) -> str:
         """The number at ``index`` of the JSON array text in ``column`` (NULL if absent)."""
@@ -252,5 +250,7 @@ SqliteBase = StoreBase      # the name the operation modules were written agains
 
 def _redacted(location: str) -> str:
     """A database URL without its password (for messages)."""
+    if not is_url(location):
+        return location
     from edgeloop.cloud.store.postgres import redact
-    return redact(location) if is_url(location) else location
+    return redact(location)

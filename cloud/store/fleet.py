@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from edgeloop.cloud.errors import UserError
-from edgeloop.cloud.store._base import DUPLICATE_KEY, Dialect, SqliteBase, dumps, marks
+from edgeloop.cloud.store._base import Dialect, SqliteBase, dumps, marks
 
 __all__ = ["DeviceFilter", "FleetOps"]
 
@@ -151,7 +151,7 @@ class FleetOps(SqliteBase):
             try:
                 conn.execute(f"insert into devices ({', '.join(columns)}) values ({marks(columns)})",
                              [device_id, "offline", *values.values()])
-            except DUPLICATE_KEY:
+            except self.dialect.duplicate_key:
                 raise UserError(f"device {device_id!r} is already enrolled") from None
 
     def mark_revoked(self, device_id: str) -> None:

@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Any, Sequence
 
 import psycopg
+import psycopg.errors
 from psycopg.adapt import Dumper, Loader
 from psycopg.pq import TransactionStatus
 from psycopg.types.string import TextLoader
@@ -32,7 +33,7 @@ from edgeloop.cloud.store._base import ConnectionLost, Dialect
 
 __all__ = ["DIALECT", "PgConnection", "connect", "redact", "translate"]
 
-DIALECT = Dialect("postgresql", skip_locked=" for update skip locked")
+DIALECT = Dialect("postgresql", skip_locked=" for update skip locked", duplicate_key=(psycopg.errors.UniqueViolation,))
 CONNECT_TIMEOUT_S = 10
 
 _PASSWORD = re.compile(r"(://[^:/@?]*):[^@/?]*@")
