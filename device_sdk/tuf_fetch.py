@@ -62,7 +62,14 @@ from edgeloop.device_sdk.storage import atomic_write
 
 log = logging.getLogger("edgeloop.agent.update")
 
-__all__ = ["UpdateClient", "provision"]
+__all__ = ["UpdateClient", "provision", "updater_config"]
+
+
+def updater_config(limits: MetadataLimits = LIMITS) -> UpdaterConfig:
+    """python-tuf's bounds from the one table (contracts/metadata_limits.py)."""
+    return UpdaterConfig(max_root_rotations=limits.max_root_rotations, root_max_length=limits.root_max_bytes,
+                         timestamp_max_length=limits.timestamp_max_bytes,
+                         snapshot_max_length=limits.snapshot_max_bytes, targets_max_length=limits.targets_max_bytes)
 
 
 def provision(tuf_dir: Path, image_root: bytes, director_root: bytes) -> None:
@@ -90,11 +97,7 @@ class UpdateClient:
         self.group = group
         self.max_bytes = max_bytes
         self.limits = limits
-        self.config = UpdaterConfig(max_root_rotations=limits.max_root_rotations,
-                                    root_max_length=limits.root_max_bytes,
-                                    timestamp_max_length=limits.timestamp_max_bytes,
-                                    snapshot_max_length=limits.snapshot_max_bytes,
-                                    targets_max_length=limits.targets_max_bytes)
+        self.config = updater_config(limits)
         self.fetcher = fetcher or ResumableFetcher(self.tuf_dir / "partial", read_timeout=read_timeout_s)
         self.over_mqtt = isinstance(self.fetcher, MqttBlockFetcher)
         self.last_delivery: str | None = None    # "full" or "delta", for reports and tests
