@@ -353,3 +353,34 @@ def test_a_root_chain_longer_than_one_refresh_walks_converges_over_refreshes(env
     assert agent.retries == fetches - 1, (agent.retries, fetches)
     assert settled(env, msg.update_id)
     print(json.dumps({"roots": chain, "sign_s": round(made, 2), "walk_s": round(walked, 2)}))
+
+
+def test_over_mqtt_a_file_whose_blocks_claim_more_than_its_bound_is_refused_before_it_is_held(tmp_path):
+    """The block fetcher's source claims 10 GB for a timestamp python-tuf bounds at 4 KiB."""
+    from tuf.api import exceptions
+
+    from edgeloop.contracts.blocks import Block, BlockRequest, encode_block
+    from edgeloop.device_sdk.mqtt_fetcher import MqttBlockFetcher
+
+    class Link:       # the broker's side of device_sdk.ports.Link, answering every request
+        def __init__(self) -> None:
+            self.handlers: dict[str, Callable[[bytes], None]] = {}
+
+        def route(self, topic: str, handler: Callable[[bytes], None]) -> None:
+            self.handlers[topic] = handler
+
+        def subscribe(self, topic: str, qos: int = 1) -> None: ...
+
+        def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+            req = BlockRequest.decode(payload)
+            for i in req.blocks:
+                block = Block(req.request_id, req.path, i, 10 * 1024 ** 3, "ok", b"{" * req.block_size)
+                for handler in self.handlers.values():
+                    handler(encode_block(block))
+
+        def poll(self, timeout: float) -> None: ...
+
+    fetcher = MqttBlockFetcher(Link(), "dev-1", tmp_path / "partial", timeout_s=1.0)
+    with pytest.raises(exceptions.DownloadLengthMismatchError, match="claims 10737418240 bytes"):
+        fetcher.download_bytes("mqtt://image/metadata/timestamp.json", LIMITS.timestamp_max_bytes)
+    assert fetcher.blocks_received == 0
