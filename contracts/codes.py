@@ -6,7 +6,7 @@ stable (``family.reason``). Each code says what the cloud may do about it:
 ===================  =========  ==============================================================
 code                 retry      meaning
 ===================  =========  ==============================================================
-verify.metadata      no         TUF metadata failed (signature, expiry, rollback, freeze)
+verify.metadata      no         snapshot/targets bytes a signed hash pins fail their signature or threshold
 verify.director      no         the director does not assign it, or the repositories disagree
 verify.hash          yes        the downloaded package's length or sha256 is not the signed one (a mirror can do it)
 verify.package       no         the package's own manifest or files are malformed
@@ -23,17 +23,20 @@ install.unknown      no         failed, and the device sent no code (cloud-side 
 rollback.none        no         a rollout aborted and the device has nothing to roll back to (cloud-side)
 package.too_large    no         the package's SIGNED length is over the device's max_package_bytes
 metadata.too_large   yes        a metadata file was longer than its signed length or its role's cap
-metadata.corrupt     yes        metadata bytes that do not parse or do not match the signed length/hash
+metadata.corrupt     yes        metadata bytes that do not parse, do not match the signed length/hash, or
+                                (timestamp, root versions: nothing pins them) are not signed by trusted keys
+metadata.stale       yes        expired metadata, or a timestamp or root older than the device's (a lagging
+                                mirror, a replay, a repository not re-signed yet, a wrong clock)
 metadata.no_root     yes        the device has no trusted root of a repository yet (retried once it has)
 metadata.root_chain  yes        more root versions than one fetch walks: the next fetch goes on
 ===================  =========  ==============================================================
 
 **Refusal classes.** "retry" is also how the device treats a refusal: ``no`` is *definitive*
-(the signed metadata says no: wrong tier, repositories disagree, bad signature over bytes that
-match what is signed, signed length over the limit, an unhealthy model): the update id is
+(the signed metadata says no: wrong tier, repositories disagree, a bad signature over bytes a
+signed hash pins, signed length over the limit, an unhealthy model): the update id is
 remembered and never tried again. ``yes`` is *transient* (a mirror or the network can cause it:
-bytes corrupted or cut in transit, endless streams, fetch failures, time-outs, a root chain
-still being walked): the device tries again after ``AgentConfig.retry_delays_s`` (1, 2, 4, 8,
+bytes corrupted or cut in transit, endless streams, an old, expired or forged timestamp or root
+version, fetch failures, time-outs, a root chain still being walked): the device tries again after ``AgentConfig.retry_delays_s`` (1, 2, 4, 8,
 16 s: six tries in ~31 s), then reports the code with state ``failed`` and forgets it, so the
 same update announced again (a re-sent command, the retained announcement after a reconnect)
 is tried afresh.
@@ -70,6 +73,7 @@ class ErrorCode(StrEnum):
     PACKAGE_TOO_LARGE = "package.too_large"
     METADATA_TOO_LARGE = "metadata.too_large"
     METADATA_CORRUPT = "metadata.corrupt"
+    METADATA_STALE = "metadata.stale"
     METADATA_NO_ROOT = "metadata.no_root"
     METADATA_ROOT_CHAIN = "metadata.root_chain"
 
@@ -83,7 +87,8 @@ RETRYABLE: frozenset[ErrorCode] = frozenset({ErrorCode.TRANSPORT_DOWNLOAD, Error
                                              ErrorCode.STORAGE_WRITE,
                                              # refusals a mirror or the network can cause
                                              ErrorCode.VERIFY_HASH, ErrorCode.METADATA_TOO_LARGE,
-                                             ErrorCode.METADATA_CORRUPT, ErrorCode.METADATA_NO_ROOT,
+                                             ErrorCode.METADATA_CORRUPT, ErrorCode.METADATA_STALE,
+                                             ErrorCode.METADATA_NO_ROOT,
                                              ErrorCode.METADATA_ROOT_CHAIN})
 
 

@@ -38,10 +38,11 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
@@ -100,6 +101,7 @@ class UpdateClient:
         self.config = updater_config(limits)
         self.fetcher = fetcher or ResumableFetcher(self.tuf_dir / "partial", read_timeout=read_timeout_s)
         self.over_mqtt = isinstance(self.fetcher, MqttBlockFetcher)
+        self._tracked = _Tracked(self.fetcher)   # what python-tuf fetched last: the file a failure is about
         self.last_delivery: str | None = None    # "full" or "delta", for reports and tests
         self._started: tuple[Announce, bytes | None] | None = None
 
@@ -147,7 +149,7 @@ class UpdateClient:
         return Updater(metadata_dir=str(meta), metadata_base_url=f"{base}/metadata/",
                        target_dir=str(self.tuf_dir / repo / "targets") if with_targets else None,
                        target_base_url=f"{base}/targets/" if with_targets else None,
-                       fetcher=self.fetcher, config=self.config, bootstrap=None)
+                       fetcher=self._tracked, config=self.config, bootstrap=None)
 
     def _refreshed(self, repo: str, base_url: str, with_targets: bool) -> Updater:
         """A refreshed Updater for one repository, walking a long root chain over several
@@ -159,7 +161,7 @@ class UpdateClient:
                 updater.refresh()
             except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
                 if self._trusted_root_version(repo) - before < self.limits.max_root_rotations:
-                    raise _metadata_refusal(repo, e) from e
+                    raise _metadata_refusal(repo, e, self._tracked.last_url) from e
                 continue                     # refused under an intermediate root: walk on
             if self._trusted_root_version(repo) - before < self.limits.max_root_rotations:
                 return updater
@@ -180,7 +182,7 @@ class UpdateClient:
         director = self._refreshed("director", "mqtt://director" if self.over_mqtt else announce.director,
                                    with_targets=False)
         group = announce.group or self.group
-        assigned = _metadata_step("director", lambda: director.get_targetinfo(assignment_path(group, announce.target)))
+        assigned = self._metadata_step("director", lambda: director.get_targetinfo(assignment_path(group, announce.target)))
         if assigned is None:
             raise UpdateRefused(ErrorCode.VERIFY_DIRECTOR, f"the director does not assign {announce.target} "
                                                    f"to group {group} (stale or forged announcement)")
@@ -190,7 +192,7 @@ class UpdateClient:
                                                    f"not the announced {announce.update_id} (replayed announcement)")
         image = self._refreshed("image", "mqtt://image" if self.over_mqtt else announce.repository,
                                 with_targets=True)
-        signed = _metadata_step("image", lambda: image.get_targetinfo(announce.target))
+        signed = self._metadata_step("image", lambda: image.get_targetinfo(announce.target))
         if signed is None:
             raise UpdateRefused(ErrorCode.VERIFY_DIRECTOR, f"the image repository does not back the director's "
                                                    f"assignment of {announce.target}")
@@ -235,25 +237,64 @@ class UpdateClient:
         return data
 
 
-def _metadata_refusal(repo: str, e: Exception) -> UpdateRefused | TransientError:
+    def _metadata_step(self, repo: str, step: Callable[[], _T]) -> _T:
+        """Run one metadata step (a lookup that may fetch delegated metadata), failures classified."""
+        try:
+            return step()
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
+            raise _metadata_refusal(repo, e, self._tracked.last_url) from e
+
+
+_T = TypeVar("_T")
+
+
+class _Tracked(FetcherInterface):
+    """A fetcher that remembers the URL python-tuf asked for last (it verifies each metadata
+    file right after fetching it, so a verification failure is about that file)."""
+
+    def __init__(self, inner: FetcherInterface) -> None:
+        self.inner = inner
+        self.last_url: str | None = None
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        self.last_url = url
+        return self.inner._fetch(url)
+
+    def download_file(self, url: str, max_length: int) -> AbstractContextManager[IO[bytes]]:
+        self.last_url = url
+        return self.inner.download_file(url, max_length)
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        self.last_url = url
+        return self.inner.download_bytes(url, max_length)
+
+
+def _pinned(url: str | None) -> bool:
+    """Whether a metadata file's bytes are pinned by a signed length and hash (snapshot and
+    targets are; root versions and the timestamp are not: a mirror can alter them freely)."""
+    name = (url or "").rsplit("/", 1)[-1]
+    return name.endswith((".snapshot.json", ".targets.json"))
+
+
+def _metadata_refusal(repo: str, e: Exception, url: str | None) -> UpdateRefused | TransientError:
     """What a failed metadata refresh means: a code by what was wrong, transient or definitive
-    by that code's class (contracts/codes.py)."""
-    what = f"{repo} metadata: {type(e).__name__}: {e}"
+    by that code's class (contracts/codes.py). Verification failures are definitive only for
+    bytes a signed hash pins (they are what the repository signed); for a root version or the
+    timestamp, a mirror can cause any of them (garbled or forged: ``metadata.corrupt``; older
+    than what the device has: ``metadata.stale``). Expiry is always ``metadata.stale``: the
+    repository re-signing (or the device's clock being fixed) cures it."""
+    name = (url or "?").rsplit("/", 1)[-1]
+    what = f"{repo} {name}: {type(e).__name__}: {e}"
     if isinstance(e, tuf_exc.DownloadLengthMismatchError):
         return UpdateRefused(ErrorCode.METADATA_TOO_LARGE, f"{what} (cut at its signed length or role cap)")
     if isinstance(e, tuf_exc.DownloadError):
         return TransientError(f"cannot fetch {what}")
     if isinstance(e, (tuf_exc.LengthOrHashMismatchError, DeserializationError)):
         return UpdateRefused(ErrorCode.METADATA_CORRUPT, what)
-    return UpdateRefused(ErrorCode.VERIFY_METADATA, what)
-
-
-_T = TypeVar("_T")
-
-
-def _metadata_step(repo: str, step: Callable[[], _T]) -> _T:
-    """Run one metadata step (a lookup that may fetch delegated metadata), failures classified."""
-    try:
-        return step()
-    except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
-        raise _metadata_refusal(repo, e) from e
+    if isinstance(e, tuf_exc.ExpiredMetadataError):      # re-signing (or a fixed clock) cures it
+        return UpdateRefused(ErrorCode.METADATA_STALE, what)
+    if _pinned(url):
+        return UpdateRefused(ErrorCode.VERIFY_METADATA, what)
+    if isinstance(e, tuf_exc.BadVersionNumberError):
+        return UpdateRefused(ErrorCode.METADATA_STALE, what)
+    return UpdateRefused(ErrorCode.METADATA_CORRUPT, what)

@@ -384,3 +384,30 @@ def test_over_mqtt_a_file_whose_blocks_claim_more_than_its_bound_is_refused_befo
     with pytest.raises(exceptions.DownloadLengthMismatchError, match="claims 10737418240 bytes"):
         fetcher.download_bytes("mqtt://image/metadata/timestamp.json", LIMITS.timestamp_max_bytes)
     assert fetcher.blocks_received == 0
+
+
+@pytest.mark.parametrize("error, url, code", [
+    ("UnsignedMetadataError", "http://m/repository/metadata/7.targets.json", "verify.metadata"),   # pinned bytes
+    ("UnsignedMetadataError", "http://m/repository/metadata/3.snapshot.json", "verify.metadata"),
+    ("UnsignedMetadataError", "http://m/repository/metadata/timestamp.json", "metadata.corrupt"),  # nothing pins it
+    ("UnsignedMetadataError", "http://m/repository/metadata/4.root.json", "metadata.corrupt"),
+    ("BadVersionNumberError", "http://m/repository/metadata/timestamp.json", "metadata.stale"),
+    ("ExpiredMetadataError", "http://m/repository/metadata/3.snapshot.json", "metadata.stale"),
+    ("LengthOrHashMismatchError", "http://m/repository/metadata/7.targets.json", "metadata.corrupt"),
+    ("DownloadLengthMismatchError", "http://m/repository/metadata/timestamp.json", "metadata.too_large"),
+    ("DownloadHTTPError", "http://m/repository/metadata/timestamp.json", None),                    # TransientError
+])
+def test_a_metadata_failure_is_classified_by_what_a_mirror_could_have_done(error, url, code):
+    from tuf.api import exceptions
+
+    from edgeloop.contracts.codes import ErrorCode
+    from edgeloop.device_sdk.errors import TransientError, UpdateRefused
+    from edgeloop.device_sdk.tuf_fetch import _metadata_refusal
+    cls = getattr(exceptions, error)
+    e = cls("x", 503) if error == "DownloadHTTPError" else cls("x")
+    refusal = _metadata_refusal("image", e, url)
+    if code is None:
+        assert isinstance(refusal, TransientError)
+    else:
+        assert isinstance(refusal, UpdateRefused) and refusal.code == code
+        assert ErrorCode(code).retryable == (code != "verify.metadata")
