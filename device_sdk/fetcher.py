@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -58,7 +58,8 @@ class ResumableFetcher(FetcherInterface):
                             f"{url}: more than the {max_length} bytes allowed; cut at {received}")
                     temp_file.write(chunk)
             finally:
-                chunks.close()
+                if isinstance(chunks, Generator):
+                    chunks.close()          # closes the connection now
             temp_file.seek(0)
             yield temp_file
 

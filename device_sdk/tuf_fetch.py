@@ -39,7 +39,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
@@ -260,9 +260,11 @@ class _Tracked(FetcherInterface):
         self.last_url = url
         return self.inner._fetch(url)
 
-    def download_file(self, url: str, max_length: int) -> AbstractContextManager[IO[bytes]]:
+    @contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
         self.last_url = url
-        return self.inner.download_file(url, max_length)
+        with self.inner.download_file(url, max_length) as f:
+            yield f
 
     def download_bytes(self, url: str, max_length: int) -> bytes:
         self.last_url = url
