@@ -351,7 +351,8 @@ def test_a_root_chain_longer_than_one_refresh_walks_converges_over_refreshes(env
     # each refresh walks `rotations` versions and one more finds the end: progress on every fetch
     fetches = -(-((chain + 1) // rotations + 1) // refreshes)
     assert agent.retries == fetches - 1, (agent.retries, fetches)
-    assert settled(env, msg.update_id)
+    wait_for(lambda: settled(env, msg.update_id), what="the install's result")
+    assert agent.last_result.state == "committed"
     print(json.dumps({"roots": chain, "sign_s": round(made, 2), "walk_s": round(walked, 2)}))
 
 
