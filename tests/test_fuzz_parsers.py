@@ -71,3 +71,15 @@ def test_pipeline_files_found_by_fuzzing_are_refused_as_bad_input(text: str) -> 
     from edgeloop.cloud.loop.closed_loop import parse_pipeline
     with pytest.raises(UserError):
         parse_pipeline(text.encode(), Path("p.toml"))
+
+
+@pytest.mark.parametrize("canary", ["\u2788", "1" * 5000, "\u0663%", "5" * 20 + "%"])
+def test_canary_values_found_by_fuzzing_are_refused_as_bad_input(canary: str) -> None:
+    """Found by bench/fuzz_parsers.py: ``"➈".isdigit()`` is True but ``int("➈")`` raises ValueError."""
+    import json as _json
+
+    from edgeloop.cloud.api.server import _spec, parse_body
+    from edgeloop.cloud.errors import UserError
+    body = {"model_version": "m:1", "target": "tier=x", "strategy": "canary", "canary": canary}
+    with pytest.raises(UserError, match="canary"):
+        _spec(parse_body(_json.dumps(body).encode()))
