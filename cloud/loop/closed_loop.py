@@ -111,7 +111,6 @@ def parse_pipeline(raw: bytes, path: Path) -> PipelineFile:
     """Check a pipeline file's bytes (``path``: where it is, for messages and relative paths).
     Raises UserError naming the first problem, whatever the bytes."""
     from edgeloop.cloud.rollouts.controller import RolloutSpec
-    from edgeloop.cloud.train.training import TrainParams
 
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
