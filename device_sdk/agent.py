@@ -405,18 +405,15 @@ class Agent:
         if announce.tier != self.config.tier or self.installer.already_handled(announce.update_id) \
                 or announce.model_version == self.model_version:
             return
-        if self._retry is not None and (self._retry[0].issued_at > announce.issued_at
-                                        or self._retry[0].update_id == announce.update_id):
-            return   # older than the update waiting for a retry, or that update again (its back-off stands)
+        if self._retry is not None and self._retry[0].issued_at > announce.issued_at:
+            return   # older than the update waiting for a retry
+        if self._retry is not None and self._retry[0].update_id == announce.update_id:
+            return   # already waiting for its retry (a re-sent command keeps the back-off)
         if self._job is not None and self._job[0].update_id == announce.update_id:
-            return   # the update being installed, sent again (a restarted rollout controller does)
+            return   # being installed now
         self._retry = None
-        if announce.length > self.config.max_package_bytes:
-            msg = f"package of {announce.length} bytes is over this device's {self.config.max_package_bytes} byte limit"
-            self._emit("failed", announce.update_id, msg, ErrorCode.VERIFY_PACKAGE)
-            self._publish_error(announce.update_id, ErrorCode.VERIFY_PACKAGE, msg)
-            self._publish_status(DeviceState.FAILED, announce.update_id, reason=msg)
-            return
+        # the package's size is checked against its SIGNED length by the fetcher, before any
+        # byte of it is downloaded (package.too_large); the announcement's length is not signed
         if self.installing:
             self._next = announce             # handled when the running install finishes
             return
@@ -469,11 +466,16 @@ class Agent:
         return True
 
     def _fetch_failed(self, announce: Announce, attempts: int, error: TransientError | UpdateRefused) -> bool:
+        """A transient failure is retried after ``retry_delays_s[attempts]``; once those run out,
+        or for a definitive refusal, the install ends (contracts/codes.py: refusal classes)."""
         try:
-            result = self.installer.fetch_failed(announce, error)
+            result = self.installer.fetch_failed(announce, error,
+                                                 give_up=attempts >= len(self.config.retry_delays_s))
         except Exception as e:  # noqa: BLE001 - reported, the device keeps serving
             self._finish(announce, attempts, None, None, e)
             return True
+        if result is not None and result.code is not None and result.code.retryable:   # retries ran out
+            result = dataclasses.replace(result, reason=f"download failed {attempts + 1} times: {result.reason}")
         self._finish(announce, attempts, result, None, error if result is None else None)
         return True
 
@@ -482,7 +484,7 @@ class Agent:
         """The install ended (or was postponed): report it and switch models between requests."""
         with self._lock:
             self._job = None
-            if isinstance(error, TransientError):
+            if isinstance(error, TransientError) or isinstance(error, UpdateRefused) and error.code.retryable:
                 self._postpone(announce, attempts, error)
             elif error is not None:
                 storage = isinstance(error, (StorageError, OSError))
@@ -514,9 +516,9 @@ class Agent:
             self._retry = (announce, attempts + 1, time.time() + delays[attempts])
             self._publish_status(DeviceState.ONLINE, announce.update_id, reason=f"retrying: {error}")
             return
-        self._publish_error(announce.update_id, ErrorCode.TRANSPORT_DOWNLOAD, str(error))
-        self._emit("failed", announce.update_id, f"download failed {attempts + 1} times: {error}",
-                   ErrorCode.TRANSPORT_DOWNLOAD)
+        code = error.code if isinstance(error, UpdateRefused) else ErrorCode.TRANSPORT_DOWNLOAD
+        self._publish_error(announce.update_id, code, str(error))
+        self._emit("failed", announce.update_id, f"download failed {attempts + 1} times: {error}", code)
         self._publish_status(DeviceState.FAILED, announce.update_id,
                              reason=f"download failed {attempts + 1} times: {error}")
 

@@ -7,14 +7,22 @@ the read timeout), the next attempt asks for ``Range: bytes=<have>-`` and replay
 already has before streaming the rest, so finished bytes are never fetched twice. A server
 that ignores the range (HTTP 200) restarts the file. When a stream ends, the partial file is
 removed whatever the verification result, so bad bytes are never resumed from twice.
+
+``tuf.ngclient`` gives every download its bound (a signed length, or the role's cap from
+``contracts/metadata_limits.py``); the first chunk past it closes the connection at once
+(:meth:`ResumableFetcher.download_file`), so a mirror's endless stream costs at most the bound
+plus one chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import urllib3
 from tuf.api import exceptions
@@ -34,6 +42,26 @@ class ResumableFetcher(FetcherInterface):
         self._pool = urllib3.PoolManager(retries=False)
         self.resumed_bytes = 0   # bytes replayed from partial files (for tests and benchmarks)
         self.fetched_bytes = 0   # bytes received from the network
+
+    @contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        """python-tuf's download, but the stream is closed the moment it passes ``max_length``
+        (raising DownloadLengthMismatchError), not when the exception is collected."""
+        with tempfile.TemporaryFile() as temp_file:
+            chunks = self.fetch(url)
+            received = 0
+            try:
+                for chunk in chunks:
+                    received += len(chunk)
+                    if received > max_length:
+                        raise exceptions.DownloadLengthMismatchError(
+                            f"{url}: more than the {max_length} bytes allowed; cut at {received}")
+                    temp_file.write(chunk)
+            finally:
+                if isinstance(chunks, Generator):
+                    chunks.close()          # closes the connection now
+            temp_file.seek(0)
+            yield temp_file
 
     def _partial(self, url: str) -> Path:
         return self.partial_dir / hashlib.sha256(url.encode()).hexdigest()[:32]

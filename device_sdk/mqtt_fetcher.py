@@ -4,7 +4,9 @@ For devices that speak only MQTT. URLs look like ``mqtt://image/metadata/timesta
 ``mqtt://image/targets/<path>``. A package's blocks are written into a partial file as they
 arrive, with a bitmap of the blocks held; when the connection drops or answers stop (no block
 within ``timeout_s``), the fetch fails as a slow retrieval and the next attempt asks only for
-the blocks the bitmap lacks. python-tuf checks the length and hashes of the result.
+the blocks the bitmap lacks. python-tuf checks the length and hashes of the result; a file
+whose blocks claim a total size over python-tuf's bound for it (its signed length, or its
+role's cap) is refused before any of it is held (DownloadLengthMismatchError).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import queue
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import IO, Any, Callable, Protocol
 
 from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
@@ -47,6 +50,7 @@ class MqttBlockFetcher(FetcherInterface):
         self.window = min(window, MAX_BLOCKS_PER_REQUEST)
         self._inbox: queue.Queue[bytes] = queue.Queue(maxsize=4096)
         self.blocks_received = 0
+        self._max_length: int | None = None     # python-tuf's bound for the file being fetched
         link.route(self.topics.blocks(device_id), self._deliver)
         link.subscribe(self.topics.blocks(device_id))
 
@@ -55,6 +59,16 @@ class MqttBlockFetcher(FetcherInterface):
             self._inbox.put_nowait(payload)
         except queue.Full:
             pass   # dropped blocks are asked for again
+
+    @contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        """python-tuf's download, with its bound known to the block requests."""
+        self._max_length = max_length
+        try:
+            with super().download_file(url, max_length) as f:
+                yield f
+        finally:
+            self._max_length = None
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith("mqtt://"):
@@ -126,6 +140,9 @@ class MqttBlockFetcher(FetcherInterface):
             if block.status != "ok":
                 raise exceptions.DownloadError(f"block {block.index} of {path} refused")
             total = block.total_size
+            if self._max_length is not None and total > self._max_length:
+                raise exceptions.DownloadLengthMismatchError(
+                    f"{repo}/{path} claims {total} bytes, over the {self._max_length} allowed")
             start = block.index * self.block_size
             if len(buf) < total:
                 buf.extend(b"\0" * (total - len(buf)))

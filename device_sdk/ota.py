@@ -4,9 +4,9 @@
 
     idle/committed/failed/rolled_back ──start──▶ downloading ──fetched──▶ verifying
          verifying ──verified──▶ installing ──written──▶ testing ──passed──▶ committed
-         downloading/verifying/installing ──refused──▶ failed        (verification failed)
+         downloading/verifying/installing ──refused──▶ failed        (definitive, or retries ran out)
          testing ──unhealthy──▶ rolled_back                           (health check failed)
-         any in-flight state ──postponed──▶ idle                      (network trouble: retry)
+         any in-flight state ──postponed──▶ idle                      (transient: retry)
 
 The state (with the announcement being installed) is persisted in ``state.json`` (a
 :class:`~device_sdk.ports.StateStore`, atomic writes) before each step, and the state in memory
@@ -222,14 +222,21 @@ class Installer:
         resumed = self._state["update"]["id"] == uid and self.state in _IN_FLIGHT
         self._fire(Event.START, uid, announce=announce, keep_resumes=resumed)
 
-    def fetch_failed(self, announce: Announce, error: TransientError | UpdateRefused) -> InstallResult | None:
-        """Step 2, when the fetcher failed: a transient failure goes back to ``idle`` (None: retry
-        later, the partial download is kept); a refusal is final (``failed``)."""
+    def fetch_failed(self, announce: Announce, error: TransientError | UpdateRefused,
+                     give_up: bool = False) -> InstallResult | None:
+        """Step 2, when the fetcher failed. A transient failure (network trouble, or a refusal
+        whose code is transient: ``ErrorCode.retryable``) goes back to ``idle`` (None: retry
+        later, the partial download is kept), or with ``give_up`` (the retries ran out) ends
+        ``failed`` without being remembered, so the same update announced again is tried
+        afresh. A definitive refusal ends ``failed`` and is remembered (never tried again)."""
         uid = announce.update_id
-        if isinstance(error, TransientError):
-            self._fire(Event.POSTPONED, uid, reason=str(error), code=ErrorCode.TRANSPORT_DOWNLOAD, announce=announce)
+        code = error.code if isinstance(error, UpdateRefused) else ErrorCode.TRANSPORT_DOWNLOAD
+        if code.retryable and not give_up:
+            self._fire(Event.POSTPONED, uid, reason=str(error), code=code, announce=announce)
             return None
-        return self._refuse(uid, error, Event.REFUSED)
+        if isinstance(error, TransientError):
+            error = UpdateRefused(code, str(error))
+        return self._refuse(uid, error, Event.REFUSED, remember=not code.retryable)
 
     def complete(self, announce: Announce, data: bytes,
                  prepared: Callable[[ModelRuntime], None] | None = None) -> tuple[InstallResult, ModelRuntime | None]:
@@ -259,8 +266,8 @@ class Installer:
                    changes={"active_slot": slot, "model_version": bundle.manifest.model_version})
         return InstallResult(S.COMMITTED, uid, self.model_version, health=health), runtime
 
-    def _refuse(self, update_id: str, error: UpdateRefused, event: Event) -> InstallResult:
-        self._fire(event, update_id, reason=error.message, code=error.code, refused=True)
+    def _refuse(self, update_id: str, error: UpdateRefused, event: Event, remember: bool = True) -> InstallResult:
+        self._fire(event, update_id, reason=error.message, code=error.code, refused=remember)
         return InstallResult(self.state, update_id, self.model_version, error.message, error.code)
 
     def _verify(self, announce: Announce, data: bytes) -> Package:

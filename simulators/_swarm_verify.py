@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
-from tuf.ngclient import Updater, UpdaterConfig
+from tuf.ngclient import Updater
 
 from edgeloop.contracts.codes import ErrorCode
 from edgeloop.contracts.messages import Announce
 from edgeloop.contracts.topics import assignment_path
-from edgeloop.device_sdk.tuf_fetch import provision
+from edgeloop.device_sdk.tuf_fetch import provision, updater_config
 
 __all__ = ["Verdict", "VerdictCache"]
 
@@ -55,7 +55,8 @@ class VerdictCache:
     def __init__(self, tuf_dir: Path, image_root: bytes, director_root: bytes, max_bytes: int) -> None:
         self.tuf_dir = Path(tuf_dir)
         provision(self.tuf_dir, image_root, director_root)
-        self.config = UpdaterConfig(targets_max_length=max_bytes)
+        self.config = updater_config()     # the device's metadata bounds (contracts/metadata_limits.py)
+        self.max_bytes = max_bytes
         self._verdicts: dict[tuple[str, ...], asyncio.Future[Verdict]] = {}
         self._lock = threading.Lock()     # one python-tuf refresh at a time on the shared metadata
         self.verifications = 0            # how many times python-tuf actually ran
@@ -109,4 +110,7 @@ class VerdictCache:
         if (signed.length, signed.hashes) != (assigned.length, assigned.hashes):
             return Verdict(code=ErrorCode.VERIFY_DIRECTOR, reason="the director and the image repository disagree on "
                                                           f"{announce.target}'s length or hashes")
+        if signed.length > self.max_bytes:
+            return Verdict(code=ErrorCode.PACKAGE_TOO_LARGE, reason=f"{announce.target} is signed as {signed.length} "
+                                                                    f"bytes, over the {self.max_bytes} byte limit")
         return Verdict(length=signed.length, sha256=signed.hashes.get("sha256"))

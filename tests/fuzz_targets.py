@@ -5,6 +5,11 @@ Shared by tests/test_fuzz_parsers.py (1,000 examples each, in the suite) and ben
 allowed to raise: the project's own (``ContractError`` and subclasses, or the caller-facing error
 of that module). Anything else escaping is a bug: a foreign exception is a crash path.
 
+Control-plane targets: the API's JSON bodies (parsed by the real functions its handlers call,
+and POSTed to a real ``ApiServer`` thread, where any 5xx answer is a crash path) and pipeline
+files (TOML, ``cloud/loop/closed_loop.py``'s ``parse_pipeline``); their own error is
+``UserError``.
+
 Inputs: arbitrary bytes; arbitrary JSON (deeply nested, huge and negative numbers, NaN-like
 floats, wrong types everywhere); valid messages with one field replaced by arbitrary JSON; tar
 archives with arbitrary members; a valid package with bytes flipped; compressed garbage.
@@ -23,6 +28,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from edgeloop.cloud.errors import UserError
 from edgeloop.contracts import blocks, delta, messages
 from edgeloop.contracts.package import MANIFEST, Manifest, read_package
 from edgeloop.contracts.errors import ContractError
@@ -198,6 +204,146 @@ def _apply_delta(args: tuple[bytes, bytes]) -> Any:
     return delta.apply_delta(base, payload)
 
 
+# -- control plane: API bodies and pipeline files -------------------------------------------------
+_valid_rollout = {"model_version": "digits-mlp:2", "target": "tier=edge-gateway", "strategy": "canary",
+                  "canary": "20%", "bake_s": 2, "growth": 2.0, "max_failure_pct": 10, "min_devices": 2,
+                  "retries": 2, "timeout_s": 60.0, "max_error_rate": 0.05, "health_min_inferences": 20}
+_valid_token = {"name": "ci-bot", "role": "operator", "expires_in_s": 3600}
+_valid_abort = {"reason": "bad canary"}
+
+
+def _api_rollout(raw: bytes) -> Any:
+    from edgeloop.cloud.api import server
+    return server._spec(server.parse_body(raw))
+
+
+def _api_token(raw: bytes) -> Any:
+    from edgeloop.cloud.api import server
+    return server.token_request(server.parse_body(raw))
+
+
+class ApiCrash(Exception):
+    """The real API server answered 5xx: a foreign exception reached its error middleware."""
+
+
+class _Rollouts:
+    """A RolloutService that accepts what the API hands it (the parsing is what is under test)."""
+
+    def create(self, spec: Any) -> str:
+        return "ro-fuzz"
+
+    def pause(self, rollout_id: str) -> None: ...
+    def resume(self, rollout_id: str) -> None: ...
+    def abort(self, rollout_id: str, reason: str = "") -> None: ...
+
+    def status(self, rollout_id: str) -> dict[str, Any]:
+        return {"rollout_id": rollout_id}
+
+    def list(self) -> list[dict[str, Any]]:
+        return []
+
+
+_API: dict[str, Any] = {}
+API_ENDPOINTS = ["/api/v1/rollouts", "/api/v1/rollouts/ro-fuzz/abort", "/api/v1/rollouts/ro-fuzz/pause",
+                 "/api/v1/tokens"]
+
+
+def _api_http(args: tuple[str, bytes]) -> Any:
+    """POST one body to a real ApiServer thread (started once, on a private registry)."""
+    import http.client
+    if not _API:
+        import atexit
+        import tempfile
+        from pathlib import Path
+
+        from edgeloop.cloud.api.server import ApiServer, TokenStore
+        from edgeloop.cloud.registry import Registry
+        registry = Registry(Path(tempfile.mkdtemp(prefix="edgeloop-fuzz-")) / "registry.db")
+        _API["server"] = ApiServer(registry, rollouts=_Rollouts()).start()
+        _API["token"] = TokenStore(registry).create("fuzz-admin", "admin")[1]
+        atexit.register(_API["server"].stop)
+    path, body = args
+    server = _API["server"]
+    conn = _API.get("conn") or http.client.HTTPConnection(server.host, server.port, timeout=10)
+    try:
+        conn.request("POST", path, body=body, headers={"Authorization": f"Bearer {_API['token']}",
+                                                       "Content-Type": "application/json"})
+        response = conn.getresponse()
+        answer = response.read()
+        _API["conn"] = conn
+    except (OSError, http.client.HTTPException):
+        _API.pop("conn", None)
+        conn.close()
+        raise
+    if response.status >= 500 and response.status != 503:
+        raise ApiCrash(f"{path}: HTTP {response.status} {answer[:200]!r}")
+    return response.status
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()
+                               if v is not None) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value != value:
+        return "nan"
+    return json.dumps(value)
+
+
+def toml_doc(doc: dict[str, Any]) -> bytes:
+    """A TOML rendering of sections of values (None left out), good enough to reach the checks."""
+    lines = []
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            lines.append(f"{json.dumps(str(section))} = {_toml_value(table)}")
+            continue
+        lines.append(f"[{json.dumps(str(section))}]")
+        lines += [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines).encode()
+
+
+_valid_pipeline = {"pipeline": {"name": "digits-retrain", "model": "digits-mlp"}, "collect": {"min_samples": 200},
+                   "train": {"epochs": 30, "hidden": 32, "seed": 0, "lr": 0.01}, "gate": {"tolerance": 0.01},
+                   "package": {"tiers": ["edge-gateway"]},
+                   "rollout": {"target": "tier=edge-gateway", "strategy": "canary", "canary": "20%", "bake_s": 2},
+                   "watch": {"timeout_s": 300}}
+
+
+@st.composite
+def pipeline_bytes(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["bytes", "text", "nested", "mutated"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=300))
+    if kind == "text":
+        return draw(st.text(max_size=300)).encode("utf-8", "surrogatepass")
+    if kind == "nested":
+        depth = draw(st.integers(min_value=50, max_value=5_000))   # tomllib takes ~2 s to refuse 100,000
+        opener, closer = draw(st.sampled_from([("[", "]"), ("{a = ", "}")]))
+        return ("[pipeline]\nname = 'x'\n[train]\nepochs = " + opener * depth + "1" + closer * depth).encode()
+    doc = json.loads(json.dumps(_valid_pipeline))
+    for _ in range(draw(st.integers(1, 3))):
+        section = draw(st.sampled_from(sorted(doc) + ["extra"]))
+        action = draw(st.sampled_from(["replace", "delete", "field"]))
+        if action == "delete":
+            doc.pop(section, None)
+        elif action == "field" and isinstance(doc.get(section), dict):
+            key = draw(st.sampled_from(sorted(doc[section]) + ["extra", "model_version", "nproc_per_node"]))
+            doc[section][key] = draw(json_values)
+        else:
+            doc[section] = draw(json_values)
+    return toml_doc(doc)
+
+
+def _parse_pipeline(raw: bytes) -> Any:
+    from pathlib import Path
+
+    from edgeloop.cloud.loop.closed_loop import parse_pipeline
+    return parse_pipeline(raw, Path("fuzz.toml"))
+
+
 TARGETS: list[Target] = [
     Target("mqtt message (device and cloud, json)", untrusted_json(_valid_messages()), _parse_message),
     Target("mqtt message (control plane, orjson)", untrusted_json(_valid_messages()), _parse_message_orjson),
@@ -206,4 +352,10 @@ TARGETS: list[Target] = [
     Target("block request", untrusted_json([_valid_block_request]), blocks.BlockRequest.decode),
     Target("block", block_payloads(), blocks.decode_block),
     Target("delta", delta_payloads(), _apply_delta),
+    Target("api body: rollout start", untrusted_json([_valid_rollout]), _api_rollout, (UserError,)),
+    Target("api body: token create", untrusted_json([_valid_token]), _api_token, (UserError,)),
+    Target("api over http (real server thread)",
+           st.tuples(st.sampled_from(API_ENDPOINTS), untrusted_json([_valid_rollout, _valid_token, _valid_abort])),
+           _api_http, ()),
+    Target("pipeline file (toml)", pipeline_bytes(), _parse_pipeline, (UserError,)),
 ]

@@ -20,7 +20,11 @@ def test_every_code_is_documented_with_its_retry_decision() -> None:
 
 def test_transient_codes_are_retried_and_verdicts_are_not() -> None:
     assert retryable("transport.download") and retryable(ErrorCode.AGENT_INTERNAL)
-    assert not retryable("verify.hash") and not retryable("health.golden")
+    # what a mirror or the network can cause is transient; what signed metadata says is definitive
+    assert retryable("verify.hash") and retryable("metadata.too_large") and retryable("metadata.corrupt")
+    assert retryable("metadata.stale")
+    assert not retryable("verify.metadata") and not retryable("verify.director") and not retryable("verify.tier")
+    assert not retryable("package.too_large") and not retryable("health.golden")
     assert RETRYABLE < set(ErrorCode)
 
 

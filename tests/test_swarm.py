@@ -397,4 +397,4 @@ def test_dropped_download_is_retried_by_the_agent_and_its_error_report_goes_thro
     assert report["download_retries"] == 4 * 2 and report["downloads"] == 0 and report["dropped_downloads"] == 12
     for d in report["per_device"]:
         assert d["retries"] == 2 and d["model_version"] == env.v1
-        assert d["reason"].startswith("download failed 3 times")
+        assert d["reason"].startswith("transport.download: download failed 3 times")   # reported with its code

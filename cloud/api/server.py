@@ -34,16 +34,18 @@ import enum
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 
 from edgeloop.cloud.api.http_thread import ThreadedHttpServer
 from edgeloop.cloud.errors import CloudError, NotFound, ServiceUnavailable, UserError
+from edgeloop.cloud.field_types import check_field_types
 from edgeloop.cloud.fleet_registry import DeviceFilter, FleetRegistry
 from edgeloop.cloud.registry import Registry
 
@@ -155,22 +157,42 @@ class RolloutService(Protocol):
 
 
 def _spec(body: dict[str, Any]) -> Any:
-    """A cloud.rollouts.controller.RolloutSpec from a request body; unknown or missing fields are bad input."""
+    """A cloud.rollouts.controller.RolloutSpec from a request body; unknown or missing fields,
+    and fields of the wrong type, are bad input (UserError)."""
     from edgeloop.cloud.rollouts.controller import RolloutSpec
 
-    names = {f.name for f in fields(RolloutSpec)}
-    unknown = sorted(set(body) - names)
-    if unknown:
-        raise UserError(f"unknown rollout field(s): {', '.join(unknown)}")
+    check_field_types(RolloutSpec, body, "rollout")
     for required in ("model_version", "target"):
         if not isinstance(body.get(required), str) or not body[required]:
             raise UserError(f"a rollout needs {required!r} (a string)")
-    try:
-        spec = RolloutSpec(**body)
-    except TypeError as e:
-        raise UserError(f"invalid rollout: {e}") from None
+    spec = RolloutSpec(**body)
     spec.validate()
     return spec
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body: a JSON object (empty: ``{}``). Raises UserError for anything else,
+    including JSON nested too deep or with numbers Python will not read."""
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise UserError("the request body is not JSON (or is nested too deep)") from None
+    if not isinstance(body, dict):
+        raise UserError("the request body must be a JSON object")
+    return body
+
+
+def token_request(body: dict[str, Any]) -> tuple[str, str, float | None]:
+    """(name, role, lifetime in s) of a token-create body. Raises UserError for wrong types."""
+    name, role, lifetime = body.get("name", ""), body.get("role", ""), body.get("expires_in_s")
+    if not isinstance(name, str) or not isinstance(role, str):
+        raise UserError("a token needs a name and a role (strings)")
+    if lifetime is not None and (isinstance(lifetime, bool) or not isinstance(lifetime, (int, float))
+                                 or abs(lifetime) > MAX_LIFETIME_S * 2 or not math.isfinite(lifetime)):
+        raise UserError("expires_in_s must be a number of seconds (at most 10 years)")
+    return name, role, None if lifetime is None else float(lifetime)
 
 
 # -- the application --------------------------------------------------------------------------------
@@ -235,15 +257,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError("the request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise UserError("the request body must be a JSON object")
-    return body
+    return parse_body(await request.read()) if request.can_read_body else {}
 
 
 def _bool(text: str | None, name: str) -> bool | None:
@@ -333,6 +347,8 @@ async def _rollout_action(request: web.Request) -> web.Response:
     body = await _body(request)
     if action == "abort":
         reason = body.get("reason") or f"aborted through the API by {request[_TOKEN_KEY].name}"
+        if not isinstance(reason, str):
+            raise UserError("an abort's reason must be a string")
         await asyncio.to_thread(service.abort, rollout_id, reason=str(reason)[:500])
     else:
         await asyncio.to_thread(getattr(service, action), rollout_id)
@@ -346,12 +362,7 @@ async def _token_list(request: web.Request) -> web.Response:
 
 @_needs(Role.ADMIN)
 async def _token_create(request: web.Request) -> web.Response:
-    body = await _body(request)
-    lifetime = body.get("expires_in_s")
-    if lifetime is not None and (isinstance(lifetime, bool) or not isinstance(lifetime, (int, float))):
-        raise UserError("expires_in_s must be a number of seconds")
-    token, secret = request.app[_STATE]["tokens"].create(str(body.get("name", "")), str(body.get("role", "")),
-                                                         None if lifetime is None else float(lifetime))
+    token, secret = request.app[_STATE]["tokens"].create(*token_request(await _body(request)))
     return _json({**asdict(token), "token": secret}, 201)
 
 

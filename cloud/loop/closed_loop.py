@@ -51,6 +51,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeloop.cloud.errors import UserError
+from edgeloop.cloud.field_types import check_field_types
 from edgeloop.cloud.train.launcher import DistConfig
 from edgeloop.cloud.registry import Registry
 from edgeloop.cloud.train.training import TrainParams
@@ -103,33 +104,54 @@ def load_pipeline(path: Path) -> PipelineFile:
         raw = Path(path).read_bytes()
     except OSError as e:
         raise UserError(f"cannot read pipeline file {path}: {e.strerror or e}") from None
+    return parse_pipeline(raw, Path(path))
+
+
+def parse_pipeline(raw: bytes, path: Path) -> PipelineFile:
+    """Check a pipeline file's bytes (``path``: where it is, for messages and relative paths).
+    Raises UserError naming the first problem, whatever the bytes."""
+    from edgeloop.cloud.rollouts.controller import RolloutSpec
+
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
         raise UserError(f"{path} is not valid TOML: {e}") from None
     unknown = set(doc) - _SECTIONS
     if unknown:
         raise UserError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; "
                         f"known: {', '.join(sorted(_SECTIONS))}")
+    bad_tables = sorted(name for name, value in doc.items() if not isinstance(value, dict))
+    if bad_tables:
+        raise UserError(f"{path}: {', '.join(bad_tables)} must be a [section] (a table), not a value")
     head = doc.get("pipeline", {})
     if not isinstance(head.get("name"), str) or not head["name"]:
         raise UserError(f"{path}: [pipeline] needs a name")
+    if not isinstance(head.get("model", ""), str):
+        raise UserError(f"{path}: [pipeline] model must be a model name (a string)")
     train = dict(doc.get("train", {}))
     bad = set(train) - _TRAIN_KEYS
     if bad:
         raise UserError(f"{path}: unknown [train] setting(s) {', '.join(sorted(bad))}; "
                         f"known: {', '.join(sorted(_TRAIN_KEYS))}")
+    check_field_types(TrainParams, {k: v for k, v in train.items() if k != "nproc_per_node"}, f"{path}: [train]")
+    if "nproc_per_node" in train and (isinstance(train["nproc_per_node"], bool)
+                                      or not isinstance(train["nproc_per_node"], int)):
+        raise UserError(f"{path}: [train] nproc_per_node must be a whole number")
     tiers = doc.get("package", {}).get("tiers", ["edge-gateway"])
     if not isinstance(tiers, list) or not tiers or not all(isinstance(t, str) for t in tiers):
         raise UserError(f"{path}: [package] tiers must be a non-empty list of tier names")
     rollout = doc.get("rollout")
     if rollout is not None and not isinstance(rollout.get("target"), str):
         raise UserError(f"{path}: [rollout] needs a target selector, e.g. target = \"tier=edge-gateway\"")
+    if rollout is not None:
+        if "model_version" in rollout:
+            raise UserError(f"{path}: [rollout] takes no model_version (the pipeline rolls out what it trained)")
+        check_field_types(RolloutSpec, rollout, f"{path}: [rollout]")
     return PipelineFile(name=head["name"], model=str(head.get("model", "digits-mlp")),
                         collect=dict(doc.get("collect", {})), train=train, gate=dict(doc.get("gate", {})),
                         package=dict(doc.get("package", {})), rollout=dict(rollout) if rollout else None,
                         watch=dict(doc.get("watch", {})), sha256=hashlib.sha256(raw).hexdigest(),
-                        root=Path(path).resolve().parent)
+                        root=path.resolve().parent)
 
 
 @dataclass

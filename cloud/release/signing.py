@@ -19,11 +19,18 @@ are; fewer than its threshold is refused before anything is written.
 
 Files written under ``<repository>/metadata``: ``N.root.json`` for every root version,
 ``N.targets.json``, ``N.snapshot.json`` and ``timestamp.json``, each atomically.
+
+Bounds (``edgeloop.contracts.metadata_limits.LIMITS``, the table devices download against): the
+timestamp records the length and sha256 of the snapshot it names and the snapshot those of
+``targets.json``, so a device cuts any longer stream at the signed size; no metadata file over
+its role's cap is ever written (:class:`~cloud.errors.UserError`, nothing changed), and no role
+has more than ``max_keys_per_role`` keys.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import secrets
 from dataclasses import dataclass
@@ -37,6 +44,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
+from edgeloop.contracts.metadata_limits import LIMITS
 from edgeloop.cloud.errors import IntegrityError, KeysMissing, UserError
 from edgeloop.cloud.release.roles import ROLES
 
@@ -71,6 +79,9 @@ class RoleKeys:
     def __post_init__(self) -> None:
         if not 1 <= self.threshold <= self.keys:
             raise UserError(f"a threshold of {self.threshold} needs between 1 and {self.keys} keys")
+        if self.keys > LIMITS.max_keys_per_role:
+            raise UserError(f"{self.keys} keys for one role is over the limit of {LIMITS.max_keys_per_role} "
+                            "(contracts/metadata_limits.py: devices bound root metadata by it)")
 
 
 class Keyring:
@@ -273,19 +284,20 @@ class Repository:
         return self.targets_dir / parent / f"{digest}.{name}"
 
     def _resnapshot(self, root: Root) -> None:
-        targets_version = self._load("targets").signed.version
+        targets_path = self._current_path("targets")
+        targets_version = int(targets_path.name.split(".")[0])
         exists = (self.meta_dir / "timestamp.json").exists()
         snapshot = self._load("snapshot") if exists else Metadata(Snapshot(expires=_expiry("snapshot")))
         if exists:
             snapshot.signed.version += 1
             snapshot.signed.expires = _expiry("snapshot")
-        snapshot.signed.meta["targets.json"] = MetaFile(version=targets_version)
-        self._write(snapshot, "snapshot", root)
+        snapshot.signed.meta["targets.json"] = _meta_file(targets_version, targets_path.read_bytes())
+        snapshot_bytes = self._write(snapshot, "snapshot", root)
         timestamp = self._load("timestamp") if exists else Metadata(Timestamp(expires=_expiry("timestamp")))
         if exists:
             timestamp.signed.version += 1
             timestamp.signed.expires = _expiry("timestamp")
-        timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+        timestamp.signed.snapshot_meta = _meta_file(snapshot.signed.version, snapshot_bytes)
         self._write(timestamp, "timestamp", root)
 
     def _current_path(self, role: str) -> Path:
@@ -308,7 +320,9 @@ class Repository:
                               f"({self.keys.dir / role}): restore them from a backup (nothing was signed)")
         return signers
 
-    def _write(self, md: Metadata, role: str, root: Root, also_signed_by: Root | None = None) -> None:
+    def _write(self, md: Metadata, role: str, root: Root, also_signed_by: Root | None = None) -> bytes:
+        """Sign and write one metadata file; returns its bytes. Raises UserError, writing nothing,
+        for a file over its role's cap (devices would refuse it)."""
         md.signatures.clear()
         signers = self._signers(role, root)
         if also_signed_by is not None:   # a new root is also signed by the previous root's keys
@@ -316,4 +330,16 @@ class Repository:
         for signer in {s.public_key.keyid: s for s in signers}.values():
             md.sign(signer, append=True)
         name = "timestamp.json" if role == "timestamp" else f"{md.signed.version}.{role}.json"
-        atomic_write(self.meta_dir / name, md.to_bytes(self._serializer))
+        data = md.to_bytes(self._serializer)
+        cap = LIMITS.max_bytes(role)
+        if len(data) > cap:
+            raise UserError(f"{role} metadata of {len(data)} bytes is over its {cap} byte cap "
+                            f"(contracts/metadata_limits.py); devices would refuse it"
+                            + ("; remove targets nothing assigns any more" if role == "targets" else ""))
+        atomic_write(self.meta_dir / name, data)
+        return data
+
+
+def _meta_file(version: int, data: bytes) -> MetaFile:
+    """What a timestamp or snapshot signs about the file it points to: version, length and sha256."""
+    return MetaFile(version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()})

@@ -171,13 +171,13 @@ class RolloutSpec:
 
 def _canary_count(canary: str, total: int) -> int:
     text = str(canary).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", text)
+    m = re.fullmatch(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)%", text)
     if m:
         pct = float(m.group(1))
         if not 0 < pct <= 100:
             raise UserError(f"canary share {text} must be over 0% and at most 100%")
         return max(1, math.ceil(total * pct / 100))
-    if not text.isdigit() or int(text) < 1:
+    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:   # ASCII digits ("➈".isdigit() is True)
         raise UserError(f"invalid canary {text!r}: give a device count (5) or a share (10%)")
     return min(int(text), total)
 
