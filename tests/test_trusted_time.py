@@ -106,7 +106,7 @@ def test_a_device_two_days_behind_refuses_metadata_that_expired_by_signed_time(b
         msg = env.sign_and_announce(v2, after_signing=lambda target: env.director.refresh_timestamp(
             lifetime=timedelta(days=-1)))
         wait_for(lambda: settled(env, msg.update_id), timeout=60, what="the refusal")
-        assert str(agent.last_result.state) == "failed" and agent.last_result.code == "verify.metadata"
+        assert str(agent.last_result.state) == "failed" and agent.last_result.code == "metadata.stale"   # expiry: transient
         assert "xpired" in (agent.last_result.reason or "")
         assert agent.model_version == env.v1 and agent.infer(env.test.x[:1]) is not None
     finally:
