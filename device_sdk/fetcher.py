@@ -7,6 +7,10 @@ the read timeout), the next attempt asks for ``Range: bytes=<have>-`` and replay
 already has before streaming the rest, so finished bytes are never fetched twice. A server
 that ignores the range (HTTP 200) restarts the file. When a stream ends, the partial file is
 removed whatever the verification result, so bad bytes are never resumed from twice.
+
+With ``ca_file`` (the device's fleet CA, the one its MQTT TLS trusts) an ``https://`` server
+must present a certificate that chains to that CA and names the host asked for; nothing else
+is trusted. ``http://`` URLs keep working (a workspace without a broker configuration).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ CHUNK = 16 * 1024
 
 class ResumableFetcher(FetcherInterface):
     def __init__(self, partial_dir: Path, connect_timeout: float = 5.0, read_timeout: float = 30.0,
-                 resume_marker: str = "/targets/") -> None:
+                 resume_marker: str = "/targets/", ca_file: Path | str | None = None) -> None:
         self.partial_dir = Path(partial_dir)
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self.resume_marker = resume_marker
-        self._pool = urllib3.PoolManager(retries=False)
+        tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(ca_file)} if ca_file is not None else {}
+        self._pool = urllib3.PoolManager(retries=False, **tls)     # verifies the host name too
         self.resumed_bytes = 0   # bytes replayed from partial files (for tests and benchmarks)
         self.fetched_bytes = 0   # bytes received from the network
 

@@ -36,6 +36,7 @@ import json
 import logging
 import re
 import secrets
+import ssl
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Awaitable, Callable, Protocol
@@ -396,13 +397,13 @@ class ApiServer(ThreadedHttpServer):
     what = "API"
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0,
-                 rollouts: RolloutService | None = None) -> None:
-        super().__init__(host, port)
+                 rollouts: RolloutService | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(host, port, ssl_context)     # HTTPS with a context (cloud/services.py)
         self.registry, self.rollouts = registry, rollouts
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self.base_url
 
     def make_app(self) -> web.Application:
         return create_app(self.registry, self.rollouts)
