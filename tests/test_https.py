@@ -6,12 +6,13 @@ to a host that is not loopback; a workspace without a broker configuration keeps
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
+import random
 import ssl
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,11 +29,13 @@ from edgeloop.cloud.release.repo_server import RepositoryServer
 from edgeloop.cloud.services import ServerTls, ServiceStack, server_ssl_context
 from edgeloop.cloud.workspace import Workspace
 from edgeloop.device_sdk.agent import Agent, AgentConfig
+from edgeloop.device_sdk.errors import TransientError
 from edgeloop.device_sdk.fetcher import ResumableFetcher
 from edgeloop.device_sdk.tuf_fetch import provision
 from edgeloop.fleet.broker import control_plane_link, stack_options
 from edgeloop.fleet.cli import main as cli_main
 from edgeloop.fleet.identity import FleetCA, agent_tls, simulated_device_tls
+from edgeloop.simulators._swarm_parts import Downloads
 
 pytestmark = pytest.mark.e2e
 TIER = "edge-gateway"
@@ -112,10 +115,23 @@ def test_a_device_installs_a_package_over_https_verifying_it_with_its_fleet_ca(e
         assert msg.repository.startswith("https://")
         wait_for(lambda: agent.model_version == env.model, 60, "the device to install over https")
         assert agent.last_result.update_id == msg.update_id
+        assert _swarm_download(msg, env.ca) == msg.length              # the swarm's devices trust the same CA
+        with pytest.raises(TransientError, match="certificate verify failed"):
+            _swarm_download(msg, None)
     finally:
         stop.set()
         driver.join(10)
         agent.stop()
+
+
+def _swarm_download(msg, ca: Path | None) -> int:
+    async def get() -> int:
+        downloads = Downloads(1, 64 * 1024 * 1024, 0.0, random.Random(0), ca_file=ca)
+        try:
+            return len(await downloads.get(msg))
+        finally:
+            await downloads.close()
+    return asyncio.run(get())
 
 
 def test_a_device_refuses_a_server_whose_certificate_is_not_its_fleet_cas_or_not_for_that_host(env, tmp_path):
