@@ -19,10 +19,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cryptography import x509
 from tuf.api import exceptions as tuf_errors
 
 from conftest import free_port, run_cli, wait_for
 from edgeloop.cloud.api.server import TokenStore
+from edgeloop.cloud.errors import UserError
 from edgeloop.cloud.fleet_registry import FleetRegistry
 from edgeloop.cloud.loop.pipeline import publish_update
 from edgeloop.cloud.release.repo_server import RepositoryServer
@@ -32,7 +34,7 @@ from edgeloop.device_sdk.agent import Agent, AgentConfig
 from edgeloop.device_sdk.errors import TransientError
 from edgeloop.device_sdk.fetcher import ResumableFetcher
 from edgeloop.device_sdk.tuf_fetch import provision
-from edgeloop.fleet.broker import control_plane_link, stack_options
+from edgeloop.fleet.broker import control_plane_link, server_tls, stack_options
 from edgeloop.fleet.cli import main as cli_main
 from edgeloop.fleet.identity import FleetCA, agent_tls, simulated_device_tls
 from edgeloop.simulators._swarm_parts import Downloads
@@ -199,3 +201,22 @@ def test_a_workspace_without_a_broker_configuration_keeps_plain_http(broker, tmp
         assert stack.repository_url.startswith("http://") and stack.api.url.startswith("http://")
         assert _get(stack.api.url + "/healthz", None) == 200
     assert not (ws.root / "pki" / "https").exists()
+
+
+def test_the_https_identity_is_issued_once_and_reissued_only_when_its_names_change(env, tmp_path):
+    first = server_tls(env.ws, ("127.0.0.1", 0))
+    pem = first.cert.read_bytes()
+    assert server_tls(env.ws, ("127.0.0.1", 0)).cert.read_bytes() == pem          # twice: the same certificate
+    cert = x509.load_pem_x509_certificate(pem)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(n.value) for n in names} == {"127.0.0.1", "localhost"}
+    try:
+        moved = server_tls(env.ws, ("10.9.8.7", 0))                                 # served on another address
+        names = x509.load_pem_x509_certificate(moved.cert.read_bytes()).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        assert "10.9.8.7" in {str(n.value) for n in names}
+        assert oct(moved.key.stat().st_mode & 0o777) == "0o600"
+    finally:
+        server_tls(env.ws, ("127.0.0.1", 0))
+    with pytest.raises(UserError, match="cannot load the HTTPS certificate"):
+        server_ssl_context(ServerTls(tmp_path / "none.crt", tmp_path / "none.key"))
