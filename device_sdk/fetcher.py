@@ -35,8 +35,10 @@ class ResumableFetcher(FetcherInterface):
         self.partial_dir = Path(partial_dir)
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self.resume_marker = resume_marker
-        tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(ca_file)} if ca_file is not None else {}
-        self._pool = urllib3.PoolManager(retries=False, **tls)     # verifies the host name too
+        if ca_file is None:
+            self._pool = urllib3.PoolManager(retries=False)
+        else:                    # only the fleet's CA; urllib3 checks the host name against the certificate
+            self._pool = urllib3.PoolManager(retries=False, cert_reqs="CERT_REQUIRED", ca_certs=str(ca_file))
         self.resumed_bytes = 0   # bytes replayed from partial files (for tests and benchmarks)
         self.fetched_bytes = 0   # bytes received from the network
 
