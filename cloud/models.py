@@ -21,6 +21,7 @@ import numpy as np
 
 from edgeloop.contracts.features import FeatureSpec
 from edgeloop.contracts.tasks import TaskSpec
+from edgeloop.cloud import audit
 from edgeloop.cloud.errors import LineageBroken, NotFound, UserError
 from edgeloop.cloud.registry import Registry
 
@@ -110,7 +111,17 @@ def falls_short(task: TaskSpec, candidate: float, production: float, tolerance: 
     return candidate > production * (1 + tolerance)
 
 
-def promote(registry: Registry, model_version: str, to_stage: str, tolerance: float = DEFAULT_TOLERANCE) -> Promotion:
+def promote(registry: Registry, model_version: str, to_stage: str, tolerance: float = DEFAULT_TOLERANCE,
+            actor: str | None = None) -> Promotion:
+    """Move ``model_version`` to ``to_stage`` (production through the gate), recorded in the audit
+    log as ``actor``'s (None: the local user) as ``model.archive`` or ``model.promote``."""
+    result = _promote(registry, model_version, to_stage, tolerance)
+    audit.record(registry, actor, "model.archive" if to_stage == "archived" else "model.promote", model_version,
+                 {"from": result.from_stage, "to": result.to_stage, "replaced": result.replaced})
+    return result
+
+
+def _promote(registry: Registry, model_version: str, to_stage: str, tolerance: float) -> Promotion:
     from edgeloop.cloud.loop.pipeline import _training_data   # the candidate's own held-out split
 
     if to_stage not in STAGES:

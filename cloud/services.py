@@ -20,11 +20,15 @@ Guarantees:
   (ServiceUnavailable, UserError) reaches the caller; :meth:`ServiceStack.stop` is idempotent and
   leaves no thread or socket of the stack behind.
 - The stack owns its registry connection (:attr:`ServiceStack.registry`).
+- With ``StackOptions.server_tls`` (a workspace with a generated broker: a certificate from its
+  fleet CA, :func:`edgeloop.fleet.identity.https_tls`) the repository server and the API serve
+  HTTPS only, and their URLs (``serve.json``, what rollouts announce) are ``https://``.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from edgeloop.cloud.api.server import ApiServer
     from edgeloop.cloud.rollouts.controller import RolloutController
 
-__all__ = ["BrokerLink", "PlainLink", "ServiceStack", "StackOptions"]
+__all__ = ["BrokerLink", "PlainLink", "ServerTls", "ServiceStack", "StackOptions", "server_ssl_context"]
 
 
 class BrokerLink(Protocol):
@@ -68,6 +72,27 @@ class PlainLink:
 
 
 @dataclass(frozen=True)
+class ServerTls:
+    """The HTTPS identity of the repository server and the API: PEM certificate and key paths."""
+
+    cert: Path
+    key: Path
+
+
+def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
+    """The one server-side TLS context (TLS 1.2 or later) for ``tls``. Raises UserError if the
+    certificate or key cannot be loaded."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    except (OSError, ssl.SSLError) as e:
+        raise UserError(f"cannot load the HTTPS certificate {tls.cert} / key {tls.key}: {e} "
+                        "(reissue them: edgeloop broker config)") from None
+    return ctx
+
+
+@dataclass(frozen=True)
 class StackOptions:
     """What to run and how. ``broker``: the first control plane's link (default: plain TCP to the
     workspace's MQTT address); it announces and sends commands. ``workers``: the links of further
@@ -77,7 +102,8 @@ class StackOptions:
     repository server listens (default: the workspace's HTTP address); ``repository=False``: none
     here (``repository_url``: the one served elsewhere, which rollouts announce).
     ``api``: (host, port) of the HTTP API, None for none. ``rollouts``: build a rollout controller.
-    ``blocks``: also serve the repositories over MQTT in blocks (contracts/blocks.py)."""
+    ``blocks``: also serve the repositories over MQTT in blocks (contracts/blocks.py).
+    ``server_tls``: serve the repository and the API over HTTPS with this identity (None: HTTP)."""
 
     broker: BrokerLink | None = None
     workers: Sequence[BrokerLink] = ()
@@ -90,6 +116,7 @@ class StackOptions:
     api: tuple[str, int] | None = None
     rollouts: bool = True
     blocks: bool = True
+    server_tls: ServerTls | None = None
 
     @property
     def ingest_workers(self) -> int:
@@ -109,6 +136,7 @@ class ServiceStack:
         self.rollouts: RolloutController | None = None
         self.api: ApiServer | None = None
         self._stops: list[Callable[[], None]] = []      # what to call on stop, in start order
+        self._ssl: ssl.SSLContext | None = None
 
     @property
     def registry(self) -> Registry:
@@ -157,6 +185,8 @@ class ServiceStack:
 
     # -- the steps ---------------------------------------------------------------------------------
     def _start_registry(self) -> None:
+        if self.options.server_tls is not None:      # before anything listens: a bad certificate is bad input
+            self._ssl = server_ssl_context(self.options.server_tls)
         self._registry = Registry(self.ws.store_location)
         self._stops.append(self._registry.close)
 
@@ -164,7 +194,8 @@ class ServiceStack:
         if not self.options.repository:
             return
         host, port = self.options.http or (self.ws.http_host, self.ws.http_port)
-        self.repository = RepositoryServer(self.ws.repository_dir, host, port, self.ws.director_dir).start()
+        self.repository = RepositoryServer(self.ws.repository_dir, host, port, self.ws.director_dir,
+                                           ssl_context=self._ssl).start()
         self._stops.append(self.repository.stop)
 
     def _repositories(self) -> dict[str, Path] | None:
@@ -208,6 +239,6 @@ class ServiceStack:
         from edgeloop.cloud.api.server import ApiServer
 
         host, port = self.options.api
-        api = ApiServer(self.registry, host, port, rollouts=self.rollouts).start()
+        api = ApiServer(self.registry, host, port, rollouts=self.rollouts, ssl_context=self._ssl).start()
         self.api = api
         self._stops.append(api.stop)

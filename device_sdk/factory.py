@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from edgeloop.contracts import topics
 from edgeloop.contracts.messages import DeviceState, Status, encode
+from edgeloop.device_sdk.fetcher import ResumableFetcher
 from edgeloop.device_sdk.mqtt import MqttLink
 from edgeloop.device_sdk.mqtt_fetcher import MqttBlockFetcher
 from edgeloop.device_sdk.outbox import Outbox, OutboxConfig
@@ -36,13 +37,17 @@ def link(config: AgentConfig) -> MqttLink:
 
 def fetcher(config: AgentConfig, link: Link, clock: Callable[[], float] | None = None) -> UpdateClient:
     """python-tuf over two repositories, judging expiry at ``clock()`` (the agent's trusted
-    clock); package bytes over HTTP (resumable) or MQTT blocks."""
+    clock); package bytes over HTTP(S) (resumable; an https repository must chain to
+    ``config.tls_ca``, the fleet CA the broker's certificate chains to) or MQTT blocks."""
     root = Path(config.state_dir)
-    blocks = MqttBlockFetcher(link, config.device_id, root / "tuf" / "partial",
-                              timeout_s=config.download_timeout_s,
-                              fleet=topics.Fleet(config.fleet)) if config.transport == "mqtt" else None
+    partial = root / "tuf" / "partial"
+    if config.transport == "mqtt":
+        chosen: MqttBlockFetcher | ResumableFetcher = MqttBlockFetcher(
+            link, config.device_id, partial, timeout_s=config.download_timeout_s, fleet=topics.Fleet(config.fleet))
+    else:
+        chosen = ResumableFetcher(partial, read_timeout=config.download_timeout_s, ca_file=config.tls_ca)
     return UpdateClient(root / "tuf", config.group or config.tier, config.max_package_bytes,
-                        read_timeout_s=config.download_timeout_s, fetcher=blocks, clock=clock)
+                        read_timeout_s=config.download_timeout_s, fetcher=chosen, clock=clock)
 
 
 def outbox(config: AgentConfig) -> Outbox:

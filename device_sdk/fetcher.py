@@ -12,6 +12,10 @@ removed whatever the verification result, so bad bytes are never resumed from tw
 ``contracts/metadata_limits.py``); the first chunk past it closes the connection at once
 (:meth:`ResumableFetcher.download_file`), so a mirror's endless stream costs at most the bound
 plus one chunk.
+
+With ``ca_file`` (the device's fleet CA, the one its MQTT TLS trusts) an ``https://`` server
+must present a certificate that chains to that CA and names the host asked for; nothing else
+is trusted. ``http://`` URLs keep working (a workspace without a broker configuration).
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ CHUNK = 16 * 1024
 
 class ResumableFetcher(FetcherInterface):
     def __init__(self, partial_dir: Path, connect_timeout: float = 5.0, read_timeout: float = 30.0,
-                 resume_marker: str = "/targets/") -> None:
+                 resume_marker: str = "/targets/", ca_file: Path | str | None = None) -> None:
         self.partial_dir = Path(partial_dir)
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self.resume_marker = resume_marker
-        self._pool = urllib3.PoolManager(retries=False)
+        if ca_file is None:
+            self._pool = urllib3.PoolManager(retries=False)
+        else:                    # only the fleet's CA; urllib3 checks the host name against the certificate
+            self._pool = urllib3.PoolManager(retries=False, cert_reqs="CERT_REQUIRED", ca_certs=str(ca_file))
         self.resumed_bytes = 0   # bytes replayed from partial files (for tests and benchmarks)
         self.fetched_bytes = 0   # bytes received from the network
 

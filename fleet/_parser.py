@@ -71,6 +71,9 @@ def common(p: argparse.ArgumentParser, inherit: bool = False) -> None:
     p.add_argument("--server", metavar="URL", default=d(None),
                    help="a remote control plane's API (devices, models, rollout); needs --token or $EDGELOOP_TOKEN")
     p.add_argument("--token", default=d(None), help="API token for --server (default: $EDGELOOP_TOKEN)")
+    p.add_argument("--ca", metavar="FILE", default=d(None),
+                   help="CA an https --server's certificate must chain to (default: $EDGELOOP_CA, else the "
+                        "workspace's fleet CA pki/ca.crt)")
 
 
 def group(sub, name: str, help_: str, default_fn) -> argparse._SubParsersAction:  # noqa: ANN001

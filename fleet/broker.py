@@ -59,7 +59,8 @@ from edgeloop.cloud.fleet_registry import DeviceFilter, FleetRegistry
 from edgeloop.cloud.release.signing import atomic_write
 from edgeloop.cloud.workspace import Workspace, parse_host_port
 from edgeloop.contracts import topics
-from edgeloop.fleet.identity import TlsFiles, control_plane_cn, control_plane_cns, control_plane_tls, ensure_services, pki_dir
+from edgeloop.fleet.identity import (TlsFiles, control_plane_cn, control_plane_cns, control_plane_tls, ensure_services,
+                                     https_tls, pki_dir)
 
 if TYPE_CHECKING:
     from edgeloop.cloud.services import StackOptions
@@ -85,7 +86,7 @@ DEVICE_RULES = (
 
 __all__ = ["BrokerConfig", "BrokerStatus", "DEFAULT_PORT", "MqttLink", "acl_text", "apply_revocations",
            "config_text", "control_plane_link", "describe", "running_pid", "share_group", "stack_options", "start",
-           "status", "stop", "write_config"]
+           "server_tls", "status", "stop", "write_config"]
 SHARE_GROUP_PREFIX = "edgeloop-ingest-"
 STANDARD_WORKERS = ("serve", "publish", "demo")    # control-plane identities issued with the configuration
 
@@ -183,8 +184,10 @@ def stack_options(ws: Workspace, address: str | None = None, worker: str = "serv
                   rollouts: bool = True) -> StackOptions:
     """The service stack's options for one of the workspace's processes (``serve``, ``demo``, ...):
     its broker link (mutual TLS as ``worker`` when the workspace has a generated broker, further
-    ingest workers as ``<worker>-2``, ...), the workspace's secret share group, and what else the
-    caller asks for. The one place serve and the demos get these from (cloud/services.py).
+    ingest workers as ``<worker>-2``, ...), the workspace's secret share group, HTTPS for the
+    repository and the API with a certificate from the fleet CA when the workspace has a generated
+    broker (:func:`server_tls`), and what else the caller asks for. The one place serve and the
+    demos get these from (cloud/services.py).
     Raises UserError for a bad address, worker name or worker count."""
     from edgeloop.cloud.services import StackOptions
 
@@ -192,7 +195,20 @@ def stack_options(ws: Workspace, address: str | None = None, worker: str = "serv
         raise UserError(f"invalid number of ingest workers {ingest_workers}: use 1 or more")
     links = [control_plane_link(ws, address, worker if i == 0 else f"{worker}-{i + 1}") for i in range(ingest_workers)]
     return StackOptions(broker=links[0], workers=tuple(links[1:]), share_group=share_group(ws), shared=shared,
-                        session=session, api=api, rollouts=rollouts)
+                        session=session, api=api, rollouts=rollouts, server_tls=server_tls(ws, api))
+
+
+def server_tls(ws: Workspace, api: tuple[str, int] | None = None):  # noqa: ANN201 - cloud.services.ServerTls | None
+    """The HTTPS identity of the workspace's repository server and API when it has a generated
+    broker (``broker/broker.json``, the same condition as mutual TLS to the broker), else None
+    (plain HTTP). Its names: loopback, the broker's extra hostnames, and the addresses served."""
+    from edgeloop.cloud.services import ServerTls
+
+    if not (broker_dir(ws) / "broker.json").exists():
+        return None
+    hosts = ["127.0.0.1", "localhost", *_last_hostnames(ws), ws.http_host, *([api[0]] if api else [])]
+    cert, key = https_tls(ws, hosts)
+    return ServerTls(cert, key)
 
 
 def _reload_acl(ws: Workspace) -> None:

@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_commands(sub, _group, _action)
     from edgeloop.fleet.cli_tokens import add_tokens_commands
     add_tokens_commands(sub, _group, _action)
+    from edgeloop.fleet.cli_audit import add_audit_command
+    add_audit_command(sub, _common)
     from edgeloop.fleet.cli_rollout import add_rollout_commands
     add_rollout_commands(sub, _group, _action)
     from edgeloop.fleet.cli_pipeline import add_pipeline_commands
@@ -753,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(args.json)
     try:
         if getattr(args, "server", None) and not remote.allows_remote(args.fn):
-            raise UserError("--server works with: devices [ls|show], models [ls], rollout; run other commands "
+            raise UserError("--server works with: devices [ls|show], models [ls], rollout, audit; run other commands "
                             "on the control plane's workspace")
         return args.fn(args, out)
     except CloudError as e:

@@ -55,10 +55,16 @@ def _rotate(args: argparse.Namespace, out: Output) -> int:
     ws = Workspace.open(args.workspace)
     repo = _repo(ws, args.repo)
     current = repo.key_report()["roles"][args.role]
+    from edgeloop.cloud.audit import rotate_keys
+    from edgeloop.cloud.registry import Registry
     from edgeloop.cloud.release.signing import RoleKeys
 
     layout = RoleKeys(args.keys or len(current["keyids"]), args.threshold or current["threshold"])
-    version = repo.rotate(args.role, layout)
+    registry = Registry(ws.store_location)
+    try:
+        version = rotate_keys(registry, repo, args.repo, args.role, layout)     # recorded in the audit log
+    finally:
+        registry.close()
     new = repo.key_report()["roles"][args.role]
     out.result({"repo": args.repo, "role": args.role, "root_version": version, "keyids": new["keyids"],
                 "threshold": new["threshold"], "retired": current["keyids"]},

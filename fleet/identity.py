@@ -31,6 +31,7 @@ Layout::
     <workspace>/pki/broker/server.{crt,key}    the broker's TLS server identity
     <workspace>/pki/control-plane/client.{crt,key}   the control plane's default client identity
     <workspace>/pki/control-plane/worker-<name>.{crt,key}   one per control-plane process (serve, publish, ...)
+    <workspace>/pki/https/server.{crt,key}     the HTTPS identity of the API and the repository server
     <workspace>/devices/<id>/                  default identity folder: device.crt, device.key, ca.crt
 """
 
@@ -61,6 +62,7 @@ from edgeloop.contracts import topics
 RESERVED_PREFIX = "edgeloop-"
 CONTROL_PLANE = "edgeloop-control-plane"     # the control plane's CN: the ACL's wider rights
 BROKER = "edgeloop-broker"                   # the broker's server certificate CN
+HTTPS = "edgeloop-https"                     # the API's and the repository server's certificate CN
 CA_DAYS = 3650
 DEVICE_DAYS = 1095
 SERVICE_DAYS = 825
@@ -71,7 +73,7 @@ _TAG_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,128}$")
 _HARDWARE = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
 
 __all__ = ["BROKER", "CONTROL_PLANE", "Enrolment", "EnrolResult", "FleetCA", "Issued", "RevokeResult",
-           "TlsFiles", "agent_tls", "control_plane_cn", "control_plane_cns", "control_plane_tls", "enroll", "enrolment_from", "ensure_services", "parse_tags",
+           "TlsFiles", "agent_tls", "https_tls", "control_plane_cn", "control_plane_cns", "control_plane_tls", "enroll", "enrolment_from", "ensure_services", "parse_tags",
            "pki_dir", "revoke", "simulated_device_tls"]
 
 
@@ -353,6 +355,16 @@ def ensure_services(ws: Workspace, server_hosts: Sequence[str] = ("127.0.0.1", "
     _ensure(ca, pki_dir(ws) / "broker" / "server", BROKER, tuple(server_hosts))
     _ensure(ca, pki_dir(ws) / "control-plane" / "client", CONTROL_PLANE)
     return ca
+
+
+def https_tls(ws: Workspace, server_hosts: Sequence[str]) -> tuple[Path, Path]:
+    """(certificate, key) of the HTTPS server identity of the API and the repository server,
+    naming exactly ``server_hosts`` (wildcard addresses left out), issued by the fleet CA and
+    reissued when due or when the names change. Clients verify it against ``pki/ca.crt``."""
+    hosts = tuple(dict.fromkeys(h for h in server_hosts if h and h not in ("0.0.0.0", "::")))
+    stem = pki_dir(ws) / "https" / "server"
+    _ensure(FleetCA.open(ws), stem, HTTPS, hosts or ("127.0.0.1", "localhost"))
+    return stem.with_suffix(".crt"), stem.with_suffix(".key")
 
 
 _WORKER = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")

@@ -19,7 +19,9 @@ import asyncio
 import hashlib
 import json
 import random
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -49,8 +51,12 @@ class _Dropped(Exception):
 class Downloads:
     """The swarm's HTTP session (at most ``concurrency`` transfers at a time) and its counts."""
 
-    def __init__(self, concurrency: int, max_bytes: int, drop_pct: float, rng: random.Random) -> None:
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+    def __init__(self, concurrency: int, max_bytes: int, drop_pct: float, rng: random.Random,
+                 ca_file: Path | None = None) -> None:
+        """``ca_file``: the fleet CA an https repository's certificate must chain to (as a real
+        device's fetcher, device_sdk/fetcher.py); None: the system's trust store."""
+        tls = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, ssl=tls),
                                              timeout=aiohttp.ClientTimeout(total=60))
         self.slots = asyncio.Semaphore(concurrency)
         self.max_bytes, self.drop_pct, self.rng = max_bytes, drop_pct, rng

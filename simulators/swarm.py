@@ -323,7 +323,9 @@ class Swarm:
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         self.driver = LoopDriver(self.loop)
-        self.downloads = Downloads(cfg.download_concurrency, cfg.max_package_bytes, cfg.network.drop_pct, self.rng)
+        fleet_ca = min(cfg.tls_dir.glob("*/ca.crt"), default=None) if cfg.tls_dir is not None else None
+        self.downloads = Downloads(cfg.download_concurrency, cfg.max_package_bytes, cfg.network.drop_pct, self.rng,
+                                   ca_file=fleet_ca)      # every device of a fleet trusts the same CA
         parent = cfg.device_dir or cfg.state_dir
         parent.mkdir(parents=True, exist_ok=True)
         self.device_root = Path(tempfile.mkdtemp(prefix=f"{cfg.prefix}-devices-", dir=parent))

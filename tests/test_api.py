@@ -30,10 +30,11 @@ from edgeloop.fleet.identity import Enrolment
 ENDPOINTS = [("GET", "/api/v1/devices"), ("GET", "/api/v1/devices/gw-1"), ("GET", "/api/v1/models"),
              ("GET", "/api/v1/rollouts"), ("GET", "/api/v1/rollouts/ro-1"), ("POST", "/api/v1/rollouts"),
              ("POST", "/api/v1/rollouts/ro-1/pause"), ("POST", "/api/v1/rollouts/ro-1/resume"),
-             ("POST", "/api/v1/rollouts/ro-1/abort"), ("GET", "/api/v1/tokens"), ("POST", "/api/v1/tokens")]
+             ("POST", "/api/v1/rollouts/ro-1/abort"), ("GET", "/api/v1/tokens"), ("POST", "/api/v1/tokens"),
+             ("GET", "/api/v1/audit")]
 OPERATOR_ONLY = {("POST", "/api/v1/rollouts"), ("POST", "/api/v1/rollouts/ro-1/pause"),
                  ("POST", "/api/v1/rollouts/ro-1/resume"), ("POST", "/api/v1/rollouts/ro-1/abort")}
-ADMIN_ONLY = {("GET", "/api/v1/tokens"), ("POST", "/api/v1/tokens")}
+ADMIN_ONLY = {("GET", "/api/v1/tokens"), ("POST", "/api/v1/tokens"), ("GET", "/api/v1/audit")}
 SPEC = {"model_version": "digits-mlp:2", "target": "tier=edge-gateway", "strategy": "canary", "canary": "10%"}
 
 
@@ -42,9 +43,11 @@ class RecordingRollouts:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.actors: list[str | None] = []        # who the API said acted (the token's name)
         self.rollouts: dict[str, dict[str, Any]] = {"ro-1": {"rollout_id": "ro-1", "state": "waves"}}
 
-    def create(self, spec: Any) -> str:
+    def create(self, spec: Any, actor: str | None = None) -> str:
+        self.actors.append(actor)
         if spec.target == "nosuch=1":
             raise UserError("unknown selector key 'nosuch'")
         self.calls.append(("create", spec))
@@ -57,15 +60,18 @@ class RecordingRollouts:
             raise NotFound(f"no rollout {rid!r}")
         return self.rollouts[rid]
 
-    def pause(self, rid: str) -> None:
+    def pause(self, rid: str, actor: str | None = None) -> None:
+        self.actors.append(actor)
         self.calls.append(("pause", rid))
         self._get(rid)["state"] = "paused"
 
-    def resume(self, rid: str) -> None:
+    def resume(self, rid: str, actor: str | None = None) -> None:
+        self.actors.append(actor)
         self.calls.append(("resume", rid))
         self._get(rid)["state"] = "waves"
 
-    def abort(self, rid: str, reason: str = "") -> None:
+    def abort(self, rid: str, reason: str = "", actor: str | None = None) -> None:
+        self.actors.append(actor)
         self.calls.append(("abort", (rid, reason)))
         self._get(rid)["state"] = "aborting"
 

@@ -604,7 +604,9 @@ def test_serve_ingests_over_mutual_tls_and_serves_the_api(env, capsys):
         wait_for(lambda: serve_file.exists() or proc.poll() is not None, 30, "serve to start")
         assert proc.poll() is None, proc.communicate()[1]
         api_url = json.loads(serve_file.read_text())["api_url"]
-        assert main(["devices", "--server", api_url, "--token", secret, "--json"]) == 0
+        assert api_url.startswith("https://")          # a broker configuration: HTTPS from the fleet CA
+        # the client trusts the workspace's fleet CA (-w); tests/test_https.py has the refusals
+        assert main(["devices", "-w", str(env.ws.root), "--server", api_url, "--token", secret, "--json"]) == 0
         listed = {d["device_id"] for d in json.loads(capsys.readouterr().out.splitlines()[-1])["devices"]}
         assert {"dev-a", "dev-b"} <= listed
         log = env.ws.root / "broker" / "mosquitto.log"

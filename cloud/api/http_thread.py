@@ -1,9 +1,14 @@
 """An aiohttp application served on its own thread and event loop, so synchronous code (the CLI,
-tests, the control plane) can start and stop it. Used by the repository server and the API."""
+tests, the control plane) can start and stop it. Used by the repository server and the API.
+
+With an ``ssl_context`` (cloud/services.py :func:`~edgeloop.cloud.services.server_ssl_context`:
+a certificate from the workspace's fleet CA) it serves HTTPS only, and :attr:`scheme` is
+``https``; subclasses build their URLs from it."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 
 from aiohttp import web
@@ -20,11 +25,21 @@ class ThreadedHttpServer:
     thread_name = "edgeloop-http"
     what = "HTTP"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with a TLS context, else ``http``."""
+        return "https" if self.ssl_context is not None else "http"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def make_app(self) -> web.Application:
         raise NotImplementedError
@@ -54,7 +69,7 @@ class ThreadedHttpServer:
     async def _start(self) -> None:
         self._runner = web.AppRunner(self.make_app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

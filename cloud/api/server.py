@@ -21,6 +21,7 @@ Endpoints (role needed)::
     POST /api/v1/rollouts              body: cloud.rollouts.controller.RolloutSpec fields              operator
     POST /api/v1/rollouts/{id}/pause|resume|abort   body: {"reason": ...} (optional)        operator
     GET  /api/v1/tokens   POST /api/v1/tokens {"name", "role", "expires_in_s"?}   DELETE /api/v1/tokens/{id}   admin
+    GET  /api/v1/audit?since=UNIX_TIME&action=A   the operators' actions, oldest first (cloud/audit.py)  admin
     GET  /healthz                      no token
 
 Rollouts are run by :class:`RolloutService` (cloud.rollouts.controller.RolloutController satisfies it),
@@ -37,12 +38,14 @@ import logging
 import math
 import re
 import secrets
+import ssl
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 
+from edgeloop.cloud import audit
 from edgeloop.cloud.api.http_thread import ThreadedHttpServer
 from edgeloop.cloud.errors import CloudError, NotFound, ServiceUnavailable, UserError
 from edgeloop.cloud.field_types import check_field_types
@@ -104,11 +107,12 @@ class TokenStore:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
-    def create(self, name: str, role: str, expires_in_s: float | None = None) -> tuple[Token, str]:
+    def create(self, name: str, role: str, expires_in_s: float | None = None,
+               actor: str | None = None) -> tuple[Token, str]:
         """A new token; returns its record and the token, which is not stored and cannot be
         shown again. ``expires_in_s``: it stops working that many seconds from now (None: only
-        when revoked). Raises UserError for a bad name, role or lifetime, or a name an active
-        token has."""
+        when revoked). Recorded in the audit log as ``actor``'s (None: the local user).
+        Raises UserError for a bad name, role or lifetime, or a name an active token has."""
         if not _NAME.fullmatch(name):
             raise UserError(f"invalid token name {name!r}: use 1-64 of [A-Za-z0-9_.-], starting alphanumeric")
         role = Role.parse(role).value
@@ -120,13 +124,16 @@ class TokenStore:
                       expires_at=now + expires_in_s if expires_in_s is not None else None)
         if not self.registry.add_token({**asdict(token), "sha256": _hash(secret)}, now):
             raise UserError(f"an active token is already named {name!r} (revoke it first, or pick another name)")
+        audit.record(self.registry, actor, "token.create", name,
+                     {"token_id": token.token_id, "role": role, "expires_at": token.expires_at}, now)
         return token, secret
 
     def list(self) -> list[Token]:
         return [Token(**r) for r in self.registry.tokens()]
 
-    def revoke(self, ref: str) -> tuple[Token, bool]:
+    def revoke(self, ref: str, actor: str | None = None) -> tuple[Token, bool]:
         """Revoke the active token with this id or name. Returns (token, was it already revoked).
+        A revocation is recorded in the audit log as ``actor``'s (None: the local user).
         Raises NotFound."""
         now = time.time()
         found = self.registry.revoke_token(ref, now)
@@ -134,7 +141,10 @@ class TokenStore:
             raise NotFound(f"no token {ref!r} (see: edgeloop tokens ls)")
         row, already = found
         token = Token(**row)
-        return (token, True) if already else (Token(**{**row, "revoked_at": now}), False)
+        if already:
+            return token, True
+        audit.record(self.registry, actor, "token.revoke", token.name, {"token_id": token.token_id}, now)
+        return Token(**{**row, "revoked_at": now}), False
 
     def authenticate(self, secret: str) -> Token | None:
         """The active token ``secret`` is (not revoked, not expired), or None."""
@@ -148,10 +158,10 @@ class TokenStore:
 class RolloutService(Protocol):
     """What the API needs of the rollout controller (cloud.rollouts.controller.RolloutController)."""
 
-    def create(self, spec: Any) -> str: ...
-    def pause(self, rollout_id: str) -> Any: ...
-    def resume(self, rollout_id: str) -> Any: ...
-    def abort(self, rollout_id: str, reason: str = ...) -> Any: ...
+    def create(self, spec: Any, *, actor: str | None = ...) -> str: ...
+    def pause(self, rollout_id: str, *, actor: str | None = ...) -> Any: ...
+    def resume(self, rollout_id: str, *, actor: str | None = ...) -> Any: ...
+    def abort(self, rollout_id: str, reason: str = ..., *, actor: str | None = ...) -> Any: ...
     def status(self, rollout_id: str) -> dict[str, Any]: ...
     def list(self) -> list[dict[str, Any]]: ...
 
@@ -336,7 +346,7 @@ async def _rollout_show(request: web.Request) -> web.Response:
 async def _rollout_start(request: web.Request) -> web.Response:
     service = _rollouts(request)
     spec = _spec(await _body(request))
-    rollout_id = await asyncio.to_thread(service.create, spec)     # signs: off the event loop
+    rollout_id = await asyncio.to_thread(service.create, spec, actor=request[_TOKEN_KEY].name)   # signs: off the loop
     log.info("rollout %s started by token %s", rollout_id, request[_TOKEN_KEY].name)
     return _json(service.status(rollout_id), 201)
 
@@ -345,13 +355,14 @@ async def _rollout_start(request: web.Request) -> web.Response:
 async def _rollout_action(request: web.Request) -> web.Response:
     service, rollout_id, action = _rollouts(request), request.match_info["rollout_id"], request.match_info["action"]
     body = await _body(request)
+    actor = request[_TOKEN_KEY].name
     if action == "abort":
-        reason = body.get("reason") or f"aborted through the API by {request[_TOKEN_KEY].name}"
+        reason = body.get("reason") or f"aborted through the API by {actor}"
         if not isinstance(reason, str):
             raise UserError("an abort's reason must be a string")
-        await asyncio.to_thread(service.abort, rollout_id, reason=str(reason)[:500])
+        await asyncio.to_thread(service.abort, rollout_id, reason=str(reason)[:500], actor=actor)
     else:
-        await asyncio.to_thread(getattr(service, action), rollout_id)
+        await asyncio.to_thread(getattr(service, action), rollout_id, actor=actor)
     return _json(service.status(rollout_id))
 
 
@@ -362,7 +373,8 @@ async def _token_list(request: web.Request) -> web.Response:
 
 @_needs(Role.ADMIN)
 async def _token_create(request: web.Request) -> web.Response:
-    token, secret = request.app[_STATE]["tokens"].create(*token_request(await _body(request)))
+    token, secret = request.app[_STATE]["tokens"].create(*token_request(await _body(request)),
+                                                         actor=request[_TOKEN_KEY].name)
     return _json({**asdict(token), "token": secret}, 201)
 
 
@@ -371,8 +383,24 @@ async def _token_revoke(request: web.Request) -> web.Response:
     ref = request.match_info["token_id"]
     if not _TOKEN_ID.fullmatch(ref):
         raise NotFound(f"no token {ref!r}")
-    token, already = request.app[_STATE]["tokens"].revoke(ref)
+    token, already = request.app[_STATE]["tokens"].revoke(ref, actor=request[_TOKEN_KEY].name)
     return _json({**asdict(token), "already_revoked": already})
+
+
+@_needs(Role.ADMIN)
+async def _audit(request: web.Request) -> web.Response:
+    query = request.query
+    unknown = sorted(set(query) - {"since", "action"})
+    if unknown:
+        raise UserError(f"unknown audit filter(s): {', '.join(unknown)} (use: action, since)")
+    since = None
+    if query.get("since"):
+        try:
+            since = float(query["since"])
+        except ValueError:
+            raise UserError(f"since must be a Unix time in seconds, not {query['since']!r}") from None
+    rows = request.app[_STATE]["registry"].audit(since=since, action=query.get("action") or None)
+    return _json({"audit": rows})
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -396,6 +424,7 @@ def create_app(registry: Registry, rollouts: RolloutService | None = None) -> we
     r.add_get(f"{p}/tokens", _token_list)
     r.add_post(f"{p}/tokens", _token_create)
     r.add_delete(f"{p}/tokens/{{token_id}}", _token_revoke)
+    r.add_get(f"{p}/audit", _audit)
     return app
 
 
@@ -407,13 +436,13 @@ class ApiServer(ThreadedHttpServer):
     what = "API"
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0,
-                 rollouts: RolloutService | None = None) -> None:
-        super().__init__(host, port)
+                 rollouts: RolloutService | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(host, port, ssl_context)     # HTTPS with a context (cloud/services.py)
         self.registry, self.rollouts = registry, rollouts
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self.base_url
 
     def make_app(self) -> web.Application:
         return create_app(self.registry, self.rollouts)

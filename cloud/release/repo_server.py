@@ -3,11 +3,14 @@
 Serves the image repository ``<workspace>/repository`` at ``/repository/`` (TUF metadata
 under ``metadata/``, packages under ``targets/``) and the director ``<workspace>/director`` at
 ``/director/``, with Range support from aiohttp's static handler (resumable downloads), and
-``/healthz``. Devices verify everything they fetch, so the server is trusted for nothing.
+``/healthz``. Devices verify everything they fetch, so the server is trusted for nothing; with
+an ``ssl_context`` (a workspace with a generated broker) it serves HTTPS, so what a device asks
+for and receives is also private on the wire.
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 from aiohttp import web
@@ -26,18 +29,18 @@ class RepositoryServer(ThreadedHttpServer):
     what = "repository"
 
     def __init__(self, repository_dir: Path, host: str = "127.0.0.1", port: int = 0,
-                 director_dir: Path | None = None) -> None:
-        super().__init__(host, port)
+                 director_dir: Path | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(host, port, ssl_context)
         self.repository_dir = Path(repository_dir)
         self.director_dir = Path(director_dir) if director_dir else self.repository_dir.parent / "director"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/repository"
+        return f"{self.base_url}/repository"
 
     @property
     def director_url(self) -> str:
-        return f"http://{self.host}:{self.port}/director"
+        return f"{self.base_url}/director"
 
     def make_app(self) -> web.Application:
         app = web.Application()

@@ -75,6 +75,7 @@ from typing import Any, Callable
 
 from edgeloop.contracts.codes import ErrorCode, retryable
 from edgeloop.contracts.messages import Announce, Command
+from edgeloop.cloud import audit
 from edgeloop.cloud.errors import NotFound, UserError
 from edgeloop.cloud.registry import Registry
 from edgeloop.cloud.rollouts.health import compare, js_distance
@@ -243,9 +244,10 @@ class RolloutController:
             stop.wait(interval_s if until is None else max(0.0, min(interval_s, until - time.time())))
 
     # -- create ---------------------------------------------------------------------------
-    def create(self, spec: RolloutSpec, now: float | None = None) -> str:
+    def create(self, spec: RolloutSpec, now: float | None = None, actor: str | None = None) -> str:
         """Validate, sign the update (and the rollback of each device's current version), and
-        persist a ``pending`` rollout. Raises UserError with nothing changed for bad input."""
+        persist a ``pending`` rollout, recorded in the audit log as ``actor``'s (None: the local
+        user; cloud/audit.py). Raises UserError with nothing changed for bad input."""
         from edgeloop.cloud.fleet_registry import FleetRegistry
 
         now = self.clock() if now is None else now
@@ -296,6 +298,9 @@ class RolloutController:
         if busy:
             raise UserError(f"{busy[1]} of these devices are in active rollout {busy[0]}")
         fleet.set_target(ids, spec.model_version)
+        audit.record(self.registry, actor, "rollout.start", rid,
+                     {"model_version": spec.model_version, "target": spec.target, "strategy": spec.strategy,
+                      "devices": len(ids)}, now)
         return rid
 
     def _check_gate(self, spec: RolloutSpec) -> None:
@@ -381,13 +386,16 @@ class RolloutController:
             raise NotFound(f"no rollout {rollout_id!r} (see: edgeloop rollout ls)")
         return row
 
-    def pause(self, rollout_id: str, now: float | None = None) -> None:
+    def pause(self, rollout_id: str, now: float | None = None, actor: str | None = None) -> None:
+        """Operator actions (pause, resume, abort) are recorded in the audit log as ``actor``'s
+        (None: the local user) when they change the rollout."""
         r = self.rollout(rollout_id)
         if r["state"] not in PAUSABLE:
             raise UserError(f"rollout {rollout_id} is {r['state']}; only an active rollout can be paused")
-        self._move(rollout_id, r["state"], E.PAUSE, now, paused_from=r["state"])
+        if self._move(rollout_id, r["state"], E.PAUSE, now, paused_from=r["state"]):
+            audit.record(self.registry, actor, "rollout.pause", rollout_id, {"from": r["state"]}, now)
 
-    def resume(self, rollout_id: str, now: float | None = None) -> None:
+    def resume(self, rollout_id: str, now: float | None = None, actor: str | None = None) -> None:
         r = self.rollout(rollout_id)
         if r["state"] != S.PAUSED:
             raise UserError(f"rollout {rollout_id} is {r['state']}, not paused")
@@ -395,13 +403,16 @@ class RolloutController:
         extra: dict[str, Any] = {"paused_from": None}
         if r["paused_from"] == S.BAKING and r["bake_until"]:   # the bake time restarts
             extra["bake_until"] = now + float(r["spec"]["bake_s"])
-        self._move(rollout_id, S.PAUSED, E.RESUME, now, resume_to=r["paused_from"], **extra)
+        if self._move(rollout_id, S.PAUSED, E.RESUME, now, resume_to=r["paused_from"], **extra):
+            audit.record(self.registry, actor, "rollout.resume", rollout_id, {"to": r["paused_from"]}, now)
 
-    def abort(self, rollout_id: str, reason: str = "aborted by the operator", now: float | None = None) -> None:
+    def abort(self, rollout_id: str, reason: str = "aborted by the operator", now: float | None = None,
+              actor: str | None = None) -> None:
         r = self.rollout(rollout_id)
         if (RolloutState(r["state"]), E.ABORT) not in ROLLOUT_TRANSITIONS:
             raise UserError(f"rollout {rollout_id} is {r['state']}; it cannot be aborted")
-        self._move(rollout_id, r["state"], E.ABORT, now, reason=reason)
+        if self._move(rollout_id, r["state"], E.ABORT, now, reason=reason):
+            audit.record(self.registry, actor, "rollout.abort", rollout_id, {"from": r["state"], "reason": reason}, now)
 
     def _move(self, rid: str, frm: str, event: RolloutEvent, now: float | None, resume_to: str | None = None,
               **extra: Any) -> bool:

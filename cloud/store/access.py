@@ -1,11 +1,11 @@
-"""Store operations on alerts and API tokens (private to cloud.store; see cloud.store.interface)."""
+"""Store operations on alerts, API tokens and the audit log (private to cloud.store; see cloud.store.interface)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from edgeloop.cloud.store._base import SqliteBase
+from edgeloop.cloud.store._base import SqliteBase, decode, dumps
 
 _TOKEN_COLUMNS = "token_id, name, role, created_at, revoked_at, last_used_at, expires_at"
 
@@ -58,3 +58,24 @@ class AccessOps(SqliteBase):
                 self._conn.execute("update api_tokens set last_used_at = ? where token_id = ?",
                                    [now, rows[0]["token_id"]])
         return rows[0]
+
+    # -- the audit log (operators' actions) -------------------------------------------------------
+    def add_audit(self, row: dict[str, Any]) -> None:
+        """Append one action: ``ts``, ``actor``, ``action``, ``subject``, ``detail`` (a dict)."""
+        with self._tx() as conn:
+            conn.execute("insert into audit (ts, actor, action, subject, detail) values (?, ?, ?, ?, ?)",
+                         [row["ts"], row["actor"], row["action"], row["subject"], dumps(row.get("detail") or {})])
+
+    def audit(self, since: float | None = None, action: str | None = None) -> list[dict[str, Any]]:
+        """The recorded actions, oldest first (``since``: at or after that time; ``action``: only
+        that one), ``detail`` decoded."""
+        where, args = ["1 = 1"], []
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if action is not None:
+            where.append("action = ?")
+            args.append(action)
+        rows = self._rows(f"select id, ts, actor, action, subject, detail from audit where {' and '.join(where)} "
+                          "order by ts, id", args)
+        return [decode(r, "detail") for r in rows]

@@ -239,7 +239,7 @@ class DriftStore(Protocol):
 
 
 class AccessStore(Protocol):
-    """Alerts and API tokens."""
+    """Alerts, API tokens and the audit log of operator actions."""
 
     def add_alert(self, row: dict[str, Any]) -> None: ...
 
@@ -254,6 +254,13 @@ class AccessStore(Protocol):
     def revoke_token(self, ref: str, now: float) -> tuple[dict[str, Any], bool] | None:
         """Revoke the token with this id or name (an active one first, else the newest). Returns
         (its row as it was, whether it was already revoked), or None if there is none."""
+
+    def add_audit(self, row: dict[str, Any]) -> None:
+        """Append one operator action: ``ts``, ``actor``, ``action``, ``subject``, ``detail`` (a dict)."""
+
+    def audit(self, since: float | None = None, action: str | None = None) -> list[dict[str, Any]]:
+        """The recorded actions oldest first (``since``: at or after; ``action``: only that one),
+        ``detail`` decoded."""
 
     def use_token(self, sha256: str, now: float) -> dict[str, Any] | None:
         """The active token with this hash, its last use set to ``now``; None if there is none."""

@@ -89,6 +89,8 @@ TABLES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
     "rollout_attempts": ((("rollout_id", T), ("device_id", T), ("phase", T), ("attempt", I), ("update_id", T),
                           ("sent_at", R), ("outcome", T), ("code", T), ("finished_at", R)),
                          ("rollout_id", "device_id", "phase", "attempt")),
+    # -- the operators' actions (cloud/audit.py): who did what, when
+    "audit": ((("id", I), ("ts", R), ("actor", T), ("action", T), ("subject", T), ("detail", T)), ("id",)),
 }
 
 # (table, columns, unique)
@@ -98,6 +100,7 @@ INDEXES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("api_tokens", ("sha256",), True),
     ("rollout_devices", ("rollout_id", "state"), False),
     ("rollout_devices", ("device_id",), False),
+    ("audit", ("ts",), False),
 )
 
 
@@ -198,8 +201,16 @@ def _v6(conn: Any) -> None:
     _add_columns(conn, "rollout_devices", (("resent_at", R), ("resends", I)))
 
 
+def _v7(conn: Any) -> None:
+    """Version 7: the ``audit`` table, one row per operator action (rollout start, pause, resume,
+    abort; promotion and archiving; key rotation; token creation and revocation) with its time
+    and actor (cloud/audit.py). Nothing before it was recorded."""
+    conn.execute(_create_table("audit", dialect_of(conn)))
+    conn.execute('CREATE INDEX IF NOT EXISTS "idx_audit_ts" ON "audit" (ts)')
+
+
 # MIGRATIONS[i] takes a database from version i to version i + 1
-MIGRATIONS: tuple[Callable[[Any], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
+MIGRATIONS: tuple[Callable[[Any], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
