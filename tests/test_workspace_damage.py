@@ -316,3 +316,30 @@ def test_lineage_of_a_device_whose_model_version_or_run_is_not_recorded_is_one_l
 
 def test_workspace_damaged_is_an_integrity_error():
     assert issubclass(WorkspaceDamaged, IntegrityError) and WorkspaceDamaged.exit_code == 4
+
+
+def test_opening_a_registry_twice_in_one_process_never_reads_it_behind_sqlites_back(tmp_path, monkeypatch):
+    """A plain open()+close() of a database file this process has open drops SQLite's POSIX locks
+    on it (sqlite.org/howtocorrupt.html 2.2): the header check must not read a file already open."""
+    from pathlib import Path as _P
+
+    from edgeloop.cloud.registry import Registry
+
+    path = tmp_path / "registry.db"
+    first = Registry(path)
+    reads = []
+    real_open = _P.open
+
+    def counting_open(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self == path:
+            reads.append(a)
+        return real_open(self, *a, **k)
+
+    monkeypatch.setattr(_P, "open", counting_open)
+    second = Registry(path)          # the file is open here already: its header is not read again
+    assert reads == []
+    second.close()
+    first.close()
+    third = Registry(path)           # nobody has it open any more: checked as before
+    assert len(reads) == 1
+    third.close()

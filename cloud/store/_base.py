@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, Sized, TypeVar
 
 from edgeloop.cloud.errors import ServiceUnavailable, WorkspaceDamaged
-from edgeloop.cloud.store._file import check_database_file
+from edgeloop.cloud.store import _file
 from edgeloop.cloud.store.schema import TABLES, migrate
 
 try:   # the ingest path stores a few KB of JSON per telemetry record: orjson is ~10x faster
@@ -169,7 +169,7 @@ class StoreBase:
         else:
             from edgeloop.cloud.store.sqlite import connect  # type: ignore[assignment]
             self.path = Path(location)
-            check_database_file(self.path)
+            _file.check_database_file(self.path)
             self.location = str(self.path)
         try:
             conn, self.dialect = connect(self.location)
@@ -190,6 +190,9 @@ class StoreBase:
             raise
         self._conn = conn
         self._db = _Tables(self)
+        self._registered = self.path is not None
+        if self._registered:
+            _file.opened(self.path)
 
     def _damaged(self, error: Exception) -> WorkspaceDamaged:
         return WorkspaceDamaged(f"{self.path} is corrupt ({error}): restore it from a backup "
@@ -204,6 +207,9 @@ class StoreBase:
 
     def close(self) -> None:
         with self._lock:
+            if getattr(self, "_registered", False):
+                self._registered = False
+                _file.closed(self.path)
             self._conn.close()
 
     def _retrying(self, operation: Callable[[], R]) -> R:

@@ -9,12 +9,40 @@ it is current (its change counter matches "version-valid-for"), how many pages t
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from pathlib import Path
 
 from edgeloop.cloud.errors import WorkspaceDamaged
 
-__all__ = ["check_database_file"]
+__all__ = ["check_database_file", "opened", "closed"]
+
+# Files this process has an SQLite connection to. Their header is never read again with a plain
+# open(): closing any descriptor of a file drops every POSIX lock this process holds on it,
+# SQLite's included, and a connection that lost its locks corrupts the database under a
+# concurrent writer (https://sqlite.org/howtocorrupt.html, section 2.2). A file already open
+# here was checked when it was first opened, and SQLite guards it from then on.
+_OPEN: dict[str, int] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def opened(path: Path) -> None:
+    with _OPEN_LOCK:
+        _OPEN[_key(path)] = _OPEN.get(_key(path), 0) + 1
+
+
+def closed(path: Path) -> None:
+    with _OPEN_LOCK:
+        left = _OPEN.get(_key(path), 0) - 1
+        if left > 0:
+            _OPEN[_key(path)] = left
+        else:
+            _OPEN.pop(_key(path), None)
 
 MAGIC = b"SQLite format 3\x00"
 HEADER = 100
@@ -22,7 +50,11 @@ HEADER = 100
 
 def check_database_file(path: Path) -> None:
     """Nothing for a missing or empty file (a new database) or one whose header is consistent
-    with its size. Raises WorkspaceDamaged for anything else: not a database, or truncated."""
+    with its size. Raises WorkspaceDamaged for anything else: not a database, or truncated.
+    A file this process already has open through SQLite is not read again (see _OPEN)."""
+    with _OPEN_LOCK:
+        if _key(path) in _OPEN:
+            return
     try:
         size = path.stat().st_size
         if size == 0:

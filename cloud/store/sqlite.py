@@ -9,6 +9,7 @@ PostgreSQL backend, for SQLite and PostgreSQL alike.
 from __future__ import annotations
 
 import sqlite3
+import time
 
 from edgeloop.cloud.store._base import Dialect
 from edgeloop.cloud.store.sql import SqlStore
@@ -16,15 +17,31 @@ from edgeloop.cloud.store.sql import SqlStore
 __all__ = ["DIALECT", "SqliteStore", "connect"]
 
 DIALECT = Dialect("sqlite", skip_locked="")
+BUSY_TIMEOUT_S = 30.0
 SqliteStore = SqlStore
 
 
 def connect(path: str) -> tuple[sqlite3.Connection, Dialect]:
-    conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        _wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
     except BaseException:
         conn.close()
         raise
     return conn, DIALECT
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL. Changing the journal mode needs the database to itself, and SQLite answers
+    "database is locked" at once, without its busy timeout, while another connection opens the
+    same new file: try again until the busy timeout has passed."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
