@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -525,6 +526,279 @@ def broker_kills(root: Path, kills: int = 3, devices: int = 8, records: int = 40
         worker.kill()
         if broker.proc is not None:
             broker.stop()
+
+
+# -- 4. full and read-only disks --------------------------------------------------------------------
+DAY = 86400.0
+
+
+def _disk_packages() -> tuple[Any, Any, Any]:
+    """Versions 1 and 2 of a small edge-gateway model, and the held-out test split."""
+    from conftest import edge_gateway_package
+    from edgeloop.cloud.package.export import export_onnx
+    from edgeloop.cloud.package.packaging import build_package
+    from edgeloop.cloud.train.datasets import load_dataset
+    from edgeloop.cloud.train.training import TrainParams, train
+
+    v1, test = edge_gateway_package(epochs=1)
+    ds = load_dataset()
+    r = train(ds, TrainParams(seed=2, epochs=1))
+    v2 = build_package("m", 2, TIER, export_onnx(r.model, ds.x.shape[1]), r.features,
+                       [str(i) for i in range(10)], test.x[:8], {})
+    return v1, v2, test
+
+
+def _answered(agent: Any, test: Any, n: int) -> int:
+    """Requests out of ``n`` that got a prediction (one that raised got none)."""
+    got = 0
+    for i in range(n):
+        try:
+            got += agent.infer(test.x[i % len(test.x)][None, :], int(test.y[i % len(test.y)])) is not None
+        except Exception:  # noqa: BLE001 - a request that raised is a request without a prediction
+            pass
+    return got
+
+
+def _stored_seqs(registry: Any, device_id: str) -> list[int]:
+    return [r["seq"] for r in registry.telemetry_records(device_id)]
+
+
+def _settle_telemetry(agents: list[Any], registry: Any, cp: Any, want: dict[str, int], timeout: float) -> None:
+    """Pump and drain until every device has ``want`` distinct records stored and an empty
+    outbox, or ``timeout`` passes (what is missing is counted by the caller)."""
+    from conftest import wait_for
+
+    def done() -> bool:
+        for a in agents:
+            a.pump()
+        cp.drain()
+        return all(len(set(_stored_seqs(registry, a.device_id))) >= want[a.device_id] for a in agents) \
+            and all(len(a.outbox) == 0 for a in agents)
+    try:
+        wait_for(done, timeout=timeout, what="every record stored and confirmed", interval=0.1)
+    except AssertionError:
+        pass
+
+
+def _telemetry_counts(agents: list[Any], registry: Any, produced: dict[str, int], answered: dict[str, int]) -> dict[str, int]:
+    """lost (produced minus stored), seq gaps (numbers missing below a device's highest stored),
+    duplicated rows, requests the stored records do not count, and records left in outboxes."""
+    out = {"produced": sum(produced.values()), "lost": 0, "seq_gaps": 0, "duplicated": 0, "requests_uncounted": 0,
+           "outbox_left": sum(len(a.outbox) for a in agents)}
+    for a in agents:
+        rows = registry.telemetry_records(a.device_id)
+        seqs = [r["seq"] for r in rows]
+        distinct = set(seqs)
+        out["lost"] += max(0, produced[a.device_id] - len(distinct))
+        out["seq_gaps"] += (max(distinct) + 1 - len(distinct)) if distinct else 0
+        out["duplicated"] += len(seqs) - len(distinct)
+        out["requests_uncounted"] += answered[a.device_id] - sum(r["count"] for r in rows)
+    return out
+
+
+def _disk_run(root: Path, db: Path, broker: Any, packages: tuple[Any, Any, Any], devices: int, requests: int,
+              refusal: str, refuse: Any, restore: Any, make_agent: Any) -> dict[str, Any]:
+    """``devices`` agents serve 8 requests each on a working disk, then ``requests`` each while
+    ``refuse()`` makes their state folders refuse writes, then ``restore()`` gives space back;
+    every agent flushes and the store (``db``, off the faulty disk) is counted. ``make_agent(i,
+    state_dir)`` builds one."""
+    from edgeloop.cloud.ingest.control_plane import ControlPlane
+    from edgeloop.cloud.registry import Registry
+    from conftest import wait_for
+
+    _, _, test = packages
+    root.mkdir(parents=True, exist_ok=True)
+    registry = Registry(db)
+    cp = ControlPlane(registry, broker.host, broker.port).start()
+    agents: list[Any] = []
+    try:
+        for i in range(devices):
+            agents.append(make_agent(i, root / f"dev-{i}"))
+        window = agents[0].config.telemetry_window
+        answered = {a.device_id: _answered(a, test, 2 * window) for a in agents}     # 2 records on a working disk
+        _settle_telemetry(agents, registry, cp, {a.device_id: 2 for a in agents}, 60)
+        refuse()
+        during = {a.device_id: _answered(a, test, requests) for a in agents}
+        held = sum(a.spool.held for a in agents)
+
+        def reported() -> int:
+            cp.drain()
+            rows = {d["device_id"]: d for d in registry.devices()}
+            return sum(refusal in json.loads(rows.get(a.device_id, {}).get("faults") or "{}") for a in agents)
+        try:
+            wait_for(lambda: (cp.drain(), [a.step() for a in agents], reported() == devices)[2], timeout=30,
+                     what=f"{refusal} on every status")
+        except AssertionError:
+            pass
+        faults_reported = reported()
+        restore()
+        for a in agents:
+            a.flush_telemetry()
+            answered[a.device_id] += during[a.device_id]
+        produced = {d: n // window for d, n in answered.items()}
+        _settle_telemetry(agents, registry, cp, produced, 120)
+        counts = _telemetry_counts(agents, registry, produced, answered)
+        try:
+            wait_for(lambda: (cp.drain(), [a.step() for a in agents], reported() == 0)[2], timeout=30,
+                     what=f"{refusal} cleared on every status")
+        except AssertionError:
+            pass
+        counts.update(devices=devices, requests=devices * requests, held_in_memory=held,
+                      faults_not_cleared=reported(),
+                      infer_failures=devices * requests - sum(during.values()), faults_reported=faults_reported,
+                      dropped_in_memory=sum(a.spool.dropped for a in agents))
+        return counts
+    finally:
+        for a in agents:
+            a.stop(drain_s=0)
+        cp.stop()
+        registry.close()
+
+
+def _doubled_agent(broker: Any, v1: Any, disks: list[Any]) -> Any:
+    """make_agent for _disk_run: a real Agent whose state, sequence and outbox stores are the
+    real ones behind tests/test_disk_faults.py's refusing doubles (one Disk per device)."""
+    from test_disk_faults import Disk as Refusal, _agent
+
+    def make(i: int, state: Path) -> Any:
+        disk = Refusal()
+        disks.append(disk)
+        return _agent(state, broker, v1, disk, f"faults-disk-{state.parent.name}-{i}")
+    return make
+
+
+def _real_agent(broker: Any, v1: Any, tag: str) -> Any:
+    """make_agent for _disk_run: a real Agent with its real stores, state under ``state``."""
+    from conftest import wait_for
+    from edgeloop.device_sdk.agent import Agent, AgentConfig
+    from edgeloop.device_sdk.ota import Installer
+    from test_disk_faults import _announce
+
+    def make(i: int, state: Path) -> Any:
+        Installer(state, TIER, 1 << 22).install(_announce(v1, "factory"), lambda a: v1.data)
+        agent = Agent(AgentConfig(device_id=f"faults-{tag}-{i}", tier=TIER, state_dir=state, mqtt_host=broker.host,
+                                  mqtt_port=broker.port, telemetry_window=4))
+        agent.start()
+        wait_for(lambda: agent.link.connected, what="the device online")
+        return agent
+    return make
+
+
+def _install_faults(root: Path, broker: Any, packages: tuple[Any, Any, Any]) -> dict[str, Any]:
+    """An install of version 2 with ENOSPC at state write K, for each K of the install: memory
+    and disk must agree, the old model must serve, and the same update must install once the
+    disk takes writes again (tests/test_disk_faults.py's doubles)."""
+    from edgeloop.contracts.messages import encode
+    from edgeloop.device_sdk.ota import Installer
+    from edgeloop.device_sdk.storage import JsonFile
+    from test_disk_faults import Disk as Refusal, _agent, _announce
+
+    v1, v2, test = packages
+    out = {"install_faults": 0, "installs_disagreeing": 0, "old_model_not_serving": 0, "not_installed_after": 0,
+           "state_writes": None}
+    for k in range(1, 20):
+        disk = Refusal()
+        state = root / f"install-{k}"
+        agent = _agent(state, broker, v1, disk, f"faults-install-{k}", fetched=v2.data)
+        try:
+            disk.state_writes, disk.fail_at = 0, k
+            agent.handle(agent.topics.announce(TIER), encode(_announce(v2, "u2")))
+            while agent.step():
+                pass
+            if disk.refused == 0:              # the install made fewer than k state writes
+                out["state_writes"] = k - 1
+                break
+            out["install_faults"] += 1
+            on_disk = JsonFile(state / "state.json").load()
+            out["installs_disagreeing"] += on_disk != agent.installer._state
+            out["old_model_not_serving"] += not (agent.model_version == v1.manifest.model_version
+                                                 and agent.runtime.manifest.model_version == v1.manifest.model_version
+                                                 and _answered(agent, test, 5) == 5)
+            agent.handle(agent.topics.announce(TIER), encode(_announce(v2, "u2")))
+            while agent.step():
+                pass
+            out["not_installed_after"] += not (agent.model_version == v2.manifest.model_version
+                                               and Installer(state, TIER, 1 << 22).model_version == v2.manifest.model_version)
+        finally:
+            agent.stop(drain_s=0)
+    return out
+
+
+def _mount(*args: str) -> bool:
+    try:
+        return subprocess.run(["mount", *args], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def disks(root: Path, devices: int = 8, requests: int = 200, tmpfs: bool = True) -> dict[str, Any]:
+    """Full (ENOSPC) and read-only (EROFS) state folders: through the refusing doubles, and on a
+    real 4 MB tmpfs (filled; then bind-mounted read-only over itself) when this process may
+    mount one; then an install with ENOSPC at each of its state writes. Returns the counts."""
+    from test_disk_faults import _fill
+
+    from conftest import Broker
+
+    root.mkdir(parents=True, exist_ok=True)
+    broker = Broker(root / "broker")
+    broker.root.mkdir(parents=True)
+    broker.start()
+    packages = _disk_packages()
+    out: dict[str, Any] = {}
+    try:
+        for name, refusal, code in (("full", errno.ENOSPC, "storage.full"), ("readonly", errno.EROFS, "storage.readonly")):
+            doubles: list[Any] = []
+
+            def refuse(value: int | None, doubles: list[Any] = doubles) -> None:
+                for d in doubles:
+                    d.refuse = value
+            counts = _disk_run(root / f"doubles-{name}", root / f"doubles-{name}.db", broker, packages, devices, requests, code,
+                               lambda refusal=refusal, refuse=refuse: refuse(refusal), lambda refuse=refuse: refuse(None),
+                               _doubled_agent(broker, packages[0], doubles))
+            counts["writes_refused"] = sum(d.refused for d in doubles)
+            out[f"doubles_{name}"] = counts
+        fs = root / "tmpfs"
+        fs.mkdir()
+        if not tmpfs:
+            out["tmpfs"] = "not run (tmpfs=False)"
+        elif not _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(fs)):
+            out["tmpfs"] = f"skipped: cannot mount a tmpfs here (uid {os.getuid()}; needs root / CAP_SYS_ADMIN)"
+        else:
+            try:
+                filler = fs / "filler"
+                counts = _disk_run(fs / "full", root / "tmpfs-full.db", broker, packages, devices, requests, "storage.full",
+                                   lambda: _fill(filler), lambda: filler.unlink(), _real_agent(broker, packages[0], "tmpfs-full"))
+                out["tmpfs_full"] = counts
+                ro = fs / "readonly"
+                ro.mkdir()
+                bound: list[bool] = []
+
+                def read_only() -> None:   # the folder read-only over itself: a new open for writing gets EROFS
+                    bound.append(_mount("--bind", str(ro), str(ro)) and _mount("-o", "remount,bind,ro", str(ro)))
+                counts = _disk_run(ro, root / "tmpfs-readonly.db", broker, packages, devices, requests, "storage.readonly", read_only,
+                                   lambda: _umount(ro), _real_agent(broker, packages[0], "tmpfs-ro"))
+                counts["read_only_mounted"] = all(bound) and bool(bound)
+                out["tmpfs_readonly"] = counts
+            finally:
+                _umount(fs)
+        out["install"] = _install_faults(root / "install", broker, packages)
+    finally:
+        broker.stop()
+    full = [out[k] for k in ("doubles_full", "tmpfs_full") if k in out]
+    readonly = [out[k] for k in ("doubles_readonly", "tmpfs_readonly") if k in out]
+    runs = full + readonly
+    out.update(infer_failures_disk_full=sum(c["infer_failures"] for c in full),
+               infer_failures_disk_readonly=sum(c["infer_failures"] for c in readonly),
+               telemetry_lost_disk=sum(c["lost"] for c in runs), seq_gaps_disk=sum(c["seq_gaps"] for c in runs),
+               telemetry_duplicated_disk=sum(c["duplicated"] for c in runs),
+               telemetry_produced_disk=sum(c["produced"] for c in runs),
+               installs_disagreeing=out["install"]["installs_disagreeing"],
+               old_model_not_serving=out["install"]["old_model_not_serving"])
+    return out
 
 
 # -- the run ---------------------------------------------------------------------------------------------
