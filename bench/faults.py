@@ -667,8 +667,9 @@ def _doubled_agent(broker: Any, v1: Any, disks: list[Any]) -> Any:
     return make
 
 
-def _real_agent(broker: Any, v1: Any, tag: str) -> Any:
-    """make_agent for _disk_run: a real Agent with its real stores, state under ``state``."""
+def _real_agent(broker: Any, v1: Any, tag: str, **overrides: Any) -> Any:
+    """make_agent for _disk_run: a real Agent with its real stores, state under ``state``
+    (``overrides``: more AgentConfig fields)."""
     from conftest import wait_for
     from edgeloop.device_sdk.agent import Agent, AgentConfig
     from edgeloop.device_sdk.ota import Installer
@@ -677,7 +678,7 @@ def _real_agent(broker: Any, v1: Any, tag: str) -> Any:
     def make(i: int, state: Path) -> Any:
         Installer(state, TIER, 1 << 22).install(_announce(v1, "factory"), lambda a: v1.data)
         agent = Agent(AgentConfig(device_id=f"faults-{tag}-{i}", tier=TIER, state_dir=state, mqtt_host=broker.host,
-                                  mqtt_port=broker.port, telemetry_window=4))
+                                  mqtt_port=broker.port, telemetry_window=4, **overrides))
         agent.start()
         wait_for(lambda: agent.link.connected, what="the device online")
         return agent
@@ -801,10 +802,148 @@ def disks(root: Path, devices: int = 8, requests: int = 200, tmpfs: bool = True)
     return out
 
 
+# -- 5. clocks two days ahead and behind ---------------------------------------------------------------
+def _clock_synced(root: Path, broker: Any, devices: int, skew: float, windows: int) -> dict[str, Any]:
+    """``devices`` agents whose clocks run ``skew`` off, against a control plane with the time
+    server (tests/conftest.py's make_live: TUF repositories, fleet of real agents, v1 installed
+    by a valid update): a second valid update, ``windows`` telemetry windows each, then an
+    update whose timestamp metadata expired a day ago by the control plane's time."""
+    from datetime import timedelta
+
+    from conftest import make_live, settled, wait_for
+
+    env = make_live(broker, root, devices=devices, agent_overrides={"clock_skew_s": skew})
+    try:
+        agents = env.agents
+        c: dict[str, Any] = {"devices": devices, "skew_s": skew,
+                             "own_clock_off_s": sorted({round(a._wall() - time.time()) for a in agents}),
+                             "learned_offset_s": sorted({round(a.clock.offset_s) if a.clock.offset_s is not None else None
+                                                         for a in agents}, key=str),
+                             "updates_valid": 2 * devices}      # v1 (make_live waits for it on every device) and v2
+        v2 = env.new_version()
+        msg = env.sign_and_announce(v2)
+        try:
+            wait_for(lambda: settled(env, msg.update_id), timeout=120, what="the valid update", interval=0.1)
+        except AssertionError:
+            pass
+        c["updates_refused"] = sum(a.model_version != v2 for a in agents)
+        window = agents[0].config.telemetry_window
+        for a in agents:
+            _answered(a, env.test, windows * window)
+            a.flush_telemetry()
+        v3 = env.new_version()
+        msg = env.sign_and_announce(v3, after_signing=lambda target: env.director.refresh_timestamp(
+            lifetime=timedelta(days=-1)))
+        try:
+            wait_for(lambda: settled(env, msg.update_id), timeout=120, what="the expired update", interval=0.1)
+        except AssertionError:
+            pass
+        c["expired_offered"] = devices
+        c["expired_accepted"] = sum(a.model_version == v3 for a in agents)
+        c["expired_refused_as_expired"] = sum(a.last_result is not None and a.last_result.code == "verify.metadata"
+                                              and "xpired" in (a.last_result.reason or "") for a in agents)
+        for a in agents:
+            a.flush_telemetry()
+        produced = {a.device_id: a.seq.issued for a in agents}
+        _settle_telemetry(agents, env.registry, env.cp, produced, 120)
+        c.update(_clock_telemetry(agents, env.registry, produced))
+
+        def reported() -> int:
+            env.cp.drain()
+            rows = {d["device_id"]: d for d in env.registry.devices()}
+            return sum(rows.get(a.device_id, {}).get("clock_offset_s") is not None
+                       and abs(rows[a.device_id]["clock_offset_s"] + skew) < 60
+                       and "clock.skewed" in json.loads(rows[a.device_id].get("faults") or "{}") for a in agents)
+        try:
+            wait_for(lambda: reported() == devices, timeout=30, what="the skew on every device's row")
+        except AssertionError:
+            pass
+        c["skew_reported"] = reported()
+        return c
+    finally:
+        env.close()
+
+
+def _clock_telemetry(agents: list[Any], registry: Any, produced: dict[str, int]) -> dict[str, Any]:
+    lost = duplicated = flagged = 0
+    for a in agents:
+        rows = registry.telemetry_records(a.device_id)
+        seqs = {r["seq"] for r in rows}
+        lost += len(set(range(produced[a.device_id])) - seqs)
+        duplicated += len(rows) - len(seqs)
+        flagged += sum(bool(r["clock_suspect"]) for r in rows)
+    return {"produced": sum(produced.values()), "lost": lost, "duplicated": duplicated, "flagged": flagged,
+            "outbox_left": sum(len(a.outbox) for a in agents)}
+
+
+def _clock_unsynced(root: Path, broker: Any, v1: Any, test: Any, devices: int, skew: float,
+                    windows: int) -> dict[str, Any]:
+    """The same skew with no signed time to be had (a control plane without the time server):
+    the ingest must store every record, flagged when its time is impossible."""
+    from edgeloop.cloud.ingest.control_plane import ControlPlane
+    from edgeloop.cloud.registry import Registry
+
+    root.mkdir(parents=True, exist_ok=True)
+    registry = Registry(root / "registry.db")
+    cp = ControlPlane(registry, broker.host, broker.port).start()
+    make = _real_agent(broker, v1, f"clock-{'ahead' if skew > 0 else 'behind'}", clock_skew_s=skew)
+    agents: list[Any] = []
+    try:
+        for i in range(devices):
+            agents.append(make(i, root / f"dev-{i}"))
+        for a in agents:
+            _answered(a, test, windows * a.config.telemetry_window)
+            a.flush_telemetry()
+        produced = {a.device_id: a.seq.issued for a in agents}
+        _settle_telemetry(agents, registry, cp, produced, 60)
+        c = {"devices": devices, "skew_s": skew, "own_clock_off_s": sorted({round(a._wall() - time.time()) for a in agents}),
+             "synced": sum(a.clock.synced for a in agents), **_clock_telemetry(agents, registry, produced)}
+        return c
+    finally:
+        for a in agents:
+            a.stop(drain_s=0)
+        cp.stop()
+        registry.close()
+
+
+def clocks(root: Path, devices: int = 6, windows: int = 5) -> dict[str, Any]:
+    """Devices two days ahead and two days behind, with the time server (synced) and without
+    (unsynced); returns the counts."""
+    from conftest import Broker, edge_gateway_package
+
+    root.mkdir(parents=True, exist_ok=True)
+    broker = Broker(root / "broker")
+    broker.root.mkdir(parents=True)
+    broker.start()
+    out: dict[str, Any] = {}
+    try:
+        v1, test = edge_gateway_package(epochs=1)
+        for name, skew in (("ahead", 2 * DAY), ("behind", -2 * DAY)):
+            out[name] = _clock_synced(root / name, broker, devices, skew, windows)
+            out[f"unsynced_{name}"] = _clock_unsynced(root / f"unsynced-{name}", broker, v1, test, devices, skew, windows)
+    finally:
+        broker.stop()
+    runs = [out[k] for k in ("ahead", "behind", "unsynced_ahead", "unsynced_behind")]
+    out.update(telemetry_lost_clock=sum(c["lost"] for c in runs),
+               telemetry_duplicated_clock=sum(c["duplicated"] for c in runs),
+               telemetry_produced_clock=sum(c["produced"] for c in runs),
+               clock_flagged=sum(c["flagged"] for c in runs),
+               updates_refused_clock_ahead=out["ahead"]["updates_refused"],
+               expired_accepted_clock_behind=out["behind"]["expired_accepted"],
+               skew_reported=out["ahead"]["skew_reported"] + out["behind"]["skew_reported"])
+    return out
+
+
+DISK_KEYS = ("infer_failures_disk_full", "infer_failures_disk_readonly", "telemetry_lost_disk", "seq_gaps_disk",
+             "telemetry_duplicated_disk", "installs_disagreeing", "old_model_not_serving")
+CLOCK_KEYS = ("telemetry_lost_clock", "clock_flagged", "updates_refused_clock_ahead", "expired_accepted_clock_behind",
+              "skew_reported")
+
+
 # -- the run ---------------------------------------------------------------------------------------------
 def run(quick: bool, keep: bool = False) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="faults-"))
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     try:
         t = time.time()
         cuts = power_cuts(tmp / "power", share=0.15 if quick else 1.0, recovery_share=0.1 if quick else 0.5)
@@ -815,22 +954,34 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
         t = time.time()
         stream = broker_kills(tmp / "stream", kills=1 if quick else 3, records=20 if quick else 40)
         stream["seconds"] = round(time.time() - t, 1)
+        t = time.time()
+        disk = disks(tmp / "disks", devices=2 if quick else 8, requests=40 if quick else 200)
+        disk["seconds"] = round(time.time() - t, 1)
+        t = time.time()
+        clock = clocks(tmp / "clocks", devices=2 if quick else 6, windows=3 if quick else 5)
+        clock["seconds"] = round(time.time() - t, 1)
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"power_cuts": cuts["power_cuts"], "bricked": cuts["bricked"],
             "rollout_crashes": crashes["rollout_crashes"], "duplicate_commands": crashes["duplicate_commands"],
-            "stalled_devices": crashes["stalled_devices"], "telemetry_lost": stream["telemetry_lost"],
-            "telemetry_duplicated": stream["telemetry_duplicated"], "broker_kills": stream["broker_kills"],
-            "power": cuts, "rollouts": crashes, "stream": stream, "quick": quick,
+            "stalled_devices": crashes["stalled_devices"], "broker_kills": stream["broker_kills"],
+            "telemetry_lost": stream["telemetry_lost"] + disk["telemetry_lost_disk"] + clock["telemetry_lost_clock"],
+            "telemetry_duplicated": stream["telemetry_duplicated"] + disk["telemetry_duplicated_disk"]
+            + clock["telemetry_duplicated_clock"],
+            **{k: disk[k] for k in DISK_KEYS}, **{k: clock[k] for k in CLOCK_KEYS},
+            "disk_tmpfs": disk.get("tmpfs", "run"),
+            "power": cuts, "rollouts": crashes, "stream": stream, "disks": disk, "clocks": clock, "quick": quick,
             "seconds": round(time.time() - started, 1),
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "python": platform.python_version()}}
+                        "python": platform.python_version(),
+                        "load_1m": {"start": round(load_before[0], 1), "end": round(os.getloadavg()[0], 1)}}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small version: every 8th cut point, 4 kills, 1 broker kill")
+    p.add_argument("--quick", action="store_true", help="a small version: a share of the cut points, 4 kills, 1 broker kill, "
+                   "2 devices per disk and clock run")
     p.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = p.parse_args()
     print(json.dumps(run(args.quick, args.keep), sort_keys=True))
