@@ -530,6 +530,7 @@ def broker_kills(root: Path, kills: int = 3, devices: int = 8, records: int = 40
 
 # -- 4. full and read-only disks --------------------------------------------------------------------
 DAY = 86400.0
+SETTLE_S = 120.0        # how long a disk run waits for every record to be stored after space returns
 
 
 def _disk_packages() -> tuple[Any, Any, Any]:
@@ -607,6 +608,7 @@ def _disk_run(root: Path, db: Path, broker: Any, packages: tuple[Any, Any, Any],
     from conftest import wait_for
 
     _, _, test = packages
+    started = time.time()
     root.mkdir(parents=True, exist_ok=True)
     registry = Registry(db)
     cp = ControlPlane(registry, broker.host, broker.port).start()
@@ -636,7 +638,7 @@ def _disk_run(root: Path, db: Path, broker: Any, packages: tuple[Any, Any, Any],
             a.flush_telemetry()
             answered[a.device_id] += during[a.device_id]
         produced = {d: n // window for d, n in answered.items()}
-        _settle_telemetry(agents, registry, cp, produced, 120)
+        _settle_telemetry(agents, registry, cp, produced, SETTLE_S)
         counts = _telemetry_counts(agents, registry, produced, answered)
         try:
             wait_for(lambda: (cp.drain(), [a.step() for a in agents], reported() == 0)[2], timeout=30,
@@ -646,7 +648,7 @@ def _disk_run(root: Path, db: Path, broker: Any, packages: tuple[Any, Any, Any],
         counts.update(devices=devices, requests=devices * requests, held_in_memory=held,
                       faults_not_cleared=reported(),
                       infer_failures=devices * requests - sum(during.values()), faults_reported=faults_reported,
-                      dropped_in_memory=sum(a.spool.dropped for a in agents))
+                      dropped_in_memory=sum(a.spool.dropped for a in agents), seconds=round(time.time() - started, 1))
         return counts
     finally:
         for a in agents:
@@ -732,13 +734,18 @@ def _mount(*args: str) -> bool:
         return False
 
 
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
 
 
 def disks(root: Path, devices: int = 8, requests: int = 200, tmpfs: bool = True) -> dict[str, Any]:
     """Full (ENOSPC) and read-only (EROFS) state folders: through the refusing doubles, and on a
-    real 4 MB tmpfs (filled; then bind-mounted read-only over itself) when this process may
+    real tmpfs of 4 MB a device (filled; another bind-mounted read-only over itself) when this process may
     mount one; then an install with ENOSPC at each of its state writes. Returns the counts."""
     from test_disk_faults import _fill
 
@@ -762,30 +769,36 @@ def disks(root: Path, devices: int = 8, requests: int = 200, tmpfs: bool = True)
                                _doubled_agent(broker, packages[0], doubles))
             counts["writes_refused"] = sum(d.refused for d in doubles)
             out[f"doubles_{name}"] = counts
-        fs = root / "tmpfs"
-        fs.mkdir()
         if not tmpfs:
             out["tmpfs"] = "not run (tmpfs=False)"
-        elif not _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(fs)):
+        elif not _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(_mkdir(root / "tmpfs-probe"))):
             out["tmpfs"] = f"skipped: cannot mount a tmpfs here (uid {os.getuid()}; needs root / CAP_SYS_ADMIN)"
         else:
+            _umount(root / "tmpfs-probe")
+            size = f"size={4 * devices}m"                    # 4 MB a device: its two slots, outbox, state
+            fs = _mkdir(root / "tmpfs-full")                 # a tmpfs of its own, filled
+            _mount("-t", "tmpfs", "-o", size, "tmpfs", str(fs))
             try:
                 filler = fs / "filler"
-                counts = _disk_run(fs / "full", root / "tmpfs-full.db", broker, packages, devices, requests, "storage.full",
-                                   lambda: _fill(filler), lambda: filler.unlink(), _real_agent(broker, packages[0], "tmpfs-full"))
-                out["tmpfs_full"] = counts
-                ro = fs / "readonly"
-                ro.mkdir()
-                bound: list[bool] = []
-
-                def read_only() -> None:   # the folder read-only over itself: a new open for writing gets EROFS
-                    bound.append(_mount("--bind", str(ro), str(ro)) and _mount("-o", "remount,bind,ro", str(ro)))
-                counts = _disk_run(ro, root / "tmpfs-readonly.db", broker, packages, devices, requests, "storage.readonly", read_only,
-                                   lambda: _umount(ro), _real_agent(broker, packages[0], "tmpfs-ro"))
-                counts["read_only_mounted"] = all(bound) and bool(bound)
-                out["tmpfs_readonly"] = counts
+                out["tmpfs_full"] = _disk_run(fs, root / "tmpfs-full.db", broker, packages, devices, requests,
+                                              "storage.full", lambda: _fill(filler), lambda: filler.unlink(),
+                                              _real_agent(broker, packages[0], "tmpfs-full"))
             finally:
                 _umount(fs)
+            ro = _mkdir(root / "tmpfs-readonly")             # another, bind-mounted read-only over itself
+            _mount("-t", "tmpfs", "-o", size, "tmpfs", str(ro))
+            try:
+                bound: list[bool] = []
+
+                def read_only() -> None:   # a new open for writing there gets EROFS
+                    bound.append(_mount("--bind", str(ro), str(ro)) and _mount("-o", "remount,bind,ro", str(ro)))
+                counts = _disk_run(ro, root / "tmpfs-readonly.db", broker, packages, devices, requests,
+                                   "storage.readonly", read_only, lambda: _umount(ro),
+                                   _real_agent(broker, packages[0], "tmpfs-ro"))
+                counts["read_only_mounted"] = bool(bound) and all(bound)
+                out["tmpfs_readonly"] = counts
+            finally:
+                _umount(ro)
         out["install"] = _install_faults(root / "install", broker, packages)
     finally:
         broker.stop()
