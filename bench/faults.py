@@ -1,5 +1,6 @@
 """Field faults, counted: power cuts during installs and their recovery, kill -9 of the control
-plane mid-rollout, and kill -9 of the broker mid-stream.
+plane mid-rollout, kill -9 of the broker mid-stream, full and read-only disks, and clocks two days
+ahead and behind.
 
 1. **Power cuts** (``power_cuts``): an agent process installs an update (tests/powerloss_child.py's
    chunked, resumable download, then ``device_sdk/ota.py``'s installer) with every ``write``,
@@ -27,11 +28,33 @@ plane mid-rollout, and kill -9 of the broker mid-stream.
    file. ``telemetry_lost``: records produced and never stored; ``telemetry_duplicated``: stored
    rows beyond one per (device, seq); the same for error reports.
 
-Full and read-only disks and skewed clocks (issue 15 items 1 and 2) are not measured here yet:
-their keys are absent, not zero.
+4. **Full and read-only disks**: N real agents (real broker, ingest and store) serve 8 requests
+   each on a working disk, then M each while their state folder refuses every write, then space
+   returns and they flush. The refusal comes through tests/test_disk_faults.py's doubles behind
+   the real storage Protocols (ENOSPC, then EROFS), and, when this process may mount one (root),
+   from a real tmpfs (4 MB a device) that is filled, and another bind-mounted read-only over
+   itself; without the permission the JSON says ``"disk_tmpfs": "skipped: ..."``.
+   ``infer_failures_disk_full`` / ``_readonly``: requests that got no prediction;
+   ``telemetry_lost_disk``: records produced (answered requests / window) minus stored;
+   ``seq_gaps_disk``: numbers missing below a device's highest stored; ``telemetry_duplicated_disk``:
+   stored rows beyond one per (device, seq). Then an install of version 2 with ENOSPC at state
+   write K, for each K: ``installs_disagreeing`` (the state on disk != the installer's memory)
+   and ``old_model_not_serving`` (the old model not active or not answering); the same update
+   must install once the disk takes writes again (``not_installed_after``).
+5. **Clocks two days off**: devices with ``clock_skew_s`` = +172800 and -172800 against a control
+   plane with the time server (tests/conftest.py's make_live: TUF repositories, v1 installed by
+   a valid update), each getting a second valid update, telemetry, and an update whose timestamp
+   expired a day ago by the control plane's time; and the same skews against a control plane
+   without one (no signed time to be had). ``telemetry_lost_clock``: records numbered minus
+   stored; ``clock_flagged``: stored with ``clock_suspect`` (impossible times);
+   ``updates_refused_clock_ahead``: valid updates a device ahead failed to install;
+   ``expired_accepted_clock_behind``: expired metadata a device behind accepted;
+   ``skew_reported``: devices whose ``devices`` row shows the offset and the ``clock.skewed`` fault.
+
+The top-level ``telemetry_lost`` / ``telemetry_duplicated`` sum sections 3, 4 and 5.
 
     .venv/bin/python bench/faults.py            # >= 1,000 power cuts, >= 20 control-plane kills
-    .venv/bin/python bench/faults.py --quick    # a small version (about a minute)
+    .venv/bin/python bench/faults.py --quick    # a small version (about two minutes)
 
 Prints one JSON object as its last line.
 """
