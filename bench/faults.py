@@ -54,7 +54,7 @@ ahead and behind.
 The top-level ``telemetry_lost`` / ``telemetry_duplicated`` sum sections 3, 4 and 5.
 
     .venv/bin/python bench/faults.py            # >= 1,000 power cuts, >= 20 control-plane kills
-    .venv/bin/python bench/faults.py --quick    # a small version (about two minutes)
+    .venv/bin/python bench/faults.py --quick    # a small version (about a minute; 58 s at load 2)
 
 Prints one JSON object as its last line.
 """
