@@ -1,5 +1,6 @@
 """Field faults, counted: power cuts during installs and their recovery, kill -9 of the control
-plane mid-rollout, and kill -9 of the broker mid-stream.
+plane mid-rollout, kill -9 of the broker mid-stream, full and read-only disks, and clocks two days
+ahead and behind.
 
 1. **Power cuts** (``power_cuts``): an agent process installs an update (tests/powerloss_child.py's
    chunked, resumable download, then ``device_sdk/ota.py``'s installer) with every ``write``,
@@ -27,11 +28,33 @@ plane mid-rollout, and kill -9 of the broker mid-stream.
    file. ``telemetry_lost``: records produced and never stored; ``telemetry_duplicated``: stored
    rows beyond one per (device, seq); the same for error reports.
 
-Full and read-only disks and skewed clocks (issue 15 items 1 and 2) are not measured here yet:
-their keys are absent, not zero.
+4. **Full and read-only disks**: N real agents (real broker, ingest and store) serve 8 requests
+   each on a working disk, then M each while their state folder refuses every write, then space
+   returns and they flush. The refusal comes through tests/test_disk_faults.py's doubles behind
+   the real storage Protocols (ENOSPC, then EROFS), and, when this process may mount one (root),
+   from a real tmpfs (4 MB a device) that is filled, and another bind-mounted read-only over
+   itself; without the permission the JSON says ``"disk_tmpfs": "skipped: ..."``.
+   ``infer_failures_disk_full`` / ``_readonly``: requests that got no prediction;
+   ``telemetry_lost_disk``: records produced (answered requests / window) minus stored;
+   ``seq_gaps_disk``: numbers missing below a device's highest stored; ``telemetry_duplicated_disk``:
+   stored rows beyond one per (device, seq). Then an install of version 2 with ENOSPC at state
+   write K, for each K: ``installs_disagreeing`` (the state on disk != the installer's memory)
+   and ``old_model_not_serving`` (the old model not active or not answering); the same update
+   must install once the disk takes writes again (``not_installed_after``).
+5. **Clocks two days off**: devices with ``clock_skew_s`` = +172800 and -172800 against a control
+   plane with the time server (tests/conftest.py's make_live: TUF repositories, v1 installed by
+   a valid update), each getting a second valid update, telemetry, and an update whose timestamp
+   expired a day ago by the control plane's time; and the same skews against a control plane
+   without one (no signed time to be had). ``telemetry_lost_clock``: records numbered minus
+   stored; ``clock_flagged``: stored with ``clock_suspect`` (impossible times);
+   ``updates_refused_clock_ahead``: valid updates a device ahead failed to install;
+   ``expired_accepted_clock_behind``: expired metadata a device behind accepted;
+   ``skew_reported``: devices whose ``devices`` row shows the offset and the ``clock.skewed`` fault.
+
+The top-level ``telemetry_lost`` / ``telemetry_duplicated`` sum sections 3, 4 and 5.
 
     .venv/bin/python bench/faults.py            # >= 1,000 power cuts, >= 20 control-plane kills
-    .venv/bin/python bench/faults.py --quick    # a small version (about a minute)
+    .venv/bin/python bench/faults.py --quick    # a small version (about a minute; 58 s at load 2)
 
 Prints one JSON object as its last line.
 """
@@ -40,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -527,10 +551,435 @@ def broker_kills(root: Path, kills: int = 3, devices: int = 8, records: int = 40
             broker.stop()
 
 
+# -- 4. full and read-only disks --------------------------------------------------------------------
+DAY = 86400.0
+SETTLE_S = 120.0        # how long a disk run waits for every record to be stored after space returns
+
+
+def _disk_packages() -> tuple[Any, Any, Any]:
+    """Versions 1 and 2 of a small edge-gateway model, and the held-out test split."""
+    from conftest import edge_gateway_package
+    from edgeloop.cloud.package.export import export_onnx
+    from edgeloop.cloud.package.packaging import build_package
+    from edgeloop.cloud.train.datasets import load_dataset
+    from edgeloop.cloud.train.training import TrainParams, train
+
+    v1, test = edge_gateway_package(epochs=1)
+    ds = load_dataset()
+    r = train(ds, TrainParams(seed=2, epochs=1))
+    v2 = build_package("m", 2, TIER, export_onnx(r.model, ds.x.shape[1]), r.features,
+                       [str(i) for i in range(10)], test.x[:8], {})
+    return v1, v2, test
+
+
+def _answered(agent: Any, test: Any, n: int) -> int:
+    """Requests out of ``n`` that got a prediction (one that raised got none)."""
+    got = 0
+    for i in range(n):
+        try:
+            got += agent.infer(test.x[i % len(test.x)][None, :], int(test.y[i % len(test.y)])) is not None
+        except Exception:  # noqa: BLE001 - a request that raised is a request without a prediction
+            pass
+    return got
+
+
+def _stored_seqs(registry: Any, device_id: str) -> list[int]:
+    return [r["seq"] for r in registry.telemetry_records(device_id)]
+
+
+def _settle_telemetry(agents: list[Any], registry: Any, cp: Any, want: dict[str, int], timeout: float) -> None:
+    """Pump and drain until every device has ``want`` distinct records stored and an empty
+    outbox, or ``timeout`` passes (what is missing is counted by the caller)."""
+    from conftest import wait_for
+
+    def done() -> bool:
+        for a in agents:
+            a.pump()
+        cp.drain()
+        return all(len(set(_stored_seqs(registry, a.device_id))) >= want[a.device_id] for a in agents) \
+            and all(len(a.outbox) == 0 for a in agents)
+    try:
+        wait_for(done, timeout=timeout, what="every record stored and confirmed", interval=0.1)
+    except AssertionError:
+        pass
+
+
+def _telemetry_counts(agents: list[Any], registry: Any, produced: dict[str, int], answered: dict[str, int]) -> dict[str, int]:
+    """lost (produced minus stored), seq gaps (numbers missing below a device's highest stored),
+    duplicated rows, requests the stored records do not count, and records left in outboxes."""
+    out = {"produced": sum(produced.values()), "lost": 0, "seq_gaps": 0, "duplicated": 0, "requests_uncounted": 0,
+           "outbox_left": sum(len(a.outbox) for a in agents)}
+    for a in agents:
+        rows = registry.telemetry_records(a.device_id)
+        seqs = [r["seq"] for r in rows]
+        distinct = set(seqs)
+        out["lost"] += max(0, produced[a.device_id] - len(distinct))
+        out["seq_gaps"] += (max(distinct) + 1 - len(distinct)) if distinct else 0
+        out["duplicated"] += len(seqs) - len(distinct)
+        out["requests_uncounted"] += answered[a.device_id] - sum(r["count"] for r in rows)
+    return out
+
+
+def _disk_run(root: Path, db: Path, broker: Any, packages: tuple[Any, Any, Any], devices: int, requests: int,
+              refusal: str, refuse: Any, restore: Any, make_agent: Any) -> dict[str, Any]:
+    """``devices`` agents serve 8 requests each on a working disk, then ``requests`` each while
+    ``refuse()`` makes their state folders refuse writes, then ``restore()`` gives space back;
+    every agent flushes and the store (``db``, off the faulty disk) is counted. ``make_agent(i,
+    state_dir)`` builds one."""
+    from edgeloop.cloud.ingest.control_plane import ControlPlane
+    from edgeloop.cloud.registry import Registry
+    from conftest import wait_for
+
+    _, _, test = packages
+    started = time.time()
+    root.mkdir(parents=True, exist_ok=True)
+    registry = Registry(db)
+    cp = ControlPlane(registry, broker.host, broker.port).start()
+    agents: list[Any] = []
+    try:
+        for i in range(devices):
+            agents.append(make_agent(i, root / f"dev-{i}"))
+        window = agents[0].config.telemetry_window
+        answered = {a.device_id: _answered(a, test, 2 * window) for a in agents}     # 2 records on a working disk
+        _settle_telemetry(agents, registry, cp, {a.device_id: 2 for a in agents}, 60)
+        refuse()
+        during = {a.device_id: _answered(a, test, requests) for a in agents}
+        held = sum(a.spool.held for a in agents)
+
+        def reported() -> int:
+            cp.drain()
+            rows = {d["device_id"]: d for d in registry.devices()}
+            return sum(refusal in json.loads(rows.get(a.device_id, {}).get("faults") or "{}") for a in agents)
+        try:
+            wait_for(lambda: (cp.drain(), [a.step() for a in agents], reported() == devices)[2], timeout=30,
+                     what=f"{refusal} on every status")
+        except AssertionError:
+            pass
+        faults_reported = reported()
+        restore()
+        for a in agents:
+            a.flush_telemetry()
+            answered[a.device_id] += during[a.device_id]
+        produced = {d: n // window for d, n in answered.items()}
+        _settle_telemetry(agents, registry, cp, produced, SETTLE_S)
+        counts = _telemetry_counts(agents, registry, produced, answered)
+        try:
+            wait_for(lambda: (cp.drain(), [a.step() for a in agents], reported() == 0)[2], timeout=30,
+                     what=f"{refusal} cleared on every status")
+        except AssertionError:
+            pass
+        counts.update(devices=devices, requests=devices * requests, held_in_memory=held,
+                      faults_not_cleared=reported(),
+                      infer_failures=devices * requests - sum(during.values()), faults_reported=faults_reported,
+                      dropped_in_memory=sum(a.spool.dropped for a in agents), seconds=round(time.time() - started, 1))
+        return counts
+    finally:
+        for a in agents:
+            a.stop(drain_s=0)
+        cp.stop()
+        registry.close()
+
+
+def _doubled_agent(broker: Any, v1: Any, disks: list[Any]) -> Any:
+    """make_agent for _disk_run: a real Agent whose state, sequence and outbox stores are the
+    real ones behind tests/test_disk_faults.py's refusing doubles (one Disk per device)."""
+    from test_disk_faults import Disk as Refusal, _agent
+
+    def make(i: int, state: Path) -> Any:
+        disk = Refusal()
+        disks.append(disk)
+        return _agent(state, broker, v1, disk, f"faults-disk-{state.parent.name}-{i}")
+    return make
+
+
+def _real_agent(broker: Any, v1: Any, tag: str, **overrides: Any) -> Any:
+    """make_agent for _disk_run: a real Agent with its real stores, state under ``state``
+    (``overrides``: more AgentConfig fields)."""
+    from conftest import wait_for
+    from edgeloop.device_sdk.agent import Agent, AgentConfig
+    from edgeloop.device_sdk.ota import Installer
+    from test_disk_faults import _announce
+
+    def make(i: int, state: Path) -> Any:
+        Installer(state, TIER, 1 << 22).install(_announce(v1, "factory"), lambda a: v1.data)
+        agent = Agent(AgentConfig(device_id=f"faults-{tag}-{i}", tier=TIER, state_dir=state, mqtt_host=broker.host,
+                                  mqtt_port=broker.port, telemetry_window=4, **overrides))
+        agent.start()
+        wait_for(lambda: agent.link.connected, what="the device online")
+        return agent
+    return make
+
+
+def _install_faults(root: Path, broker: Any, packages: tuple[Any, Any, Any]) -> dict[str, Any]:
+    """An install of version 2 with ENOSPC at state write K, for each K of the install: memory
+    and disk must agree, the old model must serve, and the same update must install once the
+    disk takes writes again (tests/test_disk_faults.py's doubles)."""
+    from edgeloop.contracts.messages import encode
+    from edgeloop.device_sdk.ota import Installer
+    from edgeloop.device_sdk.storage import JsonFile
+    from test_disk_faults import Disk as Refusal, _agent, _announce
+
+    v1, v2, test = packages
+    out = {"install_faults": 0, "installs_disagreeing": 0, "old_model_not_serving": 0, "not_installed_after": 0,
+           "state_writes": None}
+    for k in range(1, 20):
+        disk = Refusal()
+        state = root / f"install-{k}"
+        agent = _agent(state, broker, v1, disk, f"faults-install-{k}", fetched=v2.data)
+        try:
+            disk.state_writes, disk.fail_at = 0, k
+            agent.handle(agent.topics.announce(TIER), encode(_announce(v2, "u2")))
+            while agent.step():
+                pass
+            if disk.refused == 0:              # the install made fewer than k state writes
+                out["state_writes"] = k - 1
+                break
+            out["install_faults"] += 1
+            on_disk = JsonFile(state / "state.json").load()
+            out["installs_disagreeing"] += on_disk != agent.installer._state
+            out["old_model_not_serving"] += not (agent.model_version == v1.manifest.model_version
+                                                 and agent.runtime.manifest.model_version == v1.manifest.model_version
+                                                 and _answered(agent, test, 5) == 5)
+            agent.handle(agent.topics.announce(TIER), encode(_announce(v2, "u2")))
+            while agent.step():
+                pass
+            out["not_installed_after"] += not (agent.model_version == v2.manifest.model_version
+                                               and Installer(state, TIER, 1 << 22).model_version == v2.manifest.model_version)
+        finally:
+            agent.stop(drain_s=0)
+    return out
+
+
+def _mount(*args: str) -> bool:
+    try:
+        return subprocess.run(["mount", *args], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def disks(root: Path, devices: int = 8, requests: int = 200, tmpfs: bool = True) -> dict[str, Any]:
+    """Full (ENOSPC) and read-only (EROFS) state folders: through the refusing doubles, and on a
+    real tmpfs of 4 MB a device (filled; another bind-mounted read-only over itself) when this process may
+    mount one; then an install with ENOSPC at each of its state writes. Returns the counts."""
+    from test_disk_faults import _fill
+
+    from conftest import Broker
+
+    root.mkdir(parents=True, exist_ok=True)
+    broker = Broker(root / "broker")
+    broker.root.mkdir(parents=True)
+    broker.start()
+    packages = _disk_packages()
+    out: dict[str, Any] = {}
+    try:
+        for name, refusal, code in (("full", errno.ENOSPC, "storage.full"), ("readonly", errno.EROFS, "storage.readonly")):
+            doubles: list[Any] = []
+
+            def refuse(value: int | None, doubles: list[Any] = doubles) -> None:
+                for d in doubles:
+                    d.refuse = value
+            counts = _disk_run(root / f"doubles-{name}", root / f"doubles-{name}.db", broker, packages, devices, requests, code,
+                               lambda refusal=refusal, refuse=refuse: refuse(refusal), lambda refuse=refuse: refuse(None),
+                               _doubled_agent(broker, packages[0], doubles))
+            counts["writes_refused"] = sum(d.refused for d in doubles)
+            out[f"doubles_{name}"] = counts
+        if not tmpfs:
+            out["tmpfs"] = "not run (tmpfs=False)"
+        elif not _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(_mkdir(root / "tmpfs-probe"))):
+            out["tmpfs"] = f"skipped: cannot mount a tmpfs here (uid {os.getuid()}; needs root / CAP_SYS_ADMIN)"
+        else:
+            _umount(root / "tmpfs-probe")
+            size = f"size={4 * devices}m"                    # 4 MB a device: its two slots, outbox, state
+            fs = _mkdir(root / "tmpfs-full")                 # a tmpfs of its own, filled
+            _mount("-t", "tmpfs", "-o", size, "tmpfs", str(fs))
+            try:
+                filler = fs / "filler"
+                out["tmpfs_full"] = _disk_run(fs, root / "tmpfs-full.db", broker, packages, devices, requests,
+                                              "storage.full", lambda: _fill(filler), lambda: filler.unlink(),
+                                              _real_agent(broker, packages[0], "tmpfs-full"))
+            finally:
+                _umount(fs)
+            ro = _mkdir(root / "tmpfs-readonly")             # another, bind-mounted read-only over itself
+            _mount("-t", "tmpfs", "-o", size, "tmpfs", str(ro))
+            try:
+                bound: list[bool] = []
+
+                def read_only() -> None:   # a new open for writing there gets EROFS
+                    bound.append(_mount("--bind", str(ro), str(ro)) and _mount("-o", "remount,bind,ro", str(ro)))
+                counts = _disk_run(ro, root / "tmpfs-readonly.db", broker, packages, devices, requests,
+                                   "storage.readonly", read_only, lambda: _umount(ro),
+                                   _real_agent(broker, packages[0], "tmpfs-ro"))
+                counts["read_only_mounted"] = bool(bound) and all(bound)
+                out["tmpfs_readonly"] = counts
+            finally:
+                _umount(ro)
+        out["install"] = _install_faults(root / "install", broker, packages)
+    finally:
+        broker.stop()
+    full = [out[k] for k in ("doubles_full", "tmpfs_full") if k in out]
+    readonly = [out[k] for k in ("doubles_readonly", "tmpfs_readonly") if k in out]
+    runs = full + readonly
+    out.update(infer_failures_disk_full=sum(c["infer_failures"] for c in full),
+               infer_failures_disk_readonly=sum(c["infer_failures"] for c in readonly),
+               telemetry_lost_disk=sum(c["lost"] for c in runs), seq_gaps_disk=sum(c["seq_gaps"] for c in runs),
+               telemetry_duplicated_disk=sum(c["duplicated"] for c in runs),
+               telemetry_produced_disk=sum(c["produced"] for c in runs),
+               installs_disagreeing=out["install"]["installs_disagreeing"],
+               old_model_not_serving=out["install"]["old_model_not_serving"])
+    return out
+
+
+# -- 5. clocks two days ahead and behind ---------------------------------------------------------------
+def _clock_synced(root: Path, broker: Any, devices: int, skew: float, windows: int) -> dict[str, Any]:
+    """``devices`` agents whose clocks run ``skew`` off, against a control plane with the time
+    server (tests/conftest.py's make_live: TUF repositories, fleet of real agents, v1 installed
+    by a valid update): a second valid update, ``windows`` telemetry windows each, then an
+    update whose timestamp metadata expired a day ago by the control plane's time."""
+    from datetime import timedelta
+
+    from conftest import make_live, settled, wait_for
+
+    env = make_live(broker, root, devices=devices, agent_overrides={"clock_skew_s": skew})
+    try:
+        agents = env.agents
+        c: dict[str, Any] = {"devices": devices, "skew_s": skew,
+                             "own_clock_off_s": sorted({round(a._wall() - time.time()) for a in agents}),
+                             "learned_offset_s": sorted({round(a.clock.offset_s) if a.clock.offset_s is not None else None
+                                                         for a in agents}, key=str),
+                             "updates_valid": 2 * devices}      # v1 (make_live waits for it on every device) and v2
+        v2 = env.new_version()
+        msg = env.sign_and_announce(v2)
+        try:
+            wait_for(lambda: settled(env, msg.update_id), timeout=120, what="the valid update", interval=0.1)
+        except AssertionError:
+            pass
+        c["updates_refused"] = sum(a.model_version != v2 for a in agents)
+        window = agents[0].config.telemetry_window
+        for a in agents:
+            _answered(a, env.test, windows * window)
+            a.flush_telemetry()
+        v3 = env.new_version()
+        msg = env.sign_and_announce(v3, after_signing=lambda target: env.director.refresh_timestamp(
+            lifetime=timedelta(days=-1)))
+        try:
+            wait_for(lambda: settled(env, msg.update_id), timeout=120, what="the expired update", interval=0.1)
+        except AssertionError:
+            pass
+        c["expired_offered"] = devices
+        c["expired_accepted"] = sum(a.model_version == v3 for a in agents)
+        c["expired_refused_as_expired"] = sum(a.last_result is not None and a.last_result.code == "verify.metadata"
+                                              and "xpired" in (a.last_result.reason or "") for a in agents)
+        for a in agents:
+            a.flush_telemetry()
+        produced = {a.device_id: a.seq.issued for a in agents}
+        _settle_telemetry(agents, env.registry, env.cp, produced, 120)
+        c.update(_clock_telemetry(agents, env.registry, produced))
+
+        def reported() -> int:
+            env.cp.drain()
+            rows = {d["device_id"]: d for d in env.registry.devices()}
+            return sum(rows.get(a.device_id, {}).get("clock_offset_s") is not None
+                       and abs(rows[a.device_id]["clock_offset_s"] + skew) < 60
+                       and "clock.skewed" in json.loads(rows[a.device_id].get("faults") or "{}") for a in agents)
+        try:
+            wait_for(lambda: reported() == devices, timeout=30, what="the skew on every device's row")
+        except AssertionError:
+            pass
+        c["skew_reported"] = reported()
+        return c
+    finally:
+        env.close()
+
+
+def _clock_telemetry(agents: list[Any], registry: Any, produced: dict[str, int]) -> dict[str, Any]:
+    lost = duplicated = flagged = 0
+    for a in agents:
+        rows = registry.telemetry_records(a.device_id)
+        seqs = {r["seq"] for r in rows}
+        lost += len(set(range(produced[a.device_id])) - seqs)
+        duplicated += len(rows) - len(seqs)
+        flagged += sum(bool(r["clock_suspect"]) for r in rows)
+    return {"produced": sum(produced.values()), "lost": lost, "duplicated": duplicated, "flagged": flagged,
+            "outbox_left": sum(len(a.outbox) for a in agents)}
+
+
+def _clock_unsynced(root: Path, broker: Any, v1: Any, test: Any, devices: int, skew: float,
+                    windows: int) -> dict[str, Any]:
+    """The same skew with no signed time to be had (a control plane without the time server):
+    the ingest must store every record, flagged when its time is impossible."""
+    from edgeloop.cloud.ingest.control_plane import ControlPlane
+    from edgeloop.cloud.registry import Registry
+
+    root.mkdir(parents=True, exist_ok=True)
+    registry = Registry(root / "registry.db")
+    cp = ControlPlane(registry, broker.host, broker.port).start()
+    make = _real_agent(broker, v1, f"clock-{'ahead' if skew > 0 else 'behind'}", clock_skew_s=skew)
+    agents: list[Any] = []
+    try:
+        for i in range(devices):
+            agents.append(make(i, root / f"dev-{i}"))
+        for a in agents:
+            _answered(a, test, windows * a.config.telemetry_window)
+            a.flush_telemetry()
+        produced = {a.device_id: a.seq.issued for a in agents}
+        _settle_telemetry(agents, registry, cp, produced, 60)
+        c = {"devices": devices, "skew_s": skew, "own_clock_off_s": sorted({round(a._wall() - time.time()) for a in agents}),
+             "synced": sum(a.clock.synced for a in agents), **_clock_telemetry(agents, registry, produced)}
+        return c
+    finally:
+        for a in agents:
+            a.stop(drain_s=0)
+        cp.stop()
+        registry.close()
+
+
+def clocks(root: Path, devices: int = 6, windows: int = 5) -> dict[str, Any]:
+    """Devices two days ahead and two days behind, with the time server (synced) and without
+    (unsynced); returns the counts."""
+    from conftest import Broker, edge_gateway_package
+
+    root.mkdir(parents=True, exist_ok=True)
+    broker = Broker(root / "broker")
+    broker.root.mkdir(parents=True)
+    broker.start()
+    out: dict[str, Any] = {}
+    try:
+        v1, test = edge_gateway_package(epochs=1)
+        for name, skew in (("ahead", 2 * DAY), ("behind", -2 * DAY)):
+            out[name] = _clock_synced(root / name, broker, devices, skew, windows)
+            out[f"unsynced_{name}"] = _clock_unsynced(root / f"unsynced-{name}", broker, v1, test, devices, skew, windows)
+    finally:
+        broker.stop()
+    runs = [out[k] for k in ("ahead", "behind", "unsynced_ahead", "unsynced_behind")]
+    out.update(telemetry_lost_clock=sum(c["lost"] for c in runs),
+               telemetry_duplicated_clock=sum(c["duplicated"] for c in runs),
+               telemetry_produced_clock=sum(c["produced"] for c in runs),
+               clock_flagged=sum(c["flagged"] for c in runs),
+               updates_refused_clock_ahead=out["ahead"]["updates_refused"],
+               expired_accepted_clock_behind=out["behind"]["expired_accepted"],
+               skew_reported=out["ahead"]["skew_reported"] + out["behind"]["skew_reported"])
+    return out
+
+
+DISK_KEYS = ("infer_failures_disk_full", "infer_failures_disk_readonly", "telemetry_lost_disk", "seq_gaps_disk",
+             "telemetry_duplicated_disk", "installs_disagreeing", "old_model_not_serving")
+CLOCK_KEYS = ("telemetry_lost_clock", "clock_flagged", "updates_refused_clock_ahead", "expired_accepted_clock_behind",
+              "skew_reported")
+
+
 # -- the run ---------------------------------------------------------------------------------------------
 def run(quick: bool, keep: bool = False) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="faults-"))
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     try:
         t = time.time()
         cuts = power_cuts(tmp / "power", share=0.15 if quick else 1.0, recovery_share=0.1 if quick else 0.5)
@@ -541,22 +990,34 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
         t = time.time()
         stream = broker_kills(tmp / "stream", kills=1 if quick else 3, records=20 if quick else 40)
         stream["seconds"] = round(time.time() - t, 1)
+        t = time.time()
+        disk = disks(tmp / "disks", devices=2 if quick else 8, requests=40 if quick else 200)
+        disk["seconds"] = round(time.time() - t, 1)
+        t = time.time()
+        clock = clocks(tmp / "clocks", devices=2 if quick else 6, windows=3 if quick else 5)
+        clock["seconds"] = round(time.time() - t, 1)
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"power_cuts": cuts["power_cuts"], "bricked": cuts["bricked"],
             "rollout_crashes": crashes["rollout_crashes"], "duplicate_commands": crashes["duplicate_commands"],
-            "stalled_devices": crashes["stalled_devices"], "telemetry_lost": stream["telemetry_lost"],
-            "telemetry_duplicated": stream["telemetry_duplicated"], "broker_kills": stream["broker_kills"],
-            "power": cuts, "rollouts": crashes, "stream": stream, "quick": quick,
+            "stalled_devices": crashes["stalled_devices"], "broker_kills": stream["broker_kills"],
+            "telemetry_lost": stream["telemetry_lost"] + disk["telemetry_lost_disk"] + clock["telemetry_lost_clock"],
+            "telemetry_duplicated": stream["telemetry_duplicated"] + disk["telemetry_duplicated_disk"]
+            + clock["telemetry_duplicated_clock"],
+            **{k: disk[k] for k in DISK_KEYS}, **{k: clock[k] for k in CLOCK_KEYS},
+            "disk_tmpfs": disk.get("tmpfs", "run"),
+            "power": cuts, "rollouts": crashes, "stream": stream, "disks": disk, "clocks": clock, "quick": quick,
             "seconds": round(time.time() - started, 1),
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "python": platform.python_version()}}
+                        "python": platform.python_version(),
+                        "load_1m": {"start": round(load_before[0], 1), "end": round(os.getloadavg()[0], 1)}}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small version: every 8th cut point, 4 kills, 1 broker kill")
+    p.add_argument("--quick", action="store_true", help="a small version: a share of the cut points, 4 kills, 1 broker kill, "
+                   "2 devices per disk and clock run")
     p.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = p.parse_args()
     print(json.dumps(run(args.quick, args.keep), sort_keys=True))

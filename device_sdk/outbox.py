@@ -129,7 +129,7 @@ class Outbox:
     def taken(self, message_id: int) -> None:
         """The broker took the message (or it is being sent again): it waits for confirmation
         from now on (the resend clock restarts)."""
-        with self._lock:
+        with self._writing("mark a message taken"):
             self._db.execute("UPDATE outbox SET taken_at = ? WHERE id = ?", (time.time(), message_id))
 
     def confirm(self, seqs: list[int], refs: list[str] | None = None) -> int:

@@ -161,3 +161,25 @@ def test_an_outbox_from_before_confirmations_is_upgraded_and_keeps_its_rows(tmp_
         assert [p.seq for p in outbox.pending(10)] == [None, 7]
     finally:
         outbox.close()
+
+
+def test_a_refused_bookkeeping_write_costs_a_resend_never_the_network_thread(rig):
+    """SQLite refusing a write (the disk full or read-only) reaches Delivery as StorageError,
+    on every write the outbox makes: its PUBACK handling runs on paho's network thread, which
+    an escaping sqlite3 error would kill."""
+    from edgeloop.device_sdk.storage import StorageError
+
+    outbox, link, delivery = rig
+    _telemetry(outbox, range(2))
+    assert delivery.pump() == 2
+    outbox._db.execute("PRAGMA query_only = 1")        # every write now fails: SQLITE_READONLY
+    for write in (lambda: outbox.taken(1), lambda: outbox.ack(1), lambda: outbox.confirm([0]),
+                  lambda: outbox.put("t", b"x", seq=9), outbox.take_dropped):
+        with pytest.raises(StorageError):
+            write()
+    for mid, _, _ in link.sent:
+        delivery.puback(mid)                           # taken() refused: counted, not raised
+    assert delivery.write_failures == 2
+    outbox._db.execute("PRAGMA query_only = 0")
+    delivery.confirm([0, 1])
+    assert len(outbox) == 0
