@@ -8,6 +8,7 @@ mistake is one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -761,6 +762,10 @@ def main(argv: list[str] | None = None) -> int:
     except CloudError as e:
         return _failed(out, str(e), e.exit_code, type(e).__name__)
     except KeyboardInterrupt:
+        # exiting on an interrupt: one more (a launcher passing Ctrl-C to its process group, a
+        # second key press) must not kill the interpreter's teardown by signal instead of exit 130
+        with contextlib.suppress(ValueError):          # not the main thread: nothing to guard
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         return _failed(out, "interrupted", 130, "Interrupted", prefix="edgeloop: ")
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:

@@ -122,8 +122,12 @@ def test_500_devices_canary_then_waves_all_commit_with_one_command_each(env):
                                         "group by wave order by wave", [rid])
     assert waves[0]["n"] == 25, "the canary is 5% of 500"
     assert len(waves) >= 3 and waves[2]["n"] > waves[1]["n"], "waves grow"
+    done = raw_rows(env.registry.path, "select wave, finished_at from rollout_devices where rollout_id = ?", [rid])
     for before, after in zip(waves, waves[1:]):
-        assert before["last_done"] <= after["first_sent"], "a wave started before the previous one finished"
+        # a wave ends at its success share (90% by default), not at its slowest device
+        finished = sum(1 for d in done if d["wave"] == before["wave"] and d["finished_at"] is not None
+                       and d["finished_at"] <= after["first_sent"])
+        assert finished >= 0.9 * before["n"], f"wave {after['wave']} started with {finished}/{before['n']} of the last done"
     print(f"500 devices: {seconds:.1f} s, {500 / seconds * 60:.0f} updates/min, p50 "
           f"{report['command_to_commit_p50_s']} s")
 
