@@ -237,7 +237,7 @@ def _stop(walk: Walk) -> dict[str, tuple[int, str, str]]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
         try:
-            out, err = proc.communicate(timeout=30)
+            out, err = proc.communicate(timeout=90)      # serve may be finishing a step of its loop
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()

@@ -107,7 +107,7 @@ def test_ctrl_c_stops_watching_and_leaves_the_rollout_running(unit):
         assert f"rollout {rid}: pending" in first, first + proc.stderr.read()
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
