@@ -980,25 +980,23 @@ CLOCK_KEYS = ("telemetry_lost_clock", "clock_flagged", "updates_refused_clock_ah
 
 
 # -- the run ---------------------------------------------------------------------------------------------
+def _timed(section: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """One section's counts, with the seconds it took."""
+    t = time.time()
+    counts = section(*args, **kwargs)
+    counts["seconds"] = round(time.time() - t, 1)
+    return counts
+
+
 def run(quick: bool, keep: bool = False) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="faults-"))
     started, load_before = time.time(), os.getloadavg()
     try:
-        t = time.time()
-        cuts = power_cuts(tmp / "power", share=0.15 if quick else 1.0, recovery_share=0.1 if quick else 0.5)
-        cuts["seconds"] = round(time.time() - t, 1)
-        t = time.time()
-        crashes = rollout_crashes(tmp / "rollouts", kills=4 if quick else 20, devices=6 if quick else 12)
-        crashes["seconds"] = round(time.time() - t, 1)
-        t = time.time()
-        stream = broker_kills(tmp / "stream", kills=1 if quick else 3, records=20 if quick else 40)
-        stream["seconds"] = round(time.time() - t, 1)
-        t = time.time()
-        disk = disks(tmp / "disks", devices=2 if quick else 8, requests=40 if quick else 200)
-        disk["seconds"] = round(time.time() - t, 1)
-        t = time.time()
-        clock = clocks(tmp / "clocks", devices=2 if quick else 6, windows=3 if quick else 5)
-        clock["seconds"] = round(time.time() - t, 1)
+        cuts = _timed(power_cuts, tmp / "power", share=0.15 if quick else 1.0, recovery_share=0.1 if quick else 0.5)
+        crashes = _timed(rollout_crashes, tmp / "rollouts", kills=4 if quick else 20, devices=6 if quick else 12)
+        stream = _timed(broker_kills, tmp / "stream", kills=1 if quick else 3, records=20 if quick else 40)
+        disk = _timed(disks, tmp / "disks", devices=2 if quick else 8, requests=40 if quick else 200)
+        clock = _timed(clocks, tmp / "clocks", devices=2 if quick else 6, windows=3 if quick else 5)
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)

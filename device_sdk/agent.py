@@ -45,7 +45,7 @@ import numpy as np
 from edgeloop.contracts import topics
 from edgeloop.contracts.codes import ErrorCode
 from edgeloop.contracts.errors import ContractError
-from edgeloop.contracts.messages import (MAX_FEATURES, Announce, Command, DeviceState, ErrorReport, SignedTime, Status,
+from edgeloop.contracts.messages import (MAX_FEATURES, M, Announce, Command, DeviceState, ErrorReport, SignedTime, Status,
                                         TelemetryAck, encode, parse)
 from edgeloop.contracts.tasks import TaskKind
 from edgeloop.device_sdk import factory
@@ -384,13 +384,19 @@ class Agent:
         with self._lock:
             return self.delivery.pump()
 
-    def _on_telemetry_ack(self, payload: bytes) -> None:
-        """The link's thread or loop: the ingest stored (or refused) these records."""
+    def _parsed(self, payload: bytes, kind: type[M], what: str) -> M | None:
+        """``payload`` as a ``kind`` message, or None (counted as malformed and logged)."""
         try:
-            ack = parse(payload, expect=TelemetryAck)
+            return parse(payload, expect=kind)
         except ContractError as e:
             self.malformed += 1
-            log.warning("%s: dropped malformed telemetry acknowledgement: %s", self.device_id, e)
+            log.warning("%s: dropped malformed %s: %s", self.device_id, what, e)
+            return None
+
+    def _on_telemetry_ack(self, payload: bytes) -> None:
+        """The link's thread or loop: the ingest stored (or refused) these records."""
+        ack = self._parsed(payload, TelemetryAck, "telemetry acknowledgement")
+        if ack is None:
             return
         if ack.device_id != self.device_id:
             self.malformed += 1
@@ -557,11 +563,8 @@ class Agent:
 
     def _on_time(self, payload: bytes) -> None:
         """The link's thread or loop: the control plane's signed time (device_sdk/clock.py)."""
-        try:
-            answer = parse(payload, expect=SignedTime)
-        except ContractError as e:
-            self.malformed += 1
-            log.warning("%s: dropped malformed signed time: %s", self.device_id, e)
+        answer = self._parsed(payload, SignedTime, "signed time")
+        if answer is None:
             return
         if self.clock.accept(answer):
             if self.clock.skewed:

@@ -229,6 +229,22 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001
     return code, out, err
 
 
+def cli_json(*argv: str) -> dict:
+    """``edgeloop ARGV --json`` in this process, outside capsys (module fixtures): its JSON result;
+    fails the test on a non-zero exit, with the command's stderr."""
+    import contextlib
+    import io
+    import json
+
+    from edgeloop.fleet.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*argv, "--json"])
+    assert code == 0, (argv, err.getvalue())
+    return json.loads(out.getvalue().splitlines()[-1])
+
+
 def edge_gateway_package(epochs: int = 1):
     """A small digits model packaged for the edge-gateway tier (fp32 ONNX, no signing), with the
     held-out test split: (PackageResult, test split). For tests that install it directly."""

@@ -7,8 +7,6 @@ to a host that is not loopback; a workspace without a broker configuration keeps
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import random
 import ssl
@@ -22,7 +20,7 @@ import pytest
 from cryptography import x509
 from tuf.api import exceptions as tuf_errors
 
-from conftest import free_port, run_cli, wait_for
+from conftest import cli_json, free_port, run_cli, wait_for
 from edgeloop.cloud.api.server import TokenStore
 from edgeloop.cloud.errors import UserError
 from edgeloop.cloud.fleet_registry import FleetRegistry
@@ -35,7 +33,6 @@ from edgeloop.device_sdk.errors import TransientError
 from edgeloop.device_sdk.fetcher import ResumableFetcher
 from edgeloop.device_sdk.tuf_fetch import provision
 from edgeloop.fleet.broker import control_plane_link, server_tls, stack_options
-from edgeloop.fleet.cli import main as cli_main
 from edgeloop.fleet.identity import FleetCA, agent_tls, simulated_device_tls
 from edgeloop.simulators._swarm_parts import Downloads
 
@@ -43,12 +40,7 @@ pytestmark = pytest.mark.e2e
 TIER = "edge-gateway"
 
 
-def _cli(*argv: str) -> dict:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli_main([*argv, "--json"])
-    assert code == 0, (argv, err.getvalue())
-    return json.loads(out.getvalue().splitlines()[-1])
+_cli = cli_json     # edgeloop ARGV --json in this process (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

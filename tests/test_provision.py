@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import pytest
 from cryptography import x509
 
-from conftest import free_port, run_cli, wait_for
+from conftest import cli_json, free_port, run_cli, wait_for
 from edgeloop.cloud.registry import Registry
 from edgeloop.cloud.workspace import Workspace
 from edgeloop.contracts.messages import Announce
@@ -37,20 +37,13 @@ from edgeloop.device_sdk import provision as dp
 from edgeloop.device_sdk.ota import Installer
 from edgeloop.edge.gateway import console_line, main as gateway_main
 from edgeloop.device_sdk.agent import UpdateEvent
-from edgeloop.fleet.cli import main as cli_main
 
 pytestmark = pytest.mark.e2e
 FLEET = "prov-fleet"
 TIER = "edge-gateway"
 
 
-def _cli(*argv: str) -> dict:
-    """``edgeloop ARGV --json`` in this process; its JSON result (fails the test on an error)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli_main([*argv, "--json"])
-    assert code == 0, (argv, err.getvalue())
-    return json.loads(out.getvalue().splitlines()[-1])
+_cli = cli_json     # edgeloop ARGV --json in this process (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
