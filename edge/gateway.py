@@ -267,12 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"{config.device_id} of fleet {config.fleet} connected to {config.mqtt_host}:{config.mqtt_port}"
          f"{' (mutual TLS)' if config.tls_cert else ''}; serving {agent.model_version or 'no model yet'} on "
          f"{server.url}")
-    signal.signal(signal.SIGTERM, _interrupt)
+    # a signal is only noted and the loop ends between two steps: a KeyboardInterrupt raised at
+    # any bytecode could leave one of the agent's locks held and hang the stop below
+    stopping: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
     try:
-        while True:
+        while not stopping:
             agent.step(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         server.stop()
         agent.stop()
@@ -287,10 +289,6 @@ def _say(line: str) -> None:
 def _fail(message: str, code: int) -> int:
     print(f"edgeloop-gateway: error: {message}", file=sys.stderr, flush=True)
     return code
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _address(text: str, flag: str) -> tuple[str, int]:

@@ -13,7 +13,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -447,6 +446,7 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.fleet.broker import stack_options
 
     from edgeloop.fleet._serve_lock import ServeLock
+    from edgeloop.fleet._signals import StopRequest
 
     ws = _open(args)
     api = parse_host_port(args.api, "API address", allow_zero=True)
@@ -456,21 +456,17 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     session = f"edgeloop-ingest-{ws.fleet}" + ("" if args.worker == "serve" else f"-{args.worker}")
     options = stack_options(ws, args.mqtt, args.worker, ingest_workers=args.ingest_workers, session=session,
                             api=api, shared=args.ingest == "shared")
-    stop = threading.Event()
-    # one control plane per workspace: the lock before any port or broker session (fleet/_serve_lock.py)
-    with ServeLock(ws.root) as lock, ServiceStack(ws, options) as stack:
+    # one control plane per workspace: the lock before any port or broker session (fleet/_serve_lock.py);
+    # from the moment its services run, a signal only asks the controller loop to stop (fleet/_signals.py)
+    with ServeLock(ws.root) as lock, ServiceStack(ws, options) as stack, StopRequest() as stop:
         lock.publish(stack.repository_url, stack.api.url, ws.fleet)
-        signal.signal(signal.SIGTERM, lambda *a: stop.set())
         link = options.broker
         if lock.replaced is not None:
             out.info(f"replaced a stale {SERVE_FILE} (pid {lock.replaced.pid}, no longer serving)")
         out.info(f"serving {stack.repository_url}, API {stack.api.url}, fleet {ws.fleet}, ingesting from "
                  f"{link.host}:{link.port}{' (mutual TLS)' if link.control_plane_kwargs() else ''}"
                  f"{f' with {options.ingest_workers} workers' if options.ingest_workers > 1 else ''} (Ctrl-C to stop)")
-        try:
-            stack.rollouts.run(stop, until=time.time() + args.duration if args.duration else None)
-        except KeyboardInterrupt:
-            pass
+        stack.rollouts.run(stop, until=time.time() + args.duration if args.duration else None)
     out.result({"repository_url": stack.repository_url, "api_url": stack.api.url, "fleet": ws.fleet,
                 **_ingest_totals([cp.stats.__dict__ for cp in stack.ingest])})
     return 0
@@ -567,7 +563,8 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
         swarm_args = build_parser().parse_args(argv)
         return swarm_args.fn(swarm_args, out)
     from edgeloop.cloud.train.datasets import load_dataset
-    from edgeloop.fleet.cli_swarm import Interrupted, reachable
+    from edgeloop.fleet._signals import StopRequest
+    from edgeloop.fleet.cli_swarm import reachable
     from edgeloop.simulators.datastream import DataStream
     from edgeloop.simulators.fleet import FleetSpec, SimulatedFleet
 
@@ -582,7 +579,7 @@ def _simulate(args: argparse.Namespace, out: Output) -> int:
                      agent_overrides={"sample_rate": args.sample_rate} if args.sample_rate else {})
     fleet = SimulatedFleet(spec, DataStream(test.x, test.y))
     began = time.monotonic()
-    with Interrupted() as interrupted:      # from here a signal stops the fleet, even half started
+    with StopRequest() as interrupted:      # from here a signal stops the fleet, even half started
         try:
             fleet.start(should_stop=lambda: interrupted.signum is not None)
         except BaseException:
@@ -654,6 +651,7 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
 
     link, own = _device_link(ws, args.mqtt, TIER)
     from edgeloop.fleet._serve_lock import ServeLock
+    from edgeloop.fleet._signals import StopRequest
 
     # the demo runs a control plane: the same one-per-workspace lock as serve
     with ServeLock(ws.root), out.progress() as progress:
@@ -702,6 +700,7 @@ def _loop_demo(args: argparse.Namespace, out: Output) -> int:
     out.info(f"edgeloop demo --loop: {devices} devices, broker {link.host}:{link.port}"
              f"{' (mutual TLS)' if link.tls else ''}, workspace {ws.root}")
     from edgeloop.fleet._serve_lock import ServeLock
+    from edgeloop.fleet._signals import StopRequest
 
     with ServeLock(ws.root):      # a control plane: one per workspace, as with serve
         r = run_loop_demo(ws, LoopOptions(devices=devices, epochs=args.epochs, timeout_s=args.timeout,

@@ -183,10 +183,12 @@ def _watch(fetch: Callable[[], dict[str, Any]], rollout_id: str, interval: float
     """``status --watch``: look every ``interval`` seconds; on each change print one line (with
     --json, the whole status as one JSON object) until the rollout ends (exit 0, whatever its
     end). Ctrl-C stops watching and leaves the rollout running (exit 130, one line saying so)."""
+    from edgeloop.fleet._signals import StopRequest
+
     last: dict[str, Any] | None = None
     state = "unknown"
-    try:
-        while True:
+    with StopRequest() as stop:          # Ctrl-C is only noted; the loop ends between two looks
+        while not stop.is_set():
             r = fetch()
             state = r["state"]
             seen = {k: r.get(k) for k in _CHANGES}
@@ -198,11 +200,10 @@ def _watch(fetch: Callable[[], dict[str, Any]], rollout_id: str, interval: float
                     out.info(_progress_line(r))
             if state in ENDED:
                 return 0
-            time.sleep(interval)
-    except KeyboardInterrupt:
+            stop.wait(interval)
         sys.stderr.write(f"edgeloop: stopped watching; rollout {rollout_id} is still {state} and carries on "
                          f"(stop it with: edgeloop rollout abort {rollout_id})\n")
-        return 130
+        return stop.exit_code
 
 
 def _progress_line(r: dict[str, Any]) -> str:

@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,8 +29,9 @@ from edgeloop.cloud.errors import ServiceUnavailable, UserError
 from edgeloop.cloud.workspace import Workspace
 from edgeloop.fleet._args import DURATION_HELP, duration, duration_or_zero, positive_int
 from edgeloop.fleet._output import Output
+from edgeloop.fleet._signals import exit_code_for
 
-__all__ = ["add_swarm_command", "Interrupted", "reachable", "sample_rate"]
+__all__ = ["add_swarm_command", "reachable", "sample_rate"]
 
 
 def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -123,7 +123,7 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
     summary["stopped_by"] = signal.Signals(signum).name if signum else "duration"
     out.result(summary, f"{report['devices']} devices ({', '.join(f'{n} {t}' for t, n in report['tiers'].items())})"
                         f": {states}{times}; stopped by {summary['stopped_by']}")
-    return _exit_code(signum)
+    return exit_code_for(signum)
 
 
 async def _run(swarm: Any, duration: float | None, out: Output) -> tuple[dict[str, Any], int | None]:
@@ -246,47 +246,3 @@ def sample_rate(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(f"{text} is not a share of requests: use 0 to 1 (0.2: one in five)")
     return value
-
-
-def _exit_code(signum: int | None) -> int:
-    """0 when the run ended by itself; 128 + the signal otherwise (130 SIGINT, 143 SIGTERM)."""
-    return 0 if signum is None else 128 + signum
-
-
-class Interrupted:
-    """SIGINT and SIGTERM as a request to stop, for a command whose main thread polls
-    :meth:`wait` (or :attr:`signum`): a signal is only recorded. The handlers are the process's
-    while the context is open (main thread only), the previous ones afterwards."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> Interrupted:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self.signum = self.signum or signum
-
-    def wait(self, timeout: float) -> bool:
-        """Sleep up to ``timeout`` seconds, less if a signal came; True once one came. (The handler
-        only sets a field: taking a lock in a signal handler could deadlock the thread it interrupts.)"""
-        end = time.monotonic() + timeout
-        while self.signum is None and (left := end - time.monotonic()) > 0:
-            time.sleep(min(left, 0.05))
-        return self.signum is not None
-
-    @property
-    def name(self) -> str | None:
-        return signal.Signals(self.signum).name if self.signum else None
-
-    @property
-    def exit_code(self) -> int:
-        return _exit_code(self.signum)

@@ -71,7 +71,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from hashlib import sha256
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from edgeloop.contracts.codes import ErrorCode, retryable
 from edgeloop.contracts.messages import Announce, Command
@@ -103,6 +103,14 @@ MEMBERSHIP_INTERVAL_S = 5.0      # how often an active rollout looks for target 
 STRATEGIES = ("all", "canary", "waves")
 SELECTOR_KEYS = ("tier", "tag", "group", "device")
 S, D, E, V = RolloutState, DeviceRolloutState, RolloutEvent, DeviceEvent
+
+
+class StopFlag(Protocol):
+    """What :meth:`RolloutController.run` polls: a ``threading.Event``, or the CLI's signal flag."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,7 @@ class RolloutController:
         self._grown_at: dict[str, float] = {}   # rollout -> when its membership was last looked at
         self._swept = False                     # the ended rollouts' assignments withdrawn since this start
 
-    def run(self, stop: threading.Event, interval_s: float = STEP_INTERVAL_S, until: float | None = None) -> None:
+    def run(self, stop: StopFlag, interval_s: float = STEP_INTERVAL_S, until: float | None = None) -> None:
         """Call :meth:`step` every ``interval_s`` until ``stop`` is set or ``until`` (a time) passes."""
         while not stop.is_set() and (until is None or time.time() < until):
             try:
