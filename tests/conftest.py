@@ -12,6 +12,28 @@ from pathlib import Path
 
 import pytest
 
+# every Python process a test starts dumps its threads' tracebacks on SIGABRT (and on a crash), so
+# a command that hangs instead of exiting can say where (exited_within)
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+
+def exited_within(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc.communicate(timeout=...)``; past the timeout, the process is sent SIGABRT and the
+    test fails with where each of its threads was (faulthandler), not a bare TimeoutExpired."""
+    import signal
+
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, proc.args))!r} had not exited {timeout:g} s after it was told to; "
+                    f"its threads then:\n{(err or '')[-6000:]}")
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -200,9 +200,11 @@ def test_the_readme_walkthrough_runs_as_written(broker, tmp_path):
     folder.mkdir()
     env = _env(tmp_path)
     walk = Walk(folder, env)
+    began = time.monotonic()
     try:
         for cmd, step in zip(walkthrough(), STEPS):
             cmd = cmd.replace("127.0.0.1:1883", broker.address)    # the one substitution: a private broker
+            print(f"[{time.monotonic() - began:6.1f} s] {cmd}")     # where the time goes, with -s
             if cmd.endswith("&"):
                 proc = subprocess.Popen(["bash", "-c", "exec " + cmd.rstrip(" &")], cwd=folder, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -239,7 +241,11 @@ def _stop(walk: Walk) -> dict[str, tuple[int, str, str]]:
         try:
             out, err = proc.communicate(timeout=90)      # serve may be finishing a step of its loop
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
+            os.killpg(proc.pid, signal.SIGABRT)           # PYTHONFAULTHANDLER (conftest): where it hung
+            try:
+                out, err = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, err = proc.communicate()
         ended[cmd] = (proc.returncode, out, err)
     return ended

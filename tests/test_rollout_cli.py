@@ -14,7 +14,7 @@ import pytest
 
 from edgeloop.cloud.rollouts.controller import RolloutSpec
 from edgeloop.fleet.cli import main
-from conftest import wait_for
+from conftest import exited_within, wait_for
 from test_rollouts import TIER, answer, fleet, make_unit
 
 URL = "http://127.0.0.1:9/repository"
@@ -107,7 +107,7 @@ def test_ctrl_c_stops_watching_and_leaves_the_rollout_running(unit):
         assert f"rollout {rid}: pending" in first, first + proc.stderr.read()
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = exited_within(proc, 60)
     finally:
         if proc.poll() is None:
             proc.kill()

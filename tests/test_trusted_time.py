@@ -96,7 +96,9 @@ def test_a_device_two_days_ahead_learns_signed_time_reports_skew_and_verifies_up
 
 
 def test_a_device_two_days_behind_refuses_metadata_that_expired_by_signed_time(broker, tmp_path):
-    env = make_live(broker, tmp_path, devices=1, agent_overrides={"clock_skew_s": -2 * DAY})
+    # expiry is transient (metadata.stale: a mirror may catch up), so it is retried: short delays here
+    env = make_live(broker, tmp_path, devices=1, agent_overrides={"clock_skew_s": -2 * DAY,
+                                                                   "retry_delays_s": (0.1, 0.2)})
     try:
         agent = env.agents[0]
         assert agent.clock.synced and agent.clock.offset_s == pytest.approx(2 * DAY, abs=30)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, wait_for
+from conftest import exited_within, run_cli, wait_for
 from edgeloop.cloud.errors import IntegrityError, KeysMissing, LineageBroken, NotFound, WorkspaceDamaged
 from edgeloop.cloud.models import lineage
 from edgeloop.cloud.registry import Registry
@@ -186,7 +186,7 @@ def test_ctrl_c_or_sigterm_during_train_marks_the_run_interrupted_at_once(ws, ca
         run = _wait_running(ws, proc)
         assert run["pid"] == proc.pid
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        _, err = exited_within(proc, 60)
     finally:
         proc.kill()
     one_line(proc.returncode, err, 130, "interrupted")
@@ -217,7 +217,7 @@ def test_ctrl_c_during_distributed_train_stops_every_worker(ws):
         job = str((ws / "runs" / run["run_id"] / "job.json").resolve())
         wait_for(lambda: len(_processes_naming(job)) >= 2, 90, "the workers to start", interval=0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = exited_within(proc, 60)
     finally:
         proc.kill()
     one_line(proc.returncode, err, 130, "interrupted")

@@ -246,8 +246,6 @@ def _training_data(registry: Registry, run_id: str) -> tuple[Dataset, int]:
     return dataset, int(run["params"].get("split_seed", 0))
 
 
-CALIBRATION_ROWS = 256
-
 
 def package_model(ws: Workspace, registry: Registry, model_version: str, tier: str) -> PackageResult:
     """Build a tier's package for a model version, proven on the tier's runtime and within its
@@ -267,7 +265,7 @@ def package_model(ws: Workspace, registry: Registry, model_version: str, tier: s
     task = TaskSpec.from_obj(mv.get("task"))
     train_outputs = outputs_of(model, features, train_split.x)
     result = build_tier_package(profile, model, onnx_bytes, features, mv["labels"],
-                                mv["model"], mv["version"], train_split.x[:CALIBRATION_ROWS],
+                                mv["model"], mv["version"], train_split.x,
                                 test.x[:GOLDEN_COUNT], test.x, test.y, lineage,
                                 baseline=baseline_stats(train_split.x, train_outputs, task, features), task=task)
     return register_package(ws, registry, model_version, result)

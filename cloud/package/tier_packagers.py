@@ -6,7 +6,8 @@ tier          artifact (``edgeloop.cloud.package.quantize`` makes the model file
 gpu-server    ONNX fp32 (+ fp16 where the graph converts), each with a Triton
               ``config.pbtxt``; the Triton model repository layout is in the manifest
 edge-gateway  ONNX int8, static post-training quantization (QDQ, per-channel weights,
-              onnxruntime.quantization), calibrated on the registered training data
+              onnxruntime.quantization), calibrated on (at most 256 rows of) the registered
+              training data
 mobile        LiteRT ``.tflite``, dynamic-range int8 weights (litert-torch +
               ai-edge-quantizer)
 mcu           LiteRT ``.tflite`` fully int8 (int8 in and out, int32 bias) that TFLite
@@ -58,9 +59,14 @@ from edgeloop.cloud.package.tiers import TierProfile
 
 __all__ = ["DoesNotFit", "BudgetExceeded", "UnsupportedOperator", "TierArtifact", "convert", "check_operators",
            "measure", "check_budgets", "tflm_arena_bytes", "tflm_arena_measured", "arena_for_tier", "tflm_reported_arena_bytes",
-           "triton_config", "captured_output", "MIN_CALIBRATION_ROWS"]
+           "triton_config", "captured_output", "MIN_CALIBRATION_ROWS",
+           "MAX_CALIBRATION_ROWS", "calibration_rows"]
 
 MIN_CALIBRATION_ROWS = 8
+# activation ranges come from at most this many training rows: min/max calibration settles within a few hundred examples (TFLite's guidance is
+# 100-500 representative samples), while each row is one interpreter run of the whole graph, so
+# calibrating on every training row made the int8 tiers' packaging scale with the dataset
+MAX_CALIBRATION_ROWS = 256
 TFLM_MEASURE_ARENA = 8 * 1024 * 1024    # generous, so an over-budget model is measured, not just refused
 
 
@@ -203,8 +209,9 @@ def convert(profile: TierProfile, model: nn.Module, onnx_bytes: bytes, features:
             calib_raw: np.ndarray, name: str, version: int, n_outputs: int) -> TierArtifact:
     """Build the tier's artifact from the float model (PyTorch for .tflite, its ONNX export for
     ONNX), both taking ``(n, *features.shape)`` and giving ``n_outputs`` values per example.
-    ``calib_raw`` are raw flat training rows ``(n, n_features)``; the feature contract is applied
-    and the rows reshaped here (``features.model_input``). Raises UserError for bad calibration
+    ``calib_raw`` are raw flat training rows ``(n, n_features)``; at most
+    :data:`MAX_CALIBRATION_ROWS` of them calibrate (:func:`calibration_rows`), the feature
+    contract applied and the rows reshaped here (``features.model_input``). Raises UserError for bad calibration
     data, a tier with no packager, an ONNX graph whose shapes disagree with the contract, or a
     failed conversion."""
     packager = _PACKAGERS.get((profile.runtime, profile.format))
@@ -215,7 +222,7 @@ def convert(profile: TierProfile, model: nn.Module, onnx_bytes: bytes, features:
     if calib_raw.ndim != 2 or calib_raw.shape[1] != features.n_features or len(calib_raw) < MIN_CALIBRATION_ROWS:
         raise UserError(f"calibration data must be at least {MIN_CALIBRATION_ROWS} rows of {features.n_features} "
                         f"features, got shape {tuple(calib_raw.shape)}")
-    calib = features.model_input(calib_raw)
+    calib = features.model_input(calibration_rows(calib_raw))
     if not np.isfinite(calib).all():
         raise UserError("calibration data has non-finite values after the feature contract")
     job = _Job(profile, model, onnx_bytes, calib, name, version, n_outputs)
@@ -230,6 +237,12 @@ def convert(profile: TierProfile, model: nn.Module, onnx_bytes: bytes, features:
     raise UserError(f"could not build the {profile.name} artifact: {type(failure).__name__}: "
                     f"{str(failure).splitlines()[0][:300] if str(failure) else ''}"
                     + (f" ({last})" if last else "")) from failure
+
+
+def calibration_rows(rows: np.ndarray, most: int = MAX_CALIBRATION_ROWS) -> np.ndarray:
+    """The first ``most`` of ``rows`` (the training split is already shuffled by its seed):
+    deterministic, so a re-package calibrates on the same rows and gives the same bytes."""
+    return rows[:most]
 
 
 # -- checks before measuring ----------------------------------------------------------------
