@@ -474,7 +474,9 @@ class RolloutController:
             self._swept = self._prune() is not None
         for rid in self.registry.rollout_ids(active_only=True):
             try:
-                changes += self._step_one(rid, now)
+                with self.registry.rollout_step_lock(rid) as mine:
+                    if mine:          # else another controller is stepping it right now
+                        changes += self._step_one(rid, now)
             except Exception:  # noqa: BLE001 - one rollout's trouble never stops the others
                 log.exception("rollout %s: step failed", rid)
         return changes

@@ -71,6 +71,11 @@ class Dialect:
 
     name: str
     skip_locked: str        # appended to a SELECT whose rows the transaction then claims
+    # a lock of this connection's session on one bigint key, taken without waiting (a true/false
+    # row) and given back; the server drops it when the session ends, however it ends ("": none,
+    # SQLite: one process per file, under the serve lock)
+    try_lock: str = ""
+    unlock: str = ""
     # what the backend raises for a duplicate primary or unique key (psycopg is imported only
     # by the PostgreSQL backend: a SQLite store, and `edgeloop status`, never load it)
     duplicate_key: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
@@ -162,6 +167,7 @@ class StoreBase:
 
     def __init__(self, location: Path | str) -> None:
         self._lock = threading.RLock()
+        self._tx_depth = 0          # open _tx blocks of the thread holding the lock (the outermost commits)
         if is_url(location):
             from edgeloop.cloud.store.postgres import connect
             self.path: Path | None = None
@@ -241,9 +247,25 @@ class StoreBase:
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        """The lock and one transaction (committed on exit, rolled back on an exception)."""
-        with self._lock, self._conn:
-            yield self._conn
+        """The lock and one transaction (committed on exit, rolled back on an exception). A
+        ``_tx`` inside another joins it: nothing commits until the outermost one ends (SQLite's
+        ``with conn:`` would commit the outer transaction at the inner one's end, so a rollout
+        could be seen without its devices, or a claim read under ``begin immediate`` written
+        after another writer)."""
+        with self._lock:
+            if self._tx_depth:
+                self._tx_depth += 1
+                try:
+                    yield self._conn
+                finally:
+                    self._tx_depth -= 1
+                return
+            self._tx_depth = 1
+            try:
+                with self._conn:
+                    yield self._conn
+            finally:
+                self._tx_depth = 0
 
     def _chunks(self, ids: Iterable[str], size: int = 500) -> Iterator[list[str]]:
         ids = list(ids)

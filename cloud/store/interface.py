@@ -11,6 +11,7 @@ threads.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
@@ -288,6 +289,10 @@ class RolloutStore(Protocol):
     def move_rollout(self, rollout_id: str, frm: str, sets: dict[str, Any]) -> bool:
         """Apply ``sets`` (its ``state`` the caller took from the transition table) if the
         rollout is still in ``frm``. Returns whether it was."""
+
+    def rollout_step_lock(self, rollout_id: str) -> AbstractContextManager[bool]:
+        """Whether this store holds the rollout's step lock for the block (never waits: False
+        while another controller steps it; given back by the server when the holder dies)."""
 
     def set_rollout_health(self, rollout_id: str, health: dict[str, Any], now: float) -> None: ...
 

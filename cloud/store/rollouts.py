@@ -10,11 +10,13 @@ a transition that is not a table row raises IllegalTransition before anything is
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, NamedTuple
+from contextlib import contextmanager
+from hashlib import sha256
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from edgeloop.contracts.codes import ErrorCode
 from edgeloop.cloud.rollouts.machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
-from edgeloop.cloud.store._base import SqliteBase, marks
+from edgeloop.cloud.store._base import ConnectionLost, SqliteBase, marks
 
 __all__ = ["AttemptEnd", "RolloutOps"]
 
@@ -91,6 +93,29 @@ class RolloutOps(SqliteBase):
             cur = conn.execute(f"update rollouts set {', '.join(f'{k} = ?' for k in sets)} "
                                "where rollout_id = ? and state = ?", [*sets.values(), rollout_id, frm])
         return bool(cur.rowcount)
+
+    @contextmanager
+    def rollout_step_lock(self, rollout_id: str) -> Iterator[bool]:
+        """Whether this store's connection holds the rollout's step lock for the block (taken
+        without waiting: False while another controller steps it). Several controllers on one
+        PostgreSQL store each step a rollout only while they hold it (a session advisory lock:
+        the server gives it back when the holder's session ends, a killed controller's too).
+        SQLite: always True (one serve per store file)."""
+        if not self.dialect.try_lock:
+            yield True
+            return
+        key = int.from_bytes(sha256(f"edgeloop-rollout/{rollout_id}".encode()).digest()[:8], "big", signed=True)
+        with self._lock:
+            held = bool(self._conn.execute(self.dialect.try_lock, [key]).fetchone()[0])
+        try:
+            yield held
+        finally:
+            if held:
+                try:
+                    with self._lock:
+                        self._conn.execute(self.dialect.unlock, [key])
+                except ConnectionLost:          # the session is gone, and its lock with it
+                    pass
 
     def set_rollout_health(self, rollout_id: str, health: dict[str, Any], now: float) -> None:
         with self._tx() as conn:
