@@ -195,7 +195,8 @@ def stack_options(ws: Workspace, address: str | None = None, worker: str = "serv
         raise UserError(f"invalid number of ingest workers {ingest_workers}: use 1 or more")
     links = [control_plane_link(ws, address, worker if i == 0 else f"{worker}-{i + 1}") for i in range(ingest_workers)]
     return StackOptions(broker=links[0], workers=tuple(links[1:]), share_group=share_group(ws), shared=shared,
-                        session=session, api=api, rollouts=rollouts, server_tls=server_tls(ws, api))
+                        session=session, api=api, rollouts=rollouts, server_tls=server_tls(ws, api),
+                        public_url=ws.public_url)
 
 
 def server_tls(ws: Workspace, api: tuple[str, int] | None = None):  # noqa: ANN201 - cloud.services.ServerTls | None
