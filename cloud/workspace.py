@@ -259,7 +259,8 @@ class Workspace:
         repositories, artifacts and the other shared folders (:data:`SHARED`), so every host
         signs into the same repositories under one release lock. This folder must be reachable
         at the same path on every host (a shared mount). Raises UserError for a workspace whose
-        store is its SQLite file (one host only), a bad name, or a ``root`` that exists."""
+        store is its SQLite file (one host only), a bad name, or a ``root`` that exists, and
+        ServiceUnavailable for a store it cannot reach, before anything is made."""
         if self.store is None:
             raise UserError(f"workspace {self.root} keeps its store in {self.registry_path.name}, which one host "
                             "serves: set store = \"postgresql://...\" in its edgeloop.toml first (docs/store.md)")
@@ -269,6 +270,8 @@ class Workspace:
         if root.exists():
             raise UserError(f"{root} exists: a new host's folder must not (pick another path)")
         http_host, http_port = parse_host_port(http, "HTTP address", allow_zero=True)
+        from edgeloop.cloud.registry import Registry
+        Registry(self.store).close()         # unreachable, or a refused login: raised before anything is made
         for sub in SHARED:                   # made here first, so what is added later is shared too
             target = self.root / sub
             if sub.startswith("."):

@@ -241,7 +241,6 @@ def _init(args: argparse.Namespace, out: Output) -> int:
                             "--recreate-registry)")
         shared = Workspace.open(args.join)
         ws = shared.add_host(args.workspace, args.host or args.workspace.resolve().name.lower(), args.http)
-        Registry(ws.store_location).close()
         out.result({"workspace": str(ws.root), "created": True, "host": ws.host, "joined": str(shared.root),
                     "fleet": ws.fleet}, f"created host {ws.host} of {shared.root} in {ws.root} (fleet {ws.fleet}; "
                                         f"run edgeloop serve -w {ws.root} there)")

@@ -33,7 +33,7 @@ from edgeloop.cloud.rollouts.controller import RolloutController, RolloutSpec
 from edgeloop.cloud.workspace import Workspace
 from edgeloop.contracts.messages import Command, parse
 from edgeloop.contracts.topics import Fleet
-from conftest import cli_json, free_port, own_broker, wait_for
+from conftest import cli_json, free_port, own_broker, run_cli, wait_for
 from tests.pg_server import pg_server  # noqa: F401 - fixture
 
 broker = pytest.fixture(scope="module", name="broker")(own_broker)
@@ -221,3 +221,58 @@ def test_two_hosts_one_killed_mid_rollout_every_device_updated_once_every_record
             s.stop()
         registry.close()
         balancer.close()
+
+
+# -- making a host: bad input is one line, exit 2, nothing made ---------------------------------------
+@pytest.fixture
+def shared(tmp_path):
+    ws = tmp_path / "ws"
+    Workspace.init(ws, mqtt="127.0.0.1:1")
+    return ws
+
+
+def _one_line(code: int, err: str, *parts: str) -> None:
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, err
+
+
+def test_joining_a_workspace_whose_store_is_its_sqlite_file_is_refused(shared, tmp_path, capsys):
+    code, _, err = run_cli(["init", "-w", str(tmp_path / "h2"), "--join", str(shared)], capsys)
+    _one_line(code, err, "one host serves", "store = ")
+    assert not (tmp_path / "h2").exists()
+
+
+@pytest.mark.parametrize("extra, parts", [
+    (["--host", "Bad_Name"], ("invalid host name",)),
+    (["--fleet", "other"], ("--join takes the fleet",)),
+])
+def test_a_bad_host_name_or_a_second_fleet_is_refused(shared, tmp_path, capsys, extra, parts):
+    _with_store(shared, "postgresql://edgeloop@127.0.0.1:1/edgeloop", "http://127.0.0.1:1/repository")
+    code, _, err = run_cli(["init", "-w", str(tmp_path / "h2"), "--join", str(shared), *extra], capsys)
+    _one_line(code, err, *parts)
+    assert not (tmp_path / "h2").exists()
+
+
+def test_a_host_folder_that_exists_is_refused_and_host_needs_join(shared, tmp_path, capsys):
+    _with_store(shared, "postgresql://edgeloop@127.0.0.1:1/edgeloop", "http://127.0.0.1:1/repository")
+    (tmp_path / "h2").mkdir()
+    code, _, err = run_cli(["init", "-w", str(tmp_path / "h2"), "--join", str(shared)], capsys)
+    _one_line(code, err, "exists")
+    assert list((tmp_path / "h2").iterdir()) == []
+    code, _, err = run_cli(["init", "-w", str(tmp_path / "h3"), "--host", "h3"], capsys)
+    _one_line(code, err, "--join")
+
+
+def test_a_malformed_host_or_public_url_in_the_config_is_refused_when_opened(shared, capsys):
+    text = (shared / "edgeloop.toml").read_text()
+    (shared / "edgeloop.toml").write_text(text.rstrip("\n") + '\npublic_url = "ftp://x"\n')
+    code, _, err = run_cli(["status", "-w", str(shared)], capsys)
+    _one_line(code, err, "public_url")
+
+
+def test_joining_while_the_store_is_unreachable_makes_nothing(shared, tmp_path, capsys):
+    _with_store(shared, f"postgresql://edgeloop@127.0.0.1:{free_port()}/edgeloop", "http://127.0.0.1:1/repository")
+    code, _, err = run_cli(["init", "-w", str(tmp_path / "h2"), "--join", str(shared)], capsys)
+    assert code == 3 and "cannot reach the store" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "h2").exists()
