@@ -483,8 +483,10 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
         link = options.broker
         if lock.replaced is not None:
             out.info(f"replaced a stale {SERVE_FILE} (pid {lock.replaced.pid}, no longer serving)")
-        out.info(f"serving {stack.repository_url}, API {stack.api.url}, fleet {ws.fleet}, ingesting from "
-                 f"{link.host}:{link.port}{' (mutual TLS)' if link.control_plane_kwargs() else ''}"
+        own = stack.repository.url if stack.repository else stack.repository_url
+        public = f" (devices download through {stack.repository_url})" if own != stack.repository_url else ""
+        out.info(f"serving {own}{public}, API {stack.api.url}, fleet {ws.fleet}, ingesting from "
+                 f"{link.host}:{link.port}{' (mutual TLS)' if link.control_plane_kwargs() else ''} as session {session}"
                  f"{f' with {options.ingest_workers} workers' if options.ingest_workers > 1 else ''} (Ctrl-C to stop)")
         stack.rollouts.run(stop, until=time.time() + args.duration if args.duration else None)
     out.result({"repository_url": stack.repository_url, "api_url": stack.api.url, "fleet": ws.fleet,

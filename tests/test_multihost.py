@@ -185,6 +185,10 @@ def test_two_hosts_one_killed_mid_rollout_every_device_updated_once_every_record
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                                 timeout=60)
         assert second.returncode == 2 and "another edgeloop serve is serving" in second.stderr  # one per folder
+        # each host its own persistent ingest session (and MQTT client id): neither takes the other's over
+        assert f"as session edgeloop-ingest-{host.fleet} " in (ws1 / "serve.log").read_text()
+        assert f"as session edgeloop-ingest-{host.fleet}-h2 " in (ws2 / "serve.log").read_text()
+        assert f"(devices download through {public})" in (ws2 / "serve.log").read_text()
         fleet.start()
         wait_for(lambda: len(registry.devices(tier=TIER)) == DEVICES, 60, "every device's status stored")
         ctl = RolloutController(host, registry, lambda d, c: None, repository_url=public)
