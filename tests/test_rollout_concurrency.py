@@ -166,3 +166,23 @@ def test_a_claim_never_published_by_a_dead_controller_goes_out_once_after_resend
     assert status["state"] == "completed" and status["commands_resent"] == DEVICES
     assert Counter(d for _, d, _ in fleet.sent) == Counter({d: 1 for d in fleet.ids})
     assert {r["attempt"] for r in b.registry.rollout_devices(rid)} == {1}   # the same attempt, not a second
+
+
+def test_a_device_that_appears_joins_one_of_two_active_rollouts_however_their_controllers_race(fleet):
+    a, b = fleet.controller("a"), fleet.controller("b")
+    rids = [a.create(RolloutSpec("m:2", f"device={d}", resend_s=1000)) for d in fleet.ids[:2]]
+    stores = [a.registry, b.registry]
+
+    def join(store: Registry, rid: str, device_id: str, barrier: threading.Barrier, out: list) -> None:  # noqa: ANN001
+        row = {"rollout_id": rid, "device_id": device_id, "tier": TIER, "prev_version": "m:1", "state": "pending",
+               "attempt": 0, "rb_attempt": 0, "ord": device_id}
+        barrier.wait()
+        out.extend(store.add_rollout_devices(rid, [], [row]))
+    for i in range(30):                  # a device both rollouts' targets match appears; both grow at once
+        device_id, barrier, added = f"new{i:02d}", threading.Barrier(2), []
+        threads = [threading.Thread(target=join, args=(s, rid, device_id, barrier, added)) for s, rid in zip(stores, rids)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert added == [device_id], (i, added)         # in exactly one of them

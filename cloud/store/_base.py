@@ -17,6 +17,7 @@ upsert, upsert_all, update by primary key), as portable SQL.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -38,7 +39,7 @@ except ImportError:  # pragma: no cover - orjson is in the cloud extra
     def dumps(value: Any) -> str:
         return json.dumps(value, sort_keys=True)
 
-__all__ = ["ConnectionLost", "Dialect", "StoreBase", "SqliteBase", "decode", "dumps", "is_url", "marks"]
+__all__ = ["ConnectionLost", "Dialect", "StoreBase", "SqliteBase", "decode", "dumps", "is_url", "lock_key", "marks"]
 
 R = TypeVar("R")
 
@@ -54,6 +55,11 @@ def decode(row: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 def marks(values: Sized) -> str:
     return ",".join("?" * len(values))
+
+
+def lock_key(name: str) -> int:
+    """The advisory lock key (a signed 64-bit integer) of ``name``."""
+    return int.from_bytes(hashlib.sha256(f"edgeloop/{name}".encode()).digest()[:8], "big", signed=True)
 
 
 def is_url(location: Path | str) -> bool:
@@ -76,6 +82,8 @@ class Dialect:
     # SQLite: one process per file, under the serve lock)
     try_lock: str = ""
     unlock: str = ""
+    # a lock on one bigint key held until the transaction ends ("": SQLite's `begin immediate`)
+    xact_lock: str = ""
     # what the backend raises for a duplicate primary or unique key (psycopg is imported only
     # by the PostgreSQL backend: a SQLite store, and `edgeloop status`, never load it)
     duplicate_key: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
@@ -266,6 +274,16 @@ class StoreBase:
                     yield self._conn
             finally:
                 self._tx_depth = 0
+
+    def _exclusive(self, conn: Any, name: str) -> None:
+        """Inside a ``_tx``: hold off every other store's transaction that asks for ``name`` until
+        this one ends, so a read and the writes it decides are not interleaved with another
+        host's (SQLite: the write lock at once, ``begin immediate``; PostgreSQL: a transaction
+        advisory lock on ``name``'s key)."""
+        if self.dialect.xact_lock:
+            conn.execute(self.dialect.xact_lock, [lock_key(name)])
+        elif not conn.in_transaction:
+            conn.execute("begin immediate")
 
     def _chunks(self, ids: Iterable[str], size: int = 500) -> Iterator[list[str]]:
         ids = list(ids)

@@ -34,7 +34,8 @@ from edgeloop.cloud.store._base import ConnectionLost, Dialect
 __all__ = ["DIALECT", "PgConnection", "connect", "redact", "translate"]
 
 DIALECT = Dialect("postgresql", skip_locked=" for update skip locked", duplicate_key=(psycopg.errors.UniqueViolation,),
-                  try_lock="select pg_try_advisory_lock(?)", unlock="select pg_advisory_unlock(?)")
+                  try_lock="select pg_try_advisory_lock(?)", unlock="select pg_advisory_unlock(?)",
+                  xact_lock="select pg_advisory_xact_lock(?)")
 CONNECT_TIMEOUT_S = 10
 # the server ends the session of a client that vanished (power, network) after at most
 # IDLE + INTERVAL * COUNT seconds of silence, and with it the session's locks (a rollout's step lock)

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from hashlib import sha256
 from typing import Any, Iterable, Iterator, NamedTuple
 
 from edgeloop.contracts.codes import ErrorCode
 from edgeloop.cloud.rollouts.machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
-from edgeloop.cloud.store._base import ConnectionLost, SqliteBase, marks
+from edgeloop.cloud.store._base import ConnectionLost, SqliteBase, lock_key, marks
 
 __all__ = ["AttemptEnd", "RolloutOps"]
 
 D, V = DeviceRolloutState, DeviceEvent
 _ACTIVE = [s.value for s in ACTIVE]
+MEMBERSHIP = "rollout-membership"      # the lock of every change to which active rollout holds a device
 
 
 class AttemptEnd(NamedTuple):
@@ -76,8 +76,9 @@ class RolloutOps(SqliteBase):
         (id, count) is returned and nothing is stored."""
         ids = [d["device_id"] for d in devices]
         with self._tx() as conn:
-            if not conn.in_transaction:
-                conn.execute("begin immediate")     # one transaction: nobody sees the rollout without its devices
+            # one transaction (nobody sees the rollout without its devices), and no other host's
+            # membership change between the check and the insert: a device joins one active rollout
+            self._exclusive(conn, MEMBERSHIP)
             busy = self.busy_devices(ids)        # checked inside the transaction
             if busy:
                 return busy
@@ -104,7 +105,7 @@ class RolloutOps(SqliteBase):
         if not self.dialect.try_lock:
             yield True
             return
-        key = int.from_bytes(sha256(f"edgeloop-rollout/{rollout_id}".encode()).digest()[:8], "big", signed=True)
+        key = lock_key(f"rollout-step/{rollout_id}")
         with self._lock:
             held = bool(self._conn.execute(self.dialect.try_lock, [key]).fetchone()[0])
         try:
@@ -321,8 +322,7 @@ class RolloutOps(SqliteBase):
         ids = [d["device_id"] for d in devices]
         live = [s for s in _ACTIVE if s != "aborting"]
         with self._tx() as conn:
-            if not conn.in_transaction:
-                conn.execute("begin immediate")     # no other writer between this read and the insert
+            self._exclusive(conn, MEMBERSHIP)       # no other membership change between this read and the insert
             if not conn.execute(f"select 1 from rollouts where rollout_id = ? and state in ({marks(live)})",
                                 [rollout_id, *live]).fetchone():
                 return []
