@@ -53,6 +53,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+from urllib.parse import urlparse
 
 from edgeloop.cloud.errors import ServiceUnavailable, UserError
 from edgeloop.cloud.fleet_registry import DeviceFilter, FleetRegistry
@@ -202,12 +203,15 @@ def stack_options(ws: Workspace, address: str | None = None, worker: str = "serv
 def server_tls(ws: Workspace, api: tuple[str, int] | None = None):  # noqa: ANN201 - cloud.services.ServerTls | None
     """The HTTPS identity of the workspace's repository server and API when it has a generated
     broker (``broker/broker.json``, the same condition as mutual TLS to the broker), else None
-    (plain HTTP). Its names: loopback, the broker's extra hostnames, and the addresses served."""
+    (plain HTTP). Its names: loopback, the broker's extra hostnames, the addresses served, and
+    the host of the workspace's ``http.public_url`` (docs/multihost.md)."""
     from edgeloop.cloud.services import ServerTls
 
     if not (broker_dir(ws) / "broker.json").exists():
         return None
-    hosts = ["127.0.0.1", "localhost", *_last_hostnames(ws), ws.http_host, *([api[0]] if api else [])]
+    public = urlparse(ws.public_url).hostname if ws.public_url else None    # a TLS-passthrough balancer's name
+    hosts = ["127.0.0.1", "localhost", *_last_hostnames(ws), ws.http_host, *([api[0]] if api else []),
+             *([public] if public else [])]
     cert, key = https_tls(ws, hosts)
     return ServerTls(cert, key)
 
