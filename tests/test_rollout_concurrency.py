@@ -11,6 +11,7 @@ controller stands in for MQTT, and the devices answer in it as the ingest would 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -99,7 +100,8 @@ def _run_both(ctls: list[RolloutController], rid: str, timeout: float = 60.0) ->
     assert not errors, errors
 
 
-def test_two_controllers_stepping_the_same_rollouts_send_each_command_once(fleet):
+def test_two_controllers_stepping_the_same_rollouts_send_each_command_once(fleet, caplog):
+    caplog.set_level(logging.WARNING, logger="edgeloop.rollouts")
     a, b = fleet.controller("a"), fleet.controller("b")
     for round_ in range(ROUNDS):
         version = "m:2" if round_ % 2 == 0 else "m:1"
@@ -125,6 +127,7 @@ def test_two_controllers_stepping_the_same_rollouts_send_each_command_once(fleet
         else:
             assert waves == [DEVICES], waves
     assert {name for name, _, _ in fleet.sent} == {"a", "b"}      # both took steps
+    assert not [r.getMessage() for r in caplog.records if r.name == "edgeloop.rollouts"]   # and no step failed
 
 
 def test_a_rollout_another_controller_holds_is_left_alone_until_its_session_ends(fleet):

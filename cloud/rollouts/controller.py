@@ -488,6 +488,8 @@ class RolloutController:
         r = self.rollout(rid)
         spec = RolloutSpec.from_obj(r["spec"])
         state = RolloutState(r["state"])
+        if state not in ACTIVE:       # another controller ended it since the list was read
+            return 0
         if state in (*PAUSABLE, S.PAUSED) and self._grow(rid, r, spec, now):
             r = self.rollout(rid)
         changes = self._ingest(rid, spec, now) + self._deadlines(rid, r, now)
