@@ -194,8 +194,11 @@ def test_two_hosts_one_killed_mid_rollout_every_device_updated_once_every_record
         ctl = RolloutController(host, registry, lambda d, c: None, repository_url=public)
         rid = ctl.create(RolloutSpec(VERSION, f"tier={TIER}", strategy="waves", wave_size=2, growth=2.0, resend_s=3.0))
         wait_for(lambda: ctl.status(rid)["counts"]["committed"] >= 2, 60, "the first wave committed")
-        assert serves[0].get(f"/api/v1/rollouts/{rid}", token)["rollout_id"] == rid
-        assert serves[1].get(f"/api/v1/rollouts/{rid}", token)["rollout_id"] == rid
+
+        def same_status() -> bool:            # both hosts' APIs answer for the one store
+            one, two = (s.get(f"/api/v1/rollouts/{rid}", token) for s in serves)
+            return one["rollout_id"] == rid and (one["state"], one["counts"]) == (two["state"], two["counts"])
+        wait_for(same_status, 20, "both APIs to answer the same status")
         killed_at = time.monotonic()
         serves[0].proc.send_signal(signal.SIGKILL)          # host 1 dies mid-rollout: no drain, no goodbye
         serves[0].proc.wait(10)
