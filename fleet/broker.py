@@ -123,22 +123,32 @@ def broker_dir(ws: Workspace) -> Path:
 def share_group(ws: Workspace) -> str:
     """The workspace's secret shared-subscription group for ingest workers, created on first use
     (``edgeloop-ingest-`` + 32 hex digits). Every control-plane process of the workspace reads
-    the same file, so they split the stream between them."""
+    the same file, so they split the stream between them: processes (hosts) starting at once
+    each write a name of their own, but only the first one lands (a hard link, which fails on an
+    existing file) and every one of them returns the name that did. A malformed file is replaced."""
     path = broker_dir(ws) / "share-group"
     try:
-        name = path.read_text().strip()
+        found = path.read_text().strip()
     except FileNotFoundError:
-        name = ""
-    if name.startswith(SHARE_GROUP_PREFIX) and all(c not in name for c in "/+#"):
-        return name
+        found = None
+    if found and found.startswith(SHARE_GROUP_PREFIX) and all(c not in found for c in "/+#"):
+        return found
     name = SHARE_GROUP_PREFIX + secrets.token_hex(16)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".share-group.tmp")
+    tmp = path.with_name(f".share-group.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(name + "\n")
-    os.replace(tmp, path)
-    return name
+    if found is not None:             # a malformed file: replaced
+        os.replace(tmp, path)
+        return name
+    try:
+        os.link(tmp, path)            # the first process's name, whole, or nothing
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return path.read_text().strip()
 
 
 @dataclass(frozen=True)

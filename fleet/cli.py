@@ -239,8 +239,11 @@ def _init(args: argparse.Namespace, out: Output) -> int:
         if args.recreate_registry or args.fleet:
             raise UserError("--join takes the fleet and store of the workspace it joins (drop --fleet and "
                             "--recreate-registry)")
+        from edgeloop.fleet.broker import share_group
+
         shared = Workspace.open(args.join)
         ws = shared.add_host(args.workspace, args.host or args.workspace.resolve().name.lower(), args.http)
+        share_group(ws)          # the fleet's share group, made now if it is not yet: one for every host
         out.result({"workspace": str(ws.root), "created": True, "host": ws.host, "joined": str(shared.root),
                     "fleet": ws.fleet}, f"created host {ws.host} of {shared.root} in {ws.root} (fleet {ws.fleet}; "
                                         f"run edgeloop serve -w {ws.root} there)")

@@ -168,6 +168,8 @@ def test_two_hosts_one_killed_mid_rollout_every_device_updated_once_every_record
     cli_json("package", "-w", str(ws1), VERSION, "--tier", TIER)
     joined = cli_json("init", "-w", str(ws2), "--join", str(ws1), "--host", "h2", "--http", f"127.0.0.1:{http2}")
     assert joined["host"] == "h2"
+    from edgeloop.fleet.broker import share_group
+    assert share_group(Workspace.open(ws2)) == share_group(Workspace.open(ws1))    # one group, made by the join
     token = cli_json("tokens", "create", "-w", str(ws1), "--name", "multihost", "--role", "viewer")["token"]
     host = Workspace.open(ws1)
     serves = [Serve(ws1, free_port()), Serve(ws2, free_port())]
@@ -283,3 +285,16 @@ def test_joining_while_the_store_is_unreachable_makes_nothing(shared, tmp_path, 
     code, _, err = run_cli(["init", "-w", str(tmp_path / "h2"), "--join", str(shared)], capsys)
     assert code == 3 and "cannot reach the store" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "h2").exists()
+
+
+def test_hosts_starting_at_once_make_one_share_group(shared):
+    """Every serve of a fleet must subscribe in one group, or each would take the whole stream."""
+    start = time.time() + 1.5
+    code = ("import sys, time; from pathlib import Path; from edgeloop.cloud.workspace import Workspace; "
+            "from edgeloop.fleet.broker import share_group; ws = Workspace.open(Path(sys.argv[1])); "
+            "time.sleep(max(0, float(sys.argv[2]) - time.time())); print(share_group(ws))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(shared), str(start)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(4)]
+    names = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert len(names) == 1 and next(iter(names)).startswith("edgeloop-ingest-"), names
+    assert sorted(p.name for p in (shared / "broker").iterdir()) == ["share-group"]     # no temporary left
