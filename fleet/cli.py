@@ -466,7 +466,7 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.cloud.workspace import parse_host_port
     from edgeloop.fleet.broker import stack_options
 
-    from edgeloop.fleet._serve_lock import ServeLock
+    from edgeloop.fleet._serve_lock import ServeLock, SessionLock
     from edgeloop.fleet._signals import StopRequest
 
     ws = _open(args)
@@ -481,7 +481,8 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
                             api=api, shared=args.ingest == "shared")
     # one control plane per workspace: the lock before any port or broker session (fleet/_serve_lock.py);
     # from the moment its services run, a signal only asks the controller loop to stop (fleet/_signals.py)
-    with ServeLock(ws.root) as lock, ServiceStack(ws, options) as stack, StopRequest() as stop:
+    with ServeLock(ws.root) as lock, SessionLock(ws, session, worker), ServiceStack(ws, options) as stack, \
+            StopRequest() as stop:
         lock.publish(stack.repository_url, stack.api.url, ws.fleet)
         link = options.broker
         if lock.replaced is not None:

@@ -187,6 +187,12 @@ def test_two_hosts_one_killed_mid_rollout_every_device_updated_once_every_record
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                                 timeout=60)
         assert second.returncode == 2 and "another edgeloop serve is serving" in second.stderr  # one per folder
+        ws3 = tmp_path / "host3"                         # another folder under a name a running host has
+        cli_json("init", "-w", str(ws3), "--join", str(ws1), "--host", "h2")
+        third = subprocess.run([sys.executable, "-m", "edgeloop.fleet.cli", "serve", "-w", str(ws3)], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+        assert third.returncode == 2 and "another host's edgeloop serve runs as 'h2'" in third.stderr, third.stderr
+        assert len(third.stderr.strip().splitlines()) == 1
         # each host its own persistent ingest session (and MQTT client id): neither takes the other's over
         assert f"as session edgeloop-ingest-{host.fleet} " in (ws1 / "serve.log").read_text()
         assert f"as session edgeloop-ingest-{host.fleet}-h2 " in (ws2 / "serve.log").read_text()

@@ -54,6 +54,11 @@ class Fleet:
             self.status(d, "m:1", None)
         self.sent: list[tuple[str, str, str]] = []     # (controller, device, update id)
         self._lock = threading.Lock()
+        self.stores: list[Registry] = [self.registry]     # closed at the end of the test
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
 
     def status(self, device_id: str, version: str, update_id: str | None) -> None:
         self.registry.record_status({"device_id": device_id, "tier": TIER, "state": "committed" if update_id else
@@ -66,14 +71,16 @@ class Fleet:
                 self.sent.append((name, device_id, command.announce.update_id))
             if answer:
                 self.status(device_id, command.announce.model_version, command.announce.update_id)
-        return RolloutController(self.ws, Registry(self.ws.store_location), send, repository_url=URL, clock=clock)
+        store = Registry(self.ws.store_location)
+        self.stores.append(store)
+        return RolloutController(self.ws, store, send, repository_url=URL, clock=clock)
 
 
 @pytest.fixture
 def fleet(tmp_path, pg_server):  # noqa: F811 - the fixture
     f = Fleet(tmp_path, pg_server.fresh_database())
     yield f
-    f.registry.close()
+    f.close()
 
 
 def _run_both(ctls: list[RolloutController], rid: str, timeout: float = 60.0) -> None:
@@ -134,6 +141,7 @@ def test_a_rollout_another_controller_holds_is_left_alone_until_its_session_ends
     a, b = fleet.controller("a"), fleet.controller("b")
     rid = a.create(RolloutSpec("m:2", f"tier={TIER}", resend_s=1000))
     holder = Registry(fleet.ws.store_location)          # a controller in the middle of its step
+    fleet.stores.append(holder)
     lock = holder.rollout_step_lock(rid)
     assert lock.__enter__() is True
     b.step()

@@ -219,6 +219,26 @@ class StoreBase:
             with self._lock:
                 self._conn.execute("PRAGMA wal_checkpoint(FULL)")
 
+    def hold(self, name: str) -> bool:
+        """Take the session lock on ``name`` for as long as this store's connection lives (closing
+        the store, or its process ending however it ends, gives it back): False if another
+        store's session holds it. SQLite: always True (one process per file, under the serve lock)."""
+        if not self.dialect.try_lock:
+            return True
+        with self._lock:
+            return bool(self._conn.execute(self.dialect.try_lock, [lock_key(name)]).fetchone()[0])
+
+    def release(self, name: str) -> None:
+        """Give back a lock :meth:`hold` took (nothing if this session does not hold it: its
+        connection was lost, and the lock with it)."""
+        if not self.dialect.unlock:
+            return
+        try:
+            with self._lock:
+                self._conn.execute(self.dialect.unlock, [lock_key(name)])
+        except ConnectionLost:
+            pass
+
     def close(self) -> None:
         with self._lock:
             if getattr(self, "_registered", False):

@@ -398,4 +398,11 @@ class Store(CatalogStore, FleetStore, DriftStore, AccessStore, RolloutStore, Pro
     def checkpoint(self) -> None:
         """Make everything committed durable in the database itself (SQLite: empty the WAL)."""
 
+    def hold(self, name: str) -> bool:
+        """Take the lock on ``name`` for as long as this store's connection lives (closing it, or
+        the process ending, gives it back); False if another store holds it. SQLite: True."""
+
+    def release(self, name: str) -> None:
+        """Give back a lock :meth:`hold` took."""
+
     def close(self) -> None: ...

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 from edgeloop.contracts.codes import ErrorCode
 from edgeloop.cloud.rollouts.machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
-from edgeloop.cloud.store._base import ConnectionLost, SqliteBase, lock_key, marks
+from edgeloop.cloud.store._base import SqliteBase, marks
 
 __all__ = ["AttemptEnd", "RolloutOps"]
 
@@ -102,21 +102,13 @@ class RolloutOps(SqliteBase):
         PostgreSQL store each step a rollout only while they hold it (a session advisory lock:
         the server gives it back when the holder's session ends, a killed controller's too).
         SQLite: always True (one serve per store file)."""
-        if not self.dialect.try_lock:
-            yield True
-            return
-        key = lock_key(f"rollout-step/{rollout_id}")
-        with self._lock:
-            held = bool(self._conn.execute(self.dialect.try_lock, [key]).fetchone()[0])
+        name = f"rollout-step/{rollout_id}"
+        held = self.hold(name)
         try:
             yield held
         finally:
             if held:
-                try:
-                    with self._lock:
-                        self._conn.execute(self.dialect.unlock, [key])
-                except ConnectionLost:          # the session is gone, and its lock with it
-                    pass
+                self.release(name)
 
     def set_rollout_health(self, rollout_id: str, health: dict[str, Any], now: float) -> None:
         with self._tx() as conn:
