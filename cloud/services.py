@@ -117,6 +117,8 @@ class StackOptions:
     rollouts: bool = True
     blocks: bool = True
     server_tls: ServerTls | None = None
+    public_url: str | None = None       # what rollouts announce when a load balancer fronts every host's
+                                        # repository server (the workspace's http.public_url; docs/multihost.md)
 
     @property
     def ingest_workers(self) -> int:
@@ -154,6 +156,10 @@ class ServiceStack:
 
     @property
     def repository_url(self) -> str | None:
+        """The repository URL devices are told to download from (what rollouts announce and
+        serve.json names): the public one of several hosts, else this stack's own server's."""
+        if self.options.public_url:
+            return self.options.public_url
         return self.repository.url if self.repository else self.options.repository_url
 
     # -- life cycle ------------------------------------------------------------------------------

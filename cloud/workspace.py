@@ -41,8 +41,17 @@ PASSPHRASE_ENV = "EDGELOOP_KEY_PASSPHRASE"     # as cloud.release.signing reads 
 # folders whose content means the workspace has been used: a registry must sit beside them
 DATA_FOLDERS = ("keys", "repository/metadata", "repository/targets", "director/metadata", "artifacts", "runs")
 STORE_SCHEMES = ("postgresql://", "postgres://")
+# what every host of one fleet shares (Workspace.add_host links them): keys, signed repositories,
+# artifacts, the release lock, broker identities and the share group, device folders, runs
+SHARED = ("keys", "repository", "director", "artifacts", "runs", "data", "broker", "pki", "devices", "fleet",
+          "swarm", "tiers", ".release.lock")
 
 __all__ = ["Workspace", "parse_host_port", "DEFAULT_MQTT"]
+
+
+def valid_host(name: str) -> bool:
+    """A host name as ``add_host`` takes it: the same shape as a fleet id (it names MQTT sessions)."""
+    return valid_fleet(name)
 
 
 def parse_host_port(text: str, what: str = "address", allow_zero: bool = False) -> tuple[str, int]:
@@ -61,6 +70,9 @@ class Workspace:
     http_port: int          # 0: pick a free port when the control plane starts
     fleet: str
     store: str | None = None    # a postgresql:// URL; None: the SQLite file at registry_path
+    host: str | None = None     # this folder's host name when several hosts serve one fleet (add_host)
+    public_url: str | None = None   # the repository URL devices download from, when a load balancer
+                                    # fronts every host's repository server (None: each serve's own)
 
     @property
     def registry_path(self) -> Path:
@@ -152,6 +164,13 @@ class Workspace:
                 raise UserError(f"malformed workspace config {path}: store is not a PostgreSQL URL "
                                 "(use postgresql://USER@HOST:PORT/DATABASE, or remove it for the SQLite file)")
             ws = replace(ws, store=store)
+        host, public_url = cfg.get("host"), cfg["http"].get("public_url")
+        if host is not None and not (isinstance(host, str) and valid_host(host)):
+            raise UserError(f"malformed workspace config {path}: invalid host name {host!r} "
+                            "(use 1-32 of [a-z0-9-], starting with a letter or digit)")
+        if public_url is not None and not (isinstance(public_url, str) and public_url.startswith(("http://", "https://"))):
+            raise UserError(f"malformed workspace config {path}: http.public_url {public_url!r} is not an http(s) URL")
+        ws = replace(ws, host=host, public_url=public_url)
         if not valid_fleet(ws.fleet):
             raise UserError(f"malformed workspace config {path}: invalid fleet id {ws.fleet!r} "
                             "(use 1-32 of [a-z0-9-], starting with a letter or digit)")
@@ -231,6 +250,43 @@ class Workspace:
         if not short:
             return []
         return [f"missing signing keys: {', '.join(short)}: the director signs online; restore them from a backup"]
+
+    # -- several hosts, one fleet (docs/multihost.md) -----------------------------------------------
+    def add_host(self, root: Path, name: str, http: str = "127.0.0.1:0") -> Workspace:
+        """Make ``root`` the workspace folder of another host serving this fleet: its own
+        ``edgeloop.toml`` (this one's fleet, broker, store and public URL; ``host = name``; its
+        own HTTP address) and its own serve lock, and links to this folder's keys, signed
+        repositories, artifacts and the other shared folders (:data:`SHARED`), so every host
+        signs into the same repositories under one release lock. This folder must be reachable
+        at the same path on every host (a shared mount). Raises UserError for a workspace whose
+        store is its SQLite file (one host only), a bad name, or a ``root`` that exists, and
+        ServiceUnavailable for a store it cannot reach, before anything is made."""
+        if self.store is None:
+            raise UserError(f"workspace {self.root} keeps its store in {self.registry_path.name}, which one host "
+                            "serves: set store = \"postgresql://...\" in its edgeloop.toml first (docs/store.md)")
+        if not valid_host(name):
+            raise UserError(f"invalid host name {name!r}: use 1-32 of [a-z0-9-], starting with a letter or digit")
+        root = Path(root).resolve()
+        if root.exists():
+            raise UserError(f"{root} exists: a new host's folder must not (pick another path)")
+        http_host, http_port = parse_host_port(http, "HTTP address", allow_zero=True)
+        from edgeloop.cloud.registry import Registry
+        Registry(self.store).close()         # unreachable, or a refused login: raised before anything is made
+        for sub in SHARED:                   # made here first, so what is added later is shared too
+            target = self.root / sub
+            if sub.startswith("."):
+                target.touch(exist_ok=True)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True)
+        for sub in SHARED:
+            (root / sub).symlink_to(self.root / sub)
+        public = f"public_url = \"{self.public_url}\"\n" if self.public_url else ""
+        (root / CONFIG_NAME).write_text(
+            f"# edgeloop workspace: host {name} of {self.root}\nversion = {WORKSPACE_VERSION}\nfleet = \"{self.fleet}\"\n"
+            f"host = \"{name}\"\nstore = \"{self.store}\"\n\n[mqtt]\nhost = \"{self.mqtt_host}\"\nport = {self.mqtt_port}\n\n"
+            f"[http]\nhost = \"{http_host}\"\nport = {http_port}\n{public}")
+        return Workspace.open(root)
 
     def with_mqtt(self, address: str | None) -> Workspace:
         """A copy pointing at another broker (for one command, not saved)."""

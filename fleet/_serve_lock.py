@@ -11,7 +11,10 @@
                              removed only by it when it stops.
 
 A second ``serve`` is refused (:class:`~cloud.errors.AlreadyServing`, exit code 2) with one line
-naming the first. A ``serve.json`` whose lock nobody holds is stale (its serve was killed):
+naming the first. The folder is per host (docs/multihost.md): on a PostgreSQL store several hosts
+serve one fleet, each from its own folder, and :class:`SessionLock` refuses a serve whose MQTT
+session name another host's serve already runs as (a folder copied rather than made with
+``init --join``), since the two would take the session from each other. A ``serve.json`` whose lock nobody holds is stale (its serve was killed):
 readers (:func:`serving`) treat it as no control plane, and the next ``serve`` replaces it.
 Readers probe with a shared lock held for microseconds; ``serve`` retries its exclusive lock for
 up to :data:`ACQUIRE_S` seconds so that a probe is never mistaken for a running control plane.
@@ -31,7 +34,7 @@ from typing import Any
 
 from edgeloop.cloud.errors import AlreadyServing, ServiceUnavailable, UserError
 
-__all__ = ["ACQUIRE_S", "LOCK_FILE", "SERVE_FILE", "ServeInfo", "ServeLock", "serving", "serving_url"]
+__all__ = ["ACQUIRE_S", "LOCK_FILE", "SERVE_FILE", "ServeInfo", "ServeLock", "SessionLock", "serving", "serving_url"]
 
 SERVE_FILE = "serve.json"
 LOCK_FILE = "serve.lock"
@@ -178,3 +181,34 @@ class ServeLock:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+class SessionLock:
+    """One serve per ingest session name across the hosts of a store: held (a lock of the
+    database session of a store connection of its own, :meth:`~cloud.store.interface.Store.hold`)
+    from ``__enter__`` to ``__exit__``; the database gives it back when the serve ends, however
+    it ends. A workspace whose store is its SQLite file needs none (its folder's lock is enough)."""
+
+    def __init__(self, ws: Any, session: str, worker: str) -> None:
+        self.ws, self.session, self.worker = ws, session, worker
+        self._store: Any = None
+
+    def __enter__(self) -> SessionLock:
+        if self.ws.store is None:
+            return self
+        from edgeloop.cloud.registry import Registry
+
+        store = Registry(self.ws.store_location)
+        if not store.hold(f"serve-session/{self.session}"):
+            store.close()
+            raise AlreadyServing(f"another host's edgeloop serve runs as {self.worker!r} (MQTT session {self.session}) "
+                                 f"on this store: the two would take the session from each other; give this one its "
+                                 f"own name (edgeloop serve --worker NAME, or make the host with edgeloop init --join)")
+        self._store = store
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None

@@ -53,6 +53,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+from urllib.parse import urlparse
 
 from edgeloop.cloud.errors import ServiceUnavailable, UserError
 from edgeloop.cloud.fleet_registry import DeviceFilter, FleetRegistry
@@ -122,22 +123,32 @@ def broker_dir(ws: Workspace) -> Path:
 def share_group(ws: Workspace) -> str:
     """The workspace's secret shared-subscription group for ingest workers, created on first use
     (``edgeloop-ingest-`` + 32 hex digits). Every control-plane process of the workspace reads
-    the same file, so they split the stream between them."""
+    the same file, so they split the stream between them: processes (hosts) starting at once
+    each write a name of their own, but only the first one lands (a hard link, which fails on an
+    existing file) and every one of them returns the name that did. A malformed file is replaced."""
     path = broker_dir(ws) / "share-group"
     try:
-        name = path.read_text().strip()
+        found = path.read_text().strip()
     except FileNotFoundError:
-        name = ""
-    if name.startswith(SHARE_GROUP_PREFIX) and all(c not in name for c in "/+#"):
-        return name
+        found = None
+    if found and found.startswith(SHARE_GROUP_PREFIX) and all(c not in found for c in "/+#"):
+        return found
     name = SHARE_GROUP_PREFIX + secrets.token_hex(16)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".share-group.tmp")
+    tmp = path.with_name(f".share-group.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(name + "\n")
-    os.replace(tmp, path)
-    return name
+    if found is not None:             # a malformed file: replaced
+        os.replace(tmp, path)
+        return name
+    try:
+        os.link(tmp, path)            # the first process's name, whole, or nothing
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return path.read_text().strip()
 
 
 @dataclass(frozen=True)
@@ -195,18 +206,22 @@ def stack_options(ws: Workspace, address: str | None = None, worker: str = "serv
         raise UserError(f"invalid number of ingest workers {ingest_workers}: use 1 or more")
     links = [control_plane_link(ws, address, worker if i == 0 else f"{worker}-{i + 1}") for i in range(ingest_workers)]
     return StackOptions(broker=links[0], workers=tuple(links[1:]), share_group=share_group(ws), shared=shared,
-                        session=session, api=api, rollouts=rollouts, server_tls=server_tls(ws, api))
+                        session=session, api=api, rollouts=rollouts, server_tls=server_tls(ws, api),
+                        public_url=ws.public_url)
 
 
 def server_tls(ws: Workspace, api: tuple[str, int] | None = None):  # noqa: ANN201 - cloud.services.ServerTls | None
     """The HTTPS identity of the workspace's repository server and API when it has a generated
     broker (``broker/broker.json``, the same condition as mutual TLS to the broker), else None
-    (plain HTTP). Its names: loopback, the broker's extra hostnames, and the addresses served."""
+    (plain HTTP). Its names: loopback, the broker's extra hostnames, the addresses served, and
+    the host of the workspace's ``http.public_url`` (docs/multihost.md)."""
     from edgeloop.cloud.services import ServerTls
 
     if not (broker_dir(ws) / "broker.json").exists():
         return None
-    hosts = ["127.0.0.1", "localhost", *_last_hostnames(ws), ws.http_host, *([api[0]] if api else [])]
+    public = urlparse(ws.public_url).hostname if ws.public_url else None    # a TLS-passthrough balancer's name
+    hosts = ["127.0.0.1", "localhost", *_last_hostnames(ws), ws.http_host, *([api[0]] if api else []),
+             *([public] if public else [])]
     cert, key = https_tls(ws, hosts)
     return ServerTls(cert, key)
 

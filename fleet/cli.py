@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start an empty registry.db in an existing workspace whose registry is missing, keeping "
                         "its keys and signed repositories (what the registry recorded is lost; restoring "
                         "registry.db from a backup is better)")
+    p.add_argument("--join", metavar="WORKSPACE", type=Path,
+                   help="make -w the folder of another host serving WORKSPACE's fleet: same store (PostgreSQL), "
+                        "keys and signed repositories, its own serve (docs/multihost.md)")
+    p.add_argument("--host", metavar="NAME", help="with --join: this host's name (its MQTT sessions; default: the "
+                                                  "folder's name)")
 
     p = cmd("train", "train a model (one process, or distributed with torchrun) and register a model version", _train)
     p.add_argument("--data", metavar="NAME[:V]|PATH",
@@ -118,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: until Ctrl-C)")
     p.add_argument("--api", metavar="HOST:PORT", default="127.0.0.1:0",
                    help="where to serve the authenticated HTTP API (default 127.0.0.1, any free port)")
-    p.add_argument("--worker", default="serve", metavar="NAME",
-                   help="this process's broker identity and session, when several serve one fleet (default: serve)")
+    p.add_argument("--worker", metavar="NAME",
+                   help="this process's broker identity and session, when several serve one fleet (default: the "
+                        "workspace's host name, else serve)")
     p.add_argument("--ingest", choices=["shared", "exclusive"], default="shared",
                    help="shared: several workers split the stream (MQTT 5 shared subscription); exclusive: this "
                         "one worker takes it all, and loses nothing across a broker restart even if devices "
@@ -227,6 +233,21 @@ def _init(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.cloud.registry import Registry
 
     existed = (args.workspace / "edgeloop.toml").exists()
+    if args.host and not args.join:
+        raise UserError("--host names a host made with --join WORKSPACE")
+    if args.join:
+        if args.recreate_registry or args.fleet:
+            raise UserError("--join takes the fleet and store of the workspace it joins (drop --fleet and "
+                            "--recreate-registry)")
+        from edgeloop.fleet.broker import share_group
+
+        shared = Workspace.open(args.join)
+        ws = shared.add_host(args.workspace, args.host or args.workspace.resolve().name.lower(), args.http)
+        share_group(ws)          # the fleet's share group, made now if it is not yet: one for every host
+        out.result({"workspace": str(ws.root), "created": True, "host": ws.host, "joined": str(shared.root),
+                    "fleet": ws.fleet}, f"created host {ws.host} of {shared.root} in {ws.root} (fleet {ws.fleet}; "
+                                        f"run edgeloop serve -w {ws.root} there)")
+        return 0
     if args.recreate_registry:           # the one way to an empty registry beside existing data
         ws = Workspace.open(args.workspace, check=False)
         if ws.registry_path.exists() and ws.registry_path.stat().st_size > 0:
@@ -445,7 +466,7 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     from edgeloop.cloud.workspace import parse_host_port
     from edgeloop.fleet.broker import stack_options
 
-    from edgeloop.fleet._serve_lock import ServeLock
+    from edgeloop.fleet._serve_lock import ServeLock, SessionLock
     from edgeloop.fleet._signals import StopRequest
 
     ws = _open(args)
@@ -453,18 +474,23 @@ def _serve(args: argparse.Namespace, out: Output) -> int:
     if args.ingest == "exclusive" and args.ingest_workers > 1:
         raise UserError("--ingest exclusive takes the whole stream on one connection: use --ingest-workers 1")
     # the persistent ingest session is per fleet and worker; mutual TLS when the workspace has a generated broker
-    session = f"edgeloop-ingest-{ws.fleet}" + ("" if args.worker == "serve" else f"-{args.worker}")
-    options = stack_options(ws, args.mqtt, args.worker, ingest_workers=args.ingest_workers, session=session,
+    # (a host made with init --join has its own name: two hosts never share a session or client id)
+    worker = args.worker or ws.host or "serve"
+    session = f"edgeloop-ingest-{ws.fleet}" + ("" if worker == "serve" else f"-{worker}")
+    options = stack_options(ws, args.mqtt, worker, ingest_workers=args.ingest_workers, session=session,
                             api=api, shared=args.ingest == "shared")
     # one control plane per workspace: the lock before any port or broker session (fleet/_serve_lock.py);
     # from the moment its services run, a signal only asks the controller loop to stop (fleet/_signals.py)
-    with ServeLock(ws.root) as lock, ServiceStack(ws, options) as stack, StopRequest() as stop:
+    with ServeLock(ws.root) as lock, SessionLock(ws, session, worker), ServiceStack(ws, options) as stack, \
+            StopRequest() as stop:
         lock.publish(stack.repository_url, stack.api.url, ws.fleet)
         link = options.broker
         if lock.replaced is not None:
             out.info(f"replaced a stale {SERVE_FILE} (pid {lock.replaced.pid}, no longer serving)")
-        out.info(f"serving {stack.repository_url}, API {stack.api.url}, fleet {ws.fleet}, ingesting from "
-                 f"{link.host}:{link.port}{' (mutual TLS)' if link.control_plane_kwargs() else ''}"
+        own = stack.repository.url if stack.repository else stack.repository_url
+        public = f" (devices download through {stack.repository_url})" if own != stack.repository_url else ""
+        out.info(f"serving {own}{public}, API {stack.api.url}, fleet {ws.fleet}, ingesting from "
+                 f"{link.host}:{link.port}{' (mutual TLS)' if link.control_plane_kwargs() else ''} as session {session}"
                  f"{f' with {options.ingest_workers} workers' if options.ingest_workers > 1 else ''} (Ctrl-C to stop)")
         stack.rollouts.run(stop, until=time.time() + args.duration if args.duration else None)
     out.result({"repository_url": stack.repository_url, "api_url": stack.api.url, "fleet": ws.fleet,

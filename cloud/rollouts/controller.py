@@ -22,7 +22,10 @@ Public API (everything else is private)::
   update keyed by (rollout, device, attempt), counts are derived from the rows, and a device
   is marked ``sent`` before its command is published; a command no status has acknowledged
   within ``resend_s`` goes out again, same attempt and update id (a crash in between costs
-  seconds, never a second attempt; devices ignore an update id they have).
+  seconds, never a second attempt; devices ignore an update id they have). Several controllers
+  (one per host, docs/multihost.md) may step one store: each steps a rollout only while it
+  holds the rollout's step lock (``Store.rollout_step_lock``), which the database gives back
+  when the holder dies, so another carries its rollouts on at its next step.
 - A wave ends at its success share (``wave_success_pct``) or deadline (``wave_timeout_s``), not
   with its slowest device; stragglers keep their own deadlines and still count. Membership is
   dynamic until the rollout ends: target devices that appear or come back online join the next
@@ -474,7 +477,9 @@ class RolloutController:
             self._swept = self._prune() is not None
         for rid in self.registry.rollout_ids(active_only=True):
             try:
-                changes += self._step_one(rid, now)
+                with self.registry.rollout_step_lock(rid) as mine:
+                    if mine:          # else another controller is stepping it right now
+                        changes += self._step_one(rid, now)
             except Exception:  # noqa: BLE001 - one rollout's trouble never stops the others
                 log.exception("rollout %s: step failed", rid)
         return changes
@@ -483,6 +488,8 @@ class RolloutController:
         r = self.rollout(rid)
         spec = RolloutSpec.from_obj(r["spec"])
         state = RolloutState(r["state"])
+        if state not in ACTIVE:       # another controller ended it since the list was read
+            return 0
         if state in (*PAUSABLE, S.PAUSED) and self._grow(rid, r, spec, now):
             r = self.rollout(rid)
         changes = self._ingest(rid, spec, now) + self._deadlines(rid, r, now)

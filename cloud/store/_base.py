@@ -17,6 +17,7 @@ upsert, upsert_all, update by primary key), as portable SQL.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -38,7 +39,7 @@ except ImportError:  # pragma: no cover - orjson is in the cloud extra
     def dumps(value: Any) -> str:
         return json.dumps(value, sort_keys=True)
 
-__all__ = ["ConnectionLost", "Dialect", "StoreBase", "SqliteBase", "decode", "dumps", "is_url", "marks"]
+__all__ = ["ConnectionLost", "Dialect", "StoreBase", "SqliteBase", "decode", "dumps", "is_url", "lock_key", "marks"]
 
 R = TypeVar("R")
 
@@ -56,6 +57,11 @@ def marks(values: Sized) -> str:
     return ",".join("?" * len(values))
 
 
+def lock_key(name: str) -> int:
+    """The advisory lock key (a signed 64-bit integer) of ``name``."""
+    return int.from_bytes(hashlib.sha256(f"edgeloop/{name}".encode()).digest()[:8], "big", signed=True)
+
+
 def is_url(location: Path | str) -> bool:
     return isinstance(location, str) and "://" in location
 
@@ -71,6 +77,13 @@ class Dialect:
 
     name: str
     skip_locked: str        # appended to a SELECT whose rows the transaction then claims
+    # a lock of this connection's session on one bigint key, taken without waiting (a true/false
+    # row) and given back; the server drops it when the session ends, however it ends ("": none,
+    # SQLite: one process per file, under the serve lock)
+    try_lock: str = ""
+    unlock: str = ""
+    # a lock on one bigint key held until the transaction ends ("": SQLite's `begin immediate`)
+    xact_lock: str = ""
     # what the backend raises for a duplicate primary or unique key (psycopg is imported only
     # by the PostgreSQL backend: a SQLite store, and `edgeloop status`, never load it)
     duplicate_key: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
@@ -162,6 +175,7 @@ class StoreBase:
 
     def __init__(self, location: Path | str) -> None:
         self._lock = threading.RLock()
+        self._tx_depth = 0          # open _tx blocks of the thread holding the lock (the outermost commits)
         if is_url(location):
             from edgeloop.cloud.store.postgres import connect
             self.path: Path | None = None
@@ -205,6 +219,26 @@ class StoreBase:
             with self._lock:
                 self._conn.execute("PRAGMA wal_checkpoint(FULL)")
 
+    def hold(self, name: str) -> bool:
+        """Take the session lock on ``name`` for as long as this store's connection lives (closing
+        the store, or its process ending however it ends, gives it back): False if another
+        store's session holds it. SQLite: always True (one process per file, under the serve lock)."""
+        if not self.dialect.try_lock:
+            return True
+        with self._lock:
+            return bool(self._conn.execute(self.dialect.try_lock, [lock_key(name)]).fetchone()[0])
+
+    def release(self, name: str) -> None:
+        """Give back a lock :meth:`hold` took (nothing if this session does not hold it: its
+        connection was lost, and the lock with it)."""
+        if not self.dialect.unlock:
+            return
+        try:
+            with self._lock:
+                self._conn.execute(self.dialect.unlock, [lock_key(name)])
+        except ConnectionLost:
+            pass
+
     def close(self) -> None:
         with self._lock:
             if getattr(self, "_registered", False):
@@ -241,9 +275,35 @@ class StoreBase:
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        """The lock and one transaction (committed on exit, rolled back on an exception)."""
-        with self._lock, self._conn:
-            yield self._conn
+        """The lock and one transaction (committed on exit, rolled back on an exception). A
+        ``_tx`` inside another joins it: nothing commits until the outermost one ends (SQLite's
+        ``with conn:`` would commit the outer transaction at the inner one's end, so a rollout
+        could be seen without its devices, or a claim read under ``begin immediate`` written
+        after another writer)."""
+        with self._lock:
+            if self._tx_depth:
+                self._tx_depth += 1
+                try:
+                    yield self._conn
+                finally:
+                    self._tx_depth -= 1
+                return
+            self._tx_depth = 1
+            try:
+                with self._conn:
+                    yield self._conn
+            finally:
+                self._tx_depth = 0
+
+    def _exclusive(self, conn: Any, name: str) -> None:
+        """Inside a ``_tx``: hold off every other store's transaction that asks for ``name`` until
+        this one ends, so a read and the writes it decides are not interleaved with another
+        host's (SQLite: the write lock at once, ``begin immediate``; PostgreSQL: a transaction
+        advisory lock on ``name``'s key)."""
+        if self.dialect.xact_lock:
+            conn.execute(self.dialect.xact_lock, [lock_key(name)])
+        elif not conn.in_transaction:
+            conn.execute("begin immediate")
 
     def _chunks(self, ids: Iterable[str], size: int = 500) -> Iterator[list[str]]:
         ids = list(ids)

@@ -54,9 +54,8 @@ class AccessOps(SqliteBase):
                               "and (expires_at is null or expires_at > ?)", [sha256, now])
             if not rows:
                 return None
-            with self._conn:
-                self._conn.execute("update api_tokens set last_used_at = ? where token_id = ?",
-                                   [now, rows[0]["token_id"]])
+            with self._tx() as conn:
+                conn.execute("update api_tokens set last_used_at = ? where token_id = ?", [now, rows[0]["token_id"]])
         return rows[0]
 
     # -- the audit log (operators' actions) -------------------------------------------------------

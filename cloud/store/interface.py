@@ -11,6 +11,7 @@ threads.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
@@ -289,6 +290,10 @@ class RolloutStore(Protocol):
         """Apply ``sets`` (its ``state`` the caller took from the transition table) if the
         rollout is still in ``frm``. Returns whether it was."""
 
+    def rollout_step_lock(self, rollout_id: str) -> AbstractContextManager[bool]:
+        """Whether this store holds the rollout's step lock for the block (never waits: False
+        while another controller steps it; given back by the server when the holder dies)."""
+
     def set_rollout_health(self, rollout_id: str, health: dict[str, Any], now: float) -> None: ...
 
     def rollout_group(self, rollout_id: str, kind: str, tier: str, prev: str, attempt: int) -> dict[str, Any] | None: ...
@@ -392,5 +397,12 @@ class Store(CatalogStore, FleetStore, DriftStore, AccessStore, RolloutStore, Pro
 
     def checkpoint(self) -> None:
         """Make everything committed durable in the database itself (SQLite: empty the WAL)."""
+
+    def hold(self, name: str) -> bool:
+        """Take the lock on ``name`` for as long as this store's connection lives (closing it, or
+        the process ending, gives it back); False if another store holds it. SQLite: True."""
+
+    def release(self, name: str) -> None:
+        """Give back a lock :meth:`hold` took."""
 
     def close(self) -> None: ...

@@ -33,8 +33,13 @@ from edgeloop.cloud.store._base import ConnectionLost, Dialect
 
 __all__ = ["DIALECT", "PgConnection", "connect", "redact", "translate"]
 
-DIALECT = Dialect("postgresql", skip_locked=" for update skip locked", duplicate_key=(psycopg.errors.UniqueViolation,))
+DIALECT = Dialect("postgresql", skip_locked=" for update skip locked", duplicate_key=(psycopg.errors.UniqueViolation,),
+                  try_lock="select pg_try_advisory_lock(?)", unlock="select pg_advisory_unlock(?)",
+                  xact_lock="select pg_advisory_xact_lock(?)")
 CONNECT_TIMEOUT_S = 10
+# the server ends the session of a client that vanished (power, network) after at most
+# IDLE + INTERVAL * COUNT seconds of silence, and with it the session's locks (a rollout's step lock)
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
 
 _PASSWORD = re.compile(r"(://[^:/@?]*):[^@/?]*@")
 _LOGIN = ("password authentication failed", "no password supplied", "role ", "authentication failed")
@@ -121,6 +126,12 @@ def _open(url: str) -> psycopg.Connection:
     try:      # telemetry summaries (~6 KB of JSON each) are compressed on insert: lz4 is ~2x cheaper than pglz
         conn.execute("set default_toast_compression = 'lz4'")
     except psycopg.Error:       # a server built without lz4 (or before PostgreSQL 14) keeps its default
+        pass
+    try:      # server-side keepalives: a dead client's session (and its locks) ends within ~25 s, not hours
+        conn.execute(f"set tcp_keepalives_idle = {KEEPALIVE_IDLE_S}")
+        conn.execute(f"set tcp_keepalives_interval = {KEEPALIVE_INTERVAL_S}")
+        conn.execute(f"set tcp_keepalives_count = {KEEPALIVE_COUNT}")
+    except psycopg.Error:       # a Unix-socket connection has no TCP keepalives to set
         pass
     conn.adapters.register_loader("numeric", _Numeric)
     conn.adapters.register_loader("jsonb", TextLoader)      # JSON columns read back as text, as on SQLite

@@ -10,7 +10,8 @@ a transition that is not a table row raises IllegalTransition before anything is
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, NamedTuple
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from edgeloop.contracts.codes import ErrorCode
 from edgeloop.cloud.rollouts.machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
@@ -20,6 +21,7 @@ __all__ = ["AttemptEnd", "RolloutOps"]
 
 D, V = DeviceRolloutState, DeviceEvent
 _ACTIVE = [s.value for s in ACTIVE]
+MEMBERSHIP = "rollout-membership"      # the lock of every change to which active rollout holds a device
 
 
 class AttemptEnd(NamedTuple):
@@ -74,8 +76,9 @@ class RolloutOps(SqliteBase):
         (id, count) is returned and nothing is stored."""
         ids = [d["device_id"] for d in devices]
         with self._tx() as conn:
-            if not conn.in_transaction:
-                conn.execute("begin immediate")     # one transaction: nobody sees the rollout without its devices
+            # one transaction (nobody sees the rollout without its devices), and no other host's
+            # membership change between the check and the insert: a device joins one active rollout
+            self._exclusive(conn, MEMBERSHIP)
             busy = self.busy_devices(ids)        # checked inside the transaction
             if busy:
                 return busy
@@ -91,6 +94,21 @@ class RolloutOps(SqliteBase):
             cur = conn.execute(f"update rollouts set {', '.join(f'{k} = ?' for k in sets)} "
                                "where rollout_id = ? and state = ?", [*sets.values(), rollout_id, frm])
         return bool(cur.rowcount)
+
+    @contextmanager
+    def rollout_step_lock(self, rollout_id: str) -> Iterator[bool]:
+        """Whether this store's connection holds the rollout's step lock for the block (taken
+        without waiting: False while another controller steps it). Several controllers on one
+        PostgreSQL store each step a rollout only while they hold it (a session advisory lock:
+        the server gives it back when the holder's session ends, a killed controller's too).
+        SQLite: always True (one serve per store file)."""
+        name = f"rollout-step/{rollout_id}"
+        held = self.hold(name)
+        try:
+            yield held
+        finally:
+            if held:
+                self.release(name)
 
     def set_rollout_health(self, rollout_id: str, health: dict[str, Any], now: float) -> None:
         with self._tx() as conn:
@@ -296,8 +314,7 @@ class RolloutOps(SqliteBase):
         ids = [d["device_id"] for d in devices]
         live = [s for s in _ACTIVE if s != "aborting"]
         with self._tx() as conn:
-            if not conn.in_transaction:
-                conn.execute("begin immediate")     # no other writer between this read and the insert
+            self._exclusive(conn, MEMBERSHIP)       # no other membership change between this read and the insert
             if not conn.execute(f"select 1 from rollouts where rollout_id = ? and state in ({marks(live)})",
                                 [rollout_id, *live]).fetchone():
                 return []
