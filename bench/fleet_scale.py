@@ -70,6 +70,7 @@ from edgeloop.cloud.services import PlainLink, ServiceStack, StackOptions  # noq
 from edgeloop.cloud.workspace import Workspace  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+BROKER_SPARE_FDS = 1024     # the broker's own files, the control plane's connection, headroom
 RSS_KB_PER_DEVICE = 160      # measured swarm RSS per device at 1k-5k devices (see the report)
 
 
@@ -88,23 +89,25 @@ def log(message: str) -> None:
 # -- limits ------------------------------------------------------------------------------------
 def open_files(needed: int) -> int:
     """Raise this process's open-files limit (inherited by the broker and the swarms) to
-    ``needed``: the soft limit up to the hard one, the hard one too where allowed (root, up to
-    fs.nr_open). Returns the limit; raises BenchError if it stays below ``needed``."""
+    ``needed``: the soft limit up to the hard one, the hard one too where allowed (root with
+    CAP_SYS_RESOURCE, up to fs.nr_open). Returns the limit; raises Refused if it stays below."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     inf = resource.RLIM_INFINITY
     if hard != inf and hard < needed:
-        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+        want = min(needed, int(Path("/proc/sys/fs/nr_open").read_text()))
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, nr_open), min(needed, nr_open)))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
         except (ValueError, OSError):
-            pass
+            pass                      # not allowed: refused below
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != inf and soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard == inf else min(needed, hard), hard))
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != inf and soft < needed:
-        raise Refused(f"the broker needs about {needed} open files and the hard limit is {hard}: "
-                         f"raise it (ulimit -Hn {needed} as root, or LimitNOFILE=) and retry")
+        raise Refused(f"the broker holds one socket per device: it needs about {needed} open files, and the "
+                      f"hard limit here is {hard}, which this process may not raise (raise it as root with "
+                      f"CAP_SYS_RESOURCE: ulimit -Hn {needed}, systemd LimitNOFILE=, docker --ulimit "
+                      f"nofile={needed}), or run at most {hard - BROKER_SPARE_FDS} devices")
     return soft
 
 
@@ -281,7 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if need_kb > available_kb() * 0.85:
         raise Refused(f"{args.devices} devices need about {need_kb // 1024} MiB for the swarms "
                          f"({args.rss_kb_per_device} kB each); {available_kb() // 1024} MiB are available")
-    fds = open_files(args.devices + max(share) + 2048)
+    fds = open_files(args.devices + BROKER_SPARE_FDS)   # the broker's; each swarm needs only its share
     if not available():
         raise Refused("PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql)")
     load0 = os.getloadavg()
