@@ -71,7 +71,10 @@ from edgeloop.cloud.workspace import Workspace  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 BROKER_SPARE_FDS = 1024     # the broker's own files, the control plane's connection, headroom
-RSS_KB_PER_DEVICE = 160      # measured swarm RSS per device at 1k-5k devices (see the report)
+RSS_KB_PER_DEVICE = 200      # a swarm's memory per device, measured at 1k-5k (mostly each agent's
+                             # in-memory SQLite outbox); for the memory check before the run
+SWARM_BASE_KB = 150 * 1024   # a swarm process before its devices (Python, numpy, paho, tuf)
+BROKER_KB_PER_DEVICE = 8     # Mosquitto per connected client with a persistent session
 
 
 class BenchError(Exception):
@@ -280,10 +283,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.per_port > ephemeral_ports() - 1000:
         raise Refused(f"--per-port {args.per_port} does not fit the {ephemeral_ports()} ephemeral ports "
                          "(net.ipv4.ip_local_port_range) with 1000 to spare: lower it")
-    need_kb = args.devices * args.rss_kb_per_device
-    if need_kb > available_kb() * 0.85:
-        raise Refused(f"{args.devices} devices need about {need_kb // 1024} MiB for the swarms "
-                         f"({args.rss_kb_per_device} kB each); {available_kb() // 1024} MiB are available")
+    need_kb = args.devices * (args.rss_kb_per_device + BROKER_KB_PER_DEVICE) + nprocs * SWARM_BASE_KB
+    if need_kb > available_kb() * 0.9:
+        raise Refused(f"{args.devices} devices need about {need_kb // 1024} MiB (swarms at {args.rss_kb_per_device} kB "
+                      f"per device, the broker, {nprocs} swarm processes); {available_kb() // 1024} MiB are "
+                      "available: fewer devices, or a machine with more memory")
     fds = open_files(args.devices + BROKER_SPARE_FDS)   # the broker's; each swarm needs only its share
     if not available():
         raise Refused("PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql)")
@@ -424,6 +428,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in os.getloadavg()]},
         }
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):       # a second Ctrl-C must not cut the clean-up short
+            signal.signal(signum, signal.SIG_IGN)
         log("stopping")
         swarms.kill()
         if stack is not None:
@@ -459,11 +465,11 @@ def main() -> None:
     p.add_argument("--growth", type=float, default=2.0, help="each wave is this many times the previous")
     p.add_argument("--max-failure-pct", type=float, default=10.0)
     p.add_argument("--min-devices", type=int, default=20, help="finished devices before the abort check")
-    p.add_argument("--timeout-s", type=float, help="per-device deadline (default: 120 s + 6 ms per device)")
+    p.add_argument("--timeout-s", type=float, help="per-device deadline (default: 120 s + 10 ms per device)")
     p.add_argument("--install-s", type=float, default=0.05, help="simulated install time per device")
     p.add_argument("--download-concurrency", type=int, default=64, help="per swarm")
     p.add_argument("--connect-timeout", type=float, help="seconds for every swarm to connect (default: "
-                   "120 s + 20 ms per device)")
+                   "120 s + 40 ms per device)")
     p.add_argument("--records", type=int, default=2, help="telemetry records per device for the drift report")
     p.add_argument("--step-s", type=float, default=0.1, help="pause between controller steps")
     p.add_argument("--max-seconds", type=float, help="give up on the rollout after this long "
@@ -474,8 +480,8 @@ def main() -> None:
     args = p.parse_args()
     if args.devices < 1 or args.procs < 1 or args.per_port < 1 or args.records < 1:
         p.error("--devices, --procs, --per-port and --records must be at least 1")
-    args.timeout_s = args.timeout_s or 120 + args.devices * 0.006
-    args.connect_timeout = args.connect_timeout or 120 + args.devices * 0.02
+    args.timeout_s = args.timeout_s or 120 + args.devices * 0.01
+    args.connect_timeout = args.connect_timeout or 120 + args.devices * 0.04
     args.max_seconds = args.max_seconds or 300 + args.devices * 0.03
     signal.signal(signal.SIGTERM, _stop_on)
     try:
