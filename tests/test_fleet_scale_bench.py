@@ -1,7 +1,8 @@
 """bench/fleet_scale.py at a small count: a private PostgreSQL and Mosquitto (two listeners, as a
 large fleet needs), two swarm processes of real agents, one rollout over all of them, the drift
 report by fleet; every device updated, none failed, one JSON object last. And the refusals that
-come before anything starts: one line, exit 2."""
+come before anything starts: one line, exit 2. And the two store operations it reads, on
+both backends: devices per state, and the bytes the store takes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.pg_server import available
+from edgeloop.cloud.registry import Registry
+from tests.pg_server import available, pg_server, store_location  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "fleet_scale.py"
@@ -47,3 +49,19 @@ def test_a_fleet_the_machine_cannot_take_is_refused_in_one_line():
     assert done.stdout == ""
     done = _bench("--devices", "1000", "--rss-kb-per-device", "100000000")
     assert done.returncode == 2 and "MiB are available" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_device_states_count_devices_per_state_and_stored_bytes_grow_with_telemetry(store_location):
+    registry = Registry(store_location)
+    try:
+        assert registry.device_states() == {}
+        registry.record_statuses([{"device_id": f"d{i}", "tier": "mcu", "state": "online" if i % 3 else "committed"}
+                                  for i in range(30)])
+        assert registry.device_states() == {"online": 20, "committed": 10}
+        before = registry.stored_bytes()
+        assert before > 0
+        registry.add_telemetry([{"device_id": f"d{i}", "seq": 1, "model_version": "m:1", "window_start": 1.0,
+                                 "window_end": 2.0, "count": 1, "features": {"x": "y" * 4000}} for i in range(200)])
+        assert registry.stored_bytes() > before
+    finally:
+        registry.close()
