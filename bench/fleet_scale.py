@@ -31,8 +31,10 @@ Limits this handles, or refuses in one line (exit 2) before starting anything:
 - ports: every connection to one broker address and port takes an ephemeral port
   (net.ipv4.ip_local_port_range, ~28k), so the broker listens on enough ports that no port
   carries more than ``--per-port`` devices, and each swarm connects to one of them;
-- memory: ``--rss-kb-per-device`` (measured; see the docstring's figures) times devices must fit
-  in the available memory.
+- memory: ``--rss-kb-per-device`` (measured: about 190 kB at 5k, mostly each agent's in-memory
+  SQLite outbox) per device for the swarms, 8 kB for the broker and, on /dev/shm (the default
+  ``--device-dir``), 320 kB of device state (two slots of a 140 kB package) must fit in the
+  available memory; with ``--device-dir`` on disk, that state must fit on the disk.
 Anything else that fails is one line too (exit 1; Ctrl-C: 130) and stops every process it started and removes its folders; so do Ctrl-C and SIGTERM.
 
     .venv/bin/python bench/fleet_scale.py --devices 5000
@@ -75,6 +77,8 @@ RSS_KB_PER_DEVICE = 200      # a swarm's memory per device, measured at 1k-5k (m
                              # in-memory SQLite outbox); for the memory check before the run
 SWARM_BASE_KB = 150 * 1024   # a swarm process before its devices (Python, numpy, paho, tuf)
 BROKER_KB_PER_DEVICE = 8     # Mosquitto per connected client with a persistent session
+STATE_KB_PER_DEVICE = 320    # a device's state folder after the rollout: both slots hold a package
+                             # (edge-gateway: 140 kB) plus state, clock and TUF roots (4 kB pages)
 
 
 class BenchError(Exception):
@@ -283,18 +287,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.per_port > ephemeral_ports() - 1000:
         raise Refused(f"--per-port {args.per_port} does not fit the {ephemeral_ports()} ephemeral ports "
                          "(net.ipv4.ip_local_port_range) with 1000 to spare: lower it")
-    need_kb = args.devices * (args.rss_kb_per_device + BROKER_KB_PER_DEVICE) + nprocs * SWARM_BASE_KB
+    on_tmpfs = args.device_dir is None and Path("/dev/shm").is_dir()
+    state_kb = STATE_KB_PER_DEVICE if on_tmpfs else 0
+    need_kb = args.devices * (args.rss_kb_per_device + BROKER_KB_PER_DEVICE + state_kb) + nprocs * SWARM_BASE_KB
     if need_kb > available_kb() * 0.9:
-        raise Refused(f"{args.devices} devices need about {need_kb // 1024} MiB (swarms at {args.rss_kb_per_device} kB "
-                      f"per device, the broker, {nprocs} swarm processes); {available_kb() // 1024} MiB are "
-                      "available: fewer devices, or a machine with more memory")
+        raise Refused(f"{args.devices} devices need about {need_kb // 1024} MiB of memory (swarms at "
+                      f"{args.rss_kb_per_device} kB per device, the broker, {nprocs} swarm processes"
+                      + (f", {STATE_KB_PER_DEVICE} kB of state per device on /dev/shm" if on_tmpfs else "")
+                      + f"); {available_kb() // 1024} MiB are available: fewer devices, a machine with more memory"
+                      + (", or --device-dir on disk (slower: agents sync their state writes)" if on_tmpfs else ""))
+    if not on_tmpfs:
+        parent = args.device_dir or Path(tempfile.gettempdir())
+        free_kb = shutil.disk_usage(parent).free // 1024
+        if args.devices * STATE_KB_PER_DEVICE > free_kb * 0.9:
+            raise Refused(f"{args.devices} devices need about {args.devices * STATE_KB_PER_DEVICE // 1024} MiB for "
+                          f"their state under {parent}; {free_kb // 1024} MiB are free")
     fds = open_files(args.devices + BROKER_SPARE_FDS)   # the broker's; each swarm needs only its share
     if not available():
         raise Refused("PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql)")
     load0 = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="fleet-scale-"))
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp
-    device_dir = Path(tempfile.mkdtemp(prefix="fleet-scale-devices-", dir=shm))
+    parent = args.device_dir or (Path("/dev/shm") if on_tmpfs else tmp)
+    parent.mkdir(parents=True, exist_ok=True)
+    device_dir = Path(tempfile.mkdtemp(prefix="fleet-scale-devices-", dir=parent))
     swarms = Swarms(tmp)
     procs: list[subprocess.Popen] = []
     server = PrivatePostgres()
@@ -332,8 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if time.time() - last[0] >= 10:
                 last[0] = time.time()
                 rss = sum(status_kb(p.pid, "VmRSS") for p in swarms.procs)
-                log(f"registered {online} of {args.devices} ({time.time() - began:.0f} s; swarms "
-                    f"{rss // 1024} MiB, {rss / max(online, 1):.0f} kB per device)")
+                log(f"registered {online} of {args.devices} ({time.time() - began:.0f} s; swarms {rss // 1024} MiB)")
             return online >= args.devices
         wait_until(registered, args.connect_timeout + 60, "every device to connect and register")
         connect_s = time.time() - began
@@ -476,6 +490,8 @@ def main() -> None:
                    "(default: 300 s + 30 ms per device)")
     p.add_argument("--rss-kb-per-device", type=int, default=RSS_KB_PER_DEVICE,
                    help=f"expected swarm memory per device, for the memory check (default {RSS_KB_PER_DEVICE})")
+    p.add_argument("--device-dir", type=Path, help="where the devices' state folders go (default: /dev/shm; "
+                   f"{STATE_KB_PER_DEVICE} kB each, counted in the memory check)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, workspace)")
     args = p.parse_args()
     if args.devices < 1 or args.procs < 1 or args.per_port < 1 or args.records < 1:
