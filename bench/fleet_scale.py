@@ -218,6 +218,31 @@ class Swarms:
                 proc.wait()
 
 
+class Watch:
+    """Fails the run early, in one line, instead of at its deadline: when ``progress`` has not
+    changed for ``stall_s`` seconds, or the machine is about to run out of memory (the kernel's
+    OOM killer would take a process without a word)."""
+
+    def __init__(self, what: str, stall_s: float) -> None:
+        self.what, self.stall_s = what, stall_s
+        self.last: object = None
+        self.since = time.time()
+
+    def check(self, progress: object) -> None:
+        if progress != self.last:
+            self.last, self.since = progress, time.time()
+        elif time.time() - self.since > self.stall_s:
+            raise BenchError(f"{self.what} made no progress for {self.stall_s:.0f} s (at {progress})")
+        left, total = available_kb(), _total_kb()
+        if left < total * 0.03:
+            raise BenchError(f"stopped before the machine runs out of memory: {left // 1024} MiB left of "
+                             f"{total // 1024} MiB during {self.what} (fewer devices, or --device-dir on disk)")
+
+
+def _total_kb() -> int:
+    return int(Path("/proc/meminfo").read_text().split()[1])
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 1.0) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -341,9 +366,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          tmp / f"swarm-{i}.json")
         last = [0.0]
 
+        watch = Watch("connecting and registering", args.stall_s)
+
         def registered() -> bool:
             swarms.check()
             online = registry.device_states().get("online", 0)
+            watch.check((online, sum(status_kb(p.pid, "VmRSS") // 10240 for p in swarms.procs)))
             if time.time() - last[0] >= 10:
                 last[0] = time.time()
                 rss = sum(status_kb(p.pid, "VmRSS") for p in swarms.procs)
@@ -368,9 +396,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rid = ctl.create(spec)
         log(f"rollout {rid} created ({time.time() - t0:.1f} s)")
         deadline, shown = t0 + args.max_seconds, 0.0
+        watch = Watch("the rollout", args.stall_s)
         while True:
             ctl.step()
             status = ctl.status(rid)
+            watch.check(status["counts"])
             if status["state"] in ("completed", "aborted"):
                 break
             if time.time() > deadline:
@@ -490,6 +520,8 @@ def main() -> None:
                    "(default: 300 s + 30 ms per device)")
     p.add_argument("--rss-kb-per-device", type=int, default=RSS_KB_PER_DEVICE,
                    help=f"expected swarm memory per device, for the memory check (default {RSS_KB_PER_DEVICE})")
+    p.add_argument("--stall-s", type=float, default=300.0,
+                   help="fail when connecting or the rollout makes no progress for this long (default 300)")
     p.add_argument("--device-dir", type=Path, help="where the devices' state folders go (default: /dev/shm; "
                    f"{STATE_KB_PER_DEVICE} kB each, counted in the memory check)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, workspace)")
