@@ -23,11 +23,13 @@ final state); ``updated`` counts devices whose swarm saw them commit the rollout
 ``failed`` = failed + timed out. ``control_plane_cpu_s`` is the rollout window's CPU of this
 process (ingest + controller), the repository server and PostgreSQL (all its processes);
 ``_per_1k_devices`` divides it by devices / 1000. ``swarm_rss_mb`` is the swarms' peak RSS
-(VmHWM) summed; ``rss_kb_per_device`` that over devices (process baselines included).
+(VmHWM) summed; ``rss_kb_per_device`` that over devices (process baselines included);
+``connect_s``: from starting the swarms until every device is registered; ``commit_p50_s``/``p99``:
+rollout creation to a device's commit; ``command_to_commit_*``: its command's arrival to its commit.
 
 Limits this handles, or refuses in one line (exit 2) before starting anything:
 - open files: one socket per device in its swarm and one in the broker; the hard limit is raised
-  (as root) or the run refused;
+  where allowed (root with CAP_SYS_RESOURCE) or the run refused, naming the most devices that fit;
 - ports: every connection to one broker address and port takes an ephemeral port
   (net.ipv4.ip_local_port_range, ~28k), so the broker listens on enough ports that no port
   carries more than ``--per-port`` devices, and each swarm connects to one of them;
@@ -35,10 +37,12 @@ Limits this handles, or refuses in one line (exit 2) before starting anything:
   SQLite outbox) per device for the swarms, 8 kB for the broker and, on /dev/shm (the default
   ``--device-dir``), 320 kB of device state (two slots of a 140 kB package) must fit in the
   available memory; with ``--device-dir`` on disk, that state must fit on the disk.
-Anything else that fails is one line too (exit 1; Ctrl-C: 130) and stops every process it started and removes its folders; so do Ctrl-C and SIGTERM.
+Anything that fails later is one line too (exit 1), also a stall (no progress for ``--stall-s``)
+or memory running out; it, Ctrl-C and SIGTERM (exit 130) stop every process the run started and
+remove its folders.
 
     .venv/bin/python bench/fleet_scale.py --devices 5000
-    .venv/bin/python bench/fleet_scale.py --devices 100000 --procs 4
+    .venv/bin/python bench/fleet_scale.py --devices 100000 --procs 5      # 5 listeners of 20k
 
 Progress goes to stderr; one JSON object is the last line of stdout.
 """
@@ -455,10 +459,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "telemetry_fill_s": round(fill_s, 1),
             "state": status["state"], "abort_reason": status.get("reason"), "commands_sent": status["commands_sent"],
             "connect_s": round(connect_s, 1), "rollout_s": round(seconds, 1),
-            "commit_p50_s": round(statistics.median(times), 2) if times else None,
-            "commit_p99_s": round(percentile(times, 0.99), 2) if times else None,
-            "command_to_commit_p50_s": round(statistics.median(c2c), 3) if c2c else None,
-            "command_to_commit_p99_s": round(percentile(c2c, 0.99), 3) if c2c else None,
+            "commit_p50_s": _rounded(statistics.median(times) if times else None, 2),
+            "commit_p99_s": _rounded(percentile(times, 0.99), 2),
+            "command_to_commit_p50_s": _rounded(statistics.median(c2c) if c2c else None, 3),
+            "command_to_commit_p99_s": _rounded(percentile(c2c, 0.99), 3),
             "cpu_s": {k: round(cpu1[k] - cpu0[k], 1) for k in cpu0},
             "control_plane_cpu_s": round(cp_cpu, 1), "swarm_cpu_s": round(cpu1["swarms"] - cpu0["swarms"], 1),
             "procs": nprocs, "listeners": len(ports), "per_port": args.per_port,
@@ -491,6 +495,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _stop_on(signum: int, frame: Any) -> None:  # noqa: ARG001
