@@ -70,15 +70,20 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def start_broker(root: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+def start_broker(root: Path, listeners: int = 1) -> tuple[subprocess.Popen, list[int]]:
+    """A private Mosquitto on ``listeners`` ports of 127.0.0.1 (one broker: every listener sees
+    every topic). More than one lets more clients connect than the ephemeral port range allows
+    towards one address and port (bench/fleet_scale.py). It inherits this process's open-files
+    limit."""
+    ports = [free_port() for _ in range(listeners)]
     conf = root / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\n"
-                    f"max_queued_messages 100000\nset_tcp_nodelay true\nlog_dest none\n")
+    conf.write_text("".join(f"listener {port} 127.0.0.1\nmax_connections -1\n" for port in ports)
+                    + "allow_anonymous true\npersistence false\n"
+                    "max_queued_messages 100000\nset_tcp_nodelay true\nlog_dest none\n")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait(lambda: _listening(port), 10, "mosquitto to listen")
-    return proc, port
+    wait(lambda: all(_listening(port) for port in ports), 10, "mosquitto to listen")
+    return proc, ports
 
 
 def start_repository(ws: Workspace) -> tuple[subprocess.Popen, str]:
@@ -144,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="fleet-rollout-"))
     procs: list[subprocess.Popen] = []
     try:
-        broker, port = start_broker(tmp)
+        broker, (port,) = start_broker(tmp)
         procs.append(broker)
         ws = Workspace.init(tmp / "ws", mqtt=f"127.0.0.1:{port}")
         registry = Registry(ws.store_location)

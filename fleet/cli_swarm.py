@@ -65,6 +65,8 @@ def add_swarm_command(sub: Any, common: Callable[[argparse.ArgumentParser], None
     p.add_argument("--sample-rate", type=sample_rate, default=0.0, metavar="R",
                    help="share (0..1) of served requests each device sends, labelled, in its telemetry (needs "
                         "--telemetry-s; default 0: none)")
+    p.add_argument("--connect-timeout", type=duration, default=120.0, metavar="DURATION",
+                   help="give up (exit 3) unless every device is connected within this long (default 120 s)")
     p.add_argument("--duration", type=duration, metavar="DURATION",
                    help=f"stop after this long: {DURATION_HELP} (default: until Ctrl-C or SIGTERM)")
     p.add_argument("--prefix", default="swarm", help="device id prefix (ids: PREFIX-TIER-00042)")
@@ -110,10 +112,10 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
         import cProfile
 
         with cProfile.Profile() as prof:
-            report, signum = asyncio.run(_run(swarm, args.duration, out))
+            report, signum = asyncio.run(_run(swarm, args.duration, out, args.connect_timeout))
         prof.dump_stats(profile)
     else:
-        report, signum = asyncio.run(_run(swarm, args.duration, out))
+        report, signum = asyncio.run(_run(swarm, args.duration, out, args.connect_timeout))
     if args.report:
         args.report.write_text(json.dumps(report, sort_keys=True))
     summary = {k: v for k, v in report.items() if k != "per_device"}
@@ -126,7 +128,8 @@ def _swarm(args: argparse.Namespace, out: Output) -> int:
     return exit_code_for(signum)
 
 
-async def _run(swarm: Any, duration: float | None, out: Output) -> tuple[dict[str, Any], int | None]:
+async def _run(swarm: Any, duration: float | None, out: Output,
+               connect_timeout: float = 120.0) -> tuple[dict[str, Any], int | None]:
     """Run until ``duration`` or SIGINT/SIGTERM: (the report, the signal that stopped it or None)."""
     import asyncio
 
@@ -137,7 +140,7 @@ async def _run(swarm: Any, duration: float | None, out: Output) -> tuple[dict[st
         loop.add_signal_handler(sig, lambda s=sig: (got.append(s), stop.set()))
     began = time.time()
     try:
-        await swarm.start()
+        await swarm.start(connect_timeout)
     except TimeoutError as e:
         await swarm.stop()
         raise ServiceUnavailable(str(e)) from None

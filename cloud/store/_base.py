@@ -239,6 +239,17 @@ class StoreBase:
         except ConnectionLost:
             pass
 
+    def stored_bytes(self) -> int:
+        """The bytes the store's tables and their indexes take (SQLite: the file's pages, the
+        write-ahead log moved in first; PostgreSQL: the tables of its schema, TOAST and indexes
+        included): what a benchmark divides by the fleet's size."""
+        if self.dialect.name == "sqlite":
+            self.checkpoint()
+            return int(self._scalar("select page_count * page_size from pragma_page_count(), pragma_page_size()"))
+        return int(self._scalar("select coalesce(sum(pg_total_relation_size(c.oid)), 0) from pg_class c "
+                                "join pg_namespace n on n.oid = c.relnamespace "
+                                "where c.relkind = 'r' and n.nspname = current_schema()"))
+
     def close(self) -> None:
         with self._lock:
             if getattr(self, "_registered", False):

@@ -131,6 +131,10 @@ class FleetOps(SqliteBase):
             sql, args = sql + " and state = ?", args + [state]
         return self._rows(sql + " order by device_id", args)
 
+    def device_states(self) -> dict[str, int]:
+        """How many devices are in each stored state (one count, not the rows: fleet-scale waits)."""
+        return {r["state"]: r["n"] for r in self._rows("select state, count(*) as n from devices group by state")}
+
     def forget_device(self, device_id: str) -> None:
         """Delete a device's row (its telemetry and reports stay)."""
         with self._tx() as conn:

@@ -141,6 +141,9 @@ class FleetStore(Protocol):
     def devices(self, tier: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         """The raw device rows, by device id (cloud.fleet_registry adds online, errors, tags)."""
 
+    def device_states(self) -> dict[str, int]:
+        """How many devices are in each stored state (one count, not the rows: fleet-scale waits)."""
+
     def forget_device(self, device_id: str) -> None:
         """Delete a device's row (its telemetry and reports stay)."""
 
@@ -404,5 +407,9 @@ class Store(CatalogStore, FleetStore, DriftStore, AccessStore, RolloutStore, Pro
 
     def release(self, name: str) -> None:
         """Give back a lock :meth:`hold` took."""
+
+    def stored_bytes(self) -> int:
+        """The bytes the store's tables and their indexes take (SQLite: the file's pages;
+        PostgreSQL: the tables of its schema, TOAST and indexes included)."""
 
     def close(self) -> None: ...
