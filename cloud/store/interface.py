@@ -349,9 +349,10 @@ class RolloutStore(Protocol):
     def overdue(self, rollout_id: str, now: float) -> list[dict[str, Any]]:
         """Devices out whose deadline passed before ``now``."""
 
-    def health_rows(self, rollout_id: str, model_version: str) -> list[dict[str, Any]]:
-        """Telemetry of the rollout's committed devices that ran another version before, under
-        ``model_version`` (``new`` true) and under that previous version."""
+    def health_totals(self, rollout_id: str, model_version: str, pct: int = 95) -> dict[bool, dict[str, Any]]:
+        """Telemetry of the rollout's committed devices that ran another version before, added up
+        (SQL aggregates) under ``model_version`` (True) and under that previous version (False),
+        in the shape of cloud.rollouts.health.totals."""
 
     def assign_wave(self, rollout_id: str, wave: int, size: int, now: float, rate_limited: bool) -> list[str]:
         """Put the next ``size`` devices not yet in a wave (dispatch order) into ``wave``; with
