@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 from itertools import zip_longest
+from operator import itemgetter
 from typing import Any, Iterable, Iterator
 
 __all__ = ["SUMMED", "WIDTH", "apply", "backfill", "merge_records", "summary_rows"]
@@ -41,6 +42,8 @@ __all__ = ["SUMMED", "WIDTH", "apply", "backfill", "merge_records", "summary_row
 WIDTH = 64
 SUMMED = ("n", "missing", "sum", "sumsq", "rsum", "rsumsq")
 _COLS = tuple(f"v{j}" for j in range(WIDTH))
+_PAD = (None,) * WIDTH
+_KEY, _KEY2 = itemgetter(0, 1, 2, 3), itemgetter(0, 1)
 Vector = list  # list[float | None]
 
 
@@ -48,11 +51,17 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+_NUMBERS = {int, float}
+
+
 def _vector(values: Any) -> Vector | None:
-    """A JSON array as numbers (anything else: None); what the ingest's contract check guarantees
-    for new records, checked again for records stored before it (the migration's backfill)."""
-    if not isinstance(values, list):
+    """A JSON array as numbers (an element that is none: None; not an array: None). The ingest's
+    contract check guarantees numbers, so the common case is one C-level pass over the types;
+    records stored before that check (the migration's backfill) are converted one by one."""
+    if not isinstance(values, (list, tuple)):
         return None
+    if set(map(type, values)) <= _NUMBERS:
+        return values if isinstance(values, list) else list(values)
     return [_number(v) for v in values]
 
 
@@ -89,7 +98,7 @@ def _record_fields(row: dict[str, Any]) -> tuple[dict[str, Vector], tuple[int, i
     if isinstance(hist, list):
         rows = [h if isinstance(h, list) else [] for h in hist]
         for b, column in enumerate(zip_longest(*rows)):        # bin b of every feature
-            out[f"h{b}"] = [_number(v) for v in column]
+            out[f"h{b}"] = _vector(column)
     residual = features.get("rsum") is not None
     rn = _number(features.get("rn")) if residual else None
     return out, (1, int(residual), rn or 0.0)
@@ -124,10 +133,13 @@ def summary_rows(merged: dict[tuple[str, str], tuple[dict[str, Vector], list[flo
     for (device_id, mv), (fields, (featured, residual, rn)) in merged.items():
         devices.append((device_id, mv, int(featured), int(residual), rn))
         for field, values in fields.items():
-            kind = field if field in ("min", "max") else "sum"
+            out = by_kind[field if field in ("min", "max") else "sum"]
+            if len(values) == WIDTH:          # the common case (64 features), without slicing
+                out.append((device_id, mv, field, 0, *values))
+                continue
             for chunk in range(0, max(len(values), 1), WIDTH):
                 part = values[chunk:chunk + WIDTH]
-                by_kind[kind].append((device_id, mv, field, chunk // WIDTH, *part, *[None] * (WIDTH - len(part))))
+                out.append((device_id, mv, field, chunk // WIDTH, *part, *_PAD[len(part):]))
     return by_kind, devices
 
 
@@ -158,10 +170,10 @@ def apply(conn: Any, rows: Iterable[dict[str, Any]]) -> None:
     # in key order: two ingest workers adding batches of the same devices (a shared subscription
     # splits a device's records between them) lock the rows in one order, so neither deadlocks
     if devices:
-        conn.executemany(_DEVICES, sorted(devices, key=lambda r: r[:2]))
+        conn.executemany(_DEVICES, sorted(devices, key=_KEY2))
     for kind, values in by_kind.items():
         if values:
-            conn.executemany(_UPSERTS[kind], sorted(values, key=lambda r: r[:4]))
+            conn.executemany(_UPSERTS[kind], sorted(values, key=_KEY))
 
 
 def backfill(conn: Any, page: int = 2000) -> None:
