@@ -191,8 +191,10 @@ class FleetOps(SqliteBase):
 
     # -- telemetry -------------------------------------------------------------------------------
     def add_telemetry(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Insert records, ignoring (device_id, seq) already stored, in one transaction. Returns how
-        many were new. (Plain executemany: the ingest's hot path, ~3x cheaper than insert_all.)"""
+        """Insert records, ignoring (device_id, seq) already stored, and add the new ones into
+        their devices' drift summaries (cloud/store/drift_summary.py), in one transaction.
+        Returns how many were new. (Plain statements: the ingest's hot path, ~3x cheaper than
+        insert_all.)"""
         now = time.time()
         rows = rows if isinstance(rows, list) else list(rows)
         values = [(r["device_id"], r["seq"], r.get("model_version"), r.get("window_start"), r.get("window_end"),

@@ -164,8 +164,10 @@ class FleetStore(Protocol):
         """(enrolled ids among ``device_ids``, or None when the fleet enrols no one; revoked ids)."""
 
     def add_telemetry(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Insert records, ignoring (device_id, seq) already stored, in one transaction. Returns how
-        many were new. (Plain executemany: the ingest's hot path, ~3x cheaper than insert_all.)"""
+        """Insert records, ignoring (device_id, seq) already stored, and add the new ones into
+        their devices' drift summaries (cloud/store/drift_summary.py), in one transaction.
+        Returns how many were new. (Plain statements: the ingest's hot path, ~3x cheaper than
+        insert_all.)"""
 
     def last_seqs(self, device_ids: list[str]) -> dict[str, int]:
         """The highest stored telemetry seq of each of ``device_ids`` that has any."""
