@@ -154,9 +154,10 @@ class DriftOps(SqliteBase):
         return rows
 
 
-# the per-device summaries' GROUP BY in the order of an index (schema.INDEXES, the primary key)
-# where the cohort key allows: SQLite then aggregates as it scans instead of first sorting every
-# 64-column row (3x faster on the fleet); other keys (tier, tag, site) sort. PostgreSQL hashes.
+# the per-device summaries' GROUP BY in their key order (schema.TABLES) where the cohort key
+# allows: SQLite then aggregates as it scans, in sequence, instead of first sorting every
+# 64-column row (fleet and model_version); other keys (tier, tag, site, device) sort.
+# PostgreSQL hashes either way.
 _GROUP = {"'fleet'": "group by t.model_version, t.field, t.chunk",
           "t.model_version": "group by t.model_version, t.field, t.chunk"}
 

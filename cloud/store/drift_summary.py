@@ -9,7 +9,7 @@ has already merged is a plain ``GROUP BY`` with ``sum``/``min``/``max``. So the 
 has the records parsed anyway, adds each batch's new records into one row set per (device,
 model version):
 
-- ``drift_summaries``: one row per (device, model version, ``field``, ``chunk``) with columns
+- ``drift_summaries``: one row per (model version, ``field``, ``chunk``, device) with columns
   ``v0`` .. ``v63``: position ``j`` is feature ``chunk * 64 + j``. ``field`` is a summed array of
   the summary (``n``, ``missing``, ``sum``, ``sumsq``, ``rsum``, ``rsumsq``), ``min`` or ``max``
   (combined), ``h<b>`` (bin ``b`` of every feature's histogram: a row holds one bin of 64
@@ -43,7 +43,7 @@ WIDTH = 64
 SUMMED = ("n", "missing", "sum", "sumsq", "rsum", "rsumsq")
 _COLS = tuple(f"v{j}" for j in range(WIDTH))
 _PAD = (None,) * WIDTH
-_KEY, _KEY2 = itemgetter(0, 1, 2, 3), itemgetter(0, 1)
+_KEY, _KEY2 = itemgetter(1, 2, 3, 0), itemgetter(0, 1)     # the tables' key order
 Vector = list  # list[float | None]
 
 
@@ -153,7 +153,7 @@ def _upsert(kind: str) -> str:
     sets = ", ".join(f"{c} = " + expr.format(c=c) for c in _COLS)
     return (f"insert into drift_summaries (device_id, model_version, field, chunk, {', '.join(_COLS)}) "
             f"values ({', '.join('?' * (4 + WIDTH))}) "
-            f"on conflict (device_id, model_version, field, chunk) do update set {sets}")
+            f"on conflict (model_version, field, chunk, device_id) do update set {sets}")
 
 
 _UPSERTS = {kind: _upsert(kind) for kind in ("sum", "min", "max")}

@@ -69,8 +69,9 @@ TABLES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
     "label_feedback": ((("device_id", T), ("seq", I), ("labelled", I), ("correct", I), ("abs_err_sum", R),
                         ("source", T), ("added_at", R)), ("device_id", "seq")),
     # -- per-device drift summaries, merged at ingest (cloud/store/drift_summary.py)
+    # key in the report's GROUP BY order (a SQLite WITHOUT ROWID table: rows stored in key order)
     "drift_summaries": ((("device_id", T), ("model_version", T), ("field", T), ("chunk", I),
-                         *((f"v{j}", R) for j in range(64))), ("device_id", "model_version", "field", "chunk")),
+                         *((f"v{j}", R) for j in range(64))), ("model_version", "field", "chunk", "device_id")),
     "drift_devices": ((("device_id", T), ("model_version", T), ("featured", I), ("residual", I), ("rn", R)),
                       ("device_id", "model_version")),
     # -- alerts and API tokens
@@ -106,12 +107,10 @@ INDEXES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("rollout_devices", ("rollout_id", "state"), False),
     ("rollout_devices", ("device_id",), False),
     ("audit", ("ts",), False),
-    # the report's GROUP BY model version, field, chunk (fleet, model_version cohorts) read in
-    # index order: SQLite aggregates as it scans instead of sorting every 64-column row first
-    ("drift_summaries", ("model_version", "field", "chunk"), False),
 )
 
 
+_WITHOUT_ROWID = {"drift_summaries"}
 _PG_TYPES = {T: "text", I: "bigint", R: "double precision", J: "jsonb"}
 _SQLITE_TYPES = {J: "TEXT"}
 
@@ -150,7 +149,10 @@ def _create_table(name: str, dialect: str = "sqlite") -> str:
     else:
         body = [f'"{c}" {_SQLITE_TYPES.get(t, t)}' for c, t in columns_]
     body.append(f"PRIMARY KEY ({keys})")
-    return f'CREATE TABLE IF NOT EXISTS "{name}" ({", ".join(body)})'
+    # SQLite: rows stored in key order, so the drift report's GROUP BY (the key's leading columns)
+    # aggregates while it scans, in sequence, instead of sorting or seeking every 64-column row
+    rowid = " WITHOUT ROWID" if dialect == "sqlite" and name in _WITHOUT_ROWID else ""
+    return f'CREATE TABLE IF NOT EXISTS "{name}" ({", ".join(body)}){rowid}'
 
 
 def _ensure(conn: Any) -> None:
@@ -225,8 +227,6 @@ def _v8(conn: Any) -> None:
     from edgeloop.cloud.store.drift_summary import backfill
     for name in ("drift_summaries", "drift_devices"):
         conn.execute(_create_table(name, dialect_of(conn)))
-    conn.execute('CREATE INDEX IF NOT EXISTS "idx_drift_summaries_model_version_field_chunk" '
-                 'ON "drift_summaries" (model_version, field, chunk)')
     backfill(conn)
 
 
