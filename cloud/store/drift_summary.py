@@ -13,8 +13,10 @@ model version):
   ``v0`` .. ``v63``: position ``j`` is feature ``chunk * 64 + j``. ``field`` is a summed array of
   the summary (``n``, ``missing``, ``sum``, ``sumsq``, ``rsum``, ``rsumsq``), ``min`` or ``max``
   (combined), ``h<b>`` (bin ``b`` of every feature's histogram: a row holds one bin of 64
-  features, so ~19 rows a device instead of one per feature and bin), or ``p`` (the prediction
-  counts, position = class). NULL: no record of the device had that position; SQL's aggregates
+  features, so ~20 rows a device instead of one per feature and bin), ``p`` (the prediction
+  counts, position = class) or ``c`` (the confidence histogram, for rollout health). Keyed in
+  the report's GROUP BY order (on SQLite a WITHOUT ROWID table: the fleet merge reads the rows
+  in sequence). NULL: no record of the device had that position; SQL's aggregates
   skip it, exactly as the per-record merge skipped a shorter array (cloud/store/drift.py trims
   the positions no record has and counts a gap as 0).
 - ``drift_devices``: per (device, model version) ``featured`` (records with a feature
@@ -26,7 +28,9 @@ element-wise ``sum``. Within a batch a device's records are merged in Python fir
 upsert per row adds the batch into the stored row (``coalesce(a + b, a, b)``: NULL-safe). The
 caller runs :func:`apply` in the transaction that inserted exactly these records (the ones not
 stored before), so a duplicate re-delivered is never added twice and a crash mid-batch leaves
-neither the records nor their summary. Label feedback only replaces label counts, which the
+neither the records nor their summary. The price is at ingest: ~20 upserts of 64 values a
+record (measured ~0.2 ms of worker CPU a record on SQLite, 0.34 -> 0.51 ms; more server time on
+PostgreSQL, where each update writes a new row version). Label feedback only replaces label counts, which the
 report still takes per record (cloud/store/drift.py), so nothing here changes after ingest.
 """
 
