@@ -81,7 +81,7 @@ from edgeloop.contracts.messages import Announce, Command
 from edgeloop.cloud import audit
 from edgeloop.cloud.errors import NotFound, UserError
 from edgeloop.cloud.registry import Registry
-from edgeloop.cloud.rollouts.health import compare, js_distance
+from edgeloop.cloud.rollouts.health import js_distance, judge
 from edgeloop.cloud.rollouts.machine import (ACTIVE, DEVICE_TRANSITIONS, FINAL_DEVICE_STATES, PAUSABLE, ROLLOUT_TRANSITIONS,
                                    DeviceEvent, DeviceRolloutState, IllegalTransition, RolloutEvent, RolloutState,
                                    rollout_next)
@@ -607,8 +607,8 @@ class RolloutController:
         their telemetry under the version they ran before, and which thresholds it breaks."""
         r = self.rollout(rollout_id)
         spec = RolloutSpec.from_obj(r["spec"])
-        rows = self.registry.health_rows(rollout_id, r["model_version"])
-        return compare(rows, {"error_rate_increase": spec.max_error_rate,
+        sides = self.registry.health_totals(rollout_id, r["model_version"])
+        return judge(sides, {"error_rate_increase": spec.max_error_rate,
                               "latency_p95_increase_ms": spec.max_latency_p95_ms,
                               "prediction_js": spec.max_prediction_js, "confidence_drop": spec.max_confidence_drop,
                               "quality_drop": spec.max_quality_drop},

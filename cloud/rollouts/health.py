@@ -1,11 +1,15 @@
 """Model health for rollouts: the new version's telemetry against the previous version's, on
 the same devices (docs/rollouts.md, "Abort criteria").
 
-:func:`compare` is pure: it takes telemetry rows (``new`` 1 for the new version, 0 for the
-previous one; ``count``, ``errors``, ``latency_ms_p50``, and the ``predictions`` and
-``confidence_hist`` histograms as JSON text or lists, and where known ``labelled``, ``correct``
-and ``abs_err_sum``) and thresholds, and returns the measures and the thresholds they break.
-Nothing is judged below ``min_inferences`` inferences on either side.
+:func:`judge` is pure: it takes each side's telemetry totals (the new version's and the
+previous one's: counts, sums, the p95 of the records' latency and the prediction and
+confidence histograms added up, as the store's ``health_totals`` computes them in SQL from the
+per-device summaries, or :func:`totals` from telemetry rows) and thresholds, and returns the
+measures and the thresholds they break. :func:`compare` is the same on rows (``new`` 1 for the
+new version, 0 for the previous one; ``count``, ``errors``, ``latency_ms_p50``, and the
+``predictions`` and ``confidence_hist`` histograms as JSON text or lists, and where known
+``labelled``, ``correct`` and ``abs_err_sum``). Nothing is judged below ``min_inferences``
+inferences on either side.
 
 ``quality_drop`` is the task's own metric (contracts/tasks.py) on the labelled inferences, new
 against previous: the accuracy drop for classification and anomaly detection (absolute, 0..1),
@@ -19,7 +23,7 @@ import json
 import math
 from typing import Any, Iterable
 
-__all__ = ["MEASURES", "compare", "js_distance", "quality_drop"]
+__all__ = ["MEASURES", "compare", "js_distance", "judge", "percentile", "quality_drop", "totals"]
 
 # measure -> how a breach reads
 MEASURES = {"error_rate_increase": "error rate up", "latency_p95_increase_ms": "latency p95 up (ms)",
@@ -57,28 +61,49 @@ def _hist(value: Any) -> list[float]:
     return json.loads(value) if isinstance(value, str) else list(value)
 
 
-def _side(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    n = sum(row["count"] for row in rows)
-    preds: list[float] = []
-    conf: list[float] = []
-    for row in rows:
-        for acc, hist in ((preds, _hist(row["predictions"])), (conf, _hist(row["confidence_hist"]))):
-            acc.extend([0.0] * (len(hist) - len(acc)))
-            for i, v in enumerate(hist):
-                acc[i] += v
+def _added(acc: list[float], hist: Iterable[float]) -> list[float]:
+    hist = list(hist)
+    acc = acc + [0.0] * (len(hist) - len(acc))
+    return [a + (hist[i] if i < len(hist) else 0.0) for i, a in enumerate(acc)]
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[bool, dict[str, Any]]:
+    """Telemetry rows added up per side (True: the new version), as the store's
+    ``health_totals`` gives them: ``records``, ``inferences``, ``labelled``, ``correct``,
+    ``errors``, ``abs_err_sum`` and ``err_labelled`` (over the rows with an error sum),
+    ``latency_p95_ms`` (of the rows' p50s, rows with inferences only), ``predictions`` and
+    ``confidence`` (the histograms added, the shorter zero-padded)."""
+    out = {}
+    for new in (True, False):
+        side = [row for row in rows if bool(row["new"]) == new]
+        preds: list[float] = []
+        conf: list[float] = []
+        for row in side:
+            preds, conf = _added(preds, _hist(row["predictions"])), _added(conf, _hist(row["confidence_hist"]))
+        errs = [row for row in side if row.get("abs_err_sum") is not None]
+        out[new] = {"records": len(side), "inferences": sum(row["count"] or 0 for row in side),
+                    "labelled": sum(row.get("labelled") or 0 for row in side),
+                    "correct": sum(row.get("correct") or 0 for row in side),
+                    "errors": sum(row.get("errors") or 0 for row in side),
+                    "abs_err_sum": sum(row["abs_err_sum"] for row in errs),
+                    "err_labelled": sum(row.get("labelled") or 0 for row in errs),
+                    "latency_p95_ms": percentile([row["latency_ms_p50"] for row in side if row["count"]], 95),
+                    "predictions": preds, "confidence": conf}
+    return out
+
+
+def _side(t: dict[str, Any]) -> dict[str, Any]:
+    n, labelled, err_labelled, conf = t["inferences"], t["labelled"], t["err_labelled"], t["confidence"]
     total_conf = sum(conf)
-    labelled = sum(row.get("labelled") or 0 for row in rows)
-    err_rows = [row for row in rows if row.get("abs_err_sum") is not None]
-    err_labelled = sum(row.get("labelled") or 0 for row in err_rows)
-    return {"inferences": n, "records": len(rows), "labelled": labelled,
-            "accuracy": sum(row.get("correct") or 0 for row in rows) / labelled if labelled else None,
-            "mae": sum(row["abs_err_sum"] for row in err_rows) / err_labelled if err_labelled else None,
+    return {"inferences": n, "records": t["records"], "labelled": labelled,
+            "accuracy": t["correct"] / labelled if labelled else None,
+            "mae": t["abs_err_sum"] / err_labelled if err_labelled else None,
             "mae_labelled": err_labelled,
-            "error_rate": sum(row["errors"] for row in rows) / n if n else 0.0,
-            "latency_p95_ms": percentile([row["latency_ms_p50"] for row in rows if row["count"]], 95),
+            "error_rate": t["errors"] / n if n else 0.0,
+            "latency_p95_ms": t["latency_p95_ms"],
             "mean_confidence": sum((i + 0.5) / len(conf) * v for i, v in enumerate(conf)) / total_conf
             if total_conf else 0.0,
-            "predictions": preds}
+            "predictions": list(t["predictions"])}
 
 
 def quality_drop(new: dict[str, Any], old: dict[str, Any], task: str, min_labelled: int) -> float | None:
@@ -97,9 +122,16 @@ def quality_drop(new: dict[str, Any], old: dict[str, Any], task: str, min_labell
 
 def compare(rows: list[dict[str, Any]], limits: dict[str, float | None], min_inferences: int,
             task: str = "classification") -> dict[str, Any]:
-    """``{"new", "previous", "evaluated", the MEASURES, "breaches"}``; a limit of None is not checked."""
-    new = _side([row for row in rows if row["new"]])
-    old = _side([row for row in rows if not row["new"]])
+    """:func:`judge` of telemetry rows (:func:`totals`)."""
+    return judge(totals(rows), limits, min_inferences, task)
+
+
+def judge(sides: dict[bool, dict[str, Any]], limits: dict[str, float | None], min_inferences: int,
+          task: str = "classification") -> dict[str, Any]:
+    """``{"new", "previous", "evaluated", the MEASURES, "breaches"}`` of the two sides' totals
+    (:func:`totals`, or the store's ``health_totals``: SQL aggregates, no row loaded); a limit
+    of None is not checked."""
+    new, old = _side(sides[True]), _side(sides[False])
     out: dict[str, Any] = {"new": new, "previous": old, "breaches": [], "evaluated": False}
     if new["inferences"] < min_inferences or old["inferences"] < min_inferences:
         return out

@@ -273,6 +273,13 @@ class StoreBase:
                 return [dict(zip(keys, row)) for row in cursor.fetchall()]
         return self._retrying(read)
 
+    def _tuples(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows as tuples (wide aggregate rows: no dict per row)."""
+        def read() -> list[tuple[Any, ...]]:
+            with self._lock:
+                return [tuple(r) for r in self._conn.execute(sql, args).fetchall()]
+        return self._retrying(read)
+
     def _one(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
         rows = self._rows(sql, args)
         return rows[0] if rows else None

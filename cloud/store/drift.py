@@ -4,9 +4,12 @@ summaries, computed by the database (private to cloud.store; see cloud.store.int
 A telemetry record carries its window's feature summary (``features``: per-feature histogram
 bins ``hist``, and ``n``, ``missing``, ``sum``, ``sumsq``, ``min``, ``max``, the residual sums
 ``rn``, ``rsum``, ``rsumsq``) and prediction counts. Counts and sums add and minima and maxima
-combine, so a cohort's summary is a handful of ``GROUP BY`` aggregates over the JSON arrays'
-elements (SQLite's ``json_each``, PostgreSQL's ``jsonb_array_elements_text``): no record's JSON
-crosses into Python, whatever the fleet's size. The same merge as
+combine, so a cohort's summary is a handful of ``GROUP BY`` aggregates. Not over the records:
+the ingest merges each device's records per model version into numeric rows as it stores them
+(cloud/store/drift_summary.py), so the feature summaries and prediction counts are sums, minima
+and maxima over one row set per device, and no record's JSON is parsed (nor crosses into
+Python), whatever the fleet's size. The label counts, which operator feedback may replace at
+any time, are still summed per record, from plain numeric columns. The same merge as
 ``cloud.drift.monitor.merge`` (residual sums only where every record of the cohort has them).
 
 Cohorts (``by``): ``device``, ``tier``, ``tag`` (a device with two tags is in two cohorts; one
@@ -19,13 +22,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from edgeloop.cloud.store._base import SqliteBase
+from edgeloop.cloud.store.drift_summary import WIDTH
 
 __all__ = ["DriftOps", "SQL_COHORTS"]
 
 SQL_COHORTS = ("device", "tier", "tag", "site", "model_version", "fleet")
-_SUMMED = ("n", "missing", "sum", "sumsq", "rsum", "rsumsq")
-_FIELDS = (*_SUMMED, "min", "max")
+_FIELDS = ("n", "missing", "sum", "sumsq", "rsum", "rsumsq", "min", "max")
 
 # a feedback row replaces the window's label counts; its error sum only where it gave one
 _ERR = ("(case when l.seq is null then t.abs_err_sum when l.abs_err_sum is not null then l.abs_err_sum "
@@ -61,34 +66,26 @@ class DriftOps(SqliteBase):
         absolute error sum), ``abs_err_sum`` and ``err_labelled`` (their labelled inferences),
         ``featured`` and ``residual`` (records with a feature summary, with residual sums),
         ``rn`` (their residual count) and ``predictions`` (the prediction counts added up); by
-        key and model version."""
+        key and model version.
+
+        The label counts are summed per record (numeric columns: operator feedback replaces a
+        window's counts at any time); the rest from the per-device summaries."""
         key, join = self._cohort(by)
-        pg = self.dialect.name == "postgresql"
-        has_rsum = "(t.features::jsonb->'rsum') is not null" if pg else "json_type(t.features, '$.rsum') is not null"
-        rn = "(t.features::jsonb->>'rn')::float8" if pg else "json_extract(t.features, '$.rn')"
         totals = self._rows(
             f"select {key} as key, t.model_version as model_version, count(*) as records, "
             f"coalesce(sum(t.count), 0) as inferences, coalesce(sum({_LABELLED}), 0) as labelled, "
             f"coalesce(sum({_CORRECT}), 0) as correct, count({_ERR}) as err_records, sum({_ERR}) as abs_err_sum, "
-            f"coalesce(sum(case when {_ERR} is not null then {_LABELLED} else 0 end), 0) as err_labelled, "
-            "count(t.features) as featured, "
-            f"coalesce(sum(case when t.features is not null and {has_rsum} then 1 else 0 end), 0) as residual, "
-            f"coalesce(sum(case when t.features is not null and {has_rsum} then {rn} else 0 end), 0) as rn "
+            f"coalesce(sum(case when {_ERR} is not null then {_LABELLED} else 0 end), 0) as err_labelled "
             + self._from(join) + "where t.model_version is not null group by 1, 2 order by 1, 2")
-        if pg:
-            items = ("cross join lateral jsonb_array_elements_text(case when jsonb_typeof(t.predictions::jsonb) = "
-                     "'array' then t.predictions::jsonb else '[]'::jsonb end) with ordinality p(value, i)")
-            index, value = "p.i - 1", "p.value::float8"
-        else:
-            items, index, value = ", json_each(t.predictions) p", "p.key", "p.value"
-        preds: dict[tuple[str, str], dict[int, float]] = {}
-        for r in self._rows(f"select {key} as key, t.model_version as mv, {index} as i, sum({value}) as s "
-                            + self._from(join) + items + " where t.model_version is not null and "
-                            "t.predictions is not null group by 1, 2, 3"):
-            preds.setdefault((r["key"], r["mv"]), {})[int(r["i"])] = r["s"]
+        summed = {(r[0], r[1]): r[2:] for r in self._tuples(
+            f"select {key}, t.model_version, sum(t.featured), sum(t.residual), sum(t.rn) "
+            + _summary_from("drift_devices", join) + " group by 1, 2")}
+        preds = self._fields(key, join, "sum", "t.field = 'p'")
         for row in totals:
-            counts = preds.get((row["key"], row["model_version"]))
-            row["predictions"] = [_whole(counts[i]) for i in range(max(counts) + 1)] if counts else None
+            featured, residual, rn = summed.get((row["key"], row["model_version"]), (0, 0, 0))
+            row.update(featured=int(featured or 0), residual=int(residual or 0), rn=_whole(rn or 0))
+            counts = preds.get((row["key"], row["model_version"]), {}).get("p")
+            row["predictions"] = [_whole(x) for x in _trim(counts)] if counts else None
         return totals
 
     def drift_cohort_features(self, by: str) -> dict[tuple[str, str], dict[str, Any]]:
@@ -97,58 +94,35 @@ class DriftOps(SqliteBase):
         ``min``, ``max`` (combined) and ``rsum``, ``rsumsq`` (added; the caller keeps them only
         where every record has them, see :meth:`drift_cohort_totals`). Lists, not arrays.
 
-        One aggregate column per array position (the widths read first), grouped by cohort and
-        field (and feature, for the bins): a few rows per cohort to group, not one per element."""
+        A ``GROUP BY`` over the per-device summaries (cloud/store/drift_summary.py): one row per
+        device and field, 64 features a row, whatever the number of records."""
         key, join = self._cohort(by)
-        pg = self.dialect.name == "postgresql"
-        fields = ", ".join(f"'{f}'" for f in _FIELDS)
-        base = " where t.model_version is not null and t.features is not null"
-        if pg:
-            arrays = ", lateral jsonb_each(t.features::jsonb) a(field, arr)"
-            field, arr, length = "a.field", "a.arr", "jsonb_array_length"
-            bins = (", lateral jsonb_array_elements(case when jsonb_typeof(t.features::jsonb->'hist') = 'array' "
-                    "then t.features::jsonb->'hist' else '[]'::jsonb end) with ordinality h(arr, f)")
-            feature, bin_arr = "h.f - 1", "h.arr"
-            arrays_where = base + f" and {field} in ({fields}) and jsonb_typeof(a.arr) = 'array'"
-            bins_where = base + " and jsonb_typeof(h.arr) = 'array'"
-            item = lambda a, j: f"({a}->>{j})::float8"   # noqa: E731
-        else:
-            arrays = ", json_each(t.features) a"
-            field, arr, length = "a.key", "a.value", "json_array_length"
-            bins = ", json_each(t.features, '$.hist') h"
-            feature, bin_arr = "h.key", "h.value"
-            arrays_where = base + f" and {field} in ({fields}) and a.type = 'array'"
-            bins_where = base + " and h.type = 'array'"
-            item = lambda a, j: f"({a} ->> {j})"   # noqa: E731
-        width = self._scalar(f"select max({length}({arr})) from telemetry t{arrays}{arrays_where}") or 0
-        nbins = self._scalar(f"select max({length}({bin_arr})) from telemetry t{bins}{bins_where}") or 0
-        if not width:
-            return {}
-        parts: dict[tuple[str, str], dict[str, list[float]]] = {}
-        summed = ", ".join(f"'{f}'" for f in _SUMMED)
-        for agg, names in (("sum", summed), ("min", "'min'"), ("max", "'max'")):
-            cols = ", ".join(f"{agg}({item(arr, j)})" for j in range(width))
-            for r in self._conn_rows(f"select {key}, t.model_version, {field}, {cols} " + self._from(join) + arrays
-                                     + arrays_where + f" and {field} in ({names}) group by 1, 2, 3"):
-                parts.setdefault((r[0], r[1]), {})[r[2]] = _trim(list(r[3:]))
-        hists: dict[tuple[str, str], dict[int, list[float]]] = {}
-        if nbins:
-            sums = ", ".join(f"sum({item(bin_arr, j)})" for j in range(nbins))
-            for r in self._conn_rows(f"select {key}, t.model_version, {feature}, {sums} " + self._from(join) + bins
-                                     + bins_where + " group by 1, 2, 3"):
-                hists.setdefault((r[0], r[1]), {})[int(r[2])] = _trim(list(r[3:]))
+        parts = self._fields(key, join, "sum", "t.field not in ('min', 'max', 'p', 'c')")
+        for agg in ("min", "max"):
+            for cohort, fields in self._fields(key, join, agg, f"t.field = '{agg}'").items():
+                parts.setdefault(cohort, {}).update(fields)
         out: dict[tuple[str, str], dict[str, Any]] = {}
-        for cohort, summary in parts.items():
-            feature_bins = hists.get(cohort, {})
-            out[cohort] = {**summary, "hist": [[_whole(x) for x in feature_bins[f]] for f in sorted(feature_bins)]}
+        for cohort, fields in parts.items():
+            summary: dict[str, Any] = {f: _trim(fields[f]) for f in _FIELDS if f in fields}
+            if not summary:
+                continue
+            bins = [fields[f] for f in sorted((f for f in fields if f.startswith("h")), key=lambda f: int(f[1:]))]
+            out[cohort] = {**summary, "hist": _features_bins(bins)}
         return out
 
-    def _conn_rows(self, sql: str) -> list[tuple[Any, ...]]:
-        return self._retrying(lambda: self._locked_fetch(sql))
-
-    def _locked_fetch(self, sql: str) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return [tuple(r) for r in self._conn.execute(sql, ()).fetchall()]
+    def _fields(self, key: str, join: str, agg: str, where: str) -> dict[tuple[str, str], dict[str, list[Any]]]:
+        """Per (cohort key, model version) and summary field, ``agg`` of each position over the
+        cohort's devices (None: no device has it), the chunks of 64 joined in order."""
+        cols = ", ".join(f"{agg}(t.v{j})" for j in range(WIDTH))
+        out: dict[tuple[str, str], dict[str, list[Any]]] = {}
+        for r in sorted(self._tuples(f"select {key}, t.model_version, t.field, t.chunk, {cols} "
+                                     + _summary_from("drift_summaries", join) + f" and {where} "
+                                     + _GROUP.get(key, "group by 1, 2, 3, 4")),
+                        key=lambda r: r[3]):
+            values = out.setdefault((r[0], r[1]), {}).setdefault(r[2], [])
+            values.extend([None] * (int(r[3]) * WIDTH - len(values)))
+            values.extend(r[4:])
+        return out
 
     def drift_cohort_rows(self, by: str, newest: int) -> list[dict[str, Any]]:
         """Per (cohort key, model version): its first record (``first``; its ``tier`` picks the
@@ -162,20 +136,52 @@ class DriftOps(SqliteBase):
         rows = self._rows(
             "select r.key, r.device_id, r.seq, r.model_version, r.window_end, r.count, r.abs_err_sum, r.labelled, "
             f"r.correct, r.tier, r.tags, r.rank_first, case when {recent} then 1 else 0 end as recent, "
-            f"case when {recent} then r.predictions end as predictions, "
-            f"case when {recent} then r.features end as features from (select "
-            f"{key} as key, t.device_id, t.seq, t.model_version, t.window_end, t.count, t.predictions, t.features, "
+            f"case when {recent} then f.predictions end as predictions, "
+            f"case when {recent} then f.features end as features from (select "
+            f"{key} as key, t.device_id, t.seq, t.model_version, t.window_end, t.count, "
             f"{_ERR} as abs_err_sum, {_LABELLED} as labelled, {_CORRECT} as correct, "
             "coalesce(d.tier, '?') as tier, d.tags as tags, "
             f"row_number() over ({part} order by {order}) as rank_first, "
             f"row_number() over ({part} order by t.window_end desc, t.device_id desc, t.seq desc) as rank_last, "
             f"count(*) over ({part}) as records "
             + self._from(join) + "where t.model_version is not null) r "
+            # the JSON read back only for the rows kept (not carried through the window's sort)
+            "join telemetry f on f.device_id = r.device_id and f.seq = r.seq "
             f"where r.rank_first = 1 or {recent} order by r.key, r.model_version, r.window_end, r.device_id, r.seq",
             [int(newest)] * 4)
         for r in rows:
             r["first"], r["recent"] = r.pop("rank_first") == 1, bool(r["recent"])
         return rows
+
+
+# the per-device summaries' GROUP BY in their key order (schema.TABLES) where the cohort key
+# allows: SQLite then aggregates as it scans, in sequence, instead of first sorting every
+# 64-column row (fleet and model_version); other keys (tier, tag, site, device) sort.
+# PostgreSQL hashes either way.
+_GROUP = {"'fleet'": "group by t.model_version, t.field, t.chunk",
+          "t.model_version": "group by t.model_version, t.field, t.chunk"}
+
+
+def _summary_from(table: str, join: str) -> str:
+    """FROM and WHERE of a per-device summary table as ``t``, with the cohort's joins."""
+    return f"from {table} t left join devices d on d.device_id = t.device_id {join} where t.model_version is not null"
+
+
+def _features_bins(bins: list[list[Any]]) -> list[list[int | float]]:
+    """Per feature its bins, from one list per bin of every feature's count (None: absent). A
+    feature no bin has is left out; a feature's bins past its last are dropped, a gap counts 0."""
+    width = max(map(len, bins), default=0)
+    if bins and all(len(b) == width for b in bins) and not any(None in b for b in bins):
+        counts = np.array(bins, dtype=np.float64).T      # the common case, at numpy's speed
+        if np.array_equal(counts, np.floor(counts)):
+            return counts.astype(np.int64).tolist()
+        return counts.tolist()
+    hist = []
+    for feature in range(width):
+        column = [b[feature] if feature < len(b) else None for b in bins]
+        if any(v is not None for v in column):
+            hist.append([_whole(x) for x in _trim(column)])
+    return hist
 
 
 def _whole(x: float) -> int | float:

@@ -168,8 +168,10 @@ class FleetStore(Protocol):
         """(enrolled ids among ``device_ids``, or None when the fleet enrols no one; revoked ids)."""
 
     def add_telemetry(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Insert records, ignoring (device_id, seq) already stored, in one transaction. Returns how
-        many were new. (Plain executemany: the ingest's hot path, ~3x cheaper than insert_all.)"""
+        """Insert records, ignoring (device_id, seq) already stored, and add the new ones into
+        their devices' drift summaries (cloud/store/drift_summary.py), in one transaction.
+        Returns how many were new. (Plain statements: the ingest's hot path, ~3x cheaper than
+        insert_all.)"""
 
     def last_seqs(self, device_ids: list[str]) -> dict[str, int]:
         """The highest stored telemetry seq of each of ``device_ids`` that has any."""
@@ -357,9 +359,10 @@ class RolloutStore(Protocol):
     def overdue(self, rollout_id: str, now: float) -> list[dict[str, Any]]:
         """Devices out whose deadline passed before ``now``."""
 
-    def health_rows(self, rollout_id: str, model_version: str) -> list[dict[str, Any]]:
-        """Telemetry of the rollout's committed devices that ran another version before, under
-        ``model_version`` (``new`` true) and under that previous version."""
+    def health_totals(self, rollout_id: str, model_version: str, pct: int = 95) -> dict[bool, dict[str, Any]]:
+        """Telemetry of the rollout's committed devices that ran another version before, added up
+        (SQL aggregates) under ``model_version`` (True) and under that previous version (False),
+        in the shape of cloud.rollouts.health.totals."""
 
     def assign_wave(self, rollout_id: str, wave: int, size: int, now: float, rate_limited: bool) -> list[str]:
         """Put the next ``size`` devices not yet in a wave (dispatch order) into ``wave``; with

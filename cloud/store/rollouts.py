@@ -10,12 +10,14 @@ a transition that is not a table row raises IllegalTransition before anything is
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, NamedTuple
 
 from edgeloop.contracts.codes import ErrorCode
 from edgeloop.cloud.rollouts.machine import ACTIVE, DeviceEvent, DeviceRolloutState, device_next
 from edgeloop.cloud.store._base import SqliteBase, marks
+from edgeloop.cloud.store.drift_summary import WIDTH
 
 __all__ = ["AttemptEnd", "RolloutOps"]
 
@@ -220,15 +222,53 @@ class RolloutOps(SqliteBase):
                           f"where rollout_id = ? and state in ('{D.SENT}', '{D.ROLLING_BACK}') and "
                           "update_id is not null and deadline < ?", [rollout_id, now])
 
-    def health_rows(self, rollout_id: str, model_version: str) -> list[dict[str, Any]]:
-        """Telemetry of the rollout's committed devices that ran another version before, under
-        ``model_version`` (``new`` true) and under that previous version."""
-        return self._rows(
-            "select t.model_version = ? as new, t.count, t.errors, t.latency_ms_p50, t.predictions, "
-            "t.confidence_hist, t.labelled, t.correct, t.abs_err_sum from telemetry t join rollout_devices d "
-            f"on d.device_id = t.device_id where d.rollout_id = ? and d.state = '{D.COMMITTED}' and "
-            "d.prev_version != ? and (t.model_version = ? or t.model_version = d.prev_version)",
-            [model_version, rollout_id, model_version, model_version])
+    def health_totals(self, rollout_id: str, model_version: str, pct: int = 95) -> dict[bool, dict[str, Any]]:
+        """The telemetry of the rollout's committed devices that ran another version before, added
+        up under ``model_version`` (key True) and under that previous version (False), as
+        cloud.rollouts.health.totals adds up rows: counts and sums per record (numeric columns),
+        the ``pct`` percentile of the records' p50 latency (linear between the two ranks around
+        it, records with inferences), and the prediction and confidence histograms from the
+        devices' summaries (cloud/store/drift_summary.py). Aggregates only: no record is loaded."""
+        on = (f"d.rollout_id = ? and d.state = '{D.COMMITTED}' and d.prev_version != ? and "
+              "(t.model_version = ? or t.model_version = d.prev_version)")
+        args = [model_version, rollout_id, model_version, model_version]
+        out = {new: {"records": 0, "inferences": 0, "labelled": 0, "correct": 0, "errors": 0, "abs_err_sum": 0,
+                     "err_labelled": 0, "latency_p95_ms": 0.0, "predictions": [], "confidence": []}
+               for new in (True, False)}
+        for r in self._rows(
+                "select t.model_version = ? as new, count(*) as records, coalesce(sum(t.count), 0) as inferences, "
+                "coalesce(sum(t.labelled), 0) as labelled, coalesce(sum(t.correct), 0) as correct, "
+                "coalesce(sum(t.errors), 0) as errors, coalesce(sum(t.abs_err_sum), 0) as abs_err_sum, "
+                "coalesce(sum(case when t.abs_err_sum is not null then t.labelled end), 0) as err_labelled "
+                f"from telemetry t join rollout_devices d on d.device_id = t.device_id where {on} group by 1", args):
+            out[bool(r.pop("new"))].update(r)
+        ranks: dict[bool, tuple[int, dict[int, float]]] = {}
+        for new, n, i, value in self._tuples(        # the ranks floor(k) and ceil(k), k = (n - 1) * pct / 100
+                "select new, n, i, latency from (select t.model_version = ? as new, t.latency_ms_p50 as latency, "
+                "row_number() over (partition by t.model_version = ? order by t.latency_ms_p50) - 1 as i, "
+                "count(*) over (partition by t.model_version = ?) as n from telemetry t join rollout_devices d "
+                f"on d.device_id = t.device_id where {on} and t.count != 0 and t.latency_ms_p50 is not null) r "
+                f"where i * 100 > (n - 1) * {int(pct)} - 100 and i * 100 < (n - 1) * {int(pct)} + 100",
+                [model_version, model_version, *args]):
+            ranks.setdefault(bool(new), (int(n), {}))[1][int(i)] = value
+        for new, (n, values) in ranks.items():
+            k = (n - 1) * pct / 100
+            lo, hi = values[math.floor(k)], values[math.ceil(k)]
+            out[new]["latency_p95_ms"] = lo + (hi - lo) * (k - math.floor(k))
+        cols = ", ".join(f"sum(t.v{j})" for j in range(WIDTH))
+        hists: dict[tuple[bool, str], list[Any]] = {}
+        for r in sorted(self._tuples(
+                f"select t.model_version = ? as new, t.field, t.chunk, {cols} from drift_summaries t "
+                f"join rollout_devices d on d.device_id = t.device_id where {on} and t.field in ('p', 'c') "
+                "group by 1, 2, 3", args), key=lambda r: r[2]):
+            values = hists.setdefault((bool(r[0]), r[1]), [])
+            values.extend([None] * (int(r[2]) * WIDTH - len(values)))
+            values.extend(r[3:])
+        for (new, field), values in hists.items():
+            while values and values[-1] is None:
+                values.pop()
+            out[new]["predictions" if field == "p" else "confidence"] = [v or 0 for v in values]
+        return out
 
     # -- devices of a rollout: transitions -----------------------------------------------------------
     def assign_wave(self, rollout_id: str, wave: int, size: int, now: float, rate_limited: bool) -> list[str]:

@@ -68,6 +68,12 @@ TABLES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
                            ("received_at", R)), ("id",)),
     "label_feedback": ((("device_id", T), ("seq", I), ("labelled", I), ("correct", I), ("abs_err_sum", R),
                         ("source", T), ("added_at", R)), ("device_id", "seq")),
+    # -- per-device drift summaries, merged at ingest (cloud/store/drift_summary.py)
+    # key in the report's GROUP BY order (a SQLite WITHOUT ROWID table: rows stored in key order)
+    "drift_summaries": ((("device_id", T), ("model_version", T), ("field", T), ("chunk", I),
+                         *((f"v{j}", R) for j in range(64))), ("model_version", "field", "chunk", "device_id")),
+    "drift_devices": ((("device_id", T), ("model_version", T), ("featured", I), ("residual", I), ("rn", R)),
+                      ("device_id", "model_version")),
     # -- alerts and API tokens
     "alerts": ((("id", I), ("kind", T), ("cohort", T), ("key", T), ("model_version", T), ("detail", T),
                 ("created_at", R)), ("id",)),
@@ -104,6 +110,7 @@ INDEXES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 )
 
 
+_WITHOUT_ROWID = {"drift_summaries"}
 _PG_TYPES = {T: "text", I: "bigint", R: "double precision", J: "jsonb"}
 _SQLITE_TYPES = {J: "TEXT"}
 
@@ -142,7 +149,10 @@ def _create_table(name: str, dialect: str = "sqlite") -> str:
     else:
         body = [f'"{c}" {_SQLITE_TYPES.get(t, t)}' for c, t in columns_]
     body.append(f"PRIMARY KEY ({keys})")
-    return f'CREATE TABLE IF NOT EXISTS "{name}" ({", ".join(body)})'
+    # SQLite: rows stored in key order, so the drift report's GROUP BY (the key's leading columns)
+    # aggregates while it scans, in sequence, instead of sorting or seeking every 64-column row
+    rowid = " WITHOUT ROWID" if dialect == "sqlite" and name in _WITHOUT_ROWID else ""
+    return f'CREATE TABLE IF NOT EXISTS "{name}" ({", ".join(body)}){rowid}'
 
 
 def _ensure(conn: Any) -> None:
@@ -209,8 +219,19 @@ def _v7(conn: Any) -> None:
     conn.execute('CREATE INDEX IF NOT EXISTS "idx_audit_ts" ON "audit" (ts)')
 
 
+def _v8(conn: Any) -> None:
+    """Version 8: ``drift_summaries`` and ``drift_devices``, every device's telemetry summaries
+    merged per model version at ingest, so the drift report adds up one row set per device
+    instead of parsing every record (cloud/store/drift_summary.py). The records stored before
+    are summarised here, in this step's transaction (each record's JSON parsed once)."""
+    from edgeloop.cloud.store.drift_summary import backfill
+    for name in ("drift_summaries", "drift_devices"):
+        conn.execute(_create_table(name, dialect_of(conn)))
+    backfill(conn)
+
+
 # MIGRATIONS[i] takes a database from version i to version i + 1
-MIGRATIONS: tuple[Callable[[Any], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
+MIGRATIONS: tuple[Callable[[Any], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
