@@ -33,7 +33,7 @@ test: install
 	bash scripts/ensure-broker.sh --binary-only
 	bash scripts/ensure-arm-toolchain.sh
 	bash scripts/ensure-postgres.sh
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: install broker
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from edgeloop.cloud.store._base import SqliteBase
 from edgeloop.cloud.store.drift_summary import WIDTH
 
@@ -172,6 +170,8 @@ def _features_bins(bins: list[list[Any]]) -> list[list[int | float]]:
     feature no bin has is left out; a feature's bins past its last are dropped, a gap counts 0."""
     width = max(map(len, bins), default=0)
     if bins and all(len(b) == width for b in bins) and not any(None in b for b in bins):
+        import numpy as np     # here, not at import: `edgeloop status` opens the store and stays light
+
         counts = np.array(bins, dtype=np.float64).T      # the common case, at numpy's speed
         if np.array_equal(counts, np.floor(counts)):
             return counts.astype(np.int64).tolist()
