@@ -200,7 +200,9 @@ class FleetOps(SqliteBase):
         Returns how many were new. (Plain statements: the ingest's hot path, ~3x cheaper than
         insert_all.)"""
         now = time.time()
-        rows = rows if isinstance(rows, list) else list(rows)
+        # in key order: two PostgreSQL workers given overlapping batches (a re-delivery) then
+        # take the rows' locks in the same order and wait for each other instead of deadlocking
+        rows = sorted(rows, key=lambda r: (r["device_id"], r["seq"]))
         values = [(r["device_id"], r["seq"], r.get("model_version"), r.get("window_start"), r.get("window_end"),
                    r.get("count"), r.get("labelled"), r.get("correct"), r.get("errors", 0), r.get("latency_ms_p50"),
                    r.get("latency_ms_max"), dumps(r.get("predictions")), dumps(r.get("confidence_hist")),
