@@ -788,10 +788,18 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(out, str(e), e.exit_code, type(e).__name__)
     except KeyboardInterrupt:
         # exiting on an interrupt: one more (a launcher passing Ctrl-C to its process group, a
-        # second key press) must not kill the interpreter's teardown by signal instead of exit 130
+        # second key press) must not kill the interpreter's teardown by signal instead of exit 130.
+        # Only the `edgeloop` process itself keeps ignoring it (run()): a caller of main() in its
+        # own process gets its handler back, or every process it started later would inherit
+        # an ignored SIGINT and could not be stopped with Ctrl-C
+        previous = None
         with contextlib.suppress(ValueError):          # not the main thread: nothing to guard
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-        return _failed(out, "interrupted", 130, "Interrupted", prefix="edgeloop: ")
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return _failed(out, "interrupted", 130, "Interrupted", prefix="edgeloop: ")
+        finally:
+            if previous is not None and not _own_process:
+                signal.signal(signal.SIGINT, previous)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:
             raise
@@ -811,5 +819,15 @@ def _failed(out: Output, message: str, code: int, kind: str, prefix: str = "edge
     return code
 
 
-if __name__ == "__main__":
+_own_process = False      # set by run(): main() is this process's whole life
+
+
+def run() -> None:
+    """The ``edgeloop`` program (the console script and ``python -m edgeloop.fleet.cli``)."""
+    global _own_process
+    _own_process = True
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

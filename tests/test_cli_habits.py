@@ -9,6 +9,7 @@ import argparse
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -135,10 +136,25 @@ def test_an_internal_error_or_ctrl_c_is_a_json_object_too(tmp_path, capsys, monk
     def fails(args, out):  # noqa: ANN001, ANN202
         raise raised
     monkeypatch.setattr(cli, "_status", fails)
+    handler = signal.getsignal(signal.SIGINT)
     got, out, err = run_cli(["status", "-w", str(tmp_path), "--json"], capsys)
     obj = json_error(out)
     assert got == code == obj["code"] and obj["kind"] == kind
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # main() called in-process hands SIGINT back: left ignored, every process this one started
+    # afterwards would inherit an ignored Ctrl-C (what hung serve and the watcher in CI)
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_the_edgeloop_process_ignores_a_second_ctrl_c_while_it_exits_on_the_first(tmp_path):
+    code = ("import signal, sys; from edgeloop.fleet import cli\n"
+            "def fails(args, out): raise KeyboardInterrupt\n"
+            "cli._status = fails\n"
+            "sys.argv = ['edgeloop', 'status', '-w', sys.argv[1]]\n"
+            "try:\n    cli.run()\nfinally:\n"
+            "    print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stdout.strip() == "True", (r.stdout, r.stderr)
 
 
 # -- times and key/value views -------------------------------------------------------------------
