@@ -10,9 +10,11 @@ reports it (docs/ota.md, "Faults").
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,10 @@ def fault_code(error: BaseException) -> ErrorCode:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``path`` whole or not at all (a temporary beside it, fsync, rename, fsync the folder).
+    The temporary is the writer's own (process and thread in its name): two processes writing
+    one file at once (swarms sharing trusted metadata) each rename their own, the last wins."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         try:
             f = open(tmp, "wb")
@@ -55,6 +60,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         finally:
             os.close(dir_fd)
     except OSError as e:
+        with contextlib.suppress(OSError):     # a full disk keeps no half-written temporary
+            tmp.unlink()
         raise StorageError(f"cannot write {path}: {e}", fault_code(e)) from e
 
 

@@ -334,3 +334,20 @@ def test_a_really_full_tmpfs_costs_no_prediction_and_no_record(tmp_path, broker,
         cp.stop()
         registry.close()
         subprocess.run(["umount", "-l", str(root)], capture_output=True, timeout=10)
+
+
+def test_two_processes_writing_one_file_at_once_each_write_it_whole(tmp_path):
+    """Found by tests/test_fleet_scale_bench.py: two swarm processes sharing trusted metadata
+    wrote one root.json through one fixed temporary name, and one's rename found it gone."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "shared" / "root.json"
+    code = ("import sys; from pathlib import Path; from edgeloop.device_sdk.storage import atomic_write\n"
+            "for i in range(300):\n    atomic_write(Path(sys.argv[1]), sys.argv[2].encode() * 1000)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target), tag], stderr=subprocess.PIPE, text=True)
+             for tag in ("a", "b")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert target.read_bytes() in (b"a" * 1000, b"b" * 1000)
+    assert [p.name for p in target.parent.iterdir()] == ["root.json"]      # no temporary left behind
