@@ -70,6 +70,17 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """Terminate the bench's helper processes, newest first; kill one that is still there 30 s on."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def start_broker(root: Path, listeners: int = 1) -> tuple[subprocess.Popen, list[int]]:
     """A private Mosquitto on ``listeners`` ports of 127.0.0.1 (one broker: every listener sees
     every topic). More than one lets more clients connect than the ephemeral port range allows
@@ -228,13 +239,7 @@ def run(args: argparse.Namespace) -> dict:
                         "python": platform.python_version(), "open_files": fds},
         }
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(procs)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 

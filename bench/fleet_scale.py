@@ -69,7 +69,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fleet_rollout import cpu_s, percentile, prepare, start_broker, start_repository  # noqa: E402
+from bench.fleet_rollout import (cpu_s, percentile, prepare, start_broker, start_repository,  # noqa: E402
+                                 stop_processes)
 from edgeloop.cloud.registry import Registry  # noqa: E402
 from edgeloop.cloud.rollouts.controller import RolloutSpec  # noqa: E402
 from edgeloop.cloud.services import PlainLink, ServiceStack, StackOptions  # noqa: E402
@@ -482,13 +483,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         swarms.kill()
         if stack is not None:
             stack.stop()
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(procs)
         server.stop()
         shutil.rmtree(device_dir, ignore_errors=True)
         if args.keep:

@@ -19,11 +19,11 @@ from dataclasses import replace
 
 import pytest
 
-from edgeloop.cloud.package.packaging import store_blob
 from edgeloop.cloud.registry import Registry
 from edgeloop.cloud.rollouts.controller import RolloutController, RolloutSpec
 from edgeloop.cloud.workspace import Workspace
 from tests.pg_server import pg_server  # noqa: F401 - fixture
+from test_rollout_machine import add_two_versions
 
 TIER = "edge-gateway"
 DEVICES = 16
@@ -40,15 +40,7 @@ class Fleet:
         self.ws.image_repository().init()
         self.ws.director_repository().init()
         self.registry = Registry(url)          # the devices' side: what the ingest stores
-        for v in (1, 2):
-            mv = f"m:{v}"
-            self.registry.add_model_version({"model_version": mv, "model": "m", "version": v, "run_id": "r",
-                                             "stage": "candidate"})
-            data = f"package {mv}".encode()
-            sha, path = store_blob(self.ws.artifacts_dir, data)
-            self.registry.add_artifact(sha, f"package:{TIER}", len(data), str(path))
-            self.registry.add_package({"sha256": sha, "model_version": mv, "tier": TIER, "target": f"m/{v}/{TIER}.elpkg",
-                                       "length": len(data)})
+        add_two_versions(self.registry, self.ws.artifacts_dir, TIER)
         self.ids = [f"d{i:02d}" for i in range(DEVICES)]
         for d in self.ids:
             self.status(d, "m:1", None)

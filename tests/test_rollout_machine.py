@@ -30,6 +30,19 @@ S, D, E, V = RolloutState, DeviceRolloutState, RolloutEvent, DeviceEvent
 Seen = set[tuple[str, str, str]]
 
 
+
+def add_two_versions(registry: Registry, artifacts_dir: Path, tier: str = TIER) -> None:
+    """Model versions m:1 and m:2, each with a stored (stand-in) package for ``tier``."""
+    for v in (1, 2):
+        mv = f"m:{v}"
+        registry.add_model_version({"model_version": mv, "model": "m", "version": v, "run_id": "r",
+                                    "stage": "candidate"})
+        data = f"package {mv}".encode()
+        sha, path = store_blob(artifacts_dir, data)
+        registry.add_artifact(sha, f"package:{tier}", len(data), str(path))
+        registry.add_package({"sha256": sha, "model_version": mv, "tier": tier,
+                              "target": f"m/{v}/{tier}.elpkg", "length": len(data)})
+
 class Rig:
     """A workspace with m:1 and m:2 packaged, a fake sender, a driven clock, and the store's
     transition writes watched."""
@@ -39,15 +52,7 @@ class Rig:
         self.registry = Registry(self.ws.registry_path)
         self.ws.image_repository().init()
         self.ws.director_repository().init()
-        for v in (1, 2):
-            mv = f"m:{v}"
-            self.registry.add_model_version({"model_version": mv, "model": "m", "version": v, "run_id": "r",
-                                             "stage": "candidate"})
-            data = f"package {mv}".encode()
-            sha, path = store_blob(self.ws.artifacts_dir, data)
-            self.registry.add_artifact(sha, f"package:{TIER}", len(data), str(path))
-            self.registry.add_package({"sha256": sha, "model_version": mv, "tier": TIER,
-                                       "target": f"m/{v}/{TIER}.elpkg", "length": len(data)})
+        add_two_versions(self.registry, self.ws.artifacts_dir)
         self.now = 1_000_000.0
         self.sent: list[tuple[str, Command]] = []
         self.seen = seen
