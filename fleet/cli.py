@@ -677,7 +677,6 @@ def _demo(args: argparse.Namespace, out: Output) -> int:
 
     link, own = _device_link(ws, args.mqtt, TIER)
     from edgeloop.fleet._serve_lock import ServeLock
-    from edgeloop.fleet._signals import StopRequest
 
     # the demo runs a control plane: the same one-per-workspace lock as serve
     with ServeLock(ws.root), out.progress() as progress:
@@ -726,7 +725,6 @@ def _loop_demo(args: argparse.Namespace, out: Output) -> int:
     out.info(f"edgeloop demo --loop: {devices} devices, broker {link.host}:{link.port}"
              f"{' (mutual TLS)' if link.tls else ''}, workspace {ws.root}")
     from edgeloop.fleet._serve_lock import ServeLock
-    from edgeloop.fleet._signals import StopRequest
 
     with ServeLock(ws.root):      # a control plane: one per workspace, as with serve
         r = run_loop_demo(ws, LoopOptions(devices=devices, epochs=args.epochs, timeout_s=args.timeout,
