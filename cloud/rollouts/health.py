@@ -4,12 +4,9 @@ the same devices (docs/rollouts.md, "Abort criteria").
 :func:`judge` is pure: it takes each side's telemetry totals (the new version's and the
 previous one's: counts, sums, the p95 of the records' latency and the prediction and
 confidence histograms added up, as the store's ``health_totals`` computes them in SQL from the
-per-device summaries, or :func:`totals` from telemetry rows) and thresholds, and returns the
-measures and the thresholds they break. :func:`compare` is the same on rows (``new`` 1 for the
-new version, 0 for the previous one; ``count``, ``errors``, ``latency_ms_p50``, and the
-``predictions`` and ``confidence_hist`` histograms as JSON text or lists, and where known
-``labelled``, ``correct`` and ``abs_err_sum``). Nothing is judged below ``min_inferences``
-inferences on either side.
+per-device summaries) and thresholds, and returns the measures and the thresholds they break
+(tests/health_reference.py adds telemetry rows up the same way in Python: the oracle the SQL is
+tested against). Nothing is judged below ``min_inferences`` inferences on either side.
 
 ``quality_drop`` is the task's own metric (contracts/tasks.py) on the labelled inferences, new
 against previous: the accuracy drop for classification and anomaly detection (absolute, 0..1),
@@ -19,11 +16,10 @@ has ``min_inferences`` labelled inferences, and is None before.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Iterable
 
-__all__ = ["MEASURES", "compare", "js_distance", "judge", "percentile", "quality_drop", "totals"]
+__all__ = ["MEASURES", "js_distance", "judge", "quality_drop"]
 
 # measure -> how a breach reads
 MEASURES = {"error_rate_increase": "error rate up", "latency_p95_increase_ms": "latency p95 up (ms)",
@@ -45,51 +41,6 @@ def js_distance(p: Iterable[float], q: Iterable[float]) -> float:
     def kl(x: list[float]) -> float:
         return sum(xi * math.log2(xi / mi) for xi, mi in zip(x, m) if xi > 0)
     return math.sqrt(max(0.0, (kl(a) + kl(b)) / 2))
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Linear-interpolated percentile; 0.0 for no values."""
-    values = sorted(values)
-    if not values:
-        return 0.0
-    k = (len(values) - 1) * pct / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def _hist(value: Any) -> list[float]:
-    return json.loads(value) if isinstance(value, str) else list(value)
-
-
-def _added(acc: list[float], hist: Iterable[float]) -> list[float]:
-    hist = list(hist)
-    acc = acc + [0.0] * (len(hist) - len(acc))
-    return [a + (hist[i] if i < len(hist) else 0.0) for i, a in enumerate(acc)]
-
-
-def totals(rows: list[dict[str, Any]]) -> dict[bool, dict[str, Any]]:
-    """Telemetry rows added up per side (True: the new version), as the store's
-    ``health_totals`` gives them: ``records``, ``inferences``, ``labelled``, ``correct``,
-    ``errors``, ``abs_err_sum`` and ``err_labelled`` (over the rows with an error sum),
-    ``latency_p95_ms`` (of the rows' p50s, rows with inferences only), ``predictions`` and
-    ``confidence`` (the histograms added, the shorter zero-padded)."""
-    out = {}
-    for new in (True, False):
-        side = [row for row in rows if bool(row["new"]) == new]
-        preds: list[float] = []
-        conf: list[float] = []
-        for row in side:
-            preds, conf = _added(preds, _hist(row["predictions"])), _added(conf, _hist(row["confidence_hist"]))
-        errs = [row for row in side if row.get("abs_err_sum") is not None]
-        out[new] = {"records": len(side), "inferences": sum(row["count"] or 0 for row in side),
-                    "labelled": sum(row.get("labelled") or 0 for row in side),
-                    "correct": sum(row.get("correct") or 0 for row in side),
-                    "errors": sum(row.get("errors") or 0 for row in side),
-                    "abs_err_sum": sum(row["abs_err_sum"] for row in errs),
-                    "err_labelled": sum(row.get("labelled") or 0 for row in errs),
-                    "latency_p95_ms": percentile([row["latency_ms_p50"] for row in side if row["count"]], 95),
-                    "predictions": preds, "confidence": conf}
-    return out
 
 
 def _side(t: dict[str, Any]) -> dict[str, Any]:
@@ -120,16 +71,10 @@ def quality_drop(new: dict[str, Any], old: dict[str, Any], task: str, min_labell
     return old["accuracy"] - new["accuracy"]
 
 
-def compare(rows: list[dict[str, Any]], limits: dict[str, float | None], min_inferences: int,
-            task: str = "classification") -> dict[str, Any]:
-    """:func:`judge` of telemetry rows (:func:`totals`)."""
-    return judge(totals(rows), limits, min_inferences, task)
-
-
 def judge(sides: dict[bool, dict[str, Any]], limits: dict[str, float | None], min_inferences: int,
           task: str = "classification") -> dict[str, Any]:
     """``{"new", "previous", "evaluated", the MEASURES, "breaches"}`` of the two sides' totals
-    (:func:`totals`, or the store's ``health_totals``: SQL aggregates, no row loaded); a limit
+    (the store's ``health_totals``: SQL aggregates, no row loaded); a limit
     of None is not checked."""
     new, old = _side(sides[True]), _side(sides[False])
     out: dict[str, Any] = {"new": new, "previous": old, "breaches": [], "evaluated": False}

@@ -362,7 +362,7 @@ class RolloutStore(Protocol):
     def health_totals(self, rollout_id: str, model_version: str, pct: int = 95) -> dict[bool, dict[str, Any]]:
         """Telemetry of the rollout's committed devices that ran another version before, added up
         (SQL aggregates) under ``model_version`` (True) and under that previous version (False),
-        in the shape of cloud.rollouts.health.totals."""
+        in the shape cloud.rollouts.health.judge takes (tests/health_reference.py adds rows up the same way)."""
 
     def assign_wave(self, rollout_id: str, wave: int, size: int, now: float, rate_limited: bool) -> list[str]:
         """Put the next ``size`` devices not yet in a wave (dispatch order) into ``wave``; with

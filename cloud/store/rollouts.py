@@ -225,7 +225,7 @@ class RolloutOps(SqliteBase):
     def health_totals(self, rollout_id: str, model_version: str, pct: int = 95) -> dict[bool, dict[str, Any]]:
         """The telemetry of the rollout's committed devices that ran another version before, added
         up under ``model_version`` (key True) and under that previous version (False), as
-        cloud.rollouts.health.totals adds up rows: counts and sums per record (numeric columns),
+        tests/health_reference.py adds up rows: counts and sums per record (numeric columns),
         the ``pct`` percentile of the records' p50 latency (linear between the two ranks around
         it, records with inferences), and the prediction and confidence histograms from the
         devices' summaries (cloud/store/drift_summary.py). Aggregates only: no record is loaded."""
